@@ -1,0 +1,291 @@
+"""The config schema: defaults for every field, degradation presets, and validation.
+
+Every `configs/*.py` starts from `base_config()` and overrides what it needs. `validate(config)`
+runs once at start-up and raises `ConfigError` naming the offending field, so a typo on the
+command line fails in a second rather than an hour into a run.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ('train', 'evaluate', 'sample', 'clean', 'extrinsic', 'generate')
+SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear')
+PARAMETERIZATIONS = ('eps', 'v', 'x0')
+LOSSES = ('mse', 'l1')
+LOSS_WEIGHTINGS = ('none', 'min_snr')
+DTYPES = ('float32', 'bfloat16', 'float16')
+DATA_SOURCES = ('folder', 'tfds', 'builtin')
+PRESETS = ('gfpgan', 'codeformer_heavy')
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that cannot work; the message names the field."""
+
+
+def degradation_config(preset: str = 'gfpgan') -> ml_collections.ConfigDict:
+  """The blind degradation model's ranges and probabilities (see DESIGN.md, point 1).
+
+  Ranges are (low, high) for a uniform draw. Noise and colour shift are in 0..255 units.
+  """
+  if preset not in PRESETS:
+    raise ConfigError(f'degradation.preset: unknown preset {preset!r}; choose one of {PRESETS}')
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.kernel_size = 41
+  c.iso_prob = 0.5              # isotropic vs anisotropic Gaussian kernel
+  c.blur_sigma = (0.1, 10.0)
+  c.scale = (0.8, 8.0)          # downsample factor s: LQ is int(w // s) wide before upsampling
+  c.noise_sigma = (0.0, 20.0)   # /255
+  c.jpeg_quality = (60, 100)
+  c.color_shift_prob = 0.3      # per-channel offset U[-shift, shift]/255, LQ only
+  c.color_shift = 20.0
+  c.gray_prob = 0.01
+  c.jitter_prob = 0.3           # brightness/contrast/saturation/hue jitter, LQ only
+  c.brightness = (0.5, 1.5)
+  c.contrast = (0.5, 1.5)
+  c.saturation = (0.0, 1.5)
+  c.hue = (-0.1, 0.1)
+  c.flip_prob = 0.5             # horizontal flip of the (HQ, LQ) pair
+  if preset == 'codeformer_heavy':
+    c.blur_sigma = (1.0, 15.0)
+    c.scale = (4.0, 30.0)
+    c.noise_sigma = (0.0, 20.0)
+    c.jpeg_quality = (30, 80)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every field. Configs override; the command line overrides configs."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='folder',      # folder | tfds | builtin (faces shipped by pip packages, demo only)
+      dir='',               # image folder (source=folder)
+      tfds_name='',         # prepared TFDS dataset name, e.g. 'idm_faces/ffhq512' (source=tfds)
+      tfds_data_dir='',     # its data_dir
+      train_split='train',
+      eval_split='validation',
+      num_val=0,            # source=folder: the last num_val files (sorted) are validation
+      max_examples=0,       # 0 = all; otherwise use only the first N training examples
+      resolution=128,
+      num_workers=0,        # grain worker processes; 0 = in the main process
+      prefetch=2,
+  ))
+  c.degradation = degradation_config('gfpgan')
+
+  c.model = ml_collections.ConfigDict(dict(
+      conditional=True,           # False: unconditional generator (no LQ input at all)
+      channels=128,
+      channel_mult=(1, 1, 2, 2, 4, 4),
+      num_res_blocks=2,
+      attention_resolutions=(32, 16),
+      head_channels=64,
+      dropout=0.0,
+      resblock_updown=True,
+      scale_shift_norm=True,
+      num_groups=32,
+      lq_concat=True,             # LQ (resized to output size) concatenated to the noisy input
+      lq_encoder=True,            # light CNN whose features are added at every encoder level
+      lq_encoder_channels=32,
+      out_channels=3,
+      cond_drop_prob=0.0,         # drop the LQ condition this often in training (for CFG)
+      dtype='bfloat16',           # compute dtype
+      param_dtype='float32',
+      remat=False,
+      attention_impl='auto',      # auto | xla | cudnn
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule='cosine',
+      shift_base_resolution=64,   # shifted_cosine: logsnr += 2 log(base / resolution)
+      parameterization='v',
+      loss='mse',
+      loss_weighting='none',      # none | min_snr
+      min_snr_gamma=5.0,
+      logsnr_min=-20.0,
+      logsnr_max=20.0,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler='ddim',
+      steps=50,
+      eta=0.0,
+      t_start=1.0,                # < 1: start from the noised upsampled LQ (fidelity knob)
+      guidance_scale=1.0,         # classifier-free guidance; 1 = off
+      batch_size=16,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32,              # global batch
+      num_steps=500_000,
+      learning_rate=1e-4,
+      lr_schedule='constant',     # constant | cosine
+      warmup_steps=1000,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      grad_clip=1.0,
+      grad_accum_steps=1,
+      ema_decay=0.9999,
+      ema_warmup_steps=0,         # EMA decay ramps as min(decay, (1 + s) / (10 + s)) when > 0
+      log_every=100,
+      sample_every=5000,
+      ckpt_every=5000,
+      keep_ckpts=3,
+      num_vis=8,                  # images in the fixed validation batch for the PNG grid
+      vis_steps=25,               # sampling steps for that grid
+      init_from='',               # workdir whose latest EMA params initialise this run
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                    # -1: all devices not used by other axes
+      fsdp=1,
+      fsdp_min_size=2 ** 18,      # kernels with fewer elements stay replicated
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_images=100,
+      steps=(25, 50),
+      batch_size=16,
+      niqe_params='',             # path to niqe_pris_params.npz; '' = look beside the data
+      identity=True,
+  ))
+
+  c.clean = ml_collections.ConfigDict(dict(
+      sampler='ddim',
+      steps=25,
+      t_start=0.4,                # content-preserving: start close to the input
+      fraction=0.15,              # clean the worst-scoring share; 1.0 = clean everything
+      score='niqe',
+      batch_size=16,
+  ))
+
+  c.extrinsic = ml_collections.ConfigDict(dict(
+      rounds=2,
+      init='finetune',            # finetune | scratch
+      steps_per_round=0,          # 0 = train.num_steps
+  ))
+
+  c.generate = ml_collections.ConfigDict(dict(
+      num_samples=64,
+      batch_size=16,
+      out_dir='',                 # '' = WORKDIR/generated
+  ))
+  return c
+
+
+def adm_sr_config(resolution: int, channels: int, batch_size: int) -> ml_collections.ConfigDict:
+  """guided-diffusion's SuperResModel layout, for benchmark parity (configs/adm_sr_*.py).
+
+  LQ at 1/4 size, upsampled inside the model and concatenated; no LQ encoder.
+  """
+  c = base_config()
+  c.data.update(source='tfds', tfds_name=f'idm_faces/ffhq{resolution}', resolution=resolution)
+  c.model.update(channels=channels, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                 attention_resolutions=(32, 16), head_channels=64, resblock_updown=True,
+                 scale_shift_norm=True, dropout=0.0, lq_concat=True, lq_encoder=False,
+                 out_channels=3)
+  c.diffusion.parameterization = 'eps'
+  c.train.update(batch_size=batch_size, weight_decay=0.0)
+  c.bench = ml_collections.ConfigDict(dict(lq_factor=4))
+  return c
+
+
+def celeba_128_config() -> ml_collections.ConfigDict:
+  """Real faces at 128 px: ../shared/data/celeba_hq128_dev (first 800 train, last 100 val)."""
+  c = base_config()
+  c.data.update(source='folder', dir='../shared/data/celeba_hq128_dev', num_val=100,
+                resolution=128, num_workers=4)
+  c.model.update(channels=64, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2,
+                 attention_resolutions=(16, 8), head_channels=64, lq_encoder_channels=32)
+  c.sample.update(steps=25, batch_size=32)
+  c.train.update(batch_size=32, num_steps=20_000, warmup_steps=500, learning_rate=2e-4,
+                 ema_decay=0.999, log_every=50, sample_every=1000, ckpt_every=1000, num_vis=8,
+                 vis_steps=25)
+  c.eval.update(num_images=100, steps=(10, 25), batch_size=50)
+  c.clean.update(batch_size=50)
+  return c
+
+
+def _check(cond: bool, field: str, msg: str):
+  if not cond:
+    raise ConfigError(f'config.{field}: {msg}')
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the fields that can go wrong; raises ConfigError naming the field. Returns config."""
+  _check(config.mode in MODES, 'mode', f'{config.mode!r} is not one of {MODES}')
+  d, m, df, s, t = config.data, config.model, config.diffusion, config.sample, config.train
+  _check(d.source in DATA_SOURCES, 'data.source', f'{d.source!r} is not one of {DATA_SOURCES}')
+  if d.source == 'folder':
+    _check(bool(d.dir), 'data.dir', 'source=folder needs a folder of images')
+  if d.source == 'tfds':
+    _check(bool(d.tfds_name), 'data.tfds_name', 'source=tfds needs a dataset name')
+  _check(d.resolution >= 8 and d.resolution % 8 == 0, 'data.resolution',
+         f'{d.resolution} must be a positive multiple of 8')
+
+  _check(len(m.channel_mult) >= 1 and all(int(x) >= 1 for x in m.channel_mult),
+         'model.channel_mult', f'{tuple(m.channel_mult)} must be positive integers')
+  levels = len(m.channel_mult)
+  _check(d.resolution % (2 ** (levels - 1)) == 0, 'model.channel_mult',
+         f'{levels} levels halve {d.resolution} px {levels - 1} times, which is not an integer size')
+  resolutions = [d.resolution // 2 ** i for i in range(levels)]
+  for r in m.attention_resolutions:
+    _check(r in resolutions, 'model.attention_resolutions',
+           f'{r} px never occurs; the levels are {resolutions}')
+  _check(m.channels % m.num_groups == 0, 'model.channels',
+         f'{m.channels} is not divisible by num_groups={m.num_groups}')
+  for mult in m.channel_mult:
+    _check((m.channels * mult) % m.num_groups == 0, 'model.channel_mult',
+           f'channels*{mult} is not divisible by num_groups={m.num_groups}')
+    if m.attention_resolutions:
+      _check((m.channels * mult) % m.head_channels == 0, 'model.head_channels',
+             f'{m.head_channels} does not divide channels*{mult}={m.channels * mult}')
+  _check(m.num_res_blocks >= 1, 'model.num_res_blocks', 'must be >= 1')
+  _check(0.0 <= m.dropout < 1.0, 'model.dropout', 'must be in [0, 1)')
+  _check(0.0 <= m.cond_drop_prob < 1.0, 'model.cond_drop_prob', 'must be in [0, 1)')
+  _check(m.dtype in DTYPES, 'model.dtype', f'{m.dtype!r} is not one of {DTYPES}')
+  _check(m.param_dtype in DTYPES, 'model.param_dtype', f'{m.param_dtype!r} is not one of {DTYPES}')
+  _check(m.attention_impl in ('auto', 'xla', 'cudnn'), 'model.attention_impl',
+         f'{m.attention_impl!r} is not one of auto, xla, cudnn')
+  if m.conditional:
+    _check(m.lq_concat or m.lq_encoder, 'model.lq_concat',
+           'a conditional model needs lq_concat or lq_encoder')
+
+  _check(df.schedule in SCHEDULES, 'diffusion.schedule', f'{df.schedule!r} is not one of {SCHEDULES}')
+  _check(df.parameterization in PARAMETERIZATIONS, 'diffusion.parameterization',
+         f'{df.parameterization!r} is not one of {PARAMETERIZATIONS}')
+  _check(df.loss in LOSSES, 'diffusion.loss', f'{df.loss!r} is not one of {LOSSES}')
+  _check(df.loss_weighting in LOSS_WEIGHTINGS, 'diffusion.loss_weighting',
+         f'{df.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}')
+
+  for name, sc in (('sample', s), ('clean', config.clean)):
+    _check(sc.sampler in SAMPLERS, f'{name}.sampler', f'{sc.sampler!r} is not one of {SAMPLERS}')
+    _check(sc.steps >= 1, f'{name}.steps', 'must be >= 1')
+    _check(0.0 < sc.t_start <= 1.0, f'{name}.t_start', f'{sc.t_start} must be in (0, 1]')
+  if s.guidance_scale != 1.0:
+    _check(m.conditional and m.cond_drop_prob > 0, 'sample.guidance_scale',
+           'guidance needs a conditional model trained with model.cond_drop_prob > 0')
+  _check(0.0 <= config.clean.fraction <= 1.0, 'clean.fraction', 'must be in [0, 1]')
+
+  _check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
+  _check(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
+         'train.grad_accum_steps', f'{t.grad_accum_steps} must divide batch_size={t.batch_size}')
+  _check(t.lr_schedule in ('constant', 'cosine'), 'train.lr_schedule',
+         f'{t.lr_schedule!r} is not one of constant, cosine')
+  _check(0.0 <= t.ema_decay < 1.0, 'train.ema_decay', 'must be in [0, 1)')
+  for k in ('log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'num_steps'):
+    _check(t[k] >= 1, f'train.{k}', 'must be >= 1')
+  _check(config.extrinsic.init in ('finetune', 'scratch'), 'extrinsic.init',
+         f'{config.extrinsic.init!r} is not one of finetune, scratch')
+  _check(config.degradation.preset in PRESETS, 'degradation.preset',
+         f'{config.degradation.preset!r} is not one of {PRESETS}')
+  for k in ('blur_sigma', 'scale', 'noise_sigma', 'jpeg_quality', 'brightness', 'contrast',
+            'saturation', 'hue'):
+    lo, hi = config.degradation[k]
+    _check(lo <= hi, f'degradation.{k}', f'low {lo} > high {hi}')
+  _check(config.degradation.kernel_size % 2 == 1, 'degradation.kernel_size', 'must be odd')
+  return config

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests run on the CPU; the mesh tests simulate 8 devices in subprocesses."""
+import importlib.util
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+def load_config(name: str):
+  """configs/<name>.py's get_config(), loaded by path as --config does."""
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture
+def test_config():
+  return load_config('test')
+
+
+@pytest.fixture(scope='session')
+def celeba_dir():
+  d = SHARED_DATA / 'celeba_hq128_dev'
+  if not d.is_dir():
+    pytest.fail(f'{d} is missing: the real-face tests need ../shared/data beside the repo')
+  return d
+
+
+@pytest.fixture(scope='session')
+def niqe_params_path():
+  p = SHARED_DATA / 'niqe_pris_params.npz'
+  if not p.is_file():
+    pytest.fail(f'{p} is missing: NIQE needs the pristine parameters in ../shared/data')
+  return p
