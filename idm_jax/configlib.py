@@ -161,6 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
       fraction=0.15,              # clean the worst-scoring share; 1.0 = clean everything
       score='niqe',
       batch_size=16,
+      out_dir='',                 # '' = WORKDIR/cleaned (mode=clean); rounds use round_k/dataset
   ))
 
   c.extrinsic = ml_collections.ConfigDict(dict(
@@ -289,3 +290,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(lo <= hi, f'degradation.{k}', f'low {lo} > high {hi}')
   _check(config.degradation.kernel_size % 2 == 1, 'degradation.kernel_size', 'must be odd')
   return config
+
+
+def _tuples(x):
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of to_json; JSON lists come back as tuples, as the configs write them."""
+  import json
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))

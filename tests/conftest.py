@@ -1,8 +1,17 @@
 """Shared fixtures. Tests run on the CPU; the mesh tests simulate 8 devices in subprocesses."""
 import importlib.util
+import os
 import pathlib
+import tempfile
 
-import pytest
+# Persistent XLA cache shared by the test process and the training subprocesses it starts: the
+# same tiny programs compile once per session instead of once per process (set before jax loads).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'idm_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'

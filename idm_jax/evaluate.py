@@ -1,0 +1,421 @@
+r"""Evaluate restored faces: library API and CLI.
+
+  python -m idm_jax.evaluate --pred results/ --gt hq/ [--lq lq/] \
+      [--niqe-params niqe_pris_params.npz] [--niqe-upscale 2] [--lpips-weights lpips.npz] \
+      --out eval/
+  python -m idm_jax.evaluate --fid --pred samples/ --ref real/ \
+      [--inception-weights inception.npz] [--niqe-params F] --out eval/
+
+Files are matched by name stem (pred/0001.png <-> gt/0001.jpg). Writes metrics.json and
+metrics.md into --out. A metric that cannot be computed (no weights file, dlib missing, images
+too small) is reported as unavailable with the reason, never as a stand-in number.
+
+Library: `evaluate_images(pred, gt, lq, ...)` returns the metrics dict, `write_report` writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from idm_jax.metrics import fidelity
+from idm_jax.metrics import identity as identity_lib
+from idm_jax.metrics import niqe as niqe_lib
+
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+# name -> (label, higher is better)
+METRIC_INFO = {
+    'psnr': ('PSNR (RGB, dB)', True),
+    'ssim': ('SSIM (RGB)', True),
+    'psnr_y': ('PSNR (Y, dB)', True),
+    'ssim_y': ('SSIM (Y)', True),
+    'lpips': ('LPIPS (VGG)', False),
+    'identity': ('Identity (dlib cosine)', True),
+    'consistency': ('Consistency PSNR vs LQ (dB)', True),
+    'niqe': ('NIQE', False),
+    'niqe_ref': ('NIQE of reference set', False),
+    'fid': ('FID', False),
+}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _available(values: Sequence[float], **extra) -> dict:
+  values = [float(v) for v in values]
+  return {'mean': float(np.mean(values)) if values else None, 'per_image': values, **extra}
+
+
+def _unavailable(reason: str) -> dict:
+  return {'mean': None, 'per_image': None, 'reason': reason}
+
+
+def _niqe_metric(images, params, upscale: int, progress: Callable) -> dict:
+  """NIQE mean/per-image, or unavailable (no params file, images too small)."""
+  if params is None:
+    return _unavailable('no NIQE parameters file given (--niqe-params / niqe_params)')
+  if isinstance(params, (str, os.PathLike)):
+    params = niqe_lib.load_niqe_params(params)
+  if upscale < 1:
+    raise ValueError(f'niqe_upscale must be >= 1, got {upscale}')
+  small = [im.shape[:2] for im in images if min(im.shape[:2]) * upscale < niqe_lib.MIN_SIZE]
+  if small:
+    return _unavailable(
+        f'NIQE needs at least {niqe_lib.MIN_SIZE} px per side; {len(small)} images are smaller '
+        f'(e.g. {small[0][0]}x{small[0][1]}) at niqe_upscale={upscale}; raise niqe_upscale')
+  scores = [niqe_lib.niqe_score(upscale_lanczos(im, upscale), params)
+            for im in progress(images, desc='NIQE')]
+  return _available(scores, upscale=upscale)
+
+
+def upscale_lanczos(img: np.ndarray, factor: int) -> np.ndarray:
+  """Lanczos upscale of uint8 RGB by an integer factor (NIQE on small faces)."""
+  if factor == 1:
+    return img
+  h, w = img.shape[:2]
+  return np.asarray(Image.fromarray(img).resize((w * factor, h * factor), Image.LANCZOS))
+
+
+def _check_images(images, name: str) -> None:
+  for i, im in enumerate(images):
+    if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 \
+        or im.shape[-1] != 3:
+      desc = f'{im.dtype} {im.shape}' if isinstance(im, np.ndarray) else type(im).__name__
+      raise ValueError(f'{name}[{i}]: expected a uint8 RGB array (H, W, 3), got {desc}')
+
+
+def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
+                    lq: list[np.ndarray] | None = None, *,
+                    niqe_params: str | os.PathLike | niqe_lib.NiqeParams | None,
+                    niqe_upscale: int = 1, identity: bool = True,
+                    lpips_weights: str | os.PathLike | None = None,
+                    consistency_scale: int = 4, names: Sequence[str] | None = None,
+                    progress: bool = True) -> dict:
+  """Every available metric of restored images `pred` against `gt` (and `lq`).
+
+  Images are uint8 RGB (H, W, 3); pred[i] and gt[i] must have the same size; lq[i] may be
+  smaller (consistency degrades pred to its size). With gt=None only the no-reference metrics
+  (NIQE, and consistency when lq is given) are computed.
+
+  Returns {'num_images', 'names', 'metrics': {name: {'mean', 'per_image', ...}}} where an
+  unavailable metric has mean None and a 'reason'. Metric names are those of METRIC_INFO.
+  """
+  _check_images(pred, 'pred')
+  n = len(pred)
+  if n == 0:
+    raise ValueError('evaluate_images: no images to evaluate')
+  for other, name in ((gt, 'gt'), (lq, 'lq')):
+    if other is not None:
+      _check_images(other, name)
+      if len(other) != n:
+        raise ValueError(f'evaluate_images: {n} pred images but {len(other)} {name} images')
+  label = (lambda i: names[i]) if names is not None else (lambda i: f'#{i}')
+  if gt is not None:
+    for i, (p, g) in enumerate(zip(pred, gt)):
+      if p.shape != g.shape:
+        raise ValueError(f'{label(i)}: pred is {p.shape[1]}x{p.shape[0]} but gt is '
+                         f'{g.shape[1]}x{g.shape[0]}')
+
+  def bar(it, desc):
+    return tqdm(it, desc=desc, total=n, disable=not progress, leave=False)
+
+  metrics: dict[str, Any] = {}
+  if gt is not None:
+    rows = [(fidelity.psnr(p, g), fidelity.ssim(p, g),
+             fidelity.psnr(p, g, y_channel=True), fidelity.ssim(p, g, y_channel=True))
+            for p, g in bar(list(zip(pred, gt)), 'PSNR/SSIM')]
+    for j, key in enumerate(('psnr', 'ssim', 'psnr_y', 'ssim_y')):
+      metrics[key] = _available([r[j] for r in rows])
+    if lpips_weights is None:
+      metrics['lpips'] = _unavailable('no LPIPS weights file given (--lpips-weights); convert '
+                                      'one with python -m idm_jax.metrics.convert_weights')
+    else:
+      from idm_jax.metrics import lpips  # pylint: disable=g-import-not-at-top
+      metrics['lpips'] = _available(lpips.lpips_distances(pred, gt, lpips_weights))
+    if not identity:
+      metrics['identity'] = _unavailable('identity disabled')
+    else:
+      reason = identity_lib.unavailable_reason()
+      if reason:
+        metrics['identity'] = _unavailable(reason)
+      else:
+        r = identity_lib.identity_scores(pred, gt, progress=lambda it: bar(it, 'identity'))
+        metrics['identity'] = _available(r['per_image'], fallbacks=r['fallbacks'])
+  else:
+    for key in ('psnr', 'ssim', 'psnr_y', 'ssim_y', 'lpips', 'identity'):
+      metrics[key] = _unavailable('no ground truth given')
+  if lq is not None:
+    metrics['consistency'] = _available(
+        [fidelity.consistency(p, q, scale=consistency_scale)
+         for p, q in bar(list(zip(pred, lq)), 'consistency')], scale=consistency_scale)
+  metrics['niqe'] = _niqe_metric(pred, niqe_params, niqe_upscale, bar)
+  return {'num_images': n, 'names': list(names) if names is not None else None,
+          'metrics': metrics}
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _json_safe(x):
+  """inf/nan are not JSON: write them as strings ('inf' PSNR of identical images)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, np.generic):
+    return _json_safe(x.item())
+  return x
+
+
+def metric_label(name: str, entry: dict) -> str:
+  label, higher = METRIC_INFO.get(name, (name, None))
+  if name.startswith('niqe') and entry.get('upscale', 1) != 1:
+    label += f' ({entry["upscale"]}x Lanczos upscale)'
+  if name == 'consistency' and 'scale' in entry:
+    label += f' (x{entry["scale"]} area downsample when same size)'
+  if higher is not None:
+    label += ' ↑' if higher else ' ↓'
+  return label
+
+
+def _format(entry: dict) -> str:
+  if entry.get('mean') is None:
+    return f'n/a: {entry.get("reason", "unavailable")}'
+  text = f'{entry["mean"]:.4f}'
+  if entry.get('fallbacks'):
+    text += f' ({entry["fallbacks"]} faces not detected; whole image used)'
+  return text
+
+
+def _single_table(result: dict) -> list[str]:
+  lines = ['| metric | value |', '| --- | --- |']
+  for name, entry in result['metrics'].items():
+    lines.append(f'| {metric_label(name, entry)} | {_format(entry)} |')
+  return lines
+
+
+def _multi_table(rows: dict[str, dict]) -> list[str]:
+  """One row per result, one column per metric (means); reasons for n/a listed below."""
+  names: list[str] = []
+  entries: dict[str, dict] = {}
+  for result in rows.values():
+    for name, entry in result['metrics'].items():
+      if name not in names:
+        names.append(name)
+      if entry.get('mean') is not None or name not in entries:
+        entries[name] = entry  # a labelled (available) entry, for upscale/scale in the header
+  lines = ['| | ' + ' | '.join(metric_label(n, entries[n]) for n in names) + ' |',
+           '| --- |' + ' --- |' * len(names)]
+  reasons = {}
+  for row, result in rows.items():
+    cells = []
+    for n in names:
+      entry = result['metrics'].get(n)
+      if entry is None or entry.get('mean') is None:
+        cells.append('n/a')
+        if entry is not None:
+          reasons.setdefault(n, entry.get('reason', 'unavailable'))
+      else:
+        cells.append(f'{entry["mean"]:.4f}')
+    lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
+  if reasons:
+    lines += [''] + [f'- {metric_label(n, entries[n])} n/a: {r}' for n, r in reasons.items()]
+  return lines
+
+
+def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
+  """Writes metrics.json (everything, per image too) and metrics.md (a table of means).
+
+  `metrics` is one `evaluate_images` result, or {row name: result} for a table comparing
+  several (e.g. the LQ input and restorations at several step counts).
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / 'metrics.json', 'w') as f:
+    json.dump(_json_safe({'title': title, **metrics}), f, indent=1)
+  lines = [f'# {title}', '']
+  if 'metrics' in metrics:
+    if 'num_images' in metrics:
+      ref = (f' ({metrics["num_ref_images"]} reference images)'
+             if 'num_ref_images' in metrics else '')
+      lines += [f'{metrics["num_images"]} images{ref}.', '']
+    lines += _single_table(metrics)
+  else:
+    bad = [k for k, v in metrics.items() if not isinstance(v, dict) or 'metrics' not in v]
+    if bad:
+      raise ValueError(f'write_report: expected an evaluate_images result or a dict of them; '
+                       f'entries {bad[:3]} are neither')
+    lines += _multi_table(metrics)
+  (out / 'metrics.md').write_text('\n'.join(lines) + '\n')
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+class EvalError(Exception):
+  """A problem with the user's input, reported as one line by the CLI."""
+
+
+def list_images(folder: str | os.PathLike, what: str) -> dict[str, pathlib.Path]:
+  """{stem: path} of the images in a folder; errors name the folder or the clashing files."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise EvalError(f'--{what} {str(folder)!r} is not a directory')
+  found: dict[str, pathlib.Path] = {}
+  for p in sorted(folder.iterdir()):
+    if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+      if p.stem in found:
+        raise EvalError(f'--{what}: two images share the name stem {p.stem!r}: '
+                        f'{found[p.stem]} and {p}')
+      found[p.stem] = p
+  if not found:
+    raise EvalError(f'--{what} {str(folder)!r} holds no images ({", ".join(IMAGE_EXTS)})')
+  return found
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+  """uint8 RGB array of an image file; EvalError naming the file if it cannot be read."""
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except Exception as e:  # PIL raises several types for broken files
+    raise EvalError(f'cannot read image {str(path)!r}: {e}') from e
+
+
+def _match(pred: dict, other: dict, what: str) -> None:
+  missing = sorted(set(pred) - set(other))
+  extra = sorted(set(other) - set(pred))
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f'{len(missing)} pred images have no --{what} file (e.g. '
+                   f'{[str(pred[s].name) for s in missing[:5]]})')
+    if extra:
+      parts.append(f'{len(extra)} --{what} images have no pred (e.g. '
+                   f'{[str(other[s].name) for s in extra[:5]]})')
+    raise EvalError('; '.join(parts))
+
+
+def _check_out(out: pathlib.Path, protected: dict[str, str | None]) -> None:
+  """--out must not be (inside) an input folder whose contents we must not touch."""
+  out = out.resolve()
+  for flag, folder in protected.items():
+    if folder is None:
+      continue
+    f = pathlib.Path(folder).resolve()
+    if out == f or f in out.parents:
+      raise EvalError(f'--out {str(out)!r} is inside --{flag} {folder!r}; choose another folder '
+                      'so the dataset is left untouched')
+
+
+def _read_all(paths: list[pathlib.Path], desc: str) -> list[np.ndarray]:
+  return [read_image(p) for p in tqdm(paths, desc=f'reading {desc}', leave=False)]
+
+
+def _run_pairs(args) -> dict:
+  pred = list_images(args.pred, 'pred')
+  gt = list_images(args.gt, 'gt')
+  _match(pred, gt, 'gt')
+  stems = sorted(pred)
+  lq_imgs = None
+  if args.lq:
+    lq = list_images(args.lq, 'lq')
+    _match(pred, lq, 'lq')
+    lq_imgs = _read_all([lq[s] for s in stems], 'lq')
+  pred_imgs = _read_all([pred[s] for s in stems], 'pred')
+  gt_imgs = _read_all([gt[s] for s in stems], 'gt')
+  for s, p, g in zip(stems, pred_imgs, gt_imgs):
+    if p.shape != g.shape:
+      raise EvalError(f'size mismatch: {str(pred[s])!r} is {p.shape[1]}x{p.shape[0]} but '
+                      f'{str(gt[s])!r} is {g.shape[1]}x{g.shape[0]}')
+  return evaluate_images(pred_imgs, gt_imgs, lq_imgs, niqe_params=args.niqe_params,
+                         niqe_upscale=args.niqe_upscale, identity=not args.no_identity,
+                         lpips_weights=args.lpips_weights,
+                         consistency_scale=args.consistency_scale, names=stems)
+
+
+def _run_fid(args) -> dict:
+  pred = list_images(args.pred, 'pred')
+  ref = list_images(args.ref, 'ref')
+  pred_imgs = _read_all([pred[s] for s in sorted(pred)], 'pred')
+  ref_imgs = _read_all([ref[s] for s in sorted(ref)], 'ref')
+  metrics: dict[str, Any] = {}
+  if args.inception_weights:
+    from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+    f_pred = fid.inception_features(pred_imgs, args.inception_weights, progress=tqdm)
+    f_ref = fid.inception_features(ref_imgs, args.inception_weights, progress=tqdm)
+    metrics['fid'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}
+  else:
+    metrics['fid'] = _unavailable('no Inception weights given (--inception-weights); NIQE of '
+                                  'both sets is reported instead')
+  bar = lambda it, desc: tqdm(it, desc=desc, leave=False)  # noqa: E731
+  metrics['niqe'] = _niqe_metric(pred_imgs, args.niqe_params, args.niqe_upscale, bar)
+  metrics['niqe_ref'] = _niqe_metric(ref_imgs, args.niqe_params, args.niqe_upscale, bar)
+  return {'num_images': len(pred_imgs), 'num_ref_images': len(ref_imgs),
+          'names': sorted(pred), 'metrics': metrics}
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m idm_jax.evaluate',
+                              description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--pred', required=True, help='restored (or sampled) images')
+  p.add_argument('--gt', help='ground-truth HQ images, matched to --pred by name stem')
+  p.add_argument('--lq', help='LQ inputs, for the consistency metric')
+  p.add_argument('--out', required=True, help='where metrics.json and metrics.md go')
+  p.add_argument('--title', default=None, help='report title')
+  p.add_argument('--niqe-params', default=None,
+                 help='NIQE pristine parameters .npz (mu_pris_param, cov_pris_param, '
+                      'gaussian_window)')
+  p.add_argument('--niqe-upscale', type=int, default=1,
+                 help='evaluate NIQE on Lanczos upscales by this factor (2 for 128 px faces)')
+  p.add_argument('--lpips-weights', default=None, help='LPIPS .npz from convert_weights')
+  p.add_argument('--no-identity', action='store_true', help='skip the dlib identity metric')
+  p.add_argument('--consistency-scale', type=int, default=4,
+                 help='downsampling factor of the consistency metric when LQ and pred have '
+                      'the same size')
+  p.add_argument('--fid', action='store_true',
+                 help='compare the --pred set with the --ref set (FID, NIQE of both)')
+  p.add_argument('--ref', help='reference images for --fid')
+  p.add_argument('--inception-weights', default=None, help='Inception .npz from convert_weights')
+  args = p.parse_args(argv)
+  if args.fid:
+    if not args.ref:
+      p.error('--fid needs --ref DIR')
+  elif not args.gt:
+    p.error('--gt DIR is required (or use --fid --ref DIR)')
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+  args = parse_args(argv)
+  try:
+    out = pathlib.Path(args.out)
+    _check_out(out, {'gt': args.gt, 'lq': args.lq, 'ref': args.ref})
+    if args.niqe_params:
+      niqe_lib.load_niqe_params(args.niqe_params)  # fail before reading any image
+    metrics = _run_fid(args) if args.fid else _run_pairs(args)
+    title = args.title or (f'FID: {args.pred} vs {args.ref}' if args.fid
+                           else f'Evaluation of {args.pred} against {args.gt}')
+    write_report(metrics, out, title)
+  except (EvalError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print((out / 'metrics.md').read_text())
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,122 @@
+"""Export a trained model as ONE self-describing file: its config and its EMA params.
+
+    python -m idm_jax.export --workdir W --out model.msgpack
+
+The file is flax.serialization's msgpack of
+    {'format': 'idm_jax/1', 'config': <config JSON>, 'params': <params state dict>}
+(no pickle: loading it cannot run code). `load_exported(path) -> (config, params)` reads it back;
+`inference.load_restorer` accepts such a file as well as a training workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from idm_jax import configlib
+
+FORMAT = 'idm_jax/1'
+
+
+class ExportError(ValueError):
+  """The file is not a (readable) idm_jax export; the message names the file."""
+
+
+def to_bytes(config: ml_collections.ConfigDict, params) -> bytes:
+  """The export's bytes: msgpack of format tag, config JSON and params (as host numpy)."""
+  state = serialization.to_state_dict(jax.device_get(params))
+  state = jax.tree.map(np.asarray, state)
+  return serialization.msgpack_serialize(
+      {'format': FORMAT, 'config': configlib.to_json(config), 'params': state})
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to a temp file beside `path`, then renames it over `path`, so a crash never
+  leaves a half-written file under the final name."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
+                             suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_exported(path: str, config: ml_collections.ConfigDict, params) -> None:
+  """Writes config + params to `path` atomically."""
+  write_atomic(path, to_bytes(config, params))
+
+
+def load_exported(path: str):
+  """(config, params) from a file written by save_exported; params are numpy arrays.
+
+  Raises FileNotFoundError if missing and ExportError (naming the file and the problem) if it is
+  not an idm_jax export, is truncated/corrupt, or has another format version.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file')
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data:
+    raise ExportError(f'{path}: empty file, not an idm_jax model export')
+  try:
+    obj = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several types for truncated/garbage input.
+    raise ExportError(f'{path}: not an idm_jax model export (corrupt, truncated or another '
+                      f'format: {type(e).__name__}: {e})') from e
+  if not isinstance(obj, dict) or 'format' not in obj:
+    raise ExportError(f'{path}: not an idm_jax model export (no format tag)')
+  fmt = obj['format']
+  if fmt != FORMAT:
+    raise ExportError(f'{path}: format {fmt!r} is not supported; this version reads {FORMAT!r}')
+  if not isinstance(obj.get('config'), str) or not isinstance(obj.get('params'), dict):
+    raise ExportError(f'{path}: the export lacks its config or params')
+  try:
+    config = configlib.from_json(obj['config'])
+  except ValueError as e:
+    raise ExportError(f'{path}: the stored config is not valid JSON: {e}') from e
+  return config, obj['params']
+
+
+def export(workdir: str, out: str, *, force: bool = False) -> None:
+  """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`."""
+  if os.path.exists(out) and not force:
+    raise FileExistsError(f'{out} exists; pass --force to overwrite it')
+  from idm_jax import checkpoints  # orbax is heavy; only needed here
+  config, params = checkpoints.load_for_inference(workdir)
+  save_exported(out, config, params)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m idm_jax.export',
+      description='Write a workdir\'s latest EMA params and config as one .msgpack file.')
+  parser.add_argument('--workdir', required=True, help='training workdir (with checkpoints/)')
+  parser.add_argument('--out', required=True, help='output file, e.g. model.msgpack')
+  parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+  args = parser.parse_args(argv)
+  try:
+    export(args.workdir, args.out, force=args.force)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

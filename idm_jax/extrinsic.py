@@ -1,0 +1,340 @@
+"""Extrinsic iterative enhancement: a model cleans its own training data; rounds of train + clean.
+
+Cleaning (`--config.mode=clean`): the model's EMA params restore the training set's HQ images
+themselves (the HQ image is the LQ input), either all of them or only the worst-scoring share by
+NIQE (a no-reference score: there is no ground truth for "truly high quality"). The rest are
+copied byte for byte. The output is a new folder dataset; the source is never written to.
+
+  OUT/images/<name>    one file per source record (cleaned ones as PNG)
+  OUT/scores.json      NIQE per record, so the selection can be inspected
+  OUT/journal-<p>.jsonl  one line per finished record (process p): a killed run resumes from it
+  OUT/manifest.json    written last, after verification: its presence marks a complete dataset
+
+Rounds (`--config.mode=extrinsic`): WORKDIR/round_k/ holds model M_k (checkpoints/), the
+dataset D_k it trained on (dataset/, k >= 1; D_0 is the source), and eval/. M_k cleans D_k into
+D_{k+1}. rounds.md gets a row per round on the same fixed validation set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from idm_jax import checkpoints
+from idm_jax import configlib
+from idm_jax import inference
+from idm_jax import reporting
+
+MANIFEST = 'manifest.json'
+SCORES = 'scores.json'
+IMAGES = 'images'
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def niqe_scores(source, niqe_params: str, resolution: int) -> dict[str, float | None]:
+  """NIQE of every record (higher = worse); None for records that fail to load."""
+  from idm_jax.metrics import niqe
+  params = niqe.load_niqe_params(niqe_params)
+  upscale = 2 if resolution < 192 else 1   # NIQE needs >= 192 px
+  scores = {}
+  for i in tqdm(range(len(source)), desc='score', disable=jax.process_index() != 0):
+    rec = source[i]
+    if rec.get('image') is None:
+      scores[rec['name']] = None
+      continue
+    img = rec['image']
+    if upscale > 1:   # the same upscale the evaluation reports NIQE on
+      from idm_jax import evaluate
+      img = evaluate.upscale_lanczos(img, upscale)
+    scores[rec['name']] = float(niqe.niqe_score(img, params))
+  return scores
+
+
+def select_worst(scores: dict[str, float | None], fraction: float) -> set[str]:
+  """The round(fraction * n) names with the highest (worst) NIQE; ties broken by name."""
+  valid = sorted(((s, n) for n, s in scores.items() if s is not None), key=lambda x: (-x[0], x[1]))
+  k = int(round(fraction * len(valid)))
+  return {n for _, n in valid[:k]}
+
+
+def _out_name(name: str, cleaned: bool) -> str:
+  return os.path.splitext(name)[0] + '.png' if cleaned else name
+
+
+def _read_journals(out_dir: str) -> dict[str, dict]:
+  done = {}
+  for fname in sorted(os.listdir(out_dir)):
+    if fname.startswith('journal-') and fname.endswith('.jsonl'):
+      with open(os.path.join(out_dir, fname)) as f:
+        for line in f:
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            entry = json.loads(line)
+          except json.JSONDecodeError:   # a line cut by a kill: that record is redone
+            continue
+          done[entry['name']] = entry
+  return done
+
+
+def _append(journal, entry: dict) -> None:
+  journal.write(json.dumps(entry) + '\n')
+  journal.flush()
+  os.fsync(journal.fileno())
+
+
+def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, clean_cfg,
+                  seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
+  """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest."""
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  if os.path.exists(manifest_path):
+    verify_manifest(out_dir)
+    with open(manifest_path) as f:
+      return json.load(f)
+  pi, pc = jax.process_index(), jax.process_count()
+  os.makedirs(os.path.join(out_dir, IMAGES), exist_ok=True)
+
+  names = [source[i]['name'] for i in range(len(source))] if not hasattr(source, 'paths') \
+      else [source._name(p) for p in source.paths]
+  if len(set(names)) != len(names):
+    raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
+  fraction = float(clean_cfg.fraction)
+  scores = None
+  if fraction < 1.0:
+    scores_path = os.path.join(out_dir, SCORES)
+    if os.path.exists(scores_path):
+      with open(scores_path) as f:
+        scores = json.load(f)
+    else:
+      if not niqe_params:
+        raise FileNotFoundError('clean.fraction < 1 ranks images by NIQE, which needs '
+                                'config.eval.niqe_params (niqe_pris_params.npz)')
+      scores = niqe_scores(source, niqe_params, resolution)
+      if pi == 0:
+        reporting.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
+    selected = select_worst(scores, fraction)
+  else:
+    selected = set(names)
+
+  done = _read_journals(out_dir)
+  mine = [i for i in range(len(names)) if i % pc == pi and names[i] not in done]
+  to_clean = [i for i in mine if names[i] in selected]
+  to_copy = [i for i in mine if names[i] not in selected]
+  journal_path = os.path.join(out_dir, f'journal-{pi}.jsonl')
+  bs = int(clean_cfg.batch_size)
+  with open(journal_path, 'a') as journal, \
+       tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
+    for i in to_copy:
+      _append(journal, _copy_record(source, i, names[i], out_dir))
+      bar.update(1)
+    for start in range(0, len(to_clean), bs):
+      idx = to_clean[start:start + bs]
+      records = [source[i] for i in idx]
+      good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
+      for i, r in zip(idx, records):
+        if r.get('image') is None:
+          _append(journal, dict(name=names[i], action='failed', reason=r.get('error', '')))
+      if good:
+        lq = np.stack([r['image'] for _, r in good])
+        restored = restorer.restore(lq, seed=seed, steps=int(clean_cfg.steps),
+                                    sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start),
+                                    indices=[i for i, _ in good])
+        for (i, _), img in zip(good, restored):
+          rel = _out_name(names[i], cleaned=True)
+          path = os.path.join(out_dir, IMAGES, rel)
+          reporting.save_png(path, img)
+          _append(journal, dict(name=names[i], file=rel, action='cleaned',
+                                sha256=sha256_file(path)))
+      bar.update(len(idx))
+
+  if pc > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('idm_jax clean: all records written')
+  if pi != 0:
+    return {}
+  done = _read_journals(out_dir)
+  missing = [n for n in names if n not in done]
+  if missing:
+    raise RuntimeError(f'{out_dir}: {len(missing)} records were not written, e.g. {missing[:3]}')
+  records = [dict(done[n], score=(scores or {}).get(n)) for n in names]
+  counts = {a: sum(r['action'] == a for r in records) for a in ('cleaned', 'copied', 'failed')}
+  manifest = dict(format='idm_jax/cleaned-dataset/1', source_records=len(names), counts=counts,
+                  settings=dict(clean_cfg.to_dict() if hasattr(clean_cfg, 'to_dict') else clean_cfg),
+                  records=records, **provenance)
+  _verify_records(out_dir, records)
+  reporting.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+  logging.info('cleaned dataset %s: %s', out_dir, counts)
+  return manifest
+
+
+def _copy_record(source, i: int, name: str, out_dir: str) -> dict:
+  """Copies a record unchanged: the original file bytes when the source is a folder."""
+  dst = os.path.join(out_dir, IMAGES, name)
+  paths = getattr(source, 'paths', None)
+  if paths is not None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + '.tmp'
+    shutil.copyfile(paths[i], tmp)
+    os.replace(tmp, dst)
+    rel = name
+  else:
+    rec = source[i]
+    if rec.get('image') is None:
+      return dict(name=name, action='failed', reason=rec.get('error', ''))
+    rel = _out_name(name, cleaned=True)
+    dst = os.path.join(out_dir, IMAGES, rel)
+    reporting.save_png(dst, rec['image'])
+  return dict(name=name, file=rel, action='copied', sha256=sha256_file(dst))
+
+
+def _verify_records(out_dir: str, records: list[dict]) -> None:
+  files = [r['file'] for r in records if r['action'] != 'failed']
+  if len(set(files)) != len(files):
+    raise RuntimeError(f'{out_dir}: two records map to the same output file')
+  for r in records:
+    if r['action'] == 'failed':
+      continue
+    path = os.path.join(out_dir, IMAGES, r['file'])
+    if not os.path.isfile(path) or sha256_file(path) != r['sha256']:
+      raise RuntimeError(f'{path}: missing or its checksum does not match the journal')
+
+
+def verify_manifest(out_dir: str) -> dict:
+  """Checks a finished dataset: one record per source record, every checksum; returns counts."""
+  with open(os.path.join(out_dir, MANIFEST)) as f:
+    manifest = json.load(f)
+  records = manifest['records']
+  if len(records) != manifest['source_records'] or \
+     len({r['name'] for r in records}) != len(records):
+    raise RuntimeError(f'{out_dir}: the manifest does not hold exactly one entry per record')
+  _verify_records(out_dir, records)
+  on_disk = {os.path.relpath(os.path.join(d, f), os.path.join(out_dir, IMAGES))
+             for d, _, fs in os.walk(os.path.join(out_dir, IMAGES)) for f in fs}
+  listed = {r['file'] for r in records if r['action'] != 'failed'}
+  if on_disk != listed:
+    raise RuntimeError(f'{out_dir}: files on disk differ from the manifest: '
+                       f'{sorted(on_disk ^ listed)[:5]}')
+  return manifest['counts']
+
+
+def _provenance(config, workdir: str) -> dict:
+  return dict(source=dict(config.data.to_dict()),
+              model=dict(workdir=os.path.abspath(workdir),
+                         step=checkpoints.Checkpointer(workdir).latest_step()))
+
+
+def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
+  """Cleans config.data's training split with the EMA model in model_workdir."""
+  from idm_jax import validate
+  from idm_jax.data import sources
+  ckpt_config, params = checkpoints.load_for_inference(model_workdir)
+  model_config = validate.with_model_of(config, ckpt_config)
+  restorer = inference.Restorer(model_config, params)
+  source = sources.make_source(config.data, 'train')
+  return clean_dataset(source, restorer, out_dir, clean_cfg=config.clean, seed=config.seed,
+                       niqe_params=validate.niqe_params_path(config),
+                       resolution=config.data.resolution,
+                       provenance=_provenance(config, model_workdir))
+
+
+def clean_from_config(config, workdir: str) -> dict:
+  out_dir = config.clean.out_dir or os.path.join(workdir, 'cleaned')
+  _refuse_inside_source(config, out_dir)
+  return clean_with_model(config, workdir, out_dir)
+
+
+def _refuse_inside_source(config, out_dir: str) -> None:
+  if config.data.source == 'folder':
+    src = os.path.realpath(config.data.dir)
+    out = os.path.realpath(out_dir)
+    if out == src or out.startswith(src + os.sep):
+      raise ValueError(f'clean.out_dir {out_dir!r} is inside the source folder {config.data.dir!r};'
+                       ' the source is never written to')
+
+
+def round_config(config, workdir: str, r: int):
+  """Round r's config: D_r (the source for r = 0), fine-tuned from M_{r-1} if asked."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    if r > 0:
+      c.data.update(source='folder', dir=os.path.join(workdir, f'round_{r}', 'dataset', IMAGES),
+                    num_val=0, max_examples=0)
+      if config.extrinsic.init == 'finetune':
+        c.train.init_from = os.path.join(workdir, f'round_{r - 1}')
+    if config.extrinsic.steps_per_round:
+      c.train.num_steps = int(config.extrinsic.steps_per_round)
+  return c
+
+
+ROUND_METRICS = (('PSNR', 'psnr'), ('SSIM', 'ssim'), ('identity', 'identity'), ('NIQE', 'niqe'))
+
+
+def _rounds_table(results: dict) -> str:
+  lines = ['# Extrinsic rounds', '',
+           'Each round evaluated on the same fixed validation set (fixed degradations).', '',
+           '| round | trained on | ' + ' | '.join(h for h, _ in ROUND_METRICS) + ' |',
+           '|---|---|' + '---|' * len(ROUND_METRICS)]
+  for r in sorted(results, key=int):
+    row = results[r]
+    cells = []
+    for _, key in ROUND_METRICS:
+      v = row['metrics'].get(key)
+      cells.append('n/a' if v is None else f'{v:.4f}')
+    lines.append(f'| {r} | {row["data"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_rounds(config, workdir: str) -> dict:
+  """Train round 0, clean, train round 1, ...; resumes wherever it was stopped."""
+  from idm_jax import train
+  from idm_jax import validate
+  os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, 'rounds.json')
+  results = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  for r in range(int(config.extrinsic.rounds)):
+    rdir = os.path.join(workdir, f'round_{r}')
+    cfg = round_config(config, workdir, r)
+    if r > 0:
+      prev = round_config(config, workdir, r - 1)
+      clean_with_model(prev, os.path.join(workdir, f'round_{r - 1}'),
+                       os.path.join(rdir, 'dataset'))
+    os.makedirs(rdir, exist_ok=True)
+    if jax.process_index() == 0:
+      reporting.write_atomic(os.path.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
+    logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
+    train.train_and_evaluate(cfg, rdir)
+    if str(r) not in results:
+      ckpt_config, params = checkpoints.load_for_inference(rdir)
+      eval_cfg = validate.with_model_of(config, ckpt_config)  # the ORIGINAL validation set
+      rows = validate.evaluate_restorer(eval_cfg, inference.Restorer(eval_cfg, params),
+                                        os.path.join(rdir, 'eval'))
+      last = list(rows)[-1]
+      results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',
+                             metrics=_summary(rows[last]))
+      if jax.process_index() == 0:
+        reporting.write_atomic(results_path, json.dumps(results, indent=1).encode())
+        reporting.write_atomic(os.path.join(workdir, 'rounds.md'),
+                               _rounds_table(results).encode())
+  return results
+
+
+def _summary(result: dict) -> dict:
+  """Means of the round-table metrics from an evaluate_images result (None if unavailable)."""
+  return {key: result['metrics'].get(key, {}).get('mean') for _, key in ROUND_METRICS}

@@ -1,0 +1,54 @@
+"""`--config.mode=generate`: N samples of an unconditional model as PNGs (the "beyond" experiment).
+
+Sample i always comes from key fold_in(seed, i), so the set does not depend on the batch size or
+the number of hosts; each host writes the indices i with i % process_count == process_index.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from idm_jax import checkpoints
+from idm_jax import inference
+from idm_jax import reporting
+from idm_jax import validate
+
+
+def run(config, workdir: str) -> str:
+  ckpt_config, params = checkpoints.load_for_inference(workdir)
+  config = validate.with_model_of(config, ckpt_config)
+  if config.model.conditional:
+    raise ValueError('config.mode=generate needs an unconditional model '
+                     '(configs/ffhq_generation.py); this checkpoint is a restoration model')
+  out_dir = config.generate.out_dir or os.path.join(workdir, 'generated')
+  restorer = inference.Restorer(config, params)
+  g = config.generate
+  pi, pc = jax.process_index(), jax.process_count()
+  mine = np.arange(pi, g.num_samples, pc)
+  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f'{i:06d}.png'))]
+  bs = g.batch_size
+  for start in tqdm(range(0, len(todo), bs), desc='generate', disable=pi != 0):
+    idx = todo[start:start + bs]
+    # Fixed-size batches (padded by repeating the last index) reuse one compilation.
+    padded = idx + [idx[-1]] * (bs - len(idx))
+    images = restorer.generate(bs, seed=config.seed, batch_size=bs, indices=padded)
+    for i, img in zip(idx, images):
+      reporting.save_png(os.path.join(out_dir, f'{i:06d}.png'), img)
+  if pi == 0:
+    first = [np.asarray(_read(os.path.join(out_dir, f'{i:06d}.png')))
+             for i in range(min(16, g.num_samples)) if i % pc == 0]
+    if first:
+      reporting.save_png(os.path.join(workdir, 'generated_grid.png'),
+                         reporting.image_grid([np.stack(first)]))
+  logging.info('%d samples in %s', g.num_samples, out_dir)
+  return out_dir
+
+
+def _read(path):
+  from PIL import Image
+  with Image.open(path) as im:
+    return np.asarray(im.convert('RGB'))

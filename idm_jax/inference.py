@@ -1,0 +1,261 @@
+"""Inference: restore aligned LQ faces (or generate faces) with a trained model.
+
+`Restorer` wraps a config and its (EMA) params into one jitted sampling function per
+(batch shape, sampler, steps, ...): the whole sampler loop runs inside that jit, and the batch is
+split over all local devices (a 1-D mesh on the batch axis; params replicated).
+
+Reproducibility: example i of a call gets the key fold_in(key(seed), index_offset + i) and the
+sampler is vmapped over examples, so an image's result does not depend on the batch size, the
+batching or the device count: only on (seed, its index, the sampling settings).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from idm_jax.diffusion import samplers
+from idm_jax.diffusion import schedules
+from idm_jax.models import unet
+
+_BATCH_AXIS = 'batch'
+
+
+def to_model_range(images_uint8) -> jnp.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """float [-1, 1] -> uint8, rounded (not truncated, which would darken by half a level)."""
+  return np.clip(np.rint((np.asarray(images, np.float32) + 1.) * 127.5), 0, 255).astype(np.uint8)
+
+
+def check_params(model: unet.UNet, params) -> None:
+  """Raises ValueError if `params` do not fit `model` (e.g. a config/params mismatch)."""
+  from flax.linen import meta
+  expected = meta.unbox(unet.param_shapes(model))
+  exp_paths = {jax.tree_util.keystr(p): tuple(x.shape)
+               for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x))
+               for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  missing = sorted(set(exp_paths) - set(got_paths))
+  extra = sorted(set(got_paths) - set(exp_paths))
+  wrong = sorted(k for k in set(exp_paths) & set(got_paths) if exp_paths[k] != got_paths[k])
+  if missing or extra or wrong:
+    parts = []
+    if missing:
+      parts.append(f'{len(missing)} missing (e.g. {missing[0]})')
+    if extra:
+      parts.append(f'{len(extra)} unexpected (e.g. {extra[0]})')
+    if wrong:
+      k = wrong[0]
+      parts.append(f'{len(wrong)} with wrong shapes (e.g. {k}: {got_paths[k]}, '
+                   f'expected {exp_paths[k]})')
+    raise ValueError('params do not match the model that the config describes: '
+                     + '; '.join(parts))
+
+
+def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):
+  """Random params of `model`'s shapes, drawn in numpy: no compilation of the model's init.
+
+  For smoke tests and demos of the plumbing. Unlike init_params, the zero-initialised output
+  layers get random values too, so the model's output depends on its inputs. Kernels are
+  N(0, scale^2 / fan_in), biases N(0, 0.01 scale^2), norm scales 1.
+  """
+  from flax.linen import meta
+  shapes = meta.unbox(unet.param_shapes(model))
+  rng = np.random.default_rng(seed)
+
+  def one(path, x):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name == 'scale':
+      return np.ones(x.shape, x.dtype)
+    if len(x.shape) <= 1:
+      return (0.1 * scale * rng.standard_normal(x.shape)).astype(x.dtype)
+    fan_in = int(np.prod(x.shape[:-1]))
+    return (scale / np.sqrt(fan_in) * rng.standard_normal(x.shape)).astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+class Restorer:
+  """Samples from a trained model: `restore` for conditional models, `generate` otherwise."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params, *, devices=None):
+    self.config = config
+    self.resolution = int(config.data.resolution)
+    self.conditional = bool(config.model.conditional)
+    self.model = unet.build_model(config.model, self.resolution)
+    check_params(self.model, params)
+    self.logsnr_fn = schedules.get_logsnr_fn(config.diffusion, self.resolution)
+    devices = list(jax.local_devices() if devices is None else devices)
+    self.mesh = Mesh(np.array(devices), (_BATCH_AXIS,))
+    self._batch_sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))
+    self._replicated = NamedSharding(self.mesh, P())
+    self.params = jax.device_put(params, self._replicated)
+    self._fns = {}
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def _settings(self, steps, sampler, t_start, guidance_scale, eta):
+    """Call arguments with the config's sample.* defaults filled in, validated."""
+    s = self.config.sample
+    steps = int(s.steps if steps is None else steps)
+    sampler = str(s.sampler if sampler is None else sampler)
+    t_start = float(s.t_start if t_start is None else t_start)
+    guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+    eta = float(s.eta if eta is None else eta)
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f'sampler {sampler!r} is not one of {samplers.SAMPLERS}')
+    if steps < 1:
+      raise ValueError(f'steps={steps} must be >= 1')
+    if not 0. < t_start <= 1.:
+      raise ValueError(f't_start={t_start} must be in (0, 1]')
+    if not 0. <= eta <= 1.:
+      raise ValueError(f'eta={eta} must be in [0, 1]')
+    if not self.conditional and (t_start < 1. or guidance_scale != 1.):
+      raise ValueError('t_start < 1 and guidance need a conditional model (an LQ input)')
+    return steps, sampler, t_start, guidance_scale, eta
+
+  def _sample_fn(self, batch: int, steps: int, sampler: str, t_start: float, guided: bool,
+                 eta_zero: bool):
+    """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 for one setting."""
+    key = (batch, steps, sampler, t_start, guided, eta_zero)
+    if key in self._fns:
+      return self._fns[key]
+    model, res = self.model, self.resolution
+    conditional = self.conditional
+    diffusion = self.config.diffusion
+
+    def one(params, lq, rng, scale, eta):
+      # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
+      # noise comes from its own key only.
+      def cond_fn(x_t, logsnr):
+        return model.apply({'params': params}, x_t, logsnr, lq, train=False)
+
+      model_fn = cond_fn
+      if guided:
+        def uncond_fn(x_t, logsnr):
+          drop = jnp.ones((x_t.shape[0],), bool)
+          return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
+        model_fn = samplers.guided(cond_fn, uncond_fn, scale)
+      return samplers.sample(
+          model_fn, rng, (1, res, res, 3), logsnr_fn=self.logsnr_fn,
+          parameterization=diffusion.parameterization, sampler=sampler, steps=steps,
+          eta=0. if eta_zero else eta, t_start=t_start,
+          x_start=lq if t_start < 1. else None, clip_x0=True)[0]
+
+    def fn(params, lq, seed, indices, scale, eta):
+      base = jax.random.key(seed)
+      rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+      if conditional:
+        return jax.vmap(lambda l, r: one(params, l[None], r, scale, eta))(lq, rngs)
+      return jax.vmap(lambda r: one(params, None, r, scale, eta))(rngs)
+
+    bs, rep = self._batch_sharding, self._replicated
+    jitted = jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
+                     out_shardings=bs)
+    self._fns[key] = jitted
+    return jitted
+
+  def _run(self, lq_f32: Optional[np.ndarray], indices: np.ndarray, seed: int, settings):
+    """Pads to a multiple of the device count, samples, trims; returns uint8 (B, R, R, 3)."""
+    steps, sampler, t_start, guidance_scale, eta = settings
+    b = len(indices)
+    n = self.num_devices
+    padded = -(-b // n) * n
+    pad = padded - b
+    # Pad by repeating the last example: padded rows are computed and thrown away.
+    indices = np.concatenate([indices, np.repeat(indices[-1:], pad)]).astype(np.uint32)
+    if lq_f32 is not None:
+      lq_f32 = np.concatenate([lq_f32, np.repeat(lq_f32[-1:], pad, axis=0)])
+      lq = jax.device_put(lq_f32, self._batch_sharding)
+    else:
+      lq = None
+    fn = self._sample_fn(padded, steps, sampler, t_start, guidance_scale != 1., eta == 0.)
+    out = fn(self.params, lq, np.uint32(seed), jax.device_put(indices, self._batch_sharding),
+             np.float32(guidance_scale), np.float32(eta))
+    return to_uint8(jax.device_get(out))[:b]
+
+  def restore(self, lq: np.ndarray, *, seed: int = 0, steps: Optional[int] = None,
+              sampler: Optional[str] = None, t_start: Optional[float] = None,
+              guidance_scale: Optional[float] = None, eta: Optional[float] = None,
+              index_offset: int = 0, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Restores aligned LQ faces: uint8 (B, R, R, 3) at the model resolution -> uint8, same shape.
+
+    Unset sampling arguments default to config.sample. Example i is sampled with the key
+    fold_in(key(seed), index_offset + i), or fold_in(key(seed), indices[i]) if `indices` is
+    given (e.g. a per-file number, so a file restores the same alone or within a folder).
+    """
+    if not self.conditional:
+      raise ValueError('restore: this model is unconditional (config.model.conditional=False); '
+                       'use generate()')
+    lq = np.asarray(lq)
+    r = self.resolution
+    if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (r, r, 3):
+      raise ValueError(f'restore: expected uint8 images of shape (B, {r}, {r}, 3), got '
+                       f'{lq.dtype} {lq.shape}')
+    if lq.shape[0] == 0:
+      return np.zeros((0, r, r, 3), np.uint8)
+    settings = self._settings(steps, sampler, t_start, guidance_scale, eta)
+    _check_seed(seed)
+    idx = _indices(lq.shape[0], index_offset, indices)
+    return self._run(np.asarray(lq, np.float32) / 127.5 - 1., idx, seed, settings)
+
+  def generate(self, num: int, *, seed: int = 0, batch_size: Optional[int] = None,
+               steps: Optional[int] = None, sampler: Optional[str] = None,
+               eta: Optional[float] = None, index_offset: int = 0) -> np.ndarray:
+    """`num` samples of an unconditional model, uint8 (num, R, R, 3); sample i uses
+    fold_in(key(seed), index_offset + i), so results do not depend on batch_size."""
+    if self.conditional:
+      raise ValueError('generate: this model is conditional (it needs LQ inputs); use restore()')
+    settings = self._settings(steps, sampler, None, None, eta)
+    _check_seed(seed)
+    batch_size = int(batch_size or self.config.sample.batch_size)
+    r = self.resolution
+    out = [np.zeros((0, r, r, 3), np.uint8)]
+    for start in range(0, int(num), batch_size):
+      b = min(batch_size, num - start)
+      # Every batch is padded to batch_size, so a short last batch reuses the same compilation.
+      idx = _indices(batch_size, index_offset + start, None)
+      out.append(self._run(None, idx, seed, settings)[:b])
+    return np.concatenate(out)
+
+
+def _check_seed(seed: int) -> None:
+  if not 0 <= int(seed) < 2 ** 32:
+    raise ValueError(f'seed={seed} must be in [0, 2**32)')
+
+
+def _indices(b: int, index_offset: int, indices: Optional[Sequence[int]]) -> np.ndarray:
+  if indices is not None:
+    idx = np.asarray(indices, np.int64)
+    if idx.shape != (b,):
+      raise ValueError(f'indices has shape {idx.shape}, expected ({b},)')
+  else:
+    idx = int(index_offset) + np.arange(b, dtype=np.int64)
+  if idx.min() < 0 or idx.max() >= 2 ** 32:
+    raise ValueError('example indices must be in [0, 2**32)')
+  return idx
+
+
+def load_restorer(checkpoint: str) -> Restorer:
+  """A Restorer from a training workdir (its latest checkpoint's EMA params) or an exported
+  .msgpack file (export.py)."""
+  if os.path.isdir(checkpoint):
+    from idm_jax import checkpoints
+    config, params = checkpoints.load_for_inference(checkpoint)
+  elif os.path.isfile(checkpoint):
+    from idm_jax import export
+    config, params = export.load_exported(checkpoint)
+  else:
+    raise FileNotFoundError(f'{checkpoint}: no such workdir or exported model file')
+  return Restorer(config, params)

@@ -1,0 +1,104 @@
+"""What a user sees of a run: progress bar, metrics (stdout, metrics.jsonl, TensorBoard), PNG grids.
+
+Only process 0 writes; on other processes every method is a no-op, so callers need no `if`.
+TensorBoard event files come from tensorboardX, which needs no TensorFlow.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes a file so that readers see either the old file or the whole new one."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  write_atomic(path, png_bytes(image))
+
+
+def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+  """rows: equal-shaped (N, H, W, 3) uint8 arrays -> one image, a row of N images per array."""
+  n, h, w, _ = rows[0].shape
+  grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+  for r, images in enumerate(rows):
+    for c in range(n):
+      y, x = pad + r * (h + pad), pad + c * (w + pad)
+      grid[y:y + h, x:x + w] = images[c]
+  return grid
+
+
+def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
+  from tqdm import tqdm
+  return tqdm(total=end, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
+              unit='step', smoothing=0.1)
+
+
+class Writer:
+  """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def scalars(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    logging.info('step %d: %s', step, ', '.join(f'{k}={v:.5g}' for k, v in metrics.items()))
+    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def sample_grid(self, step: int, batch: dict, samples: np.ndarray, conditional: bool) -> dict:
+    """Saves samples_<step>.png (LQ | EMA sample | HQ rows); logs PSNR/SSIM vs HQ if restoring."""
+    if not self.enabled:
+      return {}
+    metrics = {}
+    if conditional:
+      from idm_jax.metrics import fidelity
+      rows = [batch['lq'], samples, batch['hq']]
+      metrics = dict(
+          vis_psnr=float(np.mean([fidelity.psnr(s, h) for s, h in zip(samples, batch['hq'])])),
+          vis_ssim=float(np.mean([fidelity.ssim(s, h) for s, h in zip(samples, batch['hq'])])))
+    else:
+      rows = [samples]
+    grid = image_grid(rows)
+    save_png(os.path.join(self.workdir, f'samples_{step:07d}.png'), grid)
+    self._tb.add_image('samples', grid, step, dataformats='HWC')
+    if metrics:
+      self.scalars(step, metrics)
+    return metrics
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,415 @@
+"""Restore faces in images: the GFPGAN/CodeFormer-style command line, and its library parts.
+
+    python -m idm_jax.restore -i INPUT -o OUT --checkpoint CKPT [--aligned] [--steps N]
+        [--sampler ddim] [--t-start 1.0] [--guidance 1.0] [--seed 0] [--batch-size 8]
+        [--upscale 2] [--ext auto|png|jpg] [--suffix S]
+
+INPUT is an image or a folder (searched recursively, sorted; hidden files skipped). CKPT is a
+training workdir or an exported .msgpack (idm_jax.export).
+
+--aligned: inputs are aligned face crops; each is resized to the model resolution and restored.
+  OUT/restored_faces/  at the model resolution (PNG)
+  OUT/restored_imgs/   at the input's size
+  OUT/cmp/             input | restored, side by side at the model resolution
+Whole photos (default): faces are detected, aligned, restored and pasted back.
+  OUT/cropped_faces/   NAME_KK.png, the aligned crops
+  OUT/restored_faces/  NAME_KK.png
+  OUT/cmp/             NAME_KK.png, crop | restored
+  OUT/restored_imgs/   the photo upscaled by --upscale with the restored faces pasted in
+Sub-folders of INPUT are mirrored under each output folder. Outputs are written atomically.
+
+Each face's noise comes from (--seed, a number derived from the file's name and the face's
+number), so a file restores the same whether alone, in a folder, or in any batch.
+
+Bad files (unreadable, empty, not an image, over the pixel limit) are reported by name and
+skipped; grayscale, alpha and 16-bit images are converted (with a note). The exit status is 1 if
+any file failed, 2 if nothing could be started (bad arguments, model or detector missing).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import struct
+import sys
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000
+OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
+
+
+class BadImage(ValueError):
+  """An input file that cannot be used; str() is the reason (the caller adds the name)."""
+
+
+# ----------------------------------------------------------------------------- reading images
+
+def _png_bit_depth(path: str) -> Optional[int]:
+  """The bit depth in a PNG's IHDR chunk (Pillow silently reduces 16-bit colour to 8)."""
+  with open(path, 'rb') as f:
+    head = f.read(26)
+  if len(head) == 26 and head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':
+    return struct.unpack('B', head[24:25])[0]
+  return None
+
+
+def _to_rgb(im: Image.Image, path: str) -> Tuple[np.ndarray, List[str]]:
+  """Any Pillow mode -> RGB uint8 (H, W, 3), with notes saying what was converted."""
+  notes = []
+  mode = im.mode
+  if mode.startswith('I;16') or mode in ('I', 'F'):
+    arr = np.asarray(im).astype(np.float64)
+    if mode == 'F':
+      arr = arr * 255. if arr.max(initial=0.) <= 1. else arr
+      notes.append('floating-point image scaled to 8 bits')
+    elif mode.startswith('I;16') or arr.max(initial=0.) > 255:
+      arr = arr / 257.
+      notes.append('16-bit image scaled to 8 bits')
+    gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    notes.append('grayscale converted to RGB')
+    return np.repeat(gray[..., None], 3, axis=-1), notes
+  if mode == 'P':
+    im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
+    mode = im.mode
+  if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+    rgba = im.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    im = Image.alpha_composite(white, rgba).convert('RGB')
+    notes.append('transparency composited onto white')
+  elif mode in ('L', '1'):
+    im = im.convert('RGB')
+    notes.append('grayscale converted to RGB')
+  elif mode != 'RGB':
+    im = im.convert('RGB')
+    notes.append(f'{mode} converted to RGB')
+  if path.lower().endswith('.png') and _png_bit_depth(path) == 16:
+    notes.append('16-bit image scaled to 8 bits')
+  return np.asarray(im, np.uint8).copy(), notes
+
+
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Tuple[np.ndarray, List[str]]:
+  """(RGB uint8 (H, W, 3), notes) from an image file; raises BadImage saying what is wrong.
+
+  The pixel limit is checked from the header, before anything is decoded. EXIF orientation is
+  applied, so phone photos come out upright.
+  """
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    raise BadImage(f'cannot read: {e.strerror}') from e
+  if size == 0:
+    raise BadImage('empty file')
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      if w * h > max_pixels:
+        raise BadImage(f'too large: {w}x{h} = {w * h / 1e6:.1f} MP, over the '
+                       f'{max_pixels / 1e6:g} MP limit')
+      if w < 1 or h < 1:
+        raise BadImage(f'has no pixels ({w}x{h})')
+      im.load()
+      im = ImageOps.exif_transpose(im)
+      return _to_rgb(im, path)
+  except BadImage:
+    raise
+  except UnidentifiedImageError as e:
+    raise BadImage('not an image (or a format Pillow cannot read)') from e
+  except Image.DecompressionBombError as e:
+    raise BadImage(f'too large: {e}') from e
+  except (OSError, SyntaxError, ValueError) as e:
+    raise BadImage(f'corrupt or truncated image: {e}') from e
+
+
+def list_inputs(input_path: str) -> List[Tuple[str, str]]:
+  """(path, path relative to INPUT) of every non-hidden file, sorted; a file gives itself."""
+  if os.path.isfile(input_path):
+    return [(input_path, os.path.basename(input_path))]
+  if not os.path.isdir(input_path):
+    raise FileNotFoundError(f'{input_path}: no such file or folder')
+  found = []
+  for root, dirs, files in os.walk(input_path):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    for name in files:
+      if not name.startswith('.'):
+        path = os.path.join(root, name)
+        found.append((path, os.path.relpath(path, input_path)))
+  return sorted(found, key=lambda x: x[1])
+
+
+def file_index(relpath: str) -> int:
+  """A stable per-file number for the noise: CRC-32 of the file's name."""
+  return zlib.crc32(os.path.basename(relpath).encode('utf-8')) & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- writing images
+
+def output_ext(path: str, ext: str) -> str:
+  """'png' or 'jpg' for restored_imgs: the input's own for ext='auto' (png if neither)."""
+  if ext != 'auto':
+    return ext
+  src = os.path.splitext(path)[1].lower().lstrip('.')
+  return 'jpg' if src in ('jpg', 'jpeg') else 'png'
+
+
+def write_image(path: str, image: np.ndarray) -> None:
+  """Writes an RGB uint8 image atomically; the format follows the extension (png, jpg)."""
+  from idm_jax.export import write_atomic
+  fmt = 'JPEG' if path.lower().endswith(('.jpg', '.jpeg')) else 'PNG'
+  buf = io.BytesIO()
+  kwargs = dict(quality=95) if fmt == 'JPEG' else {}
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **kwargs)
+  write_atomic(path, buf.getvalue())
+
+
+def resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
+  """Area when shrinking (no aliasing), Lanczos when enlarging."""
+  if image.shape[1] == w and image.shape[0] == h:
+    return image
+  shrink = w * h < image.shape[0] * image.shape[1]
+  return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+
+
+def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  return np.concatenate([a, b], axis=1)
+
+
+# ----------------------------------------------------------------------------- restoring
+
+def restore_padded(restorer, crops: np.ndarray, indices: Sequence[int], batch_size: int,
+                   sample_kwargs: Dict) -> np.ndarray:
+  """Restores any number of crops in chunks of `batch_size`, padding the last chunk, so one
+  compiled sampler serves every call."""
+  out = []
+  indices = np.asarray(indices, np.int64)
+  for start in range(0, len(crops), batch_size):
+    chunk, idx = crops[start:start + batch_size], indices[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+    out.append(restorer.restore(chunk, indices=idx, **sample_kwargs)[:len(chunk) - pad])
+  if not out:
+    r = restorer.resolution
+    return np.zeros((0, r, r, 3), np.uint8)
+  return np.concatenate(out)
+
+
+@dataclasses.dataclass
+class PhotoResult:
+  crops: np.ndarray         # (F, R, R, 3) aligned LQ faces
+  restored: np.ndarray      # (F, R, R, 3)
+  affines: List[np.ndarray]
+  image: np.ndarray         # the upscaled photo with the faces pasted back
+
+
+def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upscale: float = 2.,
+                  batch_size: int = 8, sample_kwargs: Optional[Dict] = None) -> PhotoResult:
+  """Detects, aligns, restores and pastes back every face in an RGB uint8 photo.
+
+  `restorer` is anything with `.resolution` and `.restore(lq, indices=..., **kw)`; face k
+  uses noise index `index + k`.
+  """
+  from idm_jax import faces as faces_lib
+  r = restorer.resolution
+  found = detector.detect(image)
+  crops, affines = [], []
+  for face in found:
+    crop, affine = faces_lib.align_face(image, face.landmarks, r)
+    crops.append(crop)
+    affines.append(affine)
+  crops = np.stack(crops) if crops else np.zeros((0, r, r, 3), np.uint8)
+  indices = (index + np.arange(len(crops))) % (2 ** 32)
+  restored = restore_padded(restorer, crops, indices, batch_size, sample_kwargs or {})
+  pasted = faces_lib.paste_faces(image, list(zip(restored, affines)), upscale)
+  return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
+
+
+class _Report:
+  """Counts and failure messages for the summary; prints as it goes (above the progress bar)."""
+
+  def __init__(self, bar):
+    self.bar = bar
+    self.restored, self.no_face, self.failed = [], [], []
+
+  def note(self, path, msg):
+    self.bar.write(f'note: {path}: {msg}')
+
+  def fail(self, path, msg):
+    self.failed.append((path, msg))
+    self.bar.write(f'error: {path}: {msg}')
+
+  def summary(self) -> str:
+    lines = [f'restored {len(self.restored)}, no face found {len(self.no_face)}, '
+             f'failed {len(self.failed)}']
+    if self.no_face:
+      lines.append('no face found in: ' + ', '.join(self.no_face))
+    for path, msg in self.failed:
+      lines.append(f'failed: {path}: {msg}')
+    return '\n'.join(lines)
+
+
+def _out_path(out_dir: str, sub: str, relpath: str, tail: str) -> str:
+  """OUT/sub/<relpath without extension><tail>."""
+  return os.path.join(out_dir, sub, os.path.splitext(relpath)[0] + tail)
+
+
+def _read(path, report, max_pixels):
+  try:
+    image, notes = read_image(path, max_pixels)
+  except BadImage as e:
+    report.fail(path, str(e))
+    return None
+  for n in notes:
+    report.note(path, n)
+  return image
+
+
+def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
+  r = restorer.resolution
+  suffix = f'_{args.suffix}' if args.suffix else ''
+  for start in range(0, len(inputs), args.batch_size):
+    batch = []
+    for path, rel in inputs[start:start + args.batch_size]:
+      image = _read(path, report, args.max_pixels)
+      if image is not None:
+        batch.append((path, rel, image))
+    if batch:
+      lq = np.stack([resize(im, r, r) for _, _, im in batch])
+      try:
+        restored = restore_padded(restorer, lq, [file_index(rel) for _, rel, _ in batch],
+                                  args.batch_size, sample_kwargs)
+      except Exception as e:  # pylint: disable=broad-except
+        for path, _, _ in batch:
+          report.fail(path, f'restoration failed: {type(e).__name__}: {e}')
+        restored = None
+      if restored is not None:
+        for (path, rel, image), x, y in zip(batch, lq, restored):
+          try:
+            h, w = image.shape[:2]
+            write_image(_out_path(out_dir, 'restored_faces', rel, suffix + '.png'), y)
+            write_image(_out_path(out_dir, 'restored_imgs', rel,
+                                  f'{suffix}.{output_ext(path, args.ext)}'), resize(y, w, h))
+            write_image(_out_path(out_dir, 'cmp', rel, '.png'), side_by_side(x, y))
+            report.restored.append(path)
+          except OSError as e:
+            report.fail(path, f'cannot write output: {e}')
+    report.bar.update(len(inputs[start:start + args.batch_size]))
+
+
+def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report) -> None:
+  suffix = f'_{args.suffix}' if args.suffix else ''
+  for path, rel in inputs:
+    image = _read(path, report, args.max_pixels)
+    if image is not None:
+      try:
+        res = restore_photo(image, restorer, detector, index=file_index(rel),
+                            upscale=args.upscale, batch_size=args.batch_size,
+                            sample_kwargs=sample_kwargs)
+        for k, (crop, face) in enumerate(zip(res.crops, res.restored)):
+          write_image(_out_path(out_dir, 'cropped_faces', rel, f'_{k:02d}.png'), crop)
+          write_image(_out_path(out_dir, 'restored_faces', rel, f'_{k:02d}{suffix}.png'), face)
+          write_image(_out_path(out_dir, 'cmp', rel, f'_{k:02d}.png'), side_by_side(crop, face))
+        write_image(_out_path(out_dir, 'restored_imgs', rel,
+                              f'{suffix}.{output_ext(path, args.ext)}'), res.image)
+        (report.restored if len(res.crops) else report.no_face).append(path)
+      except Exception as e:  # pylint: disable=broad-except
+        report.fail(path, f'{type(e).__name__}: {e}')
+    report.bar.update(1)
+
+
+def _is_inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m idm_jax.restore',
+                              description='Restore faces with an IDM model.')
+  p.add_argument('-i', '--input', required=True, help='an image or a folder of images')
+  p.add_argument('-o', '--output', required=True, help='output folder (not inside INPUT)')
+  p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
+  p.add_argument('--aligned', action='store_true', help='inputs are aligned face crops')
+  p.add_argument('--steps', type=int, default=None, help='sampling steps (default: config)')
+  p.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpmpp_2m'), default=None)
+  p.add_argument('--eta', type=float, default=None, help='DDIM stochasticity in [0, 1]')
+  p.add_argument('--t-start', type=float, default=None,
+                 help='in (0, 1]; < 1 starts from the noised input (keeps more of it)')
+  p.add_argument('--guidance', type=float, default=None, help='classifier-free guidance scale')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--upscale', type=float, default=2., help='whole photos: background upscale')
+  p.add_argument('--ext', choices=('auto', 'png', 'jpg'), default='auto',
+                 help='format of restored_imgs (auto: as the input)')
+  p.add_argument('--suffix', default='', help='appended to restored file names: NAME_S.ext')
+  p.add_argument('--min-face-score', type=float, default=0.5,
+                 help='whole photos: detector score threshold')
+  p.add_argument('--max-pixels', type=int, default=MAX_PIXELS,
+                 help='inputs with more pixels are rejected')
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  from tqdm import tqdm
+
+  def fatal(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    return 2
+
+  if args.batch_size < 1:
+    return fatal('--batch-size must be >= 1')
+  if args.upscale <= 0 or args.upscale > 8:
+    return fatal('--upscale must be in (0, 8]')
+  try:
+    inputs = list_inputs(args.input)
+  except FileNotFoundError as e:
+    return fatal(str(e))
+  if not inputs:
+    return fatal(f'{args.input}: no files found')
+  if os.path.isdir(args.input) and _is_inside(args.output, args.input):
+    return fatal(f'output folder {args.output} is inside the input folder {args.input}; '
+                 'choose another one (outputs are never written into the input folder)')
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    return fatal(f'{args.output} exists and is not a folder')
+
+  detector = None
+  if not args.aligned:
+    from idm_jax import faces
+    try:
+      detector = faces.get_detector('dlib', min_score=args.min_face_score)
+    except faces.DetectorUnavailable as e:
+      return fatal(str(e))
+
+  from idm_jax import inference
+  try:
+    restorer = inference.load_restorer(args.checkpoint)
+  except (OSError, ValueError) as e:
+    return fatal(f'cannot load the model: {e}')
+  sample_kwargs = dict(seed=args.seed, steps=args.steps, sampler=args.sampler,
+                       t_start=args.t_start, guidance_scale=args.guidance, eta=args.eta)
+  try:  # Check the settings once, before any file is touched.
+    restorer._settings(args.steps, args.sampler, args.t_start, args.guidance, args.eta)  # pylint: disable=protected-access
+    inference._check_seed(args.seed)  # pylint: disable=protected-access
+  except ValueError as e:
+    return fatal(str(e))
+
+  os.makedirs(args.output, exist_ok=True)
+  with tqdm(total=len(inputs), unit='img', desc='restoring', disable=None) as bar:
+    report = _Report(bar)
+    if args.aligned:
+      run_aligned(inputs, args.output, restorer, args, sample_kwargs, report)
+    else:
+      run_photos(inputs, args.output, restorer, detector, args, sample_kwargs, report)
+  print(report.summary())
+  print(f'results in {args.output}')
+  return 1 if report.failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,355 @@
+"""Training: the state, the optimiser, one jitted train step, and the loop around it.
+
+The step is a pure function of (state, batch): the step's randomness is folded from the state's
+key and step number, so an interrupted and resumed run computes exactly what an uninterrupted
+run computes. The loop owns every side effect: data, logging, sample grids, checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+
+from idm_jax import checkpoints
+from idm_jax import parallel
+from idm_jax.diffusion import objectives
+from idm_jax.diffusion import samplers
+from idm_jax.diffusion import schedules
+from idm_jax.models import unet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array         # int32 scalar: optimiser steps taken
+  params: Any
+  ema: Any                # EMA of params: what we sample and restore with
+  opt_state: Any
+  rng: jax.Array          # uint32[2] base key; each step folds in its step number
+  # The first step whose loss or gradient norm was not finite (-1: none). Such a step leaves
+  # the state untouched, so no NaN ever reaches params, and the loop stops before saving.
+  bad_step: jax.Array = None
+
+
+def to_model_range(images_uint8: jax.Array) -> jax.Array:
+  return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, train_cfg.learning_rate, max(train_cfg.warmup_steps, 1))
+  if train_cfg.lr_schedule == 'cosine':
+    after = optax.cosine_decay_schedule(
+        train_cfg.learning_rate, max(train_cfg.num_steps - train_cfg.warmup_steps, 1))
+  else:
+    after = optax.constant_schedule(train_cfg.learning_rate)
+  return optax.join_schedules([warmup, after], [train_cfg.warmup_steps])
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  parts = []
+  if train_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                           weight_decay=train_cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def ema_decay(step: jax.Array, train_cfg) -> jax.Array:
+  """Constant decay, or the warmup form min(decay, (1 + s) / (10 + s)) so early EMA tracks."""
+  decay = jnp.asarray(train_cfg.ema_decay, jnp.float32)
+  if train_cfg.ema_warmup_steps > 0:
+    s = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
+  return decay
+
+
+def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  params = unet.init_params(model, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                    opt_state=tx.init(params), rng=state_rng,
+                    bad_step=jnp.full((), -1, jnp.int32))
+
+
+def state_shardings(model: unet.UNet, tx, mesh, mesh_cfg):
+  """(abstract TrainState, its NamedShardings), derived without allocating anything."""
+  boxed = unet.param_shapes(model)
+  p_sh = parallel.param_shardings(boxed, mesh, mesh_cfg.fsdp_min_size)
+  abstract = jax.eval_shape(functools.partial(init_state, model=model, tx=tx),
+                            jax.random.PRNGKey(0))
+  rep = parallel.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_sh,
+                                 transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  shardings = TrainState(step=rep, params=p_sh, ema=p_sh, opt_state=opt_sh, rng=rep,
+                         bad_step=rep)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
+def _model_fn(model, params, lq, *, train, rng=None, drop_cond=None):
+  rngs = {'dropout': rng} if rng is not None else None
+  def fn(x_t, logsnr):
+    return model.apply({'params': params}, x_t, logsnr, lq, train=train, drop_cond=drop_cond,
+                       rngs=rngs)
+  return fn
+
+
+def loss_fn(params, model, batch, rng, config, logsnr_fn):
+  """Mean diffusion loss of one (micro)batch; float32."""
+  hq = to_model_range(batch['hq'])
+  lq = to_model_range(batch['lq']) if config.model.conditional else None
+  k_drop, k_cond, k_loss = jax.random.split(rng, 3)
+  drop_cond = None
+  if config.model.conditional and config.model.cond_drop_prob > 0:
+    drop_cond = jax.random.bernoulli(k_cond, config.model.cond_drop_prob, (hq.shape[0],))
+  model_fn = _model_fn(model, params, lq, train=True, rng=k_drop, drop_cond=drop_cond)
+  loss, _ = objectives.training_loss(model_fn, hq, k_loss, logsnr_fn, config.diffusion)
+  return loss
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, config, logsnr_fn):
+  """One optimiser step (with optional gradient accumulation). Returns (state, metrics)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  accum = config.train.grad_accum_steps
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accum == 1:
+    loss, grads = grad_fn(state.params, model, batch, rng, config, logsnr_fn)
+  else:
+    # Micro-batch i takes examples i, i+A, ...: each device keeps its contiguous slice.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+    def body(carry, xs):
+      i, mb = xs
+      l, g = grad_fn(state.params, model, mb, jax.random.fold_in(rng, i), config, logsnr_fn)
+      return jax.tree.map(jnp.add, carry, (l, g)), None
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(state.step, config.train)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+  new = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_old = lambda old, upd: jax.tree.map(lambda o, u: jnp.where(finite, u, o), old, upd)
+  bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+  new = keep_old(state, new).replace(bad_step=bad_step)
+  metrics = dict(loss=loss, grad_norm=grad_norm,
+                 lr=learning_rate_schedule(config.train)(state.step), ema_decay=decay)
+  return new, metrics
+
+
+def sample_images(params, lq, rng, *, model, config, sample_cfg, shape, logsnr_fn):
+  """EMA-model restoration (or generation when lq is None) of one batch; float in [-1, 1]."""
+  lq_f = to_model_range(lq) if lq is not None else None
+  model_fn = _model_fn(model, params, lq_f, train=False)
+  if lq_f is not None and sample_cfg.guidance_scale != 1.0:
+    uncond = _model_fn(model, params, lq_f, train=False,
+                       drop_cond=jnp.ones((shape[0],), jnp.bool_))
+    model_fn = samplers.guided(model_fn, uncond, sample_cfg.guidance_scale)
+  x_start = None
+  if sample_cfg.t_start < 1.0:
+    x_start = jax.image.resize(lq_f, shape, 'linear')
+  return samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
+                         parameterization=config.diffusion.parameterization,
+                         sampler=sample_cfg.sampler, steps=sample_cfg.steps, eta=sample_cfg.eta,
+                         t_start=sample_cfg.t_start, x_start=x_start)
+
+
+class Trainer:
+  """Compiled pieces for one config on one mesh: init, train step and sampler."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    self.config = config
+    self.mesh = mesh
+    res = config.data.resolution
+    self.model = unet.build_model(config.model, res)
+    self.tx = make_optimizer(config.train)
+    self.logsnr_fn = schedules.get_logsnr_fn(config.diffusion, res)
+    self.abstract_state, self.shardings = state_shardings(self.model, self.tx, mesh, config.mesh)
+    self.batch_sharding = parallel.batch_sharding(mesh)
+    rep = parallel.replicated(mesh)
+    self.init = jax.jit(functools.partial(init_state, model=self.model, tx=self.tx),
+                        out_shardings=self.shardings)
+    step_fn = functools.partial(train_step, model=self.model, tx=self.tx, config=config,
+                                logsnr_fn=self.logsnr_fn)
+    self.step = jax.jit(step_fn, in_shardings=(self.shardings,
+                                                                   self.batch_sharding),
+                        out_shardings=(self.shardings, rep), donate_argnums=0)
+    self._samplers = {}
+
+  def batch_spec(self, local_batch_size: int):
+    res = self.config.data.resolution
+    shape = (local_batch_size * jax.process_count(), res, res, 3)
+    spec = {'hq': jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=self.batch_sharding)}
+    if self.config.model.conditional:
+      spec['lq'] = jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=self.batch_sharding)
+    return spec
+
+  def compile_step(self, local_batch_size: int):
+    """AOT-compiles the train step once; logs XLA's FLOP estimate."""
+    with parallel.mesh_rules(self.mesh):
+      compiled = self.step.lower(self.abstract_state,
+                                 self.batch_spec(local_batch_size)).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    flops = float((cost or {}).get('flops', 0.0))
+    if flops:
+      global_batch = local_batch_size * jax.process_count()
+      logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate)', flops,
+                   flops / global_batch / 1e9)
+    self.step_flops = flops
+    return compiled
+
+  def sampler(self, sample_cfg, batch_size: int):
+    """A jitted EMA sampler for a batch size; cached so each shape compiles once."""
+    key = (batch_size, sample_cfg.sampler, sample_cfg.steps, sample_cfg.eta,
+           sample_cfg.t_start, sample_cfg.guidance_scale)
+    if key not in self._samplers:
+      res = self.config.data.resolution
+      fn = functools.partial(sample_images, model=self.model, config=self.config,
+                             sample_cfg=sample_cfg, shape=(batch_size, res, res, 3),
+                             logsnr_fn=self.logsnr_fn)
+      jitted = jax.jit(lambda params, lq, rng: to_uint8(fn(params, lq, rng)))
+      def call(params, lq, rng, jitted=jitted):
+        with parallel.mesh_rules(self.mesh):
+          return jitted(params, lq, rng)
+      self._samplers[key] = call
+    return self._samplers[key]
+
+
+def check_finite(state: TrainState):
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    raise FloatingPointError(
+        f'non-finite loss or gradient norm at step {bad}; that update was not applied and no '
+        'checkpoint was written after it. Lower train.learning_rate or check the data; the run '
+        'resumes from the last checkpoint.')
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       *, max_steps: int | None = None) -> TrainState:
+  """Trains (or resumes) config in workdir until train.num_steps (or max_steps in this call)."""
+  from idm_jax import reporting  # writers and grids; only the loop needs them
+  from idm_jax.data import pipeline
+
+  mesh = parallel.make_mesh(config.mesh)
+  trainer = Trainer(config, mesh)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  if config.train.batch_size % jax.device_count():
+    raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
+                     f'{jax.device_count()} devices')
+  local_bs = config.train.batch_size // pcount
+  data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, trainer.abstract_state, data_iter)
+    logging.info('resumed from step %d', latest)
+  else:
+    state = trainer.init(jax.random.PRNGKey(config.seed))
+    if config.train.init_from:
+      state = _warm_start(state, config.train.init_from)
+  start = int(jax.device_get(state.step))
+  end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
+                                                             start + max_steps)
+  if start >= end:
+    logging.info('already trained to step %d; nothing to do', start)
+    ckpt.close()
+    return state
+  step_fn = trainer.compile_step(local_bs)
+
+  writer = reporting.Writer(workdir, enabled=pindex == 0)
+  vis = pipeline.eval_batches(config, config.train.num_vis, config.train.num_vis)[0]
+  vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
+  vis_cfg.steps = config.train.vis_steps
+
+  def write_samples(step):
+    sampler = trainer.sampler(vis_cfg, len(vis['hq']))
+    lq = jnp.asarray(vis['lq']) if config.model.conditional else None
+    out = np.asarray(parallel.to_host(sampler(state.ema, lq, jax.random.PRNGKey(config.seed))))
+    writer.sample_grid(step, vis, out, conditional=config.model.conditional)
+
+  progress = reporting.progress(start, end, enabled=pindex == 0)
+  last_t, last_step = time.perf_counter(), start
+  try:
+    with _Preemption() as preemption:
+      step = start
+      while step < end:
+        batch = parallel.local_batch_to_global(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        progress.update(1)
+        if step % config.train.log_every == 0 or step == end:
+          check_finite(state)
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          m['images_per_sec'] = (step - last_step) * config.train.batch_size / (now - last_t)
+          last_t, last_step = now, step
+          writer.scalars(step, m)
+          progress.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{m["images_per_sec"]:.1f}')
+        if step % config.train.sample_every == 0 or step == end:
+          write_samples(step)
+        if step % config.train.ckpt_every == 0 or step == end or preemption.requested:
+          check_finite(state)  # a NaN state is never saved
+          ckpt.save(step, state, data_iter, config, force=True)
+        if preemption.requested:
+          logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
+          break
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _warm_start(state: TrainState, workdir: str) -> TrainState:
+  """Initialises params and EMA from another run's EMA (extrinsic rounds fine-tune this way)."""
+  _, ema = checkpoints.load_for_inference(workdir)
+  put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+  params = jax.tree.map(put, ema, state.params)
+  return state.replace(params=params, ema=params)

@@ -1,0 +1,115 @@
+"""`--config.mode=evaluate` and `--config.mode=sample`: a trained model on the fixed validation set.
+
+The validation LQ images come from `pipeline.eval_batches` (degradations seeded per example), so
+every evaluation (every checkpoint, every extrinsic round) sees identical inputs.
+Writes WORKDIR/eval/<step>/{lq,hq,restored_<n>steps}/*.png, grid.png, metrics.json, metrics.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from idm_jax import checkpoints
+from idm_jax import inference
+from idm_jax import reporting
+
+SHARED_NIQE = os.path.join('..', 'shared', 'data', 'niqe_pris_params.npz')
+
+
+def niqe_params_path(config) -> str | None:
+  """config.eval.niqe_params, else the standard file beside the data (../shared/data here)."""
+  candidates = [config.eval.niqe_params] if config.eval.niqe_params else []
+  if config.data.dir:
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(config.data.dir)),
+                                   'niqe_pris_params.npz'))
+  candidates.append(SHARED_NIQE)
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return path
+  return None
+
+
+def validation_set(config) -> dict:
+  """The fixed validation pairs as {'hq', 'lq': uint8 (N, R, R, 3), 'name': [...]}."""
+  from idm_jax.data import pipeline
+  batches = pipeline.eval_batches(config, config.eval.num_images, config.eval.batch_size)
+  return {'hq': np.concatenate([b['hq'] for b in batches]),
+          'lq': np.concatenate([b['lq'] for b in batches]),
+          'name': [n for b in batches for n in b['name']]}
+
+
+def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, seed: int,
+                **settings) -> np.ndarray:
+  """Restores in fixed-size batches; example i always gets key fold_in(seed, i)."""
+  from tqdm import tqdm
+  out = []
+  for start in tqdm(range(0, len(lq), batch_size), desc='restore', leave=False,
+                    disable=jax.process_index() != 0):
+    out.append(restorer.restore(lq[start:start + batch_size], seed=seed, index_offset=start,
+                                **settings))
+  return np.concatenate(out)
+
+
+def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
+                      write_metrics: bool = True) -> dict:
+  """Restores the validation set at each of config.eval.steps; returns {row name: metrics}."""
+  from idm_jax import evaluate
+  val = validation_set(config)
+  write = jax.process_index() == 0
+  if write:
+    for sub in ('lq', 'hq'):
+      _save_all(os.path.join(out_dir, sub), val['name'], val[sub])
+  niqe = niqe_params_path(config)
+  niqe_upscale = 2 if config.data.resolution < 192 else 1  # NIQE needs >= 192 px images
+  rows, grid_rows = {}, [val['lq'][:8]]
+  if write_metrics:
+    rows['LQ input'] = evaluate.evaluate_images(
+        list(val['lq']), list(val['hq']), None, niqe_params=niqe, niqe_upscale=niqe_upscale,
+        identity=config.eval.identity)
+  for steps in config.eval.steps:
+    restored = restore_all(restorer, val['lq'], config.eval.batch_size, config.seed,
+                           steps=int(steps))
+    grid_rows.append(restored[:8])
+    if write:
+      _save_all(os.path.join(out_dir, f'restored_{steps}steps'), val['name'], restored)
+    if write_metrics:
+      rows[f'restored, {steps} steps'] = evaluate.evaluate_images(
+          list(restored), list(val['hq']), list(val['lq']), niqe_params=niqe,
+          niqe_upscale=niqe_upscale, identity=config.eval.identity)
+  grid_rows.append(val['hq'][:8])
+  if write:
+    reporting.save_png(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
+    if write_metrics:
+      evaluate.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
+                                                 f'{config.degradation.preset} degradations)')
+  return rows
+
+
+def _save_all(directory: str, names, images) -> None:
+  for name, img in zip(names, images):
+    stem = os.path.splitext(os.path.basename(name))[0]
+    reporting.save_png(os.path.join(directory, f'{stem}.png'), img)
+
+
+def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
+  ckpt_config, params = checkpoints.load_for_inference(workdir)
+  config = with_model_of(config, ckpt_config)
+  step = checkpoints.Checkpointer(workdir).latest_step()
+  out_dir = os.path.join(workdir, 'eval' if write_metrics else 'samples', f'step_{step}')
+  rows = evaluate_restorer(config, inference.Restorer(config, params), out_dir,
+                           write_metrics=write_metrics)
+  logging.info('wrote %s', out_dir)
+  return rows
+
+
+def with_model_of(config, ckpt_config):
+  """The run's settings with the checkpoint's model and diffusion (which must match its params)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = ckpt_config.model
+    config.diffusion = ckpt_config.diffusion
+    config.data.resolution = ckpt_config.data.resolution
+  return config

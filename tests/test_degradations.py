@@ -1,0 +1,300 @@
+"""Tests for idm_jax.data.degradations: kernel maths, each stage against plain OpenCV calls,
+determinism, and the visible effect of each degradation."""
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from idm_jax import configlib
+from idm_jax.data import degradations as D
+
+
+@pytest.fixture(scope='module')
+def face(celeba_dir):
+  """A real 128x128 RGB face, uint8."""
+  path = sorted(celeba_dir.glob('*.jpg'))[0]
+  return np.asarray(Image.open(path).convert('RGB'))
+
+
+def _params(**over):
+  """A mild, fully specified parameter set; tests override what they probe."""
+  p = dict(kernel_type='aniso', sigma_x=2.0, sigma_y=0.7, theta=0.4, kernel_size=41, scale=2.5,
+           noise_sigma=5.0, noise_seed=123, jpeg_quality=75, color_shift=None, gray=False,
+           jitter=None, flip=False)
+  p.update(over)
+  return p
+
+
+def _reference(hq, p, blur_fn):
+  """The pipeline written out with plain cv2/numpy calls, stage by stage."""
+  img = hq.astype(np.float32) / np.float32(255)
+  h, w = img.shape[:2]
+  k = D.make_kernel(p['kernel_type'], p['sigma_x'], p['sigma_y'], p['theta'], p['kernel_size'])
+  img = blur_fn(img, k)
+  s = p['scale']
+  img = cv2.resize(img, (int(w // s), int(h // s)), interpolation=cv2.INTER_LINEAR)
+  noise = np.random.default_rng(p['noise_seed']).standard_normal(img.shape, dtype=np.float32)
+  img = np.clip(img + noise * np.float32(p['noise_sigma'] / 255), 0, 1)
+  u8 = np.rint(img * 255).astype(np.uint8)
+  _, enc = cv2.imencode('.jpg', u8[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, p['jpeg_quality']])
+  img = cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32) / np.float32(255)
+  img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+  if p['color_shift'] is not None:
+    img = np.clip(img + np.float32(p['color_shift']), 0, 1)
+  if p['gray']:
+    img = np.tile(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None], (1, 1, 3))
+  assert p['jitter'] is None, 'the reference has no jitter'
+  return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+
+
+def _filter2d(img, k):
+  return cv2.filter2D(img, -1, k.astype(np.float32))
+
+
+def _grad_energy(img):
+  g = img.astype(np.float64).mean(-1)
+  return np.mean(np.diff(g, axis=0) ** 2) + np.mean(np.diff(g, axis=1) ** 2)
+
+
+# ----------------------------------------------------------------------------- kernel ----
+
+def _moments(k):
+  r = k.shape[0] // 2
+  ax = np.arange(-r, r + 1.0)
+  u, v = np.meshgrid(ax, ax)  # u varies along columns, v along rows
+  return np.array([[np.sum(k * u * u), np.sum(k * u * v)], [np.sum(k * u * v), np.sum(k * v * v)]]), \
+      (np.sum(k * u), np.sum(k * v))
+
+
+@pytest.mark.parametrize('kt,sx,sy,th', [('iso', 1.5, 1.5, 0.0), ('aniso', 3.0, 0.5, 1.1),
+                                         ('aniso', 0.1, 10.0, -2.5)])
+def test_kernel_normalised_and_point_symmetric(kt, sx, sy, th):
+  k = D.make_kernel(kt, sx, sy, th, 41)
+  assert k.shape == (41, 41)
+  assert abs(k.sum() - 1) < 1e-12
+  assert np.all(k >= 0)
+  np.testing.assert_allclose(k, k[::-1, ::-1], rtol=0, atol=1e-15)  # (u, v) -> (-u, -v)
+
+
+def test_iso_kernel_is_outer_product_and_ignores_sy_theta():
+  ax = np.arange(-10, 11.0)
+  g = np.exp(-0.5 * ax**2 / 2.3**2)
+  g /= g.sum()
+  k = D.make_kernel('iso', 2.3, 99.0, 1.0, 21)
+  np.testing.assert_allclose(k, np.outer(g, g), rtol=1e-10, atol=1e-15)
+
+
+def test_kernel_second_moments_match_sigma():
+  sx, sy, th = 4.0, 2.0, 0.3
+  k = D.make_kernel('aniso', sx, sy, th, 41)
+  rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+  sigma = rot @ np.diag([sx**2, sy**2]) @ rot.T
+  cov, mean = _moments(k)
+  assert max(abs(mean[0]), abs(mean[1])) < 1e-12
+  np.testing.assert_allclose(cov, sigma, rtol=1e-3, atol=1e-3 * np.abs(sigma).max())
+
+
+def test_kernel_rotation_convention():
+  # theta = pi/4 turns the long x axis to (u, v) = (1, 1)/sqrt2: down-right along the main
+  # diagonal of the array (rows = v grows downwards, columns = u grows to the right).
+  k = D.make_kernel('aniso', 6.0, 0.6, math.pi / 4, 41)
+  c = 20
+  assert k[c + 5, c + 5] > 1e3 * k[c + 5, c - 5]
+  assert k[c - 5, c - 5] == pytest.approx(k[c + 5, c + 5])
+  # theta = 0 keeps the long axis horizontal (along columns).
+  k0 = D.make_kernel('aniso', 6.0, 0.6, 0.0, 41)
+  assert k0[c, c + 5] > 1e3 * k0[c + 5, c]
+
+
+def test_kernel_rejects_bad_args():
+  with pytest.raises(ValueError, match='kernel_size'):
+    D.make_kernel('iso', 1.0, 1.0, 0.0, 40)
+  with pytest.raises(ValueError, match='sigma'):
+    D.make_kernel('aniso', 1.0, 0.0, 0.0, 41)
+  with pytest.raises(ValueError, match='kernel_type'):
+    D.make_kernel('box', 1.0, 1.0, 0.0, 41)
+
+
+# ------------------------------------------------------------------------ sampling ----
+
+@pytest.mark.parametrize('preset', configlib.PRESETS)
+def test_sample_params_ranges_and_json(preset):
+  cfg = configlib.degradation_config(preset)
+  rng = np.random.default_rng(0)
+  ps = [D.sample_params(rng, cfg, 512) for _ in range(300)]
+  for p in ps:
+    assert json.loads(json.dumps(p)) == p  # plain, lossless JSON
+    assert cfg.blur_sigma[0] <= p['sigma_x'] <= cfg.blur_sigma[1]
+    assert cfg.scale[0] <= p['scale'] <= cfg.scale[1]
+    assert cfg.noise_sigma[0] <= p['noise_sigma'] <= cfg.noise_sigma[1]
+    assert cfg.jpeg_quality[0] <= p['jpeg_quality'] <= cfg.jpeg_quality[1]
+    assert isinstance(p['jpeg_quality'], int) and isinstance(p['noise_seed'], int)
+    if p['kernel_type'] == 'iso':
+      assert p['sigma_y'] == p['sigma_x'] and p['theta'] == 0.0
+    if p['color_shift'] is not None:
+      assert len(p['color_shift']) == 3 and max(map(abs, p['color_shift'])) <= 20 / 255
+    if p['jitter'] is not None:
+      assert sorted(p['jitter']['order']) == sorted(D.JITTER_OPS)
+      assert cfg.hue[0] <= p['jitter']['hue'] <= cfg.hue[1]
+  frac = lambda f: np.mean([f(p) for p in ps])
+  assert 0.4 < frac(lambda p: p['kernel_type'] == 'iso') < 0.6
+  assert 0.22 < frac(lambda p: p['color_shift'] is not None) < 0.38
+  assert 0.22 < frac(lambda p: p['jitter'] is not None) < 0.38
+  assert 0.4 < frac(lambda p: p['flip']) < 0.6
+  assert len({p['noise_seed'] for p in ps}) == len(ps)
+
+
+def test_sample_params_reproducible_and_scale_capped():
+  cfg = configlib.degradation_config('codeformer_heavy')
+  a = D.sample_params(np.random.default_rng([3, 7]), cfg, 16)
+  b = D.sample_params(np.random.default_rng([3, 7]), cfg, 16)
+  assert a == b
+  assert int(16 // a['scale']) >= 1
+
+
+# --------------------------------------------------------------------------- apply ----
+
+def test_blur_matches_filter2d(face):
+  img = face.astype(np.float32) / 255
+  for kt, sx, sy, th in [('iso', 3.0, 3.0, 0.0), ('aniso', 8.0, 1.0, 0.7), ('iso', 0.2, 0.2, 0.0)]:
+    k = D.make_kernel(kt, sx, sy, th, 41)
+    out = D.blur(img, k)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    np.testing.assert_allclose(out, _filter2d(img, k), rtol=0, atol=2e-6)
+  # Non-square, and a kernel wider than half the image: borders are reflect-101.
+  rect = img[:50, :90]
+  k = D.make_kernel('aniso', 9.0, 3.0, 2.0, 41)
+  np.testing.assert_allclose(D.blur(rect, k), _filter2d(rect, k), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize('over', [
+    {},
+    dict(kernel_type='iso', sigma_x=4.0, sigma_y=4.0, theta=0.0, scale=0.8, jpeg_quality=95),
+    dict(scale=7.3, noise_sigma=18.0, jpeg_quality=61, color_shift=[0.05, -0.07, 0.01]),
+    dict(scale=3.0, gray=True, color_shift=[-0.02, 0.03, 0.0]),
+])
+def test_apply_matches_plain_cv2_reference(face, over):
+  p = _params(**over)
+  out = D.apply(face, p)
+  assert out.dtype == np.uint8 and out.shape == face.shape
+  # Same blur, every other stage written with plain cv2 calls: byte-identical.
+  np.testing.assert_array_equal(out, _reference(face, p, D.blur))
+  # With cv2.filter2D's blur (float32 rounding differs by ~1e-7) nearly every byte agrees.
+  ref = _reference(face, p, _filter2d)
+  assert np.mean(out != ref) < 0.01 and np.abs(out.astype(int) - ref).max() <= 8
+
+
+def test_apply_deterministic_and_input_untouched(face):
+  p = _params(jitter={'order': ['hue', 'contrast', 'brightness', 'saturation'], 'brightness': 1.2,
+                      'contrast': 0.7, 'saturation': 0.5, 'hue': 0.05})
+  before = face.copy()
+  a, b = D.apply(face, p), D.apply(face, p)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(face, before)
+  # A different noise seed changes the result.
+  assert np.any(D.apply(face, dict(p, noise_seed=124)) != a)
+
+
+def test_apply_independent_of_opencv_threads(face):
+  p = _params(kernel_type='iso', sigma_x=3.0, sigma_y=3.0, theta=0.0, scale=1.3)
+  n = cv2.getNumThreads()
+  try:
+    cv2.setNumThreads(1)
+    a = D.apply(face, p)
+    cv2.setNumThreads(4)
+    b = D.apply(face, p)
+  finally:
+    cv2.setNumThreads(n)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_lq_differs_and_large_scale_removes_high_frequencies(face):
+  mild = D.apply(face, _params(kernel_type='iso', sigma_x=0.2, sigma_y=0.2, theta=0.0, scale=1.0,
+                               noise_sigma=0.0, jpeg_quality=100))
+  heavy = D.apply(face, _params(kernel_type='iso', sigma_x=0.2, sigma_y=0.2, theta=0.0, scale=8.0,
+                                noise_sigma=0.0, jpeg_quality=100))
+  assert np.any(mild != face)
+  # A near-identity degradation stays close; scale 8 loses most gradient energy.
+  assert np.abs(mild.astype(int) - face).mean() < 2.0
+  assert _grad_energy(heavy) < 0.3 * _grad_energy(face)
+  assert _grad_energy(mild) > 0.7 * _grad_energy(face)
+
+
+def test_gray_gives_equal_channels(face):
+  out = D.apply(face, _params(gray=True, color_shift=[0.05, -0.05, 0.02]))
+  np.testing.assert_array_equal(out[..., 0], out[..., 1])
+  np.testing.assert_array_equal(out[..., 1], out[..., 2])
+  assert np.any(D.apply(face, _params())[..., 0] != D.apply(face, _params())[..., 1])
+
+
+def test_jpeg_quality_matters(face):
+  base = dict(kernel_type='iso', sigma_x=0.3, sigma_y=0.3, theta=0.0, scale=1.0, noise_sigma=0.0)
+  q100 = D.apply(face, _params(jpeg_quality=100, **base))
+  q10 = D.apply(face, _params(jpeg_quality=10, **base))
+  err = lambda x: np.abs(x.astype(int) - face).mean()
+  assert err(q100) < 1.5
+  assert err(q10) > 3 * err(q100)
+  # Colours survive the RGB<->BGR round trip: channel means stay put at quality 100.
+  np.testing.assert_allclose(q100.reshape(-1, 3).mean(0), face.reshape(-1, 3).mean(0), atol=1.0)
+
+
+def test_color_shift_moves_channel_means(face):
+  base = dict(noise_sigma=0.0, jpeg_quality=100, scale=1.0)
+  a = D.apply(face, _params(**base)).reshape(-1, 3).mean(0)
+  b = D.apply(face, _params(color_shift=[20 / 255, 0.0, -20 / 255], **base)).reshape(-1, 3).mean(0)
+  d = b - a
+  assert 15 < d[0] < 21 and abs(d[1]) < 0.5 and -21 < d[2] < -15  # RGB order, /255 units
+
+
+def _jit(order, **f):
+  full = dict(brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0)
+  full.update(f)
+  return dict(order=order, **full)
+
+
+def test_jitter_torchvision_semantics():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(0, 1, (16, 16, 3)).astype(np.float32)
+  gray = img @ np.array([0.2989, 0.587, 0.114], np.float32)
+  ops = list(D.JITTER_OPS)
+  np.testing.assert_allclose(D._jitter(img, _jit(ops, brightness=0.5)), img * 0.5, atol=1e-6)
+  np.testing.assert_allclose(D._jitter(img, _jit(ops, contrast=0.0)),
+                             np.full_like(img, gray.mean()), atol=1e-5)
+  np.testing.assert_allclose(D._jitter(img, _jit(ops, saturation=0.0)),
+                             np.repeat(gray[..., None], 3, -1), atol=1e-5)
+  # Hue: a shift of 1/3 turn maps pure red to pure green, and identity factors change nothing.
+  red = np.zeros((2, 2, 3), np.float32)
+  red[..., 0] = 1
+  np.testing.assert_allclose(D._jitter(red, _jit(ops, hue=1 / 3))[0, 0], [0, 1, 0], atol=1e-5)
+  np.testing.assert_allclose(D._jitter(img, _jit(ops)), img, atol=1e-5)
+  # Order matters: brightness then contrast != contrast then brightness (both clamp to [0, 1]).
+  a = D._jitter(img, _jit(['brightness', 'contrast', 'saturation', 'hue'], brightness=1.5,
+                          contrast=1.5))
+  b = D._jitter(img, _jit(['contrast', 'brightness', 'saturation', 'hue'], brightness=1.5,
+                          contrast=1.5))
+  assert np.abs(a - b).max() > 0.01
+
+
+def test_apply_rejects_bad_input(face):
+  with pytest.raises(ValueError, match='uint8'):
+    D.apply(face.astype(np.float32), _params())
+  with pytest.raises(ValueError, match='uint8'):
+    D.apply(face[..., 0], _params())
+  p = _params()
+  del p['jpeg_quality']
+  with pytest.raises(KeyError, match='jpeg_quality'):
+    D.apply(face, p)
+
+
+def test_degrade_pair_flips_both_and_replays(face):
+  cfg = configlib.degradation_config('gfpgan')
+  seen = set()
+  for i in range(12):
+    hq, lq, p = D.degrade_pair(face, np.random.default_rng([1, i]), cfg)
+    seen.add(p['flip'])
+    np.testing.assert_array_equal(hq, face[:, ::-1] if p['flip'] else face)
+    np.testing.assert_array_equal(lq, D.apply(hq, json.loads(json.dumps(p))))
+  assert seen == {True, False}

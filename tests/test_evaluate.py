@@ -1,0 +1,146 @@
+"""The evaluate CLI and library API on a few real faces."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from idm_jax import evaluate
+from idm_jax.metrics import fidelity
+from idm_jax.metrics import identity
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory, celeba_dir):
+  """gt/ (JPEG), pred/ (blurred PNG), lq/ (32 px PNG) for 3 faces, matched by stem."""
+  root = tmp_path_factory.mktemp('eval')
+  for sub in ('gt', 'pred', 'lq'):
+    (root / sub).mkdir()
+  for path in sorted(celeba_dir.glob('*.jpg'))[:3]:
+    img = np.asarray(Image.open(path).convert('RGB'))
+    Image.fromarray(img).save(root / 'gt' / path.name, quality=95)
+    Image.fromarray(cv2.GaussianBlur(img, (0, 0), 1.5)).save(root / 'pred' / f'{path.stem}.png')
+    lq = cv2.resize(img, (32, 32), interpolation=cv2.INTER_AREA)
+    Image.fromarray(lq).save(root / 'lq' / f'{path.stem}.png')
+  return root
+
+
+def _read(folder):
+  return [np.asarray(Image.open(p).convert('RGB')) for p in sorted(folder.iterdir())]
+
+
+def test_cli_writes_report(folders, niqe_params_path, tmp_path):
+  before = sorted(p.name for p in (folders / 'gt').iterdir())
+  out = tmp_path / 'report'
+  rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
+                      '--lq', str(folders / 'lq'), '--niqe-params', str(niqe_params_path),
+                      '--niqe-upscale', '2', '--out', str(out), '--title', 'blur test'])
+  assert rc == 0
+  report = json.loads((out / 'metrics.json').read_text())
+  m = report['metrics']
+  assert report['num_images'] == 3 and len(report['names']) == 3
+  want_psnr = np.mean([fidelity.psnr(p, g) for p, g in zip(_read(folders / 'pred'),
+                                                           _read(folders / 'gt'))])
+  assert m['psnr']['mean'] == pytest.approx(want_psnr)
+  assert len(m['ssim_y']['per_image']) == 3 and 0.5 < m['ssim_y']['mean'] < 1
+  assert m['consistency']['mean'] > 25  # a blur of the HQ agrees with its area-downsampled LQ
+  assert m['niqe']['upscale'] == 2 and 3 < m['niqe']['mean'] < 20
+  assert m['lpips']['mean'] is None and 'lpips-weights' in m['lpips']['reason']
+  if identity.unavailable_reason() is None:
+    assert 0.95 < m['identity']['mean'] <= 1 and m['identity']['fallbacks'] == 0
+  else:
+    assert m['identity']['mean'] is None and m['identity']['reason']
+  md = (out / 'metrics.md').read_text()
+  assert '# blur test' in md and 'NIQE (2x Lanczos upscale)' in md and '| PSNR (RGB, dB)' in md
+  assert sorted(p.name for p in (folders / 'gt').iterdir()) == before
+
+
+@pytest.mark.parametrize('problem, message', [
+    ('missing', 'have no --gt file'),
+    ('size', 'size mismatch'),
+    ('unreadable', 'cannot read image'),
+    ('out_in_gt', 'inside --gt'),
+])
+def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message):
+  gt = tmp_path / 'gt'
+  gt.mkdir()
+  for p in (folders / 'gt').iterdir():
+    gt.joinpath(p.name).write_bytes(p.read_bytes())
+  victim = sorted(gt.iterdir())[0]
+  out = tmp_path / 'out'
+  if problem == 'missing':
+    victim.unlink()
+  elif problem == 'size':
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(victim)
+  elif problem == 'unreadable':
+    victim.write_bytes(b'not an image')
+  else:
+    out = gt / 'report'
+  rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out),
+                      '--no-identity'])
+  err = capsys.readouterr().err
+  assert rc == 2 and message in err
+  if problem != 'out_in_gt':
+    assert victim.stem in err
+  assert not (out / 'metrics.json').exists()
+
+
+def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_path):
+  out = tmp_path / 'fid'
+  rc = evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),
+                      '--niqe-params', str(niqe_params_path), '--niqe-upscale', '2',
+                      '--out', str(out)])
+  assert rc == 0
+  m = json.loads((out / 'metrics.json').read_text())['metrics']
+  assert m['fid']['mean'] is None and 'inception-weights' in m['fid']['reason']
+  # Blurred faces look less natural than the originals.
+  assert m['niqe']['mean'] > m['niqe_ref']['mean']
+  with pytest.raises(SystemExit):
+    evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--out', str(out)])
+
+
+def test_library_api_unavailable_metrics_and_inf(folders, tmp_path):
+  gt = _read(folders / 'gt')
+  res = evaluate.evaluate_images(gt, gt, niqe_params=None, identity=False, progress=False)
+  m = res['metrics']
+  assert m['psnr']['mean'] == float('inf') and m['ssim']['mean'] == pytest.approx(1)
+  assert m['niqe']['mean'] is None and 'NIQE parameters' in m['niqe']['reason']
+  assert m['identity']['mean'] is None and 'consistency' not in m
+  evaluate.write_report(res, tmp_path, 'identical')
+  saved = json.loads((tmp_path / 'metrics.json').read_text())  # strict JSON: no Infinity
+  assert saved['metrics']['psnr']['mean'] == 'inf'
+  assert 'n/a' in (tmp_path / 'metrics.md').read_text()
+
+
+def test_library_api_no_reference_and_small_images(folders, niqe_params_path):
+  pred = _read(folders / 'pred')
+  res = evaluate.evaluate_images(pred, None, niqe_params=str(niqe_params_path), progress=False)
+  m = res['metrics']
+  assert m['psnr']['mean'] is None and m['psnr']['reason'] == 'no ground truth given'
+  assert m['niqe']['mean'] is None and '192' in m['niqe']['reason']
+  with pytest.raises(ValueError, match='pred is 64x64 but gt is 128x128'):
+    evaluate.evaluate_images([np.zeros((64, 64, 3), np.uint8)], [pred[0]], niqe_params=None,
+                             progress=False)
+
+
+def test_write_report_compares_several_results(folders, tmp_path):
+  gt, pred, lq = _read(folders / 'gt'), _read(folders / 'pred'), _read(folders / 'lq')
+  rows = {
+      'restored, 5 steps': evaluate.evaluate_images(pred, gt, lq, niqe_params=None,
+                                                    identity=False, progress=False),
+      'LQ input': evaluate.evaluate_images(gt[:1], gt[:1], niqe_params=None, identity=False,
+                                           progress=False),
+  }
+  evaluate.write_report(rows, tmp_path, 'validation')
+  md = (tmp_path / 'metrics.md').read_text().splitlines()
+  header = next(line for line in md if line.startswith('| |'))
+  assert 'PSNR (RGB, dB)' in header and 'Consistency' in header
+  row = next(line for line in md if line.startswith('| restored, 5 steps |'))
+  assert f'{rows["restored, 5 steps"]["metrics"]["psnr"]["mean"]:.4f}' in row
+  assert next(line for line in md if line.startswith('| LQ input |')).count('n/a') >= 3
+  assert any('NIQE' in line and 'parameters' in line for line in md)  # the n/a reason
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert len(saved['LQ input']['metrics']['psnr']['per_image']) == 1
+  with pytest.raises(ValueError, match='neither'):
+    evaluate.write_report({'x': 1}, tmp_path, 'bad')

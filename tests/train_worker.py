@@ -1,0 +1,61 @@
+"""Runs a short training job in a fresh process (device count and multi-host set before jax starts).
+
+python tests/train_worker.py --workdir W --steps N [--devices 8] [--overrides JSON]
+    [--process-id I --num-processes P --port PORT] [--params-out F.npz]
+Prints one JSON line: {"losses": [...], "step": ...}. Used by tests/test_train.py.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--steps', type=int, required=True)
+  p.add_argument('--devices', type=int, default=1)
+  p.add_argument('--overrides', default='{}')
+  p.add_argument('--process-id', type=int, default=0)
+  p.add_argument('--num-processes', type=int, default=1)
+  p.add_argument('--port', type=int, default=0)
+  p.add_argument('--params-out', default='')
+  a = p.parse_args()
+  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.devices}'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax
+  if a.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'localhost:{a.port}', a.num_processes, a.process_id,
+                               local_device_ids=list(range(a.devices)))
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import load_config
+  from idm_jax import configlib, train
+
+  config = load_config('test')
+  for key, value in json.loads(a.overrides).items():
+    node = config
+    *parents, leaf = key.split('.')
+    for k in parents:
+      node = node[k]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  configlib.validate(config)
+  state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
+  if a.params_out and jax.process_index() == 0:
+    from idm_jax import parallel
+    leaves = jax.tree.leaves(parallel.to_host(state.params))
+    np.savez(a.params_out, *[np.asarray(x) for x in leaves])
+  if jax.process_index() == 0:
+    losses = []
+    path = os.path.join(a.workdir, 'metrics.jsonl')
+    with open(path) as f:
+      for line in f:
+        m = json.loads(line)
+        if 'loss' in m:
+          losses.append((m['step'], m['loss']))
+    print(json.dumps({'losses': losses, 'step': int(jax.device_get(state.step))}))
+
+
+if __name__ == '__main__':
+  main()
