@@ -51,7 +51,7 @@ class Checkpointer:
     items = dict(train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
                  config=ocp.args.JsonSave(json.loads(configlib.to_json(config))))
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+      items['data'] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -59,7 +59,7 @@ class Checkpointer:
     train, ema = split_state(abstract_state)
     items = dict(train=ocp.args.StandardRestore(train), ema=ocp.args.StandardRestore(ema))
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items['data'] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return merge_state(restored['train'], restored['ema'])
 
@@ -70,16 +70,34 @@ class Checkpointer:
     self.manager.close()
 
 
+class _IteratorState:
+  """Adapts our data iterator (JSON-able dict state) to grain's orbax handler, which writes one
+  file per process of whatever bytes get_state() returns."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:   # grain's handler calls this after restoring
+    pass
+
+
 def split_state(state):
   """TrainState -> (everything but EMA, EMA params), as two pytrees of arrays."""
-  train = dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng)
+  train = dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng,
+               bad_step=state.bad_step)
   return train, state.ema
 
 
 def merge_state(train: dict, ema):
   from idm_jax.train import TrainState  # train imports us; import here to avoid a cycle
   return TrainState(step=train['step'], params=train['params'], ema=ema,
-                    opt_state=train['opt_state'], rng=train['rng'])
+                    opt_state=train['opt_state'], rng=train['rng'], bad_step=train['bad_step'])
 
 
 def read_config(workdir_or_step_dir: str, step: int | None = None) -> ml_collections.ConfigDict:

@@ -108,8 +108,8 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   pi, pc = jax.process_index(), jax.process_count()
   os.makedirs(os.path.join(out_dir, IMAGES), exist_ok=True)
 
-  names = [source[i]['name'] for i in range(len(source))] if not hasattr(source, 'paths') \
-      else [source._name(p) for p in source.paths]
+  name_of = getattr(source, 'name', None) or (lambda i: source[i]['name'])  # folders: no decode
+  names = [name_of(i) for i in range(len(source))]
   if len(set(names)) != len(names):
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
@@ -138,6 +138,11 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   bs = int(clean_cfg.batch_size)
   with open(journal_path, 'a') as journal, \
        tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
+    if journal.tell() > 0:
+      with open(journal_path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b'\n':   # a line cut by a kill: end it so the next entry stands alone
+          journal.write('\n')
     for i in to_copy:
       _append(journal, _copy_record(source, i, names[i], out_dir))
       bar.update(1)
@@ -319,7 +324,7 @@ def run_rounds(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       reporting.write_atomic(os.path.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
     logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
-    train.train_and_evaluate(cfg, rdir)
+    train.train_and_evaluate(cfg, rdir, vis_data=config.data)
     if str(r) not in results:
       ckpt_config, params = checkpoints.load_for_inference(rdir)
       eval_cfg = validate.with_model_of(config, ckpt_config)  # the ORIGINAL validation set

@@ -33,9 +33,7 @@ def run(config, workdir: str) -> str:
   bs = g.batch_size
   for start in tqdm(range(0, len(todo), bs), desc='generate', disable=pi != 0):
     idx = todo[start:start + bs]
-    # Fixed-size batches (padded by repeating the last index) reuse one compilation.
-    padded = idx + [idx[-1]] * (bs - len(idx))
-    images = restorer.generate(bs, seed=config.seed, batch_size=bs, indices=padded)
+    images = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
     for i, img in zip(idx, images):
       reporting.save_png(os.path.join(out_dir, f'{i:06d}.png'), img)
   if pi == 0:

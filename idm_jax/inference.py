@@ -105,7 +105,7 @@ class Restorer:
   def num_devices(self) -> int:
     return self.mesh.size
 
-  def _settings(self, steps, sampler, t_start, guidance_scale, eta):
+  def resolve_settings(self, steps, sampler, t_start, guidance_scale, eta):
     """Call arguments with the config's sample.* defaults filled in, validated."""
     s = self.config.sample
     steps = int(s.steps if steps is None else steps)
@@ -205,32 +205,36 @@ class Restorer:
                        f'{lq.dtype} {lq.shape}')
     if lq.shape[0] == 0:
       return np.zeros((0, r, r, 3), np.uint8)
-    settings = self._settings(steps, sampler, t_start, guidance_scale, eta)
-    _check_seed(seed)
+    settings = self.resolve_settings(steps, sampler, t_start, guidance_scale, eta)
+    check_seed(seed)
     idx = _indices(lq.shape[0], index_offset, indices)
     return self._run(np.asarray(lq, np.float32) / 127.5 - 1., idx, seed, settings)
 
   def generate(self, num: int, *, seed: int = 0, batch_size: Optional[int] = None,
                steps: Optional[int] = None, sampler: Optional[str] = None,
-               eta: Optional[float] = None, index_offset: int = 0) -> np.ndarray:
+               eta: Optional[float] = None, index_offset: int = 0,
+               indices: Optional[Sequence[int]] = None) -> np.ndarray:
     """`num` samples of an unconditional model, uint8 (num, R, R, 3); sample i uses
-    fold_in(key(seed), index_offset + i), so results do not depend on batch_size."""
+    fold_in(key(seed), index_offset + i), or fold_in(key(seed), indices[i]) when `indices` is
+    given (a host's share of a sample set), so results do not depend on batch_size."""
     if self.conditional:
       raise ValueError('generate: this model is conditional (it needs LQ inputs); use restore()')
-    settings = self._settings(steps, sampler, None, None, eta)
-    _check_seed(seed)
+    settings = self.resolve_settings(steps, sampler, None, None, eta)
+    check_seed(seed)
     batch_size = int(batch_size or self.config.sample.batch_size)
+    all_idx = _indices(int(num), index_offset, indices)
     r = self.resolution
     out = [np.zeros((0, r, r, 3), np.uint8)]
     for start in range(0, int(num), batch_size):
-      b = min(batch_size, num - start)
+      idx = all_idx[start:start + batch_size]
+      b = len(idx)
       # Every batch is padded to batch_size, so a short last batch reuses the same compilation.
-      idx = _indices(batch_size, index_offset + start, None)
+      idx = np.concatenate([idx, np.repeat(idx[-1:], batch_size - b)])
       out.append(self._run(None, idx, seed, settings)[:b])
     return np.concatenate(out)
 
 
-def _check_seed(seed: int) -> None:
+def check_seed(seed: int) -> None:
   if not 0 <= int(seed) < 2 ** 32:
     raise ValueError(f'seed={seed} must be in [0, 2**32)')
 

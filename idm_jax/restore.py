@@ -394,8 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sample_kwargs = dict(seed=args.seed, steps=args.steps, sampler=args.sampler,
                        t_start=args.t_start, guidance_scale=args.guidance, eta=args.eta)
   try:  # Check the settings once, before any file is touched.
-    restorer._settings(args.steps, args.sampler, args.t_start, args.guidance, args.eta)  # pylint: disable=protected-access
-    inference._check_seed(args.seed)  # pylint: disable=protected-access
+    restorer.resolve_settings(args.steps, args.sampler, args.t_start, args.guidance, args.eta)
+    inference.check_seed(args.seed)
   except ValueError as e:
     return fatal(str(e))
 

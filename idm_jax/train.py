@@ -38,7 +38,7 @@ class TrainState:
   rng: jax.Array          # uint32[2] base key; each step folds in its step number
   # The first step whose loss or gradient norm was not finite (-1: none). Such a step leaves
   # the state untouched, so no NaN ever reaches params, and the loop stops before saving.
-  bad_step: jax.Array = None
+  bad_step: jax.Array
 
 
 def to_model_range(images_uint8: jax.Array) -> jax.Array:
@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config, logsnr_fn):
     (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step, config.train)
@@ -271,8 +271,13 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, max_steps: int | None = None) -> TrainState:
-  """Trains (or resumes) config in workdir until train.num_steps (or max_steps in this call)."""
+                       *, max_steps: int | None = None,
+                       vis_data: ml_collections.ConfigDict | None = None) -> TrainState:
+  """Trains (or resumes) config in workdir until train.num_steps (or max_steps in this call).
+
+  vis_data: the config.data whose validation split feeds the sample grids (default
+  config.data; extrinsic rounds pass the original data, since a cleaned set has no validation).
+  """
   from idm_jax import reporting  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
@@ -303,7 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = trainer.compile_step(local_bs)
 
   writer = reporting.Writer(workdir, enabled=pindex == 0)
-  vis = pipeline.eval_batches(config, config.train.num_vis, config.train.num_vis)[0]
+  vis_config = config
+  if vis_data is not None:
+    vis_config = config.copy_and_resolve_references()
+    with vis_config.unlocked():
+      vis_config.data = vis_data
+  vis = pipeline.eval_batches(vis_config, config.train.num_vis, config.train.num_vis)[0]
   vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
   vis_cfg.steps = config.train.vis_steps
 
@@ -352,4 +362,5 @@ def _warm_start(state: TrainState, workdir: str) -> TrainState:
   _, ema = checkpoints.load_for_inference(workdir)
   put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
   params = jax.tree.map(put, ema, state.params)
-  return state.replace(params=params, ema=params)
+  # Separate buffers: the train step donates params and EMA and may not get one buffer twice.
+  return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))

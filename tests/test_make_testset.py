@@ -104,9 +104,13 @@ def test_refusals(src, tmp_path, capsys):
   assert not (dst / 'hq').exists()
   assert _run(src, dst, '--overwrite') == 0
   assert (dst / 'keep.txt').read_text() == 'user data'
+  (tmp_path / 'afile').write_text('x')
+  assert _run(src, tmp_path / 'afile', '--overwrite') == 2  # not a folder
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"name": "x"}\n')
   assert _run(src, tmp_path / 'o2', '--replay', str(bad)) == 2
+  bad.write_text('{"name": "x", "params": {"scale": 2.0}}\n')
+  assert _run(src, tmp_path / 'o3', '--replay', str(bad)) == 2
 
 
 def test_nothing_written_returns_1(tmp_path, capsys):

@@ -259,7 +259,8 @@ def test_dropout_with_remat(base, base_params):
 def test_every_param_is_boxed_with_logical_names_of_its_rank(base):
   model, _ = base
   boxed = unet.param_shapes(model)
-  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  leaves = jax.tree_util.tree_leaves(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert len(leaves) == len(jax.tree_util.tree_leaves(nn.meta.unbox(boxed)))
   allowed = {4: unet.CONV_KERNEL_AXES, 2: unet.DENSE_KERNEL_AXES, 1: unet.CHANNEL_AXES}
   for leaf in leaves:

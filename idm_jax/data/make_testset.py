@@ -107,6 +107,10 @@ def read_replay(path: pathlib.Path) -> dict[str, dict]:
       raise ValueError(f'--replay {path}:{i}: not a {{"name", "params"}} JSON line: {e}') from e
     if name in out:
       raise ValueError(f'--replay {path}:{i}: name {name!r} appears twice')
+    keys = params if isinstance(params, dict) else {}
+    missing = [k for k in degradations.PARAM_KEYS if k not in keys]
+    if missing:
+      raise ValueError(f'--replay {path}:{i}: params for {name!r} lack {missing}')
     out[name] = params
   return out
 
@@ -144,7 +148,10 @@ def main(argv=None) -> int:
   if _is_within(dst, src):
     log.error('refusing to write into the --src folder: --dst %s is inside --src %s', dst, src)
     return 2
-  if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+  if dst.exists() and not dst.is_dir():
+    log.error('--dst %s exists and is not a folder', dst)
+    return 2
+  if dst.exists() and any(dst.iterdir()) and not args.overwrite:
     log.error('--dst %s exists and is not empty; pass --overwrite to write into it', dst)
     return 2
   try:

@@ -197,6 +197,10 @@ class FolderSource:
   def _name(self, path: str) -> str:
     return os.path.relpath(path, self.root) if self.root else path
 
+  def name(self, index: int) -> str:
+    """The record's name without decoding the file."""
+    return self._name(self.paths[index])
+
   def __getitem__(self, index: int) -> Record:
     path = self.paths[index]
     name = self._name(path)

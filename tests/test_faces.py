@@ -1,0 +1,124 @@
+"""Face detection, alignment to the FFHQ template, and pasting back."""
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import cbook
+from PIL import Image
+from skimage import data
+
+from idm_jax import faces
+
+
+@pytest.fixture(scope='module')
+def detector():
+  return faces.get_detector('dlib')
+
+
+@pytest.fixture(scope='module')
+def astronaut():
+  return data.astronaut()
+
+
+@pytest.fixture(scope='module')
+def astronaut_face(detector, astronaut):
+  found = detector.detect(astronaut)
+  assert len(found) == 1, [f.box for f in found]
+  return found[0]
+
+
+def psnr(a, b):
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+  return 10 * np.log10(255. ** 2 / mse)
+
+
+def test_similarity_transform_recovers_a_known_similarity():
+  rng = np.random.default_rng(0)
+  src = rng.uniform(0, 100, (5, 2))
+  angle, scale, shift = 0.3, 1.7, np.array([12., -5.])
+  rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  dst = scale * src @ rot.T + shift
+  m = faces.similarity_transform(src, dst)
+  np.testing.assert_allclose(m[:, :2], scale * rot, atol=1e-9)
+  np.testing.assert_allclose(faces.apply_affine(m, src), dst, atol=1e-9)
+  # A mirrored target must not be fitted by a reflection (a face never comes out mirrored).
+  mirrored = dst * np.array([-1., 1.])
+  assert np.linalg.det(faces.similarity_transform(src, mirrored)[:, :2]) > 0
+
+
+def test_template_scales_with_resolution():
+  np.testing.assert_allclose(faces.template(512), faces.FFHQ_TEMPLATE_512)
+  t = faces.template(128)
+  assert t.shape == (5, 2)
+  # Eyes level and symmetric about the centre; eye distance scales by 1/4.
+  assert abs(t[0, 1] - t[1, 1]) < 0.5 and abs((t[0, 0] + t[1, 0]) / 2 - 63.5) < 1
+  d512 = faces.FFHQ_TEMPLATE_512[1, 0] - faces.FFHQ_TEMPLATE_512[0, 0]
+  assert abs((t[1, 0] - t[0, 0]) - d512 / 4) < 1e-6
+
+
+def test_finds_the_faces_in_sample_photos(detector, astronaut_face):
+  left, top, right, bottom = astronaut_face.box
+  # The astronaut's face is around x 175-265, y 75-165 in the 512 px image.
+  assert 150 < left < 200 and 240 < right < 290 and 50 < top < 100 and 140 < bottom < 190
+  lm = astronaut_face.landmarks
+  assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]        # image-left before image-right
+  assert lm[0, 1] < lm[2, 1] < lm[3, 1]                     # eyes above nose above mouth
+  with cbook.get_sample_data('grace_hopper.jpg') as f:
+    grace = np.asarray(Image.open(f).convert('RGB'))
+  assert len(detector.detect(grace)) == 1
+  assert detector.detect(np.full((200, 200, 3), 128, np.uint8)) == []
+
+
+@pytest.mark.parametrize('resolution', [128, 512])
+def test_alignment_maps_landmarks_onto_the_template(detector, astronaut, astronaut_face,
+                                                    resolution):
+  crop, affine = faces.align_face(astronaut, astronaut_face.landmarks, resolution)
+  assert crop.shape == (resolution, resolution, 3) and crop.dtype == np.uint8
+  tmpl = faces.template(resolution)
+  err = np.linalg.norm(faces.apply_affine(affine, astronaut_face.landmarks) - tmpl, axis=1)
+  assert err.max() < 0.04 * resolution and err.mean() < 0.025 * resolution
+  if resolution == 512:
+    # Independent check that the crop really is aligned: detect again inside it.
+    again = detector.detect(crop)
+    assert len(again) == 1
+    err = np.linalg.norm(again[0].landmarks - tmpl, axis=1)
+    assert err.mean() < 0.03 * resolution, err
+
+
+# The 40 dB bound for (256, 2) also catches half-pixel errors in the inverse transform
+# (an offset off by 0.5 px drops it to about 33 dB).
+@pytest.mark.parametrize('resolution,upscale,min_psnr', [(128, 1, 30), (256, 2, 40)])
+def test_pasting_back_an_unmodified_face_reproduces_the_photo(astronaut, astronaut_face,
+                                                              resolution, upscale, min_psnr):
+  crop, affine = faces.align_face(astronaut, astronaut_face.landmarks, resolution)
+  out = faces.paste_faces(astronaut, [(crop, affine)], upscale)
+  ref = faces.upscale_image(astronaut, upscale)
+  assert out.shape == ref.shape == (512 * upscale, 512 * upscale, 3)
+  mask = faces.feather_mask(faces.inverse_affine(affine, upscale), resolution, out.shape[:2])
+  inside = mask > 0.99
+  assert inside.sum() > 0.03 * inside.size          # the face region is not empty
+  assert psnr(out[inside], ref[inside]) > min_psnr
+
+
+def test_paste_changes_only_the_face_region(astronaut, astronaut_face):
+  crop, affine = faces.align_face(astronaut, astronaut_face.landmarks, 128)
+  black = np.zeros_like(crop)
+  out = faces.paste_faces(astronaut, [(black, affine)], 2).astype(np.int32)
+  ref = faces.upscale_image(astronaut, 2).astype(np.int32)
+  mask = faces.feather_mask(faces.inverse_affine(affine, 2), 128, out.shape[:2])
+  assert mask.min() >= 0 and mask.max() <= 1
+  assert np.all(out[mask > 0.999] <= 1)                       # the face is replaced
+  np.testing.assert_array_equal(out[mask == 0], ref[mask == 0])   # the rest untouched
+  # Feathered: the mask ramps instead of jumping from 1 to 0 at the crop's edge.
+  assert np.abs(np.diff(mask, axis=0)).max() < 0.5
+  # The restored face lands where the face was: the box centre of the 2x photo is inside.
+  left, top, right, bottom = astronaut_face.box
+  assert mask[int(top + bottom), int(left + right)] > 0.999
+
+
+def test_missing_detector_package_gives_install_hint(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'dlib', None)     # makes `import dlib` fail
+  with pytest.raises(faces.DetectorUnavailable, match='pip install dlib'):
+    faces.get_detector('dlib')
+  with pytest.raises(ValueError, match='unknown face detector'):
+    faces.get_detector('yolo')

@@ -1,0 +1,229 @@
+"""The restore CLI and its parts: reading odd files, the output layout, bad files, whole photos."""
+import hashlib
+import io
+import os
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from idm_jax import export
+from idm_jax import faces
+from idm_jax import inference
+from idm_jax import restore
+from idm_jax.models import unet
+
+from conftest import load_config
+
+
+@pytest.fixture(scope='module')
+def model_path(tmp_path_factory):
+  config = load_config('test')
+  params = inference.random_params(unet.build_model(config.model, config.data.resolution), 0)
+  path = str(tmp_path_factory.mktemp('model') / 'model.msgpack')
+  export.save_exported(path, config, params)
+  return path
+
+
+def _snapshot(folder):
+  """{relative path: sha1} of every file, to prove a folder was left untouched."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, 'rb') as f:
+        out[os.path.relpath(p, folder)] = hashlib.sha1(f.read()).hexdigest()
+  return out
+
+
+def _size(path):
+  with Image.open(path) as im:
+    return im.size
+
+
+def _png_header_only(width, height):
+  """A small PNG whose header claims width x height: a 'decompression bomb'."""
+  def chunk(kind, payload):
+    return (struct.pack('>I', len(payload)) + kind + payload
+            + struct.pack('>I', zlib.crc32(kind + payload) & 0xFFFFFFFF))
+  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b''))
+          + chunk(b'IEND', b''))
+
+
+def test_read_image_converts_what_it_can(tmp_path):
+  gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+  Image.fromarray(gray, 'L').save(tmp_path / 'gray.png')
+  img, notes = restore.read_image(str(tmp_path / 'gray.png'))
+  assert img.shape == (8, 8, 3) and img.dtype == np.uint8
+  assert all(np.array_equal(img[..., c], gray) for c in range(3))
+  assert any('grayscale' in n for n in notes)
+
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[0, 0] = (255, 0, 0, 0)        # fully transparent red -> white background
+  rgba[0, 1] = (0, 0, 255, 255)      # opaque blue stays blue
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+  img, notes = restore.read_image(str(tmp_path / 'rgba.png'))
+  assert tuple(img[0, 0]) == (255, 255, 255) and tuple(img[0, 1]) == (0, 0, 255)
+  assert any('transparency' in n for n in notes)
+
+  g16 = np.array([[0, 257 * 100, 65535]], np.uint16)
+  cv2.imwrite(str(tmp_path / 'g16.png'), g16)
+  img, notes = restore.read_image(str(tmp_path / 'g16.png'))
+  np.testing.assert_array_equal(img[0, :, 0], [0, 100, 255])
+  assert any('16-bit' in n for n in notes)
+
+  c16 = np.full((2, 2, 3), 257 * 200, np.uint16)
+  cv2.imwrite(str(tmp_path / 'c16.png'), c16)
+  img, notes = restore.read_image(str(tmp_path / 'c16.png'))
+  assert np.all(np.abs(img.astype(int) - 200) <= 1) and any('16-bit' in n for n in notes)
+
+  # EXIF orientation 6 (rotate 90 degrees): the result comes out upright, i.e. transposed size.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.new('RGB', (40, 20), (10, 20, 30)).save(tmp_path / 'rot.jpg', exif=exif)
+  img, notes = restore.read_image(str(tmp_path / 'rot.jpg'))
+  assert img.shape == (40, 20, 3) and notes == []
+
+
+def test_read_image_rejects_bad_files(tmp_path):
+  good = io.BytesIO()
+  Image.fromarray(data.astronaut()).save(good, format='JPEG')
+  cases = {
+      'empty.png': (b'', 'empty file'),
+      'notes.txt': (b'hello, not an image\n' * 20, 'not an image'),
+      'trunc.jpg': (good.getvalue()[:3000], 'corrupt or truncated'),
+      'bomb.png': (_png_header_only(8000, 6000), 'too large: 8000x6000 = 48.0 MP'),
+  }
+  for name, (content, msg) in cases.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(restore.BadImage, match=msg):
+      restore.read_image(str(tmp_path / name))
+  (tmp_path / 'ok.jpg').write_bytes(good.getvalue())
+  with pytest.raises(restore.BadImage, match='over the 0.1 MP limit'):
+    restore.read_image(str(tmp_path / 'ok.jpg'), max_pixels=100_000)
+
+
+def _make_aligned_inputs(folder, celeba_dir):
+  files = sorted(p for p in os.listdir(celeba_dir) if p.endswith('.jpg'))[:3]
+  faces_ = [np.asarray(Image.open(os.path.join(celeba_dir, f)).convert('RGB')) for f in files]
+  os.makedirs(folder / 'sub')
+  Image.fromarray(faces_[0]).save(folder / 'a.jpg', quality=90)
+  Image.fromarray(faces_[1]).convert('L').save(folder / 'sub' / 'b.png')   # grayscale
+  rgba = Image.fromarray(faces_[2]).resize((100, 100)).convert('RGBA')
+  rgba.putalpha(200)
+  rgba.save(folder / 'c.png')                                              # RGBA, other size
+  (folder / 'empty.jpg').write_bytes(b'')
+  (folder / 'notes.txt').write_text('not an image\n')
+  (folder / 'trunc.jpg').write_bytes((folder / 'a.jpg').read_bytes()[:500])
+
+
+def test_cli_aligned_folder_with_good_and_bad_files(tmp_path, celeba_dir, model_path, capsys):
+  inp, out = tmp_path / 'in', tmp_path / 'out'
+  _make_aligned_inputs(inp, celeba_dir)
+  before = _snapshot(inp)
+  rc = restore.main(['-i', str(inp), '-o', str(out), '--checkpoint', model_path, '--aligned',
+                     '--batch-size', '2', '--steps', '2', '--seed', '3'])
+  captured = capsys.readouterr()
+  assert rc == 1
+  assert _snapshot(inp) == before                                   # input untouched
+  assert 'restored 3, no face found 0, failed 3' in captured.out
+  for bad, why in (('empty.jpg', 'empty file'), ('notes.txt', 'not an image'),
+                   ('trunc.jpg', 'corrupt or truncated')):
+    assert f'{bad}: {why}' in captured.out, captured.out
+  assert 'b.png: grayscale converted to RGB' in captured.out + captured.err
+  assert 'c.png: transparency composited' in captured.out + captured.err
+  expected = {
+      'restored_faces/a.png': (32, 32), 'restored_faces/sub/b.png': (32, 32),
+      'restored_faces/c.png': (32, 32),
+      'restored_imgs/a.jpg': (128, 128), 'restored_imgs/sub/b.png': (128, 128),
+      'restored_imgs/c.png': (100, 100),
+      'cmp/a.png': (64, 32), 'cmp/sub/b.png': (64, 32), 'cmp/c.png': (64, 32),
+  }
+  assert set(_snapshot(out)) == set(expected)     # nothing for bad files, no temp files
+  for rel, size in expected.items():
+    assert _size(out / rel) == size, rel
+  # cmp = input (resized to the model size) | restored face.
+  cmp = np.asarray(Image.open(out / 'cmp' / 'a.png'))
+  face = np.asarray(Image.open(out / 'restored_faces' / 'a.png'))
+  np.testing.assert_array_equal(cmp[:, 32:], face)
+  assert face.std() > 5
+
+  # The same file alone (another batch, another position) restores to the same pixels.
+  out2 = tmp_path / 'out2'
+  rc = restore.main(['-i', str(inp / 'sub' / 'b.png'), '-o', str(out2), '--checkpoint',
+                     model_path, '--aligned', '--batch-size', '2', '--steps', '2', '--seed', '3'])
+  assert rc == 0
+  alone = np.asarray(Image.open(out2 / 'restored_faces' / 'b.png')).astype(int)
+  in_folder = np.asarray(Image.open(out / 'restored_faces' / 'sub' / 'b.png')).astype(int)
+  assert np.abs(alone - in_folder).max() <= 1
+
+
+def test_cli_refuses_output_inside_input(tmp_path, model_path, capsys):
+  inp = tmp_path / 'in'
+  inp.mkdir()
+  Image.new('RGB', (32, 32)).save(inp / 'x.png')
+  before = _snapshot(inp)
+  for out in (inp / 'results', inp):
+    rc = restore.main(['-i', str(inp), '-o', str(out), '--checkpoint', model_path, '--aligned'])
+    assert rc == 2
+    assert 'inside the input folder' in capsys.readouterr().err
+  assert _snapshot(inp) == before and not (inp / 'results').exists()
+  rc = restore.main(['-i', str(inp), '-o', str(tmp_path / 'o'), '--checkpoint',
+                     str(tmp_path / 'missing.msgpack'), '--aligned'])
+  assert rc == 2 and 'missing.msgpack' in capsys.readouterr().err
+
+
+class _IdentityRestorer:
+  """Returns its input: isolates detection, alignment and pasting from the model."""
+  resolution = 256
+
+  def __init__(self):
+    self.calls = []
+
+  def restore(self, lq, indices=None, **kwargs):
+    self.calls.append(list(indices))
+    return lq.copy()
+
+
+def test_restore_photo_with_identity_restorer_reproduces_the_photo():
+  image = data.astronaut()
+  detector = faces.get_detector('dlib')
+  ident = _IdentityRestorer()
+  res = restore.restore_photo(image, ident, detector, index=7, upscale=2, batch_size=4)
+  assert res.crops.shape == (1, 256, 256, 3) and len(res.affines) == 1
+  assert ident.calls == [[7, 7, 7, 7]]        # one face, padded to the batch size
+  ref = faces.upscale_image(image, 2)
+  mask = faces.feather_mask(faces.inverse_affine(res.affines[0], 2), 256, ref.shape[:2]) > 0.99
+  mse = np.mean((res.image[mask].astype(float) - ref[mask]) ** 2)
+  assert 10 * np.log10(255 ** 2 / mse) > 30
+
+
+def test_cli_whole_photos(tmp_path, model_path, capsys):
+  inp, out = tmp_path / 'in', tmp_path / 'out'
+  inp.mkdir()
+  Image.fromarray(data.astronaut()).save(inp / 'astronaut.png')
+  Image.new('RGB', (64, 48), (120, 130, 140)).save(inp / 'wall.jpg')
+  rc = restore.main(['-i', str(inp), '-o', str(out), '--checkpoint', model_path,
+                     '--steps', '2', '--upscale', '2', '--suffix', 'idm'])
+  captured = capsys.readouterr()
+  assert rc == 0, captured.out + captured.err
+  assert 'restored 1, no face found 1, failed 0' in captured.out
+  assert 'wall.jpg' in captured.out
+  expected = {
+      'cropped_faces/astronaut_00.png': (32, 32), 'restored_faces/astronaut_00_idm.png': (32, 32),
+      'cmp/astronaut_00.png': (64, 32), 'restored_imgs/astronaut_idm.png': (1024, 1024),
+      'restored_imgs/wall_idm.jpg': (128, 96),
+  }
+  assert set(_snapshot(out)) == set(expected)
+  for rel, size in expected.items():
+    assert _size(out / rel) == size, rel
+  # Outside the face the restored photo is the Lanczos-upscaled input.
+  restored = np.asarray(Image.open(out / 'restored_imgs' / 'astronaut_idm.png')).astype(int)
+  ref = faces.upscale_image(data.astronaut(), 2).astype(int)
+  np.testing.assert_array_equal(restored[900:], ref[900:])
+  assert np.abs(restored[200:300, 400:500] - ref[200:300, 400:500]).mean() > 5   # face changed
