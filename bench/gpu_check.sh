@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the accelerator-only tests, then train-step and restoration
+# benchmarks for the parity configs and configs/ffhq.py; prints a table last.
+#   bash bench/gpu_check.sh [OUT_DIR]          (about 6-8 minutes on one H100/H200)
+#   ONLY="tests train256 train512 trainffhq sampleffhq" bash bench/gpu_check.sh   (a subset)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-bench_out}}
+mkdir -p "$OUT_DIR"
+JSON="$OUT_DIR/bench.jsonl"
+ONLY=${ONLY:-"tests train256 train512 trainffhq sampleffhq"}
+export PYTHONUNBUFFERED=1
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+status=0
+run() { echo "+ $*"; "$@" || { echo "FAILED: $*"; status=1; }; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+want tests && run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+want train256 && run python3 bench/train_step.py --config=configs/adm_sr_256.py --json "$JSON"
+want train512 && run python3 bench/train_step.py --config=configs/adm_sr_512.py --json "$JSON"
+want trainffhq && run python3 bench/train_step.py --config=configs/ffhq.py --json "$JSON"
+want sampleffhq && run python3 bench/sample.py --config=configs/ffhq.py --steps 25 --batch 16 \
+  --json "$JSON"
+[ -f "$JSON" ] && python3 bench/table.py "$JSON"
+exit $status
