@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 from flax import serialization
 
 from idm_jax import configlib
+from idm_jax.files import write_atomic
 
 FORMAT = 'idm_jax/1'
 
@@ -35,25 +35,6 @@ def to_bytes(config: ml_collections.ConfigDict, params) -> bytes:
   state = jax.tree.map(np.asarray, state)
   return serialization.msgpack_serialize(
       {'format': FORMAT, 'config': configlib.to_json(config), 'params': state})
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, then renames it over `path`, so a crash never
-  leaves a half-written file under the final name."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def save_exported(path: str, config: ml_collections.ConfigDict, params) -> None:

@@ -5,39 +5,14 @@ TensorBoard event files come from tensorboardX, which needs no TensorFlow.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
-from PIL import Image
 
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes a file so that readers see either the old file or the whole new one."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
-  return buf.getvalue()
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-  write_atomic(path, png_bytes(image))
+from idm_jax.files import save_image as save_png  # noqa: F401  (callers use reporting.save_png)
+from idm_jax.files import write_atomic  # noqa: F401
 
 
 def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import struct
 import sys
@@ -39,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from idm_jax import files
 
 MAX_PIXELS = 40_000_000
 OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
@@ -133,9 +134,9 @@ def list_inputs(input_path: str) -> List[Tuple[str, str]]:
   if not os.path.isdir(input_path):
     raise FileNotFoundError(f'{input_path}: no such file or folder')
   found = []
-  for root, dirs, files in os.walk(input_path):
+  for root, dirs, names in os.walk(input_path):
     dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    for name in files:
+    for name in names:
       if not name.startswith('.'):
         path = os.path.join(root, name)
         found.append((path, os.path.relpath(path, input_path)))
@@ -159,12 +160,7 @@ def output_ext(path: str, ext: str) -> str:
 
 def write_image(path: str, image: np.ndarray) -> None:
   """Writes an RGB uint8 image atomically; the format follows the extension (png, jpg)."""
-  from idm_jax.export import write_atomic
-  fmt = 'JPEG' if path.lower().endswith(('.jpg', '.jpeg')) else 'PNG'
-  buf = io.BytesIO()
-  kwargs = dict(quality=95) if fmt == 'JPEG' else {}
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **kwargs)
-  write_atomic(path, buf.getvalue())
+  files.save_image(path, image)
 
 
 def resize(image: np.ndarray, w: int, h: int) -> np.ndarray:

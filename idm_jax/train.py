@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import signal
 import time
 from typing import Any
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import linen as nn
 
 from idm_jax import checkpoints
 from idm_jax import parallel
@@ -281,54 +279,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from idm_jax import reporting  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
-  mesh = parallel.make_mesh(config.mesh)
-  trainer = Trainer(config, mesh)
-  pcount, pindex = jax.process_count(), jax.process_index()
-  if config.train.batch_size % jax.device_count():
-    raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
-                     f'{jax.device_count()} devices')
-  local_bs = config.train.batch_size // pcount
-  data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, trainer.abstract_state, data_iter)
-    logging.info('resumed from step %d', latest)
-  else:
-    state = trainer.init(jax.random.PRNGKey(config.seed))
-    if config.train.init_from:
-      state = _warm_start(state, config.train.init_from)
-  start = int(jax.device_get(state.step))
-  end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
-                                                             start + max_steps)
-  if start >= end:
-    logging.info('already trained to step %d; nothing to do', start)
-    ckpt.close()
-    return state
-  step_fn = trainer.compile_step(local_bs)
+  with _Preemption() as preemption:
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = Trainer(config, mesh)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    if config.train.batch_size % jax.device_count():
+      raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
+                       f'{jax.device_count()} devices')
+    local_bs = config.train.batch_size // pcount
+    data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, trainer.abstract_state, data_iter)
+      logging.info('resumed from step %d', latest)
+    else:
+      state = trainer.init(jax.random.PRNGKey(config.seed))
+      if config.train.init_from:
+        state = _warm_start(state, config.train.init_from)
+    start = int(jax.device_get(state.step))
+    end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
+                                                               start + max_steps)
+    if start >= end:
+      logging.info('already trained to step %d; nothing to do', start)
+      ckpt.close()
+      data_iter.close()
+      return state
+    step_fn = trainer.compile_step(local_bs)
 
-  writer = reporting.Writer(workdir, enabled=pindex == 0)
-  vis_config = config
-  if vis_data is not None:
-    vis_config = config.copy_and_resolve_references()
-    with vis_config.unlocked():
-      vis_config.data = vis_data
-  vis = pipeline.eval_batches(vis_config, config.train.num_vis, config.train.num_vis)[0]
-  vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
-  vis_cfg.steps = config.train.vis_steps
+    writer = reporting.Writer(workdir, enabled=pindex == 0)
+    vis_config = config
+    if vis_data is not None:
+      vis_config = config.copy_and_resolve_references()
+      with vis_config.unlocked():
+        vis_config.data = vis_data
+    vis = pipeline.eval_batches(vis_config, config.train.num_vis, config.train.num_vis)[0]
+    vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
+    vis_cfg.steps = config.train.vis_steps
 
-  def write_samples(step):
-    sampler = trainer.sampler(vis_cfg, len(vis['hq']))
-    lq = jnp.asarray(vis['lq']) if config.model.conditional else None
-    out = np.asarray(parallel.to_host(sampler(state.ema, lq, jax.random.PRNGKey(config.seed))))
-    writer.sample_grid(step, vis, out, conditional=config.model.conditional)
+    def write_samples(step):
+      sampler = trainer.sampler(vis_cfg, len(vis['hq']))
+      lq = jnp.asarray(vis['lq']) if config.model.conditional else None
+      out = np.asarray(parallel.to_host(sampler(state.ema, lq, jax.random.PRNGKey(config.seed))))
+      writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 
-  progress = reporting.progress(start, end, enabled=pindex == 0)
-  last_t, last_step = time.perf_counter(), start
-  try:
-    with _Preemption() as preemption:
+    progress = reporting.progress(start, end, enabled=pindex == 0)
+    last_t, last_step = time.perf_counter(), start
+    try:
       step = start
-      while step < end:
+      while step < end and not preemption.requested:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
@@ -349,11 +348,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if preemption.requested:
           logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
           break
-  finally:
-    progress.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    finally:
+      progress.close()
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+      data_iter.close()
   return state
 
 

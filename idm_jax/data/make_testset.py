@@ -19,12 +19,12 @@ import pathlib
 import sys
 import tempfile
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from idm_jax import configlib
+from idm_jax import files
 from idm_jax.data import degradations
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
@@ -75,19 +75,8 @@ def load_square(path: pathlib.Path, resolution: int) -> np.ndarray:
 
 
 def write_png(path: pathlib.Path, rgb: np.ndarray):
-  """Writes uint8 RGB as PNG atomically: a temp file in the same folder, then os.replace."""
-  ok, buf = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-  if not ok:
-    raise RuntimeError(f'OpenCV failed to PNG-encode {path}')
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(buf.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Writes uint8 RGB as PNG atomically (temp file, then rename)."""
+  files.save_image(path, rgb)
 
 
 def read_replay(path: pathlib.Path) -> dict[str, dict]:
