@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,
       grad_accum_steps=1,
       ema_decay=0.9999,
-      ema_warmup_steps=0,         # EMA decay ramps as min(decay, (1 + s) / (10 + s)) when > 0
+      ema_warmup=False,           # EMA decay ramps as min(decay, (1 + s) / (10 + s)): short runs
       log_every=100,
       sample_every=5000,
       ckpt_every=5000,

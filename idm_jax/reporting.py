@@ -67,7 +67,9 @@ class Writer:
           vis_ssim=float(np.mean([fidelity.ssim(s, h) for s, h in zip(samples, batch['hq'])])))
     else:
       rows = [samples]
-    grid = image_grid(rows)
+    # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
+    zoom = max(1, 128 // samples.shape[1])
+    grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
     save_png(os.path.join(self.workdir, f'samples_{step:07d}.png'), grid)
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from idm_jax import files
+from idm_jax.data import sources
 
 MAX_PIXELS = 40_000_000
 OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
@@ -61,37 +62,23 @@ def _png_bit_depth(path: str) -> Optional[int]:
 
 
 def _to_rgb(im: Image.Image, path: str) -> Tuple[np.ndarray, List[str]]:
-  """Any Pillow mode -> RGB uint8 (H, W, 3), with notes saying what was converted."""
+  """Any Pillow mode -> RGB uint8 (H, W, 3) (the training data's conversion), with notes saying
+  what was converted."""
   notes = []
   mode = im.mode
-  if mode.startswith('I;16') or mode in ('I', 'F'):
-    arr = np.asarray(im).astype(np.float64)
-    if mode == 'F':
-      arr = arr * 255. if arr.max(initial=0.) <= 1. else arr
-      notes.append('floating-point image scaled to 8 bits')
-    elif mode.startswith('I;16') or arr.max(initial=0.) > 255:
-      arr = arr / 257.
-      notes.append('16-bit image scaled to 8 bits')
-    gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    notes.append('grayscale converted to RGB')
-    return np.repeat(gray[..., None], 3, axis=-1), notes
-  if mode == 'P':
-    im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
-    mode = im.mode
-  if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-    rgba = im.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    im = Image.alpha_composite(white, rgba).convert('RGB')
-    notes.append('transparency composited onto white')
-  elif mode in ('L', '1'):
-    im = im.convert('RGB')
-    notes.append('grayscale converted to RGB')
-  elif mode != 'RGB':
-    im = im.convert('RGB')
-    notes.append(f'{mode} converted to RGB')
-  if path.lower().endswith('.png') and _png_bit_depth(path) == 16:
+  if mode == 'F':
+    notes.append('floating-point image scaled to 8 bits')
+  elif (mode.startswith('I;16') or (mode == 'I' and np.asarray(im).max(initial=0) > 255)
+        or (path.lower().endswith('.png') and _png_bit_depth(path) == 16)):
     notes.append('16-bit image scaled to 8 bits')
-  return np.asarray(im, np.uint8).copy(), notes
+  has_alpha = mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info
+  if has_alpha:
+    notes.append('transparency composited onto white')
+  elif mode in ('L', '1', 'I', 'F') or mode.startswith('I;16'):
+    notes.append('grayscale converted to RGB')
+  elif mode not in ('RGB', 'P'):
+    notes.append(f'{mode} converted to RGB')
+  return np.asarray(sources.to_rgb(im), np.uint8).copy(), notes
 
 
 def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Tuple[np.ndarray, List[str]]:

@@ -69,7 +69,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 def ema_decay(step: jax.Array, train_cfg) -> jax.Array:
   """Constant decay, or the warmup form min(decay, (1 + s) / (10 + s)) so early EMA tracks."""
   decay = jnp.asarray(train_cfg.ema_decay, jnp.float32)
-  if train_cfg.ema_warmup_steps > 0:
+  if train_cfg.ema_warmup:
     s = step.astype(jnp.float32)
     decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
   return decay

@@ -68,13 +68,17 @@ def is_bad(record: Record) -> bool:
 # Decoding.
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-  """Any Pillow mode -> 8-bit RGB, with alpha composited and 16-bit samples scaled properly."""
+def to_rgb(im: Image.Image) -> Image.Image:
+  """Any Pillow mode -> 8-bit RGB, with alpha composited and 16-bit samples scaled properly.
+
+  Shared by the training data and the restore CLI, so a file converts the same everywhere.
+  """
   mode = im.mode
   if mode == 'RGB':
     return im
-  if mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+  if mode.startswith('I;16') or (mode == 'I' and np.asarray(im).max(initial=0) > 255):
     # 16-bit grayscale (PNG/TIFF). Pillow's own convert('L') clips at 255, so scale by hand.
+    # (A 32-bit 'I' image holding 0..255 values is 8-bit data and falls through to convert.)
     a = np.asarray(im).astype(np.int64)
     a = (np.clip(a, 0, 65535) + 128) // 257
     return Image.fromarray(a.astype(np.uint8), 'L').convert('RGB')
@@ -143,7 +147,7 @@ def load_image(data: bytes | str | os.PathLike, resolution: int, name: str | Non
       im.draft(im.mode, (int(np.ceil(w * factor)), int(np.ceil(h * factor))))
     im.load()   # decode now: truncated files fail here
     im = ImageOps.exif_transpose(im)
-    im = _to_rgb(im)
+    im = to_rgb(im)
   except BadImageError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
@@ -229,7 +233,7 @@ BUILTIN_VAL_SIZE = 8
 def _builtin_photo(package: str, filename: str) -> Image.Image:
   path = importlib.resources.files(package).joinpath(filename)
   with path.open('rb') as f:
-    return _to_rgb(Image.open(io.BytesIO(f.read())))
+    return to_rgb(Image.open(io.BytesIO(f.read())))
 
 
 def _augmented_crop(photo: Image.Image, box: tuple[int, int, int], rng: np.random.Generator,
