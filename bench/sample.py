@@ -6,7 +6,6 @@ Random weights (the speed does not depend on them); the batch is sharded over lo
 Reports the median of `--repeats` timed restorations after one warm-up (which compiles).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import load_config  # noqa: E402
+from train_step import emit, load_config  # noqa: E402
 
 from idm_jax import inference  # noqa: E402
 from idm_jax.models import unet  # noqa: E402
@@ -51,10 +50,7 @@ def main():
                 sampler=a.sampler, seconds_per_batch=round(med, 3),
                 images_per_sec=round(a.batch / med, 2), first_call_s=round(compile_s, 1),
                 jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
-  print(json.dumps(result), flush=True)
-  if a.json:
-    with open(a.json, 'a') as f:
-      f.write(json.dumps(result) + '\n')
+  emit(result, a.json)
 
 
 if __name__ == '__main__':

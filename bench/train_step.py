@@ -34,6 +34,14 @@ def load_config(path):
   return module.get_config()
 
 
+def emit(result: dict, json_path: str = '') -> None:
+  """Prints a result as one JSON line, and appends it to json_path if given."""
+  print(json.dumps(result), flush=True)
+  if json_path:
+    with open(json_path, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+
+
 def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
   """bf16 matmul TFLOP/s on the first device (n=8192 on accelerators, smaller on a CPU)."""
   if jax.default_backend() == 'cpu':
@@ -103,10 +111,7 @@ def main():
       tflops=round(achieved, 1), matmul_peak_tflops=round(peak, 1),
       mfu=round(achieved / peak, 3), compile_s=round(compile_s, 1), loss=round(loss, 4),
       jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
-  print(json.dumps(result), flush=True)
-  if a.json:
-    with open(a.json, 'a') as f:
-      f.write(json.dumps(result) + '\n')
+  emit(result, a.json)
 
 
 if __name__ == '__main__':
