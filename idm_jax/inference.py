@@ -84,6 +84,30 @@ def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):
   return jax.tree_util.tree_map_with_path(one, shapes)
 
 
+def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, parameterization: str,
+                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None):
+  """The whole sampler loop for one batch: float32 x0 in [-1, 1] of `shape`.
+
+  lq: float [-1, 1] at the model resolution, or None for an unconditional model. t_start < 1
+  starts from lq noised to that level (the fidelity knob). guidance_scale (None = off, may be
+  traced) mixes in the model's null-condition prediction (classifier-free guidance).
+  Pure and jit-able; shared by the Restorer and the trainer's sample grids.
+  """
+  def cond_fn(x_t, logsnr):
+    return model.apply({'params': params}, x_t, logsnr, lq, train=False)
+
+  model_fn = cond_fn
+  if guidance_scale is not None:
+    def uncond_fn(x_t, logsnr):
+      drop = jnp.ones((x_t.shape[0],), bool)
+      return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
+    model_fn = samplers.guided(cond_fn, uncond_fn, guidance_scale)
+  return samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
+                         parameterization=parameterization, sampler=sampler, steps=steps,
+                         eta=eta, t_start=t_start, x_start=lq if t_start < 1. else None,
+                         clip_x0=True)
+
+
 class Restorer:
   """Samples from a trained model: `restore` for conditional models, `generate` otherwise."""
 
@@ -138,20 +162,10 @@ class Restorer:
     def one(params, lq, rng, scale, eta):
       # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
       # noise comes from its own key only.
-      def cond_fn(x_t, logsnr):
-        return model.apply({'params': params}, x_t, logsnr, lq, train=False)
-
-      model_fn = cond_fn
-      if guided:
-        def uncond_fn(x_t, logsnr):
-          drop = jnp.ones((x_t.shape[0],), bool)
-          return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
-        model_fn = samplers.guided(cond_fn, uncond_fn, scale)
-      return samplers.sample(
-          model_fn, rng, (1, res, res, 3), logsnr_fn=self.logsnr_fn,
-          parameterization=diffusion.parameterization, sampler=sampler, steps=steps,
-          eta=0. if eta_zero else eta, t_start=t_start,
-          x_start=lq if t_start < 1. else None, clip_x0=True)[0]
+      return sample_batch(model, params, lq, rng, shape=(1, res, res, 3),
+                          logsnr_fn=self.logsnr_fn, parameterization=diffusion.parameterization,
+                          sampler=sampler, steps=steps, eta=0. if eta_zero else eta,
+                          t_start=t_start, guidance_scale=scale if guided else None)[0]
 
     def fn(params, lq, seed, indices, scale, eta):
       base = jax.random.key(seed)

@@ -16,13 +16,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from idm_jax import checkpoints
+from idm_jax import inference
 from idm_jax import parallel
 from idm_jax.diffusion import objectives
-from idm_jax.diffusion import samplers
 from idm_jax.diffusion import schedules
 from idm_jax.models import unet
 
@@ -37,14 +36,6 @@ class TrainState:
   # The first step whose loss or gradient norm was not finite (-1: none). Such a step leaves
   # the state untouched, so no NaN ever reaches params, and the loop stops before saving.
   bad_step: jax.Array
-
-
-def to_model_range(images_uint8: jax.Array) -> jax.Array:
-  return images_uint8.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -100,23 +91,17 @@ def state_shardings(model: unet.UNet, tx, mesh, mesh_cfg):
   return abstract, shardings
 
 
-def _model_fn(model, params, lq, *, train, rng=None, drop_cond=None):
-  rngs = {'dropout': rng} if rng is not None else None
-  def fn(x_t, logsnr):
-    return model.apply({'params': params}, x_t, logsnr, lq, train=train, drop_cond=drop_cond,
-                       rngs=rngs)
-  return fn
-
-
 def loss_fn(params, model, batch, rng, config, logsnr_fn):
   """Mean diffusion loss of one (micro)batch; float32."""
-  hq = to_model_range(batch['hq'])
-  lq = to_model_range(batch['lq']) if config.model.conditional else None
+  hq = inference.to_model_range(batch['hq'])
+  lq = inference.to_model_range(batch['lq']) if config.model.conditional else None
   k_drop, k_cond, k_loss = jax.random.split(rng, 3)
   drop_cond = None
   if config.model.conditional and config.model.cond_drop_prob > 0:
     drop_cond = jax.random.bernoulli(k_cond, config.model.cond_drop_prob, (hq.shape[0],))
-  model_fn = _model_fn(model, params, lq, train=True, rng=k_drop, drop_cond=drop_cond)
+  def model_fn(x_t, logsnr):
+    return model.apply({'params': params}, x_t, logsnr, lq, train=True, drop_cond=drop_cond,
+                       rngs={'dropout': k_drop})
   loss, _ = objectives.training_loss(model_fn, hq, k_loss, logsnr_fn, config.diffusion)
   return loss
 
@@ -157,19 +142,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config, logsnr_fn):
 
 def sample_images(params, lq, rng, *, model, config, sample_cfg, shape, logsnr_fn):
   """EMA-model restoration (or generation when lq is None) of one batch; float in [-1, 1]."""
-  lq_f = to_model_range(lq) if lq is not None else None
-  model_fn = _model_fn(model, params, lq_f, train=False)
-  if lq_f is not None and sample_cfg.guidance_scale != 1.0:
-    uncond = _model_fn(model, params, lq_f, train=False,
-                       drop_cond=jnp.ones((shape[0],), jnp.bool_))
-    model_fn = samplers.guided(model_fn, uncond, sample_cfg.guidance_scale)
-  x_start = None
-  if sample_cfg.t_start < 1.0:
-    x_start = jax.image.resize(lq_f, shape, 'linear')
-  return samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
-                         parameterization=config.diffusion.parameterization,
-                         sampler=sample_cfg.sampler, steps=sample_cfg.steps, eta=sample_cfg.eta,
-                         t_start=sample_cfg.t_start, x_start=x_start)
+  lq_f = inference.to_model_range(lq) if lq is not None else None
+  guided = lq_f is not None and sample_cfg.guidance_scale != 1.0
+  return inference.sample_batch(
+      model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
+      parameterization=config.diffusion.parameterization, sampler=sample_cfg.sampler,
+      steps=sample_cfg.steps, eta=sample_cfg.eta, t_start=sample_cfg.t_start,
+      guidance_scale=sample_cfg.guidance_scale if guided else None)
 
 
 class Trainer:
@@ -227,7 +206,7 @@ class Trainer:
       fn = functools.partial(sample_images, model=self.model, config=self.config,
                              sample_cfg=sample_cfg, shape=(batch_size, res, res, 3),
                              logsnr_fn=self.logsnr_fn)
-      jitted = jax.jit(lambda params, lq, rng: to_uint8(fn(params, lq, rng)))
+      jitted = jax.jit(fn)
       def call(params, lq, rng, jitted=jitted):
         with parallel.mesh_rules(self.mesh):
           return jitted(params, lq, rng)
@@ -320,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def write_samples(step):
       sampler = trainer.sampler(vis_cfg, len(vis['hq']))
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
-      out = np.asarray(parallel.to_host(sampler(state.ema, lq, jax.random.PRNGKey(config.seed))))
+      out = inference.to_uint8(parallel.to_host(sampler(state.ema, lq,
+                                                      jax.random.PRNGKey(config.seed))))
       writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 
     progress = reporting.progress(start, end, enabled=pindex == 0)
