@@ -108,8 +108,11 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   pi, pc = jax.process_index(), jax.process_count()
   os.makedirs(os.path.join(out_dir, IMAGES), exist_ok=True)
 
-  name_of = getattr(source, 'name', None) or (lambda i: source[i]['name'])  # folders: no decode
-  names = [name_of(i) for i in range(len(source))]
+  from idm_jax.data import sources
+  if isinstance(source, sources.FolderSource):   # names without decoding every file
+    names = [source.name(i) for i in range(len(source))]
+  else:
+    names = [source[i]['name'] for i in range(len(source))]
   if len(set(names)) != len(names):
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
@@ -188,12 +191,12 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
 
 def _copy_record(source, i: int, name: str, out_dir: str) -> dict:
   """Copies a record unchanged: the original file bytes when the source is a folder."""
+  from idm_jax.data import sources
   dst = os.path.join(out_dir, IMAGES, name)
-  paths = getattr(source, 'paths', None)
-  if paths is not None:
+  if isinstance(source, sources.FolderSource):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = dst + '.tmp'
-    shutil.copyfile(paths[i], tmp)
+    shutil.copyfile(source.paths[i], tmp)
     os.replace(tmp, dst)
     rel = name
   else:

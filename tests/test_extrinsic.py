@@ -153,3 +153,16 @@ def test_unconditional_training_and_generation(tmp_path, test_config):
   images = [np.asarray(Image.open(os.path.join(out, f))) for f in files]
   assert all(im.shape == (32, 32, 3) for im in images)
   assert len({im.tobytes() for im in images}) == 5
+
+
+def test_cleaning_a_non_folder_source_writes_every_record(tmp_path):
+  """Sources that are not folders (builtin here, TFDS alike) are re-encoded losslessly as PNG."""
+  source = sources.BuiltinSource('validation', 32)
+  manifest = extrinsic.clean_dataset(
+      source, FakeRestorer(), str(tmp_path / 'c'), clean_cfg=clean_cfg(fraction=1.0), seed=0,
+      niqe_params=None, resolution=32, provenance={})
+  written = [f for _, _, fs in os.walk(tmp_path / 'c' / 'images') for f in fs]
+  assert manifest['counts']['cleaned'] == len(source) == len(written)
+  rec = source[0]
+  img = np.asarray(Image.open(tmp_path / 'c' / 'images' / (os.path.splitext(rec['name'])[0] + '.png')))
+  np.testing.assert_array_equal(img, 255 - rec['image'])
