@@ -21,6 +21,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
                              suffix='.tmp')
   try:
+    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
@@ -30,6 +32,21 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  """The process umask, read without changing it where possible (os.umask is process-wide, and
+  setting it even briefly races with files other threads create)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def encode_image(image: np.ndarray, fmt: str = 'PNG', **kwargs) -> bytes:
