@@ -268,14 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local_bs = config.train.batch_size // pcount
     data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
     ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, trainer.abstract_state, data_iter)
-      logging.info('resumed from step %d', latest)
-    else:
-      state = trainer.init(jax.random.PRNGKey(config.seed))
-      if config.train.init_from:
-        state = _warm_start(state, config.train.init_from)
+    state = _resume_or_init(trainer, ckpt, data_iter)
     start = int(jax.device_get(state.step))
     end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
                                                                start + max_steps)
@@ -287,12 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step_fn = trainer.compile_step(local_bs)
 
     writer = reporting.Writer(workdir, enabled=pindex == 0)
-    vis_config = config
-    if vis_data is not None:
-      vis_config = config.copy_and_resolve_references()
-      with vis_config.unlocked():
-        vis_config.data = vis_data
-    vis = pipeline.eval_batches(vis_config, config.train.num_vis, config.train.num_vis)[0]
+    vis = _vis_batch(config, vis_data)
     vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
     vis_cfg.steps = config.train.vis_steps
 
@@ -335,6 +323,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
       data_iter.close()
   return state
+
+
+def _resume_or_init(trainer: Trainer, ckpt: checkpoints.Checkpointer, data_iter) -> TrainState:
+  """The latest checkpoint (state and data position), else a fresh or warm-started state."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info('resuming from step %d', latest)
+    return ckpt.restore(latest, trainer.abstract_state, data_iter)
+  state = trainer.init(jax.random.PRNGKey(trainer.config.seed))
+  if trainer.config.train.init_from:
+    state = _warm_start(state, trainer.config.train.init_from)
+  return state
+
+
+def _vis_batch(config, vis_data=None) -> dict:
+  """The fixed validation batch of the sample grids, from vis_data's (or config's) data."""
+  from idm_jax.data import pipeline
+  if vis_data is not None:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data = vis_data
+  return pipeline.eval_batches(config, config.train.num_vis, config.train.num_vis)[0]
 
 
 def _warm_start(state: TrainState, workdir: str) -> TrainState:
