@@ -100,13 +100,14 @@ def merge_state(train: dict, ema):
                     opt_state=train['opt_state'], rng=train['rng'], bad_step=train['bad_step'])
 
 
-def read_config(workdir_or_step_dir: str, step: int | None = None) -> ml_collections.ConfigDict:
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir_or_step_dir),
+def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config saved with a workdir's latest (or given) complete checkpoint."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                   options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers=dict(config=ocp.JsonCheckpointHandler()))
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f'{workdir_or_step_dir}: no complete checkpoint found')
+    raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
   cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   manager.close()
   return configlib.from_json(json.dumps(cfg))

@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from idm_jax import checkpoints
+from idm_jax import files
 from idm_jax import configlib
 from idm_jax import inference
-from idm_jax import reporting
 
 MANIFEST = 'manifest.json'
 SCORES = 'scores.json'
@@ -128,7 +128,7 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
                                 'config.eval.niqe_params (niqe_pris_params.npz)')
       scores = niqe_scores(source, niqe_params, resolution)
       if pi == 0:
-        reporting.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
+        files.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
     selected = select_worst(scores, fraction)
   else:
     selected = set(names)
@@ -164,7 +164,7 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
         for (i, _), img in zip(good, restored):
           rel = _out_name(names[i], cleaned=True)
           path = os.path.join(out_dir, IMAGES, rel)
-          reporting.save_png(path, img)
+          files.save_image(path, img)
           _append(journal, dict(name=names[i], file=rel, action='cleaned',
                                 sha256=sha256_file(path)))
       bar.update(len(idx))
@@ -184,7 +184,7 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
                   settings=dict(clean_cfg.to_dict() if hasattr(clean_cfg, 'to_dict') else clean_cfg),
                   records=records, **provenance)
   _verify_records(out_dir, records)
-  reporting.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+  files.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
   logging.info('cleaned dataset %s: %s', out_dir, counts)
   return manifest
 
@@ -205,13 +205,13 @@ def _copy_record(source, i: int, name: str, out_dir: str) -> dict:
       return dict(name=name, action='failed', reason=rec.get('error', ''))
     rel = _out_name(name, cleaned=True)
     dst = os.path.join(out_dir, IMAGES, rel)
-    reporting.save_png(dst, rec['image'])
+    files.save_image(dst, rec['image'])
   return dict(name=name, file=rel, action='copied', sha256=sha256_file(dst))
 
 
 def _verify_records(out_dir: str, records: list[dict]) -> None:
-  files = [r['file'] for r in records if r['action'] != 'failed']
-  if len(set(files)) != len(files):
+  outputs = [r['file'] for r in records if r['action'] != 'failed']
+  if len(set(outputs)) != len(outputs):
     raise RuntimeError(f'{out_dir}: two records map to the same output file')
   for r in records:
     if r['action'] == 'failed':
@@ -325,7 +325,7 @@ def run_rounds(config, workdir: str) -> dict:
                        os.path.join(rdir, 'dataset'))
     os.makedirs(rdir, exist_ok=True)
     if jax.process_index() == 0:
-      reporting.write_atomic(os.path.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
+      files.write_atomic(os.path.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
     logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
     train.train_and_evaluate(cfg, rdir, vis_data=config.data)
     if str(r) not in results:
@@ -337,8 +337,8 @@ def run_rounds(config, workdir: str) -> dict:
       results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',
                              metrics=_summary(rows[last]))
       if jax.process_index() == 0:
-        reporting.write_atomic(results_path, json.dumps(results, indent=1).encode())
-        reporting.write_atomic(os.path.join(workdir, 'rounds.md'),
+        files.write_atomic(results_path, json.dumps(results, indent=1).encode())
+        files.write_atomic(os.path.join(workdir, 'rounds.md'),
                                _rounds_table(results).encode())
   return results
 

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from idm_jax import checkpoints
+from idm_jax import files
 from idm_jax import inference
 from idm_jax import reporting
 from idm_jax import validate
@@ -35,12 +36,12 @@ def run(config, workdir: str) -> str:
     idx = todo[start:start + bs]
     images = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
     for i, img in zip(idx, images):
-      reporting.save_png(os.path.join(out_dir, f'{i:06d}.png'), img)
+      files.save_image(os.path.join(out_dir, f'{i:06d}.png'), img)
   if pi == 0:
     first = [np.asarray(_read(os.path.join(out_dir, f'{i:06d}.png')))
              for i in range(min(16, g.num_samples)) if i % pc == 0]
     if first:
-      reporting.save_png(os.path.join(workdir, 'generated_grid.png'),
+      files.save_image(os.path.join(workdir, 'generated_grid.png'),
                          reporting.image_grid([np.stack(first)]))
   logging.info('%d samples in %s', g.num_samples, out_dir)
   return out_dir

@@ -11,8 +11,7 @@ import os
 
 import numpy as np
 
-from idm_jax.files import save_image as save_png  # noqa: F401  (callers use reporting.save_png)
-from idm_jax.files import write_atomic  # noqa: F401
+from idm_jax import files
 
 
 def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
@@ -70,7 +69,7 @@ class Writer:
     # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
     zoom = max(1, 128 // samples.shape[1])
     grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
-    save_png(os.path.join(self.workdir, f'samples_{step:07d}.png'), grid)
+    files.save_image(os.path.join(self.workdir, f'samples_{step:07d}.png'), grid)
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:
       self.scalars(step, metrics)

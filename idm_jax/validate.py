@@ -13,19 +13,16 @@ import jax
 import numpy as np
 
 from idm_jax import checkpoints
+from idm_jax import files
 from idm_jax import inference
 from idm_jax import reporting
 
-SHARED_NIQE = os.path.join('..', 'shared', 'data', 'niqe_pris_params.npz')
-
-
 def niqe_params_path(config) -> str | None:
-  """config.eval.niqe_params, else the standard file beside the data (../shared/data here)."""
+  """config.eval.niqe_params, else niqe_pris_params.npz beside the data folder (None if neither)."""
   candidates = [config.eval.niqe_params] if config.eval.niqe_params else []
   if config.data.dir:
     candidates.append(os.path.join(os.path.dirname(os.path.abspath(config.data.dir)),
                                    'niqe_pris_params.npz'))
-  candidates.append(SHARED_NIQE)
   for path in candidates:
     if path and os.path.isfile(path):
       return path
@@ -81,7 +78,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
           niqe_upscale=niqe_upscale, identity=config.eval.identity)
   grid_rows.append(val['hq'][:8])
   if write:
-    reporting.save_png(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
+    files.save_image(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:
       evaluate.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
@@ -91,7 +88,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
 def _save_all(directory: str, names, images) -> None:
   for name, img in zip(names, images):
     stem = os.path.splitext(os.path.basename(name))[0]
-    reporting.save_png(os.path.join(directory, f'{stem}.png'), img)
+    files.save_image(os.path.join(directory, f'{stem}.png'), img)
 
 
 def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
