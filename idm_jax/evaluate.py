@@ -44,6 +44,9 @@ METRIC_INFO = {
     'niqe': ('NIQE', False),
     'niqe_ref': ('NIQE of reference set', False),
     'fid': ('FID', False),
+    'fd_dlib': ('Frechet distance of dlib face descriptors', False),
+    'face_rate': ('Share with a detected face', True),
+    'face_rate_ref': ('Share with a detected face, reference set', True),
 }
 
 
@@ -249,6 +252,8 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
     if 'num_images' in metrics:
       ref = (f' ({metrics["num_ref_images"]} reference images)'
              if 'num_ref_images' in metrics else '')
+      if 'ref_resized_to' in metrics:
+        ref += f', resized to {metrics["ref_resized_to"]} like the samples'
       lines += [f'{metrics["num_images"]} images{ref}.', '']
     lines += _single_table(metrics)
   else:
@@ -350,20 +355,59 @@ def _run_fid(args) -> dict:
   ref = list_images(args.ref, 'ref')
   pred_imgs = _read_all([pred[s] for s in sorted(pred)], 'pred')
   ref_imgs = _read_all([ref[s] for s in sorted(ref)], 'ref')
+  return compare_sets(pred_imgs, ref_imgs, niqe_params=args.niqe_params,
+                      niqe_upscale=args.niqe_upscale, inception_weights=args.inception_weights,
+                      names=sorted(pred))
+
+
+def compare_sets(pred_imgs: list[np.ndarray], ref_imgs: list[np.ndarray], *, niqe_params=None,
+                 niqe_upscale: int = 1, inception_weights=None, names=None,
+                 progress: bool = True) -> dict:
+  """Distribution scores of a sample set against a reference set (generation, no pairs).
+
+  FID needs the user's Inception weights. Offline, always: the Frechet distance between the
+  sets' dlib face descriptors (FID's arithmetic on a face-recognition embedding, so it measures
+  how face-like and how varied the samples are), the share of images in which dlib's detector
+  finds a face, and NIQE of both. When every sample has one size and the reference images
+  another, the references are area-resized to the samples' size first, so both sets lose the
+  same detail and the scores compare the distributions, not the resolutions.
+  """
+  _check_images(pred_imgs, 'pred')
+  _check_images(ref_imgs, 'ref')
+  sizes = {im.shape[:2] for im in pred_imgs}
+  resized_to = None
+  if len(sizes) == 1 and any(im.shape[:2] not in sizes for im in ref_imgs):
+    (h, w), = sizes
+    resized_to = f'{w}x{h}'
+    ref_imgs = [np.asarray(Image.fromarray(im).resize((w, h), Image.BOX)) for im in ref_imgs]
+  bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not progress)  # noqa: E731
   metrics: dict[str, Any] = {}
-  if args.inception_weights:
+  if inception_weights:
     from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
-    f_pred = fid.inception_features(pred_imgs, args.inception_weights, progress=tqdm)
-    f_ref = fid.inception_features(ref_imgs, args.inception_weights, progress=tqdm)
+    f_pred = fid.inception_features(pred_imgs, inception_weights, progress=tqdm)
+    f_ref = fid.inception_features(ref_imgs, inception_weights, progress=tqdm)
     metrics['fid'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}
   else:
-    metrics['fid'] = _unavailable('no Inception weights given (--inception-weights); NIQE of '
-                                  'both sets is reported instead')
-  bar = lambda it, desc: tqdm(it, desc=desc, leave=False)  # noqa: E731
-  metrics['niqe'] = _niqe_metric(pred_imgs, args.niqe_params, args.niqe_upscale, bar)
-  metrics['niqe_ref'] = _niqe_metric(ref_imgs, args.niqe_params, args.niqe_upscale, bar)
-  return {'num_images': len(pred_imgs), 'num_ref_images': len(ref_imgs),
-          'names': sorted(pred), 'metrics': metrics}
+    metrics['fid'] = _unavailable('no Inception weights given (--inception-weights); the '
+                                  'offline scores below stand in')
+  reason = identity_lib.unavailable_reason()
+  if reason:
+    for key in ('fd_dlib', 'face_rate', 'face_rate_ref'):
+      metrics[key] = _unavailable(reason)
+  else:
+    from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+    f_pred, found_pred = identity_lib.face_descriptors(pred_imgs, lambda it: bar(it, 'dlib'))
+    f_ref, found_ref = identity_lib.face_descriptors(ref_imgs, lambda it: bar(it, 'dlib ref'))
+    metrics['fd_dlib'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}
+    metrics['face_rate'] = _available(found_pred.astype(float))
+    metrics['face_rate_ref'] = _available(found_ref.astype(float))
+  metrics['niqe'] = _niqe_metric(pred_imgs, niqe_params, niqe_upscale, bar)
+  metrics['niqe_ref'] = _niqe_metric(ref_imgs, niqe_params, niqe_upscale, bar)
+  out = {'num_images': len(pred_imgs), 'num_ref_images': len(ref_imgs),
+         'names': list(names) if names is not None else None, 'metrics': metrics}
+  if resized_to:
+    out['ref_resized_to'] = resized_to
+  return out
 
 
 def parse_args(argv):
@@ -386,7 +430,9 @@ def parse_args(argv):
                  help='downsampling factor of the consistency metric when LQ and pred have '
                       'the same size')
   p.add_argument('--fid', action='store_true',
-                 help='compare the --pred set with the --ref set (FID, NIQE of both)')
+                 help='compare the --pred set with the --ref set (FID with --inception-weights; '
+                      'offline: Frechet distance of dlib face descriptors, face detection rate, '
+                      'NIQE of both)')
   p.add_argument('--ref', help='reference images for --fid')
   p.add_argument('--inception-weights', default=None, help='Inception .npz from convert_weights')
   args = p.parse_args(argv)

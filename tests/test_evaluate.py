@@ -96,6 +96,8 @@ def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_pa
   assert m['fid']['mean'] is None and 'inception-weights' in m['fid']['reason']
   # Blurred faces look less natural than the originals.
   assert m['niqe']['mean'] > m['niqe_ref']['mean']
+  assert m['face_rate']['mean'] == m['face_rate_ref']['mean'] == 1.0
+  assert m['fd_dlib']['mean'] > 0
   with pytest.raises(SystemExit):
     evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--out', str(out)])
 
@@ -144,3 +146,22 @@ def test_write_report_compares_several_results(folders, tmp_path):
   assert len(saved['LQ input']['metrics']['psnr']['per_image']) == 1
   with pytest.raises(ValueError, match='neither'):
     evaluate.write_report({'x': 1}, tmp_path, 'bad')
+
+
+def test_compare_sets_scores_faces_against_noise_and_collapse(celeba_dir):
+  """The offline generation scores tell varied faces from non-faces and from one repeated face."""
+  paths = sorted(celeba_dir.glob('*.jpg'))[:60]
+  faces = [np.asarray(Image.open(p).convert('RGB')) for p in paths]
+  small = [cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in faces[:30]]
+  noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+           for i in range(30)]
+  collapsed = [small[0]] * 29 + [small[1]]
+  # 32 px "samples" against 128 px references: the references are brought to 32 px first.
+  good, bad, same = (evaluate.compare_sets(x, faces[30:], progress=False)
+                     for x in (small, noise, collapsed))
+  assert good['ref_resized_to'] == bad['ref_resized_to'] == '32x32'
+  g, b, c = good['metrics'], bad['metrics'], same['metrics']
+  assert g['face_rate']['mean'] >= 0.8 and b['face_rate']['mean'] == 0.0
+  assert g['face_rate_ref']['mean'] == b['face_rate_ref']['mean'] >= 0.8
+  assert 0 < 2 * g['fd_dlib']['mean'] < min(b['fd_dlib']['mean'], c['fd_dlib']['mean'])
+  assert g['niqe']['mean'] is None and 'NIQE parameters' in g['niqe']['reason']

@@ -101,6 +101,37 @@ def _whole_image_box(img: np.ndarray):
   return dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
 
 
+DESCRIPTOR_MIN_SIZE = 150
+
+
+def face_descriptors(images: Sequence[np.ndarray], progress=None) -> tuple[np.ndarray, np.ndarray]:
+  """dlib descriptors of a set of faces with no partner images (e.g. generated samples).
+
+  Returns (N, 128) descriptors and an (N,) bool array saying whether the HOG detector found a
+  face (else the whole image is embedded). Images under DESCRIPTOR_MIN_SIZE px are upscaled
+  (Lanczos, integer factor) first: the detector misses faces under about 80 px and dlib embeds
+  a 150 px chip anyway.
+  """
+  models = load_models()
+  feats, found = [], []
+  for img in (progress(images) if progress is not None else images):
+    img = _upscale_to(np.asarray(img), DESCRIPTOR_MIN_SIZE)
+    box = face_box(img, models)
+    found.append(box is not None)
+    feats.append(embed(img, box if box is not None else _whole_image_box(img), models))
+  return np.stack(feats), np.asarray(found, dtype=bool)
+
+
+
+def _upscale_to(img: np.ndarray, min_size: int) -> np.ndarray:
+  factor = -(-min_size // min(img.shape[:2]))
+  if factor <= 1:
+    return img
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = img.shape[:2]
+  return np.asarray(Image.fromarray(img).resize((w * factor, h * factor), Image.LANCZOS))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
