@@ -48,19 +48,21 @@ def niqe_scores(source, niqe_params: str, resolution: int) -> dict[str, float | 
   """NIQE of every record (higher = worse); None for records that fail to load."""
   from idm_jax.metrics import niqe
   params = niqe.load_niqe_params(niqe_params)
-  upscale = 2 if resolution < 192 else 1   # NIQE needs >= 192 px
   scores = {}
   for i in tqdm(range(len(source)), desc='score', disable=jax.process_index() != 0):
     rec = source[i]
-    if rec.get('image') is None:
-      scores[rec['name']] = None
-      continue
-    img = rec['image']
-    if upscale > 1:   # the same upscale the evaluation reports NIQE on
-      from idm_jax import evaluate
-      img = evaluate.upscale_lanczos(img, upscale)
-    scores[rec['name']] = float(niqe.niqe_score(img, params))
+    img = rec.get('image')
+    scores[rec['name']] = None if img is None else niqe_of(img, params, resolution)
   return scores
+
+
+def niqe_of(img: np.ndarray, params, resolution: int) -> float:
+  """NIQE on the same 2x Lanczos upscale the evaluation reports below 192 px (NIQE's minimum)."""
+  from idm_jax import evaluate
+  from idm_jax.metrics import niqe
+  if resolution < 192:
+    img = evaluate.upscale_lanczos(img, 2)
+  return float(niqe.niqe_score(img, params))
 
 
 def select_worst(scores: dict[str, float | None], fraction: float) -> set[str]:
@@ -130,8 +132,11 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
       if pi == 0:
         files.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
     selected = select_worst(scores, fraction)
+    from idm_jax.metrics import niqe
+    params = niqe.load_niqe_params(niqe_params) if niqe_params else None
   else:
     selected = set(names)
+    params = None
 
   done = _read_journals(out_dir)
   mine = [i for i in range(len(names)) if i % pc == pi and names[i] not in done]
@@ -165,8 +170,10 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
           rel = _out_name(names[i], cleaned=True)
           path = os.path.join(out_dir, IMAGES, rel)
           files.save_image(path, img)
-          _append(journal, dict(name=names[i], file=rel, action='cleaned',
-                                sha256=sha256_file(path)))
+          entry = dict(name=names[i], file=rel, action='cleaned', sha256=sha256_file(path))
+          if params is not None:   # did cleaning lower the score that selected the image?
+            entry['score_after'] = niqe_of(img, params, resolution)
+          _append(journal, entry)
       bar.update(len(idx))
 
   if pc > 1:
@@ -183,6 +190,12 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   manifest = dict(format='idm_jax/cleaned-dataset/1', source_records=len(names), counts=counts,
                   settings=dict(clean_cfg.to_dict() if hasattr(clean_cfg, 'to_dict') else clean_cfg),
                   records=records, **provenance)
+  after = [(r['score'], r['score_after']) for r in records if r.get('score_after') is not None]
+  if after:   # a first check of the model: did cleaning lower the score that selected them?
+    manifest['cleaned_niqe'] = dict(before=float(np.mean([b for b, _ in after])),
+                                    after=float(np.mean([a for _, a in after])))
+    logging.info('NIQE of the cleaned records: %.3f before, %.3f after',
+                 manifest['cleaned_niqe']['before'], manifest['cleaned_niqe']['after'])
   _verify_records(out_dir, records)
   files.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
   logging.info('cleaned dataset %s: %s', out_dir, counts)

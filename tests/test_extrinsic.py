@@ -10,6 +10,7 @@ from PIL import Image
 
 from idm_jax import extrinsic
 from idm_jax.data import sources
+from idm_jax.metrics import niqe as niqe_lib
 
 
 def tree_digest(root):
@@ -87,6 +88,7 @@ def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_pa
       niqe_params=str(niqe_params_path), resolution=128, provenance={'model': 'fake'})
   with open(out / 'scores.json') as f:
     scores = json.load(f)
+  niqe = niqe_lib.load_niqe_params(str(niqe_params_path))
   worst = sorted(scores, key=lambda n: -scores[n])[:3]
   cleaned = sorted(r['name'] for r in manifest['records'] if r['action'] == 'cleaned')
   assert cleaned == sorted(worst)
@@ -97,7 +99,12 @@ def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_pa
       img = np.asarray(Image.open(out / 'images' / r['file']))
       orig = sources.load_image(str(faces / r['name']), 128)
       np.testing.assert_array_equal(img, 255 - orig)
+      assert r['score'] == scores[r['name']]
+      assert r['score_after'] == pytest.approx(extrinsic.niqe_of(img, niqe, 128))
   assert manifest['counts'] == {'cleaned': 3, 'copied': 9, 'failed': 0}
+  after = [r['score_after'] for r in manifest['records'] if r['action'] == 'cleaned']
+  assert manifest['cleaned_niqe'] == pytest.approx(
+      {'before': np.mean([scores[n] for n in worst]), 'after': np.mean(after)})
 
 
 def test_select_worst_ties_and_failures():
