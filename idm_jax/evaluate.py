@@ -80,6 +80,11 @@ def _niqe_metric(images, params, upscale: int, progress: Callable) -> dict:
   return _available(scores, upscale=upscale)
 
 
+def niqe_upscale_for(size: int) -> int:
+  """The smallest integer Lanczos upscale that brings `size` px to NIQE's minimum (2 for 128)."""
+  return max(1, -(-niqe_lib.MIN_SIZE // int(size)))
+
+
 def upscale_lanczos(img: np.ndarray, factor: int) -> np.ndarray:
   """Lanczos upscale of uint8 RGB by an integer factor (NIQE on small faces)."""
   if factor == 1:

@@ -57,11 +57,10 @@ def niqe_scores(source, niqe_params: str, resolution: int) -> dict[str, float | 
 
 
 def niqe_of(img: np.ndarray, params, resolution: int) -> float:
-  """NIQE on the same 2x Lanczos upscale the evaluation reports below 192 px (NIQE's minimum)."""
+  """NIQE on the Lanczos upscale the evaluation reports it on (2x for 128 px; NIQE needs 192)."""
   from idm_jax import evaluate
   from idm_jax.metrics import niqe
-  if resolution < 192:
-    img = evaluate.upscale_lanczos(img, 2)
+  img = evaluate.upscale_lanczos(img, evaluate.niqe_upscale_for(resolution))
   return float(niqe.niqe_score(img, params))
 
 
@@ -265,10 +264,11 @@ def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
   ckpt_config, params = checkpoints.load_for_inference(model_workdir)
   model_config = validate.with_model_of(config, ckpt_config)
   restorer = inference.Restorer(model_config, params)
-  source = sources.make_source(config.data, 'train')
+  # Records load at the model's resolution, whatever the run's config says.
+  source = sources.make_source(model_config.data, 'train')
   return clean_dataset(source, restorer, out_dir, clean_cfg=config.clean, seed=config.seed,
                        niqe_params=validate.niqe_params_path(config),
-                       resolution=config.data.resolution,
+                       resolution=model_config.data.resolution,
                        provenance=_provenance(config, model_workdir))
 
 

@@ -60,7 +60,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
     for sub in ('lq', 'hq'):
       _save_all(os.path.join(out_dir, sub), val['name'], val[sub])
   niqe = niqe_params_path(config)
-  niqe_upscale = 2 if config.data.resolution < 192 else 1  # NIQE needs >= 192 px images
+  niqe_upscale = evaluate.niqe_upscale_for(config.data.resolution)  # NIQE needs >= 192 px
   rows, grid_rows = {}, [val['lq'][:8]]
   if write_metrics:
     rows['LQ input'] = evaluate.evaluate_images(
