@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from idm_jax import checkpoints
@@ -167,3 +168,36 @@ def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
   assert ckpt.latest_step() == 2
   _, ema = checkpoints.load_for_inference(str(tmp_path))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ema))
+
+
+def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
+  """accum=2 applies the mean gradient of micro-batches [0::2] and [1::2] (key fold_in(rng, i))."""
+  import functools
+  from idm_jax.diffusion import schedules
+  from idm_jax.models import unet
+  c = test_config
+  c.train.update(batch_size=4, grad_accum_steps=2, grad_clip=0.0)
+  r = c.data.resolution
+  model = unet.build_model(c.model, r)
+  tx = train.make_optimizer(c.train)
+  logsnr_fn = schedules.get_logsnr_fn(c.diffusion, r)
+  state = train.init_state(jax.random.PRNGKey(0), model, tx)
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.integers(0, 256, (4, r, r, 3), dtype=np.uint8))
+           for k in ('hq', 'lq')}
+  after, metrics = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=c,
+                                             logsnr_fn=logsnr_fn))(state, batch)
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  losses, grads = zip(*[
+      jax.value_and_grad(train.loss_fn)(state.params, model,
+                                        {k: v[i::2] for k, v in batch.items()},
+                                        jax.random.fold_in(step_rng, i), c, logsnr_fn)
+      for i in range(2)])
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  updates, _ = tx.update(mean_grads, state.opt_state, state.params)
+  want = optax.apply_updates(state.params, updates)
+  np.testing.assert_allclose(float(metrics['loss']), np.mean(losses), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['grad_norm']), float(optax.tree.norm(mean_grads)),
+                             rtol=1e-4)
+  for got, exp in zip(jax.tree.leaves(after.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-6)
