@@ -128,6 +128,17 @@ def local_batch_to_global(local_batch: dict, mesh: Mesh) -> dict:
           for k, v in local_batch.items()}
 
 
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches `name`, through the coordination service (no device
+  collective). Called between compiling and first running a program with cross-process
+  collectives: hosts compile at different speeds, and on CPU gloo gives up setting up its first
+  collective after 30 s, which a slow or busy host can exceed."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination client has no public handle
+  distributed.global_state.client.wait_at_barrier(f'idm_jax/{name}', int(timeout_s * 1000))
+
+
 def to_host(tree):
   """Fetches a (replicated or sharded) pytree to host numpy on every process."""
   if jax.process_count() == 1:

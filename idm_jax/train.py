@@ -195,6 +195,7 @@ class Trainer:
       logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate)', flops,
                    flops / global_batch / 1e9)
     self.step_flops = flops
+    parallel.barrier('train step compiled')
     return compiled
 
   def sampler(self, sample_cfg, batch_size: int):

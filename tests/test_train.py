@@ -77,10 +77,15 @@ def test_sharded_8_devices_matches_1_device(tmp_path):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  """Two local processes (4 CPU devices each, gloo collectives) == one process with 8 devices."""
+  """Two local processes (4 CPU devices each, gloo collectives) == one process with 8 devices.
+
+  Process 1 compiles the step 35 s late, like a slow or busy host: gloo abandons setting up
+  the first collective after 30 s, so this passes only because the trainer waits at a barrier
+  between compiling and running the step."""
   port = free_port()
   procs = [run_worker(tmp_path / 'multi', 3, devices=4, overrides=BASE, wait=False,
-                      extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port)])
+                      extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port),
+                             '--compile-delay', str(35 * i)])
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):

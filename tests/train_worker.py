@@ -1,7 +1,7 @@
 """Runs a short training job in a fresh process (device count and multi-host set before jax starts).
 
 python tests/train_worker.py --workdir W --steps N [--devices 8] [--overrides JSON]
-    [--process-id I --num-processes P --port PORT] [--params-out F.npz]
+    [--process-id I --num-processes P --port PORT] [--params-out F.npz] [--compile-delay S]
 Prints one JSON line: {"losses": [...], "step": ...}. Used by tests/test_train.py.
 """
 import argparse
@@ -20,6 +20,8 @@ def main():
   p.add_argument('--num-processes', type=int, default=1)
   p.add_argument('--port', type=int, default=0)
   p.add_argument('--params-out', default='')
+  p.add_argument('--compile-delay', type=float, default=0.0,
+                 help='sleep this long before compiling the train step: a slow host')
   a = p.parse_args()
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.devices}'
   os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -41,6 +43,13 @@ def main():
       node = node[k]
     node[leaf] = tuple(value) if isinstance(value, list) else value
   configlib.validate(config)
+  if a.compile_delay:
+    import time
+    compile_step = train.Trainer.compile_step
+    def slow_compile_step(self, *args, **kwargs):
+      time.sleep(a.compile_delay)
+      return compile_step(self, *args, **kwargs)
+    train.Trainer.compile_step = slow_compile_step
   state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
   if a.params_out and jax.process_index() == 0:
     from idm_jax import parallel
