@@ -30,7 +30,8 @@ python3 -m idm_jax.main --config=configs/celeba_128.py --workdir="$RESTORER" --c
 for version in original cleaned; do
   if [ "$version" = original ]; then data=(--config.data.dir="$DATA" --config.data.num_val="$VAL")
   else data=(--config.data.dir="$WORK/cleaned/images" --config.data.num_val=0); fi
-  gen=(--config="$CONFIG" --workdir="$WORK/gen_$version" "${data[@]}" "${EXTRA[@]}")
+  gen=(--config="$CONFIG" --workdir="$WORK/gen_$version" --config.data.source=folder "${data[@]}"
+       "${EXTRA[@]}")
   python3 -m idm_jax.main "${gen[@]}"
   python3 -m idm_jax.main "${gen[@]}" --config.mode=generate
 done

@@ -286,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     vis_cfg.steps = config.train.vis_steps
 
     def write_samples(step):
-      sampler = trainer.sampler(vis_cfg, len(vis['hq']))
+      sampler = trainer.sampler(vis_cfg, vis['size'])
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
       out = inference.to_uint8(parallel.to_host(sampler(state.ema, lq,
                                                       jax.random.PRNGKey(config.seed))))
@@ -339,13 +339,18 @@ def _resume_or_init(trainer: Trainer, ckpt: checkpoints.Checkpointer, data_iter)
 
 
 def _vis_batch(config, vis_data=None) -> dict:
-  """The fixed validation batch of the sample grids, from vis_data's (or config's) data."""
+  """The fixed validation batch of the sample grids, from vis_data's (or config's) data, and
+  its 'size'. An unconditional model samples from noise alone: no data, so a dataset with no
+  validation split (num_val=0, e.g. a cleaned version) trains too."""
+  if not config.model.conditional:
+    return {'size': int(config.train.num_vis)}
   from idm_jax.data import pipeline
   if vis_data is not None:
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data = vis_data
-  return pipeline.eval_batches(config, config.train.num_vis, config.train.num_vis)[0]
+  batch = pipeline.eval_batches(config, config.train.num_vis, config.train.num_vis)[0]
+  return dict(batch, size=len(batch['hq']))
 
 
 def _warm_start(state: TrainState, workdir: str) -> TrainState:

@@ -56,4 +56,5 @@ def test_generation_script(tmp_path, celeba_dir, niqe_params_path):
     assert f'| {version} |' in out.stdout
   # The cleaned generator trained on the cleaned images, not the source.
   config = json.loads((work / 'gen_cleaned' / 'config_train.json').read_text())
+  assert config['data']['source'] == 'folder' and config['data']['num_val'] == 0
   assert config['data']['dir'] == str(work / 'cleaned' / 'images')
