@@ -36,7 +36,7 @@ for version in original cleaned; do
   python3 -m idm_jax.main "${gen[@]}" --config.mode=generate
 done
 
-# 3. Scores: both sample sets against all the real faces, and the cleaned training set itself.
+# 3. Scores: both sample sets against all the real faces; the cleaning summary from its manifest.
 for version in original cleaned; do
   # NIQE needs 192 px: upscale the samples (and the references, resized to their size) enough.
   up=$(python3 -c "import sys; from PIL import Image; from idm_jax import evaluate

@@ -44,10 +44,8 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
-def niqe_scores(source, niqe_params: str, resolution: int) -> dict[str, float | None]:
+def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
   """NIQE of every record (higher = worse); None for records that fail to load."""
-  from idm_jax.metrics import niqe
-  params = niqe.load_niqe_params(niqe_params)
   scores = {}
   for i in tqdm(range(len(source)), desc='score', disable=jax.process_index() != 0):
     rec = source[i]
@@ -119,20 +117,20 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   fraction = float(clean_cfg.fraction)
   scores = None
   if fraction < 1.0:
+    from idm_jax.metrics import niqe
+    params = niqe.load_niqe_params(niqe_params) if niqe_params else None
     scores_path = os.path.join(out_dir, SCORES)
     if os.path.exists(scores_path):
       with open(scores_path) as f:
         scores = json.load(f)
     else:
-      if not niqe_params:
+      if params is None:
         raise FileNotFoundError('clean.fraction < 1 ranks images by NIQE, which needs '
                                 'config.eval.niqe_params (niqe_pris_params.npz)')
-      scores = niqe_scores(source, niqe_params, resolution)
+      scores = niqe_scores(source, params, resolution)
       if pi == 0:
         files.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
     selected = select_worst(scores, fraction)
-    from idm_jax.metrics import niqe
-    params = niqe.load_niqe_params(niqe_params) if niqe_params else None
   else:
     selected = set(names)
     params = None

@@ -112,24 +112,17 @@ def face_descriptors(images: Sequence[np.ndarray], progress=None) -> tuple[np.nd
   (Lanczos, integer factor) first: the detector misses faces under about 80 px and dlib embeds
   a 150 px chip anyway.
   """
+  from idm_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports us)
   models = load_models()
   feats, found = [], []
   for img in (progress(images) if progress is not None else images):
-    img = _upscale_to(np.asarray(img), DESCRIPTOR_MIN_SIZE)
+    img = np.asarray(img)
+    img = evaluate.upscale_lanczos(img, max(1, -(-DESCRIPTOR_MIN_SIZE // min(img.shape[:2]))))
     box = face_box(img, models)
     found.append(box is not None)
     feats.append(embed(img, box if box is not None else _whole_image_box(img), models))
   return np.stack(feats), np.asarray(found, dtype=bool)
 
-
-
-def _upscale_to(img: np.ndarray, min_size: int) -> np.ndarray:
-  factor = -(-min_size // min(img.shape[:2]))
-  if factor <= 1:
-    return img
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h, w = img.shape[:2]
-  return np.asarray(Image.fromarray(img).resize((w * factor, h * factor), Image.LANCZOS))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
