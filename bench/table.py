@@ -8,13 +8,14 @@ def main(path):
   train = [r for r in rows if 'step_ms' in r]
   sample = [r for r in rows if 'seconds_per_batch' in r]
   if train:
-    print('| config | device | batch | img/s | step ms | GFLOP/img (arch / XLA) | TFLOP/s | MFU '
-          '| peak | compile s |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| config | part | device | batch | img/s | step ms | GFLOP/img (arch / XLA) | TFLOP/s '
+          '| MFU | peak | kernels | compile s |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for r in train:
-      print(f"| {r['config']} | {r['device']} | {r['batch']} | {r['images_per_sec']} | "
-            f"{r['step_ms']} | {r['gflop_per_image_arch']} / {r['gflop_per_image_xla']} | "
-            f"{r['tflops']} | {r['mfu']:.0%} | {r['matmul_peak_tflops']} | {r['compile_s']} |")
+      print(f"| {r['config']} | {r.get('part', 'step')} | {r['device']} | {r['batch']} | "
+            f"{r['images_per_sec']} | {r['step_ms']} | {r['gflop_per_image_arch']} / "
+            f"{r['gflop_per_image_xla']} | {r['tflops']} | {r['mfu']:.0%} | "
+            f"{r['matmul_peak_tflops']} | {r.get('kernels', '')} | {r['compile_s']} |")
   if sample:
     print('\n| config | device | batch | steps | sampler | faces/s | s per batch |')
     print('|---|---|---|---|---|---|---|')

@@ -1,12 +1,18 @@
 """Train-step throughput: images/s, step ms, FLOPs per image and MFU.
 
 python bench/train_step.py --config=configs/adm_sr_256.py [--batch 16] [--steps 30] [--json F]
+                           [--part step|grads|update]
 
 Compiles the real train step (AdamW, EMA, bf16 compute, donated state) once ahead of time, runs
 warm-up steps, then times `--steps` steps one by one, blocking on each result, and reports the
 median. FLOPs per image come from the compiled program's cost analysis and, independently, from
 the architecture (every conv and matmul in the traced step). MFU is against a bf16 matmul peak
-measured in the same run on the same device.
+measured in the same run on the same device. It also reports the program's kernel launches,
+counted from its optimized HLO (bench/kernels.py).
+
+--part splits the step to find where its time goes: `grads` is the forward and backward pass
+(loss, gradients and their norm, state passed through untouched), `update` is the rest of the
+real step (AdamW, EMA, the finite guard) applied to fixed gradients. grads + update ~ step.
 """
 import argparse
 import importlib.util
@@ -19,12 +25,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops as flops_lib  # noqa: E402
+import kernels  # noqa: E402
 
 from idm_jax import parallel  # noqa: E402
 from idm_jax import train  # noqa: E402
+
+PARTS = ('step', 'grads', 'update')
 
 
 def load_config(path):
@@ -64,6 +74,8 @@ def main():
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--attention', default='', help='override model.attention_impl')
   p.add_argument('--json', default='', help='append the result as a JSON line to this file')
+  p.add_argument('--part', default='step', choices=PARTS,
+                 help='time the whole step, or only its gradient or update half')
   a = p.parse_args()
 
   config = load_config(a.config)
@@ -75,19 +87,28 @@ def main():
   mesh = parallel.make_mesh(config.mesh)
   trainer = train.Trainer(config, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
-  t0 = time.perf_counter()
-  step = trainer.compile_step(bs // jax.process_count())
-  compile_s = time.perf_counter() - t0
-
   res = config.data.resolution
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8)
            for k in trainer.batch_spec(bs)}
   batch = parallel.local_batch_to_global(batch, mesh)
 
-  arch = flops_lib.count_flops(
-      lambda s, b: train.train_step(s, b, model=trainer.model, tx=trainer.tx, config=config,
-                                    logsnr_fn=trainer.logsnr_fn), state, batch)
+  fn, arg, arg_spec = part_program(a.part, trainer, batch)
+  t0 = time.perf_counter()
+  if a.part == 'step':
+    step = trainer.compile_step(bs // jax.process_count())
+  else:
+    jitted = jax.jit(fn, in_shardings=(trainer.shardings, _shardings(arg_spec)),
+                     out_shardings=(trainer.shardings, parallel.replicated(mesh)),
+                     donate_argnums=0)
+    with parallel.mesh_rules(mesh):
+      step = jitted.lower(trainer.abstract_state, arg_spec).compile()
+    trainer.step_flops = train.xla_flops(step)
+  compile_s = time.perf_counter() - t0
+  launches = kernels.launch_count(step.as_text())
+
+  arch = flops_lib.count_flops(fn, state, arg)
+  batch = arg
   for _ in range(a.warmup):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -103,15 +124,41 @@ def main():
   xla_per_image = trainer.step_flops / bs
   achieved = arch / med / 1e12
   result = dict(
-      config=os.path.basename(a.config), device=jax.devices()[0].device_kind,
+      config=os.path.basename(a.config), part=a.part, device=jax.devices()[0].device_kind,
       num_devices=jax.device_count(), batch=bs, attention=config.model.attention_impl,
       step_ms=round(med * 1e3, 2), images_per_sec=round(bs / med, 1),
       gflop_per_image_arch=round(arch / bs / 1e9, 1),
       gflop_per_image_xla=round(xla_per_image / 1e9, 1),
       tflops=round(achieved, 1), matmul_peak_tflops=round(peak, 1),
       mfu=round(achieved / peak, 3), compile_s=round(compile_s, 1), loss=round(loss, 4),
+      kernels=launches['kernels'], kernel_ops=dict(list(launches['by_op'].items())[:6]),
       jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
   emit(result, a.json)
+
+
+def part_program(part, trainer, batch):
+  """(fn(state, arg) -> (state, metrics), arg, arg's abstract spec) for one part of the step."""
+  config, model, tx, logsnr_fn = trainer.config, trainer.model, trainer.tx, trainer.logsnr_fn
+  if part == 'step':
+    fn = lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config,
+                                       logsnr_fn=logsnr_fn)
+    return fn, batch, trainer.batch_spec(batch[next(iter(batch))].shape[0])
+  if part == 'grads':
+    def grads_only(state, b):
+      loss, grads = train.loss_and_grads(state, b, model=model, config=config,
+                                         logsnr_fn=logsnr_fn)
+      return state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
+    return grads_only, batch, trainer.batch_spec(batch[next(iter(batch))].shape[0])
+  # update: the real step's second half on fixed, finite gradients with the params' shardings
+  params = trainer.abstract_state.params
+  grads = jax.tree.map(lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding),
+                       params)
+  fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, tx=tx, config=config)
+  return fn, grads, params
+
+
+def _shardings(spec):
+  return jax.tree.map(lambda x: x.sharding, spec)
 
 
 if __name__ == '__main__':

@@ -108,6 +108,12 @@ def loss_fn(params, model, batch, rng, config, logsnr_fn):
 
 def train_step(state: TrainState, batch: dict, *, model, tx, config, logsnr_fn):
   """One optimiser step (with optional gradient accumulation). Returns (state, metrics)."""
+  loss, grads = loss_and_grads(state, batch, model=model, config=config, logsnr_fn=logsnr_fn)
+  return apply_gradients(state, loss, grads, tx=tx, config=config)
+
+
+def loss_and_grads(state: TrainState, batch: dict, *, model, config, logsnr_fn):
+  """The mean loss and gradient over the batch (averaged over accumulation micro-batches)."""
   rng = jax.random.fold_in(state.rng, state.step)
   accum = config.train.grad_accum_steps
   grad_fn = jax.value_and_grad(loss_fn)
@@ -123,7 +129,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config, logsnr_fn):
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+  return loss, grads
 
+
+def apply_gradients(state: TrainState, loss, grads, *, tx, config):
+  """The optimiser and EMA update, guarded: a non-finite loss or gradient leaves state as is."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -149,6 +159,15 @@ def sample_images(params, lq, rng, *, model, config, sample_cfg, shape, logsnr_f
       parameterization=config.diffusion.parameterization, sampler=sample_cfg.sampler,
       steps=sample_cfg.steps, eta=sample_cfg.eta, t_start=sample_cfg.t_start,
       guidance_scale=sample_cfg.guidance_scale if guided else None)
+
+
+def xla_flops(compiled) -> float:
+  """XLA's FLOP estimate of a compiled program (0 if it has none). On GPUs it leaves out the
+  convolutions and matmuls rewritten into library calls; bench/flops.py counts those."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', 0.0))
 
 
 class Trainer:
@@ -186,10 +205,7 @@ class Trainer:
     with parallel.mesh_rules(self.mesh):
       compiled = self.step.lower(self.abstract_state,
                                  self.batch_spec(local_batch_size)).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else {}
-    flops = float((cost or {}).get('flops', 0.0))
+    flops = xla_flops(compiled)
     if flops:
       global_batch = local_batch_size * jax.process_count()
       logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate)', flops,

@@ -1,0 +1,63 @@
+"""The benchmark tools: kernel counting from HLO, and bench/train_step.py's step decomposition."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+import kernels  # noqa: E402
+
+
+def _count(fn, *args):
+  return kernels.launch_count(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_one_fused_chain_is_one_kernel():
+  x = jnp.ones((256,))
+  assert _count(lambda a: jnp.tanh(a * 2.0 + 1.0), x)['kernels'] == 1
+
+
+def test_per_leaf_update_costs_a_kernel_per_leaf():
+  tree = [jnp.ones((i + 3,)) for i in range(40)]
+  counts = _count(lambda t: jax.tree.map(lambda a: a * 0.9 + 1.0, t), tree)
+  assert counts['kernels'] >= 40, counts
+  flat = jnp.ones((sum(i + 3 for i in range(40)),))
+  assert _count(lambda a: a * 0.9 + 1.0, flat)['kernels'] == 1
+
+
+def test_loop_bodies_are_counted():
+  x = jnp.ones((8, 8))
+  once = _count(lambda a: jnp.sin(a) @ a, x)['kernels']
+  loop = _count(lambda a: jax.lax.fori_loop(0, 5, lambda i, v: jnp.sin(v) @ v, a), x)['kernels']
+  assert loop >= once  # the body's kernels are counted (once: the count is static)
+
+
+def test_no_entry_is_an_error():
+  with pytest.raises(ValueError, match='ENTRY'):
+    kernels.launch_count('HloModule m\n')
+
+
+def _bench(part):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'train_step.py'),
+       '--config=' + os.path.join(ROOT, 'configs', 'test.py'), '--steps', '2', '--warmup', '1',
+       '--part', part], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads([line for line in out.stdout.splitlines() if line.startswith('{')][-1])
+
+
+def test_step_splits_into_grads_and_update():
+  step, grads, update = _bench('step'), _bench('grads'), _bench('update')
+  assert [r['part'] for r in (step, grads, update)] == ['step', 'grads', 'update']
+  # All the matmul work is in the gradient half; the update has none.
+  assert grads['gflop_per_image_arch'] == step['gflop_per_image_arch'] > 0
+  assert update['gflop_per_image_arch'] == 0
+  # The halves' kernels add up to about the whole step's (XLA fuses a little across the seam).
+  total = grads['kernels'] + update['kernels']
+  assert 0.8 * total <= step['kernels'] <= 1.1 * total, (step, grads, update)
+  assert update['step_ms'] < step['step_ms']
