@@ -38,14 +38,16 @@ timeout -s TERM "$TRAIN_SECONDS" python3 -m idm_jax.main "${common[@]}" \
   --config.train.num_steps=1000000 --config.train.sample_every=1000000 \
   --config.train.ckpt_every=2000 > /tmp/logs/train.log 2>&1 &
 train_pid=$!
-(
-  for c in $BENCH_CONFIGS; do
+# Each in its own process group (setsid), so that stopping it stops every process it started:
+# a stray benchmark left on the card would slow the timings of phase B.
+export BENCH_CONFIGS SAMPLE_CONFIG
+setsid bash -c 'for c in $BENCH_CONFIGS; do
     python3 bench/train_step.py --config="$c" --steps 1 --warmup 1
   done
-  python3 bench/sample.py --config="$SAMPLE_CONFIG" --steps 25 --batch 16 --repeats 1
-) > /tmp/logs/warm.log 2>&1 &
+  python3 bench/sample.py --config="$SAMPLE_CONFIG" --steps 25 --batch 16 --repeats 1' \
+  > /tmp/logs/warm.log 2>&1 &
 warm_pid=$!
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > /tmp/logs/tests.log 2>&1 &
+setsid python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > /tmp/logs/tests.log 2>&1 &
 tests_pid=$!
 
 wait "$train_pid"; rc=$?
@@ -66,8 +68,11 @@ fi
 # The benchmarks must have the GPU alone: wait for the compile chain and tests (bounded).
 for pid in $warm_pid $tests_pid; do
   while kill -0 "$pid" 2>/dev/null && [ "$(left)" -gt 90 ]; do sleep 2; done
-  kill "$pid" 2>/dev/null && say "stopped $pid (out of time)"
+  kill -TERM -- "-$pid" 2>/dev/null && say "stopped process group $pid (out of time)"
 done
+sleep 2
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null \
+  | sed 's/^/still on the GPU: /'
 tail -3 /tmp/logs/tests.log
 say "phase B: timing the benchmarks (cached programs)"
 for c in $BENCH_CONFIGS; do
