@@ -3,7 +3,8 @@
 # benchmarks for the parity configs and configs/ffhq.py; prints a table last.
 #   bash bench/gpu_check.sh [OUT_DIR]          (about 6-8 minutes on one H100/H200)
 #   ONLY="tests train256 train512 trainffhq sampleffhq" bash bench/gpu_check.sh   (a subset)
-#   ONLY="parts256 train256" ...   also times adm_sr_256's gradient and update halves apart
+#   ONLY="parts256 update256 train256" ...   also times adm_sr_256's gradient and update halves
+#   apart, and its update in three layouts (bench/update_variants.py; about a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench_out}}
@@ -20,6 +21,7 @@ want tests && run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 want parts256 && for part in grads update; do
   run python3 bench/train_step.py --config=configs/adm_sr_256.py --part $part --json "$JSON"
 done
+want update256 && run python3 bench/update_variants.py --config=configs/adm_sr_256.py --json "$JSON"
 want train256 && run python3 bench/train_step.py --config=configs/adm_sr_256.py --json "$JSON"
 want train512 && run python3 bench/train_step.py --config=configs/adm_sr_512.py --json "$JSON"
 want trainffhq && run python3 bench/train_step.py --config=configs/ffhq.py --json "$JSON"

@@ -61,3 +61,26 @@ def test_step_splits_into_grads_and_update():
   total = grads['kernels'] + update['kernels']
   assert 0.8 * total <= step['kernels'] <= 1.1 * total, (step, grads, update)
   assert update['step_ms'] < step['step_ms']
+
+
+def test_update_variants_compute_the_same_update():
+  from jax.flatten_util import ravel_pytree
+  import train_step as bench_train
+  import update_variants as uv
+  config = bench_train.load_config(os.path.join(ROOT, 'configs', 'test.py'))
+  base, grads, tx = uv.make_inputs(config)
+  results = {}
+  for variant in uv.VARIANTS:
+    state = uv.flatten_state(base, tx) if variant == 'flat' else base
+    state = jax.tree.map(jnp.copy, state)
+    for _ in range(2):
+      state, _ = uv.program(variant, tx, config)(state, grads)
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
+            if hasattr(s, 'mu')][0]
+    results[variant] = [ravel_pytree(x)[0] for x in (state.params, state.ema, adam.mu, adam.nu)]
+    assert int(state.step) == 2
+  before = ravel_pytree(base.params)[0]
+  assert float(jnp.abs(results['tree'][0] - before).max()) > 1e-4  # the update did something
+  for variant in ('tree_noguard', 'flat'):
+    for got, want in zip(results[variant], results['tree']):
+      assert jnp.allclose(got, want, rtol=1e-6, atol=1e-9), variant

@@ -1,0 +1,124 @@
+"""The optimiser + EMA update alone, in three layouts, to price per-leaf kernels on a GPU.
+
+python bench/update_variants.py --config=configs/adm_sr_256.py [--steps 30] [--json F]
+
+The real step updates every parameter leaf separately (536 leaves for adm_sr_256): a few small
+kernels per leaf for AdamW, the EMA and the finite guard. This times the same update
+  tree:         train.apply_gradients, as the train step runs it;
+  tree_noguard: the same without the finite guard (to price the guard's selects and copies);
+  flat:         params, EMA and both moments as one flat vector each (gradients still arrive as
+                a tree, as a backward pass produces them, and are concatenated first);
+on the config's real parameter shapes with random gradients, so the next GPU session can decide
+whether a flat train state is worth adopting. All three compute the same update (tested).
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels  # noqa: E402
+import train_step as bench_train  # noqa: E402
+
+from idm_jax import train  # noqa: E402
+from idm_jax.models import unet  # noqa: E402
+
+VARIANTS = ('tree', 'tree_noguard', 'flat')
+
+
+def random_tree(shapes, key, scale):
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, l.shape, l.dtype)
+                                      for k, l in zip(keys, leaves)])
+
+
+def tree_noguard(state, grads, *, tx, config):
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = train.ema_decay(state.step, config.train)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+  return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), {}
+
+
+def flat_update(state, grads, *, tx, config):
+  """state: a TrainState whose params, ema and opt_state hold flat vectors; grads: a tree."""
+  flat_grads, _ = ravel_pytree(grads)
+  return train.apply_gradients(state, jnp.float32(1.0), flat_grads, tx=tx, config=config)
+
+
+def flatten_state(state, tx):
+  flat_params, _ = ravel_pytree(state.params)
+  flat_ema, _ = ravel_pytree(state.ema)
+  return state.replace(params=flat_params, ema=flat_ema, opt_state=tx.init(flat_params))
+
+
+def make_inputs(config, seed=0):
+  """(tree TrainState after one real update, gradients tree, tx) on the config's shapes."""
+  model = unet.build_model(config.model, config.data.resolution)
+  shapes = flax.linen.unbox(unet.param_shapes(model))
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  params = random_tree(shapes, k1, 0.05)
+  grads = random_tree(shapes, k2, 1e-3)
+  tx = train.make_optimizer(config.train)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                           bad_step=jnp.full((), -1, jnp.int32))
+  return state, grads, tx
+
+
+def program(variant, tx, config):
+  if variant == 'tree':
+    fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, tx=tx, config=config)
+  elif variant == 'tree_noguard':
+    fn = functools.partial(tree_noguard, tx=tx, config=config)
+  else:
+    fn = functools.partial(flat_update, tx=tx, config=config)
+  return jax.jit(fn, donate_argnums=0)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', required=True)
+  p.add_argument('--steps', type=int, default=30)
+  p.add_argument('--json', default='')
+  a = p.parse_args()
+  config = bench_train.load_config(a.config)
+  base, grads, tx = make_inputs(config)
+  n_leaves = len(jax.tree.leaves(base.params))
+  for variant in VARIANTS:
+    state = flatten_state(base, tx) if variant == 'flat' else base
+    state = jax.tree.map(jnp.copy, state)  # the program donates its input
+    step = program(variant, tx, config)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    launches = kernels.launch_count(compiled.as_text())
+    for _ in range(3):
+      state, _ = compiled(state, grads)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(a.steps):
+      t = time.perf_counter()
+      state, _ = compiled(state, grads)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t)
+    bench_train.emit(dict(
+        config=os.path.basename(a.config), update=variant, device=jax.devices()[0].device_kind,
+        leaves=n_leaves, params_m=round(sum(x.size for x in jax.tree.leaves(base.params)) / 1e6, 1),
+        update_ms=round(statistics.median(times) * 1e3, 3), kernels=launches['kernels'],
+        kernel_ops=dict(list(launches['by_op'].items())[:5]), compile_s=round(compile_s, 1),
+        jax=jax.__version__, date=time.strftime('%Y-%m-%d')), a.json)
+
+
+if __name__ == '__main__':
+  main()
