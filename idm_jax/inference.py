@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from idm_jax import tree_shapes
 from idm_jax.diffusion import samplers
 from idm_jax.diffusion import schedules
 from idm_jax.models import unet
@@ -44,21 +45,10 @@ def check_params(model: unet.UNet, params) -> None:
                for p, x in jax.tree_util.tree_leaves_with_path(expected)}
   got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x))
                for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  missing = sorted(set(exp_paths) - set(got_paths))
-  extra = sorted(set(got_paths) - set(exp_paths))
-  wrong = sorted(k for k in set(exp_paths) & set(got_paths) if exp_paths[k] != got_paths[k])
-  if missing or extra or wrong:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing (e.g. {missing[0]})')
-    if extra:
-      parts.append(f'{len(extra)} unexpected (e.g. {extra[0]})')
-    if wrong:
-      k = wrong[0]
-      parts.append(f'{len(wrong)} with wrong shapes (e.g. {k}: {got_paths[k]}, '
-                   f'expected {exp_paths[k]})')
+  problems = tree_shapes.mismatches(exp_paths, got_paths)
+  if problems:
     raise ValueError('params do not match the model that the config describes: '
-                     + '; '.join(parts))
+                     + '; '.join(problems))
 
 
 def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):

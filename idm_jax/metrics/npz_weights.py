@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from idm_jax import tree_shapes
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """{'params': {'a': {'kernel': x}}} -> {'params/a/kernel': x}."""
@@ -52,17 +54,7 @@ def load_variables(path: str | os.PathLike, expected: Mapping[str, Any], what: s
   except Exception as e:  # zip/npy errors come in many types
     raise ValueError(f'{what} weights file {path!r} is not a readable .npz: {e}') from e
   want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
-  missing = sorted(set(want) - set(flat))
-  extra = sorted(set(flat) - set(want))
-  bad = [f'{k}: file {flat[k].shape} vs model {want[k]}'
-         for k in sorted(set(want) & set(flat)) if tuple(flat[k].shape) != want[k]]
-  problems = []
-  if missing:
-    problems.append(f'{len(missing)} missing keys (e.g. {missing[:3]})')
-  if extra:
-    problems.append(f'{len(extra)} unexpected keys (e.g. {extra[:3]})')
-  if bad:
-    problems.append(f'{len(bad)} shape mismatches (e.g. {bad[:3]})')
+  problems = tree_shapes.mismatches(want, {k: v.shape for k, v in flat.items()})
   if problems:
     raise ValueError(f'{what} weights file {path!r} does not fit the model: '
                      + '; '.join(problems)
