@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [OUT_DIR]          (about 6-8 minutes on one H100/H200)
 #   ONLY="tests train256 train512 trainffhq sampleffhq" bash bench/gpu_check.sh   (a subset)
 #   ONLY="parts256 update256 train256" ...   also times adm_sr_256's gradient and update halves
-#   apart, and its update in three layouts (bench/update_variants.py; about a minute)
+#   apart, and its update in four forms (bench/update_variants.py; about a minute)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench_out}}

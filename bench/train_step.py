@@ -138,10 +138,9 @@ def main():
 
 def part_program(part, trainer, batch):
   """(fn(state, arg) -> (state, metrics), arg, arg's abstract spec) for one part of the step."""
-  config, model, tx, logsnr_fn = trainer.config, trainer.model, trainer.tx, trainer.logsnr_fn
+  config, model, logsnr_fn = trainer.config, trainer.model, trainer.logsnr_fn
   if part == 'step':
-    fn = lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config,
-                                       logsnr_fn=logsnr_fn)
+    fn = lambda s, b: train.train_step(s, b, model=model, config=config, logsnr_fn=logsnr_fn)
     return fn, batch, trainer.batch_spec(batch[next(iter(batch))].shape[0])
   if part == 'grads':
     def grads_only(state, b):
@@ -153,7 +152,7 @@ def part_program(part, trainer, batch):
   params = trainer.abstract_state.params
   grads = jax.tree.map(lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding),
                        params)
-  fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, tx=tx, config=config)
+  fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, config=config)
   return fn, grads, params
 
 

@@ -1,15 +1,19 @@
-"""The optimiser + EMA update alone, in three layouts, to price per-leaf kernels on a GPU.
+"""The optimiser + EMA update alone, in four forms, to price per-leaf kernels and copies on a GPU.
 
 python bench/update_variants.py --config=configs/adm_sr_256.py [--steps 30] [--json F]
 
-The real step updates every parameter leaf separately (536 leaves for adm_sr_256): a few small
-kernels per leaf for AdamW, the EMA and the finite guard. This times the same update
-  tree:         train.apply_gradients, as the train step runs it;
-  tree_noguard: the same without the finite guard (to price the guard's selects and copies);
-  flat:         params, EMA and both moments as one flat vector each (gradients still arrive as
-                a tree, as a backward pass produces them, and are concatenated first);
-on the config's real parameter shapes with random gradients, so the next GPU session can decide
-whether a flat train state is worth adopting. All three compute the same update (tested).
+The step updates every parameter leaf separately (536 leaves for adm_sr_256). This times
+  optax:         optax's update, the EMA, then the finite guard as a select between the old and
+                 the new state (the train step until 2026-11-26; the select makes XLA copy every
+                 donated leaf);
+  optax_noguard: the same without the guard;
+  fused:         train.apply_gradients, the step's update now: AdamW written out per leaf with
+                 the guard folded into its coefficients, no copies;
+  flat:          the same function on params, EMA and moments held as one flat vector each
+                 (gradients still arrive as a tree and are concatenated first);
+on the config's real parameter shapes with random gradients, so a GPU session can see what the
+kernels cost and whether a flat train state is worth adopting. All four compute the same update
+(tests/test_bench.py).
 """
 import argparse
 import functools
@@ -32,7 +36,7 @@ import train_step as bench_train  # noqa: E402
 from idm_jax import train  # noqa: E402
 from idm_jax.models import unet  # noqa: E402
 
-VARIANTS = ('tree', 'tree_noguard', 'flat')
+VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')
 
 
 def random_tree(shapes, key, scale):
@@ -42,18 +46,27 @@ def random_tree(shapes, key, scale):
                                       for k, l in zip(keys, leaves)])
 
 
-def tree_noguard(state, grads, *, tx, config):
+def optax_update(state, grads, *, tx, config, guard=True, loss=jnp.float32(1.0)):
+  """The update as optax computes it, then the EMA, then (guard) keep the old state on a
+  non-finite step by selecting leaf by leaf."""
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = train.ema_decay(state.step, config.train)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-  return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), {}
+  new = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+  if guard:
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda o, u: jnp.where(finite, u, o), state, new)
+    new = new.replace(bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step,
+                                         state.bad_step))
+  return new, {}
 
 
-def flat_update(state, grads, *, tx, config):
+def flat_update(state, grads, *, config):
   """state: a TrainState whose params, ema and opt_state hold flat vectors; grads: a tree."""
   flat_grads, _ = ravel_pytree(grads)
-  return train.apply_gradients(state, jnp.float32(1.0), flat_grads, tx=tx, config=config)
+  return train.apply_gradients(state, jnp.float32(1.0), flat_grads, config=config)
 
 
 def flatten_state(state, tx):
@@ -77,12 +90,14 @@ def make_inputs(config, seed=0):
 
 
 def program(variant, tx, config):
-  if variant == 'tree':
-    fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, tx=tx, config=config)
-  elif variant == 'tree_noguard':
-    fn = functools.partial(tree_noguard, tx=tx, config=config)
+  if variant == 'optax':
+    fn = functools.partial(optax_update, tx=tx, config=config)
+  elif variant == 'optax_noguard':
+    fn = functools.partial(optax_update, tx=tx, config=config, guard=False)
+  elif variant == 'fused':
+    fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, config=config)
   else:
-    fn = functools.partial(flat_update, tx=tx, config=config)
+    fn = functools.partial(flat_update, config=config)
   return jax.jit(fn, donate_argnums=0)
 
 

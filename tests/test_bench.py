@@ -63,24 +63,33 @@ def test_step_splits_into_grads_and_update():
   assert update['step_ms'] < step['step_ms']
 
 
-def test_update_variants_compute_the_same_update():
-  from jax.flatten_util import ravel_pytree
+def _update_inputs():
   import train_step as bench_train
   import update_variants as uv
   config = bench_train.load_config(os.path.join(ROOT, 'configs', 'test.py'))
-  base, grads, tx = uv.make_inputs(config)
+  return (uv,) + tuple(uv.make_inputs(config)) + (config,)
+
+
+def test_update_variants_compute_the_same_update():
+  from jax.flatten_util import ravel_pytree
+  from idm_jax import train
+  uv, base, grads, tx, config = _update_inputs()
   results = {}
   for variant in uv.VARIANTS:
     state = uv.flatten_state(base, tx) if variant == 'flat' else base
     state = jax.tree.map(jnp.copy, state)
     for _ in range(2):
       state, _ = uv.program(variant, tx, config)(state, grads)
-    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
-            if hasattr(s, 'mu')][0]
+    adam = train._adam_state(state.opt_state)  # pylint: disable=protected-access
+    counts = [int(x.count) for x in jax.tree.leaves(state.opt_state, is_leaf=train._has_count)
+              if train._has_count(x)]  # pylint: disable=protected-access
     results[variant] = [ravel_pytree(x)[0] for x in (state.params, state.ema, adam.mu, adam.nu)]
-    assert int(state.step) == 2
+    assert int(state.step) == 2 and counts and set(counts) == {2}, (variant, counts)
   before = ravel_pytree(base.params)[0]
-  assert float(jnp.abs(results['tree'][0] - before).max()) > 1e-4  # the update did something
-  for variant in ('tree_noguard', 'flat'):
-    for got, want in zip(results[variant], results['tree']):
-      assert jnp.allclose(got, want, rtol=1e-6, atol=1e-9), variant
+  assert float(jnp.abs(results['optax'][0] - before).max()) > 1e-4  # the update did something
+  # Equal up to float32 rounding (the forms order a few operations differently): an error in
+  # the arithmetic, e.g. a bias correction one step off, moves params by ~1e-5 here.
+  for variant in uv.VARIANTS[1:]:
+    for got, want in zip(results[variant], results['optax']):
+      scale = float(jnp.abs(want).max())
+      assert jnp.allclose(got, want, rtol=1e-5, atol=1e-6 * scale), variant

@@ -159,6 +159,29 @@ def test_nonfinite_step_is_skipped_and_named(test_config):
     train.check_finite(after)
 
 
+@pytest.mark.parametrize('poison', ['grads', 'loss', 'params'])
+def test_nonfinite_step_leaves_every_value_bit_identical(test_config, poison):
+  """The guard folded into the update's coefficients keeps params, EMA, moments and counters
+  exactly, after a normal step and whatever is non-finite (even params that already are)."""
+  from idm_jax import parallel
+  trainer = train.Trainer(test_config, parallel.make_mesh(test_config.mesh))
+  state = trainer.init(jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+  update = jax.jit(lambda s, l, g: train.apply_gradients(s, l, g, config=test_config))
+  state, _ = update(state, jnp.float32(1.0), grads)
+  loss = jnp.float32(jnp.nan if poison == 'loss' else 1.0)
+  if poison == 'grads':
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf), grads)
+  if poison == 'params':
+    state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+    loss = jnp.float32(jnp.nan)
+  after, _ = update(state, loss, grads)
+  assert int(after.bad_step) == int(state.step) == 1
+  for got, want in zip(jax.tree.leaves(after.replace(bad_step=state.bad_step)),
+                       jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
   """The loop raises on a non-finite step and the last good checkpoint stays the latest."""
   test_config.train.update(ckpt_every=2, sample_every=100, num_steps=6)
@@ -190,7 +213,7 @@ def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.integers(0, 256, (4, r, r, 3), dtype=np.uint8))
            for k in ('hq', 'lq')}
-  after, metrics = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=c,
+  after, metrics = jax.jit(functools.partial(train.train_step, model=model, config=c,
                                              logsnr_fn=logsnr_fn))(state, batch)
   step_rng = jax.random.fold_in(state.rng, state.step)
   losses, grads = zip(*[
