@@ -66,6 +66,21 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
+def time_steps(step, state, arg, warmup: int, steps: int):
+  """Runs state, metrics = step(state, arg) warmup times, then times `steps` calls one by one,
+  blocking on each result. Returns (state, metrics, median seconds)."""
+  for _ in range(warmup):
+    state, metrics = step(state, arg)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(state, arg)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  return state, metrics, statistics.median(times)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', required=True)
@@ -108,18 +123,8 @@ def main():
   launches = kernels.launch_count(step.as_text())
 
   arch = flops_lib.count_flops(fn, state, arg)
-  batch = arg
-  for _ in range(a.warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(a.steps):
-    t = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+  state, metrics, med = time_steps(step, state, arg, a.warmup, a.steps)
   loss = float(metrics['loss'])
-  med = statistics.median(times)
   peak = matmul_peak_tflops()
   xla_per_image = trainer.step_flops / bs
   achieved = arch / med / 1e12

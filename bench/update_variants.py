@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -118,19 +117,11 @@ def main():
     compiled = step.lower(state, grads).compile()
     compile_s = time.perf_counter() - t0
     launches = kernels.launch_count(compiled.as_text())
-    for _ in range(3):
-      state, _ = compiled(state, grads)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(a.steps):
-      t = time.perf_counter()
-      state, _ = compiled(state, grads)
-      jax.block_until_ready(state)
-      times.append(time.perf_counter() - t)
+    _, _, median_s = bench_train.time_steps(compiled, state, grads, 3, a.steps)
     bench_train.emit(dict(
         config=os.path.basename(a.config), update=variant, device=jax.devices()[0].device_kind,
         leaves=n_leaves, params_m=round(sum(x.size for x in jax.tree.leaves(base.params)) / 1e6, 1),
-        update_ms=round(statistics.median(times) * 1e3, 3), kernels=launches['kernels'],
+        update_ms=round(median_s * 1e3, 3), kernels=launches['kernels'],
         kernel_ops=dict(list(launches['by_op'].items())[:5]), compile_s=round(compile_s, 1),
         jax=jax.__version__, date=time.strftime('%Y-%m-%d')), a.json)
 
