@@ -264,8 +264,10 @@ class Trainer:
     flops = xla_flops(compiled)
     if flops:
       global_batch = local_batch_size * jax.process_count()
-      logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate)', flops,
-                   flops / global_batch / 1e9)
+      logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate%s)', flops,
+                   flops / global_batch / 1e9,
+                   '' if jax.default_backend() == 'cpu' else
+                   '; on accelerators it leaves out library convolutions and matmuls')
     self.step_flops = flops
     parallel.barrier('train step compiled')
     return compiled
