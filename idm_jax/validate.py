@@ -40,14 +40,33 @@ def validation_set(config) -> dict:
 
 def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, seed: int,
                 **settings) -> np.ndarray:
-  """Restores in fixed-size batches; example i always gets key fold_in(seed, i)."""
+  """Restores in batches of `batch_size`; every process returns all of them.
+
+  Example i always gets the key fold_in(seed, i), so the result does not depend on the batching
+  or on the number of hosts. With several processes, each restores every process_count-th
+  image on its own devices, and the processes then exchange their results.
+  """
   from tqdm import tqdm
-  out = []
-  for start in tqdm(range(0, len(lq), batch_size), desc='restore', leave=False,
-                    disable=jax.process_index() != 0):
-    out.append(restorer.restore(lq[start:start + batch_size], seed=seed, index_offset=start,
-                                **settings))
-  return np.concatenate(out)
+  pi, pc = jax.process_index(), jax.process_count()
+  mine = np.arange(pi, len(lq), pc)
+  out = [np.zeros((0,) + lq.shape[1:], np.uint8)]
+  for start in tqdm(range(0, len(mine), batch_size), desc='restore', leave=False,
+                    disable=pi != 0):
+    idx = mine[start:start + batch_size]
+    out.append(restorer.restore(lq[idx], seed=seed, indices=idx, **settings))
+  out = np.concatenate(out)
+  if pc == 1:
+    return out
+  from jax.experimental import multihost_utils
+  per_process = -(-len(lq) // pc)
+  padded = np.zeros((per_process,) + lq.shape[1:], np.uint8)
+  padded[:len(out)] = out
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # (pc, per_process, ...)
+  result = np.empty_like(lq)
+  for p in range(pc):
+    idx = np.arange(p, len(lq), pc)
+    result[idx] = gathered[p, :len(idx)]
+  return result
 
 
 def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,

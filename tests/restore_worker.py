@@ -1,0 +1,45 @@
+"""Restores a fixed LQ set with validate.restore_all in a fresh process (device count and
+multi-host set before jax starts).
+
+python tests/restore_worker.py --out F.npy [--devices N]
+    [--process-id I --num-processes P --port PORT]
+Process 0 saves the restored images to F.npy. Used by tests/test_validate.py.
+"""
+import argparse
+import os
+import sys
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--out', required=True)
+  p.add_argument('--devices', type=int, default=1)
+  p.add_argument('--process-id', type=int, default=0)
+  p.add_argument('--num-processes', type=int, default=1)
+  p.add_argument('--port', type=int, default=0)
+  a = p.parse_args()
+  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.devices}'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax
+  if a.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'localhost:{a.port}', a.num_processes, a.process_id,
+                               local_device_ids=list(range(a.devices)))
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import load_config
+  from idm_jax import inference, validate
+  from idm_jax.models import unet
+
+  config = load_config('test')
+  r = config.data.resolution
+  params = inference.random_params(unet.build_model(config.model, r), seed=0)
+  restorer = inference.Restorer(config, params)
+  lq = np.random.default_rng(0).integers(0, 256, (7, r, r, 3), dtype=np.uint8)
+  out = validate.restore_all(restorer, lq, batch_size=3, seed=5, steps=3)
+  if jax.process_index() == 0:
+    np.save(a.out, out)
+
+
+if __name__ == '__main__':
+  main()
