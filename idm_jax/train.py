@@ -161,13 +161,14 @@ def apply_gradients(state: TrainState, loss, grads, *, config):
   decay = ema_decay(state.step, t)
 
   def one_leaf(p, g, m, v, e):
+    dtypes = p.dtype, m.dtype, v.dtype, e.dtype  # kept: the arithmetic runs in float32
     g = jnp.where(finite, g * clip, 0.0)
     m = b1 * m + one_minus_b1 * g
     v = b2 * v + one_minus_b2 * g * g
     update = (m / bias1) / (jnp.sqrt(v / bias2) + _ADAM_EPS) + t.weight_decay * p
     p = p - jnp.where(finite, lr * update, 0.0)
-    e = e + jnp.where(finite, (1.0 - decay) * (p - e), 0.0)
-    return p, m, v, e
+    e = e + jnp.where(finite, (1.0 - decay) * (p.astype(dtypes[0]) - e), 0.0)
+    return tuple(x.astype(d) for x, d in zip((p, m, v, e), dtypes))
 
   treedef = jax.tree.structure(state.params)
   out = treedef.flatten_up_to(jax.tree.map(one_leaf, state.params, grads, adam.mu, adam.nu,

@@ -182,6 +182,22 @@ def test_nonfinite_step_leaves_every_value_bit_identical(test_config, poison):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_update_keeps_every_dtype_with_bfloat16_params(test_config):
+  """The update computes in float32 but never changes what the state holds (a changed dtype
+  would recompile the step and change the checkpoint)."""
+  from idm_jax import parallel
+  test_config.model.param_dtype = 'bfloat16'
+  trainer = train.Trainer(test_config, parallel.make_mesh(test_config.mesh))
+  state = trainer.init(jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+  after, _ = jax.jit(lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g,
+                                                         config=test_config))(state, grads)
+  dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
+  assert jnp.bfloat16 in dtypes(state.params)
+  assert dtypes(after) == dtypes(state)
+  assert int(after.step) == 1
+
+
 def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
   """The loop raises on a non-finite step and the last good checkpoint stays the latest."""
   test_config.train.update(ckpt_every=2, sample_every=100, num_steps=6)
