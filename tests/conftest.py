@@ -25,6 +25,27 @@ def load_config(name: str):
   return module.get_config()
 
 
+def add_process_args(parser) -> None:
+  """The worker scripts' flags for simulated devices and local multi-process runs."""
+  parser.add_argument('--devices', type=int, default=1)
+  parser.add_argument('--process-id', type=int, default=0)
+  parser.add_argument('--num-processes', type=int, default=1)
+  parser.add_argument('--port', type=int, default=0)
+
+
+def start_cpu_processes(args):
+  """In a worker, before anything imports jax: `args.devices` CPU devices, and with several
+  processes jax.distributed over localhost with gloo collectives. Returns the jax module."""
+  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'localhost:{args.port}', args.num_processes, args.process_id,
+                               local_device_ids=list(range(args.devices)))
+  return jax
+
+
 @pytest.fixture
 def test_config():
   return load_config('test')

@@ -13,21 +13,12 @@ import sys
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--out', required=True)
-  p.add_argument('--devices', type=int, default=1)
-  p.add_argument('--process-id', type=int, default=0)
-  p.add_argument('--num-processes', type=int, default=1)
-  p.add_argument('--port', type=int, default=0)
-  a = p.parse_args()
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.devices}'
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  import jax
-  if a.num_processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'localhost:{a.port}', a.num_processes, a.process_id,
-                               local_device_ids=list(range(a.devices)))
-  import numpy as np
   sys.path.insert(0, os.path.dirname(__file__))
-  from conftest import load_config
+  from conftest import add_process_args, load_config, start_cpu_processes
+  add_process_args(p)
+  a = p.parse_args()
+  jax = start_cpu_processes(a)
+  import numpy as np
   from idm_jax import inference, validate
   from idm_jax.models import unet
 
