@@ -108,7 +108,7 @@ def main():
            for k in trainer.batch_spec(bs)}
   batch = parallel.local_batch_to_global(batch, mesh)
 
-  fn, arg, arg_spec = part_program(a.part, trainer, batch)
+  fn, arg, arg_spec = part_program(a.part, trainer, batch, trainer.batch_spec(bs))
   t0 = time.perf_counter()
   if a.part == 'step':
     step = trainer.compile_step(bs // jax.process_count())
@@ -141,18 +141,18 @@ def main():
   emit(result, a.json)
 
 
-def part_program(part, trainer, batch):
+def part_program(part, trainer, batch, batch_spec):
   """(fn(state, arg) -> (state, metrics), arg, arg's abstract spec) for one part of the step."""
   config, model, logsnr_fn = trainer.config, trainer.model, trainer.logsnr_fn
   if part == 'step':
     fn = lambda s, b: train.train_step(s, b, model=model, config=config, logsnr_fn=logsnr_fn)
-    return fn, batch, trainer.batch_spec(batch[next(iter(batch))].shape[0])
+    return fn, batch, batch_spec
   if part == 'grads':
     def grads_only(state, b):
       loss, grads = train.loss_and_grads(state, b, model=model, config=config,
                                          logsnr_fn=logsnr_fn)
       return state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
-    return grads_only, batch, trainer.batch_spec(batch[next(iter(batch))].shape[0])
+    return grads_only, batch, batch_spec
   # update: the real step's second half on fixed, finite gradients with the params' shardings
   params = trainer.abstract_state.params
   grads = jax.tree.map(lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding),

@@ -15,6 +15,7 @@ import numpy as np
 from idm_jax import checkpoints
 from idm_jax import files
 from idm_jax import inference
+from idm_jax import parallel
 from idm_jax import reporting
 
 def niqe_params_path(config) -> str | None:
@@ -57,11 +58,10 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
   out = np.concatenate(out)
   if pc == 1:
     return out
-  from jax.experimental import multihost_utils
   per_process = -(-len(lq) // pc)
   padded = np.zeros((per_process,) + lq.shape[1:], np.uint8)
   padded[:len(out)] = out
-  gathered = np.asarray(multihost_utils.process_allgather(padded))  # (pc, per_process, ...)
+  gathered = np.asarray(parallel.to_host(padded)).reshape((pc, per_process) + lq.shape[1:])
   result = np.empty_like(lq)
   for p in range(pc):
     idx = np.arange(p, len(lq), pc)
