@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_images=100,
       steps=(25, 50),
       batch_size=16,
-      niqe_params='',             # path to niqe_pris_params.npz; '' = look beside the data
+      niqe_params='',             # NIQE pristine parameters .npz; '' = the shipped ones
       identity=True,
   ))
 

@@ -424,9 +424,9 @@ def parse_args(argv):
   p.add_argument('--lq', help='LQ inputs, for the consistency metric')
   p.add_argument('--out', required=True, help='where metrics.json and metrics.md go')
   p.add_argument('--title', default=None, help='report title')
-  p.add_argument('--niqe-params', default=None,
+  p.add_argument('--niqe-params', default=niqe_lib.default_params_path(),
                  help='NIQE pristine parameters .npz (mu_pris_param, cov_pris_param, '
-                      'gaussian_window)')
+                      'gaussian_window); default: the ones shipped with the package')
   p.add_argument('--niqe-upscale', type=int, default=1,
                  help='evaluate NIQE on Lanczos upscales by this factor (2 for 128 px faces)')
   p.add_argument('--lpips-weights', default=None, help='LPIPS .npz from convert_weights')

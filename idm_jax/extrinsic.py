@@ -98,7 +98,11 @@ def _append(journal, entry: dict) -> None:
 
 def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, clean_cfg,
                   seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
-  """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest."""
+  """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
+
+  niqe_params: the pristine NIQE parameters that rank images when clean_cfg.fraction < 1
+  (None: the shipped ones).
+  """
   manifest_path = os.path.join(out_dir, MANIFEST)
   if os.path.exists(manifest_path):
     verify_manifest(out_dir)
@@ -118,15 +122,12 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
   scores = None
   if fraction < 1.0:
     from idm_jax.metrics import niqe
-    params = niqe.load_niqe_params(niqe_params) if niqe_params else None
+    params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
     scores_path = os.path.join(out_dir, SCORES)
     if os.path.exists(scores_path):
       with open(scores_path) as f:
         scores = json.load(f)
     else:
-      if params is None:
-        raise FileNotFoundError('clean.fraction < 1 ranks images by NIQE, which needs '
-                                'config.eval.niqe_params (niqe_pris_params.npz)')
       scores = niqe_scores(source, params, resolution)
       if pi == 0:
         files.write_atomic(scores_path, json.dumps(scores, indent=1).encode())

@@ -18,16 +18,10 @@ from idm_jax import inference
 from idm_jax import parallel
 from idm_jax import reporting
 
-def niqe_params_path(config) -> str | None:
-  """config.eval.niqe_params, else niqe_pris_params.npz beside the data folder (None if neither)."""
-  candidates = [config.eval.niqe_params] if config.eval.niqe_params else []
-  if config.data.dir:
-    candidates.append(os.path.join(os.path.dirname(os.path.abspath(config.data.dir)),
-                                   'niqe_pris_params.npz'))
-  for path in candidates:
-    if path and os.path.isfile(path):
-      return path
-  return None
+def niqe_params_path(config) -> str:
+  """config.eval.niqe_params (an override, which must exist), else the shipped parameters."""
+  from idm_jax.metrics import niqe
+  return config.eval.niqe_params or niqe.default_params_path()
 
 
 def validation_set(config) -> dict:

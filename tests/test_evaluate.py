@@ -86,6 +86,21 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
   assert not (out / 'metrics.json').exists()
 
 
+def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, capsys):
+  from idm_jax.data import sources
+  faces = tmp_path / 'faces'
+  faces.mkdir()
+  for i in range(2):
+    Image.fromarray(sources.BuiltinSource('validation', 128)[i]['image']).save(faces / f'{i}.png')
+  common = ['--pred', str(faces), '--gt', str(faces), '--no-identity', '--niqe-upscale', '2']
+  assert evaluate.main([*common, '--out', str(tmp_path / 'default')]) == 0
+  report = json.loads((tmp_path / 'default' / 'metrics.json').read_text())
+  assert 0 < report['metrics']['niqe']['mean'] < 100
+  missing = tmp_path / 'mine.npz'
+  assert evaluate.main([*common, '--niqe-params', str(missing), '--out', str(tmp_path / 'o')]) == 2
+  assert str(missing) in capsys.readouterr().err
+
+
 def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_path):
   out = tmp_path / 'fid'
   rc = evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),

@@ -173,3 +173,26 @@ def test_cleaning_a_non_folder_source_writes_every_record(tmp_path):
   rec = source[0]
   img = np.asarray(Image.open(tmp_path / 'c' / 'images' / (os.path.splitext(rec['name'])[0] + '.png')))
   np.testing.assert_array_equal(img, 255 - rec['image'])
+
+
+def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(tmp_path,
+                                                                               test_config):
+  """The README's `--config.mode=extrinsic --config.data.dir=MY_FACES` on a user's folder: the
+  default clean.fraction (< 1) ranks images by NIQE, with the parameters the package ships."""
+  from idm_jax import main
+  faces = tmp_path / 'my_faces'    # nothing beside it: no niqe_pris_params.npz
+  faces.mkdir()
+  for i in range(16):
+    Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(faces / f'{i:02d}.png')
+  config = tiny(test_config, faces)
+  config.clean.fraction = 0.25     # 12 training images: the worst 3 are cleaned
+  config.mode = 'extrinsic'
+  work = tmp_path / 'work'
+  main.run(config, str(work))
+  dataset = work / 'round_1' / 'dataset'
+  scores = json.loads((dataset / 'scores.json').read_text())
+  assert len(scores) == 12 and all(s is not None and s > 0 for s in scores.values())
+  assert extrinsic.verify_manifest(str(dataset)) == {'cleaned': 3, 'copied': 9, 'failed': 0}
+  # Validation reports NIQE for every round with the same parameters.
+  rounds = json.loads((work / 'rounds.json').read_text())
+  assert all(rounds[r]['metrics']['niqe'] is not None for r in ('0', '1'))

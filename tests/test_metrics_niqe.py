@@ -1,4 +1,7 @@
 """NIQE must reproduce BasicSR's (MATLAB-equivalent) values; MATLAB imresize properties."""
+import configparser
+import pathlib
+
 import cv2
 import matplotlib.cbook
 import numpy as np
@@ -78,6 +81,19 @@ def test_load_niqe_params_errors(tmp_path):
   junk.write_text('not a zip')
   with pytest.raises(ValueError, match='junk.npz'):
     niqe.load_niqe_params(junk)
+
+
+def test_shipped_params_are_package_data():
+  """The pristine parameters ship inside the package, declared as package data so that a
+  non-editable install carries them (NIQE then works on any folder)."""
+  path = pathlib.Path(niqe.default_params_path())
+  assert path.parent == pathlib.Path(niqe.__file__).resolve().parent and path.is_file()
+  params = niqe.load_default()
+  assert params.mu.shape == (36,) and params.cov.shape == (36, 36)
+  assert params.window.shape == (7, 7) and params.window.sum() == pytest.approx(1)
+  setup = configparser.ConfigParser()
+  setup.read(pathlib.Path(__file__).resolve().parents[1] / 'setup.cfg')
+  assert path.name in setup['options.package_data']['idm_jax.metrics'].split()
 
 
 def test_rgb_to_y_matches_matlab_range():

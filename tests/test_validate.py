@@ -35,3 +35,12 @@ def test_two_processes_restore_what_one_does(tmp_path):
   assert one.shape == two.shape == (7, 32, 32, 3)
   assert len({a.tobytes() for a in one}) == 7  # distinct outputs: a mix-up would show
   np.testing.assert_array_equal(one, two)
+
+
+def test_niqe_params_default_to_the_shipped_file_and_can_be_overridden(test_config, tmp_path):
+  from idm_jax import validate
+  from idm_jax.metrics import niqe
+  test_config.data.update(source='folder', dir=str(tmp_path / 'faces'))  # no file beside it
+  assert validate.niqe_params_path(test_config) == niqe.default_params_path()
+  test_config.eval.niqe_params = str(tmp_path / 'mine.npz')
+  assert validate.niqe_params_path(test_config) == str(tmp_path / 'mine.npz')

@@ -38,6 +38,20 @@ class NiqeParams:
   window: np.ndarray      # (7, 7)
 
 
+# The pristine model of the NIQE authors' MATLAB release (modelparameters.mat, Mittal et al.
+# 2013), as BasicSR redistributes it; shipped as package data so NIQE works on any folder.
+DEFAULT_PARAMS_FILE = 'niqe_pris_params.npz'
+
+
+def default_params_path() -> str:
+  """The shipped pristine parameters (the default wherever a NIQE parameters file is optional)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_PARAMS_FILE)
+
+
+def load_default() -> NiqeParams:
+  return load_niqe_params(default_params_path())
+
+
 def load_niqe_params(path: str | os.PathLike) -> NiqeParams:
   """Loads pristine parameters from an .npz with keys mu_pris_param, cov_pris_param,
   gaussian_window (BasicSR's niqe_pris_params.npz, converted from MATLAB's modelparameters.mat).
