@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from idm_jax.metrics import bootstrap
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity as identity_lib
 from idm_jax.metrics import niqe as niqe_lib
@@ -170,6 +171,37 @@ def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
           'metrics': metrics}
 
 
+def add_delta(result: dict, reference: dict, reference_name: str, *, seed: int = 0) -> dict:
+  """Adds result['delta']: for every metric with per-image values in both results, the mean
+  per-image difference result - reference with its paired-bootstrap 95% interval (seeded).
+
+  Both results must score the same images in the same order. Returns `result`.
+  """
+  if result['num_images'] != reference['num_images']:
+    raise ValueError(f'add_delta: {result["num_images"]} images against '
+                     f'{reference["num_images"]} in {reference_name!r}; the pairs must match')
+  deltas = {}
+  for name, entry in result['metrics'].items():
+    ref = reference['metrics'].get(name) or {}
+    if entry.get('per_image') is None or ref.get('per_image') is None:
+      continue
+    try:
+      deltas[name] = bootstrap.paired_interval(entry['per_image'], ref['per_image'], seed=seed)
+    except ValueError:  # no finite pair (e.g. every image identical to its reference)
+      continue
+  result['delta'] = {'reference': reference_name, 'metrics': deltas}
+  return result
+
+
+def add_deltas(rows: dict[str, dict], reference_name: str, *, seed: int = 0) -> dict:
+  """add_delta for every row of a {row name: result} table against its row `reference_name`."""
+  ref = rows[reference_name]
+  for name, result in rows.items():
+    if name != reference_name:
+      add_delta(result, ref, reference_name, seed=seed)
+  return rows
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -204,6 +236,34 @@ def _format(entry: dict) -> str:
   if entry.get('fallbacks'):
     text += f' ({entry["fallbacks"]} faces not detected; whole image used)'
   return text
+
+
+def format_delta(d: dict) -> str:
+  """'+0.5600 [+0.3100, +0.8000]', bold when the interval excludes zero."""
+  text = f'{d["mean"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
+  return f'**{text}**' if d['excludes_zero'] else text
+
+
+def _delta_table(rows: dict[str, dict]) -> list[str]:
+  """Differences against the reference row, with intervals; [] if no row has any."""
+  rows = {k: v for k, v in rows.items() if v.get('delta', {}).get('metrics')}
+  if not rows:
+    return []
+  names: list[str] = []
+  for result in rows.values():
+    names += [n for n in result['delta']['metrics'] if n not in names]
+  first = next(iter(rows.values()))
+  ref = first['delta']['reference']
+  conf = next(iter(first['delta']['metrics'].values()))['confidence']
+  lines = ['', f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
+           'interval; bold: the interval excludes 0):', '',
+           '| | ' + ' | '.join(metric_label(n, first['metrics'].get(n, {})) for n in names) + ' |',
+           '| --- |' + ' --- |' * len(names)]
+  for row, result in rows.items():
+    d = result['delta']['metrics']
+    lines.append(f'| {row} | ' + ' | '.join(format_delta(d[n]) if n in d else 'n/a'
+                                            for n in names) + ' |')
+  return lines
 
 
 def _single_table(result: dict) -> list[str]:
@@ -261,12 +321,14 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
         ref += f', resized to {metrics["ref_resized_to"]} like the samples'
       lines += [f'{metrics["num_images"]} images{ref}.', '']
     lines += _single_table(metrics)
+    lines += _delta_table({'this evaluation': metrics})
   else:
     bad = [k for k, v in metrics.items() if not isinstance(v, dict) or 'metrics' not in v]
     if bad:
       raise ValueError(f'write_report: expected an evaluate_images result or a dict of them; '
                        f'entries {bad[:3]} are neither')
     lines += _multi_table(metrics)
+    lines += _delta_table(metrics)
   (out / 'metrics.md').write_text('\n'.join(lines) + '\n')
 
 
@@ -349,10 +411,20 @@ def _run_pairs(args) -> dict:
     if p.shape != g.shape:
       raise EvalError(f'size mismatch: {str(pred[s])!r} is {p.shape[1]}x{p.shape[0]} but '
                       f'{str(gt[s])!r} is {g.shape[1]}x{g.shape[0]}')
-  return evaluate_images(pred_imgs, gt_imgs, lq_imgs, niqe_params=args.niqe_params,
-                         niqe_upscale=args.niqe_upscale, identity=not args.no_identity,
-                         lpips_weights=args.lpips_weights,
-                         consistency_scale=args.consistency_scale, names=stems)
+  common = dict(niqe_params=args.niqe_params, niqe_upscale=args.niqe_upscale,
+                identity=not args.no_identity, lpips_weights=args.lpips_weights, names=stems)
+  result = evaluate_images(pred_imgs, gt_imgs, lq_imgs,
+                           consistency_scale=args.consistency_scale, **common)
+  if lq_imgs is not None:
+    # The same metrics of the LQ inputs (upsampled to the HQ size where smaller), so the
+    # report says how much the restoration gained, with intervals.
+    lq_big = [l if l.shape == g.shape else
+              np.asarray(Image.fromarray(l).resize(g.shape[1::-1], Image.BICUBIC))
+              for l, g in zip(lq_imgs, gt_imgs)]
+    lq_result = evaluate_images(lq_big, gt_imgs, None, **common)
+    add_delta(result, lq_result, 'LQ input', seed=args.seed)
+    result['lq_metrics'] = {k: {'mean': v['mean']} for k, v in lq_result['metrics'].items()}
+  return result
 
 
 def _run_fid(args) -> dict:
@@ -421,7 +493,9 @@ def parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--pred', required=True, help='restored (or sampled) images')
   p.add_argument('--gt', help='ground-truth HQ images, matched to --pred by name stem')
-  p.add_argument('--lq', help='LQ inputs, for the consistency metric')
+  p.add_argument('--lq', help='LQ inputs: the consistency metric, and every metric\'s '
+                 'per-image difference against the LQ with a paired-bootstrap interval')
+  p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap resampling')
   p.add_argument('--out', required=True, help='where metrics.json and metrics.md go')
   p.add_argument('--title', default=None, help='report title')
   p.add_argument('--niqe-params', default=niqe_lib.default_params_path(),

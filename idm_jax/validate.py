@@ -90,6 +90,8 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
           list(restored), list(val['hq']), list(val['lq']), niqe_params=niqe,
           niqe_upscale=niqe_upscale, identity=config.eval.identity)
   grid_rows.append(val['hq'][:8])
+  if write_metrics:
+    evaluate.add_deltas(rows, 'LQ input', seed=config.seed)
   if write:
     files.save_image(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:

@@ -54,6 +54,16 @@ def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   md = (out / 'metrics.md').read_text()
   assert '# blur test' in md and 'NIQE (2x Lanczos upscale)' in md and '| PSNR (RGB, dB)' in md
   assert sorted(p.name for p in (folders / 'gt').iterdir()) == before
+  # --lq: each metric's per-image difference against the LQ (bicubic-upsampled to 128 px).
+  lq_big = [np.asarray(Image.fromarray(l).resize((128, 128), Image.BICUBIC))
+            for l in _read(folders / 'lq')]
+  lq_psnr = [fidelity.psnr(l, g) for l, g in zip(lq_big, _read(folders / 'gt'))]
+  d = report['delta']
+  assert d['reference'] == 'LQ input'
+  assert d['metrics']['psnr']['mean'] == pytest.approx(want_psnr - np.mean(lq_psnr))
+  assert d['metrics']['psnr']['low'] <= d['metrics']['psnr']['mean'] <= d['metrics']['psnr']['high']
+  assert d['metrics']['psnr']['n'] == 3 and 'consistency' not in d['metrics']
+  assert 'Per-image difference against LQ input' in md and 'paired-bootstrap 95%' in md
 
 
 @pytest.mark.parametrize('problem, message', [
@@ -128,6 +138,25 @@ def test_library_api_unavailable_metrics_and_inf(folders, tmp_path):
   saved = json.loads((tmp_path / 'metrics.json').read_text())  # strict JSON: no Infinity
   assert saved['metrics']['psnr']['mean'] == 'inf'
   assert 'n/a' in (tmp_path / 'metrics.md').read_text()
+
+
+def test_deltas_of_a_table_against_its_reference_row():
+  rng = np.random.default_rng(0)
+  gt = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+  noisy = lambda s: [np.clip(g + rng.normal(0, s, g.shape), 0, 255).astype(np.uint8) for g in gt]
+  kw = dict(niqe_params=None, identity=False, progress=False)
+  rows = {'LQ input': evaluate.evaluate_images(noisy(40), gt, **kw),
+          'restored': evaluate.evaluate_images(noisy(5), gt, **kw)}
+  evaluate.add_deltas(rows, 'LQ input', seed=3)
+  assert 'delta' not in rows['LQ input']
+  d = rows['restored']['delta']['metrics']['psnr']
+  want = np.subtract(rows['restored']['metrics']['psnr']['per_image'],
+                     rows['LQ input']['metrics']['psnr']['per_image'])
+  assert d['mean'] == pytest.approx(want.mean()) and d['seed'] == 3
+  assert d['low'] > 0 and d['excludes_zero'] and d['improved'] == 1.0
+  assert evaluate.format_delta(d).startswith('**+')
+  with pytest.raises(ValueError, match='pairs must match'):
+    evaluate.add_delta(rows['restored'], evaluate.evaluate_images(gt[:2], gt[:2], **kw), 'x')
 
 
 def test_library_api_no_reference_and_small_images(folders, niqe_params_path):

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The 64 px CPU ablation of docs/RESULTS.md: each arm trains configs/celeba_64_cpu.py with its
+# overrides for the same number of steps (the same compute: every arm has the same network,
+# except where its steps are scaled by its measured step time), then restores and scores the
+# fixed validation set (the last 100 faces, GFPGAN-preset degradations) at EVAL_STEPS.
+#   bash bench/ablation_64.sh WORKDIR ARM STEPS [--config.x=y ...]
+# Rerunning resumes: a finished arm is not retrained. CORE=n pins the arm to one core, so two
+# arms can run side by side under the same conditions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$1; ARM=$2; STEPS=$3; shift 3
+EVAL_STEPS=${EVAL_STEPS:-'(1,4,10)'}
+DATA=${DATA:-../shared/data/celeba_hq128_dev}
+WORK=$ROOT/$ARM
+mkdir -p "$WORK"
+pin=()
+if [ -n "${CORE:-}" ]; then pin=(taskset -c "$CORE"); fi
+common=(--config=configs/celeba_64_cpu.py --workdir="$WORK" --config.data.dir="$DATA" "$@")
+start=$(date +%s)
+"${pin[@]}" python3 -m idm_jax.main "${common[@]}" --config.train.num_steps="$STEPS" \
+  --config.train.sample_every=100000 > "$WORK/train.log" 2>&1
+mid=$(date +%s)
+"${pin[@]}" python3 -m idm_jax.main "${common[@]}" --config.mode=evaluate \
+  --config.eval.steps="$EVAL_STEPS" > "$WORK/eval.log" 2>&1
+end=$(date +%s)
+echo "$ARM: train $((mid - start)) s, evaluate $((end - mid)) s" | tee -a "$ROOT/times.txt"
