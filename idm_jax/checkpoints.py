@@ -5,6 +5,7 @@ Layout of WORKDIR/checkpoints/<step>/:
   ema/     EMA params (a separate item so inference restores only what it needs)
   data/    the grain iterator state, one JSON file per process
   config/  the run's config as JSON (a checkpoint describes itself)
+  progress/  JSON: training wall-clock seconds so far (train.max_seconds counts across resumes)
 Saves are asynchronous and atomic: orbax writes into a temporary folder and renames it when the
 save completes, so a run killed mid-save leaves the previous checkpoint as the latest one.
 """
@@ -41,15 +42,18 @@ class Checkpointer:
         item_handlers=dict(train=ocp.StandardCheckpointHandler(),
                            ema=ocp.StandardCheckpointHandler(),
                            data=grain.checkpoint.CheckpointHandler(),
-                           config=ocp.JsonCheckpointHandler()))
+                           config=ocp.JsonCheckpointHandler(),
+                           progress=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iterator, config, *, force: bool = False,
+           train_seconds: float = 0.0) -> bool:
     train, ema = split_state(state)
     items = dict(train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
-                 config=ocp.args.JsonSave(json.loads(configlib.to_json(config))))
+                 config=ocp.args.JsonSave(json.loads(configlib.to_json(config))),
+                 progress=ocp.args.JsonSave(dict(train_seconds=float(train_seconds))))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -62,6 +66,14 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return merge_state(restored['train'], restored['ema'])
+
+  def train_seconds(self, step: int) -> float:
+    """Training wall-clock seconds recorded with a checkpoint (0 for checkpoints written before
+    it was recorded)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'progress')):
+      return 0.0
+    restored = self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    return float(restored['progress'].get('train_seconds', 0.0))
 
   def wait(self):
     self.manager.wait_until_finished()

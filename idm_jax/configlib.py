@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule='cosine',
       shift_base_resolution=64,   # shifted_cosine: logsnr += 2 log(base / resolution)
       parameterization='v',
+      residual=False,             # denoise HQ - LQ (LQ at output size) instead of HQ
       loss='mse',
       loss_weighting='none',      # none | min_snr
       min_snr_gamma=5.0,
@@ -121,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32,              # global batch
       num_steps=500_000,
+      max_seconds=0.0,            # > 0: stop, save and sample after this much training wall
+                                  # time (start-up and compiles included; counted across resumes)
       learning_rate=1e-4,
       lr_schedule='constant',     # constant | cosine
       warmup_steps=1000,
@@ -259,6 +262,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(df.schedule in SCHEDULES, 'diffusion.schedule', f'{df.schedule!r} is not one of {SCHEDULES}')
   _check(df.parameterization in PARAMETERIZATIONS, 'diffusion.parameterization',
          f'{df.parameterization!r} is not one of {PARAMETERIZATIONS}')
+  if df.residual:
+    _check(m.conditional, 'diffusion.residual', 'a residual model needs a conditional model')
   _check(df.loss in LOSSES, 'diffusion.loss', f'{df.loss!r} is not one of {LOSSES}')
   _check(df.loss_weighting in LOSS_WEIGHTINGS, 'diffusion.loss_weighting',
          f'{df.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}')
@@ -278,6 +283,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.lr_schedule in ('constant', 'cosine'), 'train.lr_schedule',
          f'{t.lr_schedule!r} is not one of constant, cosine')
   _check(0.0 <= t.ema_decay < 1.0, 'train.ema_decay', 'must be in [0, 1)')
+  _check(t.max_seconds >= 0, 'train.max_seconds', 'must be >= 0 (0 = no time budget)')
   for k in ('log_every', 'sample_every', 'ckpt_every', 'keep_ckpts', 'num_steps'):
     _check(t[k] >= 1, f'train.{k}', 'must be >= 1')
   _check(config.extrinsic.init in ('finetune', 'scratch'), 'extrinsic.init',

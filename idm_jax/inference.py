@@ -75,12 +75,16 @@ def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):
 
 
 def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, parameterization: str,
-                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None):
+                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None,
+                 residual: bool = False):
   """The whole sampler loop for one batch: float32 x0 in [-1, 1] of `shape`.
 
   lq: float [-1, 1] at the model resolution, or None for an unconditional model. t_start < 1
   starts from lq noised to that level (the fidelity knob). guidance_scale (None = off, may be
   traced) mixes in the model's null-condition prediction (classifier-free guidance).
+  residual: the model denoises the residual HQ - LQ (config.diffusion.residual); the sampler
+  runs in residual space, where t_start < 1 starts from a noised zero residual (the LQ itself),
+  and the LQ is added back at the end.
   Pure and jit-able; shared by the Restorer and the trainer's sample grids.
   """
   def cond_fn(x_t, logsnr):
@@ -92,6 +96,16 @@ def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, paramet
       drop = jnp.ones((x_t.shape[0],), bool)
       return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
     model_fn = samplers.guided(cond_fn, uncond_fn, guidance_scale)
+  if residual:
+    if lq is None:
+      raise ValueError('config.diffusion.residual: a residual model needs an LQ input')
+    lq = jnp.asarray(lq, jnp.float32)
+    res = samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
+                          parameterization=parameterization, sampler=sampler, steps=steps,
+                          eta=eta, t_start=t_start,
+                          x_start=jnp.zeros(shape, jnp.float32) if t_start < 1. else None,
+                          clip_x0=True, x0_bounds=(-1. - lq, 1. - lq))
+    return jnp.clip(lq + res, -1., 1.)
   return samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
                          parameterization=parameterization, sampler=sampler, steps=steps,
                          eta=eta, t_start=t_start, x_start=lq if t_start < 1. else None,
@@ -155,7 +169,8 @@ class Restorer:
       return sample_batch(model, params, lq, rng, shape=(1, res, res, 3),
                           logsnr_fn=self.logsnr_fn, parameterization=diffusion.parameterization,
                           sampler=sampler, steps=steps, eta=0. if eta_zero else eta,
-                          t_start=t_start, guidance_scale=scale if guided else None)[0]
+                          t_start=t_start, guidance_scale=scale if guided else None,
+                          residual=bool(diffusion.get('residual', False)))[0]
 
     def fn(params, lq, seed, indices, scale, eta):
       base = jax.random.key(seed)

@@ -31,6 +31,21 @@ def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
               unit='step', smoothing=0.1)
 
 
+def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> None:
+  """Under a time budget, the bar's total becomes the step the budget will end at (from the
+  recent rate), or `end` if that comes first, so its ETA is the time the run will really stop."""
+  if seconds_left is None or bar.disable:
+    return
+  rate = bar.format_dict.get('rate')  # steps per second, smoothed
+  if not rate:
+    return
+  reachable = step + max(0, int(seconds_left * rate))
+  total = max(step, min(end, reachable))
+  if total != bar.total:
+    bar.total = total
+    bar.refresh()
+
+
 class Writer:
   """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG."""
 

@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from idm_jax import checkpoints
@@ -104,7 +105,10 @@ def loss_fn(params, model, batch, rng, config, logsnr_fn):
   def model_fn(x_t, logsnr):
     return model.apply({'params': params}, x_t, logsnr, lq, train=True, drop_cond=drop_cond,
                        rngs={'dropout': k_drop})
-  loss, _ = objectives.training_loss(model_fn, hq, k_loss, logsnr_fn, config.diffusion)
+  # A residual model denoises HQ - LQ: at init (zero output layers) it already returns the LQ,
+  # and all its capacity goes to what the LQ lacks.
+  x0 = hq - lq if config.diffusion.get('residual', False) else hq
+  loss, _ = objectives.training_loss(model_fn, x0, k_loss, logsnr_fn, config.diffusion)
   return loss
 
 
@@ -215,7 +219,8 @@ def sample_images(params, lq, rng, *, model, config, sample_cfg, shape, logsnr_f
       model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
       parameterization=config.diffusion.parameterization, sampler=sample_cfg.sampler,
       steps=sample_cfg.steps, eta=sample_cfg.eta, t_start=sample_cfg.t_start,
-      guidance_scale=sample_cfg.guidance_scale if guided else None)
+      guidance_scale=sample_cfg.guidance_scale if guided else None,
+      residual=bool(config.diffusion.get('residual', False)))
 
 
 def xla_flops(compiled) -> float:
@@ -334,6 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from idm_jax import reporting  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
+  t0 = time.monotonic()
   with _Preemption() as preemption:
     mesh = parallel.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
@@ -344,12 +350,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local_bs = config.train.batch_size // pcount
     data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
     ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
-    state = _resume_or_init(trainer, ckpt, data_iter)
+    state, prior_seconds = _resume_or_init(trainer, ckpt, data_iter)
+    budget = TimeBudget(config.train.max_seconds, prior_seconds, t0)
     start = int(jax.device_get(state.step))
     end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
                                                                start + max_steps)
-    if start >= end:
-      logging.info('already trained to step %d; nothing to do', start)
+    if start >= end or budget.exhausted():
+      logging.info('already trained to step %d (%.0f s); nothing to do', start, prior_seconds)
       ckpt.close()
       data_iter.close()
       return state
@@ -375,8 +382,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
+        # Every process must agree to stop at the same step (the save is collective).
+        out_of_time = budget.exhausted_everywhere()
+        last = step == end or out_of_time
         progress.update(1)
-        if step % config.train.log_every == 0 or step == end:
+        if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           now = time.perf_counter()
@@ -384,13 +394,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_t, last_step = now, step
           writer.scalars(step, m)
           progress.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{m["images_per_sec"]:.1f}')
-        if step % config.train.sample_every == 0 or step == end:
+        reporting.shorten_to_budget(progress, step, end, budget.remaining())
+        if step % config.train.sample_every == 0 or last:
           write_samples(step)
-        if step % config.train.ckpt_every == 0 or step == end or preemption.requested:
+        if step % config.train.ckpt_every == 0 or last or preemption.requested:
           check_finite(state)  # a NaN state is never saved
-          ckpt.save(step, state, data_iter, config, force=True)
+          ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
         if preemption.requested:
           logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
+          break
+        if out_of_time:
+          logging.info('stopped at step %d: train.max_seconds=%g reached; checkpoint saved',
+                       step, config.train.max_seconds)
           break
     finally:
       progress.close()
@@ -401,16 +416,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def _resume_or_init(trainer: Trainer, ckpt: checkpoints.Checkpointer, data_iter) -> TrainState:
-  """The latest checkpoint (state and data position), else a fresh or warm-started state."""
+class TimeBudget:
+  """train.max_seconds: training wall-clock time (start-up and compiles included), counted
+  across resumes through the seconds each checkpoint records. max_seconds=0: no budget."""
+
+  def __init__(self, max_seconds: float, prior_seconds: float, t0: float):
+    self.max_seconds = float(max_seconds)
+    self.prior_seconds = float(prior_seconds)
+    self.t0 = t0
+
+  def elapsed(self) -> float:
+    return self.prior_seconds + time.monotonic() - self.t0
+
+  def remaining(self) -> float | None:
+    return None if self.max_seconds <= 0 else self.max_seconds - self.elapsed()
+
+  def exhausted(self) -> bool:
+    left = self.remaining()
+    return left is not None and left <= 0
+
+  def exhausted_everywhere(self) -> bool:
+    """The same answer on every process: host 0's clock decides."""
+    if self.max_seconds <= 0:
+      return False
+    if jax.process_count() == 1:
+      return self.exhausted()
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(self.exhausted())))
+
+
+def _resume_or_init(trainer: Trainer, ckpt: checkpoints.Checkpointer, data_iter):
+  """(state, training seconds so far): the latest checkpoint (state and data position), else a
+  fresh or warm-started state and 0."""
   latest = ckpt.latest_step()
   if latest is not None:
     logging.info('resuming from step %d', latest)
-    return ckpt.restore(latest, trainer.abstract_state, data_iter)
+    return (ckpt.restore(latest, trainer.abstract_state, data_iter),
+            ckpt.train_seconds(latest))
   state = trainer.init(jax.random.PRNGKey(trainer.config.seed))
   if trainer.config.train.init_from:
     state = _warm_start(state, trainer.config.train.init_from)
-  return state
+  return state, 0.0
 
 
 def _vis_batch(config, vis_data=None) -> dict:

@@ -79,7 +79,8 @@ def _dpmpp_2m_update(x, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, first)
 def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
            logsnr_fn: Callable[[jnp.ndarray], jnp.ndarray], parameterization: str,
            sampler: str = 'ddim', steps: int = 50, eta: float = 0.0, t_start: float = 1.0,
-           x_start: Optional[jnp.ndarray] = None, clip_x0: bool = True) -> jnp.ndarray:
+           x_start: Optional[jnp.ndarray] = None, clip_x0: bool = True,
+           x0_bounds: Optional[tuple] = None) -> jnp.ndarray:
   """Runs the reverse process from t_start to 0 in `steps` steps; returns x0 (float32).
 
   Args:
@@ -99,6 +100,9 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
     x_start: (B, H, W, C) float in [-1, 1], e.g. the upsampled LQ image. Required if t_start < 1.
     clip_x0: clip each x0 estimate to [-1, 1] (and recompute eps from the clipped estimate,
       keeping the two consistent with x_t).
+    x0_bounds: (low, high), arrays broadcastable to `shape`, that replace [-1, 1] as the clip
+      range: a model of the residual HQ - LQ clips to [-1 - LQ, 1 - LQ], which keeps the
+      image it implies in [-1, 1].
   """
   objectives.check_parameterization(parameterization)
   if sampler not in SAMPLERS:
@@ -139,7 +143,7 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
       raise ValueError(f'sample: model output shape {pred.shape} != sample shape {x.shape}')
     x0_hat, eps_hat = objectives.pred_to_x0_eps(pred, x, logsnr_b, parameterization)
     if clip_x0:
-      x0_hat = jnp.clip(x0_hat, -1., 1.)
+      x0_hat = jnp.clip(x0_hat, lo, hi)
       eps_hat = objectives.x0_to_pred(x0_hat, x, logsnr_b, 'eps')
     if sampler == 'dpmpp_2m':
       x_next = _dpmpp_2m_update(x, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, i == 0)
@@ -149,6 +153,7 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
     return x_next, x0_hat, logsnr_t, x0_hat
 
   zeros = jnp.zeros(shape, jnp.float32)
+  lo, hi = (-1., 1.) if x0_bounds is None else x0_bounds
   init = (x, zeros, logsnr_at(jnp.int32(0)), zeros)
   _, _, _, x0 = jax.lax.fori_loop(0, steps, body, init)
   return x0
