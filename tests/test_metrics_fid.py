@@ -27,10 +27,16 @@ def test_frechet_distance_matches_sqrtm_reference(seed):
       _reference_fd(mu1, s1, mu2, s2), rel=1e-6)
 
 
+def _rounding_tolerance(s1, s2):
+  """How far from 0 float64 rounding may leave the distance of a set to itself: dimensions x eps
+  x the covariances' scale (their traces), whatever the BLAS build."""
+  return s1.shape[0] * np.finfo(np.float64).eps * (np.trace(s1) + np.trace(s2))
+
+
 def test_frechet_distance_special_cases():
   rng = np.random.default_rng(3)
   mu, s = _random_gaussian(rng, 16)
-  assert fid.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-8)
+  assert 0 <= fid.frechet_distance(mu, s, mu, s) <= _rounding_tolerance(s, s)
   # 1-D closed form: (m1 - m2)^2 + (sd1 - sd2)^2.
   assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
   # Rank-deficient sample covariances (fewer samples than dims) stay finite and agree.
@@ -38,7 +44,19 @@ def test_frechet_distance_special_cases():
   got = fid.fid_from_features(f1, f2)
   ref = _reference_fd(*fid.statistics(f1), *fid.statistics(f2))
   assert np.isfinite(got) and got == pytest.approx(ref, rel=1e-4)
-  assert fid.fid_from_features(f1, f1) == pytest.approx(0.0, abs=1e-6)
+  # A set against itself: never negative, and 0 to rounding although 23 of the 32 covariance
+  # eigenvalues are zero (their square roots must not add sqrt(eps)-sized terms).
+  s1 = fid.statistics(f1)[1]
+  assert 0 <= fid.fid_from_features(f1, f1) <= _rounding_tolerance(s1, s1)
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_frechet_distance_of_a_set_with_itself_is_zero_to_rounding(seed):
+  rng = np.random.default_rng(seed)
+  n, d = rng.integers(3, 60), rng.integers(8, 64)   # rank-deficient and full-rank covariances
+  f = rng.standard_normal((n, d)) * rng.uniform(0.1, 10)
+  s = fid.statistics(f)[1]
+  assert 0 <= fid.fid_from_features(f, f) <= _rounding_tolerance(s, s)
 
 
 # Facts about pytorch-fid's pt_inception-2015-12-05-6726825d.pth (PyTorch OIHW shapes).

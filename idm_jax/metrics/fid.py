@@ -199,9 +199,21 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def _zero_below_rounding(w: np.ndarray) -> np.ndarray:
+  """A PSD matrix's eigenvalues with those a symmetric eigensolver cannot tell from 0 set to 0.
+
+  The solver returns each eigenvalue to within about n * eps * max|w|, so the null space of a
+  rank-deficient covariance (fewer images than feature dimensions) comes back as values of that
+  size and either sign; their square roots, sqrt(eps) each rather than eps, would add up to a
+  visible bias in tr((S1 S2)^(1/2)).
+  """
+  floor = w.size * np.finfo(w.dtype).eps * np.abs(w).max(initial=0.0)
+  return np.where(w > floor, w, 0.0)
+
+
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
   w, v = linalg.eigh(s)
-  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  return (v * np.sqrt(_zero_below_rounding(w))) @ v.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -218,9 +230,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
                      f'{mu2.shape}/{sigma2.shape}')
   r = _psd_sqrt(sigma1)
   m = r @ sigma2 @ r
-  eig = np.clip(linalg.eigvalsh((m + m.T) / 2), 0, None)
+  eig = _zero_below_rounding(linalg.eigvalsh((m + m.T) / 2))
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig).sum())
+  d = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig).sum()
+  # Equal sets give 0 up to rounding, which may fall on either side; a distance is never < 0.
+  return float(max(d, 0.0))
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
