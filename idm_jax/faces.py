@@ -105,6 +105,19 @@ class DlibDetector:
     return faces
 
 
+def center_face(faces: Sequence[Face], image_shape: Sequence[int]) -> List[Face]:
+  """The one face whose box centre is closest to the image centre (GFPGAN's
+  --only_center_face: a portrait's subject, not the people behind); [] if there is none.
+  Ties go to the earlier face, i.e. the larger one."""
+  if not faces:
+    return []
+  cy, cx = (image_shape[0] - 1) / 2, (image_shape[1] - 1) / 2
+  def dist2(face):
+    left, top, right, bottom = face.box
+    return ((left + right) / 2 - cx) ** 2 + ((top + bottom) / 2 - cy) ** 2
+  return [min(faces, key=dist2)]
+
+
 def five_from_68(pts: np.ndarray) -> np.ndarray:
   """iBUG 68-point landmarks -> the template's five: eye centres, nose tip, mouth corners."""
   return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])

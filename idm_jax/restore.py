@@ -2,7 +2,7 @@
 
     python -m idm_jax.restore -i INPUT -o OUT --checkpoint CKPT [--aligned] [--steps N]
         [--sampler ddim] [--t-start 1.0] [--guidance 1.0] [--seed 0] [--batch-size 8]
-        [--upscale 2] [--ext auto|png|jpg] [--suffix S]
+        [--upscale 2] [--only-center-face] [--ext auto|png|jpg] [--suffix S] [--version]
 
 INPUT is an image or a folder (searched recursively, sorted; hidden files skipped). CKPT is a
 training workdir or an exported .msgpack (idm_jax.export).
@@ -16,6 +16,7 @@ Whole photos (default): faces are detected, aligned, restored and pasted back.
   OUT/restored_faces/  NAME_KK.png
   OUT/cmp/             NAME_KK.png, crop | restored
   OUT/restored_imgs/   the photo upscaled by --upscale with the restored faces pasted in
+  --only-center-face restores only the face closest to the photo's centre.
 Sub-folders of INPUT are mirrored under each output folder. Outputs are written atomically.
 
 Each face's noise comes from (--seed, a number derived from the file's name and the face's
@@ -192,8 +193,10 @@ class PhotoResult:
 
 
 def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upscale: float = 2.,
-                  batch_size: int = 8, sample_kwargs: Optional[Dict] = None) -> PhotoResult:
-  """Detects, aligns, restores and pastes back every face in an RGB uint8 photo.
+                  batch_size: int = 8, sample_kwargs: Optional[Dict] = None,
+                  only_center_face: bool = False) -> PhotoResult:
+  """Detects, aligns, restores and pastes back every face in an RGB uint8 photo (only the one
+  closest to the centre with `only_center_face`).
 
   `restorer` is anything with `.resolution` and `.restore(lq, indices=..., **kw)`; face k
   uses noise index `index + k`.
@@ -201,6 +204,8 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   from idm_jax import faces as faces_lib
   r = restorer.resolution
   found = detector.detect(image)
+  if only_center_face:
+    found = faces_lib.center_face(found, image.shape)
   crops, affines = [], []
   for face in found:
     crop, affine = faces_lib.align_face(image, face.landmarks, r)
@@ -293,7 +298,7 @@ def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report)
       try:
         res = restore_photo(image, restorer, detector, index=file_index(rel),
                             upscale=args.upscale, batch_size=args.batch_size,
-                            sample_kwargs=sample_kwargs)
+                            sample_kwargs=sample_kwargs, only_center_face=args.only_center_face)
         for k, (crop, face) in enumerate(zip(res.crops, res.restored)):
           write_image(_out_path(out_dir, 'cropped_faces', rel, f'_{k:02d}.png'), crop)
           write_image(_out_path(out_dir, 'restored_faces', rel, f'_{k:02d}{suffix}.png'), face)
@@ -306,14 +311,31 @@ def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report)
     report.bar.update(1)
 
 
+# In the order the summary lists them: restored_imgs first, it is what most people came for.
+OUTPUT_DESCRIPTIONS = {'restored_imgs': 'whole images', 'restored_faces': 'restored faces',
+                       'cropped_faces': 'aligned input faces', 'cmp': 'input | restored'}
+
+
+def outputs_line(out_dir: str) -> str:
+  """The summary's last line: where each output folder that was written is."""
+  made = [d for d in OUTPUT_DESCRIPTIONS if os.path.isdir(os.path.join(out_dir, d))]
+  if not made:
+    return f'nothing written to {out_dir}'
+  root = os.path.abspath(out_dir)
+  return f'results in {root}: ' + ', '.join(
+      f'{d}/ ({OUTPUT_DESCRIPTIONS[d]})' for d in made)
+
+
 def _is_inside(path: str, folder: str) -> bool:
   path, folder = os.path.realpath(path), os.path.realpath(folder)
   return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def build_parser() -> argparse.ArgumentParser:
+  import idm_jax  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(prog='python -m idm_jax.restore',
                               description='Restore faces with an IDM model.')
+  p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
   p.add_argument('-i', '--input', required=True, help='an image or a folder of images')
   p.add_argument('-o', '--output', required=True, help='output folder (not inside INPUT)')
   p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
@@ -327,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--batch-size', type=int, default=8)
   p.add_argument('--upscale', type=float, default=2., help='whole photos: background upscale')
+  p.add_argument('--only-center-face', action='store_true',
+                 help='whole photos: restore only the face closest to the centre')
   p.add_argument('--ext', choices=('auto', 'png', 'jpg'), default='auto',
                  help='format of restored_imgs (auto: as the input)')
   p.add_argument('--suffix', default='', help='appended to restored file names: NAME_S.ext')
@@ -349,6 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return fatal('--batch-size must be >= 1')
   if args.upscale <= 0 or args.upscale > 8:
     return fatal('--upscale must be in (0, 8]')
+  if args.aligned and args.only_center_face:
+    return fatal('--only-center-face chooses among the faces of whole photos; with --aligned '
+                 'each input is already one face')
   try:
     inputs = list_inputs(args.input)
   except FileNotFoundError as e:
@@ -390,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
       run_photos(inputs, args.output, restorer, detector, args, sample_kwargs, report)
   print(report.summary())
-  print(f'results in {args.output}')
+  print(outputs_line(args.output))
   return 1 if report.failed else 0
 
 

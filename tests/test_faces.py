@@ -122,3 +122,17 @@ def test_missing_detector_package_gives_install_hint(monkeypatch):
     faces.get_detector('dlib')
   with pytest.raises(ValueError, match='unknown face detector'):
     faces.get_detector('yolo')
+
+
+def test_center_face_picks_the_face_nearest_the_image_centre():
+  def face(left, top, size):
+    return faces.Face(box=(left, top, left + size, top + size), score=1.0,
+                      landmarks=np.zeros((5, 2)))
+  shape = (301, 401, 3)                              # centre (x, y) = (200, 150)
+  big_corner, small_centre, edge = face(0, 0, 100), face(180, 130, 40), face(300, 130, 40)
+  found = [big_corner, small_centre, edge]          # largest first, as detectors return them
+  assert faces.center_face(found, shape) == [small_centre]
+  assert faces.center_face([big_corner, edge], shape) == [edge]   # nearer, though smaller
+  assert faces.center_face([], shape) == []
+  twins = [face(0, 130, 40), face(360, 130, 40)]     # both 180 px away: the first (larger) one
+  assert faces.center_face(twins, shape) == [twins[0]]

@@ -227,3 +227,57 @@ def test_cli_whole_photos(tmp_path, model_path, capsys):
   ref = faces.upscale_image(data.astronaut(), 2).astype(int)
   np.testing.assert_array_equal(restored[900:], ref[900:])
   assert np.abs(restored[200:300, 400:500] - ref[200:300, 400:500]).mean() > 5   # face changed
+
+
+def _two_face_photo():
+  """768x256: the astronaut's face twice, at x = 120 (left) and x = 380 (the centre)."""
+  crop = data.astronaut()[0:256, 100:356]
+  canvas = np.full((256, 768, 3), 128, np.uint8)
+  canvas[:, :256] = crop
+  canvas[:, 256:512] = crop
+  return canvas
+
+
+def test_cli_only_center_face_restores_the_middle_face_and_says_where_outputs_are(
+    tmp_path, model_path, capsys):
+  inp = tmp_path / 'in'
+  inp.mkdir()
+  photo = _two_face_photo()
+  Image.fromarray(photo).save(inp / 'group.png')
+  common = ['-i', str(inp), '--checkpoint', model_path, '--steps', '2', '--upscale', '1']
+  assert restore.main([*common, '-o', str(tmp_path / 'all')]) == 0
+  assert sorted(os.listdir(tmp_path / 'all' / 'cropped_faces')) == ['group_00.png', 'group_01.png']
+  capsys.readouterr()
+  out = tmp_path / 'center'
+  assert restore.main([*common, '-o', str(out), '--only-center-face']) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert os.listdir(out / 'cropped_faces') == ['group_00.png']
+  restored = np.asarray(Image.open(out / 'restored_imgs' / 'group.png')).astype(int)
+  left, middle = (slice(76, 166), slice(76, 165)), (slice(76, 166), slice(335, 424))
+  np.testing.assert_array_equal(restored[left], photo[left])          # left face untouched
+  assert np.abs(restored[middle] - photo[middle]).mean() > 5           # centre face restored
+  assert lines[-1] == (f'results in {out}: restored_imgs/ (whole images), restored_faces/ '
+                       '(restored faces), cropped_faces/ (aligned input faces), cmp/ '
+                       '(input | restored)')
+  # The flag means nothing for aligned crops: said, not ignored.
+  assert restore.main([*common, '-o', str(tmp_path / 'x'), '--aligned', '--only-center-face']) == 2
+  assert '--only-center-face' in capsys.readouterr().err
+
+
+def test_outputs_line_lists_only_the_folders_written(tmp_path):
+  assert restore.outputs_line(str(tmp_path)) == f'nothing written to {tmp_path}'
+  for d in ('cmp', 'restored_faces', 'restored_imgs'):     # what --aligned writes
+    (tmp_path / d).mkdir()
+  assert restore.outputs_line(str(tmp_path)) == (
+      f'results in {tmp_path}: restored_imgs/ (whole images), restored_faces/ (restored faces), '
+      'cmp/ (input | restored)')
+
+
+def test_cli_version(capsys):
+  import importlib.metadata
+  import idm_jax
+  with pytest.raises(SystemExit) as e:
+    restore.main(['--version'])
+  assert e.value.code == 0
+  assert capsys.readouterr().out == f'idm_jax {idm_jax.__version__}\n'
+  assert idm_jax.__version__ == importlib.metadata.version('idm_jax')
