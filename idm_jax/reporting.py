@@ -36,7 +36,9 @@ def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> N
   recent rate), or `end` if that comes first, so its ETA is the time the run will really stop."""
   if seconds_left is None or bar.disable:
     return
-  rate = bar.format_dict.get('rate')  # steps per second, smoothed
+  info = bar.format_dict
+  # tqdm's smoothed steps/s; before it has one (it updates every 0.1 s), the average so far.
+  rate = info.get('rate') or (bar.n - bar.initial) / max(info['elapsed'], 1e-9)
   if not rate:
     return
   reachable = step + max(0, int(seconds_left * rate))
