@@ -1,0 +1,161 @@
+r"""Scores a cleaned dataset against the ground truth of a controlled contamination.
+
+  python -m idm_jax.cleaning_eval --cleaned ROUND1/dataset --contaminated C/ --pristine P/ \
+      --out report/
+
+C/ and P/ come from `idm_jax.data.contaminate` with the same source and resolution (P/ with
+--fraction 0), so P/images/x.png is the truth for C/images/x.png. The cleaned dataset (the
+output of `--config.mode=clean` or an extrinsic round) cleaned C/'s training split. Reported:
+  selection  precision and recall of the images the cleaning chose against the contaminated set;
+  cleaning   on the contaminated images it chose: PSNR / SSIM / identity of the cleaned image
+             against the pristine original, next to the contaminated image against the same
+             original, with paired-bootstrap intervals of the difference (did cleaning move them
+             toward the truth?); on the chosen images that were never contaminated: how far
+             cleaning moved a good image from itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from idm_jax import files
+from idm_jax.data import sources
+
+
+def selection_scores(selected: set[str], contaminated: set[str], universe: set[str]) -> dict:
+  """Precision and recall of `selected` as a detector of `contaminated`, within `universe`."""
+  selected, contaminated = selected & universe, contaminated & universe
+  tp = len(selected & contaminated)
+  precision = tp / len(selected) if selected else None
+  recall = tp / len(contaminated) if contaminated else None
+  f1 = (2 * precision * recall / (precision + recall)
+        if precision and recall else (0.0 if precision is not None and recall is not None else None))
+  return dict(precision=precision, recall=recall, f1=f1, true_positives=tp,
+              selected=len(selected), contaminated=len(contaminated), universe=len(universe),
+              chance_precision=len(contaminated) / len(universe) if universe else None)
+
+
+def _load(directory: str, names: Sequence[str], resolution: int) -> list[np.ndarray]:
+  """The images as training reads them (all are PNGs at the contamination's resolution)."""
+  return [sources.load_image(os.path.join(directory, n), resolution) for n in names]
+
+
+def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identity: bool = True,
+          seed: int = 0) -> dict:
+  """The report as a dict (see the module docstring)."""
+  from idm_jax import evaluate
+  from idm_jax import extrinsic
+  from idm_jax.data import contaminate
+  cleaned = _read_json(os.path.join(cleaned_dir, extrinsic.MANIFEST))
+  contam = _read_json(os.path.join(contaminated_dir, contaminate.MANIFEST))
+  pristine = _read_json(os.path.join(pristine_dir, contaminate.MANIFEST))
+  if pristine['num_contaminated'] or pristine['resolution'] != contam['resolution'] or \
+     [r['file'] for r in pristine['records']] != [r['file'] for r in contam['records']]:
+    raise ValueError(f'{pristine_dir} is not the pristine twin of {contaminated_dir}: make it '
+                     'with the same --src and --resolution and --fraction 0')
+  by_name = {r['name']: r for r in cleaned['records']}
+  universe = set(by_name)
+  chosen = {n for n, r in by_name.items() if r['action'] == 'cleaned'}
+  truth = contaminate.contaminated_names(contam)
+  report = dict(selection=selection_scores(chosen, truth, universe),
+                selection_score=cleaned.get('settings', {}).get('score', 'niqe'))
+  kinds = {r['file']: r['defect']['kind'] for r in contam['records'] if 'defect' in r}
+  report['selection']['found_by_kind'] = {
+      k: sum(1 for n in chosen & truth if kinds[n] == k) for k in sorted(set(kinds.values()))}
+  report['selection']['contaminated_by_kind'] = {
+      k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
+  img = lambda d: os.path.join(d, contaminate.IMAGES)  # noqa: E731
+  res = int(contam['resolution'])
+  kw = dict(niqe_params=None, identity=identity, progress=False)
+  hit = sorted(chosen & truth)
+  if hit:
+    truth_imgs = _load(img(pristine_dir), hit, res)
+    before = evaluate.evaluate_images(_load(img(contaminated_dir), hit, res), truth_imgs, **kw)
+    after = evaluate.evaluate_images(
+        _load(img(cleaned_dir), [by_name[n]['file'] for n in hit], res), truth_imgs, **kw)
+    evaluate.add_delta(after, before, 'contaminated image', seed=seed)
+    report['contaminated_and_cleaned'] = dict(names=hit, before=_means(before),
+                                              after=_means(after),
+                                              delta=after['delta']['metrics'])
+  false = sorted(chosen - truth)
+  if false:
+    truth_imgs = _load(img(pristine_dir), false, res)
+    after = evaluate.evaluate_images(
+        _load(img(cleaned_dir), [by_name[n]['file'] for n in false], res), truth_imgs, **kw)
+    report['clean_but_cleaned'] = dict(names=false, after=_means(after))
+  return report
+
+
+def _means(result: dict) -> dict:
+  return {k: v['mean'] for k, v in result['metrics'].items() if v.get('mean') is not None}
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: is that folder a finished dataset?')
+  with open(path) as f:
+    return json.load(f)
+
+
+def markdown(report: dict) -> str:
+  from idm_jax import evaluate
+  s = report['selection']
+  pct = lambda x: 'n/a' if x is None else f'{x:.3f}'  # noqa: E731
+  lines = ['# Cleaning against the ground truth', '',
+           f'Selection by {report["selection_score"]}: {s["selected"]} of {s["universe"]} '
+           f'training images chosen, {s["contaminated"]} contaminated.', '',
+           '| precision | recall | F1 | chance precision |', '| --- | --- | --- | --- |',
+           f'| {pct(s["precision"])} | {pct(s["recall"])} | {pct(s["f1"])} | '
+           f'{pct(s["chance_precision"])} |', '',
+           'Found by kind: ' + ', '.join(f'{k} {s["found_by_kind"][k]} of '
+                                         f'{s["contaminated_by_kind"][k]}'
+                                         for k in s['contaminated_by_kind'])]
+  c = report.get('contaminated_and_cleaned')
+  if c:
+    names = list(c['delta'])
+    lines += ['', f'Contaminated images that were cleaned ({len(c["names"])}), against their '
+              'pristine originals:', '',
+              '| | ' + ' | '.join(evaluate.metric_label(n, {}) for n in names) + ' |',
+              '| --- |' + ' --- |' * len(names),
+              '| contaminated | ' + ' | '.join(f'{c["before"][n]:.4f}' for n in names) + ' |',
+              '| cleaned | ' + ' | '.join(f'{c["after"][n]:.4f}' for n in names) + ' |',
+              '| cleaned - contaminated (95% interval) | '
+              + ' | '.join(evaluate.format_delta(c['delta'][n]) for n in names) + ' |']
+  f = report.get('clean_but_cleaned')
+  if f:
+    lines += ['', f'Pristine images that were cleaned anyway ({len(f["names"])}), cleaned '
+              'against the original: ' + ', '.join(
+                  f'{evaluate.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog='python -m idm_jax.cleaning_eval',
+                              description=__doc__.split('\n\n')[0])
+  p.add_argument('--cleaned', required=True, help='the cleaned dataset (manifest.json, images/)')
+  p.add_argument('--contaminated', required=True, help='contaminate.py output it was made from')
+  p.add_argument('--pristine', required=True, help='contaminate.py --fraction 0 twin')
+  p.add_argument('--out', required=True, help='where cleaning.json and cleaning.md go')
+  p.add_argument('--no-identity', action='store_true')
+  p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  a = p.parse_args(argv)
+  try:
+    report = score(a.cleaned, a.contaminated, a.pristine, identity=not a.no_identity,
+                   seed=a.seed)
+  except (FileNotFoundError, ValueError, sources.BadImageError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  files.write_atomic(os.path.join(a.out, 'cleaning.json'), json.dumps(report, indent=1).encode())
+  md = markdown(report)
+  files.write_atomic(os.path.join(a.out, 'cleaning.md'), md.encode())
+  print(md)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,75 @@
+"""Scoring cleaning against a known contamination: selection precision/recall, fidelity deltas."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from idm_jax import cleaning_eval
+from idm_jax import extrinsic
+from idm_jax.data import contaminate
+
+
+def test_selection_scores_on_a_known_answer():
+  universe = {f'{i}.png' for i in range(10)}
+  truth = {'0.png', '1.png', '2.png', '3.png'}
+  s = cleaning_eval.selection_scores({'0.png', '1.png', '5.png'}, truth, universe)
+  assert s['precision'] == pytest.approx(2 / 3) and s['recall'] == pytest.approx(0.5)
+  assert s['f1'] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+  assert s['chance_precision'] == pytest.approx(0.4) and s['true_positives'] == 2
+  perfect = cleaning_eval.selection_scores(truth, truth, universe)
+  assert perfect['precision'] == perfect['recall'] == perfect['f1'] == 1.0
+  none = cleaning_eval.selection_scores(set(), truth, universe)
+  assert none['precision'] is None and none['recall'] == 0.0
+  # Names outside the universe (e.g. the validation split) do not count.
+  s = cleaning_eval.selection_scores({'0.png', 'val.png'}, truth | {'val.png'}, universe)
+  assert s['precision'] == 1.0 and s['recall'] == 0.25
+
+
+def _cleaned_dataset(out, contaminated, pristine, chosen):
+  """A cleaned dataset as extrinsic.clean_dataset lays it out: the chosen records 'cleaned' by
+  an oracle (the pristine image back), the others copied from the contaminated set."""
+  m = json.loads((contaminated / 'manifest.json').read_text())
+  records = []
+  (out / 'images').mkdir(parents=True)
+  for r in m['records']:
+    src = (pristine if r['file'] in chosen else contaminated) / 'images' / r['file']
+    (out / 'images' / r['file']).write_bytes(src.read_bytes())
+    records.append(dict(name=r['file'], file=r['file'],
+                        action='cleaned' if r['file'] in chosen else 'copied'))
+  (out / extrinsic.MANIFEST).write_text(json.dumps(dict(records=records, settings={})))
+
+
+def test_oracle_cleaning_scores_as_perfect(tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)).resize(
+        (32, 32), Image.BICUBIC)
+    img.save(src / f'{i:02d}.png')
+  c, p = tmp_path / 'c', tmp_path / 'p'
+  assert contaminate.main(['--src', str(src), '--dst', str(c), '--fraction', '0.5',
+                           '--resolution', '32', '--kinds', 'blur,noise']) == 0
+  assert contaminate.main(['--src', str(src), '--dst', str(p), '--fraction', '0',
+                           '--resolution', '32']) == 0
+  truth = contaminate.contaminated_names(json.loads((c / 'manifest.json').read_text()))
+  one_clean = sorted(set(os.listdir(c / 'images')) - truth)[0]
+  chosen = set(sorted(truth)[:4]) | {one_clean}
+  _cleaned_dataset(tmp_path / 'cleaned', c, p, chosen)
+  report = cleaning_eval.score(str(tmp_path / 'cleaned'), str(c), str(p), identity=False)
+  assert report['selection']['precision'] == pytest.approx(4 / 5)
+  assert report['selection']['recall'] == pytest.approx(4 / 6)
+  moved = report['contaminated_and_cleaned']
+  assert moved['after']['psnr'] == float('inf') or moved['after']['ssim'] == pytest.approx(1.0)
+  assert moved['before']['ssim'] < 1.0 and moved['delta']['ssim']['mean'] > 0
+  assert report['clean_but_cleaned']['names'] == [one_clean]
+  out = tmp_path / 'report'
+  assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated', str(c),
+                             '--pristine', str(p), '--out', str(out), '--no-identity']) == 0
+  md = (out / 'cleaning.md').read_text()
+  assert '| 0.800 | 0.667 |' in md and 'cleaned - contaminated' in md
+  # A pristine twin of another contamination is refused.
+  assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated', str(c),
+                             '--pristine', str(c), '--out', str(out)]) == 2
