@@ -335,7 +335,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   vis_data: the config.data whose validation split feeds the sample grids (default
   config.data; extrinsic rounds pass the original data, since a cleaned set has no validation).
+  Raises checkpoints.WorkdirInUse if another training run holds the workdir.
   """
+  # One lock per run, taken by process 0: the other hosts of a run share its workdir.
+  if jax.process_index() != 0:
+    return _train_and_evaluate(config, workdir, max_steps, vis_data)
+  with checkpoints.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, max_steps, vis_data)
+
+
+def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
   from idm_jax import reporting  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
@@ -446,13 +455,13 @@ class TimeBudget:
 
 
 def _resume_or_init(trainer: Trainer, ckpt: checkpoints.Checkpointer, data_iter):
-  """(state, training seconds so far): the latest checkpoint (state and data position), else a
-  fresh or warm-started state and 0."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info('resuming from step %d', latest)
-    return (ckpt.restore(latest, trainer.abstract_state, data_iter),
-            ckpt.train_seconds(latest))
+  """(state, training seconds so far): the newest checkpoint that restores (state and data
+  position), else a fresh or warm-started state and 0."""
+  resumed = ckpt.restore_latest(trainer.abstract_state, data_iter)  # skips corrupt ones
+  if resumed is not None:
+    step, state = resumed
+    logging.info('resuming from step %d', step)
+    return state, ckpt.train_seconds(step)
   state = trainer.init(jax.random.PRNGKey(trainer.config.seed))
   if trainer.config.train.init_from:
     state = _warm_start(state, trainer.config.train.init_from)
