@@ -17,6 +17,7 @@ LOSS_WEIGHTINGS = ('none', 'min_snr')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('folder', 'tfds', 'builtin')
 PRESETS = ('gfpgan', 'codeformer_heavy')
+CLEAN_SCORES = ('niqe', 'artifacts')
 
 
 class ConfigError(ValueError):
@@ -162,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
       steps=25,
       t_start=0.4,                # content-preserving: start close to the input
       fraction=0.15,              # clean the worst-scoring share; 1.0 = clean everything
-      score='niqe',
+      score='niqe',               # niqe | artifacts (metrics/artifacts.py): ranks the worst
       batch_size=16,
       out_dir='',                 # '' = WORKDIR/cleaned (mode=clean); rounds use round_k/dataset
   ))
@@ -276,6 +277,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.conditional and m.cond_drop_prob > 0, 'sample.guidance_scale',
            'guidance needs a conditional model trained with model.cond_drop_prob > 0')
   _check(0.0 <= config.clean.fraction <= 1.0, 'clean.fraction', 'must be in [0, 1]')
+  _check(config.clean.score in CLEAN_SCORES, 'clean.score',
+         f'{config.clean.score!r} is not one of {CLEAN_SCORES}')
 
   _check(t.batch_size >= 1, 'train.batch_size', 'must be >= 1')
   _check(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,

@@ -2,11 +2,12 @@
 
 Cleaning (`--config.mode=clean`): the model's EMA params restore the training set's HQ images
 themselves (the HQ image is the LQ input), either all of them or only the worst-scoring share by
-NIQE (a no-reference score: there is no ground truth for "truly high quality"). The rest are
+a no-reference score (there is no ground truth for "truly high quality"): NIQE, or
+`clean.score='artifacts'`, metrics/artifacts.py's outlier score within the set. The rest are
 copied byte for byte. The output is a new folder dataset; the source is never written to.
 
   OUT/images/<name>    one file per source record (cleaned ones as PNG)
-  OUT/scores.json      NIQE per record, so the selection can be inspected
+  OUT/scores.json      the score per record, so the selection can be inspected
   OUT/journal-<p>.jsonl  one line per finished record (process p): a killed run resumes from it
   OUT/manifest.json    written last, after verification: its presence marks a complete dataset
 
@@ -52,6 +53,18 @@ def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
     img = rec.get('image')
     scores[rec['name']] = None if img is None else niqe_of(img, params, resolution)
   return scores
+
+
+def artifact_scores(source) -> dict[str, float | None]:
+  """metrics.artifacts' outlier score of every record within the set (higher = worse)."""
+  from idm_jax.metrics import artifacts
+  feats = {}
+  for i in tqdm(range(len(source)), desc='score', disable=jax.process_index() != 0):
+    rec = source[i]
+    feats[rec['name']] = None if rec.get('image') is None else artifacts.features(rec['image'])
+  good = [n for n, f in feats.items() if f is not None]
+  z = dict(zip(good, artifacts.outlier_scores([feats[n] for n in good]).tolist()))
+  return {n: z.get(n) for n in feats}
 
 
 def niqe_of(img: np.ndarray, params, resolution: int) -> float:
@@ -120,6 +133,9 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
   scores = None
+  kind = clean_cfg.get('score', 'niqe')
+  if kind not in configlib.CLEAN_SCORES:
+    raise ValueError(f'config.clean.score: {kind!r} is not one of {configlib.CLEAN_SCORES}')
   if fraction < 1.0:
     from idm_jax.metrics import niqe
     params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
@@ -127,6 +143,8 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
     if os.path.exists(scores_path):
       with open(scores_path) as f:
         scores = json.load(f)
+    elif kind == 'artifacts':
+      scores = artifact_scores(source)
     else:
       scores = niqe_scores(source, params, resolution)
       if pi == 0:
@@ -169,7 +187,7 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
           path = os.path.join(out_dir, IMAGES, rel)
           files.save_image(path, img)
           entry = dict(name=names[i], file=rel, action='cleaned', sha256=sha256_file(path))
-          if params is not None:   # did cleaning lower the score that selected the image?
+          if kind == 'niqe' and params is not None:   # did cleaning lower the score that chose it?
             entry['score_after'] = niqe_of(img, params, resolution)
           _append(journal, entry)
       bar.update(len(idx))

@@ -196,3 +196,25 @@ def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(
   # Validation reports NIQE for every round with the same parameters.
   rounds = json.loads((work / 'rounds.json').read_text())
   assert all(rounds[r]['metrics']['niqe'] is not None for r in ('0', '1'))
+
+
+def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path):
+  """clean.score='artifacts' on real faces, two of them blurred: those two are the ones cleaned."""
+  from idm_jax.data import contaminate
+  names = sorted(os.listdir(faces))
+  for name in names[3], names[8]:
+    img = sources.load_image(str(faces / name), 64)
+    Image.fromarray(contaminate.apply_defect(img, dict(kind='blur', sigma=1.5))).save(faces / name)
+  source = sources.FolderSource(tuple(sources.list_images(faces)), 64, root=str(faces))
+  cfg = clean_cfg(fraction=2 / 12)
+  cfg.score = 'artifacts'
+  manifest = extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),
+                                     clean_cfg=cfg, seed=0, niqe_params=None, resolution=64,
+                                     provenance={})
+  cleaned = sorted(r['name'] for r in manifest['records'] if r['action'] == 'cleaned')
+  assert cleaned == [names[3], names[8]]
+  assert 'cleaned_niqe' not in manifest   # score_after is NIQE's; not mixed with another score
+  cfg.score = 'brisque'
+  with pytest.raises(ValueError, match='clean.score'):
+    extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
+                            seed=0, niqe_params=None, resolution=64, provenance={})
