@@ -184,6 +184,16 @@ def restore_padded(restorer, crops: np.ndarray, indices: Sequence[int], batch_si
   return np.concatenate(out)
 
 
+def restore_aligned(images: Sequence[np.ndarray], restorer, indices: Sequence[int],
+                    batch_size: int, sample_kwargs: Dict) -> Tuple[np.ndarray, np.ndarray]:
+  """Aligned face crops of any size -> (LQ resized to the model resolution, restored); crop k
+  uses noise index indices[k]."""
+  r = restorer.resolution
+  lq = np.stack([resize(im, r, r) for im in images]) if len(images) else np.zeros((0, r, r, 3),
+                                                                                  np.uint8)
+  return lq, restore_padded(restorer, lq, indices, batch_size, sample_kwargs)
+
+
 @dataclasses.dataclass
 class PhotoResult:
   crops: np.ndarray         # (F, R, R, 3) aligned LQ faces
@@ -216,6 +226,17 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   restored = restore_padded(restorer, crops, indices, batch_size, sample_kwargs or {})
   pasted = faces_lib.paste_faces(image, list(zip(restored, affines)), upscale)
   return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
+
+
+def sample_settings(restorer, seed: int, *, steps=None, sampler=None, t_start=None,
+                    guidance=None, eta=None) -> Dict:
+  """The restorer's sampling keyword arguments (None: the model config's default), checked;
+  raises ValueError naming the bad setting."""
+  from idm_jax import inference
+  restorer.resolve_settings(steps, sampler, t_start, guidance, eta)
+  inference.check_seed(seed)
+  return dict(seed=seed, steps=steps, sampler=sampler, t_start=t_start, guidance_scale=guidance,
+              eta=eta)
 
 
 class _Report:
@@ -259,7 +280,6 @@ def _read(path, report, max_pixels):
 
 
 def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
-  r = restorer.resolution
   suffix = f'_{args.suffix}' if args.suffix else ''
   for start in range(0, len(inputs), args.batch_size):
     batch = []
@@ -268,10 +288,10 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
       if image is not None:
         batch.append((path, rel, image))
     if batch:
-      lq = np.stack([resize(im, r, r) for _, _, im in batch])
       try:
-        restored = restore_padded(restorer, lq, [file_index(rel) for _, rel, _ in batch],
-                                  args.batch_size, sample_kwargs)
+        lq, restored = restore_aligned([im for _, _, im in batch], restorer,
+                                       [file_index(rel) for _, rel, _ in batch],
+                                       args.batch_size, sample_kwargs)
       except Exception as e:  # pylint: disable=broad-except
         for path, _, _ in batch:
           report.fail(path, f'restoration failed: {type(e).__name__}: {e}')
@@ -401,11 +421,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     restorer = inference.load_restorer(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
-  sample_kwargs = dict(seed=args.seed, steps=args.steps, sampler=args.sampler,
-                       t_start=args.t_start, guidance_scale=args.guidance, eta=args.eta)
   try:  # Check the settings once, before any file is touched.
-    restorer.resolve_settings(args.steps, args.sampler, args.t_start, args.guidance, args.eta)
-    inference.check_seed(args.seed)
+    sample_kwargs = sample_settings(restorer, args.seed, steps=args.steps, sampler=args.sampler,
+                                    t_start=args.t_start, guidance=args.guidance, eta=args.eta)
   except ValueError as e:
     return fatal(str(e))
 

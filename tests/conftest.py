@@ -54,6 +54,18 @@ def test_config():
 
 
 @pytest.fixture(scope='session')
+def model_path(tmp_path_factory):
+  """configs/test.py's model with random weights, exported (.msgpack) as a user would load it."""
+  from idm_jax import export, inference  # pylint: disable=import-outside-toplevel
+  from idm_jax.models import unet  # pylint: disable=import-outside-toplevel
+  config = load_config('test')
+  params = inference.random_params(unet.build_model(config.model, config.data.resolution), 0)
+  path = str(tmp_path_factory.mktemp('model') / 'model.msgpack')
+  export.save_exported(path, config, params)
+  return path
+
+
+@pytest.fixture(scope='session')
 def celeba_dir():
   d = SHARED_DATA / 'celeba_hq128_dev'
   if not d.is_dir():

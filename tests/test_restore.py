@@ -11,22 +11,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from idm_jax import export
 from idm_jax import faces
-from idm_jax import inference
 from idm_jax import restore
-from idm_jax.models import unet
-
-from conftest import load_config
-
-
-@pytest.fixture(scope='module')
-def model_path(tmp_path_factory):
-  config = load_config('test')
-  params = inference.random_params(unet.build_model(config.model, config.data.resolution), 0)
-  path = str(tmp_path_factory.mktemp('model') / 'model.msgpack')
-  export.save_exported(path, config, params)
-  return path
 
 
 def _snapshot(folder):
