@@ -364,7 +364,8 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     start = int(jax.device_get(state.step))
     end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
                                                                start + max_steps)
-    if start >= end or budget.exhausted():
+    # A budget spent by earlier runs ends here; a fresh one always takes at least one step.
+    if start >= end or budget.spent_before():
       logging.info('already trained to step %d (%.0f s); nothing to do', start, prior_seconds)
       ckpt.close()
       data_iter.close()
@@ -387,9 +388,16 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     last_t, last_step = time.perf_counter(), start
     try:
       step = start
+      in_flight = None
       while step < end and not preemption.requested:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
+        # Wait for the previous step: one step runs while the host loads the next batch, but
+        # dispatch never runs further ahead, so the bar, its ETA and the time budget count
+        # finished steps (unbounded, they ran up to log_every steps ahead of the device).
+        if in_flight is not None:
+          jax.block_until_ready(in_flight)
+        in_flight = metrics
         step += 1
         # Every process must agree to stop at the same step (the save is collective).
         out_of_time = budget.exhausted_everywhere()
@@ -439,6 +447,10 @@ class TimeBudget:
 
   def remaining(self) -> float | None:
     return None if self.max_seconds <= 0 else self.max_seconds - self.elapsed()
+
+  def spent_before(self) -> bool:
+    """Whether the runs before this one already used the whole budget."""
+    return self.max_seconds > 0 and self.prior_seconds >= self.max_seconds
 
   def exhausted(self) -> bool:
     left = self.remaining()

@@ -245,3 +245,36 @@ def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
                              rtol=1e-4)
   for got, exp in zip(jax.tree.leaves(after.params), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-6)
+
+
+def test_time_budget_stops_saves_and_counts_across_resumes(tmp_path):
+  """max_seconds: the run stops at the budget with a checkpoint and a grid, exits normally; a
+  rerun finds the budget spent and trains nothing; lifting the budget resumes from there."""
+  workdir = tmp_path / 'w'
+  ov = {'train.max_seconds': 1e-3, 'train.num_steps': 1000, 'train.ckpt_every': 1000,
+        'train.sample_every': 1000}
+  first = run_worker(workdir, 1000, overrides=ov)
+  assert first['step'] == 1   # the budget is spent by compilation: one step, then stop
+  ckpt = checkpoints.Checkpointer(str(workdir))
+  assert ckpt.latest_step() == 1 and ckpt.train_seconds(1) > 0
+  assert (workdir / 'samples_0000001.png').exists()
+  again = run_worker(workdir, 1000, overrides=ov)
+  assert again['step'] == 1
+  lifted = run_worker(workdir, 2, overrides={**ov, 'train.max_seconds': 0.0})
+  assert lifted['step'] == 3
+  ckpt = checkpoints.Checkpointer(str(workdir))
+  assert ckpt.train_seconds(3) > ckpt.train_seconds(1)
+
+
+def test_progress_total_follows_the_time_budget():
+  from tqdm import tqdm
+  from idm_jax import reporting
+  bar = tqdm(total=1000, initial=0, disable=False, file=open(os.devnull, 'w'))
+  bar.update(10)
+  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=0.0)
+  assert bar.total == 10                      # no time left: this is the last step
+  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=1e9)
+  assert bar.total == 1000                    # num_steps ends first
+  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=None)
+  assert bar.total == 1000                    # no budget: unchanged
+  bar.close()
