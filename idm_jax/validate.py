@@ -110,7 +110,10 @@ def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
   ckpt_config, params = checkpoints.load_for_inference(workdir)
   config = with_model_of(config, ckpt_config)
   step = checkpoints.Checkpointer(workdir).latest_step()
-  out_dir = os.path.join(workdir, 'eval' if write_metrics else 'samples', f'step_{step}')
+  name = f'step_{step}'
+  if config.sample.t_start < 1:   # a different starting point is a different evaluation
+    name += f'_tstart{config.sample.t_start:g}'
+  out_dir = os.path.join(workdir, 'eval' if write_metrics else 'samples', name)
   rows = evaluate_restorer(config, inference.Restorer(config, params), out_dir,
                            write_metrics=write_metrics)
   logging.info('wrote %s', out_dir)

@@ -1,0 +1,61 @@
+"""How well each cleaning score finds a known contamination, before any model is involved.
+
+python bench/selection_scores.py CONTAMINATED_DIR [--num-val 100] [--out FILE.json]
+Ranks the training split of a contaminate.py dataset by every score of config.clean.score,
+selects the same share that is contaminated, and prints precision (= recall, since the
+selection is the size of the truth) overall and by defect kind.
+"""
+import argparse
+import json
+import os
+
+from idm_jax import cleaning_eval
+from idm_jax import configlib
+from idm_jax import extrinsic
+from idm_jax.data import contaminate
+from idm_jax.data import sources
+from idm_jax.metrics import niqe
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('contaminated')
+  p.add_argument('--num-val', type=int, default=100)
+  p.add_argument('--out', default='')
+  a = p.parse_args()
+  with open(os.path.join(a.contaminated, contaminate.MANIFEST)) as f:
+    manifest = json.load(f)
+  res = int(manifest['resolution'])
+  images = os.path.join(a.contaminated, contaminate.IMAGES)
+  paths = sources.folder_split(tuple(sources.list_images(images)), a.num_val, 'train')
+  source = sources.FolderSource(tuple(paths), res, root=images)
+  universe = {source.name(i) for i in range(len(source))}
+  truth = contaminate.contaminated_names(manifest) & universe
+  kinds = {r['file']: r['defect']['kind'] for r in manifest['records'] if 'defect' in r}
+  results = {}
+  for kind in configlib.CLEAN_SCORES:
+    scores = (extrinsic.niqe_scores(source, niqe.load_default(), res) if kind == 'niqe'
+              else extrinsic.artifact_scores(source))
+    chosen = extrinsic.select_worst(scores, len(truth) / len(universe))
+    s = cleaning_eval.selection_scores(chosen, truth, universe)
+    s['found_by_kind'] = {k: sum(kinds[n] == k for n in chosen & truth)
+                          for k in sorted(set(kinds.values()))}
+    results[kind] = s
+  by_kind = sorted(set(kinds.values()))
+  counts = {k: sum(kinds[n] == k for n in truth) for k in by_kind}
+  print(f'{len(truth)} of {len(universe)} training images contaminated; selecting the worst '
+        f'{len(truth)} by each score\n')
+  print('| score | precision = recall | ' + ' | '.join(f'{k} found (of {counts[k]})'
+                                                      for k in by_kind) + ' |')
+  print('| --- | --- |' + ' --- |' * len(by_kind))
+  for kind, s in results.items():
+    print(f'| {kind} | {s["precision"]:.3f} | '
+          + ' | '.join(str(s['found_by_kind'][k]) for k in by_kind) + ' |')
+  print(f'\nchance: {len(truth) / len(universe):.3f}')
+  if a.out:
+    with open(a.out, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
