@@ -16,10 +16,14 @@ METRICS = ('psnr', 'ssim', 'identity')
 def rows(root, arm):
   """(eval folder, {row name: result}) of each evaluation of an arm, oldest first."""
   out = []
-  for path in sorted(glob.glob(f'{root}/{arm}/eval/*/metrics.json')):
+  # A workdir's eval/<step>/metrics.json, or the copies kept in docs/results (metrics_<step>.json).
+  paths = [(p, p.split('/')[-2]) for p in glob.glob(f'{root}/{arm}/eval/*/metrics.json')]
+  paths += [(p, p.split('/')[-1][len('metrics_'):-len('.json')])
+            for p in glob.glob(f'{root}/{arm}/metrics_*.json')]
+  for path, step_dir in sorted(paths, key=lambda x: x[1]):
     with open(path) as f:
       table = json.load(f)
-    out.append((path.split('/')[-2], {k: v for k, v in table.items() if isinstance(v, dict)}))
+    out.append((step_dir, {k: v for k, v in table.items() if isinstance(v, dict)}))
   return out
 
 

@@ -32,9 +32,14 @@ def test_config_validates(name):
     ('degradation.scale', (8.0, 0.8), 'degradation.scale'),
     ('mode', 'fit', 'mode'),
     ('sample.guidance_scale', 2.0, 'sample.guidance_scale'),   # needs cond_drop_prob > 0
+    ('clean.score', 'brisque', 'clean.score'),
+    ('train.max_seconds', -1.0, 'train.max_seconds'),
+    ('model.conditional', False, 'diffusion.residual'),          # with residual=True below
 ])
 def test_bad_values_name_the_field(field, value, message):
   config = load_config('test')
+  if message == 'diffusion.residual':
+    config.diffusion.residual = True
   node = config
   *parents, leaf = field.split('.')
   for p in parents:
