@@ -46,3 +46,13 @@ def test_model_paths_and_errors():
     identity.model_path('nope')
   with pytest.raises(ValueError, match='differ in shape'):
     identity.identity_similarity(np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8))
+
+
+def test_small_faces_are_found_after_upscaling(faces):
+  """64 px aligned faces (the CPU config's size) are detected, not scored as whole images."""
+  small = [np.asarray(Image.fromarray(f).resize((64, 64), Image.BICUBIC)) for f in faces]
+  scores = identity.identity_scores(small, small)
+  assert scores['fallbacks'] == 0
+  same, fell_back = identity.identity_similarity(cv2.GaussianBlur(small[0], (0, 0), 0.7), small[0])
+  other, _ = identity.identity_similarity(small[1], small[0])
+  assert not fell_back and same > other + 0.05

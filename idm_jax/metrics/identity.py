@@ -141,6 +141,10 @@ def identity_similarity(pred: np.ndarray, gt: np.ndarray) -> tuple[float, bool]:
       raise ValueError(f'identity: {name} must be uint8 RGB (H, W, 3), got {x.dtype} {x.shape}')
   if pred.shape != gt.shape:
     raise ValueError(f'identity: images differ in shape, {pred.shape} vs {gt.shape}')
+  from idm_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports us)
+  # As in face_descriptors: the detector misses faces under about 80 px (every 64 px face).
+  factor = max(1, -(-DESCRIPTOR_MIN_SIZE // min(gt.shape[:2])))
+  pred, gt = evaluate.upscale_lanczos(pred, factor), evaluate.upscale_lanczos(gt, factor)
   models = load_models()
   box = face_box(gt, models) or face_box(pred, models)
   fell_back = box is None
