@@ -399,8 +399,10 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
           jax.block_until_ready(in_flight)
         in_flight = metrics
         step += 1
-        # Every process must agree to stop at the same step (the save is collective).
-        out_of_time = budget.exhausted_everywhere()
+        # Every process must agree to stop at the same step (the save is collective); with
+        # several, they agree at log steps only, so the budget costs no sync per step.
+        out_of_time = ((jax.process_count() == 1 or step % config.train.log_every == 0)
+                       and budget.exhausted_everywhere())
         last = step == end or out_of_time
         progress.update(1)
         if step % config.train.log_every == 0 or last:
