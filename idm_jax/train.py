@@ -388,16 +388,9 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     last_t, last_step = time.perf_counter(), start
     try:
       step = start
-      in_flight = None
       while step < end and not preemption.requested:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
-        # Wait for the previous step: one step runs while the host loads the next batch, but
-        # dispatch never runs further ahead, so the bar, its ETA and the time budget count
-        # finished steps (unbounded, they ran up to log_every steps ahead of the device).
-        if in_flight is not None:
-          jax.block_until_ready(in_flight)
-        in_flight = metrics
         step += 1
         # Every process must agree to stop at the same step (the save is collective); with
         # several, they agree at log steps only, so the budget costs no sync per step.
