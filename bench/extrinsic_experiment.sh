@@ -7,7 +7,9 @@
 # the contaminated, cleaned and pristine faces with one budget each.
 #   bash bench/extrinsic_experiment.sh [WORKDIR]
 # Budgets (seconds of training per arm, compiles included): RESTORE_SECONDS (default 1800),
-# GEN_SECONDS (default 900); the defaults fit in about three hours on two CPU cores. Every stage
+# GEN_SECONDS (default 900); the defaults fit in about three hours on two CPU cores. A step
+# budget instead (RESTORE_STEPS, GEN_STEPS) keeps the arms equal when the cores are shared with
+# other work, which a wall-clock budget cannot. Every stage
 # resumes where it stopped when rerun (training from its checkpoints, cleaning from its journal,
 # finished stages are skipped). The small results go to WORKDIR/results/: copy them to
 # docs/results/ to keep them.
@@ -21,6 +23,8 @@ SEED=${SEED:-0}
 VAL=${VAL:-100}
 RESTORE_SECONDS=${RESTORE_SECONDS:-1800}
 GEN_SECONDS=${GEN_SECONDS:-900}
+RESTORE_STEPS=${RESTORE_STEPS:-}
+GEN_STEPS=${GEN_STEPS:-}
 CONFIG=${CONFIG:-configs/celeba_64_cpu.py}
 GEN_CONFIG=${GEN_CONFIG:-configs/generation_32_cpu.py}
 read -r -a EXTRA <<< "${EXTRA:-}"          # more --config.x=y for the restoration arms
@@ -38,17 +42,25 @@ python3 -m idm_jax.data.contaminate --src "$SRC" --dst "$WORK/contaminated" \
   --fraction "$FRACTION" --seed "$SEED" --resolution "$RES" --skip-last "$VAL" 2>/dev/null
 cp "$WORK/contaminated/manifest.json" "$OUT/contamination_manifest.json"
 
-arm=(--config="$CONFIG" --config.train.max_seconds="$RESTORE_SECONDS"
-     --config.train.num_steps=100000000 "${EXTRA[@]}")
+# One budget per arm: N steps, or N seconds of training.
+budget() {  # budget STEPS SECONDS
+  if [ -n "$1" ]; then echo "--config.train.num_steps=$1 --config.train.max_seconds=0"
+  else echo "--config.train.num_steps=100000000 --config.train.max_seconds=$2"; fi
+}
+read -r -a RESTORE_BUDGET <<< "$(budget "$RESTORE_STEPS" "$RESTORE_SECONDS")"
+read -r -a GEN_BUDGET <<< "$(budget "$GEN_STEPS" "$GEN_SECONDS")"
+RESTORE_LABEL=${RESTORE_STEPS:+$RESTORE_STEPS steps}; RESTORE_LABEL=${RESTORE_LABEL:-$RESTORE_SECONDS s}
+GEN_LABEL=${GEN_STEPS:+$GEN_STEPS steps}; GEN_LABEL=${GEN_LABEL:-$GEN_SECONDS s}
+arm=(--config="$CONFIG" "${RESTORE_BUDGET[@]}" "${EXTRA[@]}")
 
 # 1. Round 0 on the contaminated faces, cleaning, round 1 from scratch on the cleaned faces.
-log "rounds: train round 0, clean, train round 1 (${RESTORE_SECONDS} s each)"
+log "rounds: train round 0, clean, train round 1 (${RESTORE_LABEL} each)"
 python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds" --config.mode=extrinsic \
   --config.data.dir="$WORK/contaminated/images" --config.data.num_val="$VAL" \
   --config.extrinsic.rounds=2 --config.extrinsic.init=scratch > "$WORK/rounds.log" 2>&1
 
 # 2. The oracle: the same budget on the pristine faces, the same validation faces.
-log "oracle: train on the pristine faces (${RESTORE_SECONDS} s)"
+log "oracle: train on the pristine faces (${RESTORE_LABEL})"
 python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/oracle" \
   --config.data.dir="$WORK/pristine/images" --config.data.num_val="$VAL" > "$WORK/oracle.log" 2>&1
 if [ ! -f "$WORK/oracle/eval/done" ]; then
@@ -70,9 +82,8 @@ for version in contaminated cleaned pristine; do
     pristine) data=(--config.data.dir="$WORK/pristine/images" --config.data.num_val="$VAL") ;;
   esac
   gen=(--config="$GEN_CONFIG" --workdir="$WORK/gen_$version" --config.data.source=folder
-       "${data[@]}" --config.train.max_seconds="$GEN_SECONDS" --config.train.num_steps=100000000
-       "${GEN_EXTRA[@]}")
-  log "generator on the $version faces (${GEN_SECONDS} s)"
+       "${data[@]}" "${GEN_BUDGET[@]}" "${GEN_EXTRA[@]}")
+  log "generator on the $version faces (${GEN_LABEL})"
   python3 -m idm_jax.main "${gen[@]}" > "$WORK/gen_$version.log" 2>&1
   python3 -m idm_jax.main "${gen[@]}" --config.mode=generate >> "$WORK/gen_$version.log" 2>&1
   up=$(python3 -c "import sys; from PIL import Image; from idm_jax import evaluate

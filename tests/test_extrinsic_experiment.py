@@ -31,7 +31,8 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   for p in sorted(celeba_dir.glob('*.jpg'))[:20]:
     shutil.copy(p, src / p.name)
   work = tmp_path / 'exp'
-  env = dict(os.environ, SRC=str(src), RES='32', VAL='4', RESTORE_SECONDS='1',
+  # The restorers run on a step budget, the generators on a time budget: both kinds are used.
+  env = dict(os.environ, SRC=str(src), RES='32', VAL='4', RESTORE_STEPS='2',
              GEN_SECONDS='1', CONFIG='configs/test.py', GEN_CONFIG='configs/test.py',
              EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25')
   cmd = ['bash', 'bench/extrinsic_experiment.sh', str(work)]
@@ -51,9 +52,12 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
     assert 'delta' in table['restored, 2 steps']           # intervals against the LQ
   for v in ('contaminated', 'cleaned', 'pristine'):
     assert (results / f'generator_{v}_grid.png').exists()
-  # Every arm stopped at its one-second budget, and a rerun trains nothing more.
-  steps = {p: (work / p / 'checkpoints').iterdir() for p in ('oracle', 'gen_pristine')}
+  # Every arm stopped at its budget (two steps for the restorers), and a rerun trains nothing
+  # more.
+  steps = ('oracle', 'gen_pristine')
   before = {p: sorted(os.listdir(work / p / 'checkpoints')) for p in steps}
+  assert before['oracle'][-1] == '2'
+  assert json.loads((work / 'oracle' / 'config_train.json').read_text())['train']['num_steps'] == 2
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert again.returncode == 0, again.stderr[-3000:]
   assert {p: sorted(os.listdir(work / p / 'checkpoints')) for p in steps} == before
