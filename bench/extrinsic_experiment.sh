@@ -86,8 +86,8 @@ for version in contaminated cleaned pristine; do
   log "generator on the $version faces (${GEN_LABEL})"
   python3 -m idm_jax.main "${gen[@]}" > "$WORK/gen_$version.log" 2>&1
   python3 -m idm_jax.main "${gen[@]}" --config.mode=generate >> "$WORK/gen_$version.log" 2>&1
-  up=$(python3 -c "import sys; from PIL import Image; from idm_jax import evaluate
-print(evaluate.niqe_upscale_for(min(Image.open(sys.argv[1]).size)))" \
+  up=$(python3 -c "import sys; from PIL import Image; from idm_jax.metrics import niqe
+print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
        "$WORK/gen_$version/generated/000000.png")
   python3 -m idm_jax.evaluate --fid --pred "$WORK/gen_$version/generated" \
     --ref "$WORK/pristine/images" --niqe-upscale "$up" --out "$WORK/eval_gen_$version" \

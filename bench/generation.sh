@@ -39,8 +39,8 @@ done
 # 3. Scores: both sample sets against all the real faces; the cleaning summary from its manifest.
 for version in original cleaned; do
   # NIQE needs 192 px: upscale the samples (and the references, resized to their size) enough.
-  up=$(python3 -c "import sys; from PIL import Image; from idm_jax import evaluate
-print(evaluate.niqe_upscale_for(min(Image.open(sys.argv[1]).size)))" \
+  up=$(python3 -c "import sys; from PIL import Image; from idm_jax.metrics import niqe
+print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
        "$WORK/gen_$version/generated/000000.png")
   python3 -m idm_jax.evaluate --fid --pred "$WORK/gen_$version/generated" --ref "$DATA" \
     --niqe-params "$NIQE" --niqe-upscale "$up" "${fid[@]}" \

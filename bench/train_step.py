@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops as flops_lib  # noqa: E402
 import kernels  # noqa: E402
 
+from idm_jax import optim  # noqa: E402
 from idm_jax import parallel  # noqa: E402
 from idm_jax import train  # noqa: E402
 
@@ -157,7 +158,7 @@ def part_program(part, trainer, batch, batch_spec):
   params = trainer.abstract_state.params
   grads = jax.tree.map(lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding),
                        params)
-  fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, config=config)
+  fn = lambda s, g: optim.apply_gradients(s, jnp.float32(1.0), g, train_cfg=config.train)
   return fn, grads, params
 
 

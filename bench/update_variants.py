@@ -7,7 +7,7 @@ The step updates every parameter leaf separately (536 leaves for adm_sr_256). Th
                  the new state (the train step until 2026-11-26; the select makes XLA copy every
                  donated leaf);
   optax_noguard: the same without the guard;
-  fused:         train.apply_gradients, the step's update now: AdamW written out per leaf with
+  fused:         optim.apply_gradients, the step's update now: AdamW written out per leaf with
                  the guard folded into its coefficients, no copies;
   flat:          the same function on params, EMA and moments held as one flat vector each
                  (gradients still arrive as a tree and are concatenated first);
@@ -17,7 +17,6 @@ kernels cost and whether a flat train state is worth adopting. All four compute 
 """
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -32,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels  # noqa: E402
 import train_step as bench_train  # noqa: E402
 
-from idm_jax import train  # noqa: E402
+from idm_jax import optim  # noqa: E402
+from idm_jax import train_state  # noqa: E402
 from idm_jax.models import unet  # noqa: E402
 
 VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')
@@ -51,7 +51,7 @@ def optax_update(state, grads, *, tx, config, guard=True, loss=jnp.float32(1.0))
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  decay = train.ema_decay(state.step, config.train)
+  decay = optim.ema_decay(state.step, config.train)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
   new = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
   if guard:
@@ -65,7 +65,7 @@ def optax_update(state, grads, *, tx, config, guard=True, loss=jnp.float32(1.0))
 def flat_update(state, grads, *, config):
   """state: a TrainState whose params, ema and opt_state hold flat vectors; grads: a tree."""
   flat_grads, _ = ravel_pytree(grads)
-  return train.apply_gradients(state, jnp.float32(1.0), flat_grads, config=config)
+  return optim.apply_gradients(state, jnp.float32(1.0), flat_grads, train_cfg=config.train)
 
 
 def flatten_state(state, tx):
@@ -82,8 +82,8 @@ def make_inputs(config, seed=0):
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   params = random_tree(shapes, k1, 0.05)
   grads = random_tree(shapes, k2, 1e-3)
-  tx = train.make_optimizer(config.train)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+  tx = optim.make_optimizer(config.train)
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                            opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
                            bad_step=jnp.full((), -1, jnp.int32))
   return state, grads, tx
@@ -95,7 +95,7 @@ def program(variant, tx, config):
   elif variant == 'optax_noguard':
     fn = functools.partial(optax_update, tx=tx, config=config, guard=False)
   elif variant == 'fused':
-    fn = lambda s, g: train.apply_gradients(s, jnp.float32(1.0), g, config=config)
+    fn = lambda s, g: optim.apply_gradients(s, jnp.float32(1.0), g, train_cfg=config.train)
   else:
     fn = functools.partial(flat_update, config=config)
   return jax.jit(fn, donate_argnums=0)

@@ -11,7 +11,7 @@ from idm_jax import configlib
 
 
 def get_config():
-  c = configlib.celeba_128_config()
+  c = configlib.config_file(__file__, 'celeba_128.py').get_config()
   c.data.update(resolution=64, num_workers=0)
   c.model.update(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
                  attention_resolutions=(8,), head_channels=32, num_groups=8,

@@ -6,7 +6,7 @@ from idm_jax import configlib
 
 
 def get_config():
-  c = configlib.celeba_128_config()
+  c = configlib.config_file(__file__, 'celeba_128.py').get_config()
   c.model.update(conditional=False, lq_concat=False, lq_encoder=False)
   c.sample.update(sampler='ddim', steps=50)
   return c

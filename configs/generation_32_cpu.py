@@ -9,7 +9,7 @@ from idm_jax import configlib
 
 
 def get_config():
-  c = configlib.celeba_128_config()
+  c = configlib.config_file(__file__, 'celeba_128.py').get_config()
   c.data.update(resolution=32, num_workers=0)
   c.model.update(conditional=False, lq_concat=False, lq_encoder=False, channels=32,
                  channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),

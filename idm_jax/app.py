@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from idm_jax import faces  # pylint: disable=import-outside-toplevel
   from idm_jax import inference  # pylint: disable=import-outside-toplevel
   try:
-    restorer = inference.load_restorer(args.checkpoint)
+    restorer, _ = inference.load(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
   if not restorer.conditional:

@@ -17,17 +17,18 @@ use; a lock left by a dead process on the same host is taken over.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
 
+from absl import logging
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from idm_jax import configlib
+from idm_jax.train_state import merge_state
+from idm_jax.train_state import split_state
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
@@ -273,51 +274,30 @@ class _IteratorState:
     pass
 
 
-def split_state(state):
-  """TrainState -> (everything but EMA, EMA params), as two pytrees of arrays."""
-  train = dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng,
-               bad_step=state.bad_step)
-  return train, state.ema
-
-
-def merge_state(train: dict, ema):
-  from idm_jax.train import TrainState  # train imports us; import here to avoid a cycle
-  return TrainState(step=train['step'], params=train['params'], ema=ema,
-                    opt_state=train['opt_state'], rng=train['rng'], bad_step=train['bad_step'])
-
-
-def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config saved with a workdir's latest (or given) complete checkpoint."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=dict(config=ocp.JsonCheckpointHandler()))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
-  cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  manager.close()
-  return configlib.from_json(json.dumps(cfg))
-
-
 def load_for_inference(workdir: str, step: int | None = None):
-  """(config, EMA params) of the latest complete checkpoint, as single-device arrays."""
+  """(config, EMA params, step) of the latest (or given) complete checkpoint, as single-device
+  arrays. Opens the checkpoints read-only: a workdir being trained can be read."""
   from idm_jax.models import unet  # heavy; only inference needs it here
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{workdir}: no {CHECKPOINT_DIR}/ folder; is this a training workdir?')
-  config = read_config(workdir, step)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers=dict(ema=ocp.StandardCheckpointHandler(),
+                                                     config=ocp.JsonCheckpointHandler()))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  config = configlib.from_json(json.dumps(saved))
   model = unet.build_model(config.model, config.data.resolution)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       unet_abstract_params(model))
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=dict(ema=ocp.StandardCheckpointHandler()))
-  step = manager.latest_step() if step is None else step
   ema = manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))['ema']
   manager.close()
   logging.info('loaded EMA params of %s at step %d', workdir, step)
-  return config, ema
+  return config, ema, step
 
 
 def unet_abstract_params(model):

@@ -103,7 +103,6 @@ def _read_json(path: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-  from idm_jax import evaluate
   s = report['selection']
   pct = lambda x: 'n/a' if x is None else f'{x:.3f}'  # noqa: E731
   lines = ['# Cleaning against the ground truth', '',
@@ -120,17 +119,17 @@ def markdown(report: dict) -> str:
     names = list(c['delta'])
     lines += ['', f'Contaminated images that were cleaned ({len(c["names"])}), against their '
               'pristine originals:', '',
-              '| | ' + ' | '.join(evaluate.metric_label(n, {}) for n in names) + ' |',
+              '| | ' + ' | '.join(report.metric_label(n, {}) for n in names) + ' |',
               '| --- |' + ' --- |' * len(names),
               '| contaminated | ' + ' | '.join(f'{c["before"][n]:.4f}' for n in names) + ' |',
               '| cleaned | ' + ' | '.join(f'{c["after"][n]:.4f}' for n in names) + ' |',
               '| cleaned - contaminated (95% interval) | '
-              + ' | '.join(evaluate.format_delta(c['delta'][n]) for n in names) + ' |']
+              + ' | '.join(report.format_delta(c['delta'][n]) for n in names) + ' |']
   f = report.get('clean_but_cleaned')
   if f:
     lines += ['', f'Pristine images that were cleaned anyway ({len(f["names"])}), cleaned '
               'against the original: ' + ', '.join(
-                  f'{evaluate.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
+                  f'{report.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
   return '\n'.join(lines) + '\n'
 
 

@@ -6,15 +6,24 @@ command line fails in a second rather than an hour into a run.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+from idm_jax.diffusion import objectives
+from idm_jax.diffusion import samplers
+from idm_jax.diffusion import schedules
+from idm_jax.models import unet
+
+# The libraries' vocabularies, each defined once where it is implemented; ours below.
+SAMPLERS = samplers.SAMPLERS
+SCHEDULES = schedules.SCHEDULES
+PARAMETERIZATIONS = objectives.PARAMETERIZATIONS
+LOSSES = objectives.LOSSES
+LOSS_WEIGHTINGS = objectives.LOSS_WEIGHTINGS
+DTYPES = unet.DTYPES
+ATTENTION_IMPLS = unet.ATTENTION_IMPLS
 MODES = ('train', 'evaluate', 'sample', 'clean', 'extrinsic', 'generate')
-SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
-SCHEDULES = ('cosine', 'shifted_cosine', 'linear')
-PARAMETERIZATIONS = ('eps', 'v', 'x0')
-LOSSES = ('mse', 'l1')
-LOSS_WEIGHTINGS = ('none', 'min_snr')
-DTYPES = ('float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('folder', 'tfds', 'builtin')
 PRESETS = ('gfpgan', 'codeformer_heavy')
 CLEAN_SCORES = ('niqe', 'artifacts')
@@ -182,37 +191,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def adm_sr_config(resolution: int, channels: int, batch_size: int) -> ml_collections.ConfigDict:
-  """guided-diffusion's SuperResModel layout, for benchmark parity (configs/adm_sr_*.py).
-
-  LQ at 1/4 size, upsampled inside the model and concatenated; no LQ encoder.
-  """
-  c = base_config()
-  c.data.update(source='tfds', tfds_name=f'idm_faces/ffhq{resolution}', resolution=resolution)
-  c.model.update(channels=channels, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                 attention_resolutions=(32, 16), head_channels=64, resblock_updown=True,
-                 scale_shift_norm=True, dropout=0.0, lq_concat=True, lq_encoder=False,
-                 out_channels=3)
-  c.diffusion.parameterization = 'eps'
-  c.train.update(batch_size=batch_size, weight_decay=0.0)
-  c.bench = ml_collections.ConfigDict(dict(lq_factor=4))
-  return c
-
-
-def celeba_128_config() -> ml_collections.ConfigDict:
-  """Real faces at 128 px: ../shared/data/celeba_hq128_dev (first 800 train, last 100 val)."""
-  c = base_config()
-  c.data.update(source='folder', dir='../shared/data/celeba_hq128_dev', num_val=100,
-                resolution=128, num_workers=4)
-  c.model.update(channels=64, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2,
-                 attention_resolutions=(16, 8), head_channels=64, lq_encoder_channels=32)
-  c.sample.update(steps=25, batch_size=32)
-  c.train.update(batch_size=32, num_steps=20_000, warmup_steps=500, learning_rate=2e-4,
-                 ema_decay=0.999, log_every=50, sample_every=1000, ckpt_every=1000, num_vis=8,
-                 vis_steps=25)
-  c.eval.update(num_images=100, steps=(10, 25), batch_size=50)
-  c.clean.update(batch_size=50)
-  return c
+def config_file(here: str, name: str):
+  """The config file `name` beside the file `here` (a config's __file__), loaded as a module:
+  a config that extends another names it, wherever the configs folder is."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
+  spec = importlib.util.spec_from_file_location(f'idm_jax_config_{os.path.splitext(name)[0]}',
+                                                path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such config file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _check(cond: bool, field: str, msg: str):
@@ -254,8 +244,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 <= m.cond_drop_prob < 1.0, 'model.cond_drop_prob', 'must be in [0, 1)')
   _check(m.dtype in DTYPES, 'model.dtype', f'{m.dtype!r} is not one of {DTYPES}')
   _check(m.param_dtype in DTYPES, 'model.param_dtype', f'{m.param_dtype!r} is not one of {DTYPES}')
-  _check(m.attention_impl in ('auto', 'xla', 'cudnn'), 'model.attention_impl',
-         f'{m.attention_impl!r} is not one of auto, xla, cudnn')
+  _check(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
+         f'{m.attention_impl!r} is not one of {ATTENTION_IMPLS}')
   if m.conditional:
     _check(m.lq_concat or m.lq_encoder, 'model.lq_concat',
            'a conditional model needs lq_concat or lq_encoder')
@@ -299,6 +289,35 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(lo <= hi, f'degradation.{k}', f'low {lo} > high {hi}')
   _check(config.degradation.kernel_size % 2 == 1, 'degradation.kernel_size', 'must be odd')
   return config
+
+
+# The config bound to the config-free libraries, in this one place.
+
+def logsnr_fn(diffusion_cfg: ml_collections.ConfigDict, resolution: int) -> schedules.LogSnrFn:
+  """config.diffusion's noise schedule at image size `resolution`."""
+  return schedules.get_logsnr_fn(
+      diffusion_cfg.schedule, resolution, logsnr_min=diffusion_cfg.logsnr_min,
+      logsnr_max=diffusion_cfg.logsnr_max,
+      shift_base_resolution=diffusion_cfg.shift_base_resolution)
+
+
+def loss_spec(diffusion_cfg: ml_collections.ConfigDict) -> objectives.LossSpec:
+  """config.diffusion's training loss."""
+  return objectives.LossSpec(
+      parameterization=diffusion_cfg.parameterization, loss=diffusion_cfg.loss,
+      loss_weighting=diffusion_cfg.loss_weighting,
+      min_snr_gamma=float(diffusion_cfg.min_snr_gamma))
+
+
+def sample_settings(sample_cfg: ml_collections.ConfigDict, **overrides) -> samplers.Settings:
+  """config.sample (or config.clean) as sampler settings; overrides that are None keep the
+  config's value."""
+  fields = dict(sampler=str(sample_cfg.sampler), steps=int(sample_cfg.steps),
+                eta=float(sample_cfg.get('eta', 0.0)), t_start=float(sample_cfg.t_start),
+                guidance_scale=float(sample_cfg.get('guidance_scale', 1.0)))
+  cast = dict(sampler=str, steps=int, eta=float, t_start=float, guidance_scale=float)
+  fields.update({k: cast[k](v) for k, v in overrides.items() if v is not None})
+  return samplers.Settings(**fields)
 
 
 def _tuples(x):

@@ -10,13 +10,12 @@ Files are matched by name stem (pred/0001.png <-> gt/0001.jpg). Writes metrics.j
 metrics.md into --out. A metric that cannot be computed (no weights file, dlib missing, images
 too small) is reported as unavailable with the reason, never as a stand-in number.
 
-Library: `evaluate_images(pred, gt, lq, ...)` returns the metrics dict, `write_report` writes it.
+Library: `evaluate_images(pred, gt, lq, ...)` returns the metrics dict, and
+`metrics.report.write_report` writes it.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import pathlib
 import sys
@@ -30,25 +29,11 @@ from idm_jax.metrics import bootstrap
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity as identity_lib
 from idm_jax.metrics import niqe as niqe_lib
+from idm_jax.metrics import report
+from idm_jax.metrics import resize
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 
-# name -> (label, higher is better)
-METRIC_INFO = {
-    'psnr': ('PSNR (RGB, dB)', True),
-    'ssim': ('SSIM (RGB)', True),
-    'psnr_y': ('PSNR (Y, dB)', True),
-    'ssim_y': ('SSIM (Y)', True),
-    'lpips': ('LPIPS (VGG)', False),
-    'identity': ('Identity (dlib cosine)', True),
-    'consistency': ('Consistency PSNR vs LQ (dB)', True),
-    'niqe': ('NIQE', False),
-    'niqe_ref': ('NIQE of reference set', False),
-    'fid': ('FID', False),
-    'fd_dlib': ('Frechet distance of dlib face descriptors', False),
-    'face_rate': ('Share with a detected face', True),
-    'face_rate_ref': ('Share with a detected face, reference set', True),
-}
 
 
 # ----------------------------------------------------------------------------- results
@@ -76,22 +61,9 @@ def _niqe_metric(images, params, upscale: int, progress: Callable) -> dict:
     return _unavailable(
         f'NIQE needs at least {niqe_lib.MIN_SIZE} px per side; {len(small)} images are smaller '
         f'(e.g. {small[0][0]}x{small[0][1]}) at niqe_upscale={upscale}; raise niqe_upscale')
-  scores = [niqe_lib.niqe_score(upscale_lanczos(im, upscale), params)
+  scores = [niqe_lib.niqe_score(resize.upscale_lanczos(im, upscale), params)
             for im in progress(images, desc='NIQE')]
   return _available(scores, upscale=upscale)
-
-
-def niqe_upscale_for(size: int) -> int:
-  """The smallest integer Lanczos upscale that brings `size` px to NIQE's minimum (2 for 128)."""
-  return max(1, -(-niqe_lib.MIN_SIZE // int(size)))
-
-
-def upscale_lanczos(img: np.ndarray, factor: int) -> np.ndarray:
-  """Lanczos upscale of uint8 RGB by an integer factor (NIQE on small faces)."""
-  if factor == 1:
-    return img
-  h, w = img.shape[:2]
-  return np.asarray(Image.fromarray(img).resize((w * factor, h * factor), Image.LANCZOS))
 
 
 def _check_images(images, name: str) -> None:
@@ -116,7 +88,7 @@ def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
   (NIQE, and consistency when lq is given) are computed.
 
   Returns {'num_images', 'names', 'metrics': {name: {'mean', 'per_image', ...}}} where an
-  unavailable metric has mean None and a 'reason'. Metric names are those of METRIC_INFO.
+  unavailable metric has mean None and a 'reason'. Metric names are those of report.METRIC_INFO.
   """
   _check_images(pred, 'pred')
   n = len(pred)
@@ -203,133 +175,6 @@ def add_deltas(rows: dict[str, dict], reference_name: str, *, seed: int = 0) -> 
 
 
 # ----------------------------------------------------------------------------- reports
-
-
-def _json_safe(x):
-  """inf/nan are not JSON: write them as strings ('inf' PSNR of identical images)."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if isinstance(x, np.generic):
-    return _json_safe(x.item())
-  return x
-
-
-def metric_label(name: str, entry: dict) -> str:
-  label, higher = METRIC_INFO.get(name, (name, None))
-  if name.startswith('niqe') and entry.get('upscale', 1) != 1:
-    label += f' ({entry["upscale"]}x Lanczos upscale)'
-  if name == 'consistency' and 'scale' in entry:
-    label += f' (x{entry["scale"]} area downsample when same size)'
-  if higher is not None:
-    label += ' ↑' if higher else ' ↓'
-  return label
-
-
-def _format(entry: dict) -> str:
-  if entry.get('mean') is None:
-    return f'n/a: {entry.get("reason", "unavailable")}'
-  text = f'{entry["mean"]:.4f}'
-  if entry.get('fallbacks'):
-    text += f' ({entry["fallbacks"]} faces not detected; whole image used)'
-  return text
-
-
-def format_delta(d: dict) -> str:
-  """'+0.5600 [+0.3100, +0.8000]', bold when the interval excludes zero."""
-  text = f'{d["mean"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
-  return f'**{text}**' if d['excludes_zero'] else text
-
-
-def _delta_table(rows: dict[str, dict]) -> list[str]:
-  """Differences against the reference row, with intervals; [] if no row has any."""
-  rows = {k: v for k, v in rows.items() if v.get('delta', {}).get('metrics')}
-  if not rows:
-    return []
-  names: list[str] = []
-  for result in rows.values():
-    names += [n for n in result['delta']['metrics'] if n not in names]
-  first = next(iter(rows.values()))
-  ref = first['delta']['reference']
-  conf = next(iter(first['delta']['metrics'].values()))['confidence']
-  lines = ['', f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
-           'interval; bold: the interval excludes 0):', '',
-           '| | ' + ' | '.join(metric_label(n, first['metrics'].get(n, {})) for n in names) + ' |',
-           '| --- |' + ' --- |' * len(names)]
-  for row, result in rows.items():
-    d = result['delta']['metrics']
-    lines.append(f'| {row} | ' + ' | '.join(format_delta(d[n]) if n in d else 'n/a'
-                                            for n in names) + ' |')
-  return lines
-
-
-def _single_table(result: dict) -> list[str]:
-  lines = ['| metric | value |', '| --- | --- |']
-  for name, entry in result['metrics'].items():
-    lines.append(f'| {metric_label(name, entry)} | {_format(entry)} |')
-  return lines
-
-
-def _multi_table(rows: dict[str, dict]) -> list[str]:
-  """One row per result, one column per metric (means); reasons for n/a listed below."""
-  names: list[str] = []
-  entries: dict[str, dict] = {}
-  for result in rows.values():
-    for name, entry in result['metrics'].items():
-      if name not in names:
-        names.append(name)
-      if entry.get('mean') is not None or name not in entries:
-        entries[name] = entry  # a labelled (available) entry, for upscale/scale in the header
-  lines = ['| | ' + ' | '.join(metric_label(n, entries[n]) for n in names) + ' |',
-           '| --- |' + ' --- |' * len(names)]
-  reasons = {}
-  for row, result in rows.items():
-    cells = []
-    for n in names:
-      entry = result['metrics'].get(n)
-      if entry is None or entry.get('mean') is None:
-        cells.append('n/a')
-        if entry is not None:
-          reasons.setdefault(n, entry.get('reason', 'unavailable'))
-      else:
-        cells.append(f'{entry["mean"]:.4f}')
-    lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
-  if reasons:
-    lines += [''] + [f'- {metric_label(n, entries[n])} n/a: {r}' for n, r in reasons.items()]
-  return lines
-
-
-def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
-  """Writes metrics.json (everything, per image too) and metrics.md (a table of means).
-
-  `metrics` is one `evaluate_images` result, or {row name: result} for a table comparing
-  several (e.g. the LQ input and restorations at several step counts).
-  """
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  with open(out / 'metrics.json', 'w') as f:
-    json.dump(_json_safe({'title': title, **metrics}), f, indent=1)
-  lines = [f'# {title}', '']
-  if 'metrics' in metrics:
-    if 'num_images' in metrics:
-      ref = (f' ({metrics["num_ref_images"]} reference images)'
-             if 'num_ref_images' in metrics else '')
-      if 'ref_resized_to' in metrics:
-        ref += f', resized to {metrics["ref_resized_to"]} like the samples'
-      lines += [f'{metrics["num_images"]} images{ref}.', '']
-    lines += _single_table(metrics)
-    lines += _delta_table({'this evaluation': metrics})
-  else:
-    bad = [k for k, v in metrics.items() if not isinstance(v, dict) or 'metrics' not in v]
-    if bad:
-      raise ValueError(f'write_report: expected an evaluate_images result or a dict of them; '
-                       f'entries {bad[:3]} are neither')
-    lines += _multi_table(metrics)
-    lines += _delta_table(metrics)
-  (out / 'metrics.md').write_text('\n'.join(lines) + '\n')
 
 
 # ----------------------------------------------------------------------------- folders
@@ -534,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = _run_fid(args) if args.fid else _run_pairs(args)
     title = args.title or (f'FID: {args.pred} vs {args.ref}' if args.fid
                            else f'Evaluation of {args.pred} against {args.gt}')
-    write_report(metrics, out, title)
+    report.write_report(metrics, out, title)
   except (EvalError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -5,7 +5,7 @@
 The file is flax.serialization's msgpack of
     {'format': 'idm_jax/1', 'config': <config JSON>, 'params': <params state dict>}
 (no pickle: loading it cannot run code). `load_exported(path) -> (config, params)` reads it back;
-`inference.load_restorer` accepts such a file as well as a training workdir.
+`inference.load` accepts such a file as well as a training workdir.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def export(workdir: str, out: str, *, force: bool = False) -> None:
   if os.path.exists(out) and not force:
     raise FileExistsError(f'{out} exists; pass --force to overwrite it')
   from idm_jax import checkpoints  # orbax is heavy; only needed here
-  config, params = checkpoints.load_for_inference(workdir)
+  config, params, _ = checkpoints.load_for_inference(workdir)
   save_exported(out, config, params)
 
 

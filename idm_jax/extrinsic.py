@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 
+from absl import logging
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from idm_jax import checkpoints
 from idm_jax import files
 from idm_jax import configlib
 from idm_jax import inference
+from idm_jax import parallel
 
 MANIFEST = 'manifest.json'
 SCORES = 'scores.json'
@@ -69,9 +69,9 @@ def artifact_scores(source) -> dict[str, float | None]:
 
 def niqe_of(img: np.ndarray, params, resolution: int) -> float:
   """NIQE on the Lanczos upscale the evaluation reports it on (2x for 128 px; NIQE needs 192)."""
-  from idm_jax import evaluate
   from idm_jax.metrics import niqe
-  img = evaluate.upscale_lanczos(img, evaluate.niqe_upscale_for(resolution))
+  from idm_jax.metrics import resize
+  img = resize.upscale_lanczos(img, niqe.upscale_for(resolution))
   return float(niqe.niqe_score(img, params))
 
 
@@ -192,9 +192,7 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
           _append(journal, entry)
       bar.update(len(idx))
 
-  if pc > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('idm_jax clean: all records written')
+  parallel.barrier('clean: all records written')
   if pi != 0:
     return {}
   done = _read_journals(out_dir)
@@ -268,25 +266,23 @@ def verify_manifest(out_dir: str) -> dict:
   return manifest['counts']
 
 
-def _provenance(config, workdir: str) -> dict:
+def _provenance(config, workdir: str, step: int | None) -> dict:
   return dict(source=dict(config.data.to_dict()),
-              model=dict(workdir=os.path.abspath(workdir),
-                         step=checkpoints.Checkpointer(workdir).latest_step()))
+              model=dict(workdir=os.path.abspath(workdir), step=step))
 
 
 def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
   """Cleans config.data's training split with the EMA model in model_workdir."""
-  from idm_jax import validate
+  from idm_jax import validation
   from idm_jax.data import sources
-  ckpt_config, params = checkpoints.load_for_inference(model_workdir)
-  model_config = validate.with_model_of(config, ckpt_config)
-  restorer = inference.Restorer(model_config, params)
+  restorer, step = inference.load(model_workdir, config)
+  model_config = restorer.config
   # Records load at the model's resolution, whatever the run's config says.
   source = sources.make_source(model_config.data, 'train')
   return clean_dataset(source, restorer, out_dir, clean_cfg=config.clean, seed=config.seed,
-                       niqe_params=validate.niqe_params_path(config),
+                       niqe_params=validation.niqe_params_path(config),
                        resolution=model_config.data.resolution,
-                       provenance=_provenance(config, model_workdir))
+                       provenance=_provenance(config, model_workdir, step))
 
 
 def clean_from_config(config, workdir: str) -> dict:
@@ -339,7 +335,7 @@ def _rounds_table(results: dict) -> str:
 def run_rounds(config, workdir: str) -> dict:
   """Train round 0, clean, train round 1, ...; resumes wherever it was stopped."""
   from idm_jax import train
-  from idm_jax import validate
+  from idm_jax import validation
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, 'rounds.json')
   results = {}
@@ -359,9 +355,8 @@ def run_rounds(config, workdir: str) -> dict:
     logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
     train.train_and_evaluate(cfg, rdir, vis_data=config.data)
     if str(r) not in results:
-      ckpt_config, params = checkpoints.load_for_inference(rdir)
-      eval_cfg = validate.with_model_of(config, ckpt_config)  # the ORIGINAL validation set
-      rows = validate.evaluate_restorer(eval_cfg, inference.Restorer(eval_cfg, params),
+      restorer, _ = inference.load(rdir, config)  # the ORIGINAL validation set
+      rows = validation.evaluate_restorer(restorer.config, restorer,
                                         os.path.join(rdir, 'eval'))
       last = list(rows)[-1]
       results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',

@@ -5,28 +5,25 @@ the number of hosts; each host writes the indices i with i % process_count == pr
 """
 from __future__ import annotations
 
-import logging
 import os
 
+from absl import logging
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from idm_jax import checkpoints
 from idm_jax import files
 from idm_jax import inference
 from idm_jax import reporting
-from idm_jax import validate
 
 
 def run(config, workdir: str) -> str:
-  ckpt_config, params = checkpoints.load_for_inference(workdir)
-  config = validate.with_model_of(config, ckpt_config)
+  restorer, _ = inference.load(workdir, config)
+  config = restorer.config
   if config.model.conditional:
     raise ValueError('config.mode=generate needs an unconditional model '
                      '(configs/ffhq_generation.py); this checkpoint is a restoration model')
   out_dir = config.generate.out_dir or os.path.join(workdir, 'generated')
-  restorer = inference.Restorer(config, params)
   g = config.generate
   pi, pc = jax.process_index(), jax.process_count()
   mine = np.arange(pi, g.num_samples, pc)

@@ -1,8 +1,11 @@
-"""Inference: restore aligned LQ faces (or generate faces) with a trained model.
+"""Inference: load a trained model, and restore aligned LQ faces (or generate faces) with it.
 
+`load` is the one way in: a training workdir or an exported file -> (Restorer, step).
 `Restorer` wraps a config and its (EMA) params into one jitted sampling function per
 (batch shape, sampler, steps, ...): the whole sampler loop runs inside that jit, and the batch is
-split over all local devices (a 1-D mesh on the batch axis; params replicated).
+split over the devices of the mesh it is given (`parallel.sampling_mesh`: this process's
+devices on the data axis, params replicated). `restore_in_batches` and `Restorer.generate` run
+any number of images through one compiled batch shape.
 
 Reproducibility: example i of a call gets the key fold_in(key(seed), index_offset + i) and the
 sampler is vmapped over examples, so an image's result does not depend on the batch size, the
@@ -11,21 +14,19 @@ batching or the device count: only on (seed, its index, the sampling settings).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from idm_jax import configlib
+from idm_jax import parallel
 from idm_jax import tree_shapes
 from idm_jax.diffusion import samplers
-from idm_jax.diffusion import schedules
 from idm_jax.models import unet
-
-_BATCH_AXIS = 'batch'
-
 
 def to_model_range(images_uint8) -> jnp.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1]."""
@@ -115,17 +116,16 @@ def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, paramet
 class Restorer:
   """Samples from a trained model: `restore` for conditional models, `generate` otherwise."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params, *, devices=None):
+  def __init__(self, config: ml_collections.ConfigDict, params, *, mesh: Mesh | None = None):
     self.config = config
     self.resolution = int(config.data.resolution)
     self.conditional = bool(config.model.conditional)
     self.model = unet.build_model(config.model, self.resolution)
     check_params(self.model, params)
-    self.logsnr_fn = schedules.get_logsnr_fn(config.diffusion, self.resolution)
-    devices = list(jax.local_devices() if devices is None else devices)
-    self.mesh = Mesh(np.array(devices), (_BATCH_AXIS,))
-    self._batch_sharding = NamedSharding(self.mesh, P(_BATCH_AXIS))
-    self._replicated = NamedSharding(self.mesh, P())
+    self.logsnr_fn = configlib.logsnr_fn(config.diffusion, self.resolution)
+    self.mesh = parallel.sampling_mesh() if mesh is None else mesh
+    self._batch_sharding = parallel.batch_sharding(self.mesh)
+    self._replicated = parallel.replicated(self.mesh)
     self.params = jax.device_put(params, self._replicated)
     self._fns = {}
 
@@ -133,29 +133,19 @@ class Restorer:
   def num_devices(self) -> int:
     return self.mesh.size
 
-  def resolve_settings(self, steps, sampler, t_start, guidance_scale, eta):
-    """Call arguments with the config's sample.* defaults filled in, validated."""
-    s = self.config.sample
-    steps = int(s.steps if steps is None else steps)
-    sampler = str(s.sampler if sampler is None else sampler)
-    t_start = float(s.t_start if t_start is None else t_start)
-    guidance_scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
-    eta = float(s.eta if eta is None else eta)
-    if sampler not in samplers.SAMPLERS:
-      raise ValueError(f'sampler {sampler!r} is not one of {samplers.SAMPLERS}')
-    if steps < 1:
-      raise ValueError(f'steps={steps} must be >= 1')
-    if not 0. < t_start <= 1.:
-      raise ValueError(f't_start={t_start} must be in (0, 1]')
-    if not 0. <= eta <= 1.:
-      raise ValueError(f'eta={eta} must be in [0, 1]')
-    if not self.conditional and (t_start < 1. or guidance_scale != 1.):
+  def resolve_settings(self, steps=None, sampler=None, t_start=None, guidance_scale=None,
+                       eta=None) -> samplers.Settings:
+    """The call's sampler settings, the config's sample.* filling what is None; validated."""
+    settings = configlib.sample_settings(self.config.sample, steps=steps, sampler=sampler,
+                                         t_start=t_start, guidance_scale=guidance_scale, eta=eta)
+    if not self.conditional and (settings.t_start < 1. or settings.guidance_scale != 1.):
       raise ValueError('t_start < 1 and guidance need a conditional model (an LQ input)')
-    return steps, sampler, t_start, guidance_scale, eta
+    return settings
 
   def _sample_fn(self, batch: int, steps: int, sampler: str, t_start: float, guided: bool,
                  eta_zero: bool):
-    """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 for one setting."""
+    """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 for one setting; the
+    guidance scale and eta are traced, so changing them does not recompile."""
     key = (batch, steps, sampler, t_start, guided, eta_zero)
     if key in self._fns:
       return self._fns[key]
@@ -185,23 +175,20 @@ class Restorer:
     self._fns[key] = jitted
     return jitted
 
-  def _run(self, lq_f32: Optional[np.ndarray], indices: np.ndarray, seed: int, settings):
+  def _run(self, lq_f32: Optional[np.ndarray], indices: np.ndarray, seed: int,
+           settings: samplers.Settings):
     """Pads to a multiple of the device count, samples, trims; returns uint8 (B, R, R, 3)."""
-    steps, sampler, t_start, guidance_scale, eta = settings
+    s = settings
     b = len(indices)
-    n = self.num_devices
-    padded = -(-b // n) * n
-    pad = padded - b
-    # Pad by repeating the last example: padded rows are computed and thrown away.
-    indices = np.concatenate([indices, np.repeat(indices[-1:], pad)]).astype(np.uint32)
+    padded = -(-b // self.num_devices) * self.num_devices
+    indices = pad_rows(indices, padded).astype(np.uint32)
+    lq = None
     if lq_f32 is not None:
-      lq_f32 = np.concatenate([lq_f32, np.repeat(lq_f32[-1:], pad, axis=0)])
-      lq = jax.device_put(lq_f32, self._batch_sharding)
-    else:
-      lq = None
-    fn = self._sample_fn(padded, steps, sampler, t_start, guidance_scale != 1., eta == 0.)
+      lq = jax.device_put(pad_rows(lq_f32, padded), self._batch_sharding)
+    fn = self._sample_fn(padded, s.steps, s.sampler, s.t_start, s.guidance_scale != 1.,
+                         s.eta == 0.)
     out = fn(self.params, lq, np.uint32(seed), jax.device_put(indices, self._batch_sharding),
-             np.float32(guidance_scale), np.float32(eta))
+             np.float32(s.guidance_scale), np.float32(s.eta))
     return to_uint8(jax.device_get(out))[:b]
 
   def restore(self, lq: np.ndarray, *, seed: int = 0, steps: Optional[int] = None,
@@ -243,14 +230,9 @@ class Restorer:
     batch_size = int(batch_size or self.config.sample.batch_size)
     all_idx = _indices(int(num), index_offset, indices)
     r = self.resolution
-    out = [np.zeros((0, r, r, 3), np.uint8)]
-    for start in range(0, int(num), batch_size):
-      idx = all_idx[start:start + batch_size]
-      b = len(idx)
-      # Every batch is padded to batch_size, so a short last batch reuses the same compilation.
-      idx = np.concatenate([idx, np.repeat(idx[-1:], batch_size - b)])
-      out.append(self._run(None, idx, seed, settings)[:b])
-    return np.concatenate(out)
+    if not len(all_idx):
+      return np.zeros((0, r, r, 3), np.uint8)
+    return map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx)
 
 
 def check_seed(seed: int) -> None:
@@ -270,15 +252,65 @@ def _indices(b: int, index_offset: int, indices: Optional[Sequence[int]]) -> np.
   return idx
 
 
-def load_restorer(checkpoint: str) -> Restorer:
-  """A Restorer from a training workdir (its latest checkpoint's EMA params) or an exported
-  .msgpack file (export.py)."""
-  if os.path.isdir(checkpoint):
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """`x` with its last row repeated up to `size` rows. The padded rows are computed and thrown
+  away, so that a short batch reuses the compiled shape of a full one."""
+  x = np.asarray(x)
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if size > len(x) else x
+
+
+def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
+                   *arrays: np.ndarray) -> np.ndarray:
+  """fn(indices chunk, *array chunks) over chunks of `batch_size` rows, every chunk padded to
+  batch_size (one compilation serves all); the padded rows' results are dropped."""
+  out = []
+  for start in range(0, len(indices), batch_size):
+    chunk = [x[start:start + batch_size] for x in (indices,) + arrays]
+    n = len(chunk[0])
+    out.append(fn(*(pad_rows(x, batch_size) for x in chunk))[:n])
+  return np.concatenate(out)
+
+
+def restore_in_batches(restorer: Restorer, lq: np.ndarray, indices: Sequence[int],
+                       batch_size: int, **settings) -> np.ndarray:
+  """Restores any number of LQ images in chunks of `batch_size`; image k gets the noise index
+  indices[k], so a result does not depend on the batching. settings: Restorer.restore's."""
+  lq = np.asarray(lq)
+  if not len(lq):
+    r = restorer.resolution
+    return np.zeros((0, r, r, 3), np.uint8)
+  return map_in_batches(lambda idx, x: restorer.restore(x, indices=idx, **settings),
+                        int(batch_size), np.asarray(indices, np.int64), lq)
+
+
+def with_model_of(config: ml_collections.ConfigDict,
+                  ckpt_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run's settings with the checkpoint's model, diffusion and resolution (which its
+  params need)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = ckpt_config.model
+    config.diffusion = ckpt_config.diffusion
+    config.data.resolution = ckpt_config.data.resolution
+  return config
+
+
+def load(path: str, run_config: ml_collections.ConfigDict | None = None,
+         *, mesh: Mesh | None = None) -> tuple[Restorer, int | None]:
+  """The one way to load a trained model: (Restorer, step).
+
+  path: a training workdir (the EMA params of its latest complete checkpoint, whose step is
+  returned) or an exported .msgpack file (export.py; step None). With run_config, the Restorer
+  runs with the run's settings (sampling, evaluation, data) and the checkpoint's model.
+  """
+  if os.path.isdir(path):
     from idm_jax import checkpoints
-    config, params = checkpoints.load_for_inference(checkpoint)
-  elif os.path.isfile(checkpoint):
+    config, params, step = checkpoints.load_for_inference(path)
+  elif os.path.isfile(path):
     from idm_jax import export
-    config, params = export.load_exported(checkpoint)
+    (config, params), step = export.load_exported(path), None
   else:
-    raise FileNotFoundError(f'{checkpoint}: no such workdir or exported model file')
-  return Restorer(config, params)
+    raise FileNotFoundError(f'{path}: no such workdir or exported model file')
+  if run_config is not None:
+    config = with_model_of(run_config, config)
+  return Restorer(config, params, mesh=mesh), step

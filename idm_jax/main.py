@@ -1,9 +1,12 @@
 """The one driver: python -m idm_jax.main --config=configs/ffhq.py --workdir=DIR [--config.x=y].
 
 `--config.mode` picks the job: train | evaluate | sample | clean | extrinsic | generate.
+The log shows our lines and every library's warnings; libraries' INFO lines (orbax writes
+dozens per checkpoint) come back with an explicit --verbosity (0: INFO, 1: DEBUG).
 """
 from __future__ import annotations
 
+import logging as std_logging   # only for the filter's types: we log through absl
 import os
 
 from absl import app
@@ -34,8 +37,8 @@ def run(config, workdir: str):
     from idm_jax import train
     return train.train_and_evaluate(config, workdir)
   if config.mode in ('evaluate', 'sample'):
-    from idm_jax import validate
-    return validate.run(config, workdir, write_metrics=config.mode == 'evaluate')
+    from idm_jax import validation
+    return validation.run(config, workdir, write_metrics=config.mode == 'evaluate')
   if config.mode == 'generate':
     from idm_jax import generate
     return generate.run(config, workdir)
@@ -63,9 +66,21 @@ def _enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+class OursAndWarnings(std_logging.Filter):
+  """Passes records from idm_jax's own files, and anything at WARNING or above."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.get_absl_handler().addFilter(OursAndWarnings())
   run(FLAGS.config, FLAGS.workdir)
 
 

@@ -8,10 +8,10 @@ GroupNorm scale buys nothing and costs a collective.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 
+from absl import logging
 import jax
 import numpy as np
 from flax import linen as nn
@@ -80,6 +80,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
+
+
+def sampling_mesh(devices=None) -> Mesh:
+  """A mesh with all of `devices` (default: this process's) on the data axis. Sampling splits
+  the batch and replicates the params: it holds no optimiser state worth sharding, and each
+  host samples its own share of a set."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  return Mesh(np.array(devices).reshape(len(devices), 1), MESH_AXES)
 
 
 def _spec_for(names, shape, mesh: Mesh, min_size: int) -> P:

@@ -6,9 +6,9 @@ TensorBoard event files come from tensorboardX, which needs no TensorFlow.
 from __future__ import annotations
 
 import json
-import logging
 import os
 
+from absl import logging
 import numpy as np
 
 from idm_jax import files

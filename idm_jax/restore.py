@@ -165,33 +165,15 @@ def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- restoring
 
-def restore_padded(restorer, crops: np.ndarray, indices: Sequence[int], batch_size: int,
-                   sample_kwargs: Dict) -> np.ndarray:
-  """Restores any number of crops in chunks of `batch_size`, padding the last chunk, so one
-  compiled sampler serves every call."""
-  out = []
-  indices = np.asarray(indices, np.int64)
-  for start in range(0, len(crops), batch_size):
-    chunk, idx = crops[start:start + batch_size], indices[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      idx = np.concatenate([idx, np.repeat(idx[-1:], pad)])
-    out.append(restorer.restore(chunk, indices=idx, **sample_kwargs)[:len(chunk) - pad])
-  if not out:
-    r = restorer.resolution
-    return np.zeros((0, r, r, 3), np.uint8)
-  return np.concatenate(out)
-
-
 def restore_aligned(images: Sequence[np.ndarray], restorer, indices: Sequence[int],
                     batch_size: int, sample_kwargs: Dict) -> Tuple[np.ndarray, np.ndarray]:
   """Aligned face crops of any size -> (LQ resized to the model resolution, restored); crop k
   uses noise index indices[k]."""
+  from idm_jax import inference  # jax is heavy: loaded to restore, not for --help
   r = restorer.resolution
   lq = np.stack([resize(im, r, r) for im in images]) if len(images) else np.zeros((0, r, r, 3),
                                                                                   np.uint8)
-  return lq, restore_padded(restorer, lq, indices, batch_size, sample_kwargs)
+  return lq, inference.restore_in_batches(restorer, lq, indices, batch_size, **sample_kwargs)
 
 
 @dataclasses.dataclass
@@ -212,6 +194,7 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   uses noise index `index + k`.
   """
   from idm_jax import faces as faces_lib
+  from idm_jax import inference
   r = restorer.resolution
   found = detector.detect(image)
   if only_center_face:
@@ -223,7 +206,8 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
     affines.append(affine)
   crops = np.stack(crops) if crops else np.zeros((0, r, r, 3), np.uint8)
   indices = (index + np.arange(len(crops))) % (2 ** 32)
-  restored = restore_padded(restorer, crops, indices, batch_size, sample_kwargs or {})
+  restored = inference.restore_in_batches(restorer, crops, indices, batch_size,
+                                          **(sample_kwargs or {}))
   pasted = faces_lib.paste_faces(image, list(zip(restored, affines)), upscale)
   return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
 
@@ -352,6 +336,7 @@ def _is_inside(path: str, folder: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from idm_jax.diffusion import samplers  # the one list of sampler names
   import idm_jax  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(prog='python -m idm_jax.restore',
                               description='Restore faces with an IDM model.')
@@ -361,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
   p.add_argument('--aligned', action='store_true', help='inputs are aligned face crops')
   p.add_argument('--steps', type=int, default=None, help='sampling steps (default: config)')
-  p.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpmpp_2m'), default=None)
+  p.add_argument('--sampler', choices=samplers.SAMPLERS, default=None)
   p.add_argument('--eta', type=float, default=None, help='DDIM stochasticity in [0, 1]')
   p.add_argument('--t-start', type=float, default=None,
                  help='in (0, 1]; < 1 starts from the noised input (keeps more of it)')
@@ -418,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   from idm_jax import inference
   try:
-    restorer = inference.load_restorer(args.checkpoint)
+    restorer, _ = inference.load(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
   try:  # Check the settings once, before any file is touched.

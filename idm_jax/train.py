@@ -1,4 +1,4 @@
-"""Training: the state, the optimiser, one jitted train step, and the loop around it.
+"""Training: the state's initialisation and sharding, one jitted train step, and the loop.
 
 The step is a pure function of (state, batch): the step's randomness is folded from the state's
 key and step number, so an interrupted and resumed run computes exactly what an uninterrupted
@@ -7,12 +7,10 @@ run computes. The loop owns every side effect: data, logging, sample grids, chec
 from __future__ import annotations
 
 import functools
-import logging
 import signal
 import time
-from typing import Any
 
-import flax
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,53 +18,13 @@ import numpy as np
 import optax
 
 from idm_jax import checkpoints
+from idm_jax import configlib
 from idm_jax import inference
+from idm_jax import optim
 from idm_jax import parallel
 from idm_jax.diffusion import objectives
-from idm_jax.diffusion import schedules
 from idm_jax.models import unet
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array         # int32 scalar: optimiser steps taken
-  params: Any
-  ema: Any                # EMA of params: what we sample and restore with
-  opt_state: Any
-  rng: jax.Array          # uint32[2] base key; each step folds in its step number
-  # The first step whose loss or gradient norm was not finite (-1: none). Such a step leaves
-  # the state untouched, so no NaN ever reaches params, and the loop stops before saving.
-  bad_step: jax.Array
-
-
-def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  warmup = optax.linear_schedule(0.0, train_cfg.learning_rate, max(train_cfg.warmup_steps, 1))
-  if train_cfg.lr_schedule == 'cosine':
-    after = optax.cosine_decay_schedule(
-        train_cfg.learning_rate, max(train_cfg.num_steps - train_cfg.warmup_steps, 1))
-  else:
-    after = optax.constant_schedule(train_cfg.learning_rate)
-  return optax.join_schedules([warmup, after], [train_cfg.warmup_steps])
-
-
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """The optimiser: its init gives the train state's layout, and its update is the arithmetic
-  that apply_gradients writes out per leaf (and is tested against)."""
-  parts = []
-  if train_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                           weight_decay=train_cfg.weight_decay))
-  return optax.chain(*parts)
-
-
-def ema_decay(step: jax.Array, train_cfg) -> jax.Array:
-  """Constant decay, or the warmup form min(decay, (1 + s) / (10 + s)) so early EMA tracks."""
-  decay = jnp.asarray(train_cfg.ema_decay, jnp.float32)
-  if train_cfg.ema_warmup:
-    s = step.astype(jnp.float32)
-    decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
-  return decay
+from idm_jax.train_state import TrainState
 
 
 def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation) -> TrainState:
@@ -108,14 +66,15 @@ def loss_fn(params, model, batch, rng, config, logsnr_fn):
   # A residual model denoises HQ - LQ: at init (zero output layers) it already returns the LQ,
   # and all its capacity goes to what the LQ lacks.
   x0 = hq - lq if config.diffusion.get('residual', False) else hq
-  loss, _ = objectives.training_loss(model_fn, x0, k_loss, logsnr_fn, config.diffusion)
+  loss, _ = objectives.training_loss(model_fn, x0, k_loss, logsnr_fn,
+                                     configlib.loss_spec(config.diffusion))
   return loss
 
 
 def train_step(state: TrainState, batch: dict, *, model, config, logsnr_fn):
   """One optimiser step (with optional gradient accumulation). Returns (state, metrics)."""
   loss, grads = loss_and_grads(state, batch, model=model, config=config, logsnr_fn=logsnr_fn)
-  return apply_gradients(state, loss, grads, config=config)
+  return optim.apply_gradients(state, loss, grads, train_cfg=config.train)
 
 
 def loss_and_grads(state: TrainState, batch: dict, *, model, config, logsnr_fn):
@@ -138,88 +97,15 @@ def loss_and_grads(state: TrainState, batch: dict, *, model, config, logsnr_fn):
   return loss, grads
 
 
-def apply_gradients(state: TrainState, loss, grads, *, config):
-  """AdamW with global-norm clipping, then the EMA, guarded against a non-finite step.
-
-  The numbers are those of `make_optimizer(config.train).update` then the EMA (tested against
-  optax), and the state keeps optax's layout (`tx.init`). It is written out per leaf so that the
-  guard costs nothing: a non-finite step runs with unit decays and a zero step size, which
-  leaves every value as it was, instead of selecting between the old and the new state after
-  the update. That select made XLA copy every donated leaf first (1,613 copies for adm_sr_256)
-  and made the update 3x slower on CPU (docs/PERFORMANCE.md).
-  """
-  t = config.train
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  clip = jnp.float32(1.0)
-  if t.grad_clip > 0:  # optax.clip_by_global_norm
-    clip = jnp.where(grad_norm < t.grad_clip, 1.0, t.grad_clip / grad_norm)
-  adam = _adam_state(state.opt_state)
-  count = adam.count + finite.astype(adam.count.dtype)
-  # (1 - b) in Python floats, as optax takes it: 1 - float32(0.999) is 1.3e-5 off.
-  b1, one_minus_b1 = jnp.where(finite, t.b1, 1.0), jnp.where(finite, 1.0 - t.b1, 0.0)
-  b2, one_minus_b2 = jnp.where(finite, t.b2, 1.0), jnp.where(finite, 1.0 - t.b2, 0.0)
-  bias1 = 1.0 - t.b1 ** count.astype(jnp.float32)
-  bias2 = 1.0 - t.b2 ** count.astype(jnp.float32)
-  lr = learning_rate_schedule(t)(state.step)
-  decay = ema_decay(state.step, t)
-
-  def one_leaf(p, g, m, v, e):
-    dtypes = p.dtype, m.dtype, v.dtype, e.dtype  # kept: the arithmetic runs in float32
-    g = jnp.where(finite, g * clip, 0.0)
-    m = b1 * m + one_minus_b1 * g
-    v = b2 * v + one_minus_b2 * g * g
-    update = (m / bias1) / (jnp.sqrt(v / bias2) + _ADAM_EPS) + t.weight_decay * p
-    p = p - jnp.where(finite, lr * update, 0.0)
-    e = e + jnp.where(finite, (1.0 - decay) * (p.astype(dtypes[0]) - e), 0.0)
-    return tuple(x.astype(d) for x, d in zip((p, m, v, e), dtypes))
-
-  treedef = jax.tree.structure(state.params)
-  out = treedef.flatten_up_to(jax.tree.map(one_leaf, state.params, grads, adam.mu, adam.nu,
-                                           state.ema))
-  params, mu, nu, ema = (treedef.unflatten([leaf[i] for leaf in out]) for i in range(4))
-
-  def advance(node):  # every counter in the chain (Adam's, the schedule's) counts finite steps
-    if node is adam:
-      return adam._replace(count=count, mu=mu, nu=nu)
-    if _has_count(node):
-      return node._replace(count=node.count + finite.astype(node.count.dtype))
-    return node
-
-  opt_state = jax.tree.map(advance, state.opt_state, is_leaf=_has_count)
-  step = state.step + finite.astype(state.step.dtype)
-  bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-  new = state.replace(step=step, params=params, ema=ema, opt_state=opt_state, bad_step=bad_step)
-  metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr, ema_decay=decay)
-  return new, metrics
-
-
-_ADAM_EPS = 1e-8  # optax.adamw's default, which make_optimizer uses
-
-
-def _has_count(node) -> bool:
-  """An optax state with a step counter (a NamedTuple with a `count` field)."""
-  return 'count' in getattr(node, '_fields', ())
-
-
-def _adam_state(opt_state):
-  """The ScaleByAdamState (count, mu, nu) inside make_optimizer's chain."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_has_count)
-           if _has_count(s) and hasattr(s, 'mu')]
-  if len(found) != 1:
-    raise ValueError(f'expected one Adam state in the optimiser state, found {len(found)}')
-  return found[0]
-
-
-def sample_images(params, lq, rng, *, model, config, sample_cfg, shape, logsnr_fn):
+def sample_images(params, lq, rng, *, model, config, settings, shape, logsnr_fn):
   """EMA-model restoration (or generation when lq is None) of one batch; float in [-1, 1]."""
   lq_f = inference.to_model_range(lq) if lq is not None else None
-  guided = lq_f is not None and sample_cfg.guidance_scale != 1.0
+  guided = lq_f is not None and settings.guidance_scale != 1.0
   return inference.sample_batch(
       model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
-      parameterization=config.diffusion.parameterization, sampler=sample_cfg.sampler,
-      steps=sample_cfg.steps, eta=sample_cfg.eta, t_start=sample_cfg.t_start,
-      guidance_scale=sample_cfg.guidance_scale if guided else None,
+      parameterization=config.diffusion.parameterization, sampler=settings.sampler,
+      steps=settings.steps, eta=settings.eta, t_start=settings.t_start,
+      guidance_scale=settings.guidance_scale if guided else None,
       residual=bool(config.diffusion.get('residual', False)))
 
 
@@ -240,8 +126,8 @@ class Trainer:
     self.mesh = mesh
     res = config.data.resolution
     self.model = unet.build_model(config.model, res)
-    self.tx = make_optimizer(config.train)
-    self.logsnr_fn = schedules.get_logsnr_fn(config.diffusion, res)
+    self.tx = optim.make_optimizer(config.train)
+    self.logsnr_fn = configlib.logsnr_fn(config.diffusion, res)
     self.abstract_state, self.shardings = state_shardings(self.model, self.tx, mesh, config.mesh)
     self.batch_sharding = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
@@ -278,14 +164,13 @@ class Trainer:
     parallel.barrier('train step compiled')
     return compiled
 
-  def sampler(self, sample_cfg, batch_size: int):
-    """A jitted EMA sampler for a batch size; cached so each shape compiles once."""
-    key = (batch_size, sample_cfg.sampler, sample_cfg.steps, sample_cfg.eta,
-           sample_cfg.t_start, sample_cfg.guidance_scale)
+  def sampler(self, settings, batch_size: int):
+    """A jitted EMA sampler for (samplers.Settings, batch size); cached so each compiles once."""
+    key = (batch_size, settings)
     if key not in self._samplers:
       res = self.config.data.resolution
       fn = functools.partial(sample_images, model=self.model, config=self.config,
-                             sample_cfg=sample_cfg, shape=(batch_size, res, res, 3),
+                             settings=settings, shape=(batch_size, res, res, 3),
                              logsnr_fn=self.logsnr_fn)
       jitted = jax.jit(fn)
       def call(params, lq, rng, jitted=jitted):
@@ -374,11 +259,10 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
 
     writer = reporting.Writer(workdir, enabled=pindex == 0)
     vis = _vis_batch(config, vis_data)
-    vis_cfg = ml_collections.ConfigDict(config.sample.to_dict())
-    vis_cfg.steps = config.train.vis_steps
+    vis_settings = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
 
     def write_samples(step):
-      sampler = trainer.sampler(vis_cfg, vis['size'])
+      sampler = trainer.sampler(vis_settings, vis['size'])
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
       out = inference.to_uint8(parallel.to_host(sampler(state.ema, lq,
                                                       jax.random.PRNGKey(config.seed))))
@@ -492,7 +376,7 @@ def _vis_batch(config, vis_data=None) -> dict:
 
 def _warm_start(state: TrainState, workdir: str) -> TrainState:
   """Initialises params and EMA from another run's EMA (extrinsic rounds fine-tune this way)."""
-  _, ema = checkpoints.load_for_inference(workdir)
+  _, ema, _ = checkpoints.load_for_inference(workdir)
   put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
   params = jax.tree.map(put, ema, state.params)
   # Separate buffers: the train step donates params and EMA and may not get one buffer twice.

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def restorer(model_path):
-  return inference.load_restorer(model_path)
+  return inference.load(model_path)[0]
 
 
 @pytest.fixture(scope='module')

@@ -72,7 +72,7 @@ def _update_inputs():
 
 def test_update_variants_compute_the_same_update():
   from jax.flatten_util import ravel_pytree
-  from idm_jax import train
+  from idm_jax import optim
   uv, base, grads, tx, config = _update_inputs()
   results = {}
   for variant in uv.VARIANTS:
@@ -80,9 +80,9 @@ def test_update_variants_compute_the_same_update():
     state = jax.tree.map(jnp.copy, state)
     for _ in range(2):
       state, _ = uv.program(variant, tx, config)(state, grads)
-    adam = train._adam_state(state.opt_state)  # pylint: disable=protected-access
-    counts = [int(x.count) for x in jax.tree.leaves(state.opt_state, is_leaf=train._has_count)
-              if train._has_count(x)]  # pylint: disable=protected-access
+    adam = optim.adam_state(state.opt_state)  # pylint: disable=protected-access
+    counts = [int(x.count) for x in jax.tree.leaves(state.opt_state, is_leaf=optim.has_count)
+              if optim.has_count(x)]  # pylint: disable=protected-access
     results[variant] = [ravel_pytree(x)[0] for x in (state.params, state.ema, adam.mu, adam.nu)]
     assert int(state.step) == 2 and counts and set(counts) == {2}, (variant, counts)
   before = ravel_pytree(base.params)[0]

@@ -47,15 +47,16 @@ def test_round_trip(tmp_path, config_and_params):
   assert set(raw) == {'format', 'config', 'params'} and raw['format'] == export.FORMAT
 
 
-def test_load_restorer_reads_an_export(tmp_path, config_and_params):
+def test_load_reads_an_export(tmp_path, config_and_params):
   config, params = config_and_params
   path = str(tmp_path / 'model.msgpack')
   export.save_exported(path, config, params)
-  r = inference.load_restorer(path)
+  r, step = inference.load(path)
+  assert step is None
   assert r.resolution == config.data.resolution and r.config.sample.steps == 3
   _assert_same_params(params, jax.device_get(r.params))
   with pytest.raises(FileNotFoundError, match='nope'):
-    inference.load_restorer(str(tmp_path / 'nope'))
+    inference.load(str(tmp_path / 'nope'))
 
 
 def test_bad_files_give_clear_errors(tmp_path, config_and_params):
@@ -90,7 +91,7 @@ def test_main_exports_a_workdir_and_never_overwrites(tmp_path, monkeypatch, conf
 
   def fake_load(workdir):
     seen.append(workdir)
-    return config, params
+    return config, params, 7
 
   monkeypatch.setattr(checkpoints, 'load_for_inference', fake_load)
   out = tmp_path / 'out' / 'model.msgpack'

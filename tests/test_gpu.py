@@ -65,5 +65,5 @@ def test_restorer_on_all_local_devices_is_deterministic(test_config):
   b = restorer.restore(lq, steps=3, seed=1)
   np.testing.assert_array_equal(a, b)
   single = inference.Restorer(test_config, inference.random_params(model, seed=0),
-                              devices=jax.local_devices()[:1]).restore(lq, steps=3, seed=1)
+                              mesh=parallel.sampling_mesh(jax.local_devices()[:1])).restore(lq, steps=3, seed=1)
   assert np.abs(a.astype(int) - single.astype(int)).max() <= 2   # cross-device float order

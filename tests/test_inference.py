@@ -177,8 +177,8 @@ def test_residual_model_at_init_returns_its_input_and_learns_hq_minus_lq():
   """Zero-initialised output layers: a residual x0 model restores to the LQ exactly, and its
   training loss is the mean square of hq - lq (a plain model's would be that of hq)."""
   import jax
+  from idm_jax import configlib
   from idm_jax import train
-  from idm_jax.diffusion import schedules
   config = load_config('test')
   config.diffusion.update(residual=True, parameterization='x0')
   model = unet.build_model(config.model, config.data.resolution)
@@ -186,7 +186,7 @@ def test_residual_model_at_init_returns_its_input_and_learns_hq_minus_lq():
   lq = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   hq = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   np.testing.assert_array_equal(inference.Restorer(config, params).restore(lq, steps=3), lq)
-  logsnr_fn = schedules.get_logsnr_fn(config.diffusion, 32)
+  logsnr_fn = configlib.logsnr_fn(config.diffusion, 32)
   batch = {'hq': hq, 'lq': lq}
   f = lambda x: x.astype(np.float32) / 127.5 - 1  # noqa: E731
   loss = train.loss_fn(params, model, batch, jax.random.key(3), config, logsnr_fn)

@@ -1,7 +1,6 @@
 """Tests for idm_jax.diffusion.objectives."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,11 +12,12 @@ SHAPE = (4, 6, 5, 3)
 
 
 def _diff_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      schedule='cosine', shift_base_resolution=64, parameterization='v', loss='mse',
-      loss_weighting='none', min_snr_gamma=5.0, logsnr_min=-20.0, logsnr_max=20.0))
-  c.update(kw)
-  return c
+  return objectives.LossSpec(**dict(dict(parameterization='v', loss='mse',
+                                         loss_weighting='none', min_snr_gamma=5.0), **kw))
+
+
+def _logsnr_fn():
+  return schedules.get_logsnr_fn('cosine', SHAPE[1], logsnr_min=-20.0, logsnr_max=20.0)
 
 
 def _data(seed=0, logsnr=(-6., -1., 0.5, 7.)):
@@ -145,7 +145,7 @@ def test_training_loss_is_zero_for_an_oracle(param):
   training_loss hands the model an x_t or logsnr other than the ones behind the target."""
   x0, _, _ = _data()
   cfg = _diff_cfg(parameterization=param)
-  logsnr_fn = schedules.get_logsnr_fn(cfg, SHAPE[1])
+  logsnr_fn = _logsnr_fn()
 
   def oracle(x_t, logsnr):
     return objectives.x0_to_pred(x0, x_t, logsnr, param)
@@ -158,7 +158,7 @@ def test_training_loss_is_zero_for_an_oracle(param):
 def test_training_loss_gradients_flow_through_linear_model():
   x0, _, _ = _data()
   cfg = _diff_cfg(parameterization='v', loss_weighting='min_snr')
-  logsnr_fn = schedules.get_logsnr_fn(cfg, SHAPE[1])
+  logsnr_fn = _logsnr_fn()
   params = {'w': 0.1 * jnp.eye(3), 'b': jnp.zeros((3,)), 'c': jnp.zeros((3,))}
 
   def loss_fn(p, rng):

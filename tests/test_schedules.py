@@ -89,23 +89,24 @@ def test_logsnr_to_t_inverts():
       atol=1e-6)
 
 
-def test_get_logsnr_fn_follows_config(test_config):
+def test_the_config_binds_the_schedule(test_config):
+  from idm_jax import configlib
   cfg = test_config.diffusion
   t = jnp.linspace(0., 1., 9)
   cfg.schedule = 'cosine'
-  np.testing.assert_allclose(schedules.get_logsnr_fn(cfg, 32)(t),
+  np.testing.assert_allclose(configlib.logsnr_fn(cfg, 32)(t),
                              schedules.cosine_logsnr(t, cfg.logsnr_min, cfg.logsnr_max))
   cfg.schedule = 'shifted_cosine'
   cfg.shift_base_resolution = 64
-  np.testing.assert_allclose(schedules.get_logsnr_fn(cfg, 256)(t),
+  np.testing.assert_allclose(configlib.logsnr_fn(cfg, 256)(t),
                              schedules.shifted_cosine_logsnr(t, 256, 64), rtol=1e-6)
   cfg.schedule = 'linear'
-  np.testing.assert_allclose(schedules.get_logsnr_fn(cfg, 32)(t),
+  np.testing.assert_allclose(configlib.logsnr_fn(cfg, 32)(t),
                              schedules.linear_beta_logsnr(t))
   cfg.schedule = 'cosine'
   cfg.logsnr_min, cfg.logsnr_max = -7., 9.
-  np.testing.assert_allclose(schedules.get_logsnr_fn(cfg, 32)(jnp.array([0., 1.])), [9., -7.],
+  np.testing.assert_allclose(configlib.logsnr_fn(cfg, 32)(jnp.array([0., 1.])), [9., -7.],
                              atol=1e-5)
   cfg.schedule = 'sigmoid'
   with pytest.raises(ValueError, match='diffusion.schedule'):
-    schedules.get_logsnr_fn(cfg, 32)
+    configlib.logsnr_fn(cfg, 32)

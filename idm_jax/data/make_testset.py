@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import pathlib
 import sys
 import tempfile
 
+from absl import logging
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -28,7 +28,6 @@ from idm_jax import files
 from idm_jax.data import degradations
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-log = logging.getLogger('idm_jax.make_testset')
 
 
 class BadImage(Exception):
@@ -125,28 +124,27 @@ def _is_within(child: pathlib.Path, parent: pathlib.Path) -> bool:
 def main(argv=None) -> int:
   """Runs the CLI. Returns 0 when at least one pair was written, 1 when none, 2 on refusal."""
   args = _parse(argv)
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  logging.set_verbosity(logging.INFO)
   src, dst = args.src.resolve(), args.dst.resolve()
   if not src.is_dir():
-    log.error('--src %s is not a folder', args.src)
+    logging.error('--src %s is not a folder', args.src)
     return 2
   if args.resolution < 1:
-    log.error('--resolution %d must be positive', args.resolution)
+    logging.error('--resolution %d must be positive', args.resolution)
     return 2
   if _is_within(dst, src):
-    log.error('refusing to write into the --src folder: --dst %s is inside --src %s', dst, src)
+    logging.error('refusing to write into the --src folder: --dst %s is inside --src %s', dst, src)
     return 2
   if dst.exists() and not dst.is_dir():
-    log.error('--dst %s exists and is not a folder', dst)
+    logging.error('--dst %s exists and is not a folder', dst)
     return 2
   if dst.exists() and any(dst.iterdir()) and not args.overwrite:
-    log.error('--dst %s exists and is not empty; pass --overwrite to write into it', dst)
+    logging.error('--dst %s exists and is not empty; pass --overwrite to write into it', dst)
     return 2
   try:
     replay = read_replay(args.replay) if args.replay else None
   except ValueError as e:
-    log.error('%s', e)
+    logging.error('%s', e)
     return 2
   cfg = configlib.degradation_config(args.preset)
 
@@ -159,7 +157,7 @@ def main(argv=None) -> int:
 
   def skip(rel: str, why: str):
     skipped.append((rel, why))
-    log.warning('skipping %s: %s', rel, why)
+    logging.warning('skipping %s: %s', rel, why)
 
   try:
     with os.fdopen(fd, 'w') as out:
@@ -200,7 +198,7 @@ def main(argv=None) -> int:
   if replay is not None:
     unused = sorted(set(replay) - names)
     if unused:
-      log.warning('%d --replay entries had no source image, e.g. %s', len(unused), unused[:5])
+      logging.warning('%d --replay entries had no source image, e.g. %s', len(unused), unused[:5])
   reasons = {}
   for _, why in skipped:
     key = why.split(':')[0]

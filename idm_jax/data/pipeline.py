@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import math
 from typing import Any
 
+from absl import logging
 from absl import flags
 import cv2
 import grain
@@ -38,7 +38,6 @@ import numpy as np
 
 from idm_jax.data import sources
 
-log = logging.getLogger('idm_jax.data')
 
 # Stream tags mixed into the per-example seeds, so train and eval draws never coincide.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -120,7 +119,7 @@ class _DropBad:
     name = element['bad_name']
     if name not in self.skipped:
       self.skipped[name] = element['error']
-      log.warning('skipping bad training image %s: %s (%d skipped so far)', name,
+      logging.warning('skipping bad training image %s: %s (%d skipped so far)', name,
                   element['error'], len(self.skipped))
       if len(self.skipped) >= self.num_examples:   # otherwise we would loop forever
         raise ValueError(f'all {self.num_examples} training images are unusable, e.g. '
@@ -283,7 +282,7 @@ def eval_batches(config, num_images: int, batch_size: int, split: str | None = N
       break
     record = source[i]
     if sources.is_bad(record):
-      log.warning('skipping bad eval image %s: %s', record['name'], record['error'])
+      logging.warning('skipping bad eval image %s: %s', record['name'], record['error'])
       continue
     # Seeded by the source index, so one bad file does not shift everyone else's degradation.
     hq.append(record['image'])
@@ -292,7 +291,7 @@ def eval_batches(config, num_images: int, batch_size: int, split: str | None = N
   if not hq:
     raise ValueError(f'the {split!r} split of {config.data.source!r} data has no usable images')
   if len(hq) < num_images:
-    log.warning('asked for %d eval images, the %r split has only %d usable ones', num_images,
+    logging.warning('asked for %d eval images, the %r split has only %d usable ones', num_images,
                 split, len(hq))
   return [{'hq': np.stack(hq[s:s + batch_size]), 'lq': np.stack(lq[s:s + batch_size]),
            'name': names[s:s + batch_size]} for s in range(0, len(hq), batch_size)]

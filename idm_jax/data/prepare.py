@@ -21,7 +21,6 @@ complete; an existing complete dataset is left alone unless --overwrite.
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing
 import os
 import pathlib
@@ -30,12 +29,12 @@ import sys
 import time
 from typing import Iterator, Sequence
 
+from absl import logging
 import tqdm
 
 from idm_jax.data import sources
 
 VERSION = '1.0.0'
-log = logging.getLogger('idm_jax.prepare')
 
 
 def assign_split(rel_name: str, val_fraction: float) -> str:
@@ -109,7 +108,7 @@ def _make_builder_class():
         if self.progress is not None:
           self.progress.update(1)
         if png is None:
-          log.warning('skipping bad file %s: %s', rel, reason)
+          logging.warning('skipping bad file %s: %s', rel, reason)
           self.bad.append((rel, reason))
           continue
         yield rel, {'image': png, 'name': rel}
@@ -142,7 +141,7 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     raise ValueError(f'--val-fraction {val_fraction} must be in [0, 1)')
   final = dataset_dir(out, name)
   if is_complete(out, name) and not overwrite:
-    log.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
+    logging.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
     return {'path': str(final), 'skipped_existing': True}
 
   root = pathlib.Path(src).expanduser()
@@ -152,7 +151,7 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     rel = pathlib.Path(p).relative_to(root).as_posix()
     files[assign_split(rel, val_fraction)].append((p, rel))
   if not files['validation']:
-    log.warning('no file fell into the validation split (val_fraction=%s); train only',
+    logging.warning('no file fell into the validation split (val_fraction=%s); train only',
                 val_fraction)
     del files['validation']
 
@@ -215,13 +214,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 nothing usable)."""
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  logging.set_verbosity(logging.INFO)
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
     summary = prepare(args.src, args.name, args.resolution, args.out, args.val_fraction,
                       args.overwrite, args.workers)
   except (FileNotFoundError, ValueError) as e:
-    log.error('%s', e)
+    logging.error('%s', e)
     return 1
   if summary['skipped_existing']:
     print(f'{summary["path"]} exists; nothing to do (use --overwrite to rebuild).')

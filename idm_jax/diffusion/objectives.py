@@ -1,7 +1,7 @@
 """Forward process, parameterisations and the training loss.
 
 x_t = alpha * x0 + sigma * eps with (alpha, sigma) = schedules.alpha_sigma(logsnr). The network
-predicts one of three equivalent quantities (`config.diffusion.parameterization`):
+predicts one of three equivalent quantities (`LossSpec.parameterization`):
   'eps': the noise eps;
   'x0':  the clean image x0;
   'v':   v = alpha * eps - sigma * x0 (Salimans & Ho 2022), well conditioned at both ends.
@@ -12,6 +12,7 @@ Everything is pure and jit-able; the network is passed in as `model_fn(x_t, logs
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 from idm_jax.diffusion import schedules
 
 PARAMETERIZATIONS = ('eps', 'v', 'x0')
+LOSSES = ('mse', 'l1')
+LOSS_WEIGHTINGS = ('none', 'min_snr')
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
@@ -28,6 +31,26 @@ def check_parameterization(parameterization: str):
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(f'config.diffusion.parameterization: unknown {parameterization!r}; '
                      f'choose one of {PARAMETERIZATIONS}')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """What the training loss compares and how it weights it (configlib.loss_spec binds it to
+  config.diffusion, whose field names the errors use)."""
+  parameterization: str = 'v'     # what the network predicts: PARAMETERIZATIONS
+  loss: str = 'mse'               # LOSSES
+  loss_weighting: str = 'none'    # LOSS_WEIGHTINGS
+  min_snr_gamma: float = 5.0
+
+  def __post_init__(self):
+    check_parameterization(self.parameterization)
+    if self.loss not in LOSSES:
+      raise ValueError(f'config.diffusion.loss: unknown {self.loss!r}; choose one of {LOSSES}')
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f'config.diffusion.loss_weighting: unknown {self.loss_weighting!r}; '
+                       f'choose one of {LOSS_WEIGHTINGS}')
+    if not self.min_snr_gamma > 0:
+      raise ValueError(f'config.diffusion.min_snr_gamma={self.min_snr_gamma} must be > 0')
 
 
 def _bcast(a: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
@@ -102,7 +125,7 @@ def x0_to_pred(x0: jnp.ndarray, x_t: jnp.ndarray, logsnr: jnp.ndarray,
   return (alpha * x_t - x0) / sigma
 
 
-def loss_weight(logsnr: jnp.ndarray, diffusion_cfg) -> jnp.ndarray:
+def loss_weight(logsnr: jnp.ndarray, spec: LossSpec) -> jnp.ndarray:
   """Per-example loss weight, shape like logsnr.
 
   'min_snr' is min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) on the x0-space MSE.
@@ -114,17 +137,9 @@ def loss_weight(logsnr: jnp.ndarray, diffusion_cfg) -> jnp.ndarray:
   written with exp(-logsnr) so nothing overflows. For the l1 loss the same weights are used.
   """
   logsnr = jnp.asarray(logsnr, jnp.float32)
-  kind = diffusion_cfg.loss_weighting
-  if kind == 'none':
+  if spec.loss_weighting == 'none':
     return jnp.ones_like(logsnr)
-  if kind != 'min_snr':
-    raise ValueError(f"config.diffusion.loss_weighting: unknown {kind!r}; choose 'none' or "
-                     "'min_snr'")
-  gamma = float(diffusion_cfg.min_snr_gamma)
-  if gamma <= 0:
-    raise ValueError(f'config.diffusion.min_snr_gamma={gamma} must be > 0')
-  param = diffusion_cfg.parameterization
-  check_parameterization(param)
+  gamma, param = float(spec.min_snr_gamma), spec.parameterization
   if param == 'x0':
     return jnp.minimum(jnp.exp(logsnr), gamma)
   capped = jnp.minimum(1., gamma * jnp.exp(-logsnr))   # min(SNR, gamma) / SNR
@@ -134,20 +149,14 @@ def loss_weight(logsnr: jnp.ndarray, diffusion_cfg) -> jnp.ndarray:
 
 
 def loss_per_example(pred: jnp.ndarray, x0: jnp.ndarray, eps: jnp.ndarray, logsnr: jnp.ndarray,
-                     diffusion_cfg) -> jnp.ndarray:
+                     spec: LossSpec) -> jnp.ndarray:
   """Weighted mse or l1 between pred and the parameterisation's target; (B,) float32."""
   target = target_for(x0.astype(jnp.float32), eps.astype(jnp.float32), logsnr,
-                      diffusion_cfg.parameterization)
+                      spec.parameterization)
   err = pred.astype(jnp.float32) - target
-  if diffusion_cfg.loss == 'mse':
-    err = jnp.square(err)
-  elif diffusion_cfg.loss == 'l1':
-    err = jnp.abs(err)
-  else:
-    raise ValueError(f"config.diffusion.loss: unknown {diffusion_cfg.loss!r}; choose 'mse' or "
-                     "'l1'")
+  err = jnp.square(err) if spec.loss == 'mse' else jnp.abs(err)
   per_example = jnp.mean(err, axis=tuple(range(1, err.ndim)))
-  return per_example * loss_weight(logsnr, diffusion_cfg)
+  return per_example * loss_weight(logsnr, spec)
 
 
 def sample_t(rng: jax.Array, batch_size: int) -> jnp.ndarray:
@@ -163,7 +172,7 @@ def sample_t(rng: jax.Array, batch_size: int) -> jnp.ndarray:
 
 
 def training_loss(model_fn: ModelFn, x0: jnp.ndarray, rng: jax.Array, logsnr_fn,
-                  diffusion_cfg) -> tuple[jnp.ndarray, dict[str, Any]]:
+                  spec: LossSpec) -> tuple[jnp.ndarray, dict[str, Any]]:
   """Mean diffusion loss over a batch of clean images x0 (float, [-1, 1], NHWC).
 
   Draws t (stratified) and eps, builds x_t, calls model_fn(x_t, logsnr) and returns
@@ -181,5 +190,5 @@ def training_loss(model_fn: ModelFn, x0: jnp.ndarray, rng: jax.Array, logsnr_fn,
   pred = model_fn(x_t, logsnr)
   if pred.shape != x0.shape:
     raise ValueError(f'training_loss: model output shape {pred.shape} != image shape {x0.shape}')
-  per_example = loss_per_example(pred, x0, eps, logsnr, diffusion_cfg)
+  per_example = loss_per_example(pred, x0, eps, logsnr, spec)
   return jnp.mean(per_example), {'loss_per_example': per_example, 'logsnr': logsnr}

@@ -12,6 +12,7 @@ number of steps works with any trained model.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -22,6 +23,29 @@ from idm_jax.diffusion import schedules
 
 SAMPLERS = ('ddpm', 'ddim', 'dpmpp_2m')
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How to sample: one frozen, hashable value that the trainer's sample grids and the
+  Restorer share (and key their compiled samplers on). configlib.sample_settings binds it to
+  config.sample."""
+  sampler: str = 'ddim'          # SAMPLERS
+  steps: int = 50
+  eta: float = 0.0               # DDIM stochasticity in [0, 1]
+  t_start: float = 1.0           # in (0, 1]; below 1 starts from the noised LQ
+  guidance_scale: float = 1.0    # classifier-free guidance; 1 = off
+
+  def __post_init__(self):
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f'sample.sampler: unknown sampler {self.sampler!r}; choose one of '
+                       f'{SAMPLERS}')
+    if int(self.steps) != self.steps or self.steps < 1:
+      raise ValueError(f'sample.steps: {self.steps} must be an integer >= 1')
+    if not 0. < self.t_start <= 1.:
+      raise ValueError(f'sample.t_start: {self.t_start} must be in (0, 1]')
+    if not 0. <= self.eta <= 1.:
+      raise ValueError(f'sample.eta: {self.eta} must be in [0, 1]')
 
 
 def guided(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale) -> ModelFn:

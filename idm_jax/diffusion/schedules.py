@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 LogSnrFn = Callable[[jnp.ndarray], jnp.ndarray]
+SCHEDULES = ('cosine', 'shifted_cosine', 'linear')
 
 
 def alpha_sigma(logsnr: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -128,21 +129,22 @@ def _big_g(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(x < 0.1, series, closed)
 
 
-def get_logsnr_fn(diffusion_cfg, resolution: int) -> LogSnrFn:
-  """The t -> logsnr function named by `config.diffusion` at image size `resolution`."""
-  name = diffusion_cfg.schedule
-  lmin, lmax = float(diffusion_cfg.logsnr_min), float(diffusion_cfg.logsnr_max)
+def get_logsnr_fn(name: str, resolution: int, *, logsnr_min: float, logsnr_max: float,
+                  shift_base_resolution: int = 64) -> LogSnrFn:
+  """The t -> logsnr function of schedule `name` (SCHEDULES) at image size `resolution`;
+  `shift_base_resolution` is the size a 'shifted_cosine' schedule equals 'cosine' at."""
+  lmin, lmax = float(logsnr_min), float(logsnr_max)
   if not lmin < lmax:
     raise ValueError(f'config.diffusion.logsnr_min={lmin} must be < logsnr_max={lmax}')
   if name == 'cosine':
     return lambda t: cosine_logsnr(t, lmin, lmax)
   if name == 'shifted_cosine':
-    base = int(diffusion_cfg.shift_base_resolution)
+    base = int(shift_base_resolution)
     return lambda t: shifted_cosine_logsnr(t, resolution, base, lmin, lmax)
   if name == 'linear':
     return lambda t: linear_beta_logsnr(t, logsnr_min=lmin, logsnr_max=lmax)
   raise ValueError(f'config.diffusion.schedule: unknown schedule {name!r}; '
-                   "choose one of 'cosine', 'shifted_cosine', 'linear'")
+                   f'choose one of {SCHEDULES}')
 
 
 def logsnr_to_t(logsnr_fn: LogSnrFn, logsnr: jnp.ndarray, num_iters: int = 40) -> jnp.ndarray:

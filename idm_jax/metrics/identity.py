@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from idm_jax.metrics import resize
+
 MODEL_FILES = {
     'recognition': 'dlib_face_recognition_resnet_model_v1.dat',
     'landmarks5': 'shape_predictor_5_face_landmarks.dat',
@@ -112,17 +114,16 @@ def face_descriptors(images: Sequence[np.ndarray], progress=None) -> tuple[np.nd
   (Lanczos, integer factor) first: the detector misses faces under about 80 px and dlib embeds
   a 150 px chip anyway.
   """
-  from idm_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports us)
   models = load_models()
   feats, found = [], []
   for img in (progress(images) if progress is not None else images):
     img = np.asarray(img)
-    img = evaluate.upscale_lanczos(img, max(1, -(-DESCRIPTOR_MIN_SIZE // min(img.shape[:2]))))
+    img = resize.upscale_lanczos(img, resize.factor_to_reach(min(img.shape[:2]),
+                                                             DESCRIPTOR_MIN_SIZE))
     box = face_box(img, models)
     found.append(box is not None)
     feats.append(embed(img, box if box is not None else _whole_image_box(img), models))
   return np.stack(feats), np.asarray(found, dtype=bool)
-
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,10 +142,9 @@ def identity_similarity(pred: np.ndarray, gt: np.ndarray) -> tuple[float, bool]:
       raise ValueError(f'identity: {name} must be uint8 RGB (H, W, 3), got {x.dtype} {x.shape}')
   if pred.shape != gt.shape:
     raise ValueError(f'identity: images differ in shape, {pred.shape} vs {gt.shape}')
-  from idm_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports us)
   # As in face_descriptors: the detector misses faces under about 80 px (every 64 px face).
-  factor = max(1, -(-DESCRIPTOR_MIN_SIZE // min(gt.shape[:2])))
-  pred, gt = evaluate.upscale_lanczos(pred, factor), evaluate.upscale_lanczos(gt, factor)
+  factor = resize.factor_to_reach(min(gt.shape[:2]), DESCRIPTOR_MIN_SIZE)
+  pred, gt = resize.upscale_lanczos(pred, factor), resize.upscale_lanczos(gt, factor)
   models = load_models()
   box = face_box(gt, models) or face_box(pred, models)
   fell_back = box is None

@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.special import gamma
 
 from idm_jax.metrics import matlab
+from idm_jax.metrics import resize
 
 BLOCK = 96
 MIN_SIZE = 2 * BLOCK  # NIQE's covariance needs several blocks; MATLAB's niqe demands this too
@@ -170,3 +171,8 @@ def niqe_score(img: np.ndarray, params: NiqeParams | str | os.PathLike) -> float
     raise ValueError(f'niqe_score: expected an RGB image (H, W, 3), got shape {img.shape}')
   # MATLAB converts uint8 -> Y as uint8, i.e. rounded; the reference values depend on it.
   return niqe_y(np.round(matlab.rgb_to_y(img)), params)
+
+
+def upscale_for(size: int) -> int:
+  """The smallest integer Lanczos upscale that brings `size` px to NIQE's minimum (2 for 128)."""
+  return resize.factor_to_reach(size, MIN_SIZE)

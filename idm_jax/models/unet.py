@@ -46,6 +46,8 @@ EMBED_TIME_SCALE = 1000.0
 EMBED_MAX_PERIOD = 10000.0
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = tuple(_DTYPES)
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')   # auto: jax.nn.dot_product_attention chooses
 
 # PyTorch's default conv/linear init (kaiming_uniform with a=√5 ⇒ Var = 1 / (3 fan_in)), which
 # ADM was trained with; keeps our initial activations statistically like the reference.
@@ -404,9 +406,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, resolution: int) -> UNet:
   for field in ('dtype', 'param_dtype'):
     if model_cfg[field] not in _DTYPES:
       raise ValueError(f'config.model.{field}: {model_cfg[field]!r} is not one of {tuple(_DTYPES)}')
-  if model_cfg.attention_impl not in ('auto', 'xla', 'cudnn'):
+  if model_cfg.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f'config.model.attention_impl: {model_cfg.attention_impl!r} is not one of '
-                     'auto, xla, cudnn')
+                     f'{ATTENTION_IMPLS}')
   return UNet(
       resolution=int(resolution),
       channels=int(model_cfg.channels),
@@ -461,11 +463,14 @@ def init_params(model: UNet, rng, batch_size: int = 1):
   return nn.meta.unbox(boxed)
 
 
+@functools.lru_cache(maxsize=16)
 def param_shapes(model: UNet):
   """The params pytree as abstract arrays, still boxed in `nn.LogicallyPartitioned`.
 
   Nothing is allocated (jax.eval_shape); `nn.get_partition_spec(param_shapes(model))` gives
-  the logical PartitionSpecs with the same tree structure as `init_params`' result.
+  the logical PartitionSpecs with the same tree structure as `init_params`' result. Cached per
+  model (modules are frozen and hashable): loading a checkpoint and checking its params against
+  the model would otherwise trace the whole UNet twice.
   """
   return jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0),
                         *dummy_inputs(model, 1))

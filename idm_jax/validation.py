@@ -6,17 +6,17 @@ Writes WORKDIR/eval/<step>/{lq,hq,restored_<n>steps}/*.png, grid.png, metrics.js
 """
 from __future__ import annotations
 
-import logging
 import os
 
+from absl import logging
 import jax
 import numpy as np
 
-from idm_jax import checkpoints
 from idm_jax import files
 from idm_jax import inference
 from idm_jax import parallel
 from idm_jax import reporting
+from idm_jax.metrics import report
 
 def niqe_params_path(config) -> str:
   """config.eval.niqe_params (an override, which must exist), else the shipped parameters."""
@@ -41,15 +41,9 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
   or on the number of hosts. With several processes, each restores every process_count-th
   image on its own devices, and the processes then exchange their results.
   """
-  from tqdm import tqdm
   pi, pc = jax.process_index(), jax.process_count()
   mine = np.arange(pi, len(lq), pc)
-  out = [np.zeros((0,) + lq.shape[1:], np.uint8)]
-  for start in tqdm(range(0, len(mine), batch_size), desc='restore', leave=False,
-                    disable=pi != 0):
-    idx = mine[start:start + batch_size]
-    out.append(restorer.restore(lq[idx], seed=seed, indices=idx, **settings))
-  out = np.concatenate(out)
+  out = inference.restore_in_batches(restorer, lq[mine], mine, batch_size, seed=seed, **settings)
   if pc == 1:
     return out
   per_process = -(-len(lq) // pc)
@@ -73,7 +67,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
     for sub in ('lq', 'hq'):
       _save_all(os.path.join(out_dir, sub), val['name'], val[sub])
   niqe = niqe_params_path(config)
-  niqe_upscale = evaluate.niqe_upscale_for(config.data.resolution)  # NIQE needs >= 192 px
+  niqe_upscale = niqe.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
   rows, grid_rows = {}, [val['lq'][:8]]
   if write_metrics:
     rows['LQ input'] = evaluate.evaluate_images(
@@ -95,7 +89,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   if write:
     files.save_image(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:
-      evaluate.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
+      report.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
   return rows
 
@@ -107,24 +101,12 @@ def _save_all(directory: str, names, images) -> None:
 
 
 def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
-  ckpt_config, params = checkpoints.load_for_inference(workdir)
-  config = with_model_of(config, ckpt_config)
-  step = checkpoints.Checkpointer(workdir).latest_step()
+  restorer, step = inference.load(workdir, config)
+  config = restorer.config
   name = f'step_{step}'
   if config.sample.t_start < 1:   # a different starting point is a different evaluation
     name += f'_tstart{config.sample.t_start:g}'
   out_dir = os.path.join(workdir, 'eval' if write_metrics else 'samples', name)
-  rows = evaluate_restorer(config, inference.Restorer(config, params), out_dir,
-                           write_metrics=write_metrics)
+  rows = evaluate_restorer(config, restorer, out_dir, write_metrics=write_metrics)
   logging.info('wrote %s', out_dir)
   return rows
-
-
-def with_model_of(config, ckpt_config):
-  """The run's settings with the checkpoint's model and diffusion (which must match its params)."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model = ckpt_config.model
-    config.diffusion = ckpt_config.diffusion
-    config.data.resolution = ckpt_config.data.resolution
-  return config

@@ -1,4 +1,4 @@
-"""validate.restore_all: the same restorations on one host and split over several."""
+"""validation.restore_all: the same restorations on one host and split over several."""
 import os
 import pathlib
 import socket
@@ -38,9 +38,9 @@ def test_two_processes_restore_what_one_does(tmp_path):
 
 
 def test_niqe_params_default_to_the_shipped_file_and_can_be_overridden(test_config, tmp_path):
-  from idm_jax import validate
+  from idm_jax import validation
   from idm_jax.metrics import niqe
   test_config.data.update(source='folder', dir=str(tmp_path / 'faces'))  # no file beside it
-  assert validate.niqe_params_path(test_config) == niqe.default_params_path()
+  assert validation.niqe_params_path(test_config) == niqe.default_params_path()
   test_config.eval.niqe_params = str(tmp_path / 'mine.npz')
-  assert validate.niqe_params_path(test_config) == str(tmp_path / 'mine.npz')
+  assert validation.niqe_params_path(test_config) == str(tmp_path / 'mine.npz')
