@@ -8,7 +8,7 @@ import glob
 import json
 import sys
 
-from idm_jax.metrics import report
+from idm_jax.metrics import reports
 
 METRICS = ('psnr', 'ssim', 'identity')
 
@@ -29,7 +29,7 @@ def rows(root, arm):
 
 def main(root, arms):
   lq = None
-  print('| arm | sampling | ' + ' | '.join(f'{report.metric_label(m, {})} - LQ'
+  print('| arm | sampling | ' + ' | '.join(f'{reports.metric_label(m, {})} - LQ'
                                           for m in METRICS) + ' |')
   print('| --- | --- |' + ' --- |' * len(METRICS))
   for spec in arms:
@@ -40,10 +40,10 @@ def main(root, arms):
         if name == 'LQ input':
           continue
         d = result['delta']['metrics']
-        cells = [report.format_delta(d[m]) if m in d else 'n/a' for m in METRICS]
+        cells = [reports.format_delta(d[m]) if m in d else 'n/a' for m in METRICS]
         print(f'| {label or arm} ({step_dir.replace("_", " ")}) | {name} | ' + ' | '.join(cells) + ' |')
   if lq:
-    print('\nLQ input: ' + ', '.join(f'{report.metric_label(m, {})} {lq["metrics"][m]["mean"]:.4f}'
+    print('\nLQ input: ' + ', '.join(f'{reports.metric_label(m, {})} {lq["metrics"][m]["mean"]:.4f}'
                                      for m in METRICS))
 
 

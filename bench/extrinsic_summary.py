@@ -12,7 +12,7 @@ import os
 import sys
 
 from idm_jax.metrics import bootstrap
-from idm_jax.metrics import report
+from idm_jax.metrics import reports
 
 METRICS = ('psnr', 'ssim', 'identity')
 
@@ -32,7 +32,7 @@ def main(work):
   rows = {name: last_row(path) for name, path in arms.items()}
   lq = next(iter(rows.values()))[1]
   print('## Restoration on the pristine validation faces\n')
-  print('| arm | ' + ' | '.join(report.metric_label(m, {}) for m in METRICS) + ' |')
+  print('| arm | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
   print('| --- |' + ' --- |' * len(METRICS))
   print('| LQ input | ' + ' | '.join(f"{lq['metrics'][m]['mean']:.4f}" for m in METRICS) + ' |')
   for name, (row, _, label) in rows.items():
@@ -40,11 +40,11 @@ def main(work):
           + ' | '.join(f"{row['metrics'][m]['mean']:.4f}" for m in METRICS) + ' |')
   base = rows['round 0 (contaminated data)'][0]
   print('\nPer-image difference against round 0 (mean, paired-bootstrap 95% interval):\n')
-  print('| | ' + ' | '.join(report.metric_label(m, {}) for m in METRICS) + ' |')
+  print('| | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
   print('| --- |' + ' --- |' * len(METRICS))
   for name in list(rows)[1:]:
     row = rows[name][0]
-    cells = [report.format_delta(bootstrap.paired_interval(
+    cells = [reports.format_delta(bootstrap.paired_interval(
         row['metrics'][m]['per_image'], base['metrics'][m]['per_image'])) for m in METRICS]
     print(f'| {name} - round 0 | ' + ' | '.join(cells) + ' |')
   print()
@@ -52,7 +52,7 @@ def main(work):
     print(f.read().replace('# Cleaning', '## Cleaning'))
   print('## Generators trained on each version of the training faces\n')
   keys = ('fd_dlib', 'face_rate', 'niqe')
-  print('| trained on | ' + ' | '.join(report.metric_label(k, {}) for k in keys) + ' |')
+  print('| trained on | ' + ' | '.join(reports.metric_label(k, {}) for k in keys) + ' |')
   print('| --- |' + ' --- |' * len(keys))
   for v in ('contaminated', 'cleaned', 'pristine'):
     path = f'{work}/eval_gen_{v}/metrics.json'

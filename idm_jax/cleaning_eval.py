@@ -25,6 +25,7 @@ import numpy as np
 
 from idm_jax import files
 from idm_jax.data import sources
+from idm_jax.metrics import reports
 
 
 def selection_scores(selected: set[str], contaminated: set[str], universe: set[str]) -> dict:
@@ -119,17 +120,17 @@ def markdown(report: dict) -> str:
     names = list(c['delta'])
     lines += ['', f'Contaminated images that were cleaned ({len(c["names"])}), against their '
               'pristine originals:', '',
-              '| | ' + ' | '.join(report.metric_label(n, {}) for n in names) + ' |',
+              '| | ' + ' | '.join(reports.metric_label(n, {}) for n in names) + ' |',
               '| --- |' + ' --- |' * len(names),
               '| contaminated | ' + ' | '.join(f'{c["before"][n]:.4f}' for n in names) + ' |',
               '| cleaned | ' + ' | '.join(f'{c["after"][n]:.4f}' for n in names) + ' |',
               '| cleaned - contaminated (95% interval) | '
-              + ' | '.join(report.format_delta(c['delta'][n]) for n in names) + ' |']
+              + ' | '.join(reports.format_delta(c['delta'][n]) for n in names) + ' |']
   f = report.get('clean_but_cleaned')
   if f:
     lines += ['', f'Pristine images that were cleaned anyway ({len(f["names"])}), cleaned '
               'against the original: ' + ', '.join(
-                  f'{report.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
+                  f'{reports.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
   return '\n'.join(lines) + '\n'
 
 

@@ -11,7 +11,7 @@ metrics.md into --out. A metric that cannot be computed (no weights file, dlib m
 too small) is reported as unavailable with the reason, never as a stand-in number.
 
 Library: `evaluate_images(pred, gt, lq, ...)` returns the metrics dict, and
-`metrics.report.write_report` writes it.
+`metrics.reports.write_report` writes it.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from idm_jax.metrics import bootstrap
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity as identity_lib
 from idm_jax.metrics import niqe as niqe_lib
-from idm_jax.metrics import report
+from idm_jax.metrics import reports
 from idm_jax.metrics import resize
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
@@ -88,7 +88,7 @@ def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
   (NIQE, and consistency when lq is given) are computed.
 
   Returns {'num_images', 'names', 'metrics': {name: {'mean', 'per_image', ...}}} where an
-  unavailable metric has mean None and a 'reason'. Metric names are those of report.METRIC_INFO.
+  unavailable metric has mean None and a 'reason'. Metric names are those of reports.METRIC_INFO.
   """
   _check_images(pred, 'pred')
   n = len(pred)
@@ -172,9 +172,6 @@ def add_deltas(rows: dict[str, dict], reference_name: str, *, seed: int = 0) -> 
     if name != reference_name:
       add_delta(result, ref, reference_name, seed=seed)
   return rows
-
-
-# ----------------------------------------------------------------------------- reports
 
 
 # ----------------------------------------------------------------------------- folders
@@ -379,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = _run_fid(args) if args.fid else _run_pairs(args)
     title = args.title or (f'FID: {args.pred} vs {args.ref}' if args.fid
                            else f'Evaluation of {args.pred} against {args.gt}')
-    report.write_report(metrics, out, title)
+    reports.write_report(metrics, out, title)
   except (EvalError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -16,7 +16,7 @@ from idm_jax import files
 from idm_jax import inference
 from idm_jax import parallel
 from idm_jax import reporting
-from idm_jax.metrics import report
+from idm_jax.metrics import reports
 
 def niqe_params_path(config) -> str:
   """config.eval.niqe_params (an override, which must exist), else the shipped parameters."""
@@ -89,7 +89,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   if write:
     files.save_image(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:
-      report.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
+      reports.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
   return rows
 

@@ -9,7 +9,7 @@ from PIL import Image
 from idm_jax import evaluate
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity
-from idm_jax.metrics import report
+from idm_jax.metrics import reports
 
 
 @pytest.fixture(scope='module')
@@ -135,7 +135,7 @@ def test_library_api_unavailable_metrics_and_inf(folders, tmp_path):
   assert m['psnr']['mean'] == float('inf') and m['ssim']['mean'] == pytest.approx(1)
   assert m['niqe']['mean'] is None and 'NIQE parameters' in m['niqe']['reason']
   assert m['identity']['mean'] is None and 'consistency' not in m
-  report.write_report(res, tmp_path, 'identical')
+  reports.write_report(res, tmp_path, 'identical')
   saved = json.loads((tmp_path / 'metrics.json').read_text())  # strict JSON: no Infinity
   assert saved['metrics']['psnr']['mean'] == 'inf'
   assert 'n/a' in (tmp_path / 'metrics.md').read_text()
@@ -155,7 +155,7 @@ def test_deltas_of_a_table_against_its_reference_row():
                      rows['LQ input']['metrics']['psnr']['per_image'])
   assert d['mean'] == pytest.approx(want.mean()) and d['seed'] == 3
   assert d['low'] > 0 and d['excludes_zero'] and d['improved'] == 1.0
-  assert report.format_delta(d).startswith('**+')
+  assert reports.format_delta(d).startswith('**+')
   with pytest.raises(ValueError, match='pairs must match'):
     evaluate.add_delta(rows['restored'], evaluate.evaluate_images(gt[:2], gt[:2], **kw), 'x')
 
@@ -179,7 +179,7 @@ def test_write_report_compares_several_results(folders, tmp_path):
       'LQ input': evaluate.evaluate_images(gt[:1], gt[:1], niqe_params=None, identity=False,
                                            progress=False),
   }
-  report.write_report(rows, tmp_path, 'validation')
+  reports.write_report(rows, tmp_path, 'validation')
   md = (tmp_path / 'metrics.md').read_text().splitlines()
   header = next(line for line in md if line.startswith('| |'))
   assert 'PSNR (RGB, dB)' in header and 'Consistency' in header
@@ -190,7 +190,7 @@ def test_write_report_compares_several_results(folders, tmp_path):
   saved = json.loads((tmp_path / 'metrics.json').read_text())
   assert len(saved['LQ input']['metrics']['psnr']['per_image']) == 1
   with pytest.raises(ValueError, match='neither'):
-    report.write_report({'x': 1}, tmp_path, 'bad')
+    reports.write_report({'x': 1}, tmp_path, 'bad')
 
 
 def test_compare_sets_scores_faces_against_noise_and_collapse(celeba_dir):
