@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from idm_jax import configlib
+from idm_jax import images
 from idm_jax.data import degradations
 from idm_jax.data import pipeline
 from idm_jax.data import sources
@@ -36,20 +37,20 @@ def _load_config(name: str):
   return module.get_config()
 
 
-def bench_degradation(data_dir: str, resolution: int, images: int, repeats: int) -> float:
+def bench_degradation(data_dir: str, resolution: int, num_images: int, repeats: int) -> float:
   """Best images/s of degradations.apply(sample_params(...)) on one thread."""
   cv2.setNumThreads(1)
   cfg = configlib.degradation_config('gfpgan')
-  paths = sources.list_images(data_dir)[:8]
+  paths = images.list_images(data_dir)[:8]
   hqs = [sources.load_image(p, resolution) for p in paths]   # upscaled from 128: fine for timing
   rng = np.random.default_rng(0)
   degradations.degrade_pair(hqs[0], rng, cfg)   # warm caches (kernel grids, FFT plans)
   best = 0.0
   for _ in range(repeats):
     t0 = time.perf_counter()
-    for i in range(images):
+    for i in range(num_images):
       degradations.degrade_pair(hqs[i % len(hqs)], rng, cfg)
-    best = max(best, images / (time.perf_counter() - t0))
+    best = max(best, num_images / (time.perf_counter() - t0))
   return best
 
 

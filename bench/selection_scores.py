@@ -12,6 +12,7 @@ import os
 from idm_jax import cleaning_eval
 from idm_jax import configlib
 from idm_jax import extrinsic
+from idm_jax import images as images_lib
 from idm_jax.data import contaminate
 from idm_jax.data import sources
 from idm_jax.metrics import niqe
@@ -27,7 +28,7 @@ def main():
     manifest = json.load(f)
   res = int(manifest['resolution'])
   images = os.path.join(a.contaminated, contaminate.IMAGES)
-  paths = sources.folder_split(tuple(sources.list_images(images)), a.num_val, 'train')
+  paths = sources.folder_split(tuple(images_lib.list_images(images)), a.num_val, 'train')
   source = sources.FolderSource(tuple(paths), res, root=images)
   universe = {source.name(i) for i in range(len(source))}
   truth = contaminate.contaminated_names(manifest) & universe

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from idm_jax import images
 from idm_jax import restore
 
 BATCH_SIZE = 4            # faces per sampler call; one compiled program serves any face count
@@ -68,9 +69,9 @@ def restore_file(path: str, restorer, detector, settings: Settings, out_dir: str
     return Result(message='error: whole photos need a face detector (pip install dlib-bin '
                           'face_recognition_models); tick "aligned face" for a face crop')
   try:
-    image, notes = restore.read_image(path)
-  except restore.BadImage as e:
-    return Result(message=f'error: {name}: {e}')
+    image, notes = images.read_with_notes(path, name)
+  except images.BadImage as e:
+    return Result(message=f'error: {name}: {e.reason}')
   index = restore.file_index(name)
   try:
     if settings.aligned:
@@ -106,9 +107,9 @@ def preview_file(path: Optional[str]) -> Tuple[str, Optional[np.ndarray]]:
     return '', None
   name = os.path.basename(path)
   try:
-    image, notes = restore.read_image(path)
-  except restore.BadImage as e:
-    return f'error: {name}: {e}', None
+    image, notes = images.read_with_notes(path, name)
+  except images.BadImage as e:
+    return f'error: {name}: {e.reason}', None
   return f'{name}: {image.shape[1]}x{image.shape[0]}' + _notes(name, notes), image
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from idm_jax import files
+from idm_jax import images
 from idm_jax.data import sources
 from idm_jax.metrics import reports
 
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     report = score(a.cleaned, a.contaminated, a.pristine, identity=not a.no_identity,
                    seed=a.seed)
-  except (FileNotFoundError, ValueError, sources.BadImageError) as e:
+  except (FileNotFoundError, ValueError, images.BadImage) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   files.write_atomic(os.path.join(a.out, 'cleaning.json'), json.dumps(report, indent=1).encode())

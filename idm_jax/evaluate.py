@@ -25,14 +25,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from idm_jax import images as images_lib
 from idm_jax.metrics import bootstrap
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity as identity_lib
 from idm_jax.metrics import niqe as niqe_lib
 from idm_jax.metrics import reports
 from idm_jax.metrics import resize
-
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 
 
 
@@ -182,29 +181,30 @@ class EvalError(Exception):
 
 
 def list_images(folder: str | os.PathLike, what: str) -> dict[str, pathlib.Path]:
-  """{stem: path} of the images in a folder; errors name the folder or the clashing files."""
-  folder = pathlib.Path(folder)
-  if not folder.is_dir():
-    raise EvalError(f'--{what} {str(folder)!r} is not a directory')
+  """{stem: path} of the images directly in a folder; errors name the folder or the clashing files.
+
+  Not recursive: files are matched across folders by name stem.
+  """
+  try:
+    paths = images_lib.list_images(folder, recursive=False)
+  except FileNotFoundError as e:
+    raise EvalError(f'--{what}: {e}') from e
   found: dict[str, pathlib.Path] = {}
-  for p in sorted(folder.iterdir()):
-    if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-      if p.stem in found:
-        raise EvalError(f'--{what}: two images share the name stem {p.stem!r}: '
-                        f'{found[p.stem]} and {p}')
-      found[p.stem] = p
-  if not found:
-    raise EvalError(f'--{what} {str(folder)!r} holds no images ({", ".join(IMAGE_EXTS)})')
+  for p in map(pathlib.Path, paths):
+    if p.stem in found:
+      raise EvalError(f'--{what}: two images share the name stem {p.stem!r}: '
+                      f'{found[p.stem]} and {p}')
+    found[p.stem] = p
   return found
 
 
 def read_image(path: pathlib.Path) -> np.ndarray:
-  """uint8 RGB array of an image file; EvalError naming the file if it cannot be read."""
+  """uint8 RGB array of an image file, decoded as training decodes it (images.read); EvalError
+  naming the file if it cannot be read."""
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'))
-  except Exception as e:  # PIL raises several types for broken files
-    raise EvalError(f'cannot read image {str(path)!r}: {e}') from e
+    return images_lib.read(path)
+  except images_lib.BadImage as e:
+    raise EvalError(f'cannot read image {str(path)!r}: {e.reason}') from e
 
 
 def _match(pred: dict, other: dict, what: str) -> None:

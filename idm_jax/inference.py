@@ -23,19 +23,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from idm_jax import configlib
+from idm_jax import images
 from idm_jax import parallel
 from idm_jax import tree_shapes
 from idm_jax.diffusion import samplers
 from idm_jax.models import unet
 
-def to_model_range(images_uint8) -> jnp.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1]."""
-  return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """float [-1, 1] -> uint8, rounded (not truncated, which would darken by half a level)."""
-  return np.clip(np.rint((np.asarray(images, np.float32) + 1.) * 127.5), 0, 255).astype(np.uint8)
 
 
 def check_params(model: unet.UNet, params) -> None:
@@ -189,7 +182,7 @@ class Restorer:
                          s.eta == 0.)
     out = fn(self.params, lq, np.uint32(seed), jax.device_put(indices, self._batch_sharding),
              np.float32(s.guidance_scale), np.float32(s.eta))
-    return to_uint8(jax.device_get(out))[:b]
+    return images.to_uint8(jax.device_get(out))[:b]
 
   def restore(self, lq: np.ndarray, *, seed: int = 0, steps: Optional[int] = None,
               sampler: Optional[str] = None, t_start: Optional[float] = None,

@@ -31,104 +31,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import struct
 import sys
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from idm_jax import files
-from idm_jax.data import sources
+from idm_jax import images
 
-MAX_PIXELS = 40_000_000
 OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
-
-
-class BadImage(ValueError):
-  """An input file that cannot be used; str() is the reason (the caller adds the name)."""
 
 
 # ----------------------------------------------------------------------------- reading images
 
-def _png_bit_depth(path: str) -> Optional[int]:
-  """The bit depth in a PNG's IHDR chunk (Pillow silently reduces 16-bit colour to 8)."""
-  with open(path, 'rb') as f:
-    head = f.read(26)
-  if len(head) == 26 and head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':
-    return struct.unpack('B', head[24:25])[0]
-  return None
-
-
-def _to_rgb(im: Image.Image, path: str) -> Tuple[np.ndarray, List[str]]:
-  """Any Pillow mode -> RGB uint8 (H, W, 3) (the training data's conversion), with notes saying
-  what was converted."""
-  notes = []
-  mode = im.mode
-  if mode == 'F':
-    notes.append('floating-point image scaled to 8 bits')
-  elif (mode.startswith('I;16') or (mode == 'I' and np.asarray(im).max(initial=0) > 255)
-        or (path.lower().endswith('.png') and _png_bit_depth(path) == 16)):
-    notes.append('16-bit image scaled to 8 bits')
-  has_alpha = mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info
-  if has_alpha:
-    notes.append('transparency composited onto white')
-  elif mode in ('L', '1', 'I', 'F') or mode.startswith('I;16'):
-    notes.append('grayscale converted to RGB')
-  elif mode not in ('RGB', 'P'):
-    notes.append(f'{mode} converted to RGB')
-  return np.asarray(sources.to_rgb(im), np.uint8).copy(), notes
-
-
-def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Tuple[np.ndarray, List[str]]:
-  """(RGB uint8 (H, W, 3), notes) from an image file; raises BadImage saying what is wrong.
-
-  The pixel limit is checked from the header, before anything is decoded. EXIF orientation is
-  applied, so phone photos come out upright.
-  """
-  try:
-    size = os.path.getsize(path)
-  except OSError as e:
-    raise BadImage(f'cannot read: {e.strerror}') from e
-  if size == 0:
-    raise BadImage('empty file')
-  try:
-    with Image.open(path) as im:
-      w, h = im.size
-      if w * h > max_pixels:
-        raise BadImage(f'too large: {w}x{h} = {w * h / 1e6:.1f} MP, over the '
-                       f'{max_pixels / 1e6:g} MP limit')
-      if w < 1 or h < 1:
-        raise BadImage(f'has no pixels ({w}x{h})')
-      im.load()
-      im = ImageOps.exif_transpose(im)
-      return _to_rgb(im, path)
-  except BadImage:
-    raise
-  except UnidentifiedImageError as e:
-    raise BadImage('not an image (or a format Pillow cannot read)') from e
-  except Image.DecompressionBombError as e:
-    raise BadImage(f'too large: {e}') from e
-  except (OSError, SyntaxError, ValueError) as e:
-    raise BadImage(f'corrupt or truncated image: {e}') from e
-
-
 def list_inputs(input_path: str) -> List[Tuple[str, str]]:
-  """(path, path relative to INPUT) of every non-hidden file, sorted; a file gives itself."""
+  """(path, path relative to INPUT) of every non-hidden file, sorted; a file gives itself.
+
+  Every file, not only image extensions: a file that is not an image is reported as failed, so
+  the user learns what was not restored.
+  """
   if os.path.isfile(input_path):
     return [(input_path, os.path.basename(input_path))]
   if not os.path.isdir(input_path):
     raise FileNotFoundError(f'{input_path}: no such file or folder')
-  found = []
-  for root, dirs, names in os.walk(input_path):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    for name in names:
-      if not name.startswith('.'):
-        path = os.path.join(root, name)
-        found.append((path, os.path.relpath(path, input_path)))
-  return sorted(found, key=lambda x: x[1])
+  try:
+    paths = images.list_files(input_path, extensions=None)
+  except FileNotFoundError:
+    return []   # main says "no files found"
+  return [(p, os.path.relpath(p, input_path)) for p in paths]
 
 
 def file_index(relpath: str) -> int:
@@ -254,9 +186,9 @@ def _out_path(out_dir: str, sub: str, relpath: str, tail: str) -> str:
 
 def _read(path, report, max_pixels):
   try:
-    image, notes = read_image(path, max_pixels)
-  except BadImage as e:
-    report.fail(path, str(e))
+    image, notes = images.read_with_notes(path, max_pixels=max_pixels)
+  except images.BadImage as e:
+    report.fail(path, e.reason)   # the report names the file
     return None
   for n in notes:
     report.note(path, n)
@@ -361,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--suffix', default='', help='appended to restored file names: NAME_S.ext')
   p.add_argument('--min-face-score', type=float, default=0.5,
                  help='whole photos: detector score threshold')
-  p.add_argument('--max-pixels', type=int, default=MAX_PIXELS,
+  p.add_argument('--max-pixels', type=int, default=images.MAX_PIXELS,
                  help='inputs with more pixels are rejected')
   return p
 

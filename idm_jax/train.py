@@ -19,6 +19,7 @@ import optax
 
 from idm_jax import checkpoints
 from idm_jax import configlib
+from idm_jax import images
 from idm_jax import inference
 from idm_jax import optim
 from idm_jax import parallel
@@ -54,8 +55,8 @@ def state_shardings(model: unet.UNet, tx, mesh, mesh_cfg):
 
 def loss_fn(params, model, batch, rng, config, logsnr_fn):
   """Mean diffusion loss of one (micro)batch; float32."""
-  hq = inference.to_model_range(batch['hq'])
-  lq = inference.to_model_range(batch['lq']) if config.model.conditional else None
+  hq = images.to_model_range(batch['hq'])
+  lq = images.to_model_range(batch['lq']) if config.model.conditional else None
   k_drop, k_cond, k_loss = jax.random.split(rng, 3)
   drop_cond = None
   if config.model.conditional and config.model.cond_drop_prob > 0:
@@ -99,7 +100,7 @@ def loss_and_grads(state: TrainState, batch: dict, *, model, config, logsnr_fn):
 
 def sample_images(params, lq, rng, *, model, config, settings, shape, logsnr_fn):
   """EMA-model restoration (or generation when lq is None) of one batch; float in [-1, 1]."""
-  lq_f = inference.to_model_range(lq) if lq is not None else None
+  lq_f = images.to_model_range(lq) if lq is not None else None
   guided = lq_f is not None and settings.guidance_scale != 1.0
   return inference.sample_batch(
       model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
@@ -264,7 +265,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     def write_samples(step):
       sampler = trainer.sampler(vis_settings, vis['size'])
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
-      out = inference.to_uint8(parallel.to_host(sampler(state.ema, lq,
+      out = images.to_uint8(parallel.to_host(sampler(state.ema, lq,
                                                       jax.random.PRNGKey(config.seed))))
       writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 

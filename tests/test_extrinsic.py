@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from idm_jax import extrinsic
+from idm_jax import images
 from idm_jax.data import sources
 from idm_jax.metrics import niqe as niqe_lib
 
@@ -56,7 +57,7 @@ def clean_cfg(fraction=1.0, batch_size=2):
 
 def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
   before = tree_digest(faces)
-  source = sources.FolderSource(tuple(sources.list_images(faces)), 32, root=str(faces))
+  source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=str(faces))
   out = tmp_path / 'clean'
   kw = dict(clean_cfg=clean_cfg(), seed=0, niqe_params=None, resolution=32, provenance={})
   with pytest.raises(KeyboardInterrupt):
@@ -81,7 +82,7 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
 
 
 def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_params_path):
-  source = sources.FolderSource(tuple(sources.list_images(faces)), 128, root=str(faces))
+  source = sources.FolderSource(tuple(images.list_images(faces)), 128, root=str(faces))
   out = tmp_path / 'clean'
   manifest = extrinsic.clean_dataset(
       source, FakeRestorer(), str(out), clean_cfg=clean_cfg(fraction=0.25), seed=0,
@@ -205,7 +206,7 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   for name in names[3], names[8]:
     img = sources.load_image(str(faces / name), 64)
     Image.fromarray(contaminate.apply_defect(img, dict(kind='blur', sigma=1.5))).save(faces / name)
-  source = sources.FolderSource(tuple(sources.list_images(faces)), 64, root=str(faces))
+  source = sources.FolderSource(tuple(images.list_images(faces)), 64, root=str(faces))
   cfg = clean_cfg(fraction=2 / 12)
   cfg.score = 'artifacts'
   manifest = extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from idm_jax import images
 from idm_jax.data import degradations
 from idm_jax.data import make_testset
 
@@ -70,7 +71,8 @@ def test_layout_params_and_bad_files(src, tmp_path, capsys, caplog):
 
 
 def test_non_square_is_centre_cropped(src, tmp_path):
-  rgba = np.asarray(Image.open(src / 'wide.png').convert('RGB'))  # 70 rows x 50 cols
+  # 70 rows x 50 cols, decoded by the one reader (alpha on white, as training composites it).
+  rgba = images.read(src / 'wide.png')
   got = make_testset.load_square(src / 'wide.png', 50)
   np.testing.assert_array_equal(got, rgba[10:60])
 

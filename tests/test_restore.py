@@ -1,11 +1,7 @@
-"""The restore CLI and its parts: reading odd files, the output layout, bad files, whole photos."""
+"""The restore CLI and its parts: the output layout, bad files, whole photos (reading: test_images)."""
 import hashlib
-import io
 import os
-import struct
-import zlib
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,69 +25,6 @@ def _snapshot(folder):
 def _size(path):
   with Image.open(path) as im:
     return im.size
-
-
-def _png_header_only(width, height):
-  """A small PNG whose header claims width x height: a 'decompression bomb'."""
-  def chunk(kind, payload):
-    return (struct.pack('>I', len(payload)) + kind + payload
-            + struct.pack('>I', zlib.crc32(kind + payload) & 0xFFFFFFFF))
-  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b''))
-          + chunk(b'IEND', b''))
-
-
-def test_read_image_converts_what_it_can(tmp_path):
-  gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
-  Image.fromarray(gray, 'L').save(tmp_path / 'gray.png')
-  img, notes = restore.read_image(str(tmp_path / 'gray.png'))
-  assert img.shape == (8, 8, 3) and img.dtype == np.uint8
-  assert all(np.array_equal(img[..., c], gray) for c in range(3))
-  assert any('grayscale' in n for n in notes)
-
-  rgba = np.zeros((4, 4, 4), np.uint8)
-  rgba[0, 0] = (255, 0, 0, 0)        # fully transparent red -> white background
-  rgba[0, 1] = (0, 0, 255, 255)      # opaque blue stays blue
-  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
-  img, notes = restore.read_image(str(tmp_path / 'rgba.png'))
-  assert tuple(img[0, 0]) == (255, 255, 255) and tuple(img[0, 1]) == (0, 0, 255)
-  assert any('transparency' in n for n in notes)
-
-  g16 = np.array([[0, 257 * 100, 65535]], np.uint16)
-  cv2.imwrite(str(tmp_path / 'g16.png'), g16)
-  img, notes = restore.read_image(str(tmp_path / 'g16.png'))
-  np.testing.assert_array_equal(img[0, :, 0], [0, 100, 255])
-  assert any('16-bit' in n for n in notes)
-
-  c16 = np.full((2, 2, 3), 257 * 200, np.uint16)
-  cv2.imwrite(str(tmp_path / 'c16.png'), c16)
-  img, notes = restore.read_image(str(tmp_path / 'c16.png'))
-  assert np.all(np.abs(img.astype(int) - 200) <= 1) and any('16-bit' in n for n in notes)
-
-  # EXIF orientation 6 (rotate 90 degrees): the result comes out upright, i.e. transposed size.
-  exif = Image.Exif()
-  exif[0x0112] = 6
-  Image.new('RGB', (40, 20), (10, 20, 30)).save(tmp_path / 'rot.jpg', exif=exif)
-  img, notes = restore.read_image(str(tmp_path / 'rot.jpg'))
-  assert img.shape == (40, 20, 3) and notes == []
-
-
-def test_read_image_rejects_bad_files(tmp_path):
-  good = io.BytesIO()
-  Image.fromarray(data.astronaut()).save(good, format='JPEG')
-  cases = {
-      'empty.png': (b'', 'empty file'),
-      'notes.txt': (b'hello, not an image\n' * 20, 'not an image'),
-      'trunc.jpg': (good.getvalue()[:3000], 'corrupt or truncated'),
-      'bomb.png': (_png_header_only(8000, 6000), 'too large: 8000x6000 = 48.0 MP'),
-  }
-  for name, (content, msg) in cases.items():
-    (tmp_path / name).write_bytes(content)
-    with pytest.raises(restore.BadImage, match=msg):
-      restore.read_image(str(tmp_path / name))
-  (tmp_path / 'ok.jpg').write_bytes(good.getvalue())
-  with pytest.raises(restore.BadImage, match='over the 0.1 MP limit'):
-    restore.read_image(str(tmp_path / 'ok.jpg'), max_pixels=100_000)
 
 
 def _make_aligned_inputs(folder, celeba_dir):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from idm_jax import images
 from idm_jax.data import sources
 
 R = 32
@@ -47,18 +48,18 @@ def test_bad_files_raise_naming_the_file(tmp_path, celeba_dir, kind, reason):
     path.write_text('this is not a picture\n')
   elif kind == 'tiny':
     _png(path, _gradient(R // 4 - 1, 40))   # short side 7 < 32/4
-  with pytest.raises(sources.BadImageError) as e:
+  with pytest.raises(images.BadImage) as e:
     sources.load_image(str(path), R)
   assert path.name in str(e.value)
   assert e.value.name == str(path)
   assert reason in e.value.reason.lower()
   # The same bytes with an explicit name (TFDS records) name that instead.
-  with pytest.raises(sources.BadImageError, match='record_7'):
+  with pytest.raises(images.BadImage, match='record_7'):
     sources.load_image(path.read_bytes(), R, 'record_7')
 
 
 def test_missing_file_is_a_bad_image(tmp_path):
-  with pytest.raises(sources.BadImageError, match='nope.png'):
+  with pytest.raises(images.BadImage, match='nope.png'):
     sources.load_image(tmp_path / 'nope.png', R)
 
 
@@ -183,24 +184,24 @@ def test_list_images_recursive_sorted(tmp_path):
     (tmp_path / rel).write_bytes(b'x')
   (tmp_path / 'notes.txt').write_text('no')
   (tmp_path / 'dir.png').mkdir()       # a folder named like an image is not an image
-  got = [pathlib.Path(p).relative_to(tmp_path).as_posix() for p in sources.list_images(tmp_path)]
+  got = [pathlib.Path(p).relative_to(tmp_path).as_posix() for p in images.list_images(tmp_path)]
   assert got == sorted(got)
   assert set(got) == {'b/00001/x.PNG', 'a/00000/y.jpg', 'a/z.webp', 'c.bmp', 'd.tif', 'e.jpeg'}
 
 
 def test_list_images_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    sources.list_images(tmp_path / 'missing')
+    images.list_images(tmp_path / 'missing')
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'readme.txt').write_text('x')
   with pytest.raises(FileNotFoundError, match='no images'):
-    sources.list_images(tmp_path / 'empty')
+    images.list_images(tmp_path / 'empty')
 
 
 def test_folder_source_flags_bad_records(tmp_path, celeba_dir):
   shutil.copy(celeba_dir / '201600.jpg', tmp_path / 'good.jpg')
   (tmp_path / 'bad.png').write_text('nope')
-  src = sources.FolderSource(tuple(sources.list_images(tmp_path)), R, root=str(tmp_path))
+  src = sources.FolderSource(tuple(images.list_images(tmp_path)), R, root=str(tmp_path))
   bad, good = src[0], src[1]
   assert bad['image'] is None and bad['name'] == 'bad.png' and 'not an image' in bad['error']
   assert sources.is_bad(bad) and not sources.is_bad(good)

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from idm_jax import files
+from idm_jax import images
 from idm_jax.data import degradations
 from idm_jax.data import sources
 
@@ -110,7 +111,7 @@ def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: in
       raise ContaminateError(f'--{k.replace("_", "-")} range ({lo}, {hi}) must have 0 < low <= high')
   if resolution < 8:
     raise ContaminateError(f'--resolution {resolution} must be at least 8')
-  paths = sources.list_images(src)
+  paths = images.list_images(src)
   names = [os.path.relpath(p, src) for p in paths]
   if not 0 <= skip_last < len(names):
     raise ContaminateError(f'--skip-last {skip_last} must leave some of the {len(names)} images')
@@ -159,7 +160,7 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
     path = os.path.join(src, rec['name'])
     try:
       img = sources.load_image(path, int(manifest['resolution']), rec['name'])
-    except sources.BadImageError as e:
+    except images.BadImage as e:
       raise ContaminateError(f'{path}: {e.reason}') from e
     if 'defect' in rec:
       img = apply_defect(img, rec['defect'])

@@ -20,24 +20,25 @@ import tempfile
 
 from absl import logging
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from idm_jax import configlib
 from idm_jax import files
+from idm_jax import images
 from idm_jax.data import degradations
+from idm_jax.data import sources
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-
-
-class BadImage(Exception):
-  """A source file that cannot be used; the message says why."""
+# How the summary counts skipped files, by images.BadImage.kind.
+_SKIP_WORDS = {images.EMPTY: 'zero bytes', images.TOO_SMALL: 'too small',
+               images.TOO_LARGE: 'too large', images.UNREADABLE: 'cannot read'}
 
 
 def list_images(src: pathlib.Path) -> list[pathlib.Path]:
   """Image files under `src` (recursive), sorted by relative path for a stable order."""
-  files = [p for p in src.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-  return sorted(files, key=lambda p: p.relative_to(src).as_posix())
+  try:
+    return [pathlib.Path(p) for p in images.list_images(src)]
+  except FileNotFoundError:
+    return []   # main reports "written 0"
 
 
 def output_name(src: pathlib.Path, path: pathlib.Path) -> str:
@@ -45,32 +46,13 @@ def output_name(src: pathlib.Path, path: pathlib.Path) -> str:
   return path.relative_to(src).with_suffix('').as_posix().replace('/', '_')
 
 
-def load_square(path: pathlib.Path, resolution: int) -> np.ndarray:
-  """Reads `path` as uint8 RGB, centre-crops to a square and resizes to `resolution` (antialiased).
+def load_square(path: pathlib.Path, resolution: int, name: str | None = None) -> np.ndarray:
+  """`path` as the training data reads it: uint8 RGB (resolution, resolution, 3), centre-cropped.
 
-  Raises BadImage with the reason when the file cannot be used.
+  The test set's HQ must be the pixels training would see, so this is `sources.load_image`
+  (images.BadImage when the file cannot be used, too small included).
   """
-  try:
-    if path.stat().st_size == 0:
-      raise BadImage('zero bytes')
-    with Image.open(path) as im:
-      im.load()  # decode now: truncated files fail here, not later
-      im = ImageOps.exif_transpose(im).convert('RGB')
-  except BadImage:
-    raise
-  except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
-    raise BadImage(f'cannot decode: {type(e).__name__}: {e}') from e
-  w, h = im.size
-  if min(w, h) < 1:
-    raise BadImage(f'empty image {w}x{h}')
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
-  if (w, h) != (side, side):
-    im = im.crop((left, top, left + side, top + side))
-  if side != resolution:
-    # PIL's resampling filters widen with the scale factor, i.e. antialias when shrinking.
-    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-  return np.asarray(im, dtype=np.uint8).copy()
+  return sources.load_image(path, resolution, name)
 
 
 def write_png(path: pathlib.Path, rgb: np.ndarray):
@@ -155,8 +137,9 @@ def main(argv=None) -> int:
   fd, tmp_jsonl = tempfile.mkstemp(dir=dst, prefix='.params.jsonl.', suffix='.tmp')
   written, skipped, names = 0, [], set()
 
-  def skip(rel: str, why: str):
-    skipped.append((rel, why))
+  def skip(rel: str, why: str, key: str | None = None):
+    """Logs the file; the summary counts it under `key` (default: the words before a colon)."""
+    skipped.append((rel, key or why.split(':')[0]))
     logging.warning('skipping %s: %s', rel, why)
 
   try:
@@ -177,9 +160,9 @@ def main(argv=None) -> int:
           params = degradations.sample_params(rng, cfg, args.resolution)
           params['flip'] = False  # test sets are never flipped
         try:
-          hq = load_square(path, args.resolution)
-        except BadImage as e:
-          skip(rel, str(e))
+          hq = load_square(path, args.resolution, rel)
+        except images.BadImage as e:
+          skip(rel, e.reason, _SKIP_WORDS.get(e.kind, 'cannot decode'))
           continue
         if params.get('flip'):  # a replayed training record: degrade the flipped pair
           hq = np.ascontiguousarray(hq[:, ::-1])
@@ -200,8 +183,7 @@ def main(argv=None) -> int:
     if unused:
       logging.warning('%d --replay entries had no source image, e.g. %s', len(unused), unused[:5])
   reasons = {}
-  for _, why in skipped:
-    key = why.split(':')[0]
+  for _, key in skipped:
     reasons[key] = reasons.get(key, 0) + 1
   detail = ', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))
   print(f'make_testset: written {written}, skipped {len(skipped)}'

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from absl import logging
 import tqdm
 
+from idm_jax import images
 from idm_jax.data import sources
 
 VERSION = '1.0.0'
@@ -55,7 +56,7 @@ def _encode_one(path: str, rel: str, resolution: int) -> tuple[str, bytes | None
   """(rel, png bytes or None, reason). Module level so spawned workers can import it."""
   try:
     return rel, sources.encode_png(sources.load_image(path, resolution, rel)), ''
-  except sources.BadImageError as e:
+  except images.BadImage as e:
     return rel, None, e.reason
 
 
@@ -145,7 +146,7 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     return {'path': str(final), 'skipped_existing': True}
 
   root = pathlib.Path(src).expanduser()
-  paths = sources.list_images(root)
+  paths = images.list_images(root)
   files: dict[str, list[tuple[str, str]]] = {'train': [], 'validation': []}
   for p in paths:
     rel = pathlib.Path(p).relative_to(root).as_posix()

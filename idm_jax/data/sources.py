@@ -6,15 +6,9 @@ file that cannot be decoded never raises there: it comes back as a *bad record*
 `{'image': None, 'name': name, 'error': reason}` that the pipeline drops, counts and logs once,
 because one corrupt JPEG among 70,000 must not end a week-long training run.
 
-`load_image` is the single place that turns encoded bytes into a square RGB uint8 array of the
-training resolution. Its rules:
-  * empty, truncated and non-image files raise `BadImageError(name, reason)`;
-  * grayscale (L, I;16, I, F, 1) is expanded to three equal channels;
-  * transparency (RGBA, LA, PA, palette with a transparent colour) is composited on WHITE,
-    the usual background of cut-out portraits (black would darken the hair edges);
-  * CMYK, YCbCr, LAB, HSV are converted to RGB by Pillow;
-  * 16-bit samples are scaled to 8 bit by rounding x / 257 (65535 -> 255), never clipped;
-  * EXIF orientation is applied, so phone photos are upright;
+`load_image` turns a file into a square RGB uint8 array of the training resolution: it decodes
+with `idm_jax.images` (EXIF, alpha on white, 16-bit, grayscale, CMYK, the pixel limit: the rules
+every entry point shares), then applies the training policy:
   * non-square images are centre-cropped to the largest square;
   * a square side below `resolution * MIN_SIZE_FRACTION` (1/4) is rejected as too small (upscaling
     more than 4x only invents blur, which a restoration model must not learn as "HQ");
@@ -34,25 +28,14 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
+from idm_jax import images
+
 MIN_SIZE_FRACTION = 0.25
-# Composite colour for transparent pixels (see the module docstring).
-ALPHA_BACKGROUND = (255, 255, 255)
 # Prepared datasets live under this TFDS builder name: --name ffhq512 is 'idm_faces/ffhq512'.
 TFDS_BUILDER_NAME = 'idm_faces'
 
 Record = dict[str, Any]
-
-
-class BadImageError(ValueError):
-  """A file that cannot become a training image; `name` and `reason` say which and why."""
-
-  def __init__(self, name: str, reason: str):
-    super().__init__(f'{name}: {reason}')
-    self.name = name
-    self.reason = reason
 
 
 def bad_record(name: str, reason: str) -> Record:
@@ -68,94 +51,23 @@ def is_bad(record: Record) -> bool:
 # Decoding.
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-  """Any Pillow mode -> 8-bit RGB, with alpha composited and 16-bit samples scaled properly.
-
-  Shared by the training data and the restore CLI, so a file converts the same everywhere.
-  """
-  mode = im.mode
-  if mode == 'RGB':
-    return im
-  if mode.startswith('I;16') or (mode == 'I' and np.asarray(im).max(initial=0) > 255):
-    # 16-bit grayscale (PNG/TIFF). Pillow's own convert('L') clips at 255, so scale by hand.
-    # (A 32-bit 'I' image holding 0..255 values is 8-bit data and falls through to convert.)
-    a = np.asarray(im).astype(np.int64)
-    a = (np.clip(a, 0, 65535) + 128) // 257
-    return Image.fromarray(a.astype(np.uint8), 'L').convert('RGB')
-  if mode == 'F':
-    a = np.asarray(im, dtype=np.float64)
-    scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0   # [0, 1] floats or 0..255 floats
-    a = np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255)
-    return Image.fromarray(a.astype(np.uint8), 'L').convert('RGB')
-  if mode == 'P':
-    has_alpha = 'transparency' in im.info or im.palette is not None and im.palette.mode == 'RGBA'
-    im = im.convert('RGBA' if has_alpha else 'RGB')
-  elif mode in ('LA', 'La', 'PA', 'RGBa'):
-    im = im.convert('RGBA')
-  elif mode in ('L', '1') and 'transparency' in im.info:
-    im = im.convert('RGBA')
-  if im.mode == 'RGBA':
-    background = Image.new('RGBA', im.size, ALPHA_BACKGROUND + (255,))
-    return Image.alpha_composite(background, im).convert('RGB')
-  return im.convert('RGB')   # L, 1, CMYK (Pillow undoes Adobe's inversion), YCbCr, LAB, HSV
-
-
-def _square_resize(im: Image.Image, resolution: int) -> Image.Image:
-  """Centre-crops to the largest square, then resizes to resolution with antialiasing."""
-  w, h = im.size
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
-  im = im.crop((left, top, left + side, top + side))
-  if side != resolution:
-    im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
-  return im
-
-
 def load_image(data: bytes | str | os.PathLike, resolution: int, name: str | None = None
                ) -> np.ndarray:
   """Decodes an image file (bytes or a path) into uint8 (resolution, resolution, 3).
 
-  Raises BadImageError naming `name` (default: the path) for files that cannot be used; see the
-  module docstring for every rule.
+  Raises images.BadImage naming `name` (default: the path) for files that cannot be used; see the
+  module docstring for the rules.
   """
-  if not isinstance(data, (bytes, bytearray, memoryview)):
-    name = name or str(data)
-    try:
-      data = pathlib.Path(data).read_bytes()
-    except OSError as e:
-      raise BadImageError(name, f'cannot read file ({e.strerror or e})') from e
-  name = name or '<bytes>'
-  if len(data) == 0:
-    raise BadImageError(name, 'empty file (0 bytes)')
-  try:
-    im = Image.open(io.BytesIO(data))
-  except Image.UnidentifiedImageError as e:
-    raise BadImageError(name, 'not an image (format not recognised)') from e
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadImageError(name, f'cannot decode header ({e})') from e
-  try:
-    w, h = im.size
-    side = min(w, h)
-    min_side = int(np.ceil(resolution * MIN_SIZE_FRACTION))
-    if side < min_side:
-      raise BadImageError(name, f'too small: {w}x{h}, the short side must be at least {min_side} '
-                                f'px (resolution {resolution} / 4)')
-    if im.format == 'JPEG' and side >= 4 * resolution:
-      # Let libjpeg decode at a reduced DCT scale (1/2 .. 1/8) but keep >= 2x the target, so the
-      # final antialiased resize still does the filtering: ~4-10x faster on big JPEGs.
-      factor = 2 * resolution / side
-      im.draft(im.mode, (int(np.ceil(w * factor)), int(np.ceil(h * factor))))
-    im.load()   # decode now: truncated files fail here
-    im = ImageOps.exif_transpose(im)
-    im = to_rgb(im)
-  except BadImageError:
-    raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
-    reason = str(e) or type(e).__name__
-    if 'truncated' in reason.lower():
-      reason = f'truncated file ({reason})'
-    raise BadImageError(name, f'cannot decode: {reason}') from e
-  out = np.asarray(_square_resize(im, resolution), dtype=np.uint8)
+  # Big JPEGs may decode at a reduced scale, but never below twice the target: the final
+  # antialiased resize still does the filtering.
+  im, _ = images.decode(data, name, draft_side=2 * resolution)
+  name = name or (str(data) if isinstance(data, (str, os.PathLike)) else '<bytes>')
+  w, h = im.size
+  min_side = int(np.ceil(resolution * MIN_SIZE_FRACTION))
+  if min(w, h) < min_side:
+    raise images.BadImage(name, f'too small: {w}x{h}, the short side must be at least '
+                                f'{min_side} px (resolution {resolution} / 4)', images.TOO_SMALL)
+  out = images.square(im, resolution)
   if out.shape != (resolution, resolution, 3):   # a defect in the code above, not in the file
     raise AssertionError(f'{name}: decoded to {out.shape}')
   return out
@@ -170,19 +82,6 @@ def encode_png(image: np.ndarray) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Folders.
-
-
-def list_images(directory: str | os.PathLike) -> list[str]:
-  """All image files below `directory` (any nesting, e.g. FFHQ's 00000/00000.png), sorted."""
-  d = pathlib.Path(directory).expanduser()
-  if not d.is_dir():
-    raise FileNotFoundError(f'image folder {str(d)!r} does not exist (or is not a folder)')
-  paths = sorted(str(p) for p in d.rglob('*')
-                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-  if not paths:
-    raise FileNotFoundError(f'image folder {str(d)!r} holds no images '
-                            f'(looked for {", ".join(IMAGE_EXTENSIONS)} in all subfolders)')
-  return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +109,7 @@ class FolderSource:
     name = self._name(path)
     try:
       return {'image': load_image(path, self.resolution, name), 'name': name}
-    except BadImageError as e:
+    except images.BadImage as e:
       return bad_record(name, e.reason)
 
 
@@ -233,7 +132,7 @@ BUILTIN_VAL_SIZE = 8
 def _builtin_photo(package: str, filename: str) -> Image.Image:
   path = importlib.resources.files(package).joinpath(filename)
   with path.open('rb') as f:
-    return to_rgb(Image.open(io.BytesIO(f.read())))
+    return images.decode(f.read(), filename)[0]
 
 
 def _augmented_crop(photo: Image.Image, box: tuple[int, int, int], rng: np.random.Generator,
@@ -350,8 +249,8 @@ class TfdsSource:
           image = load_image(encode_png(image.squeeze(-1) if image.ndim == 3 and
                                         image.shape[-1] == 1 else image), self.resolution, name)
       else:
-        raise BadImageError(name, f'record has no usable "image" feature (got {type(image)})')
-    except BadImageError as e:
+        raise images.BadImage(name, f'record has no usable "image" feature (got {type(image)})')
+    except images.BadImage as e:
       return bad_record(name, e.reason)
     return {'image': image, 'name': name}
 
@@ -392,7 +291,7 @@ def make_source(data_cfg, split: str):
   max_examples = int(data_cfg.max_examples) if is_train else 0
   if data_cfg.source == 'folder':
     split = _canonical_split('train' if is_train else split)
-    paths = folder_split(list_images(data_cfg.dir), int(data_cfg.num_val), split)
+    paths = folder_split(images.list_images(data_cfg.dir), int(data_cfg.num_val), split)
     if max_examples:
       paths = paths[:max_examples]
     if not paths:

@@ -1,9 +1,8 @@
 """Identity similarity with dlib's face-recognition ResNet (offline weights).
 
 The weights come from the `face_recognition_models` pip package, which also ships dlib's 5- and
-68-point shape predictors and the CNN face detector; `model_path(name)` gives their paths for any
-other module that needs them (e.g. face alignment in restore.py), and `load_models()` loads the
-dlib objects once per process.
+68-point shape predictors and the CNN face detector (located by `idm_jax.dlib_models`, which face
+alignment uses too); `load_models()` loads the dlib objects once per process.
 
 When dlib or the models are missing, `unavailable_reason()` says why and the evaluation reports
 identity as unavailable; we never substitute a number from another model.
@@ -12,20 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from idm_jax import dlib_models
 from idm_jax.metrics import resize
-
-MODEL_FILES = {
-    'recognition': 'dlib_face_recognition_resnet_model_v1.dat',
-    'landmarks5': 'shape_predictor_5_face_landmarks.dat',
-    'landmarks68': 'shape_predictor_68_face_landmarks.dat',
-    'cnn_detector': 'mmod_human_face_detector.dat',
-}
 
 
 class IdentityUnavailable(RuntimeError):
@@ -33,20 +24,11 @@ class IdentityUnavailable(RuntimeError):
 
 
 def model_path(name: str) -> str:
-  """Path of one of the `face_recognition_models` files (see MODEL_FILES)."""
-  if name not in MODEL_FILES:
-    raise KeyError(f'unknown dlib model {name!r}; choose one of {sorted(MODEL_FILES)}')
-  # find_spec, not import: the package's __init__ imports pkg_resources, which new setuptools
-  # no longer ships, and we only need the folder.
-  spec = importlib.util.find_spec('face_recognition_models')
-  if spec is None or not spec.origin:
-    raise IdentityUnavailable('the face_recognition_models package is not installed '
-                              '(pip install face_recognition_models)')
-  path = os.path.join(os.path.dirname(spec.origin), 'models', MODEL_FILES[name])
-  if not os.path.isfile(path):
-    raise IdentityUnavailable(f'dlib model file {path!r} is missing; reinstall '
-                              'face_recognition_models')
-  return path
+  """Path of one of the `face_recognition_models` files (a key of dlib_models.MODEL_FILES)."""
+  try:
+    return dlib_models.model_path(name)
+  except dlib_models.ModelFileMissing as e:
+    raise IdentityUnavailable(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
