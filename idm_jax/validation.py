@@ -66,8 +66,9 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   if write:
     for sub in ('lq', 'hq'):
       _save_all(os.path.join(out_dir, sub), val['name'], val[sub])
+  from idm_jax.metrics import niqe as niqe_lib
   niqe = niqe_params_path(config)
-  niqe_upscale = niqe.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
+  niqe_upscale = niqe_lib.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
   rows, grid_rows = {}, [val['lq'][:8]]
   if write_metrics:
     rows['LQ input'] = evaluate.evaluate_images(
