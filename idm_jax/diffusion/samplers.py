@@ -37,15 +37,15 @@ class Settings:
   guidance_scale: float = 1.0    # classifier-free guidance; 1 = off
 
   def __post_init__(self):
+    # Worded by argument, not config field: the restore CLI and the web demo show these.
     if self.sampler not in SAMPLERS:
-      raise ValueError(f'sample.sampler: unknown sampler {self.sampler!r}; choose one of '
-                       f'{SAMPLERS}')
+      raise ValueError(f'sampler {self.sampler!r} is not one of {SAMPLERS}')
     if int(self.steps) != self.steps or self.steps < 1:
-      raise ValueError(f'sample.steps: {self.steps} must be an integer >= 1')
+      raise ValueError(f'steps={self.steps} must be an integer >= 1')
     if not 0. < self.t_start <= 1.:
-      raise ValueError(f'sample.t_start: {self.t_start} must be in (0, 1]')
+      raise ValueError(f't_start={self.t_start} must be in (0, 1]')
     if not 0. <= self.eta <= 1.:
-      raise ValueError(f'sample.eta: {self.eta} must be in [0, 1]')
+      raise ValueError(f'eta={self.eta} must be in [0, 1]')
 
 
 def guided(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale) -> ModelFn:
