@@ -99,6 +99,11 @@ python3 bench/extrinsic_summary.py "$WORK" > "$OUT/summary.md"
 for r in 0 1; do cp "$WORK/rounds/round_$r/eval/metrics.json" "$OUT/round_${r}_metrics.json"; done
 cp "$WORK/oracle/eval/"step_*/metrics.json "$OUT/oracle_metrics.json"
 cp "$WORK/rounds/round_1/dataset/manifest.json" "$OUT/cleaned_manifest.json"
+python3 bench/cleaning_grid.py "$WORK" "$OUT/pristine_contaminated_cleaned.png" > /dev/null
+for arm in rounds/round_0 rounds/round_1 oracle; do   # LQ | restored (1, 4 steps) | HQ
+  grid=$(find "$WORK/$arm/eval" -name grid.png | sort | tail -1)
+  if [ -n "$grid" ]; then cp "$grid" "$OUT/$(basename "$arm")_grid.png"; fi
+done
 for v in contaminated cleaned pristine; do
   cp "$WORK/eval_gen_$v/metrics.json" "$OUT/generator_${v}_metrics.json"
   cp "$WORK/gen_$v/generated_grid.png" "$OUT/generator_${v}_grid.png"
