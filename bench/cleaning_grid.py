@@ -27,8 +27,8 @@ def main(argv=None):
   with open(os.path.join(a.work, 'results', 'cleaning.json')) as f:
     names = json.load(f).get('contaminated_and_cleaned', {}).get('names', [])[:a.n]
   if not names:
-    print('no contaminated face was cleaned: nothing to show', file=sys.stderr)
-    return 1
+    print('no contaminated face was cleaned: no grid to show', file=sys.stderr)
+    return 0
   with open(os.path.join(cleaned, 'manifest.json')) as f:
     by_name = {r['name']: r['file'] for r in json.load(f)['records']}
   rows = [np.stack([images.read(os.path.join(d, 'images', f)) for f in files_])
