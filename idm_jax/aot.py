@@ -24,8 +24,10 @@ os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import ml_collections  # noqa: E402
@@ -99,12 +101,17 @@ def topology_devices(topology: str, num_slices: int = 1):
   if name.startswith('v4:'):
     # A Cloud TPU v4 VM runs one device per chip (megacore); libtpu's default is one per core.
     kwargs['chip_config_name'] = 'megacore'
+  dims = [int(d) for d in name.split(':')[1].split('x')]
+  if len(dims) == 2 and math.prod(dims) < 4:
+    # Slices smaller than libtpu's default 2x2 host (v5e-1, v6e-1) are one host of that shape.
+    kwargs['chips_per_host_bounds'] = (*dims, 1)
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError('AOT compiles for TPU topologies need libtpu: pip install -e ".[tpu]"')
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu',
                                              **kwargs).devices)
-  except Exception as e:  # libtpu missing or the name unknown: say which
-    raise RuntimeError(f'--topology={topology}: no TPU topology {name!r} ({e}); AOT compiles '
-                       'need libtpu: pip install -e ".[tpu]"') from e
+  except Exception as e:  # e.g. a shape libtpu does not know
+    raise ValueError(f'--topology={topology}: libtpu has no topology {name!r}: {e}') from e
 
 
 def collectives(hlo_text: str) -> dict:
@@ -361,7 +368,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  text, ok = run(f.config, f.topology, f.num_slices, sample=f.sample, max_batch=f.max_batch)
+  try:
+    text, ok = run(f.config, f.topology, f.num_slices, sample=f.sample, max_batch=f.max_batch)
+  except ValueError as e:  # a field the slice cannot take (ConfigError is one): no traceback
+    print(f'aot: cannot run on {f.topology}: {e}', file=sys.stderr)
+    print('verdict: does not run', file=sys.stderr)
+    raise SystemExit(2) from None
   print(text)
   print('verdict:', 'fits' if ok else 'does not fit (lower train.batch_size or sample sizes, '
         'raise mesh.fsdp, or set model.remat=True)')

@@ -201,5 +201,16 @@ def test_cli_fails_with_the_field_and_exit_status():
   r = subprocess.run([sys.executable, '-m', 'idm_jax.aot', '--config=configs/test.py',
                       f'--topology={TOPOLOGY}', '--nosample', '--config.train.batch_size=6'],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode != 0
-  assert 'config.train.batch_size' in r.stderr
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'config.train.batch_size: 6 is not divisible' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+@needs_libtpu
+@pytest.mark.parametrize('name, count', [('v5e:1x1', 1), ('v6e:1x1', 1), ('v4-32', 16),
+                                         ('v5litepod-16', 16)])
+def test_topology_devices_one_device_per_chip(name, count):
+  """Colab's single-chip runtimes, and v4 as Cloud TPU VMs run it (megacore: one device a
+  chip, where libtpu's default is one a TensorCore)."""
+  devices = aot.topology_devices(name)
+  assert len(devices) == count and devices[0].device_kind in aot.CHIPS
