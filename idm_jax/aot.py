@@ -165,6 +165,18 @@ def _bytes(array) -> int:
   return int(math.prod(dims) * _DTYPE_BYTES[dtype])
 
 
+def shard_bytes(abstract_tree) -> int:
+  """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings, from the
+  shardings alone (no compile; TPU layouts pad small dimensions, so a compile reports a bit
+  more). Every device holds the same amount under the rules (even splits only)."""
+  import jax
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return int(total)
+
+
 def memory(compiled) -> dict:
   """Per-device bytes of a compiled program: arguments, temporaries, outputs that do not
   reuse a donated argument's buffer, generated code, and their total (the HBM it needs)."""
@@ -186,6 +198,7 @@ class Program:
   flops: float               # XLA's estimate for one device's program
   collectives: dict
   error: str = ''            # why it failed to compile (then the numbers are empty)
+  state_bytes: int = 0       # the train state's shards (params, EMA, Adam), from the shardings
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -194,7 +207,9 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 def _compile(name, batch, lower_fn) -> Program:
+  from absl import logging
   from idm_jax import train
+  logging.info('compiling %s (global batch %d)', name, batch)
   t0 = time.perf_counter()
   try:
     compiled = lower_fn().compile()
@@ -204,6 +219,7 @@ def _compile(name, batch, lower_fn) -> Program:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=first[:400])
   seconds = time.perf_counter() - t0
+  logging.info('compiled %s in %.0f s', name, seconds)
   return Program(name, batch, seconds, memory(compiled), train.xla_flops(compiled),
                  collectives(compiled.as_text()))
 
@@ -225,7 +241,9 @@ def compile_train_step(config, mesh) -> Program:
     with parallel.mesh_rules(mesh):
       return trainer.step.lower(trainer.abstract_state,
                                 trainer.batch_spec(trainer.local_batch_size()))
-  return _compile('train step', config.train.batch_size, lower)
+  program = _compile('train step', config.train.batch_size, lower)
+  program.state_bytes = shard_bytes(trainer.abstract_state)
+  return program
 
 
 def compile_sampler(config, mesh, sample_cfg, batch_size: int, name: str) -> Program:
@@ -316,6 +334,8 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
   step = next((p for p in programs if p.name == 'train step' and not p.error), None)
   if step is not None:
     lines.append('')
+    lines.append(f'train state per chip (params, EMA, Adam moments; from the shardings): '
+                 f'{_gib(step.state_bytes)}')
     lines.append('projected training throughput (XLA FLOPs of one step at a given MFU of the '
                  'bf16 peak; a projection, not a measurement): ' + ', '.join(
                      f'{mfu:.0%} MFU {images_per_second(step, chip, mfu):.1f} img/s'

@@ -144,6 +144,8 @@ def test_fsdp_shrinks_the_per_device_argument_bytes(mesh_devices, data_parallel_
   assert fsdp.memory['arguments'] < 0.5 * dp.memory['arguments']
   # ... and the step gathers the sharded kernels before using them.
   assert fsdp.collectives.get('all-gather', (0, 0))[0] >= 1
+  # The shardings say the same before any compile.
+  assert 0 < fsdp.state_bytes < 0.5 * dp.state_bytes
 
 
 @needs_libtpu
