@@ -75,11 +75,30 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
   return tuple(sizes)
 
 
+def num_slices(devices) -> int:
+  """How many TPU slices (joined by the data-centre network) the devices span; 1 elsewhere."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp) mesh over `devices` (default: all of jax.devices()): real, simulated, or
+  an abstract TPU topology's (aot.py). Over several slices the data axis spans the slices, so
+  only the gradient all-reduce crosses the slow network; fsdp stays inside a slice."""
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 2
+  slices = num_slices(devices)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  data, fsdp = shape
+  if data % slices:
+    raise ValueError(f'config.mesh.data: {data} is not a multiple of the {slices} slices; the '
+                     'data axis spans the slices and fsdp stays within one (fsdp must divide '
+                     f'the {len(devices) // slices} devices of a slice)')
+  from jax.experimental import mesh_utils
+  grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
+                                              allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def sampling_mesh(devices=None) -> Mesh:

@@ -28,9 +28,12 @@ from idm_jax.models import unet
 from idm_jax.train_state import TrainState
 
 
-def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation) -> TrainState:
+def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation, *,
+               partitionable: bool = False) -> TrainState:
+  """partitionable: draw the params with partitionable threefry (see unet.init_params); the
+  Trainer's sharded init sets it, so no device generates whole tensors."""
   init_rng, state_rng = jax.random.split(rng)
-  params = unet.init_params(model, init_rng)
+  params = unet.init_params(model, init_rng, partitionable=partitionable)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                     opt_state=tx.init(params), rng=state_rng,
                     bad_step=jnp.full((), -1, jnp.int32))
@@ -119,12 +122,37 @@ def xla_flops(compiled) -> float:
   return float((cost or {}).get('flops', 0.0))
 
 
+def mesh_platform(mesh) -> str:
+  """The platform of the mesh's devices ('tpu', 'gpu', 'cpu'): from the mesh, not from
+  jax.default_backend(), so an AOT compile for a TPU topology on a CPU host sees 'tpu'."""
+  return mesh.devices.flat[0].platform
+
+
+def check_trainable(config: ml_collections.ConfigDict, mesh) -> None:
+  """The config choices a run on this mesh cannot make, named by field, before any compile."""
+  platform = mesh_platform(mesh)
+  if config.model.attention_impl == 'cudnn' and platform != 'gpu':
+    raise ValueError(f'config.model.attention_impl: cudnn attention exists on NVIDIA GPUs '
+                     f'only, and this mesh is on {platform}; use auto or xla')
+  # The batch is split over every device of the mesh (parallel.BATCH_AXES).
+  if config.train.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
+                     f'the {mesh.size} devices of the mesh (data={mesh.shape["data"]} x '
+                     f'fsdp={mesh.shape["fsdp"]}); use a multiple of {mesh.size}')
+
+
 class Trainer:
-  """Compiled pieces for one config on one mesh: init, train step and sampler."""
+  """Compiled pieces for one config on one mesh: init, train step and sampler.
+
+  Everything is derived from `mesh` (its devices, their processes and platform), never from
+  jax.devices(): the same code compiles for an abstract TPU topology on a CPU host (aot.py).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
+    check_trainable(config, mesh)
     self.config = config
     self.mesh = mesh
+    self.process_count = len({d.process_index for d in mesh.devices.flat})
     res = config.data.resolution
     self.model = unet.build_model(config.model, res)
     self.tx = optim.make_optimizer(config.train)
@@ -132,8 +160,17 @@ class Trainer:
     self.abstract_state, self.shardings = state_shardings(self.model, self.tx, mesh, config.mesh)
     self.batch_sharding = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    self.init = jax.jit(functools.partial(init_state, model=self.model, tx=self.tx),
-                        out_shardings=self.shardings)
+    init = jax.jit(functools.partial(init_state, model=self.model, tx=self.tx,
+                                     partitionable=True),
+                   out_shardings=self.shardings)
+    self.init_jit = init  # for lowering (aot.py); call self.init
+
+    def init_fn(rng, init=init):
+      # Partitionable threefry for the key ops too (split, fold_in), as in init_state; the flag
+      # is part of jit's cache key, so this call and aot.py's lowering compile the same program.
+      with jax.threefry_partitionable(True):
+        return init(rng)
+    self.init = init_fn
     step_fn = functools.partial(train_step, model=self.model, config=config,
                                 logsnr_fn=self.logsnr_fn)
     self.step = jax.jit(step_fn, in_shardings=(self.shardings,
@@ -141,9 +178,13 @@ class Trainer:
                         out_shardings=(self.shardings, rep), donate_argnums=0)
     self._samplers = {}
 
+  def local_batch_size(self) -> int:
+    """train.batch_size over the mesh's processes (checked to divide in check_trainable)."""
+    return self.config.train.batch_size // self.process_count
+
   def batch_spec(self, local_batch_size: int):
     res = self.config.data.resolution
-    shape = (local_batch_size * jax.process_count(), res, res, 3)
+    shape = (local_batch_size * self.process_count, res, res, 3)
     spec = {'hq': jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=self.batch_sharding)}
     if self.config.model.conditional:
       spec['lq'] = jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=self.batch_sharding)
@@ -156,24 +197,30 @@ class Trainer:
                                  self.batch_spec(local_batch_size)).compile()
     flops = xla_flops(compiled)
     if flops:
-      global_batch = local_batch_size * jax.process_count()
+      global_batch = local_batch_size * self.process_count
       logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate%s)', flops,
                    flops / global_batch / 1e9,
-                   '' if jax.default_backend() == 'cpu' else
+                   '' if mesh_platform(self.mesh) == 'cpu' else
                    '; on accelerators it leaves out library convolutions and matmuls')
     self.step_flops = flops
     parallel.barrier('train step compiled')
     return compiled
 
+  def sampler_jit(self, settings, batch_size: int):
+    """The jitted (ema, lq, rng) -> images of `sampler`, for lowering; trace it in mesh_rules.
+    The EMA keeps the state's shardings, the (host) LQ batch and key are replicated."""
+    res = self.config.data.resolution
+    fn = functools.partial(sample_images, model=self.model, config=self.config,
+                           settings=settings, shape=(batch_size, res, res, 3),
+                           logsnr_fn=self.logsnr_fn)
+    rep = parallel.replicated(self.mesh)
+    return jax.jit(fn, in_shardings=(self.shardings.ema, rep, rep))
+
   def sampler(self, settings, batch_size: int):
     """A jitted EMA sampler for (samplers.Settings, batch size); cached so each compiles once."""
     key = (batch_size, settings)
     if key not in self._samplers:
-      res = self.config.data.resolution
-      fn = functools.partial(sample_images, model=self.model, config=self.config,
-                             settings=settings, shape=(batch_size, res, res, 3),
-                             logsnr_fn=self.logsnr_fn)
-      jitted = jax.jit(fn)
+      jitted = self.sampler_jit(settings, batch_size)
       def call(params, lq, rng, jitted=jitted):
         with parallel.mesh_rules(self.mesh):
           return jitted(params, lq, rng)
@@ -239,10 +286,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     mesh = parallel.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
     pcount, pindex = jax.process_count(), jax.process_index()
-    if config.train.batch_size % jax.device_count():
-      raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
-                       f'{jax.device_count()} devices')
-    local_bs = config.train.batch_size // pcount
+    local_bs = trainer.local_batch_size()  # Trainer checked that the batch divides the mesh
     data_iter = iter(pipeline.train_iterator(config, process_index=pindex, process_count=pcount))
     ckpt = checkpoints.Checkpointer(workdir, keep=config.train.keep_ckpts)
     state, prior_seconds = _resume_or_init(trainer, ckpt, data_iter)

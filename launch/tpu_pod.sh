@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train idm_jax on a Cloud TPU slice (single host or pod): create the slice, install the package on
-# every worker, run the same training command on all workers at once, copy worker 0's log back and
-# delete the slice (unless --keep). See launch/README.md.
+# every worker, compile the training step for the slice's topology on worker 0 as a preflight
+# (python -m idm_jax.aot; --skip-preflight to skip), run the same training command on all workers
+# at once, copy worker 0's log back and delete the slice (unless --keep). See launch/README.md.
 #
 #   launch/tpu_pod.sh --name idm-v4-32 --zone us-central2-b --accelerator-type v4-32 \
 #     --version tpu-ubuntu2204-base --repo https://github.com/ME/idm_jax.git \
@@ -17,8 +18,8 @@ synopsis() {
   cat <<EOF
 usage: $PROG --name NAME --zone ZONE --accelerator-type TYPE --repo GIT_URL --workdir gs://...
           [--version RUNTIME] [--project PROJECT] [--config FILE] [--data-dir DIR] [--ref REF]
-          [--python VERSION] [--logs-dir DIR] [--spot] [--keep] [--dry-run]
-          [-- --config.x=y ...]
+          [--python VERSION] [--logs-dir DIR] [--spot] [--keep] [--skip-preflight]
+          [--dry-run] [-- --config.x=y ...]
 EOF
 }
 
@@ -26,7 +27,9 @@ usage() {
   synopsis
   cat <<EOF
 
-Creates a Cloud TPU VM slice, installs idm_jax on every worker, trains on all workers at once
+Creates a Cloud TPU VM slice, installs idm_jax on every worker, compiles the training step for
+the slice's topology on worker 0 (python -m idm_jax.aot: a config that cannot run or does not
+fit in HBM stops here, before training starts), trains on all workers at once
 (python -m idm_jax.main), copies worker 0's log back and deletes the slice on exit.
 
 required:
@@ -48,6 +51,7 @@ optional:
   --logs-dir DIR            where worker 0's log is copied (default: ./tpu_logs/NAME)
   --spot                    create a Spot (preemptible) slice
   --keep                    do not delete the slice when the script exits
+  --skip-preflight          do not run the AOT compile check before training
   --dry-run                 print every command instead of running it
   -h, --help                this message
 
@@ -68,7 +72,7 @@ die() {
 
 name="" zone="" accelerator_type="" version=$DEFAULT_VERSION project="" repo="" ref=""
 config=$DEFAULT_CONFIG workdir="" data_dir="" python_version=$DEFAULT_PYTHON logs_dir=""
-spot=0 keep=0 dry_run=0
+spot=0 keep=0 dry_run=0 preflight=1
 overrides=()
 
 need_value() {  # need_value OPTION NUM_REMAINING_ARGS
@@ -96,6 +100,7 @@ while [[ $# -gt 0 ]]; do
       opt=${1%%=*}; val=${1#*=}; shift; set -- "$opt" "$val" "$@" ;;
     --spot) spot=1; shift ;;
     --keep) keep=1; shift ;;
+    --skip-preflight) preflight=0; shift ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; overrides=("$@"); break ;;
     *) die "unknown option: $1 (training overrides go after --)" ;;
@@ -156,6 +161,7 @@ remote_repo='$HOME/idm_jax'
 # shellcheck disable=SC2016
 remote_venv='$HOME/idm_venv'
 remote_log=idm_jax_train.log    # relative to the workers' home directory
+preflight_log=idm_jax_preflight.log
 
 install_cmd="set -euo pipefail; cd \$HOME"
 install_cmd+="; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh"
@@ -173,6 +179,16 @@ if [[ -n $data_dir ]]; then
   train_args+=(--config.data.source=tfds --config.data.tfds_data_dir="$data_dir")
 fi
 train_args+=("${overrides[@]+"${overrides[@]}"}")
+
+# The preflight compiles for the accelerator type (aot.py maps it to libtpu's topology) with
+# the same config and --config.* overrides; it runs on the CPU of worker 0, leaving the TPU free.
+preflight_args=(--config="$config" --topology="$accelerator_type")
+for a in "${train_args[@]}"; do
+  if [[ $a == --config.* ]]; then preflight_args+=("$a"); fi
+done
+preflight_cmd="set -o pipefail; cd $remote_repo"
+preflight_cmd+="; $remote_venv/bin/python -m idm_jax.aot $(q "${preflight_args[@]}")"
+preflight_cmd+=" 2>&1 | tee \$HOME/$preflight_log"
 
 train_cmd="set -o pipefail; cd $remote_repo"
 train_cmd+="; $remote_venv/bin/python -m idm_jax.main $(q "${train_args[@]}")"
@@ -205,6 +221,19 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_common[@]}" --worker=all --command="$install_cmd"
+
+if [[ $preflight -eq 1 ]]; then
+  preflight_rc=0
+  run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_common[@]}" --worker=0 \
+    --command="$preflight_cmd" || preflight_rc=$?
+  if [[ $preflight_rc -ne 0 ]]; then
+    printf '%s: preflight failed (exit %d): the config cannot train on %s as it is; see the table\n' \
+      "$PROG" "$preflight_rc" "$accelerator_type" >&2
+    printf '%s: above (or ~/%s on worker 0); --skip-preflight launches anyway\n' "$PROG" \
+      "$preflight_log" >&2
+    exit "$preflight_rc"
+  fi
+fi
 
 train_rc=0
 run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_common[@]}" --worker=all --command="$train_cmd" \

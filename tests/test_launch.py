@@ -23,7 +23,7 @@ NOTEBOOK = LAUNCH / 'colab_tpu.ipynb'
 
 # Modules of the package that the launchers may run with python -m (checked by name: some are
 # being written in parallel).
-CLI_MODULES = {'main', 'data.prepare', 'data.make_testset', 'restore'}
+CLI_MODULES = {'main', 'aot', 'data.prepare', 'data.make_testset', 'restore'}
 
 TRICKY = "--config.data.dir=/tmp/my faces/it's $(touch PWNED)"
 BASE_ARGS = ['--name', 'idm-test-pod', '--zone', 'us-central2-b', '--accelerator-type', 'v4-32',
@@ -41,7 +41,7 @@ def _write_exe(path: pathlib.Path, text: str) -> pathlib.Path:
 @pytest.fixture
 def fake_gcloud(tmp_path):
   """A gcloud on PATH that appends its argv (JSON) to calls.jsonl; fails on the train command
-  when FAKE_GCLOUD_FAIL_TRAIN=1."""
+  when FAKE_GCLOUD_FAIL_TRAIN=1, on the preflight when FAKE_GCLOUD_FAIL_PREFLIGHT=1."""
   bindir = tmp_path / 'bin'
   bindir.mkdir()
   log = tmp_path / 'calls.jsonl'
@@ -53,9 +53,13 @@ def fake_gcloud(tmp_path):
       if os.environ.get('FAKE_GCLOUD_FAIL_TRAIN') and any(
           a.startswith('--command=') and 'idm_jax.main' in a for a in sys.argv):
         sys.exit(7)
+      if os.environ.get('FAKE_GCLOUD_FAIL_PREFLIGHT') and any(
+          a.startswith('--command=') and 'idm_jax.aot' in a for a in sys.argv):
+        sys.exit(1)
       """))
   env = dict(os.environ, PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}')
   env.pop('FAKE_GCLOUD_FAIL_TRAIN', None)
+  env.pop('FAKE_GCLOUD_FAIL_PREFLIGHT', None)
   return env, log
 
 
@@ -71,11 +75,13 @@ def _calls(log):
 
 
 def _kind(argv):
-  """create / install / train / scp / delete for a gcloud argv (without the 'gcloud')."""
+  """create / install / preflight / train / scp / delete for a gcloud argv (without 'gcloud')."""
   assert argv[:3] == ['compute', 'tpus', 'tpu-vm'], argv
   verb = argv[3]
   if verb == 'ssh':
     command = _option(argv, '--command')
+    if 'idm_jax.aot' in command:
+      return 'preflight'
     return 'train' if 'idm_jax.main' in command else 'install'
   return verb
 
@@ -129,10 +135,11 @@ def test_tpu_pod_dry_run_prints_steps_in_order_without_calling_gcloud(fake_gclou
 
   printed = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith('+ ')]
   gcloud = [argv[1:] for argv in printed if argv[0] == 'gcloud']
-  assert [_kind(a) for a in gcloud] == ['create', 'install', 'train', 'scp', 'delete']
+  assert [_kind(a) for a in gcloud] == ['create', 'install', 'preflight', 'train', 'scp',
+                                        'delete']
   for argv in gcloud:
     _check_common(argv)
-  create, install, train, scp, delete = gcloud
+  create, install, preflight, train, scp, delete = gcloud
 
   assert _option(create, '--accelerator-type') == 'v4-32'
   assert _option(create, '--version') == 'tpu-ubuntu2204-base'
@@ -152,6 +159,14 @@ def test_tpu_pod_dry_run_prints_steps_in_order_without_calling_gcloud(fake_gclou
   assert args == ['--config=configs/ffhq.py', '--workdir=gs://bucket/runs/ffhq',
                   '--config.data.source=tfds', '--config.data.tfds_data_dir=gs://bucket/tfds',
                   *OVERRIDES]
+
+  # The preflight: worker 0 compiles for the accelerator type with the config's overrides.
+  assert _option(preflight, '--worker') == '0'
+  words = shlex.split(_option(preflight, '--command'))
+  i = words.index('idm_jax.aot')
+  assert words[i + 1:words.index('2>&1')] == [
+      '--config=configs/ffhq.py', '--topology=v4-32', '--config.data.source=tfds',
+      '--config.data.tfds_data_dir=gs://bucket/tfds', *OVERRIDES]
 
   assert _option(scp, '--worker') == '0'
   assert scp[4] == 'idm-test-pod:idm_jax_train.log'
@@ -195,10 +210,11 @@ def test_tpu_pod_failed_training_still_copies_logs_and_deletes(fake_gcloud, tmp_
   r = _run_pod([*BASE_ARGS, '--logs-dir', str(tmp_path / 'logs'), '--', *OVERRIDES], env, tmp_path)
   assert r.returncode == 7, (r.stdout, r.stderr)
   calls = _calls(log)
-  assert [_kind(a) for a in calls] == ['create', 'install', 'train', 'scp', 'delete']
+  assert [_kind(a) for a in calls] == ['create', 'install', 'preflight', 'train', 'scp',
+                                       'delete']
   for argv in calls:
     _check_common(argv)
-  assert calls[3][5] == f'{tmp_path / "logs"}/'
+  assert calls[4][5] == f'{tmp_path / "logs"}/'
   assert (tmp_path / 'logs').is_dir()
 
 
@@ -206,8 +222,26 @@ def test_tpu_pod_keep_leaves_the_slice(fake_gcloud, tmp_path):
   env, log = fake_gcloud
   r = _run_pod([*BASE_ARGS, '--keep', '--logs-dir', str(tmp_path / 'logs')], env, tmp_path)
   assert r.returncode == 0, r.stderr
-  assert [_kind(a) for a in _calls(log)] == ['create', 'install', 'train', 'scp']
+  assert [_kind(a) for a in _calls(log)] == ['create', 'install', 'preflight', 'train', 'scp']
   assert 'tpu-vm delete idm-test-pod' in r.stderr  # tells the user how to delete it
+
+
+def test_tpu_pod_failed_preflight_stops_before_training_and_deletes(fake_gcloud, tmp_path):
+  env, log = fake_gcloud
+  env = dict(env, FAKE_GCLOUD_FAIL_PREFLIGHT='1')
+  r = _run_pod([*BASE_ARGS, '--logs-dir', str(tmp_path / 'logs')], env, tmp_path)
+  assert r.returncode == 1, (r.stdout, r.stderr)
+  assert [_kind(a) for a in _calls(log)] == ['create', 'install', 'preflight', 'delete']
+  assert 'preflight failed' in r.stderr and '--skip-preflight' in r.stderr
+
+
+def test_tpu_pod_skip_preflight(fake_gcloud, tmp_path):
+  env, log = fake_gcloud
+  env = dict(env, FAKE_GCLOUD_FAIL_PREFLIGHT='1')
+  r = _run_pod([*BASE_ARGS, '--skip-preflight', '--logs-dir', str(tmp_path / 'logs')], env,
+               tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert [_kind(a) for a in _calls(log)] == ['create', 'install', 'train', 'scp', 'delete']
 
 
 def test_tpu_pod_failed_create_does_not_delete(tmp_path):
@@ -253,7 +287,8 @@ def test_tpu_pod_help(tmp_path):
   r = _run_pod(['--help'], dict(os.environ), tmp_path)
   assert r.returncode == 0
   for option in ('--name', '--zone', '--accelerator-type', '--version', '--project', '--repo',
-                 '--config', '--workdir', '--data-dir', '--spot', '--keep', '--dry-run'):
+                 '--config', '--workdir', '--data-dir', '--spot', '--keep', '--dry-run',
+                 '--skip-preflight'):
     assert option in r.stdout
 
 
@@ -412,16 +447,25 @@ def test_notebook_cli_modules_exist(notebook):
       path = REPO / 'idm_jax' / (module.replace('.', '/') + '.py')
       assert path.parent.is_dir(), path
       used.append(module)
-  assert set(used) == CLI_MODULES  # installs, prepares, trains, makes a test set, restores
+  # installs, prepares, checks the topology, trains, makes a test set, restores
+  assert set(used) == CLI_MODULES
 
 
 def test_notebook_steps(notebook):
   code = [_source(c) for c in notebook['cells'] if c['cell_type'] == 'code']
   text = '\n'.join(code)
-  assert re.search(r'git clone', text) and re.search(r'pip install .*-e \.', text)
+  assert re.search(r'git clone', text) and re.search(r'pip install .*-e "\.\[tpu\]"', text)
   assert 'configs/demo.py' in text
-  train = next(c for c in code if '-m idm_jax.main' in c)
-  assert '--workdir=' in train and 'num_steps' in train
+  i = next(i for i, c in enumerate(code) if '-m idm_jax.main' in c)
+  train = code[i]
+  # The topology check comes first and compiles the same config with the same flags.
+  check = next(j for j, c in enumerate(code) if '-m idm_jax.aot' in c)
+  assert check < i
+  flags = re.search(r'--config=(\S+) .*--workdir=\S+ (.*)', train).groups()
+  aot_line = next(l for l in code[check].splitlines() if '-m idm_jax.aot' in l)
+  assert f'--config={flags[0]}' in aot_line and aot_line.rstrip().endswith(flags[1].rstrip())
+  assert '--topology={TOPOLOGY}' in aot_line
+  assert 'num_steps' in code[check] and '{TRAIN_FLAGS}' in train
   assert re.search(r"samples_\*\.png", text)  # shows the grids the trainer writes
   restore = next(c for c in code if '-m idm_jax.restore' in c)
   assert '--aligned' in restore and '--checkpoint {WORKDIR}' in restore

@@ -449,16 +449,19 @@ def _init_boxed(model: UNet, rng, x_t, logsnr, lq):
 _init_jit = jax.jit(_init_boxed, static_argnums=(0,))
 
 
-def init_params(model: UNet, rng, batch_size: int = 1):
+def init_params(model: UNet, rng, batch_size: int = 1, *, partitionable: bool = False):
   """Initial parameters as a plain (unboxed) pytree: apply with `{'params': params}`.
 
-  A single-device convenience. Sharded initialisation (train.py) should jit `model.init` with
-  out_shardings from `param_shapes` instead.
+  By default a single-device convenience. partitionable=True is for a sharded initialisation
+  (train.Trainer jits this with sharded out_shardings): partitionable threefry lets XLA have
+  each device generate only the bits of its own shard, where the default threefry makes every
+  device draw whole tensors and then slice them. The two give different values for one key.
   """
-  # Non-partitionable threefry: the partitionable variant (JAX's default) makes this compile
-  # 4-5x slower on CPU (one threefry kernel per parameter) and buys nothing on one device. It
-  # also makes the values independent of the global flag, so a key always gives the same init.
-  with jax.threefry_partitionable(False):
+  # Non-partitionable threefry by default: the partitionable variant (JAX's default) makes this
+  # compile 4-5x slower on CPU (one threefry kernel per parameter) and buys nothing on one
+  # device. It also makes the values independent of the global flag, so a key always gives the
+  # same init.
+  with jax.threefry_partitionable(partitionable):
     boxed = _init_jit(model, rng, *dummy_inputs(model, batch_size))
   return nn.meta.unbox(boxed)
 

@@ -1,0 +1,419 @@
+"""Compile the real train step and sampler for a Cloud TPU topology on a CPU host: no TPU needed.
+
+  python -m idm_jax.aot --config=configs/ffhq.py --topology=v5e:16x16 [--num_slices=2]
+      [--max_batch] [--config.x=y ...]
+
+libtpu (pip install -e ".[tpu]") describes a TPU slice as abstract devices; the mesh over them
+goes through the same `parallel.make_mesh` and logical-axis rules as training, and the programs
+are the Trainer's own jitted step and sampler, lowered with its abstract state and batch layout.
+XLA's TPU compiler then gives the executable a real run would get: its per-chip HBM, FLOPs and
+collectives. A config that cannot run on the slice (a batch that does not divide the mesh, an
+op or attention kind TPUs lack, a program that does not fit in HBM) fails here as it would
+there, with the field to change. Measured numbers live in docs/TPU.md.
+"""
+from __future__ import annotations
+
+import os
+
+# Before jax loads (MaxText and AXLearn do the same): compile on the CPU host without touching
+# any local accelerator, and let libtpu skip the GCE metadata query it makes off a TPU VM.
+# Compiling needs no TPU, so several compiles (tests, a preflight beside a job) may share libtpu
+# instead of queueing on its one-process lock file.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import ml_collections  # noqa: E402
+
+GiB = 2 ** 30
+
+# Per chip, from Google's published Cloud TPU specifications: HBM and peak bf16 FLOP/s.
+# v4 and v5p run as one "megacore" device per chip, so a device is a chip on every kind here.
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+
+
+CHIPS = {
+    'TPU v4': Chip('v4', 32 * GiB, 275e12),
+    'TPU v5 lite': Chip('v5e', 16 * GiB, 197e12),
+    'TPU v5': Chip('v5p', 95 * GiB, 459e12),
+    'TPU v6 lite': Chip('v6e', 32 * GiB, 918e12),
+}
+
+# Chips of the standard slice shapes, by the TensorCore or chip count of the accelerator type.
+_SHAPES_2D = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
+              256: '16x16'}
+_SHAPES_3D = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
+              256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16', 4096: '16x16x16'}
+# accelerator-type prefix -> (libtpu's name, type number counts TensorCores (2 per chip))
+_ACCELERATORS = {'v5litepod': ('v5e', False), 'v5e': ('v5e', False), 'v6e': ('v6e', False),
+                 'v4': ('v4', True), 'v5p': ('v5p', True)}
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
+               'collective-broadcast', 'ragged-all-to-all')
+
+_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
+                's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
+                's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b(' + '|'.join(sorted(_DTYPE_BYTES, key=len, reverse=True)) +
+                    r')\[([0-9,]*)\]')
+_OPCODE = re.compile(r' (' + '|'.join(COLLECTIVES) + r')(-start)?\(')  # not -done
+_COMMENT = re.compile(r'/\*.*?\*/')  # HLO's /*index=5*/ inside long tuples
+
+
+def topology_name(topology: str) -> str:
+  """libtpu's topology name ('v5e:4x4', 'v4:2x2x4', ...) for itself or for a Cloud TPU
+  accelerator type ('v5litepod-16', 'v4-32', 'v5p-128', 'v6e-16')."""
+  if ':' in topology:
+    return topology
+  m = re.fullmatch(r'([a-z0-9]+)-([0-9]+)', topology)
+  if not m or m.group(1) not in _ACCELERATORS:
+    raise ValueError(f'--topology: {topology!r} is neither a libtpu topology (v5e:4x4, '
+                     'v4:2x2x4, v5p:4x4x4) nor an accelerator type (v5litepod-16, v4-32, '
+                     'v5p-128, v6e-16)')
+  kind, per_core = _ACCELERATORS[m.group(1)]
+  n = int(m.group(2))
+  chips = n // 2 if per_core else n
+  shapes = _SHAPES_3D if per_core else _SHAPES_2D
+  if chips not in shapes:
+    raise ValueError(f'--topology: no standard slice shape for {topology} ({chips} chips); '
+                     f'give it as {kind}:AxBxC')
+  return f'{kind}:{shapes[chips]}'
+
+
+def topology_devices(topology: str, num_slices: int = 1):
+  """The abstract devices of `num_slices` slices of `topology` (needs libtpu)."""
+  from jax.experimental import topologies
+  name = topology_name(topology)
+  kwargs = {}
+  if num_slices > 1:
+    kwargs['num_slices'] = num_slices
+  if name.startswith('v4:'):
+    # A Cloud TPU v4 VM runs one device per chip (megacore); libtpu's default is one per core.
+    kwargs['chip_config_name'] = 'megacore'
+  dims = [int(d) for d in name.split(':')[1].split('x')]
+  if len(dims) == 2 and math.prod(dims) < 4:
+    # Slices smaller than libtpu's default 2x2 host (v5e-1, v6e-1) are one host of that shape.
+    kwargs['chips_per_host_bounds'] = (*dims, 1)
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError('AOT compiles for TPU topologies need libtpu: pip install -e ".[tpu]"')
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform='tpu',
+                                             **kwargs).devices)
+  except Exception as e:  # e.g. a shape libtpu does not know
+    raise ValueError(f'--topology={topology}: libtpu has no topology {name!r}: {e}') from e
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: (count, bytes)} of the collective ops in an optimized HLO module's text.
+
+  Each op is counted once where it is defined (an async -start/-done pair at its start; an op
+  inside a loop body once, not per iteration). Bytes are its result's, per device: the gathered
+  array of an all-gather, the reduced buffer of an all-reduce, the shard of a reduce-scatter.
+  TPU's compiler writes a reduce-scatter as an all-reduce inside an `all-reduce-scatter`
+  fusion; those are counted as reduce-scatter (with the all-reduce's bytes).
+  """
+  out = {}
+  computation = ''
+  for line in hlo_text.splitlines():
+    if line[:1] not in ('', ' ') and '{' in line:  # a computation's header line
+      computation = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
+      continue
+    if ' = ' not in line:
+      continue
+    rhs = _COMMENT.sub('', line.split(' = ', 1)[1])
+    m = _OPCODE.search(' ' + rhs)
+    if not m or not _result_before(rhs, m.start()):
+      continue
+    kind, start = m.group(1), bool(m.group(2))  # rhs[:m.start()]: the result type
+    if kind == 'all-reduce' and computation.lstrip('%').startswith('all-reduce-scatter'):
+      kind = 'reduce-scatter'
+    arrays = _arrays(rhs[:m.start()])
+    if start and kind != 'all-reduce' and rhs.startswith('('):
+      # (operands..., results..., u32[] contexts): keep the results
+      arrays = [a for a in arrays if a[1]]
+      arrays = arrays[len(arrays) // 2:]
+    count, nbytes = out.get(kind, (0, 0))
+    out[kind] = (count + 1, nbytes + sum(_bytes(a) for a in arrays))
+  return out
+
+
+def _result_before(rhs: str, at: int) -> bool:
+  """Whether the opcode at `at` is the instruction's own (only its result type precedes it),
+  not a name inside its attributes."""
+  head = rhs[:at]
+  return '=' not in head and '%' not in head
+
+
+def _arrays(text: str):
+  return [(dtype, tuple(int(d) for d in dims.split(',') if d))
+          for dtype, dims in _ARRAY.findall(text)]
+
+
+def _bytes(array) -> int:
+  dtype, dims = array
+  return int(math.prod(dims) * _DTYPE_BYTES[dtype])
+
+
+def shard_bytes(abstract_tree) -> int:
+  """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings, from the
+  shardings alone (no compile; TPU layouts pad small dimensions, so a compile reports a bit
+  more). Every device holds the same amount under the rules (even splits only)."""
+  import jax
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return int(total)
+
+
+def memory(compiled) -> dict:
+  """Per-device bytes of a compiled program: arguments, temporaries, outputs that do not
+  reuse a donated argument's buffer, generated code, and their total (the HBM it needs)."""
+  m = compiled.memory_analysis()
+  out = dict(arguments=m.argument_size_in_bytes, temporaries=m.temp_size_in_bytes,
+             outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
+             code=m.generated_code_size_in_bytes)
+  out['total'] = sum(out.values())
+  return out
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled program's numbers (per device unless named otherwise)."""
+  name: str
+  batch: int                 # global batch
+  compile_s: float
+  memory: dict
+  flops: float               # XLA's estimate for one device's program
+  collectives: dict
+  error: str = ''            # why it failed to compile (then the numbers are empty)
+  state_bytes: int = 0       # the train state's shards (params, EMA, Adam), from the shardings
+
+
+def _out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
+
+
+def _compile(name, batch, lower_fn) -> Program:
+  from absl import logging
+  from idm_jax import train
+  logging.info('compiling %s (global batch %d)', name, batch)
+  t0 = time.perf_counter()
+  try:
+    compiled = lower_fn().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not _out_of_memory(e):
+      raise
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=first[:400])
+  seconds = time.perf_counter() - t0
+  logging.info('compiled %s in %.0f s', name, seconds)
+  return Program(name, batch, seconds, memory(compiled), train.xla_flops(compiled),
+                 collectives(compiled.as_text()))
+
+
+def with_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.batch_size = int(batch_size)
+  return config
+
+
+def compile_train_step(config, mesh) -> Program:
+  """The Trainer's own jitted step (AdamW, EMA, finite guard, donation), lowered as
+  Trainer.compile_step lowers it: with its abstract state and batch layout."""
+  from idm_jax import parallel
+  from idm_jax import train
+  trainer = train.Trainer(config, mesh)
+
+  def lower():
+    with parallel.mesh_rules(mesh):
+      return trainer.step.lower(trainer.abstract_state,
+                                trainer.batch_spec(trainer.local_batch_size()))
+  program = _compile('train step', config.train.batch_size, lower)
+  program.state_bytes = shard_bytes(trainer.abstract_state)
+  return program
+
+
+def compile_sampler(config, mesh, settings, batch_size: int, name: str) -> Program:
+  """The Trainer's EMA sampler (the whole lax loop) for one batch, on the training mesh."""
+  import jax
+  import jax.numpy as jnp
+  from idm_jax import parallel
+  from idm_jax import train
+  trainer = train.Trainer(config, mesh)
+  jitted = trainer.sampler_jit(settings, batch_size)
+  res = config.data.resolution
+  rep = parallel.replicated(mesh)
+  lq = (jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.uint8, sharding=rep)
+        if config.model.conditional else None)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+  def lower():
+    with parallel.mesh_rules(mesh):
+      return jitted.lower(trainer.abstract_state.ema, lq, rng)
+  return _compile(name, batch_size, lower)
+
+
+def fits(program: Program, chip: Chip) -> bool:
+  return not program.error and program.memory['total'] <= chip.hbm_bytes
+
+
+def max_batch_per_chip(config, mesh, chip: Chip, limit: int = 1024):
+  """(largest per-chip batch whose train step compiles and fits, the Programs tried): doubling,
+  then bisection. 0 if even one image per chip does not fit."""
+  tried = []
+
+  def ok(per_chip):
+    program = compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
+    tried.append(program)
+    return fits(program, chip)
+
+  if not ok(1):
+    return 0, tried
+  lo, hi = 1, None
+  while hi is None and lo < limit:
+    if ok(min(2 * lo, limit)):
+      lo = min(2 * lo, limit)
+    else:
+      hi = 2 * lo
+  while hi is not None and hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  return lo, tried
+
+
+def images_per_second(program: Program, chip: Chip, mfu: float) -> float:
+  """A projection, not a measurement: every chip runs its program's XLA FLOPs at `mfu` of its
+  peak, so a step takes flops / (mfu * peak) and moves the global batch."""
+  if not program.flops:
+    return 0.0
+  return program.batch * mfu * chip.peak_bf16_flops / program.flops
+
+
+def _gib(b) -> str:
+  return f'{b / GiB:.2f} GiB'
+
+
+def _collectives_text(c: dict) -> str:
+  if not c:
+    return 'none'
+  return ', '.join(f'{k} {n} ({v / 2 ** 20:.1f} MiB)' for k, (n, v) in sorted(c.items()))
+
+
+def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch=None) -> str:
+  """The table aot prints (markdown, so docs/TPU.md can take it as it is)."""
+  lines = [f'topology {topology_name(topology)} x {num_slices} slice(s): {mesh.size} x {chip.name}'
+           f' ({_gib(chip.hbm_bytes)} HBM, {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak'
+           f' per chip); mesh data={mesh.shape["data"]} x fsdp={mesh.shape["fsdp"]}', '',
+           '| program | global batch | arguments | temporaries | outputs | total / HBM | '
+           'fits | TFLOP per chip | collectives (count, bytes per chip) | compile |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for p in programs:
+    if p.error:
+      lines.append(f'| {p.name} | {p.batch} | | | | | **no**: {p.error} | | | '
+                   f'{p.compile_s:.0f} s |')
+      continue
+    m = p.memory
+    lines.append(
+        f'| {p.name} | {p.batch} | {_gib(m["arguments"])} | {_gib(m["temporaries"])} | '
+        f'{_gib(m["outputs"])} | {_gib(m["total"])} / {_gib(chip.hbm_bytes)} '
+        f'({100 * m["total"] / chip.hbm_bytes:.0f}%) | {"yes" if fits(p, chip) else "**no**"} | '
+        f'{p.flops / 1e12:.3g} | {_collectives_text(p.collectives)} | {p.compile_s:.0f} s |')
+  step = next((p for p in programs if p.name == 'train step' and not p.error), None)
+  if step is not None:
+    lines.append('')
+    lines.append(f'train state per chip (params, EMA, Adam moments; from the shardings): '
+                 f'{_gib(step.state_bytes)}')
+    lines.append('projected training throughput (XLA FLOPs of one step at a given MFU of the '
+                 'bf16 peak; a projection, not a measurement): ' + ', '.join(
+                     f'{mfu:.0%} MFU {images_per_second(step, chip, mfu):.1f} img/s'
+                     for mfu in (0.4, 0.6)))
+  if max_batch is not None:
+    best, seconds, tried = max_batch
+    lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); '
+                 f'{len(tried)} compiles, {seconds:.0f} s')
+  return '\n'.join(lines)
+
+
+def chip_of(devices) -> Chip:
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise ValueError(f'no HBM and peak figures for {kind!r}; add it to aot.CHIPS')
+  return CHIPS[kind]
+
+
+def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
+        max_batch: bool = False):
+  """Compiles for the topology; returns (report, whether every program fits). Raises naming
+  the field that cannot work there (the Trainer's or the mesh's ValueError, as a real run
+  would raise it)."""
+  from idm_jax import configlib
+  from idm_jax import parallel
+  configlib.validate(config)
+  devices = topology_devices(topology, num_slices)
+  chip = chip_of(devices)
+  mesh = parallel.make_mesh(config.mesh, devices)
+  programs = [compile_train_step(config, mesh)]
+  if sample:
+    grid = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
+    programs.append(compile_sampler(config, mesh, grid, config.train.num_vis,
+                                    'sampler (training grid)'))
+    programs.append(compile_sampler(config, mesh, configlib.sample_settings(config.sample),
+                                    config.sample.batch_size, 'sampler (sample.batch_size)'))
+  best = None
+  if max_batch:
+    t0 = time.perf_counter()
+    found, tried = max_batch_per_chip(config, mesh, chip)
+    best = (found, time.perf_counter() - t0, tried)
+  ok = all(fits(p, chip) for p in programs)
+  return report(topology, num_slices, mesh, chip, programs, best), ok
+
+
+def main(argv):
+  from absl import app
+  from absl import flags
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    text, ok = run(f.config, f.topology, f.num_slices, sample=f.sample, max_batch=f.max_batch)
+  except ValueError as e:  # a field the slice cannot take (ConfigError is one): no traceback
+    print(f'aot: cannot run on {f.topology}: {e}', file=sys.stderr)
+    print('verdict: does not run', file=sys.stderr)
+    raise SystemExit(2) from None
+  print(text)
+  print('verdict:', 'fits' if ok else 'does not fit (lower train.batch_size or sample sizes, '
+        'raise mesh.fsdp, or set model.remat=True)')
+  if not ok:
+    raise SystemExit(1)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('topology', None, 'libtpu topology (v5e:4x4, v4:2x2x4, v5p:4x4x4) or '
+                      'accelerator type (v5litepod-16, v4-32, v5p-128).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network.')
+  flags.DEFINE_bool('sample', True, 'Also compile the sampler (training grid and '
+                    'sample.batch_size).')
+  flags.DEFINE_bool('max_batch', False, 'Also search the largest per-chip batch that fits.')
+  flags.mark_flags_as_required(['config', 'topology'])
+
+
+if __name__ == '__main__':
+  from absl import app as _app
+  _define_flags()
+  _app.run(main)

@@ -1,0 +1,219 @@
+"""aot.py: the HLO collectives parser and topology names (always), and, with libtpu installed,
+real TPU compiles of configs/test.py's train step and sampler for v5e:2x2 on the CPU."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_config
+
+from idm_jax import aot
+from idm_jax import configlib
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason='AOT TPU compiles need libtpu: pip install -e ".[tpu]" (see README, '
+    '"Checking a TPU pod before launching")')
+
+TOPOLOGY = 'v5e:2x2'
+
+# A hand-written module in the optimized-HLO form XLA's TPU compiler prints.
+HLO = """\
+HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%all-reduce-scatter.3 (input_0: f32[32,96], input_1: f32[64]) -> (f32[32,32], f32[16]) {
+  %input_0 = f32[32,96]{0,1:T(8,128)} parameter(0)
+  %all-reduce.9 = (f32[32,128]{0,1:T(8,128)}, f32[64]{0:T(128)}) all-reduce(%pad.1, %input_1), channel_id=4, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %tuple.2 = (f32[32,32]{0,1}, f32[16]{0}) tuple(%a, %b)
+}
+
+%body.1 (p: (s32[], bf16[4,4])) -> (s32[], bf16[4,4]) {
+  %ag = bf16[4,4]{1,0:T(4,128)(2,1)} all-gather(%x), channel_id=1, dimensions={0}, metadata={op_name="jit(f)/all-gather(x)"}
+  ROOT %t = (s32[], bf16[4,4]) tuple(%i, %ag)
+}
+
+ENTRY %main.5 (param: f32[8]) -> f32[8] {
+  %all-gather-start.2 = (bf16[2,1024]{1,0}, bf16[8,1024]{1,0}) all-gather-start(%param.1), channel_id=2, dimensions={0}
+  %all-gather-done.2 = bf16[8,1024]{1,0} all-gather-done(%all-gather-start.2)
+  %cp-start = (f32[8]{0}, f32[8]{0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%param), channel_id=3, source_target_pairs={{0,1},{1,0}}
+  %cp-done = f32[8]{0} collective-permute-done(%cp-start)
+  %ar = (f32[8]{0}, /*index=1*/f32[8]{0}) all-reduce(%param, %param), channel_id=5, to_apply=%add
+  %fusion.7 = f32[8]{0} fusion(%ar), kind=kLoop, calls=%all-reduce-scatter.3, metadata={op_name="all-reduce(x)"}
+  %not = f32[8]{0} add(%all-reduce.1, %param)
+  ROOT %w = (s32[], bf16[4,4]) while(%init), condition=%cond, body=%body.1
+}
+"""
+
+
+def test_collectives_counts_each_op_once_with_its_result_bytes():
+  c = aot.collectives(HLO)
+  # The async all-gather once (its gathered result: 8 x 1024 bf16) plus the one in the loop body.
+  assert c['all-gather'] == (2, 8 * 1024 * 2 + 4 * 4 * 2)
+  # collective-permute-start's tuple is (operand, result, contexts): the result only.
+  assert c['collective-permute'] == (1, 8 * 4)
+  # A combined all-reduce: the sum of its results, through a /*index=1*/ comment.
+  assert c['all-reduce'] == (1, 2 * 8 * 4)
+  # The all-reduce inside an all-reduce-scatter fusion is TPU's reduce-scatter.
+  assert c['reduce-scatter'] == (1, (32 * 128 + 64) * 4)
+  # Names in operands, calls= and metadata are not ops; nothing else is a collective.
+  assert set(c) == {'all-gather', 'collective-permute', 'all-reduce', 'reduce-scatter'}
+
+
+def test_collectives_of_a_module_without_any_is_empty():
+  assert aot.collectives('ENTRY %m (p: f32[2]) -> f32[2] {\n  ROOT %a = f32[2]{0} add(%p, %p)\n}') == {}
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('v5e:4x4', 'v5e:4x4'), ('v5litepod-16', 'v5e:4x4'), ('v5litepod-256', 'v5e:16x16'),
+    ('v4-32', 'v4:2x2x4'), ('v5p-128', 'v5p:4x4x4'), ('v6e-8', 'v6e:2x4')])
+def test_topology_name(name, expected):
+  assert aot.topology_name(name) == expected
+
+
+@pytest.mark.parametrize('name', ['v4-12', 'tpu-16', 'v5e'])
+def test_topology_name_rejects_unknown_shapes(name):
+  with pytest.raises(ValueError, match='--topology'):
+    aot.topology_name(name)
+
+
+def test_projection_is_batch_times_achieved_flops_over_step_flops():
+  chip = aot.Chip('x', 16 * aot.GiB, 100e12)
+  step = aot.Program('train step', 32, 1.0, {}, 2e12, {})
+  # 2 TFLOP per chip per step at 40% of 100 TFLOP/s: 0.05 s per step of 32 images.
+  assert aot.images_per_second(step, chip, 0.4) == pytest.approx(640.0)
+
+
+def _config(**mesh):
+  config = load_config('test')
+  # The test model's kernels are small; shard every one of more than 1024 elements.
+  config.mesh.update(fsdp_min_size=1024, **mesh)
+  return config
+
+
+@pytest.fixture(scope='module')
+def mesh_devices():
+  if not HAS_LIBTPU:
+    pytest.skip('AOT TPU compiles need libtpu: pip install -e ".[tpu]"')
+  return aot.topology_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope='module')
+def data_parallel_step(mesh_devices):
+  from idm_jax import parallel
+  config = _config(data=-1, fsdp=1)
+  mesh = parallel.make_mesh(config.mesh, mesh_devices)
+  return aot.compile_train_step(config, mesh), mesh
+
+
+@needs_libtpu
+def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_parallel_step):
+  from idm_jax import parallel
+  step, mesh = data_parallel_step
+  chip = aot.chip_of(mesh_devices)
+  assert chip.name == 'v5e' and mesh.devices.flat[0].platform == 'tpu'
+  assert mesh.shape == {'data': 4, 'fsdp': 1}
+  assert not step.error and aot.fits(step, chip)
+  # AdamW state (m, v), params and EMA are arguments: more than 4 x the params' f32 bytes.
+  config = _config(data=-1, fsdp=1)
+  from idm_jax.models import unet
+  n = unet.count_params(config.model, config.data.resolution)
+  assert step.memory['arguments'] >= 4 * 4 * n
+  assert step.flops > 0
+  # Pure data parallelism: the gradients are all-reduced and no parameter is gathered.
+  assert step.collectives.get('all-reduce', (0, 0))[0] >= 1
+  assert 'all-gather' not in step.collectives
+  sampler = aot.compile_sampler(config, mesh, configlib.sample_settings(config.sample),
+                                config.sample.batch_size, 'sampler')
+  assert not sampler.error and sampler.flops > 0
+  # The sampler has no optimiser state: far fewer argument bytes than the step.
+  assert sampler.memory['arguments'] < step.memory['arguments'] / 3
+  text = aot.report(TOPOLOGY, 1, mesh, chip, [step, sampler])
+  assert '| train step | 4 |' in text and 'projection' in text
+  assert parallel.num_slices(mesh_devices) == 1
+
+
+@needs_libtpu
+def test_fsdp_shrinks_the_per_device_argument_bytes(mesh_devices, data_parallel_step):
+  from idm_jax import parallel
+  dp, _ = data_parallel_step
+  config = _config(data=1, fsdp=4)
+  fsdp = aot.compile_train_step(config, parallel.make_mesh(config.mesh, mesh_devices))
+  assert not fsdp.error
+  # Params, EMA and both Adam moments are split 4 ways (small tensors stay replicated).
+  assert fsdp.memory['arguments'] < 0.5 * dp.memory['arguments']
+  # ... and the step gathers the sharded kernels before using them.
+  assert fsdp.collectives.get('all-gather', (0, 0))[0] >= 1
+  # The shardings say the same before any compile.
+  assert 0 < fsdp.state_bytes < 0.5 * dp.state_bytes
+
+
+@needs_libtpu
+def test_sharded_init_draws_only_each_devices_shard(mesh_devices):
+  """Partitionable threefry in the Trainer's init: each device generates its shard's bits, so
+  the per-device program does far fewer FLOPs than one that draws whole tensors."""
+  import functools
+  import jax
+  from idm_jax import parallel
+  from idm_jax import train
+  config = _config(data=1, fsdp=4)
+  trainer = train.Trainer(config, parallel.make_mesh(config.mesh, mesh_devices))
+  key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
+  with jax.threefry_partitionable(True):
+    sharded = trainer.init_jit.lower(key).compile()
+  whole = jax.jit(functools.partial(train.init_state, model=trainer.model, tx=trainer.tx),
+                  out_shardings=trainer.shardings)
+  with jax.threefry_partitionable(False):
+    replicated = whole.lower(key).compile()
+  assert train.xla_flops(sharded) < 0.6 * train.xla_flops(replicated)
+
+
+@needs_libtpu
+def test_batch_that_does_not_divide_the_mesh_fails_naming_the_field():
+  config = _config()
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match=r'config\.train\.batch_size: 6 .* 4 devices'):
+    aot.run(config, TOPOLOGY, sample=False)
+
+
+@needs_libtpu
+def test_gpu_only_attention_fails_naming_the_field():
+  config = _config()
+  config.model.attention_impl = 'cudnn'
+  with pytest.raises(ValueError, match=r'config\.model\.attention_impl: .*tpu'):
+    aot.run(config, TOPOLOGY, sample=False)
+
+
+@needs_libtpu
+def test_multi_slice_mesh_puts_the_data_axis_across_slices():
+  from idm_jax import parallel
+  devices = aot.topology_devices(TOPOLOGY, num_slices=2)
+  assert parallel.num_slices(devices) == 2
+  mesh = parallel.make_mesh(_config(data=2, fsdp=4).mesh, devices)
+  # Each fsdp group (a row) lies within one slice, and the rows cover both slices.
+  rows = [{d.slice_index for d in row} for row in mesh.devices]
+  assert all(len(r) == 1 for r in rows) and set.union(*rows) == {0, 1}
+  with pytest.raises(ValueError, match=r'config\.mesh\.data'):
+    parallel.make_mesh(_config(data=1, fsdp=8).mesh, devices)
+
+
+@needs_libtpu
+def test_cli_fails_with_the_field_and_exit_status():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, '-m', 'idm_jax.aot', '--config=configs/test.py',
+                      f'--topology={TOPOLOGY}', '--nosample', '--config.train.batch_size=6'],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert 'config.train.batch_size: 6 is not divisible' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+@needs_libtpu
+@pytest.mark.parametrize('name, count', [('v5e:1x1', 1), ('v6e:1x1', 1), ('v4-32', 16),
+                                         ('v5litepod-16', 16)])
+def test_topology_devices_one_device_per_chip(name, count):
+  """Colab's single-chip runtimes, and v4 as Cloud TPU VMs run it (megacore: one device a
+  chip, where libtpu's default is one a TensorCore)."""
+  devices = aot.topology_devices(name)
+  assert len(devices) == count and devices[0].device_kind in aot.CHIPS
