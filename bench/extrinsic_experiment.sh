@@ -9,7 +9,8 @@
 # Budgets (seconds of training per arm, compiles included): RESTORE_SECONDS (default 1800),
 # GEN_SECONDS (default 900); the defaults fit in about three hours on two CPU cores. A step
 # budget instead (RESTORE_STEPS, GEN_STEPS) keeps the arms equal when the cores are shared with
-# other work, which a wall-clock budget cannot. Every stage
+# other work, which a wall-clock budget cannot. CONTAMINATE passes flags to the contaminate CLI
+# (--kinds, --<kind>-range) for heavier or other defects. Every stage
 # resumes where it stopped when rerun (training from its checkpoints, cleaning from its journal,
 # finished stages are skipped). The small results go to WORKDIR/results/: copy them to
 # docs/results/ to keep them.
@@ -27,6 +28,7 @@ RESTORE_STEPS=${RESTORE_STEPS:-}
 GEN_STEPS=${GEN_STEPS:-}
 CONFIG=${CONFIG:-configs/celeba_64_cpu.py}
 GEN_CONFIG=${GEN_CONFIG:-configs/generation_32_cpu.py}
+read -r -a CONTAMINATE <<< "${CONTAMINATE:-}"  # e.g. "--blur-range 1.5 3 --kinds blur,jpeg"
 read -r -a EXTRA <<< "${EXTRA:-}"          # more --config.x=y for the restoration arms
 read -r -a GEN_EXTRA <<< "${GEN_EXTRA:-}"  # ... and for the generators
 export PYTHONUNBUFFERED=1
@@ -39,7 +41,8 @@ log "contaminate: fraction $FRACTION, seed $SEED, $RES px"
 python3 -m idm_jax.data.contaminate --src "$SRC" --dst "$WORK/pristine" --fraction 0 \
   --resolution "$RES" --skip-last "$VAL" 2>/dev/null
 python3 -m idm_jax.data.contaminate --src "$SRC" --dst "$WORK/contaminated" \
-  --fraction "$FRACTION" --seed "$SEED" --resolution "$RES" --skip-last "$VAL" 2>/dev/null
+  --fraction "$FRACTION" --seed "$SEED" --resolution "$RES" --skip-last "$VAL" \
+  "${CONTAMINATE[@]}" 2>/dev/null
 cp "$WORK/contaminated/manifest.json" "$OUT/contamination_manifest.json"
 
 # One budget per arm: N steps, or N seconds of training.
