@@ -312,12 +312,12 @@ def loss_spec(diffusion_cfg: ml_collections.ConfigDict) -> objectives.LossSpec:
 def sample_settings(sample_cfg: ml_collections.ConfigDict, **overrides) -> samplers.Settings:
   """config.sample (or config.clean) as sampler settings; overrides that are None keep the
   config's value."""
-  fields = dict(sampler=str(sample_cfg.sampler), steps=int(sample_cfg.steps),
-                eta=float(sample_cfg.get('eta', 0.0)), t_start=float(sample_cfg.t_start),
-                guidance_scale=float(sample_cfg.get('guidance_scale', 1.0)))
-  cast = dict(sampler=str, steps=int, eta=float, t_start=float, guidance_scale=float)
-  fields.update({k: cast[k](v) for k, v in overrides.items() if v is not None})
-  return samplers.Settings(**fields)
+  f = dict(sampler=sample_cfg.sampler, steps=sample_cfg.steps, eta=sample_cfg.get('eta', 0.0),
+           t_start=sample_cfg.t_start, guidance_scale=sample_cfg.get('guidance_scale', 1.0))
+  f.update({k: v for k, v in overrides.items() if v is not None})
+  return samplers.Settings(sampler=str(f['sampler']), steps=int(f['steps']), eta=float(f['eta']),
+                           t_start=float(f['t_start']),
+                           guidance_scale=float(f['guidance_scale']))
 
 
 def _tuples(x):

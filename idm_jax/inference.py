@@ -30,7 +30,6 @@ from idm_jax.diffusion import samplers
 from idm_jax.models import unet
 
 
-
 def check_params(model: unet.UNet, params) -> None:
   """Raises ValueError if `params` do not fit `model` (e.g. a config/params mismatch)."""
   from flax.linen import meta

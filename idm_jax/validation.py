@@ -18,6 +18,7 @@ from idm_jax import parallel
 from idm_jax import reporting
 from idm_jax.metrics import reports
 
+
 def niqe_params_path(config) -> str:
   """config.eval.niqe_params (an override, which must exist), else the shipped parameters."""
   from idm_jax.metrics import niqe
