@@ -1,10 +1,11 @@
 """CPU quick start: a small model on the faces that pip packages ship (no download).
 
 python -m idm_jax.main --config=configs/demo.py --workdir=workdirs/demo
-About 4-5 minutes on 2 CPU cores; point it at your own faces with
+Under five minutes on 2 CPU cores (docs/PERFORMANCE.md); point it at your own faces with
 --config.data.source=folder --config.data.dir=DIR (and a larger --config.data.resolution).
-32 px keeps the CPU step short enough for ~500 steps, which is what it takes for the model to
-learn the three built-in faces well enough that the sample grid shows restorations, not noise.
+The budget is about 5000 training images: fewer and the 20-step grid shows noise, not faces.
+32 px and a level without channel doubling at 16 px keep a step cheap enough to reach it;
+docs/PERFORMANCE.md has the variants that chose this recipe.
 """
 from idm_jax import configlib
 
@@ -13,13 +14,13 @@ def get_config():
   c = configlib.base_config()
   c.data.source = 'builtin'
   c.data.resolution = 32
-  c.model.update(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+  c.model.update(channels=32, channel_mult=(1, 1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), head_channels=32, num_groups=8,
                  lq_encoder_channels=16, dtype='float32')
   c.sample.update(steps=20, batch_size=8)
-  c.train.update(batch_size=16, num_steps=500, warmup_steps=50, learning_rate=1e-3,
-                 ema_decay=0.999, ema_warmup=True, log_every=25, sample_every=250,
-                 ckpt_every=250, num_vis=8, vis_steps=20)
+  c.train.update(batch_size=12, num_steps=400, warmup_steps=50, learning_rate=1e-3,
+                 ema_decay=0.999, ema_warmup=True, log_every=25, sample_every=200,
+                 ckpt_every=200, num_vis=8, vis_steps=20)
   c.eval.update(num_images=8, steps=(20,), batch_size=8)
   c.clean.update(steps=20, batch_size=8)
   c.generate.update(num_samples=16, batch_size=8)

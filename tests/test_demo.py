@@ -22,12 +22,12 @@ def test_readme_demo_command(tmp_path):
   elapsed = time.time() - start
   assert out.returncode == 0, out.stderr[-3000:]
   print(f'demo took {elapsed:.0f} s')
-  # The target is 5 minutes on an otherwise idle 2-core machine (a goal for issue 14, measured
-  # by this print, not asserted: on 2026-12-01 it took 487 s twice here). The bound only catches
-  # a run that has become several times slower.
+  # The target is 5 minutes on an otherwise idle 2-core machine, measured by this print
+  # (docs/PERFORMANCE.md), not asserted: machines differ. The bound only catches a run that has
+  # become several times slower.
   assert elapsed < 720
-  assert (workdir / 'checkpoints' / '500').is_dir()
-  assert len((workdir / 'metrics.jsonl').read_text().splitlines()) >= 20
+  assert (workdir / 'checkpoints' / '400').is_dir()
+  assert len((workdir / 'metrics.jsonl').read_text().splitlines()) >= 16
   assert sorted(p.name for p in pathlib.Path(workdir).glob('samples_*.png')) == [
-      'samples_0000250.png', 'samples_0000500.png']
+      'samples_0000200.png', 'samples_0000400.png']
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
