@@ -3,9 +3,9 @@
 python -m idm_jax.main --config=configs/demo.py --workdir=workdirs/demo
 Under five minutes on 2 CPU cores (docs/PERFORMANCE.md); point it at your own faces with
 --config.data.source=folder --config.data.dir=DIR (and a larger --config.data.resolution).
-The budget is about 5000 training images: fewer and the 20-step grid shows noise, not faces.
-32 px and a level without channel doubling at 16 px keep a step cheap enough to reach it;
-docs/PERFORMANCE.md has the variants that chose this recipe.
+The grid's quality follows the number of training images; 32 px and no channel doubling at
+16 px keep a step cheap, so that as many as fit five minutes train. docs/PERFORMANCE.md has the
+variants that chose this recipe.
 """
 from idm_jax import configlib
 
