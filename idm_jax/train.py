@@ -310,7 +310,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
       sampler = trainer.sampler(vis_settings, vis['size'])
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
       out = images.to_uint8(parallel.to_host(sampler(state.ema, lq,
-                                                      jax.random.PRNGKey(config.seed))))
+                                                     jax.random.PRNGKey(config.seed))))
       writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 
     progress = reporting.progress(start, end, enabled=pindex == 0)
