@@ -270,28 +270,60 @@ def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
 
-def max_batch_per_chip(config, mesh, chip: Chip, limit: int = 1024):
-  """(largest per-chip batch whose train step compiles and fits, the Programs tried): doubling,
-  then bisection. 0 if even one image per chip does not fit."""
-  tried = []
+def largest_fitting(total_bytes, capacity: int, limit: int = 1024):
+  """(largest n in [1, limit] with total_bytes(n) <= capacity, the ns tried in order); 0 if n = 1
+  does not fit. total_bytes(n) is one compile's memory, None if that compile ran out of memory.
 
-  def ok(per_chip):
-    program = compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
-    tried.append(program)
-    return fits(program, chip)
+  A compile costs minutes, so each probe aims where the line through two measurements crosses
+  the capacity (activations grow about linearly with the batch): four compiles when memory is
+  linear, where doubling then bisecting takes about twice log2 of the answer. Any memory that
+  grows with the batch still gets the exact answer: every probe narrows the bracket."""
+  tried, seen = [], {}
 
-  if not ok(1):
+  def fits_at(n):
+    tried.append(n)
+    seen[n] = total_bytes(n)
+    return seen[n] is not None and seen[n] <= capacity
+
+  if not fits_at(1):
     return 0, tried
-  lo, hi = 1, None
-  while hi is None and lo < limit:
-    if ok(min(2 * lo, limit)):
-      lo = min(2 * lo, limit)
-    else:
-      hi = 2 * lo
-  while hi is not None and hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  lo, hi = 1, None  # the largest n known to fit, the smallest known not to
+  while lo < limit and (hi is None or hi - lo > 1):
+    if hi is None:  # extrapolate from the two largest fits
+      fit = sorted(seen)
+      n = _crossing(seen, fit[-2], fit[-1], capacity) if len(fit) > 1 else 2 * lo
+      n = min(max(n, lo + 1), limit)
+    elif seen[hi] is None:  # no memory reported above: bisect
+      n = (lo + hi) // 2
+    else:  # interpolate inside the bracket
+      n = min(max(_crossing(seen, lo, hi, capacity), lo + 1), hi - 1)
+    lo, hi = (n, hi) if fits_at(n) else (lo, n)
   return lo, tried
+
+
+def _crossing(seen, a: int, b: int, capacity: int) -> int:
+  """The largest n at or under the capacity on the line through (a, seen[a]), (b, seen[b])."""
+  per_image = (seen[b] - seen[a]) / (b - a)
+  if per_image <= 0:
+    return 2 * max(a, b)
+  return a + int((capacity - seen[a]) // per_image)
+
+
+def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: int = 1024):
+  """(largest per-chip batch whose train step compiles and fits, the Programs compiled for it).
+  `known`, a train step already compiled on this mesh, is reused rather than compiled again."""
+  programs = []
+  cache = {known.batch // mesh.size: known} if known is not None else {}
+
+  def total_bytes(per_chip):
+    if per_chip not in cache:
+      cache[per_chip] = compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
+      programs.append(cache[per_chip])
+    program = cache[per_chip]
+    return None if program.error else program.memory['total']
+
+  best, _ = largest_fitting(total_bytes, chip.hbm_bytes, limit)
+  return best, programs
 
 
 def images_per_second(program: Program, chip: Chip, mfu: float) -> float:
@@ -342,8 +374,11 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                      for mfu in (0.4, 0.6)))
   if max_batch is not None:
     best, seconds, tried = max_batch
-    lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); '
-                 f'{len(tried)} compiles, {seconds:.0f} s')
+    probes = ', '.join(f'{p.batch // mesh.size}: ' + (
+        'out of memory' if p.error else _gib(p.memory['total'])) for p in tried)
+    lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); the '
+                 f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
+                 f'{probes or "none"})')
   return '\n'.join(lines)
 
 
@@ -375,7 +410,7 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
   best = None
   if max_batch:
     t0 = time.perf_counter()
-    found, tried = max_batch_per_chip(config, mesh, chip)
+    found, tried = max_batch_per_chip(config, mesh, chip, known=programs[0])
     best = (found, time.perf_counter() - t0, tried)
   ok = all(fits(p, chip) for p in programs)
   return report(topology, num_slices, mesh, chip, programs, best), ok

@@ -85,6 +85,63 @@ def test_projection_is_batch_times_achieved_flops_over_step_flops():
   assert aot.images_per_second(step, chip, 0.4) == pytest.approx(640.0)
 
 
+def _memory(base, per_image, oom_above=None):
+  """A compile's memory as a function of the batch; None (out of memory) above oom_above."""
+  def total_bytes(n):
+    if oom_above is not None and n > oom_above:
+      return None
+    return base + per_image(n)
+  return total_bytes
+
+
+@pytest.mark.parametrize('per_image, oom_above', [
+    (lambda n: 7 * n, None),                    # linear: the line lands on the edge
+    (lambda n: 3 * n + n * n // 4, None),       # convex: overshoots, then narrows the bracket
+    (lambda n: 7 * n, 20),                      # overshoots into compiles that report no memory
+    (lambda n: 40 * (n // 5 + 1), None),        # steps (layout padding): flat, then jumps
+])
+@pytest.mark.parametrize('capacity', [11, 100, 161, 1000])
+def test_largest_fitting_finds_the_exact_edge(per_image, oom_above, capacity):
+  total_bytes = _memory(4, per_image, oom_above=oom_above)
+  def fits(n):
+    m = total_bytes(n)
+    return m is not None and m <= capacity
+  expected = max([n for n in range(1, 65) if fits(n)], default=0)
+  best, tried = aot.largest_fitting(total_bytes, capacity, limit=64)
+  assert best == expected
+  assert len(tried) == len(set(tried))  # no compile twice
+  if best:
+    assert best in tried and (best == 64 or best + 1 in tried)  # the edge was compiled both sides
+
+
+def test_largest_fitting_takes_four_compiles_when_memory_is_linear():
+  best, tried = aot.largest_fitting(lambda n: 1000 + 700 * n, 16_000, limit=1024)
+  assert best == 21 and tried == [1, 2, 21, 22]
+
+
+def test_largest_fitting_is_zero_when_one_image_does_not_fit_and_stops_at_the_limit():
+  assert aot.largest_fitting(lambda n: 10 * n, 5) == (0, [1])
+  best, tried = aot.largest_fitting(lambda n: n, 10 ** 9, limit=8)
+  assert best == 8 and tried[-1] == 8
+
+
+def test_max_batch_search_reuses_the_step_already_compiled(monkeypatch):
+  class Mesh:
+    size = 4
+  chip = aot.Chip('x', 100, 1e12)
+  compiled = []
+
+  def compile_train_step(config, mesh):
+    compiled.append(config.train.batch_size)
+    per_chip = config.train.batch_size // mesh.size
+    return aot.Program('train step', config.train.batch_size, 1.0, {'total': 10 * per_chip}, 1.0, {})
+  monkeypatch.setattr(aot, 'compile_train_step', compile_train_step)
+  known = aot.Program('train step', 8, 1.0, {'total': 20}, 1.0, {})
+  best, programs = aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=known)
+  assert best == 10 and 8 not in compiled and compiled == [p.batch for p in programs]
+  assert all(b % Mesh.size == 0 for b in compiled)
+
+
 def _config(**mesh):
   config = load_config('test')
   # The test model's kernels are small; shard every one of more than 1024 elements.
