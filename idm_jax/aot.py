@@ -5,7 +5,9 @@
 
 libtpu (pip install -e ".[tpu]") describes a TPU slice as abstract devices; the mesh over them
 goes through the same `parallel.make_mesh` and logical-axis rules as training, and the programs
-are the Trainer's own jitted step and sampler, lowered with its abstract state and batch layout.
+are the Trainer's own jitted step and training-grid sampler, lowered with its abstract state and
+batch layout, and the program `inference.Restorer` runs on one host's chips (sample, clean,
+evaluate, generate).
 XLA's TPU compiler then gives the executable a real run would get: its per-chip HBM, FLOPs and
 collectives. A config that cannot run on the slice (a batch that does not divide the mesh, an
 op or attention kind TPUs lack, a program that does not fit in HBM) fails here as it would
@@ -266,6 +268,40 @@ def compile_sampler(config, mesh, settings, batch_size: int, name: str) -> Progr
   return _compile(name, batch_size, lower)
 
 
+def host_devices(mesh):
+  """The devices of the mesh's first host: what `parallel.sampling_mesh` gives a real process."""
+  first = mesh.devices.flat[0].process_index
+  return [d for d in mesh.devices.flat if d.process_index == first]
+
+
+def compile_restorer(config, devices, settings, batch_size: int, name: str) -> Program:
+  """The program `inference.Restorer` runs (sample, clean, evaluate, generate): `batch_size`
+  examples padded to the devices and split over them, params replicated. Each host of a pod
+  runs its own on its own chips, so `devices` is one host's."""
+  import jax
+  import jax.numpy as jnp
+  from flax.linen import meta
+  from idm_jax import configlib
+  from idm_jax import inference
+  from idm_jax import parallel
+  from idm_jax.models import unet
+  res = int(config.data.resolution)
+  model = unet.build_model(config.model, res)
+  mesh = parallel.sampling_mesh(devices)
+  batch = inference.padded_batch(batch_size, mesh.size)
+  jitted = inference.sampling_jit(model, config, configlib.logsnr_fn(config.diffusion, res), mesh,
+                                  batch, settings)
+  rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                        meta.unbox(unet.param_shapes(model)))
+  lq = (jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=split)
+        if config.model.conditional else None)
+  seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=rep)
+  indices = jax.ShapeDtypeStruct((batch,), jnp.uint32, sharding=split)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  return _compile(name, batch, lambda: jitted.lower(params, lq, seed, indices, scalar, scalar))
+
+
 def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
@@ -405,8 +441,10 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
     grid = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
     programs.append(compile_sampler(config, mesh, grid, config.train.num_vis,
                                     'sampler (training grid)'))
-    programs.append(compile_sampler(config, mesh, configlib.sample_settings(config.sample),
-                                    config.sample.batch_size, 'sampler (sample.batch_size)'))
+    host = host_devices(mesh)
+    programs.append(compile_restorer(config, host, configlib.sample_settings(config.sample),
+                                     config.sample.batch_size,
+                                     f'restorer (sample.batch_size, one host: {len(host)} chips)'))
   best = None
   if max_batch:
     t0 = time.perf_counter()
@@ -442,8 +480,8 @@ def _define_flags():
   flags.DEFINE_string('topology', None, 'libtpu topology (v5e:4x4, v4:2x2x4, v5p:4x4x4) or '
                       'accelerator type (v5litepod-16, v4-32, v5p-128).')
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network.')
-  flags.DEFINE_bool('sample', True, 'Also compile the sampler (training grid and '
-                    'sample.batch_size).')
+  flags.DEFINE_bool('sample', True, "Also compile the samplers: the training grid's and the "
+                    "Restorer's at sample.batch_size.")
   flags.DEFINE_bool('max_batch', False, 'Also search the largest per-chip batch that fits.')
   flags.mark_flags_as_required(['config', 'topology'])
 

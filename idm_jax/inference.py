@@ -105,6 +105,44 @@ def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, paramet
                          clip_x0=True)
 
 
+def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn, mesh: Mesh,
+                 batch: int, settings: samplers.Settings):
+  """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 that `Restorer` runs for
+  `batch` examples (a multiple of the mesh size) on `mesh`: params replicated, examples split on
+  the data axis. It specialises on the steps, sampler, t_start and whether guidance and eta are
+  on; the guidance scale and eta are traced, so changing them does not recompile."""
+  conditional = bool(config.model.conditional)
+  diffusion = config.diffusion
+  res = int(config.data.resolution)
+  s = settings
+  guided, eta_zero = s.guidance_scale != 1., s.eta == 0.
+
+  def one(params, lq, rng, scale, eta):
+    # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
+    # noise comes from its own key only.
+    return sample_batch(model, params, lq, rng, shape=(1, res, res, 3), logsnr_fn=logsnr_fn,
+                        parameterization=diffusion.parameterization, sampler=s.sampler,
+                        steps=s.steps, eta=0. if eta_zero else eta, t_start=s.t_start,
+                        guidance_scale=scale if guided else None,
+                        residual=bool(diffusion.get('residual', False)))[0]
+
+  def fn(params, lq, seed, indices, scale, eta):
+    base = jax.random.key(seed)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+    if conditional:
+      return jax.vmap(lambda l, r: one(params, l[None], r, scale, eta))(lq, rngs)
+    return jax.vmap(lambda r: one(params, None, r, scale, eta))(rngs)
+
+  bs, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
+                 out_shardings=bs)
+
+
+def padded_batch(batch: int, num_devices: int) -> int:
+  """The batch a Restorer compiles for `batch` examples: the next multiple of the devices."""
+  return -(-batch // num_devices) * num_devices
+
+
 class Restorer:
   """Samples from a trained model: `restore` for conditional models, `generate` otherwise."""
 
@@ -134,51 +172,26 @@ class Restorer:
       raise ValueError('t_start < 1 and guidance need a conditional model (an LQ input)')
     return settings
 
-  def _sample_fn(self, batch: int, steps: int, sampler: str, t_start: float, guided: bool,
-                 eta_zero: bool):
-    """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 for one setting; the
-    guidance scale and eta are traced, so changing them does not recompile."""
-    key = (batch, steps, sampler, t_start, guided, eta_zero)
-    if key in self._fns:
-      return self._fns[key]
-    model, res = self.model, self.resolution
-    conditional = self.conditional
-    diffusion = self.config.diffusion
-
-    def one(params, lq, rng, scale, eta):
-      # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
-      # noise comes from its own key only.
-      return sample_batch(model, params, lq, rng, shape=(1, res, res, 3),
-                          logsnr_fn=self.logsnr_fn, parameterization=diffusion.parameterization,
-                          sampler=sampler, steps=steps, eta=0. if eta_zero else eta,
-                          t_start=t_start, guidance_scale=scale if guided else None,
-                          residual=bool(diffusion.get('residual', False)))[0]
-
-    def fn(params, lq, seed, indices, scale, eta):
-      base = jax.random.key(seed)
-      rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-      if conditional:
-        return jax.vmap(lambda l, r: one(params, l[None], r, scale, eta))(lq, rngs)
-      return jax.vmap(lambda r: one(params, None, r, scale, eta))(rngs)
-
-    bs, rep = self._batch_sharding, self._replicated
-    jitted = jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
-                     out_shardings=bs)
-    self._fns[key] = jitted
-    return jitted
+  def _sample_fn(self, batch: int, settings: samplers.Settings):
+    """`sampling_jit` for this model and mesh, compiled once per what it specialises on."""
+    key = (batch, settings.steps, settings.sampler, settings.t_start,
+           settings.guidance_scale != 1., settings.eta == 0.)
+    if key not in self._fns:
+      self._fns[key] = sampling_jit(self.model, self.config, self.logsnr_fn, self.mesh, batch,
+                                    settings)
+    return self._fns[key]
 
   def _run(self, lq_f32: Optional[np.ndarray], indices: np.ndarray, seed: int,
            settings: samplers.Settings):
     """Pads to a multiple of the device count, samples, trims; returns uint8 (B, R, R, 3)."""
     s = settings
     b = len(indices)
-    padded = -(-b // self.num_devices) * self.num_devices
+    padded = padded_batch(b, self.num_devices)
     indices = pad_rows(indices, padded).astype(np.uint32)
     lq = None
     if lq_f32 is not None:
       lq = jax.device_put(pad_rows(lq_f32, padded), self._batch_sharding)
-    fn = self._sample_fn(padded, s.steps, s.sampler, s.t_start, s.guidance_scale != 1.,
-                         s.eta == 0.)
+    fn = self._sample_fn(padded, s)
     out = fn(self.params, lq, np.uint32(seed), jax.device_put(indices, self._batch_sharding),
              np.float32(s.guidance_scale), np.float32(s.eta))
     return images.to_uint8(jax.device_get(out))[:b]

@@ -186,7 +186,14 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
   assert not sampler.error and sampler.flops > 0
   # The sampler has no optimiser state: far fewer argument bytes than the step.
   assert sampler.memory['arguments'] < step.memory['arguments'] / 3
-  text = aot.report(TOPOLOGY, 1, mesh, chip, [step, sampler])
+  # The Restorer's program (sample, clean, evaluate): 3 examples padded to the host's 4 chips.
+  host = aot.host_devices(mesh)
+  assert len(host) == 4
+  restorer = aot.compile_restorer(config, host, configlib.sample_settings(config.sample), 3,
+                                  'restorer')
+  assert not restorer.error and restorer.batch == 4 and restorer.flops > 0
+  assert restorer.memory['arguments'] < step.memory['arguments'] / 3
+  text = aot.report(TOPOLOGY, 1, mesh, chip, [step, sampler, restorer])
   assert '| train step | 4 |' in text and 'projection' in text
   assert parallel.num_slices(mesh_devices) == 1
 
@@ -274,3 +281,15 @@ def test_topology_devices_one_device_per_chip(name, count):
   chip, where libtpu's default is one a TensorCore)."""
   devices = aot.topology_devices(name)
   assert len(devices) == count and devices[0].device_kind in aot.CHIPS
+
+
+@needs_libtpu
+def test_restorer_compiles_for_one_host_of_a_pod():
+  """v5e-16 is 4 hosts of 4 chips: a real sample or clean run has each host sample on its own
+  4 chips, so that is the mesh the Restorer's program is compiled for."""
+  from idm_jax import parallel
+  config = _config(data=-1, fsdp=1)
+  mesh = parallel.make_mesh(config.mesh, aot.topology_devices('v5e:4x4'))
+  host = aot.host_devices(mesh)
+  assert len(host) == 4 and len({d.process_index for d in mesh.devices.flat}) == 4
+  assert len({d.process_index for d in host}) == 1
