@@ -200,12 +200,26 @@ class Program:
   flops: float               # XLA's estimate for one device's program
   collectives: dict
   error: str = ''            # why it failed to compile (then the numbers are empty)
+  cannot_run: bool = False   # the error is not memory: no batch or fsdp setting makes it fit
   state_bytes: int = 0       # the train state's shards (params, EMA, Adam), from the shardings
 
 
 def _out_of_memory(e: Exception) -> bool:
   text = str(e)
   return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
+
+
+# XLA's TPU compiler on slices whose chips route over "limited ICI" (v5e beyond 16 chips, as of
+# libtpu 0.0.42) takes a program over one chip or over the whole slice, not over a subset such as
+# one host's chips.
+_SUBSET_OF_SLICE = 'limited ICI routing'
+
+
+def _cannot_run(e: Exception) -> str:
+  if _SUBSET_OF_SLICE in str(e):
+    return ('a program on a subset of this slice (here one host\'s chips) does not compile: on '
+            'this slice a program spans one chip or every chip')
+  return ''
 
 
 def _compile(name, batch, lower_fn) -> Program:
@@ -216,6 +230,9 @@ def _compile(name, batch, lower_fn) -> Program:
   try:
     compiled = lower_fn().compile()
   except Exception as e:  # pylint: disable=broad-except
+    if _cannot_run(e):
+      return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=_cannot_run(e),
+                     cannot_run=True)
     if not _out_of_memory(e):
       raise
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -390,7 +407,8 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for p in programs:
     if p.error:
-      lines.append(f'| {p.name} | {p.batch} | | | | | **no**: {p.error} | | | '
+      verdict = '**cannot run**' if p.cannot_run else '**no**'
+      lines.append(f'| {p.name} | {p.batch} | | | | | {verdict}: {p.error} | | | '
                    f'{p.compile_s:.0f} s |')
       continue
     m = p.memory
@@ -427,7 +445,7 @@ def chip_of(devices) -> Chip:
 
 def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
         max_batch: bool = False):
-  """Compiles for the topology; returns (report, whether every program fits). Raises naming
+  """Compiles for the topology; returns (report, `verdict`'s line and exit status). Raises naming
   the field that cannot work there (the Trainer's or the mesh's ValueError, as a real run
   would raise it)."""
   from idm_jax import configlib
@@ -450,8 +468,18 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
     t0 = time.perf_counter()
     found, tried = max_batch_per_chip(config, mesh, chip, known=programs[0])
     best = (found, time.perf_counter() - t0, tried)
-  ok = all(fits(p, chip) for p in programs)
-  return report(topology, num_slices, mesh, chip, programs, best), ok
+  return report(topology, num_slices, mesh, chip, programs, best), verdict(programs, chip)
+
+
+def verdict(programs, chip: Chip) -> tuple[str, int]:
+  """(the verdict line, the exit status): 0 fits, 1 does not fit in HBM, 2 cannot run."""
+  blocked = [p for p in programs if p.cannot_run]
+  if blocked:
+    return 'does not run: ' + '; '.join(f'{p.name}: {p.error}' for p in blocked), 2
+  if all(fits(p, chip) for p in programs):
+    return 'fits', 0
+  return ('does not fit (lower train.batch_size or sample sizes, raise mesh.fsdp, or set '
+          'model.remat=True)'), 1
 
 
 def main(argv):
@@ -461,16 +489,16 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    text, ok = run(f.config, f.topology, f.num_slices, sample=f.sample, max_batch=f.max_batch)
+    text, (line, status) = run(f.config, f.topology, f.num_slices, sample=f.sample,
+                               max_batch=f.max_batch)
   except ValueError as e:  # a field the slice cannot take (ConfigError is one): no traceback
     print(f'aot: cannot run on {f.topology}: {e}', file=sys.stderr)
     print('verdict: does not run', file=sys.stderr)
     raise SystemExit(2) from None
   print(text)
-  print('verdict:', 'fits' if ok else 'does not fit (lower train.batch_size or sample sizes, '
-        'raise mesh.fsdp, or set model.remat=True)')
-  if not ok:
-    raise SystemExit(1)
+  print('verdict:', line)
+  if status:
+    raise SystemExit(status)
 
 
 def _define_flags():

@@ -142,6 +142,17 @@ def test_max_batch_search_reuses_the_step_already_compiled(monkeypatch):
   assert all(b % Mesh.size == 0 for b in compiled)
 
 
+def test_verdict_tells_memory_from_cannot_run():
+  chip = aot.Chip('x', 100, 1e12)
+  fits = aot.Program('train step', 8, 1.0, {'total': 90}, 1.0, {})
+  over = aot.Program('train step', 8, 1.0, {'total': 110}, 1.0, {})
+  oom = aot.Program('sampler', 8, 1.0, {}, 0.0, {}, error='RESOURCE_EXHAUSTED: ...')
+  blocked = aot.Program('restorer', 8, 1.0, {}, 0.0, {}, error='spans', cannot_run=True)
+  assert aot.verdict([fits], chip) == ('fits', 0)
+  assert aot.verdict([fits, over], chip)[1] == 1 and aot.verdict([oom], chip)[1] == 1
+  assert aot.verdict([fits, oom, blocked], chip) == ('does not run: restorer: spans', 2)
+
+
 def _config(**mesh):
   config = load_config('test')
   # The test model's kernels are small; shard every one of more than 1024 elements.
@@ -293,3 +304,17 @@ def test_restorer_compiles_for_one_host_of_a_pod():
   host = aot.host_devices(mesh)
   assert len(host) == 4 and len({d.process_index for d in mesh.devices.flat}) == 4
   assert len({d.process_index for d in host}) == 1
+
+
+@needs_libtpu
+def test_restorer_on_one_host_of_a_large_v5e_slice_cannot_run():
+  """v5e beyond 16 chips routes over limited ICI: XLA compiles a program over one chip or the
+  whole slice, not one host's 4 chips, so per-host sampling is reported as unable to run."""
+  from idm_jax import parallel
+  config = _config(data=-1, fsdp=1)
+  mesh = parallel.make_mesh(config.mesh, aot.topology_devices('v5e:8x8'))
+  restorer = aot.compile_restorer(config, aot.host_devices(mesh),
+                                  configlib.sample_settings(config.sample), 4, 'restorer')
+  assert restorer.cannot_run and 'one host' in restorer.error
+  line, status = aot.verdict([restorer], aot.chip_of(mesh.devices.flat))
+  assert status == 2 and line.startswith('does not run: restorer')
