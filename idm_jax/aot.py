@@ -5,9 +5,9 @@
 
 libtpu (pip install -e ".[tpu]") describes a TPU slice as abstract devices; the mesh over them
 goes through the same `parallel.make_mesh` and logical-axis rules as training, and the programs
-are the Trainer's own jitted step and training-grid sampler, lowered with its abstract state and
-batch layout, and the program `inference.Restorer` runs on one host's chips (sample, clean,
-evaluate, generate).
+are the ones config.mode runs: the Trainer's own jitted step and training-grid sampler, lowered
+with its abstract state and batch layout (train, extrinsic), and the program `inference.Restorer`
+runs on one host's chips (sample, evaluate, clean, extrinsic, generate).
 XLA's TPU compiler then gives the executable a real run would get: its per-chip HBM, FLOPs and
 collectives. A config that cannot run on the slice (a batch that does not divide the mesh, an
 op or attention kind TPUs lack, a program that does not fit in HBM) fails here as it would
@@ -319,6 +319,28 @@ def compile_restorer(config, devices, settings, batch_size: int, name: str) -> P
   return _compile(name, batch, lambda: jitted.lower(params, lq, seed, indices, scalar, scalar))
 
 
+# The programs each config.mode runs: the Trainer's step and grid sampler, the Restorer's.
+TRAINS = ('train', 'extrinsic')
+RESTORES = ('sample', 'evaluate', 'clean', 'extrinsic', 'generate')
+
+
+def restorer_job(config):
+  """(the config section whose batch_size the mode samples at, the sampler settings) for the
+  Restorer program of config.mode. The sampler is one loop, so its memory does not depend on
+  the number of steps: evaluate's first steps value stands for all of them."""
+  from idm_jax import configlib
+  mode = config.get('mode', 'train')
+  if mode in ('clean', 'extrinsic'):
+    c = config.clean
+    return 'clean', configlib.sample_settings(config.sample, steps=int(c.steps),
+                                              sampler=c.sampler, t_start=float(c.t_start))
+  if mode == 'evaluate':
+    steps = config.eval.steps
+    first = steps[0] if isinstance(steps, (tuple, list)) else steps
+    return 'eval', configlib.sample_settings(config.sample, steps=int(first))
+  return ('generate' if mode == 'generate' else 'sample'), configlib.sample_settings(config.sample)
+
+
 def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
@@ -407,8 +429,8 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for p in programs:
     if p.error:
-      verdict = '**cannot run**' if p.cannot_run else '**no**'
-      lines.append(f'| {p.name} | {p.batch} | | | | | {verdict}: {p.error} | | | '
+      mark = '**cannot run**' if p.cannot_run else '**no**'
+      lines.append(f'| {p.name} | {p.batch} | | | | | {mark}: {p.error} | | | '
                    f'{p.compile_s:.0f} s |')
       continue
     m = p.memory
@@ -454,17 +476,22 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
   devices = topology_devices(topology, num_slices)
   chip = chip_of(devices)
   mesh = parallel.make_mesh(config.mesh, devices)
-  programs = [compile_train_step(config, mesh)]
-  if sample:
-    grid = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
-    programs.append(compile_sampler(config, mesh, grid, config.train.num_vis,
-                                    'sampler (training grid)'))
+  mode = config.get('mode', 'train')
+  programs = []
+  if mode in TRAINS:
+    programs.append(compile_train_step(config, mesh))
+    if sample:
+      grid = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
+      programs.append(compile_sampler(config, mesh, grid, config.train.num_vis,
+                                      'sampler (training grid)'))
+  if mode in RESTORES and (sample or mode not in TRAINS):
     host = host_devices(mesh)
-    programs.append(compile_restorer(config, host, configlib.sample_settings(config.sample),
-                                     config.sample.batch_size,
-                                     f'restorer (sample.batch_size, one host: {len(host)} chips)'))
+    batch_field, settings = restorer_job(config)
+    programs.append(compile_restorer(config, host, settings, config[batch_field].batch_size,
+                                     f'restorer ({batch_field}.batch_size, one host: '
+                                     f'{len(host)} chips)'))
   best = None
-  if max_batch:
+  if max_batch and mode in TRAINS:
     t0 = time.perf_counter()
     found, tried = max_batch_per_chip(config, mesh, chip, known=programs[0])
     best = (found, time.perf_counter() - t0, tried)
@@ -508,8 +535,8 @@ def _define_flags():
   flags.DEFINE_string('topology', None, 'libtpu topology (v5e:4x4, v4:2x2x4, v5p:4x4x4) or '
                       'accelerator type (v5litepod-16, v4-32, v5p-128).')
   flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-centre network.')
-  flags.DEFINE_bool('sample', True, "Also compile the samplers: the training grid's and the "
-                    "Restorer's at sample.batch_size.")
+  flags.DEFINE_bool('sample', True, "With a training config.mode, also compile its samplers "
+                    "(the training grid's; extrinsic's cleaning Restorer).")
   flags.DEFINE_bool('max_batch', False, 'Also search the largest per-chip batch that fits.')
   flags.mark_flags_as_required(['config', 'topology'])
 

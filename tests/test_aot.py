@@ -153,6 +153,45 @@ def test_verdict_tells_memory_from_cannot_run():
   assert aot.verdict([fits, oom, blocked], chip) == ('does not run: restorer: spans', 2)
 
 
+@pytest.mark.parametrize('mode, expected', [
+    ('train', ['train step', 'sampler (training grid)']),
+    ('extrinsic', ['train step', 'sampler (training grid)', 'restorer (clean.batch_size']),
+    ('clean', ['restorer (clean.batch_size']),
+    ('evaluate', ['restorer (eval.batch_size']),
+    ('generate', ['restorer (generate.batch_size']),
+    ('sample', ['restorer (sample.batch_size']),
+])
+def test_run_compiles_the_programs_of_the_configs_mode(monkeypatch, mode, expected):
+  import jax
+  compiled = []
+
+  def fake(name_of):
+    def compile_fn(config, where, *args):
+      name = name_of(args)
+      compiled.append((name, args))
+      memory = dict(arguments=1, temporaries=1, outputs=0, code=0, total=2)
+      return aot.Program(name, 4, 1.0, memory, 1.0, {})
+    return compile_fn
+  monkeypatch.setattr(aot, 'topology_devices', lambda topology, num_slices=1: jax.devices()[:1])
+  monkeypatch.setattr(aot, 'chip_of', lambda devices: aot.Chip('x', 100, 1e12))
+  monkeypatch.setattr(aot, 'compile_train_step', fake(lambda args: 'train step'))
+  monkeypatch.setattr(aot, 'compile_sampler', fake(lambda args: args[-1]))
+  monkeypatch.setattr(aot, 'compile_restorer', fake(lambda args: args[-1]))
+  config = load_config('test')
+  config.mode = mode
+  _, (line, status) = aot.run(config, 'v5e:1x1')
+  assert [n for n, _ in compiled if not n.startswith(tuple(expected))] == []
+  assert len(compiled) == len(expected) and (line, status) == ('fits', 0)
+  if mode in ('clean', 'extrinsic'):  # the cleaning sampler: clean.steps from clean.t_start
+    settings, batch = compiled[-1][1][0], compiled[-1][1][1]
+    assert settings.t_start == config.clean.t_start and settings.steps == config.clean.steps
+    assert batch == config.clean.batch_size
+  # --nosample drops a training mode's samplers, never the only program of a sampling mode.
+  compiled.clear()
+  aot.run(config, 'v5e:1x1', sample=False)
+  assert len(compiled) == (1 if mode in aot.TRAINS else len(expected))
+
+
 def _config(**mesh):
   config = load_config('test')
   # The test model's kernels are small; shard every one of more than 1024 elements.
