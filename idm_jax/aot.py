@@ -218,7 +218,8 @@ _SUBSET_OF_SLICE = 'limited ICI routing'
 def _cannot_run(e: Exception) -> str:
   if _SUBSET_OF_SLICE in str(e):
     return ('a program on a subset of this slice (here one host\'s chips) does not compile: on '
-            'this slice a program spans one chip or every chip')
+            'this slice a program spans one chip or every chip. Sampling modes run per host, so '
+            'run them on v5e-16 or smaller, or on v4 or v5p (docs/TPU.md, "Sampling on a pod")')
   return ''
 
 
