@@ -239,8 +239,10 @@ def _compile(name, batch, lower_fn) -> Program:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=first[:400])
   seconds = time.perf_counter() - t0
-  logging.info('compiled %s in %.0f s', name, seconds)
-  return Program(name, batch, seconds, memory(compiled), train.xla_flops(compiled),
+  used = memory(compiled)
+  # Logged as each compile ends, so an interrupted --max_batch search still leaves its numbers.
+  logging.info('compiled %s in %.0f s: %s per device', name, seconds, _gib(used['total']))
+  return Program(name, batch, seconds, used, train.xla_flops(compiled),
                  collectives(compiled.as_text()))
 
 
