@@ -231,8 +231,9 @@ def _compile(name, batch, lower_fn) -> Program:
   try:
     compiled = lower_fn().compile()
   except Exception as e:  # pylint: disable=broad-except
-    if _cannot_run(e):
-      return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=_cannot_run(e),
+    why = _cannot_run(e)
+    if why:
+      return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=why,
                      cannot_run=True)
     if not _out_of_memory(e):
       raise
@@ -338,9 +339,7 @@ def restorer_job(config):
     return 'clean', configlib.sample_settings(config.sample, steps=int(c.steps),
                                               sampler=c.sampler, t_start=float(c.t_start))
   if mode == 'evaluate':
-    steps = config.eval.steps
-    first = steps[0] if isinstance(steps, (tuple, list)) else steps
-    return 'eval', configlib.sample_settings(config.sample, steps=int(first))
+    return 'eval', configlib.sample_settings(config.sample, steps=int(config.eval.steps[0]))
   return ('generate' if mode == 'generate' else 'sample'), configlib.sample_settings(config.sample)
 
 
@@ -390,18 +389,16 @@ def _crossing(seen, a: int, b: int, capacity: int) -> int:
 def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: int = 1024):
   """(largest per-chip batch whose train step compiles and fits, the Programs compiled for it).
   `known`, a train step already compiled on this mesh, is reused rather than compiled again."""
-  programs = []
   cache = {known.batch // mesh.size: known} if known is not None else {}
 
   def total_bytes(per_chip):
     if per_chip not in cache:
       cache[per_chip] = compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
-      programs.append(cache[per_chip])
     program = cache[per_chip]
     return None if program.error else program.memory['total']
 
   best, _ = largest_fitting(total_bytes, chip.hbm_bytes, limit)
-  return best, programs
+  return best, [p for p in cache.values() if p is not known]
 
 
 def images_per_second(program: Program, chip: Chip, mfu: float) -> float:

@@ -115,7 +115,7 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
   diffusion = config.diffusion
   res = int(config.data.resolution)
   s = settings
-  guided, eta_zero = s.guidance_scale != 1., s.eta == 0.
+  *_, guided, eta_zero = program_key(s)
 
   def one(params, lq, rng, scale, eta):
     # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
@@ -136,6 +136,12 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
   bs, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
                  out_shardings=bs)
+
+
+def program_key(settings: samplers.Settings) -> tuple:
+  """What `sampling_jit` specialises on: settings with the same key share one compiled program."""
+  s = settings
+  return (s.steps, s.sampler, s.t_start, s.guidance_scale != 1., s.eta == 0.)
 
 
 def padded_batch(batch: int, num_devices: int) -> int:
@@ -174,8 +180,7 @@ class Restorer:
 
   def _sample_fn(self, batch: int, settings: samplers.Settings):
     """`sampling_jit` for this model and mesh, compiled once per what it specialises on."""
-    key = (batch, settings.steps, settings.sampler, settings.t_start,
-           settings.guidance_scale != 1., settings.eta == 0.)
+    key = (batch,) + program_key(settings)
     if key not in self._fns:
       self._fns[key] = sampling_jit(self.model, self.config, self.logsnr_fn, self.mesh, batch,
                                     settings)
