@@ -7,7 +7,8 @@ libtpu (pip install -e ".[tpu]") describes a TPU slice as abstract devices; the 
 goes through the same `parallel.make_mesh` and logical-axis rules as training, and the programs
 are the ones config.mode runs: the Trainer's own jitted step and training-grid sampler, lowered
 with its abstract state and batch layout (train, extrinsic), and the program `inference.Restorer`
-runs on one host's chips (sample, evaluate, clean, extrinsic, generate).
+runs over every host's chips, the hosts in lockstep (sample, evaluate, clean, extrinsic,
+generate).
 XLA's TPU compiler then gives the executable a real run would get: its per-chip HBM, FLOPs and
 collectives. A config that cannot run on the slice (a batch that does not divide the mesh, an
 op or attention kind TPUs lack, a program that does not fit in HBM) fails here as it would
@@ -211,15 +212,14 @@ def _out_of_memory(e: Exception) -> bool:
 
 # XLA's TPU compiler on slices whose chips route over "limited ICI" (v5e beyond 16 chips, as of
 # libtpu 0.0.42) takes a program over one chip or over the whole slice, not over a subset such as
-# one host's chips.
+# one host's chips: why the Restorer's program spans the slice (parallel.sampling_mesh).
 _SUBSET_OF_SLICE = 'limited ICI routing'
 
 
 def _cannot_run(e: Exception) -> str:
   if _SUBSET_OF_SLICE in str(e):
-    return ('a program on a subset of this slice (here one host\'s chips) does not compile: on '
-            'this slice a program spans one chip or every chip. Sampling modes run per host, so '
-            'run them on v5e-16 or smaller, or on v4 or v5p (docs/TPU.md, "Sampling on a pod")')
+    return ('a program over a subset of this slice\'s chips does not compile: on this slice a '
+            'program spans one chip or every chip (docs/TPU.md, "Sampling on a pod")')
   return ''
 
 
@@ -289,16 +289,10 @@ def compile_sampler(config, mesh, settings, batch_size: int, name: str) -> Progr
   return _compile(name, batch_size, lower)
 
 
-def host_devices(mesh):
-  """The devices of the mesh's first host: what `parallel.sampling_mesh` gives a real process."""
-  first = mesh.devices.flat[0].process_index
-  return [d for d in mesh.devices.flat if d.process_index == first]
-
-
 def compile_restorer(config, devices, settings, batch_size: int, name: str) -> Program:
-  """The program `inference.Restorer` runs (sample, clean, evaluate, generate): `batch_size`
-  examples padded to the devices and split over them, params replicated. Each host of a pod
-  runs its own on its own chips, so `devices` is one host's."""
+  """The program `inference.Restorer` runs (sample, clean, evaluate, generate) over `devices`
+  (a pod's: every host's chips): each host's `batch_size` examples padded to its chips, the
+  hosts' blocks making one global batch split over all devices, params replicated."""
   import jax
   import jax.numpy as jnp
   from flax.linen import meta
@@ -309,7 +303,8 @@ def compile_restorer(config, devices, settings, batch_size: int, name: str) -> P
   res = int(config.data.resolution)
   model = unet.build_model(config.model, res)
   mesh = parallel.sampling_mesh(devices)
-  batch = inference.padded_batch(batch_size, mesh.size)
+  hosts = parallel.process_count_of(mesh)
+  batch = inference.padded_batch(batch_size, mesh.size // hosts) * hosts
   jitted = inference.sampling_jit(model, config, configlib.logsnr_fn(config.diffusion, res), mesh,
                                   batch, settings)
   rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -485,11 +480,12 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
       programs.append(compile_sampler(config, mesh, grid, config.train.num_vis,
                                       'sampler (training grid)'))
   if mode in RESTORES and (sample or mode not in TRAINS):
-    host = host_devices(mesh)
     batch_field, settings = restorer_job(config)
-    programs.append(compile_restorer(config, host, settings, config[batch_field].batch_size,
-                                     f'restorer ({batch_field}.batch_size, one host: '
-                                     f'{len(host)} chips)'))
+    hosts = parallel.process_count_of(mesh)
+    programs.append(compile_restorer(config, list(mesh.devices.flat), settings,
+                                     config[batch_field].batch_size,
+                                     f'restorer ({batch_field}.batch_size per host, '
+                                     f'{hosts} hosts)'))
   best = None
   if max_batch and mode in TRAINS:
     t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def _append(journal, entry: dict) -> None:
   os.fsync(journal.fileno())
 
 
-def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, clean_cfg,
+def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
                   seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
   """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
 
@@ -170,26 +170,31 @@ def clean_dataset(source, restorer: inference.Restorer | None, out_dir: str, *, 
     for i in to_copy:
       _append(journal, _copy_record(source, i, names[i], out_dir))
       bar.update(1)
-    for start in range(0, len(to_clean), bs):
+    rounds = -(-len(to_clean) // bs)
+    if restorer.lockstep:   # every host runs as many batches as the busiest one
+      rounds = parallel.max_over_processes(rounds)
+    for start in range(0, rounds * bs, bs):
       idx = to_clean[start:start + bs]
       records = [source[i] for i in idx]
       good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
       for i, r in zip(idx, records):
         if r.get('image') is None:
           _append(journal, dict(name=names[i], action='failed', reason=r.get('error', '')))
-      if good:
-        lq = np.stack([r['image'] for _, r in good])
-        restored = restorer.restore(lq, seed=seed, steps=int(clean_cfg.steps),
-                                    sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start),
-                                    indices=[i for i, _ in good])
-        for (i, _), img in zip(good, restored):
-          rel = _out_name(names[i], cleaned=True)
-          path = os.path.join(out_dir, IMAGES, rel)
-          files.save_image(path, img)
-          entry = dict(name=names[i], file=rel, action='cleaned', sha256=sha256_file(path))
-          if kind == 'niqe' and params is not None:   # did cleaning lower the score that chose it?
-            entry['score_after'] = niqe_of(img, params, resolution)
-          _append(journal, entry)
+      # Even with no good image (all failed, or this host is done) a lockstep Restorer runs a
+      # batch, because the other hosts' images are in it.
+      lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
+          (0, resolution, resolution, 3), np.uint8)
+      restored = inference.restore_in_batches(
+          restorer, lq, [i for i, _ in good], bs, seed=seed, steps=int(clean_cfg.steps),
+          sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start))
+      for (i, _), img in zip(good, restored):
+        rel = _out_name(names[i], cleaned=True)
+        path = os.path.join(out_dir, IMAGES, rel)
+        files.save_image(path, img)
+        entry = dict(name=names[i], file=rel, action='cleaned', sha256=sha256_file(path))
+        if kind == 'niqe' and params is not None:   # did cleaning lower the score that chose it?
+          entry['score_after'] = niqe_of(img, params, resolution)
+        _append(journal, entry)
       bar.update(len(idx))
 
   parallel.barrier('clean: all records written')

@@ -1,7 +1,8 @@
 """`--config.mode=generate`: N samples of an unconditional model as PNGs (the "beyond" experiment).
 
 Sample i always comes from key fold_in(seed, i), so the set does not depend on the batch size or
-the number of hosts; each host writes the indices i with i % process_count == process_index.
+the number of hosts; each host writes the indices i with i % process_count == process_index,
+all of them sampling in lockstep on one program over every chip (inference.map_in_batches).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from idm_jax import files
 from idm_jax import images
 from idm_jax import inference
+from idm_jax import parallel
 from idm_jax import reporting
 
 
@@ -30,8 +32,11 @@ def run(config, workdir: str) -> str:
   mine = np.arange(pi, g.num_samples, pc)
   todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f'{i:06d}.png'))]
   bs = g.batch_size
-  for start in tqdm(range(0, len(todo), bs), desc='generate', disable=pi != 0):
-    idx = todo[start:start + bs]
+  rounds = -(-len(todo) // bs)
+  if restorer.lockstep:   # every host runs as many batches as the busiest one
+    rounds = parallel.max_over_processes(rounds)
+  for start in tqdm(range(0, rounds * bs, bs), desc='generate', disable=pi != 0):
+    idx = todo[start:start + bs]   # empty once this host is done: it fills the others' batches
     samples = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
     for i, img in zip(idx, samples):
       files.save_image(os.path.join(out_dir, f'{i:06d}.png'), img)

@@ -3,9 +3,14 @@
 `load` is the one way in: a training workdir or an exported file -> (Restorer, step).
 `Restorer` wraps a config and its (EMA) params into one jitted sampling function per
 (batch shape, sampler, steps, ...): the whole sampler loop runs inside that jit, and the batch is
-split over the devices of the mesh it is given (`parallel.sampling_mesh`: this process's
+split over the devices of the mesh it is given (`parallel.sampling_mesh`: every process's
 devices on the data axis, params replicated). `restore_in_batches` and `Restorer.generate` run
 any number of images through one compiled batch shape.
+
+Several processes (a pod's hosts) share one program over all their chips: each passes its own
+images and gets its own results back, and every call is collective. `map_in_batches` keeps them
+in lockstep: the processes agree on how many batches to run, and one that has run out of work
+runs filler batches until the others finish.
 
 Reproducibility: example i of a call gets the key fold_in(key(seed), index_offset + i) and the
 sampler is vmapped over examples, so an image's result does not depend on the batch size, the
@@ -160,14 +165,19 @@ class Restorer:
     check_params(self.model, params)
     self.logsnr_fn = configlib.logsnr_fn(config.diffusion, self.resolution)
     self.mesh = parallel.sampling_mesh() if mesh is None else mesh
+    self.num_processes = parallel.process_count_of(self.mesh)
+    # Over several processes every call is collective: callers go through map_in_batches.
+    self.lockstep = self.num_processes > 1
+    self.num_local_devices = sum(d.process_index == jax.process_index()
+                                 for d in self.mesh.devices.flat)
     self._batch_sharding = parallel.batch_sharding(self.mesh)
     self._replicated = parallel.replicated(self.mesh)
-    self.params = jax.device_put(params, self._replicated)
+    # From host values, so that every process places its own copy (device_put cannot reach
+    # another process's chips).
+    self.params = jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), self._replicated,
+                                               lambda index, x=np.asarray(x): x[index]), params)
     self._fns = {}
-
-  @property
-  def num_devices(self) -> int:
-    return self.mesh.size
 
   def resolve_settings(self, steps=None, sampler=None, t_start=None, guidance_scale=None,
                        eta=None) -> samplers.Settings:
@@ -188,18 +198,21 @@ class Restorer:
 
   def _run(self, lq_f32: Optional[np.ndarray], indices: np.ndarray, seed: int,
            settings: samplers.Settings):
-    """Pads to a multiple of the device count, samples, trims; returns uint8 (B, R, R, 3)."""
+    """Pads this process's examples to a multiple of its devices, samples them within the
+    global batch, trims; returns uint8 (B, R, R, 3)."""
     s = settings
     b = len(indices)
-    padded = padded_batch(b, self.num_devices)
+    padded = padded_batch(b, self.num_local_devices)
     indices = pad_rows(indices, padded).astype(np.uint32)
-    lq = None
-    if lq_f32 is not None:
-      lq = jax.device_put(pad_rows(lq_f32, padded), self._batch_sharding)
-    fn = self._sample_fn(padded, s)
-    out = fn(self.params, lq, np.uint32(seed), jax.device_put(indices, self._batch_sharding),
+    lq = None if lq_f32 is None else self._split(pad_rows(lq_f32, padded))
+    fn = self._sample_fn(padded * self.num_processes, s)
+    out = fn(self.params, lq, np.uint32(seed), self._split(indices),
              np.float32(s.guidance_scale), np.float32(s.eta))
-    return images.to_uint8(jax.device_get(out))[:b]
+    return images.to_uint8(local_rows(out))[:b]
+
+  def _split(self, local: np.ndarray) -> jax.Array:
+    """This process's rows -> the global batch (each process's rows are one block of it)."""
+    return jax.make_array_from_process_local_data(self._batch_sharding, local)
 
   def restore(self, lq: np.ndarray, *, seed: int = 0, steps: Optional[int] = None,
               sampler: Optional[str] = None, t_start: Optional[float] = None,
@@ -210,6 +223,8 @@ class Restorer:
     Unset sampling arguments default to config.sample. Example i is sampled with the key
     fold_in(key(seed), index_offset + i), or fold_in(key(seed), indices[i]) if `indices` is
     given (e.g. a per-file number, so a file restores the same alone or within a folder).
+    Over several processes (`lockstep`) this is collective: every process calls it with as
+    many images; `restore_in_batches` arranges that.
     """
     if not self.conditional:
       raise ValueError('restore: this model is unconditional (config.model.conditional=False); '
@@ -240,9 +255,8 @@ class Restorer:
     batch_size = int(batch_size or self.config.sample.batch_size)
     all_idx = _indices(int(num), index_offset, indices)
     r = self.resolution
-    if not len(all_idx):
-      return np.zeros((0, r, r, 3), np.uint8)
-    return map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx)
+    return map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx,
+                          lockstep=self.lockstep, empty=np.zeros((0, r, r, 3), np.uint8))
 
 
 def check_seed(seed: int) -> None:
@@ -257,7 +271,7 @@ def _indices(b: int, index_offset: int, indices: Optional[Sequence[int]]) -> np.
       raise ValueError(f'indices has shape {idx.shape}, expected ({b},)')
   else:
     idx = int(index_offset) + np.arange(b, dtype=np.int64)
-  if idx.min() < 0 or idx.max() >= 2 ** 32:
+  if len(idx) and (idx.min() < 0 or idx.max() >= 2 ** 32):
     raise ValueError('example indices must be in [0, 2**32)')
   return idx
 
@@ -269,28 +283,48 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if size > len(x) else x
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch split over a `sampling_mesh`, in order (all of them on one
+  process)."""
+  shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+  return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+
 def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
-                   *arrays: np.ndarray) -> np.ndarray:
+                   *arrays: np.ndarray, lockstep: bool = False,
+                   empty: np.ndarray | None = None) -> np.ndarray:
   """fn(indices chunk, *array chunks) over chunks of `batch_size` rows, every chunk padded to
-  batch_size (one compilation serves all); the padded rows' results are dropped."""
+  batch_size (one compilation serves all); the padded rows' results are dropped.
+
+  lockstep: `fn` is collective over processes (a Restorer over several), so every process runs
+  as many chunks as the process with the most, a process with fewer running filler chunks (zero
+  rows) whose results are dropped. Every process must make the call. `empty`: the result when
+  this process has no rows.
+  """
+  count = -(-len(indices) // batch_size)
+  if lockstep:
+    count = parallel.max_over_processes(count)
   out = []
-  for start in range(0, len(indices), batch_size):
+  for start in range(0, count * batch_size, batch_size):
     chunk = [x[start:start + batch_size] for x in (indices,) + arrays]
     n = len(chunk[0])
+    if not n:   # this process has run out of rows; the others still sample
+      chunk = [np.zeros((1,) + x.shape[1:], x.dtype) for x in chunk]
     out.append(fn(*(pad_rows(x, batch_size) for x in chunk))[:n])
-  return np.concatenate(out)
+  return np.concatenate(out) if len(indices) else empty
 
 
 def restore_in_batches(restorer: Restorer, lq: np.ndarray, indices: Sequence[int],
                        batch_size: int, **settings) -> np.ndarray:
   """Restores any number of LQ images in chunks of `batch_size`; image k gets the noise index
-  indices[k], so a result does not depend on the batching. settings: Restorer.restore's."""
+  indices[k], so a result does not depend on the batching. settings: Restorer.restore's.
+  With a Restorer over several processes, every process must call it (with its own images,
+  possibly none)."""
   lq = np.asarray(lq)
-  if not len(lq):
-    r = restorer.resolution
-    return np.zeros((0, r, r, 3), np.uint8)
+  r = restorer.resolution
   return map_in_batches(lambda idx, x: restorer.restore(x, indices=idx, **settings),
-                        int(batch_size), np.asarray(indices, np.int64), lq)
+                        int(batch_size), np.asarray(indices, np.int64), lq,
+                        lockstep=restorer.lockstep, empty=np.zeros((0, r, r, 3), np.uint8))
 
 
 def with_model_of(config: ml_collections.ConfigDict,

@@ -8,6 +8,7 @@ GroupNorm scale buys nothing and costs a collective.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 
@@ -102,11 +103,47 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def sampling_mesh(devices=None) -> Mesh:
-  """A mesh with all of `devices` (default: this process's) on the data axis. Sampling splits
-  the batch and replicates the params: it holds no optimiser state worth sharding, and each
-  host samples its own share of a set."""
-  devices = list(jax.local_devices() if devices is None else devices)
+  """A mesh with all of `devices` (default: every process's) on the data axis, ordered by
+  process so that each process's examples are one contiguous block of the global batch.
+
+  Sampling splits the batch and replicates the params: it holds no optimiser state worth
+  sharding. Over several processes one program spans every chip and the processes feed it in
+  lockstep (`inference.map_in_batches`): TPU v5e slices beyond 16 chips compile a program over
+  one chip or the whole slice, never over one host's chips (docs/TPU.md, "Sampling on a pod").
+  """
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   return Mesh(np.array(devices).reshape(len(devices), 1), MESH_AXES)
+
+
+def process_count_of(mesh: Mesh) -> int:
+  """How many processes own devices of `mesh`: above 1, each call of a program over it is
+  collective (every one of them must make it, with the same shapes)."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+_agreements = itertools.count()
+
+
+def max_over_processes(n: int, timeout_s: float = 3600.0) -> int:
+  """The largest `n` any process passes; every process must call it, in the same order.
+
+  Goes through the coordination service's key-value store, not a device collective, so a host
+  still compiling its first sampler (minutes, at 512 px) does not time out the others' gloo
+  setup on CPU, and a process that skipped a call shows as a timeout naming the agreement.
+  """
+  if jax.process_count() == 1:
+    return int(n)
+  from jax._src import distributed  # the coordination client has no public handle
+  client = distributed.global_state.client
+  key = f'idm_jax/max/{next(_agreements)}'
+  client.key_value_set(f'{key}/{jax.process_index()}', str(int(n)))
+  try:
+    return max(int(client.blocking_key_value_get(f'{key}/{p}', int(timeout_s * 1000)))
+               for p in range(jax.process_count()))
+  except Exception as e:  # the client raises a bare XlaRuntimeError on a timeout
+    raise RuntimeError(f'{key}: not every process reached this agreement within {timeout_s:g} s '
+                       '(processes must make the same sampling calls in lockstep)') from e
 
 
 def _spec_for(names, shape, mesh: Mesh, min_size: int) -> P:

@@ -122,8 +122,8 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   """Detects, aligns, restores and pastes back every face in an RGB uint8 photo (only the one
   closest to the centre with `only_center_face`).
 
-  `restorer` is anything with `.resolution` and `.restore(lq, indices=..., **kw)`; face k
-  uses noise index `index + k`.
+  `restorer` is anything with `.resolution`, `.lockstep` and `.restore(lq, indices=..., **kw)`;
+  face k uses noise index `index + k`.
   """
   from idm_jax import faces as faces_lib
   from idm_jax import inference

@@ -39,8 +39,9 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
   """Restores in batches of `batch_size`; every process returns all of them.
 
   Example i always gets the key fold_in(seed, i), so the result does not depend on the batching
-  or on the number of hosts. With several processes, each restores every process_count-th
-  image on its own devices, and the processes then exchange their results.
+  or on the number of hosts. With several processes, each feeds every process_count-th image
+  to the Restorer's program over all of their devices (in lockstep), and the processes then
+  exchange their results.
   """
   pi, pc = jax.process_index(), jax.process_count()
   mine = np.arange(pi, len(lq), pc)

@@ -237,10 +237,8 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
   # The sampler has no optimiser state: far fewer argument bytes than the step.
   assert sampler.memory['arguments'] < step.memory['arguments'] / 3
   # The Restorer's program (sample, clean, evaluate): 3 examples padded to the host's 4 chips.
-  host = aot.host_devices(mesh)
-  assert len(host) == 4
-  restorer = aot.compile_restorer(config, host, configlib.sample_settings(config.sample), 3,
-                                  'restorer')
+  restorer = aot.compile_restorer(config, list(mesh.devices.flat),
+                                  configlib.sample_settings(config.sample), 3, 'restorer')
   assert not restorer.error and restorer.batch == 4 and restorer.flops > 0
   assert restorer.memory['arguments'] < step.memory['arguments'] / 3
   text = aot.report(TOPOLOGY, 1, mesh, chip, [step, sampler, restorer])
@@ -333,27 +331,39 @@ def test_topology_devices_one_device_per_chip(name, count):
   assert len(devices) == count and devices[0].device_kind in aot.CHIPS
 
 
+def _one_host(mesh):
+  first = mesh.devices.flat[0].process_index
+  return [d for d in mesh.devices.flat if d.process_index == first]
+
+
 @needs_libtpu
-def test_restorer_compiles_for_one_host_of_a_pod():
-  """v5e-16 is 4 hosts of 4 chips: a real sample or clean run has each host sample on its own
-  4 chips, so that is the mesh the Restorer's program is compiled for."""
+def test_restorer_spans_every_host_of_a_pod_without_communicating():
+  """v5e-16 is 4 hosts of 4 chips: each host's 3 examples are padded to its 4 chips and the
+  hosts' blocks make one batch of 16 over the slice. Examples are independent and the params
+  replicated, so the program has no collective: the hosts only have to launch it together."""
   from idm_jax import parallel
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, aot.topology_devices('v5e:4x4'))
-  host = aot.host_devices(mesh)
-  assert len(host) == 4 and len({d.process_index for d in mesh.devices.flat}) == 4
-  assert len({d.process_index for d in host}) == 1
+  restorer = aot.compile_restorer(config, list(mesh.devices.flat),
+                                  configlib.sample_settings(config.sample), 3, 'restorer')
+  assert not restorer.error and restorer.batch == 16
+  assert restorer.collectives == {}
 
 
 @needs_libtpu
-def test_restorer_on_one_host_of_a_large_v5e_slice_cannot_run():
+def test_restorer_runs_on_a_large_v5e_slice_which_one_host_cannot():
   """v5e beyond 16 chips routes over limited ICI: XLA compiles a program over one chip or the
-  whole slice, not one host's 4 chips, so per-host sampling is reported as unable to run."""
+  whole slice, not one host's 4 chips. The Restorer's program spans the slice, so it compiles;
+  a one-host program is reported as unable to run (exit status 2), not as a traceback."""
   from idm_jax import parallel
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, aot.topology_devices('v5e:8x8'))
-  restorer = aot.compile_restorer(config, aot.host_devices(mesh),
-                                  configlib.sample_settings(config.sample), 4, 'restorer')
-  assert restorer.cannot_run and 'one host' in restorer.error
-  line, status = aot.verdict([restorer], aot.chip_of(mesh.devices.flat))
-  assert status == 2 and line.startswith('does not run: restorer')
+  settings = configlib.sample_settings(config.sample)
+  whole = aot.compile_restorer(config, list(mesh.devices.flat), settings, 4, 'restorer')
+  assert not whole.error and whole.batch == 64
+  chip = aot.chip_of(mesh.devices.flat)
+  assert aot.verdict([whole], chip)[1] == 0
+  host = aot.compile_restorer(config, _one_host(mesh), settings, 4, 'one host')
+  assert host.cannot_run and 'subset' in host.error
+  line, status = aot.verdict([host], chip)
+  assert status == 2 and line.startswith('does not run: one host')

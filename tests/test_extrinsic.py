@@ -38,6 +38,9 @@ def faces(tmp_path, celeba_dir):
 class FakeRestorer:
   """Inverts images; raises after `fail_after` batches to simulate a killed run."""
 
+  lockstep = False   # one process
+  resolution = 32
+
   def __init__(self, fail_after=None):
     self.calls = 0
     self.fail_after = fail_after

@@ -124,7 +124,7 @@ r = inference.Restorer(config, inference.random_params(
     unet.build_model(config.model, config.data.resolution), 0))
 lq = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 out = r.restore(lq, seed=1)   # 3 examples padded to 4 devices
-print(json.dumps(dict(n=r.num_devices, out=out.tolist())))
+print(json.dumps(dict(n=r.mesh.size, out=out.tolist())))
 '''
 
 

@@ -100,6 +100,7 @@ def test_cli_refuses_output_inside_input(tmp_path, model_path, capsys):
 class _IdentityRestorer:
   """Returns its input: isolates detection, alignment and pasting from the model."""
   resolution = 256
+  lockstep = False   # one process
 
   def __init__(self):
     self.calls = []
