@@ -468,10 +468,13 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
   from idm_jax import configlib
   from idm_jax import parallel
   configlib.validate(config)
+  mode = config.get('mode', 'train')
+  if max_batch and mode not in TRAINS:
+    raise ValueError(f'--max_batch searches train.batch_size, and config.mode={mode} runs no '
+                     f'train step; its batch is {restorer_job(config)[0]}.batch_size per host')
   devices = topology_devices(topology, num_slices)
   chip = chip_of(devices)
   mesh = parallel.make_mesh(config.mesh, devices)
-  mode = config.get('mode', 'train')
   programs = []
   if mode in TRAINS:
     programs.append(compile_train_step(config, mesh))
@@ -487,7 +490,7 @@ def run(config, topology: str, num_slices: int = 1, *, sample: bool = True,
                                      f'restorer ({batch_field}.batch_size per host, '
                                      f'{hosts} hosts)'))
   best = None
-  if max_batch and mode in TRAINS:
+  if max_batch:
     t0 = time.perf_counter()
     found, tried = max_batch_per_chip(config, mesh, chip, known=programs[0])
     best = (found, time.perf_counter() - t0, tried)

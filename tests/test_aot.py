@@ -190,6 +190,9 @@ def test_run_compiles_the_programs_of_the_configs_mode(monkeypatch, mode, expect
   compiled.clear()
   aot.run(config, 'v5e:1x1', sample=False)
   assert len(compiled) == (1 if mode in aot.TRAINS else len(expected))
+  if mode not in aot.TRAINS:   # --max_batch has no train step to search: said, not ignored
+    with pytest.raises(ValueError, match=r'--max_batch .* config\.mode=' + mode):
+      aot.run(config, 'v5e:1x1', max_batch=True)
 
 
 def _config(**mesh):
