@@ -85,7 +85,8 @@ def _via_generate(path, tmp_path, monkeypatch):
   config = ml_collections.ConfigDict({
       'seed': 0, 'model': {'conditional': False},
       'generate': {'out_dir': str(out), 'num_samples': 1, 'batch_size': 1}})
-  restorer = types.SimpleNamespace(config=config)   # every sample exists: it never samples
+  # Every sample exists: it never samples (one process: no lockstep).
+  restorer = types.SimpleNamespace(config=config, lockstep=False)
   monkeypatch.setattr(generate.inference, 'load', lambda w, c: (restorer, 1))
   generate.run(config, str(tmp_path))
   grid = np.asarray(Image.open(tmp_path / 'generated_grid.png').convert('RGB'))
