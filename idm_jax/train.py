@@ -152,7 +152,7 @@ class Trainer:
     check_trainable(config, mesh)
     self.config = config
     self.mesh = mesh
-    self.process_count = len({d.process_index for d in mesh.devices.flat})
+    self.process_count = parallel.process_count_of(mesh)
     res = config.data.resolution
     self.model = unet.build_model(config.model, res)
     self.tx = optim.make_optimizer(config.train)
