@@ -170,10 +170,7 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
     for i in to_copy:
       _append(journal, _copy_record(source, i, names[i], out_dir))
       bar.update(1)
-    rounds = -(-len(to_clean) // bs)
-    if restorer.lockstep:   # every host runs as many batches as the busiest one
-      rounds = parallel.max_over_processes(rounds)
-    for start in range(0, rounds * bs, bs):
+    for start in inference.batch_starts(len(to_clean), bs, restorer.lockstep):
       idx = to_clean[start:start + bs]
       records = [source[i] for i in idx]
       good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]

@@ -16,7 +16,6 @@ from tqdm import tqdm
 from idm_jax import files
 from idm_jax import images
 from idm_jax import inference
-from idm_jax import parallel
 from idm_jax import reporting
 
 
@@ -32,10 +31,8 @@ def run(config, workdir: str) -> str:
   mine = np.arange(pi, g.num_samples, pc)
   todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f'{i:06d}.png'))]
   bs = g.batch_size
-  rounds = -(-len(todo) // bs)
-  if restorer.lockstep:   # every host runs as many batches as the busiest one
-    rounds = parallel.max_over_processes(rounds)
-  for start in tqdm(range(0, rounds * bs, bs), desc='generate', disable=pi != 0):
+  for start in tqdm(inference.batch_starts(len(todo), bs, restorer.lockstep), desc='generate',
+                    disable=pi != 0):
     idx = todo[start:start + bs]   # empty once this host is done: it fills the others' batches
     samples = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
     for i, img in zip(idx, samples):

@@ -290,6 +290,15 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shard.data) for shard in shards])
 
 
+def batch_starts(n: int, batch_size: int, lockstep: bool) -> range:
+  """Where this process's batches of `n` rows start. In lockstep, as many batches as the busiest
+  process needs (every process must call it): a start at or past `n` is a filler batch."""
+  count = -(-n // batch_size)
+  if lockstep:
+    count = parallel.max_over_processes(count)
+  return range(0, count * batch_size, batch_size)
+
+
 def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
                    *arrays: np.ndarray, lockstep: bool = False,
                    empty: np.ndarray | None = None) -> np.ndarray:
@@ -301,11 +310,8 @@ def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.n
   rows) whose results are dropped. Every process must make the call. `empty`: the result when
   this process has no rows.
   """
-  count = -(-len(indices) // batch_size)
-  if lockstep:
-    count = parallel.max_over_processes(count)
   out = []
-  for start in range(0, count * batch_size, batch_size):
+  for start in batch_starts(len(indices), batch_size, lockstep):
     chunk = [x[start:start + batch_size] for x in (indices,) + arrays]
     n = len(chunk[0])
     if not n:   # this process has run out of rows; the others still sample
