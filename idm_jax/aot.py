@@ -342,33 +342,37 @@ def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
 
-def largest_fitting(total_bytes, capacity: int, limit: int = 1024):
-  """(largest n in [1, limit] with total_bytes(n) <= capacity, the ns tried in order); 0 if n = 1
-  does not fit. total_bytes(n) is one compile's memory, None if that compile ran out of memory.
+def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
+  """(largest n in [1, limit] that fits, the ns tried in order); 0 if none does. measure(n) is
+  one compile: (whether it fits, its memory in bytes, or for one that ran out of memory what XLA
+  said it needed; None when unknown). The first compile is at `start`.
 
-  A compile costs minutes, so each probe aims where the line through two measurements crosses
-  the capacity (activations grow about linearly with the batch): four compiles when memory is
-  linear, where doubling then bisecting takes about twice log2 of the answer. Any memory that
-  grows with the batch still gets the exact answer: every probe narrows the bracket."""
-  tried, seen = [], {}
+  A compile that fits costs about ten that do not: XLA rejects a batch at buffer assignment,
+  before its slow code generation (docs/TPU.md). So while no batch is known not to fit, each
+  probe aims at twice where the line through the largest fits crosses the capacity (at least
+  twice the largest fit): where memory is linear it fails, cheaply, and reports the memory that
+  brackets the edge; where memory saturates (XLA packs larger batches into nearly the same
+  buffers when HBM runs short) it reaches the edge in fewer fits than following the line. Inside
+  the bracket it aims where the chord between its ends crosses the capacity, and bisects when an
+  end has no memory. Every probe narrows the bracket, so any memory curve gets the exact edge."""
+  tried, seen, ok = [], {}, {}
 
   def fits_at(n):
     tried.append(n)
-    seen[n] = total_bytes(n)
-    return seen[n] is not None and seen[n] <= capacity
+    ok[n], seen[n] = measure(n)
+    return ok[n]
 
-  if not fits_at(1):
-    return 0, tried
-  lo, hi = 1, None  # the largest n known to fit, the smallest known not to
+  lo, hi = (start, None) if fits_at(start) else (0, start)
   while lo < limit and (hi is None or hi - lo > 1):
-    if hi is None:  # extrapolate from the two largest fits
-      fit = sorted(seen)
-      n = _crossing(seen, fit[-2], fit[-1], capacity) if len(fit) > 1 else 2 * lo
-      n = min(max(n, lo + 1), limit)
-    elif seen[hi] is None:  # no memory reported above: bisect
-      n = (lo + hi) // 2
-    else:  # interpolate inside the bracket
+    if hi is None:
+      fit = sorted(n for n in seen if ok[n] and seen[n])
+      aim = (_crossing(seen, fit[-2], fit[-1], capacity) if len(fit) > 1 else
+             fit[-1] * capacity / seen[fit[-1]] if fit else lo)
+      n = min(int(max(2 * lo, 2 * aim)), limit)
+    elif lo and seen[lo] is not None and seen[hi] is not None:
       n = min(max(_crossing(seen, lo, hi, capacity), lo + 1), hi - 1)
+    else:
+      n = (lo + hi) // 2
     lo, hi = (n, hi) if fits_at(n) else (lo, n)
   return lo, tried
 
@@ -381,18 +385,37 @@ def _crossing(seen, a: int, b: int, capacity: int) -> int:
   return a + int((capacity - seen[a]) // per_image)
 
 
+# How XLA's TPU compiler words a batch that does not fit (libtpu 0.0.42): the temporaries it needed.
+_NEEDED = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT])\)')
+
+
+def needed_bytes(program: Program) -> float | None:
+  """The temporaries an out-of-memory compile said it needed (bytes); None if it did not say."""
+  m = _NEEDED.search(program.error)
+  return float(m.group(1)) * 1024 ** ('KMGT'.index(m.group(2)) + 1) if m else None
+
+
 def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: int = 1024):
   """(largest per-chip batch whose train step compiles and fits, the Programs compiled for it).
-  `known`, a train step already compiled on this mesh, is reused rather than compiled again."""
+  `known`, a train step already compiled on this mesh, is reused rather than compiled again
+  and starts the search."""
   cache = {known.batch // mesh.size: known} if known is not None else {}
 
-  def total_bytes(per_chip):
+  def measure(per_chip):
     if per_chip not in cache:
       cache[per_chip] = compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
     program = cache[per_chip]
-    return None if program.error else program.memory['total']
+    if not program.error:
+      return fits(program, chip), program.memory['total']
+    needed = needed_bytes(program)
+    if needed is None:
+      return False, None
+    # Its total as a fitting compile would count it: the arguments and outputs barely change
+    # with the batch, so take them from a compile that fitted.
+    fitted = next((p.memory for p in cache.values() if not p.error), {})
+    return False, needed + sum(v for k, v in fitted.items() if k not in ('temporaries', 'total'))
 
-  best, _ = largest_fitting(total_bytes, chip.hbm_bytes, limit)
+  best, _ = largest_fitting(measure, chip.hbm_bytes, limit, start=min(cache, default=1))
   return best, [p for p in cache.values() if p is not known]
 
 
@@ -446,7 +469,8 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
   if max_batch is not None:
     best, seconds, tried = max_batch
     probes = ', '.join(f'{p.batch // mesh.size}: ' + (
-        'out of memory' if p.error else _gib(p.memory['total'])) for p in tried)
+        _gib(p.memory['total']) if not p.error else 'out of memory' if needed_bytes(p) is None
+        else f'out of memory (needs {_gib(needed_bytes(p))} of temporaries)') for p in tried)
     lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); the '
                  f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
                  f'{probes or "none"})')

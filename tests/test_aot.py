@@ -1,5 +1,6 @@
 """aot.py: the HLO collectives parser and topology names (always), and, with libtpu installed,
 real TPU compiles of configs/test.py's train step and sampler for v5e:2x2 on the CPU."""
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -85,61 +86,103 @@ def test_projection_is_batch_times_achieved_flops_over_step_flops():
   assert aot.images_per_second(step, chip, 0.4) == pytest.approx(640.0)
 
 
-def _memory(base, per_image, oom_above=None):
-  """A compile's memory as a function of the batch; None (out of memory) above oom_above."""
-  def total_bytes(n):
+def _measure(base, per_image, capacity, oom_above=None, reports=True):
+  """A fake compile: (fits, memory) for a batch. Above oom_above it fails without saying what it
+  needed; otherwise a compile over the capacity reports its need when `reports`, as XLA does."""
+  def measure(n):
     if oom_above is not None and n > oom_above:
-      return None
-    return base + per_image(n)
-  return total_bytes
+      return False, None
+    m = base + per_image(n)
+    return m <= capacity, m if (m <= capacity or reports) else None
+  return measure
 
 
 @pytest.mark.parametrize('per_image, oom_above', [
-    (lambda n: 7 * n, None),                    # linear: the line lands on the edge
-    (lambda n: 3 * n + n * n // 4, None),       # convex: overshoots, then narrows the bracket
+    (lambda n: 7 * n, None),                    # linear
+    (lambda n: 3 * n + n * n // 4, None),       # convex
     (lambda n: 7 * n, 20),                      # overshoots into compiles that report no memory
     (lambda n: 40 * (n // 5 + 1), None),        # steps (layout padding): flat, then jumps
+    (lambda n: int(300 * (1 - 0.8 ** n)), None),  # saturating, as XLA packs under pressure
 ])
 @pytest.mark.parametrize('capacity', [11, 100, 161, 1000])
-def test_largest_fitting_finds_the_exact_edge(per_image, oom_above, capacity):
-  total_bytes = _memory(4, per_image, oom_above=oom_above)
-  def fits(n):
-    m = total_bytes(n)
-    return m is not None and m <= capacity
-  expected = max([n for n in range(1, 65) if fits(n)], default=0)
-  best, tried = aot.largest_fitting(total_bytes, capacity, limit=64)
+@pytest.mark.parametrize('reports', [True, False])
+@pytest.mark.parametrize('start', [1, 3])
+def test_largest_fitting_finds_the_exact_edge(per_image, oom_above, capacity, reports, start):
+  measure = _measure(4, per_image, capacity, oom_above, reports)
+  expected = max([n for n in range(1, 65) if measure(n)[0]], default=0)
+  best, tried = aot.largest_fitting(measure, capacity, limit=64, start=start)
   assert best == expected
-  assert len(tried) == len(set(tried))  # no compile twice
+  assert tried[0] == start and len(tried) == len(set(tried))  # no compile twice
   if best:
     assert best in tried and (best == 64 or best + 1 in tried)  # the edge was compiled both sides
 
 
-def test_largest_fitting_takes_four_compiles_when_memory_is_linear():
-  best, tried = aot.largest_fitting(lambda n: 1000 + 700 * n, 16_000, limit=1024)
-  assert best == 21 and tried == [1, 2, 21, 22]
+def _fits_compiled(measure, tried):
+  return sum(measure(n)[0] for n in tried)
+
+
+def test_largest_fitting_compiles_three_fits_when_memory_is_linear():
+  measure = _measure(1000, lambda n: 700 * n, 16_000)
+  best, tried = aot.largest_fitting(measure, 16_000, limit=1024)
+  assert best == 21 and _fits_compiled(measure, tried) == 3 and len(tried) <= 5
+
+
+def test_largest_fitting_on_v4s_measured_memory_compiles_one_fit_beyond_the_start():
+  # ffhq.py's train step on v4 (docs/TPU.md): total GiB at 2-5 images per chip, and at 6 the
+  # temporaries XLA reported needing plus the arguments; past 6 a GiB per image more.
+  v4 = {2: 16.87, 3: 25.15, 4: 29.94, 5: 30.53, 6: 33.01}
+  def measure(n):
+    m = v4.get(n, 33.01 + (n - 6)) if n > 1 else 9.
+    return m <= 32, m
+  best, tried = aot.largest_fitting(measure, 32, limit=64, start=2)
+  assert best == 5
+  assert _fits_compiled(measure, tried[1:]) == 1  # following the line compiled 3, 4 and 5
 
 
 def test_largest_fitting_is_zero_when_one_image_does_not_fit_and_stops_at_the_limit():
-  assert aot.largest_fitting(lambda n: 10 * n, 5) == (0, [1])
-  best, tried = aot.largest_fitting(lambda n: n, 10 ** 9, limit=8)
+  assert aot.largest_fitting(_measure(0, lambda n: 10 * n, 5), 5) == (0, [1])
+  best, tried = aot.largest_fitting(_measure(0, lambda n: n, 10 ** 9), 10 ** 9, limit=8)
   assert best == 8 and tried[-1] == 8
 
 
-def test_max_batch_search_reuses_the_step_already_compiled(monkeypatch):
+def test_needed_bytes_reads_xlas_out_of_memory_message():
+  # Verbatim from libtpu 0.0.42 (ffhq.py, 3 images per chip on v5e).
+  error = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+           'temporaries (16.26G) exceeds available HBM (15.75G).')
+  p = aot.Program('train step', 48, 1.0, {}, 0.0, {}, error=error)
+  assert aot.needed_bytes(p) == pytest.approx(16.26 * aot.GiB)
+  assert aot.needed_bytes(dataclasses.replace(p, error='RESOURCE_EXHAUSTED: other')) is None
+
+
+def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
   class Mesh:
     size = 4
-  chip = aot.Chip('x', 100, 1e12)
+    shape = {'data': 4, 'fsdp': 1}
+  G = aot.GiB
+  chip = aot.Chip('x', 100 * G, 1e12)
   compiled = []
 
   def compile_train_step(config, mesh):
     compiled.append(config.train.batch_size)
     per_chip = config.train.batch_size // mesh.size
-    return aot.Program('train step', config.train.batch_size, 1.0, {'total': 10 * per_chip}, 1.0, {})
+    temporaries = 10 * per_chip * G
+    if temporaries > 99 * G:  # as XLA refuses it, saying what it needed
+      return aot.Program('train step', config.train.batch_size, 1.0, {}, 0.0, {}, error=(
+          f'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+          f'temporaries ({temporaries / G:.2f}G) exceeds available HBM (99.00G).'))
+    memory = {'arguments': 1 * G, 'temporaries': temporaries, 'outputs': 0, 'total': temporaries + 1 * G}
+    return aot.Program('train step', config.train.batch_size, 1.0, memory, 1.0, {})
   monkeypatch.setattr(aot, 'compile_train_step', compile_train_step)
-  known = aot.Program('train step', 8, 1.0, {'total': 20}, 1.0, {})
+  known = compile_train_step(aot.with_batch(load_config('test'), 8), Mesh())
+  compiled.clear()
   best, programs = aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=known)
-  assert best == 10 and 8 not in compiled and compiled == [p.batch for p in programs]
+  assert best == 9 and 8 not in compiled and compiled == [p.batch for p in programs]
   assert all(b % Mesh.size == 0 for b in compiled)
+  # Linear memory, and the refusals said what they needed: 2 -> 19 (refused) -> 9 -> 10 (refused).
+  assert compiled == [76, 36, 40]
+  text = aot.report('v5e:2x2', 1, Mesh(), chip, [known], (best, 5.0, programs))
+  assert 'largest per-chip batch that fits: 9 (global 36)' in text
+  assert '10: out of memory (needs 100.00 GiB of temporaries)' in text
 
 
 def test_verdict_tells_memory_from_cannot_run():
