@@ -347,8 +347,8 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
   one compile: (whether it fits, its memory in bytes, or for one that ran out of memory what XLA
   said it needed; None when unknown). The first compile is at `start`.
 
-  A compile that fits costs about ten that do not: XLA rejects a batch at buffer assignment,
-  before its slow code generation (docs/TPU.md). So while no batch is known not to fit, each
+  A compile that fits usually costs about ten that do not: XLA mostly refuses a batch at buffer
+  assignment, before its slow code generation (docs/TPU.md). So while no batch is known not to fit, each
   probe aims at twice where the line through the largest fits crosses the capacity (at least
   twice the largest fit): where memory is linear it fails, cheaply, and reports the memory that
   brackets the edge; where memory saturates (XLA packs larger batches into nearly the same
@@ -385,14 +385,30 @@ def _crossing(seen, a: int, b: int, capacity: int) -> int:
   return a + int((capacity - seen[a]) // per_image)
 
 
-# How XLA's TPU compiler words a batch that does not fit (libtpu 0.0.42): the temporaries it needed.
-_NEEDED = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT])\)')
+# How XLA's TPU compiler words a batch that does not fit (libtpu 0.0.42). Most are refused at
+# buffer assignment, early, naming the temporaries they needed; one that misses by a little can
+# be refused only at the end of the compile, naming the HBM it used in all.
+_NEEDED_TEMPORARIES = re.compile(r'HLO temporaries \(([0-9.]+)([KMGT])\)')
+_NEEDED_TOTAL = re.compile(r'Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm')
 
 
-def needed_bytes(program: Program) -> float | None:
-  """The temporaries an out-of-memory compile said it needed (bytes); None if it did not say."""
-  m = _NEEDED.search(program.error)
-  return float(m.group(1)) * 1024 ** ('KMGT'.index(m.group(2)) + 1) if m else None
+def needed_bytes(program: Program, other_bytes: float = 0.) -> float | None:
+  """The HBM an out-of-memory compile said it needed in all; None if it did not say. Where XLA
+  names only the temporaries, `other_bytes` (arguments, outputs, code: about the same at every
+  batch) completes the total."""
+  def size(m):
+    return float(m.group(1)) * 1024 ** ('KMGT'.index(m.group(2)) + 1)
+  if m := _NEEDED_TOTAL.search(program.error):
+    return size(m)
+  if m := _NEEDED_TEMPORARIES.search(program.error):
+    return size(m) + other_bytes
+  return None
+
+
+def _beside_temporaries(programs) -> float:
+  """A compiled program's bytes other than its temporaries (arguments, outputs, code)."""
+  m = next((p.memory for p in programs if not p.error), {})
+  return sum(v for k, v in m.items() if k not in ('temporaries', 'total'))
 
 
 def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: int = 1024):
@@ -407,13 +423,7 @@ def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: i
     program = cache[per_chip]
     if not program.error:
       return fits(program, chip), program.memory['total']
-    needed = needed_bytes(program)
-    if needed is None:
-      return False, None
-    # Its total as a fitting compile would count it: the arguments and outputs barely change
-    # with the batch, so take them from a compile that fitted.
-    fitted = next((p.memory for p in cache.values() if not p.error), {})
-    return False, needed + sum(v for k, v in fitted.items() if k not in ('temporaries', 'total'))
+    return False, needed_bytes(program, _beside_temporaries(cache.values()))
 
   best, _ = largest_fitting(measure, chip.hbm_bytes, limit, start=min(cache, default=1))
   return best, [p for p in cache.values() if p is not known]
@@ -468,9 +478,14 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                      for mfu in (0.4, 0.6)))
   if max_batch is not None:
     best, seconds, tried = max_batch
-    probes = ', '.join(f'{p.batch // mesh.size}: ' + (
-        _gib(p.memory['total']) if not p.error else 'out of memory' if needed_bytes(p) is None
-        else f'out of memory (needs {_gib(needed_bytes(p))} of temporaries)') for p in tried)
+    beside = _beside_temporaries(programs + tried)
+
+    def outcome(p):
+      if not p.error:
+        return _gib(p.memory['total'])
+      needed = needed_bytes(p, beside)
+      return 'out of memory' + (f' (needs {_gib(needed)})' if needed is not None else '')
+    probes = ', '.join(f'{p.batch // mesh.size}: {outcome(p)}' for p in tried)
     lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); the '
                  f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
                  f'{probes or "none"})')
