@@ -348,13 +348,14 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
   said it needed; None when unknown). The first compile is at `start`.
 
   A compile that fits usually costs about ten that do not: XLA mostly refuses a batch at buffer
-  assignment, before its slow code generation (docs/TPU.md). So while no batch is known not to fit, each
-  probe aims at twice where the line through the largest fits crosses the capacity (at least
-  twice the largest fit): where memory is linear it fails, cheaply, and reports the memory that
-  brackets the edge; where memory saturates (XLA packs larger batches into nearly the same
-  buffers when HBM runs short) it reaches the edge in fewer fits than following the line. Inside
-  the bracket it aims where the chord between its ends crosses the capacity, and bisects when an
-  end has no memory. Every probe narrows the bracket, so any memory curve gets the exact edge."""
+  assignment, before its slow code generation (docs/TPU.md). So while no batch is known not to
+  fit, each probe aims at twice where the line through the largest fits crosses the capacity
+  (at least twice the largest fit): where memory is linear it fails, cheaply, and reports the
+  memory that brackets the edge; where memory saturates (XLA packs larger batches into nearly
+  the same buffers when HBM runs short) it reaches the edge in fewer fits than following the
+  line. Inside the bracket it aims where the chord between its ends crosses the capacity, and
+  bisects when an end has no memory. Every probe narrows the bracket, so any memory curve gets
+  the exact edge."""
   tried, seen, ok = [], {}, {}
 
   def fits_at(n):
@@ -415,6 +416,8 @@ def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: i
   """(largest per-chip batch whose train step compiles and fits, the Programs compiled for it).
   `known`, a train step already compiled on this mesh, is reused rather than compiled again
   and starts the search."""
+  if known is not None and known.cannot_run:
+    return 0, []  # not memory: no batch runs there
   cache = {known.batch // mesh.size: known} if known is not None else {}
 
   def measure(per_chip):

@@ -177,7 +177,8 @@ def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
       return aot.Program('train step', config.train.batch_size, 1.0, {}, 0.0, {}, error=(
           f'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
           f'temporaries ({temporaries / G:.2f}G) exceeds available HBM (99.00G).'))
-    memory = {'arguments': 1 * G, 'temporaries': temporaries, 'outputs': 0, 'total': temporaries + 1 * G}
+    memory = {'arguments': 1 * G, 'temporaries': temporaries, 'outputs': 0,
+              'total': temporaries + 1 * G}
     return aot.Program('train step', config.train.batch_size, 1.0, memory, 1.0, {})
   monkeypatch.setattr(aot, 'compile_train_step', compile_train_step)
   known = compile_train_step(aot.with_batch(load_config('test'), 8), Mesh())
@@ -187,6 +188,8 @@ def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
   assert all(b % Mesh.size == 0 for b in compiled)
   # Linear memory, and the refusals said what they needed: 2 -> 19 (refused) -> 9 -> 10 (refused).
   assert compiled == [76, 36, 40]
+  cannot = dataclasses.replace(known, error='no', cannot_run=True)
+  assert aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=cannot) == (0, [])
   text = aot.report('v5e:2x2', 1, Mesh(), chip, [known], (best, 5.0, programs))
   assert 'largest per-chip batch that fits: 9 (global 36)' in text
   assert '10: out of memory (needs 101.00 GiB)' in text
