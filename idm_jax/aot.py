@@ -407,7 +407,8 @@ def needed_bytes(program: Program, other_bytes: float = 0.) -> float | None:
 
 
 def _beside_temporaries(programs) -> float:
-  """A compiled program's bytes other than its temporaries (arguments, outputs, code)."""
+  """The first compiled program's bytes other than its temporaries (arguments, outputs, code):
+  give it train steps only, as a sampler's arguments are not a step's."""
   m = next((p.memory for p in programs if not p.error), {})
   return sum(v for k, v in m.items() if k not in ('temporaries', 'total'))
 
@@ -481,7 +482,7 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                      for mfu in (0.4, 0.6)))
   if max_batch is not None:
     best, seconds, tried = max_batch
-    beside = _beside_temporaries(programs + tried)
+    beside = _beside_temporaries([p for p in programs + tried if p.name == 'train step'])
 
     def outcome(p):
       if not p.error:

@@ -190,7 +190,10 @@ def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
   assert compiled == [76, 36, 40]
   cannot = dataclasses.replace(known, error='no', cannot_run=True)
   assert aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=cannot) == (0, [])
-  text = aot.report('v5e:2x2', 1, Mesh(), chip, [known], (best, 5.0, programs))
+  # A sampler beside the step (its arguments are not the step's) must not enter the estimate.
+  sampler = aot.Program('sampler', 8, 1.0, {'arguments': 50 * G, 'temporaries': 0, 'outputs': 0,
+                                            'total': 50 * G}, 1.0, {})
+  text = aot.report('v5e:2x2', 1, Mesh(), chip, [sampler, known], (best, 5.0, programs))
   assert 'largest per-chip batch that fits: 9 (global 36)' in text
   assert '10: out of memory (needs 101.00 GiB)' in text
 
