@@ -342,24 +342,52 @@ def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
 
-def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
-  """(largest n in [1, limit] that fits, the ns tried in order); 0 if none does. measure(n) is
+# XLA lays a TPU array out in tiles of 8 rows by 128 lanes. From 8 images per chip it puts the
+# batch along the rows, padded to a multiple of 8; under 8 it chooses other layouts that cost
+# more per image, so memory is not monotone in the batch: libtpu 0.0.42 refuses ffhq.py's step
+# at 6 images per chip on v4 and plans less memory for 8 (docs/TPU.md, "Per-chip batch").
+TILE_ROWS = 8
+
+
+def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1,
+                    tile: int = TILE_ROWS):
+  """(the largest per-chip batch up to `limit` that fits, among multiples of `tile` and, when
+  none of those fits, 1 to tile - 1; the batches tried in order), 0 if none fits. measure(n) is
   one compile: (whether it fits, its memory in bytes, or for one that ran out of memory what XLA
-  said it needed; None when unknown). The first compile is at `start`.
+  said it needed; None when unknown). Batches between multiples of the tile are not tried: they
+  pad to the next multiple, so they fit no better than it. `start` is a batch already compiled:
+  where it lies on the searched batches the search starts from it."""
+  tried = []
+
+  def record(n):
+    tried.append(n)
+    return measure(n)
+
+  if limit >= tile:
+    k = _edge(lambda k: record(k * tile), capacity, limit // tile,
+              min(start // tile, limit // tile) if start % tile == 0 else 1)
+    if k:
+      return k * tile, tried
+  below = min(limit, tile - 1)
+  return _edge(record, capacity, below, min(start, below)), tried
+
+
+def _edge(measure, capacity: int, limit: int, start: int) -> int:
+  """The largest n in [1, limit] that fits, 0 if none, for memory that grows with n; the first
+  compile at `start`.
 
   A compile that fits usually costs about ten that do not: XLA mostly refuses a batch at buffer
-  assignment, before its slow code generation (docs/TPU.md). So while no batch is known not to
-  fit, each probe aims at twice where the line through the largest fits crosses the capacity
-  (at least twice the largest fit): where memory is linear it fails, cheaply, and reports the
-  memory that brackets the edge; where memory saturates (XLA packs larger batches into nearly
-  the same buffers when HBM runs short) it reaches the edge in fewer fits than following the
-  line. Inside the bracket it aims where the chord between its ends crosses the capacity, and
-  bisects when an end has no memory. Every probe narrows the bracket, so any memory curve gets
+  assignment, before its slow code generation (docs/TPU.md). So while no n is known not to fit,
+  each probe aims at twice where the line through the largest fits crosses the capacity (at
+  least twice the largest fit): where memory is linear it fails, cheaply, and reports the memory
+  that brackets the edge; where memory saturates (XLA packs larger batches into nearly the same
+  buffers when HBM runs short) it reaches the edge in fewer fits than following the line.
+  Inside the bracket it aims where the chord between its ends crosses the capacity, and bisects
+  when an end has no memory. Every probe narrows the bracket, so any growing memory curve gets
   the exact edge."""
-  tried, seen, ok = [], {}, {}
+  seen, ok = {}, {}
 
   def fits_at(n):
-    tried.append(n)
     ok[n], seen[n] = measure(n)
     return ok[n]
 
@@ -375,7 +403,7 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
     else:
       n = (lo + hi) // 2
     lo, hi = (n, hi) if fits_at(n) else (lo, n)
-  return lo, tried
+  return lo
 
 
 def _crossing(seen, a: int, b: int, capacity: int) -> int:
@@ -414,9 +442,9 @@ def _beside_temporaries(programs) -> float:
 
 
 def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: int = 1024):
-  """(largest per-chip batch whose train step compiles and fits, the Programs compiled for it).
-  `known`, a train step already compiled on this mesh, is reused rather than compiled again
-  and starts the search."""
+  """(largest per-chip batch whose train step compiles and fits, among the batches
+  `largest_fitting` searches; the Programs compiled for it). `known`, a train step already
+  compiled on this mesh, is reused rather than compiled again."""
   if known is not None and known.cannot_run:
     return 0, []  # not memory: no batch runs there
   cache = {known.batch // mesh.size: known} if known is not None else {}
@@ -490,7 +518,8 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
       needed = needed_bytes(p, beside)
       return 'out of memory' + (f' (needs {_gib(needed)})' if needed is not None else '')
     probes = ', '.join(f'{p.batch // mesh.size}: {outcome(p)}' for p in tried)
-    lines.append(f'largest per-chip batch that fits: {best} (global {best * mesh.size}); the '
+    lines.append(f'largest per-chip batch that fits (of multiples of {TILE_ROWS}, or 1 to '
+                 f'{TILE_ROWS - 1} when none fits): {best} (global {best * mesh.size}); the '
                  f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
                  f'{probes or "none"})')
   return '\n'.join(lines)
