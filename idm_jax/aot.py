@@ -577,7 +577,8 @@ def verdict(programs, chip: Chip) -> tuple[str, int]:
   if all(fits(p, chip) for p in programs):
     return 'fits', 0
   return ('does not fit (lower train.batch_size or sample sizes, raise mesh.fsdp, or set '
-          'model.remat=True)'), 1
+          f'model.remat=True; a train batch of {TILE_ROWS} or a multiple of it per chip can fit '
+          'where a smaller one does not: --max_batch searches those)'), 1
 
 
 def main(argv):

@@ -136,6 +136,15 @@ def test_largest_fitting_compiles_two_fits_when_memory_is_linear():
   assert best == 16 and tried == [8, 32, 16, 24] and _fits_compiled(measure, tried) == 2
 
 
+def test_largest_fitting_on_v5es_measured_memory_finds_8_above_refused_3_and_4():
+  # ffhq.py's train step on v5e-16 (docs/TPU.md, libtpu 0.0.42): per chip, whether it fit and its
+  # GiB in all, or what the refusal needed. A search over every batch would stop at 2.
+  v5e = {2: (True, 15.69), 3: (False, 17.52), 4: (False, 19.20), 8: (True, 14.20),
+         16: (False, 29.30)}
+  best, tried = aot.largest_fitting(lambda n: v5e[n], 16, limit=64, start=2)
+  assert best == 8 and tried == [8, 16]
+
+
 def test_largest_fitting_is_zero_when_one_image_does_not_fit_and_stops_at_the_limit():
   assert aot.largest_fitting(_measure(0, lambda n: 10 * n, 5), 5) == (0, [8, 1])
   best, tried = aot.largest_fitting(_measure(0, lambda n: n, 10 ** 9), 10 ** 9, limit=8)
