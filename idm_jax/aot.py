@@ -355,8 +355,9 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1,
   none of those fits, 1 to tile - 1; the batches tried in order), 0 if none fits. measure(n) is
   one compile: (whether it fits, its memory in bytes, or for one that ran out of memory what XLA
   said it needed; None when unknown). Batches between multiples of the tile are not tried: they
-  pad to the next multiple, so they fit no better than it. `start` is a batch already compiled:
-  where it lies on the searched batches the search starts from it."""
+  pad to the next multiple, so they fit no better than it. The search assumes memory grows over
+  the multiples, which held on v5e and v4 and does not always on v5p (docs/TPU.md). `start` is a
+  batch already compiled: where it lies on the searched batches the search starts from it."""
   tried = []
 
   def record(n):
