@@ -342,28 +342,29 @@ def fits(program: Program, chip: Chip) -> bool:
   return not program.error and program.memory['total'] <= chip.hbm_bytes
 
 
-# XLA lays a TPU array out in tiles of 8 rows by 128 lanes. From 8 images per chip it puts the
-# batch along the rows, padded to a multiple of 8; under 8 it chooses other layouts that cost
-# more per image, so memory is not monotone in the batch: libtpu 0.0.42 refuses ffhq.py's step
-# at 6 images per chip on v4 and plans less memory for 8 (docs/TPU.md, "Per-chip batch").
+# XLA lays a TPU array out in tiles of 8 rows by 128 lanes. Under 8 images per chip it chooses
+# layouts that plan two to three times the memory per image of those it uses from 8 (batch on the
+# tiles' rows), so memory is not monotone in the batch: libtpu 0.0.42 refuses ffhq.py's step at 6
+# images per chip on v4 and fits 8 (docs/TPU.md, "Per-chip batch").
 TILE_ROWS = 8
 
 
-def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1,
-                    tile: int = TILE_ROWS):
-  """(the largest per-chip batch up to `limit` that fits, among multiples of `tile` and, when
-  none of those fits, 1 to tile - 1; the batches tried in order), 0 if none fits. measure(n) is
-  one compile: (whether it fits, its memory in bytes, or for one that ran out of memory what XLA
-  said it needed; None when unknown). Batches between multiples of the tile are not tried: they
-  pad to the next multiple, so they fit no better than it. The search assumes memory grows over
-  the multiples, which held on v5e and v4 and does not always on v5p (docs/TPU.md). `start` is a
-  batch already compiled: where it lies on the searched batches the search starts from it."""
+def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
+  """(the largest per-chip batch up to `limit` that fits, among multiples of TILE_ROWS and, when
+  none of those fits, 1 to TILE_ROWS - 1; the batches tried in order), 0 if none fits.
+  measure(n) is one compile: (whether it fits, its memory in bytes, or for one that ran out of
+  memory what XLA said it needed; None when unknown). Batches between multiples are not tried:
+  they seem to pad to the next multiple (on v4, ffhq.py at 12 per chip plans as much as at 16).
+  The search assumes memory grows over the multiples, which held on v5e and v4 and does not
+  always on v5p (docs/TPU.md). `start` is a batch already compiled: where it lies on the
+  searched batches the search starts from it."""
   tried = []
 
   def record(n):
     tried.append(n)
     return measure(n)
 
+  tile = TILE_ROWS
   if limit >= tile:
     k = _edge(lambda k: record(k * tile), capacity, limit // tile,
               min(start // tile, limit // tile) if start % tile == 0 else 1)
