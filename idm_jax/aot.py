@@ -343,34 +343,44 @@ def fits(program: Program, chip: Chip) -> bool:
 
 
 # XLA lays a TPU array out in tiles of 8 rows by 128 lanes. Under 8 images per chip it chooses
-# layouts that plan two to three times the memory per image of those it uses from 8 (batch on the
-# tiles' rows), so memory is not monotone in the batch: libtpu 0.0.42 refuses ffhq.py's step at 6
-# images per chip on v4 and fits 8 (docs/TPU.md, "Per-chip batch").
+# layouts that plan two to three times the memory per image of those it uses from 8, so memory is
+# not monotone in the batch: libtpu 0.0.42 refuses ffhq.py's step at 6 images per chip on v4 and
+# fits 8. At multiples of 128 it puts the batch on the lanes and plans less per image again than
+# at the multiples of 8 beside them: the generation config fits 128 per chip on v5e and is
+# refused at 136 (docs/TPU.md, "Per-chip batch").
 TILE_ROWS = 8
+TILE_LANES = 128
 
 
 def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
-  """(the largest per-chip batch up to `limit` that fits, among multiples of TILE_ROWS and, when
-  none of those fits, 1 to TILE_ROWS - 1; the batches tried in order), 0 if none fits.
+  """(the largest per-chip batch up to `limit` that fits, searched on the grids XLA's TPU layouts
+  favour; the batches tried in order), 0 if none fits.
   measure(n) is one compile: (whether it fits, its memory in bytes, or for one that ran out of
-  memory what XLA said it needed; None when unknown). Batches between multiples are not tried:
-  they seem to pad to the next multiple (on v4, ffhq.py at 12 per chip plans as much as at 16).
-  The search assumes memory grows over the multiples, which held on v5e and v4 and does not
-  always on v5p (docs/TPU.md). `start` is a batch already compiled: where it lies on the
-  searched batches the search starts from it."""
-  tried = []
+  memory what XLA said it needed; None when unknown). The search finds the edge among multiples
+  of TILE_LANES, then among multiples of TILE_ROWS from that edge up, and only when no multiple
+  of TILE_ROWS fits, among 1 to TILE_ROWS - 1. Batches off those grids are not tried: they seem
+  to pad to the next multiple (on v4, ffhq.py at 12 per chip plans as much as at 16). On each
+  grid it assumes memory grows, which held wherever the verdicts were compiled (docs/TPU.md).
+  `start` is a batch already compiled: where it lies on a grid the search there starts from it."""
+  tried, results = [], {}
 
   def record(n):
-    tried.append(n)
-    return measure(n)
+    if n not in results:
+      tried.append(n)
+      results[n] = measure(n)
+    return results[n]
 
-  tile = TILE_ROWS
-  if limit >= tile:
-    k = _edge(lambda k: record(k * tile), capacity, limit // tile,
-              min(start // tile, limit // tile) if start % tile == 0 else 1)
-    if k:
-      return k * tile, tried
-  below = min(limit, tile - 1)
+  best = 0
+  for grid in (TILE_LANES, TILE_ROWS):
+    if limit < grid:
+      continue
+    first = best // grid if best else start // grid if start % grid == 0 else 1
+    k = _edge(lambda k, grid=grid: record(k * grid), capacity, limit // grid,
+              max(1, min(first, limit // grid)))
+    best = max(best, k * grid)
+  if best:
+    return best, tried
+  below = min(limit, TILE_ROWS - 1)
   return _edge(record, capacity, below, min(start, below)), tried
 
 
@@ -520,8 +530,9 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
       needed = needed_bytes(p, beside)
       return 'out of memory' + (f' (needs {_gib(needed)})' if needed is not None else '')
     probes = ', '.join(f'{p.batch // mesh.size}: {outcome(p)}' for p in tried)
-    lines.append(f'largest per-chip batch that fits (of multiples of {TILE_ROWS}, or 1 to '
-                 f'{TILE_ROWS - 1} when none fits): {best} (global {best * mesh.size}); the '
+    lines.append(f'largest per-chip batch that fits (of multiples of {TILE_LANES}, then of '
+                 f'{TILE_ROWS}, then 1 to {TILE_ROWS - 1} when none fits): {best} (global '
+                 f'{best * mesh.size}); the '
                  f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
                  f'{probes or "none"})')
   return '\n'.join(lines)

@@ -132,21 +132,35 @@ def _fits_compiled(measure, tried):
 def test_largest_fitting_compiles_two_fits_when_memory_is_linear():
   measure = _measure(1000, lambda n: 700 * n, 16_000)
   best, tried = aot.largest_fitting(measure, 16_000, limit=1024)
-  # 21 images fit; of the batches searched, 16. Compiled: 8, 32 (refused), 16, 24 (refused).
-  assert best == 16 and tried == [8, 32, 16, 24] and _fits_compiled(measure, tried) == 2
+  # 21 images fit; of the batches searched, 16. Compiled: 128 (refused: no multiple of 128 fits),
+  # then 8, 32 (refused), 16, 24 (refused).
+  assert best == 16 and tried == [128, 8, 32, 16, 24] and _fits_compiled(measure, tried) == 2
+
+
+def test_largest_fitting_finds_a_multiple_of_128_past_refused_multiples_of_8():
+  # As XLA plans the generation config on v5p (docs/TPU.md): at multiples of 128 the batch goes
+  # on the tiles' lanes and costs less per image than at the multiples of 8 around them.
+  measure = lambda n: (lambda m: (m <= 100, m))(1 + (0.10 if n % 128 == 0 else 0.16) * n)
+  best, tried = aot.largest_fitting(measure, 100, limit=1024)
+  assert best == 896 and measure(896)[0] and not measure(904)[0] and not measure(1024)[0]
+  assert not measure(624)[0]  # where a search over the multiples of 8 alone would have stopped
+  assert len(tried) == len(set(tried)) and all(n % 8 == 0 for n in tried)
+  assert tried[:3] == [128, 1024, 896] and 904 in tried
+  # The multiple of 128 it starts from counts: a known 256 is not compiled again.
+  assert aot.largest_fitting(measure, 100, limit=1024, start=256)[1][0] == 256
 
 
 def test_largest_fitting_on_v5es_measured_memory_finds_8_above_refused_3_and_4():
   # ffhq.py's train step on v5e-16 (docs/TPU.md, libtpu 0.0.42): per chip, whether it fit and its
   # GiB in all, or what the refusal needed. A search over every batch would stop at 2.
   v5e = {2: (True, 15.69), 3: (False, 17.52), 4: (False, 19.20), 8: (True, 14.20),
-         16: (False, 29.30)}
-  best, tried = aot.largest_fitting(lambda n: v5e[n], 16, limit=64, start=2)
-  assert best == 8 and tried == [8, 16]
+         16: (False, 29.30), 128: (False, None)}  # 128: not compiled on v5e; no memory said
+  best, tried = aot.largest_fitting(lambda n: v5e[n], 16, limit=1024, start=2)
+  assert best == 8 and tried == [128, 8, 16]
 
 
 def test_largest_fitting_is_zero_when_one_image_does_not_fit_and_stops_at_the_limit():
-  assert aot.largest_fitting(_measure(0, lambda n: 10 * n, 5), 5) == (0, [8, 1])
+  assert aot.largest_fitting(_measure(0, lambda n: 10 * n, 5), 5) == (0, [128, 8, 1])
   best, tried = aot.largest_fitting(_measure(0, lambda n: n, 10 ** 9), 10 ** 9, limit=8)
   assert best == 8 and tried == [8]
   assert aot.largest_fitting(_measure(0, lambda n: n, 10 ** 9), 10 ** 9, limit=5) == (5, [1, 5])
@@ -193,17 +207,17 @@ def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
   best, programs = aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=known)
   assert best == 5 and 8 not in compiled and compiled == [p.batch for p in programs]
   assert all(b % Mesh.size == 0 for b in compiled)
-  # Per chip: 8 first (refused), then from the known 2 along the line the refusals drew:
-  # 7 (refused, needing 71 GiB) -> 5 -> 6 (refused).
-  assert compiled == [32, 28, 20, 24]
+  # Per chip: 128 and 8 first (refused), then from the known 2 along the line the refusals
+  # drew: 7 (refused, needing 71 GiB) -> 5 -> 6 (refused).
+  assert compiled == [512, 32, 28, 20, 24]
   cannot = dataclasses.replace(known, error='no', cannot_run=True)
   assert aot.max_batch_per_chip(load_config('test'), Mesh(), chip, known=cannot) == (0, [])
   # A sampler beside the step (its arguments are not the step's) must not enter the estimate.
   sampler = aot.Program('sampler', 8, 1.0, {'arguments': 50 * G, 'temporaries': 0, 'outputs': 0,
                                             'total': 50 * G}, 1.0, {})
   text = aot.report('v5e:2x2', 1, Mesh(), chip, [sampler, known], (best, 5.0, programs))
-  assert ('largest per-chip batch that fits (of multiples of 8, or 1 to 7 when none fits): 5 '
-          '(global 20)') in text
+  assert ('largest per-chip batch that fits (of multiples of 128, then of 8, then 1 to 7 when '
+          'none fits): 5 (global 20)') in text
   assert '8: out of memory (needs 81.00 GiB)' in text and '6: out of memory (needs 61.00 GiB)' in text
 
 
