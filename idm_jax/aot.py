@@ -376,7 +376,7 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
       continue
     first = best // grid if best else start // grid if start % grid == 0 else 1
     k = _edge(lambda k, grid=grid: record(k * grid), capacity, limit // grid,
-              max(1, min(first, limit // grid)))
+              min(first, limit // grid))
     best = max(best, k * grid)
   if best:
     return best, tried
