@@ -525,8 +525,10 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
     beside = _beside_temporaries([p for p in programs + tried if p.name == 'train step'])
 
     def outcome(p):
+      if fits(p, chip):
+        return f'{_gib(p.memory["total"])}, {images_per_second(p, chip, 0.4):.0f} img/s at 40% MFU'
       if not p.error:
-        return _gib(p.memory['total'])
+        return f'{_gib(p.memory["total"])}, over HBM'
       needed = needed_bytes(p, beside)
       return 'out of memory' + (f' (needs {_gib(needed)})' if needed is not None else '')
     probes = ', '.join(f'{p.batch // mesh.size}: {outcome(p)}' for p in tried)
@@ -535,6 +537,14 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                  f'{best * mesh.size}); the '
                  f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
                  f'{probes or "none"})')
+    # Near the limit XLA rematerialises, so each image can cost more FLOPs than at a smaller
+    # batch that fits: the fastest batch by the projection need not be the largest.
+    fitting = [p for p in programs + tried if p.name == 'train step' and fits(p, chip)]
+    if fitting:
+      fastest = max(fitting, key=lambda p: images_per_second(p, chip, 0.4))
+      lines.append(f'fastest per-chip batch compiled, by the projection: '
+                   f'{fastest.batch // mesh.size} ({images_per_second(fastest, chip, 0.4):.0f} '
+                   f'img/s at 40% MFU on these {mesh.size} chips)')
   return '\n'.join(lines)
 
 

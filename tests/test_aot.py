@@ -159,6 +159,15 @@ def test_largest_fitting_on_v5es_measured_memory_finds_8_above_refused_3_and_4()
   assert best == 8 and tried == [128, 8, 16]
 
 
+def test_largest_fitting_on_v4s_measured_generation_memory_finds_256_in_two_fits():
+  # The generation config's train step on v4 (docs/TPU.md, libtpu 0.0.42), started from the
+  # compiled 128 per chip: any other batch would raise KeyError.
+  v4 = {128: (True, 19.94), 384: (False, 40.28), 256: (True, 29.81), 544: (False, 78.82),
+        264: (False, 34.24)}
+  best, tried = aot.largest_fitting(lambda n: v4[n], 32, limit=1024, start=128)
+  assert best == 256 and tried == [128, 384, 256, 544, 264]
+
+
 def test_largest_fitting_is_zero_when_one_image_does_not_fit_and_stops_at_the_limit():
   assert aot.largest_fitting(_measure(0, lambda n: 10 * n, 5), 5) == (0, [128, 8, 1])
   best, tried = aot.largest_fitting(_measure(0, lambda n: n, 10 ** 9), 10 ** 9, limit=8)
@@ -219,6 +228,31 @@ def test_max_batch_search_starts_from_the_step_already_compiled(monkeypatch):
   assert ('largest per-chip batch that fits (of multiples of 128, then of 8, then 1 to 7 when '
           'none fits): 5 (global 20)') in text
   assert '8: out of memory (needs 81.00 GiB)' in text and '6: out of memory (needs 61.00 GiB)' in text
+  # Each fitting probe carries its projection (flops 1.0 per chip: batch x 0.4 x 1e12 img/s).
+  assert '5: 51.00 GiB, 8000000000000 img/s at 40% MFU' in text
+  assert 'fastest per-chip batch compiled, by the projection: 5 (' in text
+
+
+def test_report_names_the_fastest_fitting_batch_when_the_limit_recomputes_more():
+  # As the generation config on v4 (docs/TPU.md): 256 per chip fits, but XLA rematerialises there
+  # and spends 0.186 TFLOP per image against 0.179 at 128, so 128 projects faster.
+  class Mesh:
+    size = 16
+    shape = {'data': 16, 'fsdp': 1}
+  G = aot.GiB
+  chip = aot.Chip('v4', 32 * G, 275e12)
+
+  def step(per_chip, total_gib, tflop_per_image, error=''):
+    memory = {} if error else {'arguments': 0.5 * G, 'temporaries': (total_gib - 0.5) * G,
+                               'outputs': 0, 'total': total_gib * G}
+    return aot.Program('train step', per_chip * 16, 1.0, memory,
+                       0.0 if error else tflop_per_image * per_chip * 1e12, {}, error=error)
+  known = step(128, 19.94, 0.179)
+  tried = [step(384, 0, 0, error='Ran out of memory in memory space hbm. Used 39.46G of 30.75G'),
+           step(256, 29.81, 0.186), step(264, 33.0, 0.19)]  # 264: compiled, over HBM
+  text = aot.report('v4:2x2x4', 1, Mesh(), chip, [known], (256, 1.0, tried))
+  assert ': 256 (global 4096)' in text and '264: 33.00 GiB, over HBM' in text
+  assert 'fastest per-chip batch compiled, by the projection: 128 (9832 img/s at 40% MFU' in text
 
 
 def test_verdict_tells_memory_from_cannot_run():
