@@ -522,11 +522,15 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                      for mfu in (0.4, 0.6)))
   if max_batch is not None:
     best, seconds, tried = max_batch
-    beside = _beside_temporaries([p for p in programs + tried if p.name == 'train step'])
+    steps = [p for p in programs + tried if p.name == 'train step']
+    beside = _beside_temporaries(steps)
+
+    def projected(p):
+      return f'{images_per_second(p, chip, 0.4):.0f} img/s at 40% MFU'
 
     def outcome(p):
       if fits(p, chip):
-        return f'{_gib(p.memory["total"])}, {images_per_second(p, chip, 0.4):.0f} img/s at 40% MFU'
+        return f'{_gib(p.memory["total"])}, {projected(p)}'
       if not p.error:
         return f'{_gib(p.memory["total"])}, over HBM'
       needed = needed_bytes(p, beside)
@@ -539,12 +543,12 @@ def report(topology: str, num_slices: int, mesh, chip: Chip, programs, max_batch
                  f'{probes or "none"})')
     # Near the limit XLA rematerialises, so each image can cost more FLOPs than at a smaller
     # batch that fits: the fastest batch by the projection need not be the largest.
-    fitting = [p for p in programs + tried if p.name == 'train step' and fits(p, chip)]
+    fitting = [p for p in steps if fits(p, chip)]
     if fitting:
       fastest = max(fitting, key=lambda p: images_per_second(p, chip, 0.4))
       lines.append(f'fastest per-chip batch compiled, by the projection: '
-                   f'{fastest.batch // mesh.size} ({images_per_second(fastest, chip, 0.4):.0f} '
-                   f'img/s at 40% MFU on these {mesh.size} chips)')
+                   f'{fastest.batch // mesh.size} ({projected(fastest)} on these '
+                   f'{mesh.size} chips)')
   return '\n'.join(lines)
 
 
