@@ -10,7 +10,6 @@ The file is flax.serialization's msgpack of
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -20,7 +19,7 @@ import numpy as np
 from flax import serialization
 
 from idm_jax import configlib
-from idm_jax.files import write_atomic
+from idm_jax import files
 
 FORMAT = 'idm_jax/1'
 
@@ -37,9 +36,11 @@ def to_bytes(config: ml_collections.ConfigDict, params) -> bytes:
       {'format': FORMAT, 'config': configlib.to_json(config), 'params': state})
 
 
-def save_exported(path: str, config: ml_collections.ConfigDict, params) -> None:
-  """Writes config + params to `path` atomically."""
-  write_atomic(path, to_bytes(config, params))
+def save_exported(path: str, config: ml_collections.ConfigDict, params) -> int:
+  """Writes config + params to `path` (local or gs://) atomically; returns its size in bytes."""
+  data = to_bytes(config, params)
+  files.write_atomic(path, data)
+  return len(data)
 
 
 def load_exported(path: str):
@@ -48,10 +49,9 @@ def load_exported(path: str):
   Raises FileNotFoundError if missing and ExportError (naming the file and the problem) if it is
   not an idm_jax export, is truncated/corrupt, or has another format version.
   """
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = files.read_bytes(path)
   if not data:
     raise ExportError(f'{path}: empty file, not an idm_jax model export')
   try:
@@ -73,13 +73,14 @@ def load_exported(path: str):
   return config, obj['params']
 
 
-def export(workdir: str, out: str, *, force: bool = False) -> None:
-  """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`."""
-  if os.path.exists(out) and not force:
+def export(workdir: str, out: str, *, force: bool = False) -> int:
+  """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`; returns
+  the file's size in bytes."""
+  if files.exists(out) and not force:
     raise FileExistsError(f'{out} exists; pass --force to overwrite it')
   from idm_jax import checkpoints  # orbax is heavy; only needed here
   config, params, _ = checkpoints.load_for_inference(workdir)
-  save_exported(out, config, params)
+  return save_exported(out, config, params)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -91,11 +92,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')
   args = parser.parse_args(argv)
   try:
-    export(args.workdir, args.out, force=args.force)
+    size = export(args.workdir, args.out, force=args.force)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)')
+  print(f'wrote {args.out} ({size / 2**20:.1f} MiB)')
   return 0
 
 

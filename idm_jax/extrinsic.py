@@ -9,7 +9,10 @@ copied byte for byte. The output is a new folder dataset; the source is never wr
   OUT/images/<name>    one file per source record (cleaned ones as PNG)
   OUT/scores.json      the score per record, so the selection can be inspected
   OUT/journal-<p>.jsonl  one line per finished record (process p): a killed run resumes from it
+                       (in a bucket, where nothing appends: journal-<p>-<k>.jsonl, one object per
+                       flush of a few dozen lines)
   OUT/manifest.json    written last, after verification: its presence marks a complete dataset
+OUT may be a local folder or a gs:// prefix (files.py).
 
 Rounds (`--config.mode=extrinsic`): WORKDIR/round_k/ holds model M_k (checkpoints/), the
 dataset D_k it trained on (dataset/, k >= 1; D_0 is the source), and eval/. M_k cleans D_k into
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import time
 
 from absl import logging
 import jax
@@ -38,11 +41,7 @@ IMAGES = 'images'
 
 
 def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+  return hashlib.sha256(files.read_bytes(path)).hexdigest()
 
 
 def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
@@ -88,25 +87,65 @@ def _out_name(name: str, cleaned: bool) -> str:
 
 def _read_journals(out_dir: str) -> dict[str, dict]:
   done = {}
-  for fname in sorted(os.listdir(out_dir)):
+  for fname in files.listdir(out_dir):
     if fname.startswith('journal-') and fname.endswith('.jsonl'):
-      with open(os.path.join(out_dir, fname)) as f:
-        for line in f:
-          line = line.strip()
-          if not line:
-            continue
-          try:
-            entry = json.loads(line)
-          except json.JSONDecodeError:   # a line cut by a kill: that record is redone
-            continue
-          done[entry['name']] = entry
+      for line in files.iter_lines(files.join(out_dir, fname)):
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          entry = json.loads(line)
+        except json.JSONDecodeError:   # a line cut by a kill: that record is redone
+          continue
+        done[entry['name']] = entry
   return done
 
 
-def _append(journal, entry: dict) -> None:
-  journal.write(json.dumps(entry) + '\n')
-  journal.flush()
-  os.fsync(journal.fileno())
+class _Journal:
+  """Process p's record of finished records. Locally one file, appended and fsynced per entry
+  (a kill loses at most the line being written, which the reader skips and the next line
+  starts afresh after). In a bucket a new object per flush, every REMOTE_BATCH entries or
+  REMOTE_SECONDS, and at each cleaned batch's end: a kill loses at most that many, redone."""
+
+  REMOTE_BATCH = 64
+  REMOTE_SECONDS = 30.0
+
+  def __init__(self, out_dir: str, process_index: int):
+    self.out_dir = out_dir
+    self.pi = process_index
+    self.remote = files.is_remote(out_dir)
+    self.pending: list[str] = []
+    self.last = time.monotonic()
+    if self.remote:
+      prefix = f'journal-{process_index}-'
+      self.seq = 1 + max([int(n[len(prefix):-len('.jsonl')]) for n in files.listdir(out_dir)
+                          if n.startswith(prefix) and n.endswith('.jsonl')], default=-1)
+    else:
+      self.path = files.join(out_dir, f'journal-{process_index}.jsonl')
+      if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+        with open(self.path, 'rb') as f:
+          f.seek(-1, os.SEEK_END)
+          if f.read(1) != b'\n':   # a line cut by a kill: end it so the next entry stands alone
+            self.pending.append('')
+
+  def add(self, entry: dict) -> None:
+    self.pending.append(json.dumps(entry))
+    if not self.remote or len(self.pending) >= self.REMOTE_BATCH or \
+        time.monotonic() - self.last >= self.REMOTE_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    text = '\n'.join(self.pending) + '\n'
+    if self.remote:
+      files.write_atomic(files.join(self.out_dir, f'journal-{self.pi}-{self.seq:06d}.jsonl'),
+                         text.encode())
+      self.seq += 1
+    else:
+      files.append_text(self.path, text)
+    self.pending = []
+    self.last = time.monotonic()
 
 
 def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
@@ -116,13 +155,12 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   niqe_params: the pristine NIQE parameters that rank images when clean_cfg.fraction < 1
   (None: the shipped ones).
   """
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(manifest_path):
+  manifest_path = files.join(out_dir, MANIFEST)
+  if files.exists(manifest_path):
     verify_manifest(out_dir)
-    with open(manifest_path) as f:
-      return json.load(f)
+    return json.loads(files.read_text(manifest_path))
   pi, pc = jax.process_index(), jax.process_count()
-  os.makedirs(os.path.join(out_dir, IMAGES), exist_ok=True)
+  files.makedirs(files.join(out_dir, IMAGES))
 
   from idm_jax.data import sources
   if isinstance(source, sources.FolderSource):   # names without decoding every file
@@ -139,10 +177,9 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   if fraction < 1.0:
     from idm_jax.metrics import niqe
     params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
-    scores_path = os.path.join(out_dir, SCORES)
-    if os.path.exists(scores_path):
-      with open(scores_path) as f:
-        scores = json.load(f)
+    scores_path = files.join(out_dir, SCORES)
+    if files.exists(scores_path):
+      scores = json.loads(files.read_text(scores_path))
     elif kind == 'artifacts':
       scores = artifact_scores(source)
     else:
@@ -158,25 +195,20 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   mine = [i for i in range(len(names)) if i % pc == pi and names[i] not in done]
   to_clean = [i for i in mine if names[i] in selected]
   to_copy = [i for i in mine if names[i] not in selected]
-  journal_path = os.path.join(out_dir, f'journal-{pi}.jsonl')
+  journal = _Journal(out_dir, pi)
   bs = int(clean_cfg.batch_size)
-  with open(journal_path, 'a') as journal, \
-       tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
-    if journal.tell() > 0:
-      with open(journal_path, 'rb') as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b'\n':   # a line cut by a kill: end it so the next entry stands alone
-          journal.write('\n')
+  with tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
     for i in to_copy:
-      _append(journal, _copy_record(source, i, names[i], out_dir))
+      journal.add(_copy_record(source, i, names[i], out_dir))
       bar.update(1)
+    journal.flush()
     for start in inference.batch_starts(len(to_clean), bs, restorer.lockstep):
       idx = to_clean[start:start + bs]
       records = [source[i] for i in idx]
       good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
       for i, r in zip(idx, records):
         if r.get('image') is None:
-          _append(journal, dict(name=names[i], action='failed', reason=r.get('error', '')))
+          journal.add(dict(name=names[i], action='failed', reason=r.get('error', '')))
       # Even with no good image (all failed, or this host is done) a lockstep Restorer runs a
       # batch, because the other hosts' images are in it.
       lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
@@ -186,12 +218,14 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
           sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start))
       for (i, _), img in zip(good, restored):
         rel = _out_name(names[i], cleaned=True)
-        path = os.path.join(out_dir, IMAGES, rel)
-        files.save_image(path, img)
-        entry = dict(name=names[i], file=rel, action='cleaned', sha256=sha256_file(path))
+        data = files.encode_image(img)
+        files.write_atomic(files.join(out_dir, IMAGES, rel), data)
+        entry = dict(name=names[i], file=rel, action='cleaned',
+                     sha256=hashlib.sha256(data).hexdigest())
         if kind == 'niqe' and params is not None:   # did cleaning lower the score that chose it?
           entry['score_after'] = niqe_of(img, params, resolution)
-        _append(journal, entry)
+        journal.add(entry)
+      journal.flush()
       bar.update(len(idx))
 
   parallel.barrier('clean: all records written')
@@ -212,7 +246,7 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
                                     after=float(np.mean([a for _, a in after])))
     logging.info('NIQE of the cleaned records: %.3f before, %.3f after',
                  manifest['cleaned_niqe']['before'], manifest['cleaned_niqe']['after'])
-  _verify_records(out_dir, records)
+  _verify_records(out_dir, records, _files_written(out_dir))
   files.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
   logging.info('cleaned dataset %s: %s', out_dir, counts)
   return manifest
@@ -221,46 +255,48 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
 def _copy_record(source, i: int, name: str, out_dir: str) -> dict:
   """Copies a record unchanged: the original file bytes when the source is a folder."""
   from idm_jax.data import sources
-  dst = os.path.join(out_dir, IMAGES, name)
   if isinstance(source, sources.FolderSource):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + '.tmp'
-    shutil.copyfile(source.paths[i], tmp)
-    os.replace(tmp, dst)
+    data = files.read_bytes(source.paths[i])
     rel = name
   else:
     rec = source[i]
     if rec.get('image') is None:
       return dict(name=name, action='failed', reason=rec.get('error', ''))
+    data = files.encode_image(rec['image'])
     rel = _out_name(name, cleaned=True)
-    dst = os.path.join(out_dir, IMAGES, rel)
-    files.save_image(dst, rec['image'])
-  return dict(name=name, file=rel, action='copied', sha256=sha256_file(dst))
+  files.write_atomic(files.join(out_dir, IMAGES, rel), data)
+  return dict(name=name, file=rel, action='copied', sha256=hashlib.sha256(data).hexdigest())
 
 
-def _verify_records(out_dir: str, records: list[dict]) -> None:
+def _verify_records(out_dir: str, records: list[dict], on_disk: set[str]) -> None:
+  """Every record's file is there; locally its checksum is read back too. In a bucket an
+  upload is whole or absent, so presence (one listing) is the check, not a download of all."""
   outputs = [r['file'] for r in records if r['action'] != 'failed']
   if len(set(outputs)) != len(outputs):
     raise RuntimeError(f'{out_dir}: two records map to the same output file')
+  local = not files.is_remote(out_dir)
   for r in records:
     if r['action'] == 'failed':
       continue
-    path = os.path.join(out_dir, IMAGES, r['file'])
-    if not os.path.isfile(path) or sha256_file(path) != r['sha256']:
+    path = files.join(out_dir, IMAGES, r['file'])
+    if r['file'] not in on_disk or (local and sha256_file(path) != r['sha256']):
       raise RuntimeError(f'{path}: missing or its checksum does not match the journal')
+
+
+def _files_written(out_dir: str) -> set[str]:
+  images_dir = files.join(out_dir, IMAGES)
+  return set(files.walk_files(images_dir)) if files.isdir(images_dir) else set()
 
 
 def verify_manifest(out_dir: str) -> dict:
   """Checks a finished dataset: one record per source record, every checksum; returns counts."""
-  with open(os.path.join(out_dir, MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = json.loads(files.read_text(files.join(out_dir, MANIFEST)))
   records = manifest['records']
   if len(records) != manifest['source_records'] or \
      len({r['name'] for r in records}) != len(records):
     raise RuntimeError(f'{out_dir}: the manifest does not hold exactly one entry per record')
-  _verify_records(out_dir, records)
-  on_disk = {os.path.relpath(os.path.join(d, f), os.path.join(out_dir, IMAGES))
-             for d, _, fs in os.walk(os.path.join(out_dir, IMAGES)) for f in fs}
+  on_disk = _files_written(out_dir)
+  _verify_records(out_dir, records, on_disk)
   listed = {r['file'] for r in records if r['action'] != 'failed'}
   if on_disk != listed:
     raise RuntimeError(f'{out_dir}: files on disk differ from the manifest: '
@@ -270,7 +306,7 @@ def verify_manifest(out_dir: str) -> dict:
 
 def _provenance(config, workdir: str, step: int | None) -> dict:
   return dict(source=dict(config.data.to_dict()),
-              model=dict(workdir=os.path.abspath(workdir), step=step))
+              model=dict(workdir=files.absolute(workdir), step=step))
 
 
 def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
@@ -288,16 +324,17 @@ def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
 
 
 def clean_from_config(config, workdir: str) -> dict:
-  out_dir = config.clean.out_dir or os.path.join(workdir, 'cleaned')
+  out_dir = config.clean.out_dir or files.join(workdir, 'cleaned')
   _refuse_inside_source(config, out_dir)
   return clean_with_model(config, workdir, out_dir)
 
 
 def _refuse_inside_source(config, out_dir: str) -> None:
   if config.data.source == 'folder':
-    src = os.path.realpath(config.data.dir)
-    out = os.path.realpath(out_dir)
-    if out == src or out.startswith(src + os.sep):
+    real = lambda p: files.absolute(p) if files.is_remote(p) else os.path.realpath(p)  # noqa: E731
+    src, out = real(config.data.dir), real(out_dir)
+    sep = '/' if files.is_remote(src) else os.sep
+    if out == src or out.startswith(src + sep):
       raise ValueError(f'clean.out_dir {out_dir!r} is inside the source folder {config.data.dir!r};'
                        ' the source is never written to')
 
@@ -307,10 +344,10 @@ def round_config(config, workdir: str, r: int):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     if r > 0:
-      c.data.update(source='folder', dir=os.path.join(workdir, f'round_{r}', 'dataset', IMAGES),
+      c.data.update(source='folder', dir=files.join(workdir, f'round_{r}', 'dataset', IMAGES),
                     num_val=0, max_examples=0)
       if config.extrinsic.init == 'finetune':
-        c.train.init_from = os.path.join(workdir, f'round_{r - 1}')
+        c.train.init_from = files.join(workdir, f'round_{r - 1}')
     if config.extrinsic.steps_per_round:
       c.train.num_steps = int(config.extrinsic.steps_per_round)
   return c
@@ -338,34 +375,33 @@ def run_rounds(config, workdir: str) -> dict:
   """Train round 0, clean, train round 1, ...; resumes wherever it was stopped."""
   from idm_jax import train
   from idm_jax import validation
-  os.makedirs(workdir, exist_ok=True)
-  results_path = os.path.join(workdir, 'rounds.json')
+  files.makedirs(workdir)
+  results_path = files.join(workdir, 'rounds.json')
   results = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  if files.exists(results_path):
+    results = json.loads(files.read_text(results_path))
   for r in range(int(config.extrinsic.rounds)):
-    rdir = os.path.join(workdir, f'round_{r}')
+    rdir = files.join(workdir, f'round_{r}')
     cfg = round_config(config, workdir, r)
     if r > 0:
       prev = round_config(config, workdir, r - 1)
-      clean_with_model(prev, os.path.join(workdir, f'round_{r - 1}'),
-                       os.path.join(rdir, 'dataset'))
-    os.makedirs(rdir, exist_ok=True)
+      clean_with_model(prev, files.join(workdir, f'round_{r - 1}'),
+                       files.join(rdir, 'dataset'))
+    files.makedirs(rdir)
     if jax.process_index() == 0:
-      files.write_atomic(os.path.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
+      files.write_atomic(files.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
     logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
     train.train_and_evaluate(cfg, rdir, vis_data=config.data)
     if str(r) not in results:
       restorer, _ = inference.load(rdir, config)  # the ORIGINAL validation set
       rows = validation.evaluate_restorer(restorer.config, restorer,
-                                        os.path.join(rdir, 'eval'))
+                                        files.join(rdir, 'eval'))
       last = list(rows)[-1]
       results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',
                              metrics=_summary(rows[last]))
       if jax.process_index() == 0:
         files.write_atomic(results_path, json.dumps(results, indent=1).encode())
-        files.write_atomic(os.path.join(workdir, 'rounds.md'),
+        files.write_atomic(files.join(workdir, 'rounds.md'),
                                _rounds_table(results).encode())
   return results
 

@@ -1,25 +1,129 @@
-"""Atomic file writes: a reader, or a crash mid-write, sees the old file or the whole new one.
+"""The one path layer: every file the project reads or writes for a user, on local disk or in a
+bucket (`gs://...`), through etils.epath, the layer orbax and TFDS use too.
 
-Every output the project writes for a user (images, checkpoints' side files, manifests, exported
-models) goes through here, so no run ever leaves a half-written file under its final name.
+Local paths behave as plain files always did. On object storage there are no folders, no renames
+and no appends, so each operation here is written for both:
+  * write_atomic: locally a temp file beside the target, fsync, rename; in a bucket one upload,
+    which readers see whole or not at all. Either way no reader sees half a file.
+  * append_text: locally an append (a reader can `tail -f`); in a bucket the object is rewritten
+    with the new lines, so callers append in batches (reporting.Writer flushes every few seconds).
+  * makedirs: a no-op in a bucket, where a "folder" is only a name prefix.
+  * move: a rename locally; in a bucket a copy of every object, then a delete.
+Remote listings are never cached: other hosts (and orbax's tensorstore) write the same bucket.
 """
 from __future__ import annotations
 
 import io
 import os
+import posixpath
 import tempfile
+from typing import Iterator
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
+PathLike = str | os.PathLike
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes to a temp file beside `path`, fsyncs, then renames it over `path`."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
+
+def is_remote(p: PathLike) -> bool:
+  """Whether `p` names object storage (gs://, s3://, ...) rather than a local file."""
+  s = os.fspath(p)
+  return '://' in s and not s.startswith('file://')
+
+
+def path(p: PathLike) -> epath.Path:
+  """An epath.Path for a local (~ expanded) or remote path."""
+  s = os.fspath(p)
+  if is_remote(s):
+    _configure_remote()
+    return epath.Path(s)
+  return epath.Path(os.path.expanduser(s))
+
+
+def join(base: PathLike, *parts: str) -> str:
+  """Joins path parts with '/' in a bucket and os.path.join locally; returns a str."""
+  base = os.fspath(base)
+  if is_remote(base):
+    return posixpath.join(base, *parts)
+  return os.path.join(base, *parts)
+
+
+def dirname(p: PathLike) -> str:
+  s = os.fspath(p)
+  return posixpath.dirname(s.rstrip('/')) if is_remote(s) else os.path.dirname(s)
+
+
+def absolute(p: PathLike) -> str:
+  """A local path made absolute (~ expanded); a remote one unchanged."""
+  s = os.fspath(p)
+  return s.rstrip('/') if is_remote(s) else os.path.abspath(os.path.expanduser(s))
+
+
+def relpath(p: PathLike, root: PathLike) -> str:
+  """`p` relative to the folder `root` ('/'-separated in a bucket)."""
+  p, root = os.fspath(p), os.fspath(root)
+  if is_remote(p):
+    return posixpath.relpath(p.split('://', 1)[1], root.split('://', 1)[1])
+  return os.path.relpath(p, root)
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def isfile(p: PathLike) -> bool:
+  if not is_remote(p):
+    return os.path.isfile(os.path.expanduser(os.fspath(p)))
+  fs, key = _fs(p)
+  return fs.isfile(key)
+
+
+def makedirs(p: PathLike) -> None:
+  """Creates a local folder (and its parents); nothing to do in a bucket."""
+  if not is_remote(p):
+    os.makedirs(os.path.expanduser(os.fspath(p)), exist_ok=True)
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+  return read_bytes(p).decode('utf-8')
+
+
+def listdir(p: PathLike) -> list[str]:
+  """The names directly inside a folder (or under a bucket prefix), sorted."""
+  return sorted(child.name for child in path(p).iterdir())
+
+
+def walk_files(p: PathLike) -> list[str]:
+  """Every file below a folder, as sorted '/'-separated paths relative to it."""
+  s = os.fspath(p)
+  if not is_remote(s):
+    root = os.path.expanduser(s)
+    return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, '/')
+                  for d, _, fs in os.walk(root) for f in fs)
+  fs, key = _fs(s)
+  key = key.rstrip('/')
+  return sorted(k[len(key) + 1:] for k in fs.find(key) if k.startswith(key + '/'))
+
+
+def write_atomic(p: PathLike, data: bytes) -> None:
+  """Writes `data` so that readers (and a crash mid-write) see the old file or the whole new one."""
+  if is_remote(p):
+    fs, key = _fs(p)
+    fs.pipe_file(key, bytes(data))   # one upload: the object appears whole when it completes
+    return
+  p = os.path.expanduser(os.fspath(p))
+  directory = os.path.dirname(os.path.abspath(p))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(p) + '.', suffix='.tmp')
   try:
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
     os.fchmod(fd, 0o666 & ~_umask())
@@ -27,11 +131,115 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, p)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_text(p: PathLike, text: str) -> None:
+  write_atomic(p, text.encode('utf-8'))
+
+
+def append_text(p: PathLike, text: str) -> None:
+  """Adds `text` at the end of a file, creating it. Locally an append + fsync; in a bucket a
+  rewrite of the whole object (one upload), so call it for batches of lines, not each line."""
+  if is_remote(p):
+    old = read_bytes(p) if exists(p) else b''
+    write_atomic(p, old + text.encode('utf-8'))
+    return
+  p = os.path.expanduser(os.fspath(p))
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  with open(p, 'a', encoding='utf-8') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Copies one file's bytes to `dst` atomically (either side local or remote)."""
+  write_atomic(dst, read_bytes(src))
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+  """Moves a file or folder (in a bucket: copies every object, then deletes the originals)."""
+  if is_remote(src) or is_remote(dst):
+    if not (is_remote(src) and is_remote(dst)):
+      raise ValueError(f'move {os.fspath(src)} -> {os.fspath(dst)}: both must be in a bucket')
+    fs, src_key = _fs(src)
+    _, dst_key = _fs(dst)
+    # Server-side copies (rewrite), then deletes: every object bucket API has these.
+    if fs.isdir(src_key):
+      fs.copy(src_key.rstrip('/') + '/', dst_key.rstrip('/') + '/', recursive=True)
+      fs.rm(src_key, recursive=True)
+    else:
+      fs.copy(src_key, dst_key)
+      fs.rm_file(src_key)
+  else:
+    os.rename(os.path.expanduser(os.fspath(src)), os.path.expanduser(os.fspath(dst)))
+
+
+def remove(p: PathLike) -> None:
+  """Deletes one file; a missing one is not an error."""
+  try:
+    path(p).unlink()
+  except FileNotFoundError:
+    pass
+
+
+def iter_lines(p: PathLike) -> Iterator[str]:
+  """The lines of a text file (without their newlines)."""
+  yield from read_text(p).splitlines()
+
+
+class StorageError(RuntimeError):
+  """A path cannot be used (missing bucket, no credentials, no permission); the message says
+  which path and why, in one line."""
+
+
+def check_writable(p: PathLike) -> None:
+  """Fails fast, before any compile, when a remote folder cannot be written: a missing bucket,
+  missing credentials or no permission, in one line naming the path. Local folders are created."""
+  if not is_remote(p):
+    makedirs(p)
+    return
+  fs, key = _fs(p)
+  bucket = key.split('/', 1)[0]
+  probe = f'{key.rstrip("/")}/.idm_jax_write_check_{os.getpid()}'
+  try:
+    fs.pipe_file(probe, b'')
+    fs.rm_file(probe)
+  except FileNotFoundError as e:
+    raise StorageError(f'{os.fspath(p)}: the bucket gs://{bucket} does not exist (or is not '
+                       f'visible with these credentials)') from e
+  except Exception as e:  # pylint: disable=broad-except  (auth, HTTP and network errors vary)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise StorageError(f'{os.fspath(p)}: cannot write there ({type(e).__name__}: {reason}); '
+                       'check the bucket name, the credentials (gcloud auth '
+                       'application-default login) and the permissions') from e
+
+
+def _fs(p: PathLike):
+  """(fsspec filesystem, path within it) of a remote path."""
+  _configure_remote()
+  import fsspec  # pylint: disable=import-outside-toplevel  (remote paths only)
+  return fsspec.core.url_to_fs(os.fspath(p))
+
+
+_CONFIGURED = False
+
+
+def _configure_remote() -> None:
+  """Turns off gcsfs's listing cache before its first filesystem is made: hosts and orbax's
+  tensorstore write the bucket behind its back, and a cached listing would miss checkpoints."""
+  global _CONFIGURED
+  if _CONFIGURED:
+    return
+  import fsspec  # pylint: disable=import-outside-toplevel
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+  _CONFIGURED = True
 
 
 def _umask() -> int:
@@ -55,9 +263,9 @@ def encode_image(image: np.ndarray, fmt: str = 'PNG', **kwargs) -> bytes:
   return buf.getvalue()
 
 
-def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
+def save_image(p: PathLike, image: np.ndarray) -> None:
   """Writes an RGB uint8 image atomically; the format follows the extension (png, jpg)."""
-  if os.fspath(path).lower().endswith(('.jpg', '.jpeg')):
-    write_atomic(path, encode_image(image, 'JPEG', quality=95))
+  if os.fspath(p).lower().endswith(('.jpg', '.jpeg')):
+    write_atomic(p, encode_image(image, 'JPEG', quality=95))
   else:
-    write_atomic(path, encode_image(image, 'PNG'))
+    write_atomic(p, encode_image(image, 'PNG'))

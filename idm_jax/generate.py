@@ -6,7 +6,6 @@ all of them sampling in lockstep on one program over every chip (inference.map_i
 """
 from __future__ import annotations
 
-import os
 
 from absl import logging
 import jax
@@ -25,23 +24,24 @@ def run(config, workdir: str) -> str:
   if config.model.conditional:
     raise ValueError('config.mode=generate needs an unconditional model '
                      '(configs/ffhq_generation.py); this checkpoint is a restoration model')
-  out_dir = config.generate.out_dir or os.path.join(workdir, 'generated')
+  out_dir = config.generate.out_dir or files.join(workdir, 'generated')
   g = config.generate
   pi, pc = jax.process_index(), jax.process_count()
   mine = np.arange(pi, g.num_samples, pc)
-  todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f'{i:06d}.png'))]
+  done = set(files.listdir(out_dir)) if files.isdir(out_dir) else set()   # one listing
+  todo = [i for i in mine if f'{i:06d}.png' not in done]
   bs = g.batch_size
   for start in tqdm(inference.batch_starts(len(todo), bs, restorer.lockstep), desc='generate',
                     disable=pi != 0):
     idx = todo[start:start + bs]   # empty once this host is done: it fills the others' batches
     samples = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
     for i, img in zip(idx, samples):
-      files.save_image(os.path.join(out_dir, f'{i:06d}.png'), img)
+      files.save_image(files.join(out_dir, f'{i:06d}.png'), img)
   if pi == 0:
-    first = [images.read(os.path.join(out_dir, f'{i:06d}.png'))
+    first = [images.read(files.join(out_dir, f'{i:06d}.png'))
              for i in range(min(16, g.num_samples)) if i % pc == 0]
     if first:
-      files.save_image(os.path.join(workdir, 'generated_grid.png'),
+      files.save_image(files.join(workdir, 'generated_grid.png'),
                          reporting.image_grid([np.stack(first)]))
   logging.info('%d samples in %s', g.num_samples, out_dir)
   return out_dir

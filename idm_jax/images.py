@@ -20,11 +20,14 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import posixpath
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from idm_jax import files
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
 # Forty megapixels: any camera photo passes, while restore's upscaled copy of it still fits in
@@ -145,7 +148,7 @@ def _read_bytes(data: bytes | str | os.PathLike, name: str | None) -> tuple[byte
     return bytes(data), name or '<bytes>'
   name = name or str(data)
   try:
-    return pathlib.Path(data).read_bytes(), name
+    return files.read_bytes(data), name
   except OSError as e:
     raise BadImage(name, f'cannot read file ({e.strerror or e})', UNREADABLE) from e
 
@@ -239,17 +242,25 @@ def list_files(directory: str | os.PathLike, *, extensions: Sequence[str] | None
   ones that are not images instead of silently ignoring them). Raises FileNotFoundError when
   `directory` is not a folder or holds no such file.
   """
-  d = pathlib.Path(directory).expanduser()
-  if not d.is_dir():
-    raise FileNotFoundError(f'image folder {str(d)!r} does not exist (or is not a folder)')
   exts = None if extensions is None else tuple(e.lower() for e in extensions)
+  if files.is_remote(directory):   # a bucket prefix: one listing of every object below it
+    d = files.absolute(directory)
+    rels = files.walk_files(d) if files.isdir(d) else []
+    if not rels:
+      raise FileNotFoundError(f'image folder {d!r} does not exist (or is empty)')
+    entries = [(rel, files.join(d, rel)) for rel in rels if recursive or '/' not in rel]
+  else:
+    d = pathlib.Path(directory).expanduser()
+    if not d.is_dir():
+      raise FileNotFoundError(f'image folder {str(d)!r} does not exist (or is not a folder)')
+    entries = [(p.relative_to(d).as_posix(), str(p))
+               for p in (d.rglob('*') if recursive else d.iterdir()) if p.is_file()]
   found = []
-  for path in (d.rglob('*') if recursive else d.iterdir()):
-    rel = path.relative_to(d)
-    if any(_hidden(p) for p in rel.parts) or not path.is_file():
+  for rel, p in entries:
+    if any(_hidden(part) for part in rel.split('/')):
       continue
-    if exts is None or path.suffix.lower() in exts:
-      found.append((rel.as_posix(), str(path)))
+    if exts is None or posixpath.splitext(rel)[1].lower() in exts:
+      found.append((rel, p))
   if not found:
     what = 'files' if exts is None else f'images (looked for {", ".join(exts)})'
     where = ' in all subfolders' if recursive else ''

@@ -18,7 +18,6 @@ batching or the device count: only on (seed, its index, the sampling settings).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -353,10 +352,11 @@ def load(path: str, run_config: ml_collections.ConfigDict | None = None,
   returned) or an exported .msgpack file (export.py; step None). With run_config, the Restorer
   runs with the run's settings (sampling, evaluation, data) and the checkpoint's model.
   """
-  if os.path.isdir(path):
+  from idm_jax import files
+  if files.isdir(path):
     from idm_jax import checkpoints
     config, params, step = checkpoints.load_for_inference(path)
-  elif os.path.isfile(path):
+  elif files.isfile(path):
     from idm_jax import export
     (config, params), step = export.load_exported(path), None
   else:

@@ -24,14 +24,15 @@ def run(config, workdir: str):
   """Dispatches on config.mode; importable so tests and notebooks skip absl flag parsing."""
   import jax
   from idm_jax import configlib
+  from idm_jax import files
   from idm_jax import parallel
   parallel.maybe_initialize_distributed()
   configlib.validate(config)
   _enable_compilation_cache()
-  os.makedirs(workdir, exist_ok=True)
+  # A missing bucket or missing credentials fail here, in one line, not after the compile.
+  files.check_writable(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'config_{config.mode}.json'), 'w') as f:
-      f.write(configlib.to_json(config))
+    files.write_text(files.join(workdir, f'config_{config.mode}.json'), configlib.to_json(config))
   logging.info('mode=%s workdir=%s devices=%s', config.mode, workdir, jax.devices())
   if config.mode == 'train':
     from idm_jax import train
@@ -81,7 +82,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
-  run(FLAGS.config, FLAGS.workdir)
+  from idm_jax import files
+  from idm_jax import workdir_lock
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except (files.StorageError, workdir_lock.WorkdirInUse) as e:   # said in one line, no trace
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

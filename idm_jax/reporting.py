@@ -1,12 +1,18 @@
 """What a user sees of a run: progress bar, metrics (stdout, metrics.jsonl, TensorBoard), PNG grids.
 
 Only process 0 writes; on other processes every method is a no-op, so callers need no `if`.
-TensorBoard event files come from tensorboardX, which needs no TensorFlow.
+TensorBoard event files come from tensorboardX, which needs no TensorFlow and writes gs://
+itself (google-cloud-storage), so `tensorboard --logdir gs://...` reads a pod run live.
+
+In a bucket nothing can be appended: an object is rewritten whole. So there the writer batches:
+metrics.jsonl and the event file are rewritten at most every REMOTE_FLUSH_SECONDS (and at close),
+and a new event file is started after each sample grid, so a rewrite never carries the images
+of earlier grids. A local workdir is written as each line comes (a reader can `tail -f`).
 """
 from __future__ import annotations
 
 import json
-import os
+import time
 
 from absl import logging
 import numpy as np
@@ -51,24 +57,49 @@ def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> N
 class Writer:
   """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG."""
 
+  REMOTE_FLUSH_SECONDS = 15.0
+
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
     self.enabled = enabled
+    self.remote = files.is_remote(workdir)
     self._tb = None
+    self._tb_files = 0
+    self._pending: list[str] = []   # metrics lines not yet in metrics.jsonl
+    self._last_flush = time.monotonic()
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      files.makedirs(workdir)
+      self._open_tb()
+
+  def _open_tb(self) -> None:
+    from tensorboardX import SummaryWriter
+    if self._tb is not None:
+      self._tb.close()
+    self._tb = SummaryWriter(files.join(self.workdir, 'tensorboard'),
+                             filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
+    self._tb_files += 1
 
   def scalars(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     logging.info('step %d: %s', step, ', '.join(f'{k}={v:.5g}' for k, v in metrics.items()))
-    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    self._pending.append(json.dumps({'step': step, **metrics}) + '\n')
     for k, v in metrics.items():
       self._tb.add_scalar(k, v, step)
+    self.flush(force=not self.remote)
+
+  def flush(self, force: bool = True) -> None:
+    """Writes pending metrics lines and TensorBoard events; in a bucket only when forced or
+    REMOTE_FLUSH_SECONDS have passed since the last rewrite."""
+    if not self.enabled:
+      return
+    if not force and time.monotonic() - self._last_flush < self.REMOTE_FLUSH_SECONDS:
+      return
+    if self._pending:
+      files.append_text(files.join(self.workdir, 'metrics.jsonl'), ''.join(self._pending))
+      self._pending = []
     self._tb.flush()
+    self._last_flush = time.monotonic()
 
   def sample_grid(self, step: int, batch: dict, samples: np.ndarray, conditional: bool) -> dict:
     """Saves samples_<step>.png (LQ | EMA sample | HQ rows); logs PSNR/SSIM vs HQ if restoring."""
@@ -86,12 +117,17 @@ class Writer:
     # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
     zoom = max(1, 128 // samples.shape[1])
     grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
-    files.save_image(os.path.join(self.workdir, f'samples_{step:07d}.png'), grid)
+    files.save_image(files.join(self.workdir, f'samples_{step:07d}.png'), grid)
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:
       self.scalars(step, metrics)
+    if self.remote:   # this file is rewritten whole on each flush: let the next one start light
+      self.flush()
+      self._open_tb()
     return metrics
 
   def close(self):
     if self._tb is not None:
+      self.flush()
       self._tb.close()
+      self._tb = None

@@ -23,6 +23,7 @@ from idm_jax import images
 from idm_jax import inference
 from idm_jax import optim
 from idm_jax import parallel
+from idm_jax import workdir_lock
 from idm_jax.diffusion import objectives
 from idm_jax.models import unet
 from idm_jax.train_state import TrainState
@@ -238,13 +239,24 @@ def check_finite(state: TrainState):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits cleanly at the next step."""
+  """SIGTERM -> every process stops at the same step, saves it and exits 0.
+
+  A pod's hosts get SIGTERM at slightly different moments (or only some of them do); a host
+  that left the loop on its own signal while another entered the next step's collectives would
+  hang or lose the save. With several processes, JAX's preemption service (jax.distributed's
+  coordination service) catches SIGTERM on any host and the hosts agree on a step to stop at:
+  `reached(step)`, asked once per step on every host, is True on all of them at that step. With
+  one process a Python handler sets a flag.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._service = jax.process_count() > 1
 
   def __enter__(self):
+    if self._service:   # the service's own SIGTERM handler must stay in place
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -255,6 +267,16 @@ class _Preemption:
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and stopping')
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if self._service:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning('preemption notice (SIGTERM on some host): all hosts stop at step %d',
+                        step)
+        self.requested = True
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -268,12 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   vis_data: the config.data whose validation split feeds the sample grids (default
   config.data; extrinsic rounds pass the original data, since a cleaned set has no validation).
-  Raises checkpoints.WorkdirInUse if another training run holds the workdir.
+  Raises workdir_lock.WorkdirInUse if another training run holds the workdir.
   """
   # One lock per run, taken by process 0: the other hosts of a run share its workdir.
   if jax.process_index() != 0:
     return _train_and_evaluate(config, workdir, max_steps, vis_data)
-  with checkpoints.WorkdirLock(workdir):
+  with workdir_lock.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, max_steps, vis_data)
 
 
@@ -317,10 +339,11 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
     last_t, last_step = time.perf_counter(), start
     try:
       step = start
-      while step < end and not preemption.requested:
+      while step < end:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
+        preempted = preemption.reached(step)
         # Every process must agree to stop at the same step (the save is collective); with
         # several, they agree at log steps only, so the budget costs no sync per step.
         out_of_time = ((jax.process_count() == 1 or step % config.train.log_every == 0)
@@ -338,10 +361,10 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
         reporting.shorten_to_budget(progress, step, end, budget.remaining())
         if step % config.train.sample_every == 0 or last:
           write_samples(step)
-        if step % config.train.ckpt_every == 0 or last or preemption.requested:
+        if step % config.train.ckpt_every == 0 or last or preempted:
           check_finite(state)  # a NaN state is never saved
           ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
-        if preemption.requested:
+        if preempted:
           logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
           break
         if out_of_time:

@@ -67,7 +67,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   write = jax.process_index() == 0
   if write:
     for sub in ('lq', 'hq'):
-      _save_all(os.path.join(out_dir, sub), val['name'], val[sub])
+      _save_all(files.join(out_dir, sub), val['name'], val[sub])
   from idm_jax.metrics import niqe as niqe_lib
   niqe = niqe_params_path(config)
   niqe_upscale = niqe_lib.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
@@ -81,7 +81,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
                            steps=int(steps))
     grid_rows.append(restored[:8])
     if write:
-      _save_all(os.path.join(out_dir, f'restored_{steps}steps'), val['name'], restored)
+      _save_all(files.join(out_dir, f'restored_{steps}steps'), val['name'], restored)
     if write_metrics:
       rows[f'restored, {steps} steps'] = evaluate.evaluate_images(
           list(restored), list(val['hq']), list(val['lq']), niqe_params=niqe,
@@ -90,7 +90,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   if write_metrics:
     evaluate.add_deltas(rows, 'LQ input', seed=config.seed)
   if write:
-    files.save_image(os.path.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
+    files.save_image(files.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:
       reports.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
@@ -100,7 +100,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
 def _save_all(directory: str, names, images) -> None:
   for name, img in zip(names, images):
     stem = os.path.splitext(os.path.basename(name))[0]
-    files.save_image(os.path.join(directory, f'{stem}.png'), img)
+    files.save_image(files.join(directory, f'{stem}.png'), img)
 
 
 def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
@@ -109,7 +109,7 @@ def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
   name = f'step_{step}'
   if config.sample.t_start < 1:   # a different starting point is a different evaluation
     name += f'_tstart{config.sample.t_start:g}'
-  out_dir = os.path.join(workdir, 'eval' if write_metrics else 'samples', name)
+  out_dir = files.join(workdir, 'eval' if write_metrics else 'samples', name)
   rows = evaluate_restorer(config, restorer, out_dir, write_metrics=write_metrics)
   logging.info('wrote %s', out_dir)
   return rows

@@ -42,3 +42,53 @@ def test_save_image_format_follows_extension(tmp_path):
   files.save_image(tmp_path / 'a.jpg', img)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'a.png')), img)
   assert Image.open(tmp_path / 'a.jpg').format == 'JPEG'
+
+
+# --- The same operations on local disk and in a gs:// bucket (the local GCS server).
+
+
+@pytest.fixture(params=['local', 'gcs'])
+def root(request, tmp_path):
+  if request.param == 'local':
+    return str(tmp_path / 'root')
+  return request.getfixturevalue('gcs_bucket') + '/root'
+
+
+def test_the_path_layer_reads_and_writes_both_kinds_of_path(root):
+  files.write_atomic(files.join(root, 'a', 'x.bin'), b'old')
+  files.write_atomic(files.join(root, 'a', 'x.bin'), b'new')
+  files.save_image(files.join(root, 'a', 'b', 'y.png'), np.zeros((2, 2, 3), np.uint8))
+  files.append_text(files.join(root, 'log.jsonl'), 'one\n')
+  files.append_text(files.join(root, 'log.jsonl'), 'two\nthree\n')
+  assert files.read_bytes(files.join(root, 'a', 'x.bin')) == b'new'
+  assert list(files.iter_lines(files.join(root, 'log.jsonl'))) == ['one', 'two', 'three']
+  assert files.listdir(root) == ['a', 'log.jsonl']
+  assert files.walk_files(root) == ['a/b/y.png', 'a/x.bin', 'log.jsonl']
+  assert files.isdir(files.join(root, 'a')) and not files.isdir(files.join(root, 'nope'))
+  assert files.isfile(files.join(root, 'a', 'x.bin')) and not files.isfile(files.join(root, 'a'))
+  assert files.relpath(files.join(root, 'a', 'b', 'y.png'), root) == 'a/b/y.png'
+  files.copy_file(files.join(root, 'a', 'x.bin'), files.join(root, 'c', 'x.bin'))
+  files.move(files.join(root, 'a'), files.join(root, 'moved'))
+  assert files.walk_files(root) == ['c/x.bin', 'log.jsonl', 'moved/b/y.png', 'moved/x.bin']
+  files.remove(files.join(root, 'c', 'x.bin'))
+  files.remove(files.join(root, 'c', 'x.bin'))   # already gone: not an error
+  assert not files.exists(files.join(root, 'c', 'x.bin'))
+  files.check_writable(files.join(root, 'new'))
+  assert files.walk_files(root) == ['log.jsonl', 'moved/b/y.png', 'moved/x.bin']  # probe gone
+
+
+def test_a_missing_bucket_fails_at_once_naming_it(gcs_server):
+  import time
+  t0 = time.monotonic()
+  with pytest.raises(files.StorageError, match=r'gs://no-such-bucket-7f3a does not exist'):
+    files.check_writable('gs://no-such-bucket-7f3a/runs/x')
+  assert time.monotonic() - t0 < 10
+
+
+def test_remote_and_local_names():
+  assert files.is_remote('gs://b/x') and not files.is_remote('/tmp/x')
+  assert not files.is_remote('runs/gs:/b')   # what os.path made of gs:// before: local
+  assert files.absolute('gs://b/run/') == 'gs://b/run'
+  assert files.join('gs://b/run', 'checkpoints') == 'gs://b/run/checkpoints'
+  assert files.dirname('gs://b/run/checkpoints') == 'gs://b/run'
+  assert files.absolute('rel') == os.path.abspath('rel')

@@ -1,7 +1,8 @@
 """Runs a short training job in a fresh process (device count and multi-host set before jax starts).
 
-python tests/train_worker.py --workdir W --steps N [--devices 8] [--overrides JSON]
+python tests/train_worker.py --workdir W (a folder or gs://...) --steps N [--devices 8] [--overrides JSON]
     [--process-id I --num-processes P --port PORT] [--params-out F.npz] [--compile-delay S]
+    [--sigterm-at-step N]
 Prints one JSON line: {"losses": [...], "step": ...}. Used by tests/test_train.py.
 """
 import argparse
@@ -18,6 +19,9 @@ def main():
   p.add_argument('--params-out', default='')
   p.add_argument('--compile-delay', type=float, default=0.0,
                  help='sleep this long before compiling the train step: a slow host')
+  p.add_argument('--sigterm-at-step', type=int, default=0,
+                 help='send this process SIGTERM while it fetches the batch of step N (1-based), '
+                      'as a preemption notice arriving mid-run')
   sys.path.insert(0, os.path.dirname(__file__))
   from conftest import add_process_args, load_config, start_cpu_processes
   add_process_args(p)
@@ -41,19 +45,28 @@ def main():
       time.sleep(a.compile_delay)
       return compile_step(self, *args, **kwargs)
     train.Trainer.compile_step = slow_compile_step
+  if a.sigterm_at_step:
+    import signal
+    from idm_jax import parallel
+    to_global, fetched = parallel.local_batch_to_global, []
+    def signalling_to_global(*args, **kwargs):
+      fetched.append(1)
+      if len(fetched) == a.sigterm_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return to_global(*args, **kwargs)
+    parallel.local_batch_to_global = signalling_to_global
   state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
   if a.params_out and jax.process_index() == 0:
     from idm_jax import parallel
     leaves = jax.tree.leaves(parallel.to_host(state.params))
     np.savez(a.params_out, *[np.asarray(x) for x in leaves])
   if jax.process_index() == 0:
+    from idm_jax import files
     losses = []
-    path = os.path.join(a.workdir, 'metrics.jsonl')
-    with open(path) as f:
-      for line in f:
-        m = json.loads(line)
-        if 'loss' in m:
-          losses.append((m['step'], m['loss']))
+    for line in files.iter_lines(files.join(a.workdir, 'metrics.jsonl')):
+      m = json.loads(line)
+      if 'loss' in m:
+        losses.append((m['step'], m['loss']))
     print(json.dumps({'losses': losses, 'step': int(jax.device_get(state.step))}))
 
 

@@ -26,12 +26,14 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import time
 from typing import Iterator, Sequence
 
 from absl import logging
 import tqdm
 
+from idm_jax import files
 from idm_jax import images
 from idm_jax.data import sources
 
@@ -42,14 +44,14 @@ def assign_split(rel_name: str, val_fraction: float) -> str:
   return 'validation' if sources.stable_fraction(rel_name) < val_fraction else 'train'
 
 
-def dataset_dir(out: str | os.PathLike, name: str) -> pathlib.Path:
-  """OUT/idm_faces/NAME: the folder holding the version subfolder."""
-  return pathlib.Path(out) / sources.TFDS_BUILDER_NAME / name
+def dataset_dir(out: str | os.PathLike, name: str) -> str:
+  """OUT/idm_faces/NAME: the folder holding the version subfolder (local or gs://)."""
+  return files.join(out, sources.TFDS_BUILDER_NAME, name)
 
 
 def is_complete(out: str | os.PathLike, name: str) -> bool:
-  # tfds writes dataset_info.json last, and we only move finished builds into place.
-  return (dataset_dir(out, name) / VERSION / 'dataset_info.json').is_file()
+  # tfds writes dataset_info.json last, and we only move (or upload) finished builds into place.
+  return files.isfile(files.join(dataset_dir(out, name), VERSION, 'dataset_info.json'))
 
 
 def _encode_one(path: str, rel: str, resolution: int) -> tuple[str, bytes | None, str]:
@@ -144,24 +146,26 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
   if is_complete(out, name) and not overwrite:
     logging.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
     return {'path': str(final), 'skipped_existing': True}
+  if files.is_remote(out):
+    return _prepare_and_upload(src, name, resolution, out, val_fraction, workers)
 
   root = pathlib.Path(src).expanduser()
   paths = images.list_images(root)
-  files: dict[str, list[tuple[str, str]]] = {'train': [], 'validation': []}
+  splits: dict[str, list[tuple[str, str]]] = {'train': [], 'validation': []}
   for p in paths:
     rel = pathlib.Path(p).relative_to(root).as_posix()
-    files[assign_split(rel, val_fraction)].append((p, rel))
-  if not files['validation']:
+    splits[assign_split(rel, val_fraction)].append((p, rel))
+  if not splits['validation']:
     logging.warning('no file fell into the validation split (val_fraction=%s); train only',
                 val_fraction)
-    del files['validation']
+    del splits['validation']
 
   t0 = time.time()
   pathlib.Path(out).mkdir(parents=True, exist_ok=True)
   tmp_dir = pathlib.Path(out) / f'.prepare-{name}-{os.getpid()}'
   shutil.rmtree(tmp_dir, ignore_errors=True)
   builder = _make_builder_class()(
-      files=files, resolution=resolution, workers=workers, data_dir=str(tmp_dir),
+      files=splits, resolution=resolution, workers=workers, data_dir=str(tmp_dir),
       config=tfds.core.BuilderConfig(name=name, version=VERSION,
                                      description=f'{root} at {resolution} px'))
   builder.progress = tqdm.tqdm(total=len(paths), desc=f'prepare {name}', unit='img')
@@ -173,7 +177,8 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     builder.progress.close()
     # Swap into place: old -> backup, new -> final, drop backup. A crash in between leaves
     # either the old or the new dataset complete, never a half-written one under the final name.
-    built = dataset_dir(tmp_dir, name)
+    built = pathlib.Path(dataset_dir(tmp_dir, name))
+    final = pathlib.Path(final)
     backup = tmp_dir / 'previous'
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
@@ -192,11 +197,29 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
   return {
       'path': str(final),
       'tfds_name': f'{sources.TFDS_BUILDER_NAME}/{name}',
-      'examples': {s: sum(rel not in bad_names for _, rel in f) for s, f in files.items()},
+      'examples': {s: sum(rel not in bad_names for _, rel in f) for s, f in splits.items()},
       'bad': builder.bad,
       'seconds': time.time() - t0,
       'skipped_existing': False,
   }
+
+
+def _prepare_and_upload(src: str, name: str, resolution: int, out: str, val_fraction: float,
+                        workers: int) -> dict:
+  """A bucket --out: builds in a local temporary folder, then uploads. The old version's objects
+  go first and dataset_info.json comes last, so a reader (and is_complete) never takes a
+  half-uploaded dataset for a finished one."""
+  final = dataset_dir(out, name)
+  with tempfile.TemporaryDirectory(prefix='idm_jax_prepare_') as local:
+    summary = prepare(src, name, resolution, local, val_fraction, False, workers)
+    built = dataset_dir(local, name)
+    if files.isdir(final):
+      for rel in files.walk_files(final):
+        files.remove(files.join(final, rel))
+    rels = sorted(files.walk_files(built), key=lambda r: r.endswith('dataset_info.json'))
+    for rel in tqdm.tqdm(rels, desc=f'upload to {final}', unit='file'):
+      files.copy_file(files.join(built, rel), files.join(final, rel))
+  return dict(summary, path=final)
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:

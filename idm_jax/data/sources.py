@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from idm_jax import files
 from idm_jax import images
 
 MIN_SIZE_FRACTION = 0.25
@@ -98,7 +99,7 @@ class FolderSource:
     return len(self.paths)
 
   def _name(self, path: str) -> str:
-    return os.path.relpath(path, self.root) if self.root else path
+    return files.relpath(path, self.root) if self.root else path
 
   def name(self, index: int) -> str:
     """The record's name without decoding the file."""
@@ -193,7 +194,7 @@ class BuiltinSource:
 
 def resolve_tfds_name(name: str, data_dir: str) -> str:
   """'ffhq512' -> 'idm_faces/ffhq512' when that was prepared in data_dir; other names as given."""
-  if '/' not in name and data_dir and (pathlib.Path(data_dir) / TFDS_BUILDER_NAME / name).is_dir():
+  if '/' not in name and data_dir and files.isdir(files.join(data_dir, TFDS_BUILDER_NAME, name)):
     return f'{TFDS_BUILDER_NAME}/{name}'
   return name
 
@@ -296,7 +297,7 @@ def make_source(data_cfg, split: str):
       paths = paths[:max_examples]
     if not paths:
       raise ValueError(f'config.data.num_val=0: folder {data_cfg.dir!r} has no {split} images')
-    return FolderSource(tuple(paths), res, root=str(pathlib.Path(data_cfg.dir).expanduser()))
+    return FolderSource(tuple(paths), res, root=files.absolute(data_cfg.dir))
   if data_cfg.source == 'builtin':
     source = BuiltinSource(_canonical_split('train' if is_train else split), res)
     if max_examples and max_examples < len(source):

@@ -1,0 +1,269 @@
+"""WORKDIR/train.lock: one training run per workdir, on local disk or in a gs:// bucket.
+
+The lock holds its holder's pid, host and start time as JSON. Process 0 of a run takes it (the
+other hosts of a pod share the workdir); a second run is refused with a message naming the
+holder. Released on exit, exceptions and SIGTERM included.
+
+Local folder: created with O_EXCL, so of two runs started together one gets it. A run killed
+harder leaves it behind; the next run on that host takes it over once /proc shows the holder's
+process is gone. Another host's lock is never judged (no /proc across hosts).
+
+Bucket: created with the generation precondition `ifGenerationMatch=0` (create-if-absent, which
+GCS decides atomically), so of two runs one gets it. The holder rewrites it every
+HEARTBEAT_SECONDS, each rewrite conditional on the generation it wrote last. A lock is stale
+when its object has not changed for STALE_SECONDS (the server's timestamp, so hosts' clocks only
+need to agree to within seconds of a minutes-long window), or when it was left on this very host
+by a process that is gone. Taking a stale lock over is again conditional on the generation read,
+so of two runs taking it over at once one wins. A holder whose rewrite finds another generation
+has lost the lock: it logs an error at once (that can only happen after it failed to rewrite it
+for STALE_SECONDS, e.g. a network partition that long).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+
+from absl import logging
+
+from idm_jax import files
+
+LOCK_FILE = 'train.lock'
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 600.0
+
+
+class WorkdirInUse(RuntimeError):
+  """Another live training run holds the workdir's lock; the message names it."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # alive, owned by another user
+    return True
+  return True
+
+
+def process_start(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (Linux), which tells a live process
+  from a later one that reuses its pid; None where /proc is missing."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def lock_is_stale(holder: dict, host: str, pid: int, start: str | None) -> bool:
+  """Whether a lock written by `holder` can be taken by process `pid` (started at `start`) on
+  `host`: only on the same host, when the holder's process is gone (or its pid now belongs to
+  a process started later, this one included). Another host's lock is never judged here."""
+  if holder.get('host') != host:
+    return False
+  hpid = int(holder.get('pid', -1))
+  if hpid == pid:
+    return holder.get('start') != start
+  if hpid <= 0 or not _pid_alive(hpid):
+    return True
+  hstart = holder.get('start')
+  return hstart is not None and process_start(hpid) not in (None, hstart)
+
+
+def _in_use(where: str, holder: dict, lock: str, extra: str = '') -> WorkdirInUse:
+  return WorkdirInUse(
+      f'{where} is in use by process {holder.get("pid")} on host {holder.get("host")} (since '
+      f'{holder.get("since")}{extra}; lock {lock}). Stop that run or choose another workdir; if '
+      'that process is gone, delete the lock file.')
+
+
+class WorkdirLock:
+  """WORKDIR/train.lock while a training run uses the workdir (a context manager)."""
+
+  def __init__(self, workdir: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+               stale_seconds: float = STALE_SECONDS):
+    self.workdir = files.absolute(workdir)
+    self.path = files.join(self.workdir, LOCK_FILE)
+    self.me = dict(pid=os.getpid(), host=socket.gethostname(), start=process_start(os.getpid()),
+                   since=time.strftime('%Y-%m-%d %H:%M:%S'))
+    self.held = False
+    self._impl = (_BucketLock(self, heartbeat_seconds, stale_seconds)
+                  if files.is_remote(self.path) else _LocalLock(self))
+
+  def acquire(self) -> WorkdirLock:
+    self._impl.acquire()
+    self.held = True
+    return self
+
+  def release(self) -> None:
+    """Removes the lock if it is still ours (never another run's)."""
+    if self.held:
+      self.held = False
+      self._impl.release()
+
+  @property
+  def lost(self) -> bool:
+    """Whether another run took the lock over while this one held it (buckets only)."""
+    return getattr(self._impl, 'lost', False)
+
+  def __enter__(self) -> WorkdirLock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class _LocalLock:
+  """O_EXCL file; a dead holder on this host is seen through /proc."""
+
+  def __init__(self, lock: WorkdirLock):
+    self.lock = lock
+    self.path = lock.path
+
+  def acquire(self) -> None:
+    me = self.lock.me
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(3):   # a stale lock is removed, then created again; others may race us
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._read_holder()
+        if holder is None:   # removed under us, or being written this instant
+          time.sleep(0.1)
+          continue
+        if not lock_is_stale(holder, me['host'], me['pid'], me['start']):
+          raise _in_use(self.lock.workdir, holder, self.path) from None
+        logging.warning('taking over %s: it was left by process %s on %s, which is no longer '
+                        'running', self.path, holder.get('pid'), holder.get('host'))
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+        f.flush()
+        os.fsync(f.fileno())
+      return
+    raise WorkdirInUse(f'could not take {self.path}: it keeps changing (another run starting?)')
+
+  def _read_holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      # Empty or garbled: a creator may be writing it right now. Say so rather than guess.
+      if time.time() - os.path.getmtime(self.path) < 5:
+        return None
+      raise WorkdirInUse(f'{self.path} exists but is unreadable; if no run uses '
+                         f'{self.lock.workdir}, delete it') from None
+    return holder if isinstance(holder, dict) else {}
+
+  def release(self) -> None:
+    try:
+      with open(self.path) as f:
+        ours = json.load(f) == self.lock.me
+    except (OSError, ValueError):
+      return
+    if ours:
+      os.remove(self.path)
+
+
+class _BucketLock:
+  """A gs:// object created if absent, kept fresh by a heartbeat thread; every write conditional
+  on the generation last seen (google-cloud-storage, which speaks GCS's preconditions)."""
+
+  def __init__(self, lock: WorkdirLock, heartbeat_seconds: float, stale_seconds: float):
+    if not lock.path.startswith('gs://'):
+      raise ValueError(f'{lock.path}: a training workdir must be local or on gs://')
+    from google.cloud import storage  # pylint: disable=import-outside-toplevel  ([gcs] extra)
+    bucket, name = lock.path[len('gs://'):].split('/', 1)
+    self.lock = lock
+    self.blob = storage.Client().bucket(bucket).blob(name)
+    self.heartbeat_seconds = heartbeat_seconds
+    self.stale_seconds = stale_seconds
+    self.generation = None
+    self.lost = False
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _payload(self) -> str:
+    return json.dumps(dict(self.lock.me, heartbeat=time.strftime('%Y-%m-%d %H:%M:%S')))
+
+  def _write(self, if_generation_match: int) -> None:
+    self.blob.upload_from_string(self._payload(), content_type='application/json',
+                                 if_generation_match=if_generation_match)
+    self.generation = self.blob.generation
+
+  def acquire(self) -> None:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    me = self.lock.me
+    for _ in range(5):   # each pass reads the lock, then creates or takes it over conditionally
+      try:
+        self.blob.reload()
+      except exceptions.NotFound:
+        try:
+          self._write(if_generation_match=0)
+        except exceptions.PreconditionFailed:   # another run created it first: judge that one
+          continue
+        break
+      try:
+        holder = json.loads(self.blob.download_as_bytes(if_generation_match=self.blob.generation))
+      except (exceptions.NotFound, exceptions.PreconditionFailed):   # changed under us
+        continue
+      except ValueError:
+        holder = {}
+      if not isinstance(holder, dict):
+        holder = {}
+      age = (datetime.datetime.now(datetime.timezone.utc) - self.blob.updated).total_seconds()
+      gone_here = lock_is_stale(holder, me['host'], me['pid'], me['start'])
+      if age < self.stale_seconds and not gone_here:
+        raise _in_use(self.lock.workdir, holder, self.lock.path,
+                      f', last heartbeat {max(age, 0):.0f} s ago')
+      logging.warning('taking over %s: it was left by process %s on %s, %s', self.lock.path,
+                      holder.get('pid'), holder.get('host'),
+                      'which is no longer running' if gone_here else
+                      f'whose last heartbeat was {age:.0f} s ago')
+      try:
+        self._write(if_generation_match=self.blob.generation)
+      except exceptions.PreconditionFailed:   # refreshed or taken by another run meanwhile
+        continue
+      break
+    else:
+      raise WorkdirInUse(f'could not take {self.lock.path}: it keeps changing (another run '
+                         'starting?)')
+    self._thread = threading.Thread(target=self._beat, name='workdir-lock-heartbeat',
+                                    daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    while not self._stop.wait(self.heartbeat_seconds):
+      try:
+        self._write(if_generation_match=self.generation)
+      except exceptions.PreconditionFailed:
+        self.lost = True
+        logging.error('%s was taken over by another run: this run no longer holds the workdir '
+                      '%s; stop it', self.lock.path, self.lock.workdir)
+        return
+      except Exception as e:  # pylint: disable=broad-except  (network: try again next beat)
+        logging.warning('could not refresh %s (%s); retrying', self.lock.path, e)
+
+  def release(self) -> None:
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    if self.lost:
+      return
+    try:
+      self.blob.delete(if_generation_match=self.generation)
+    except (exceptions.NotFound, exceptions.PreconditionFailed):
+      pass
