@@ -5,11 +5,13 @@ choose the steps, sampler, fidelity (t_start: below 1 sampling starts from the n
 keeps more of it), seed and upscale; see input and output side by side, each face's crop beside
 its restoration, and download the result. The work is done by the restore CLI's own functions
 (idm_jax.restore), so a file restores to the same pixels here as there, with the same messages
-for bad files. CKPT is a training workdir or an exported .msgpack (idm_jax.export).
+for bad files. CKPT is a training workdir or an exported .msgpack (idm_jax.export), local or in
+a bucket (gs://...).
 
 Needs the optional extra: pip install -e ".[app]" (Gradio). The page is served on this machine
 only (127.0.0.1) unless --host says otherwise; nothing is fetched from the internet (system
-fonts, no analytics). Results are also written to --out (default: a new temporary folder).
+fonts, no analytics). Results are also written to --out (default: a new temporary folder), a
+local folder: the page serves its downloads from this machine's disk.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from idm_jax import files
 from idm_jax import images
 from idm_jax import restore
 
@@ -91,7 +94,7 @@ def restore_file(path: str, restorer, detector, settings: Settings, out_dir: str
                  if pairs else f'no face found in {name}: the photo is only upscaled')
   except Exception as e:  # pylint: disable=broad-except  (shown on the page, as the CLI reports it)
     return Result(message=f'error: {name}: {type(e).__name__}: {e}', input=image)
-  download = os.path.join(out_dir, os.path.splitext(name)[0] + '_restored.png')
+  download = files.join(out_dir, os.path.splitext(name)[0] + '_restored.png')
   try:
     restore.write_image(download, output)
   except OSError as e:
@@ -105,7 +108,7 @@ def preview_file(path: Optional[str]) -> Tuple[str, Optional[np.ndarray]]:
   """(message, image) for an upload before restoring: bad files are named at once."""
   if not path:
     return '', None
-  name = os.path.basename(path)
+  name = os.path.basename(path)   # an upload: a local file with its own name
   try:
     image, notes = images.read_with_notes(path, name)
   except images.BadImage as e:
@@ -179,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--host', default='127.0.0.1',
                  help='address to serve on (0.0.0.0: reachable from other machines)')
   p.add_argument('--port', type=int, default=7860)
-  p.add_argument('--out', default=None, help='folder for the results (default: a temp folder)')
+  p.add_argument('--out', default=None,
+                 help='local folder for the results (default: a temp folder)')
   p.add_argument('--min-face-score', type=float, default=0.5, help='detector score threshold')
   return p
 
@@ -191,6 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {msg}', file=sys.stderr)
     return 2
 
+  if args.out and files.is_remote(args.out):
+    return fatal(f'--out {args.out}: the page serves its downloads from this machine\'s disk; '
+                 'give a local folder (--checkpoint may be in a bucket)')
   os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')   # no calls home
   try:
     import gradio  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -211,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'note: {e}; only aligned face crops can be restored', file=sys.stderr)
     detector = None
   out_dir = args.out or tempfile.mkdtemp(prefix='idm_jax_app_')
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   print(f'results are also written to {out_dir}')
   demo = build_demo(restorer, detector, out_dir)
   demo.queue(default_concurrency_limit=1)   # one restoration at a time: they share the device

@@ -5,7 +5,9 @@ r"""Scores a cleaned dataset against the ground truth of a controlled contaminat
 
 C/ and P/ come from `idm_jax.data.contaminate` with the same source and resolution (P/ with
 --fraction 0), so P/images/x.png is the truth for C/images/x.png. The cleaned dataset (the
-output of `--config.mode=clean` or an extrinsic round) cleaned C/'s training split. Reported:
+output of `--config.mode=clean` or an extrinsic round) cleaned C/'s training split. Every folder
+may be local or in a bucket (gs://...), where `--config.mode=clean` writes into a bucket workdir.
+Reported:
   selection  precision and recall of the images the cleaning chose against the contaminated set;
   cleaning   on the contaminated images it chose: PSNR / SSIM / identity of the cleaned image
              against the pristine original, next to the contaminated image against the same
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -44,7 +45,7 @@ def selection_scores(selected: set[str], contaminated: set[str], universe: set[s
 
 def _load(directory: str, names: Sequence[str], resolution: int) -> list[np.ndarray]:
   """The images as training reads them (all are PNGs at the contamination's resolution)."""
-  return [sources.load_image(os.path.join(directory, n), resolution) for n in names]
+  return [sources.load_image(files.join(directory, n), resolution) for n in names]
 
 
 def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identity: bool = True,
@@ -53,9 +54,9 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
   from idm_jax import evaluate
   from idm_jax import extrinsic
   from idm_jax.data import contaminate
-  cleaned = _read_json(os.path.join(cleaned_dir, extrinsic.MANIFEST))
-  contam = _read_json(os.path.join(contaminated_dir, contaminate.MANIFEST))
-  pristine = _read_json(os.path.join(pristine_dir, contaminate.MANIFEST))
+  cleaned = _read_json(files.join(cleaned_dir, extrinsic.MANIFEST))
+  contam = _read_json(files.join(contaminated_dir, contaminate.MANIFEST))
+  pristine = _read_json(files.join(pristine_dir, contaminate.MANIFEST))
   if pristine['num_contaminated'] or pristine['resolution'] != contam['resolution'] or \
      [r['file'] for r in pristine['records']] != [r['file'] for r in contam['records']]:
     raise ValueError(f'{pristine_dir} is not the pristine twin of {contaminated_dir}: make it '
@@ -71,7 +72,7 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
       k: sum(1 for n in chosen & truth if kinds[n] == k) for k in sorted(set(kinds.values()))}
   report['selection']['contaminated_by_kind'] = {
       k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))}
-  img = lambda d: os.path.join(d, contaminate.IMAGES)  # noqa: E731
+  img = lambda d: files.join(d, contaminate.IMAGES)  # noqa: E731
   res = int(contam['resolution'])
   kw = dict(niqe_params=None, identity=identity, progress=False)
   hit = sorted(chosen & truth)
@@ -98,10 +99,9 @@ def _means(result: dict) -> dict:
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'{path} is missing: is that folder a finished dataset?')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(path))
 
 
 def markdown(report: dict) -> str:
@@ -141,19 +141,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--cleaned', required=True, help='the cleaned dataset (manifest.json, images/)')
   p.add_argument('--contaminated', required=True, help='contaminate.py output it was made from')
   p.add_argument('--pristine', required=True, help='contaminate.py --fraction 0 twin')
-  p.add_argument('--out', required=True, help='where cleaning.json and cleaning.md go')
+  p.add_argument('--out', required=True,
+                 help='where cleaning.json and cleaning.md go (a folder, local or gs://)')
   p.add_argument('--no-identity', action='store_true')
   p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   a = p.parse_args(argv)
   try:
+    if files.is_remote(a.out):   # a missing bucket is said before the scoring, not after it
+      files.check_writable(a.out)
     report = score(a.cleaned, a.contaminated, a.pristine, identity=not a.no_identity,
                    seed=a.seed)
-  except (FileNotFoundError, ValueError, images.BadImage) as e:
+  except (FileNotFoundError, ValueError, images.BadImage, files.StorageError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  files.write_atomic(os.path.join(a.out, 'cleaning.json'), json.dumps(report, indent=1).encode())
+  files.write_text(files.join(a.out, 'cleaning.json'), json.dumps(report, indent=1))
   md = markdown(report)
-  files.write_atomic(os.path.join(a.out, 'cleaning.md'), md.encode())
+  files.write_text(files.join(a.out, 'cleaning.md'), md)
   print(md)
   return 0
 

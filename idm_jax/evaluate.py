@@ -7,8 +7,9 @@ r"""Evaluate restored faces: library API and CLI.
       [--inception-weights inception.npz] [--niqe-params F] --out eval/
 
 Files are matched by name stem (pred/0001.png <-> gt/0001.jpg). Writes metrics.json and
-metrics.md into --out. A metric that cannot be computed (no weights file, dlib missing, images
-too small) is reported as unavailable with the reason, never as a stand-in number.
+metrics.md into --out. Every folder may be local or in a bucket (gs://...). A metric that cannot
+be computed (no weights file, dlib missing, images too small) is reported as unavailable with the
+reason, never as a stand-in number.
 
 Library: `evaluate_images(pred, gt, lq, ...)` returns the metrics dict, and
 `metrics.reports.write_report` writes it.
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 from typing import Any, Callable, Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from idm_jax import files
 from idm_jax import images as images_lib
 from idm_jax.metrics import bootstrap
 from idm_jax.metrics import fidelity
@@ -180,7 +182,7 @@ class EvalError(Exception):
   """A problem with the user's input, reported as one line by the CLI."""
 
 
-def list_images(folder: str | os.PathLike, what: str) -> dict[str, pathlib.Path]:
+def list_images(folder: str | os.PathLike, what: str) -> dict[str, epath.Path]:
   """{stem: path} of the images directly in a folder; errors name the folder or the clashing files.
 
   Not recursive: files are matched across folders by name stem.
@@ -189,8 +191,8 @@ def list_images(folder: str | os.PathLike, what: str) -> dict[str, pathlib.Path]
     paths = images_lib.list_images(folder, recursive=False)
   except FileNotFoundError as e:
     raise EvalError(f'--{what}: {e}') from e
-  found: dict[str, pathlib.Path] = {}
-  for p in map(pathlib.Path, paths):
+  found: dict[str, epath.Path] = {}
+  for p in map(files.path, paths):   # a local or a gs:// path, with .stem and .name
     if p.stem in found:
       raise EvalError(f'--{what}: two images share the name stem {p.stem!r}: '
                       f'{found[p.stem]} and {p}')
@@ -198,7 +200,7 @@ def list_images(folder: str | os.PathLike, what: str) -> dict[str, pathlib.Path]
   return found
 
 
-def read_image(path: pathlib.Path) -> np.ndarray:
+def read_image(path: str | os.PathLike) -> np.ndarray:
   """uint8 RGB array of an image file, decoded as training decodes it (images.read); EvalError
   naming the file if it cannot be read."""
   try:
@@ -221,19 +223,21 @@ def _match(pred: dict, other: dict, what: str) -> None:
     raise EvalError('; '.join(parts))
 
 
-def _check_out(out: pathlib.Path, protected: dict[str, str | None]) -> None:
-  """--out must not be (inside) an input folder whose contents we must not touch."""
-  out = out.resolve()
+def _check_out(out: str, protected: dict[str, str | None]) -> None:
+  """--out must not be (inside) an input folder whose contents we must not touch, and must be
+  writable: a missing bucket is said before any image is read, not after every metric."""
   for flag, folder in protected.items():
-    if folder is None:
-      continue
-    f = pathlib.Path(folder).resolve()
-    if out == f or f in out.parents:
-      raise EvalError(f'--out {str(out)!r} is inside --{flag} {folder!r}; choose another folder '
-                      'so the dataset is left untouched')
+    if folder is not None and files.is_within(out, folder):
+      raise EvalError(f'--out {files.absolute(out)!r} is inside --{flag} {folder!r}; choose '
+                      'another folder so the dataset is left untouched')
+  if files.is_remote(out):
+    try:
+      files.check_writable(out)
+    except files.StorageError as e:
+      raise EvalError(f'--out {e}') from e
 
 
-def _read_all(paths: list[pathlib.Path], desc: str) -> list[np.ndarray]:
+def _read_all(paths: list[epath.Path], desc: str) -> list[np.ndarray]:
   return [read_image(p) for p in tqdm(paths, desc=f'reading {desc}', leave=False)]
 
 
@@ -338,7 +342,8 @@ def parse_args(argv):
   p.add_argument('--lq', help='LQ inputs: the consistency metric, and every metric\'s '
                  'per-image difference against the LQ with a paired-bootstrap interval')
   p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap resampling')
-  p.add_argument('--out', required=True, help='where metrics.json and metrics.md go')
+  p.add_argument('--out', required=True,
+                 help='where metrics.json and metrics.md go (a folder, local or gs://)')
   p.add_argument('--title', default=None, help='report title')
   p.add_argument('--niqe-params', default=niqe_lib.default_params_path(),
                  help='NIQE pristine parameters .npz (mu_pris_param, cov_pris_param, '
@@ -368,8 +373,8 @@ def parse_args(argv):
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
   args = parse_args(argv)
+  out = args.out
   try:
-    out = pathlib.Path(args.out)
     _check_out(out, {'gt': args.gt, 'lq': args.lq, 'ref': args.ref})
     if args.niqe_params:
       niqe_lib.load_niqe_params(args.niqe_params)  # fail before reading any image
@@ -380,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (EvalError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print((out / 'metrics.md').read_text())
+  print(files.read_text(files.join(out, 'metrics.md')))
   return 0
 
 

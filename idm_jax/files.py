@@ -269,3 +269,20 @@ def save_image(p: PathLike, image: np.ndarray) -> None:
     write_atomic(p, encode_image(image, 'JPEG', quality=95))
   else:
     write_atomic(p, encode_image(image, 'PNG'))
+
+
+def is_within(p: PathLike, folder: PathLike) -> bool:
+  """Whether `p` is `folder` or lies below it, so a CLI can refuse to write into its input.
+
+  Locally through symlinks (both resolved); in a bucket by name, where a "folder" is only a
+  prefix. A local path is never within a remote one, nor the reverse.
+  """
+  p, folder = os.fspath(p), os.fspath(folder)
+  if is_remote(p) or is_remote(folder):
+    if not (is_remote(p) and is_remote(folder)):
+      return False
+    p, folder = absolute(p), absolute(folder)
+    return p == folder or p.startswith(folder + '/')
+  p = os.path.realpath(os.path.expanduser(p))
+  folder = os.path.realpath(os.path.expanduser(folder))
+  return p == folder or p.startswith(folder.rstrip(os.sep) + os.sep)

@@ -5,7 +5,8 @@
         [--upscale 2] [--only-center-face] [--ext auto|png|jpg] [--suffix S] [--version]
 
 INPUT is an image or a folder (searched recursively, sorted; hidden files skipped). CKPT is a
-training workdir or an exported .msgpack (idm_jax.export).
+training workdir or an exported .msgpack (idm_jax.export). INPUT, OUT and CKPT may each be local
+or in a bucket (gs://...): a TPU pod's shared bucket serves as well as a local disk.
 
 --aligned: inputs are aligned face crops; each is resized to the model resolution and restored.
   OUT/restored_faces/  at the model resolution (PNG)
@@ -52,15 +53,15 @@ def list_inputs(input_path: str) -> List[Tuple[str, str]]:
   Every file, not only image extensions: a file that is not an image is reported as failed, so
   the user learns what was not restored.
   """
-  if os.path.isfile(input_path):
-    return [(input_path, os.path.basename(input_path))]
-  if not os.path.isdir(input_path):
+  if files.isfile(input_path):
+    return [(input_path, files.path(input_path).name)]
+  if not files.isdir(input_path):
     raise FileNotFoundError(f'{input_path}: no such file or folder')
   try:
     paths = images.list_files(input_path, extensions=None)
   except FileNotFoundError:
     return []   # main says "no files found"
-  return [(p, os.path.relpath(p, input_path)) for p in paths]
+  return [(p, files.relpath(p, input_path)) for p in paths]
 
 
 def file_index(relpath: str) -> int:
@@ -181,7 +182,7 @@ class _Report:
 
 def _out_path(out_dir: str, sub: str, relpath: str, tail: str) -> str:
   """OUT/sub/<relpath without extension><tail>."""
-  return os.path.join(out_dir, sub, os.path.splitext(relpath)[0] + tail)
+  return files.join(out_dir, sub, os.path.splitext(relpath)[0] + tail)
 
 
 def _read(path, report, max_pixels):
@@ -221,7 +222,7 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
                                   f'{suffix}.{output_ext(path, args.ext)}'), resize(y, w, h))
             write_image(_out_path(out_dir, 'cmp', rel, '.png'), side_by_side(x, y))
             report.restored.append(path)
-          except OSError as e:
+          except Exception as e:  # pylint: disable=broad-except  (a bucket's HTTP errors too)
             report.fail(path, f'cannot write output: {e}')
     report.bar.update(len(inputs[start:start + args.batch_size]))
 
@@ -254,17 +255,12 @@ OUTPUT_DESCRIPTIONS = {'restored_imgs': 'whole images', 'restored_faces': 'resto
 
 def outputs_line(out_dir: str) -> str:
   """The summary's last line: where each output folder that was written is."""
-  made = [d for d in OUTPUT_DESCRIPTIONS if os.path.isdir(os.path.join(out_dir, d))]
+  made = [d for d in OUTPUT_DESCRIPTIONS if files.isdir(files.join(out_dir, d))]
   if not made:
     return f'nothing written to {out_dir}'
-  root = os.path.abspath(out_dir)
+  root = files.absolute(out_dir)
   return f'results in {root}: ' + ', '.join(
       f'{d}/ ({OUTPUT_DESCRIPTIONS[d]})' for d in made)
-
-
-def _is_inside(path: str, folder: str) -> bool:
-  path, folder = os.path.realpath(path), os.path.realpath(folder)
-  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m idm_jax.restore',
                               description='Restore faces with an IDM model.')
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
-  p.add_argument('-i', '--input', required=True, help='an image or a folder of images')
-  p.add_argument('-o', '--output', required=True, help='output folder (not inside INPUT)')
+  p.add_argument('-i', '--input', required=True,
+                 help='an image or a folder of images (local or gs://)')
+  p.add_argument('-o', '--output', required=True,
+                 help='output folder, local or gs:// (not inside INPUT)')
   p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
   p.add_argument('--aligned', action='store_true', help='inputs are aligned face crops')
   p.add_argument('--steps', type=int, default=None, help='sampling steps (default: config)')
@@ -319,11 +317,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return fatal(str(e))
   if not inputs:
     return fatal(f'{args.input}: no files found')
-  if os.path.isdir(args.input) and _is_inside(args.output, args.input):
+  if files.isdir(args.input) and files.is_within(args.output, args.input):
     return fatal(f'output folder {args.output} is inside the input folder {args.input}; '
                  'choose another one (outputs are never written into the input folder)')
-  if os.path.exists(args.output) and not os.path.isdir(args.output):
+  if files.exists(args.output) and not files.isdir(args.output):
     return fatal(f'{args.output} exists and is not a folder')
+  try:  # A missing bucket or no permission: said now, not after the model has loaded.
+    if files.is_remote(args.output):
+      files.check_writable(args.output)
+  except files.StorageError as e:
+    return fatal(str(e))
 
   detector = None
   if not args.aligned:
@@ -344,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError as e:
     return fatal(str(e))
 
-  os.makedirs(args.output, exist_ok=True)
+  files.makedirs(args.output)
   with tqdm(total=len(inputs), unit='img', desc='restoring', disable=None) as bar:
     report = _Report(bar)
     if args.aligned:

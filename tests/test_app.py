@@ -120,6 +120,48 @@ def test_cli_without_gradio_says_what_to_install(monkeypatch, capsys, model_path
   assert 'pip install -e ".[app]"' in capsys.readouterr().err
 
 
+def test_cli_serves_a_checkpoint_from_a_bucket(tmp_path, monkeypatch, capsys, model_path,
+                                              restorer, gcs_bucket):
+  """--checkpoint gs://...: the page gets the model the local file gives (the page itself is
+  stubbed: no Gradio needed); --out must be local, as the page serves downloads from disk."""
+  import types
+  from idm_jax import files
+  ckpt = f'{gcs_bucket}/models/m.msgpack'
+  files.copy_file(model_path, ckpt)
+  served = {}
+
+  class _Page:
+    def queue(self, **kwargs):
+      pass
+
+    def launch(self, **kwargs):
+      served.update(kwargs)
+
+  def build_demo(restorer_, detector_, out_dir):
+    served.update(restorer=restorer_, out_dir=out_dir)
+    return _Page()
+
+  monkeypatch.setitem(sys.modules, 'gradio', types.ModuleType('gradio'))
+  monkeypatch.setattr(app, '_theme', lambda: None)
+  monkeypatch.setattr(app, 'build_demo', build_demo)
+  out = tmp_path / 'out'
+  assert app.main(['--checkpoint', ckpt, '--out', str(out)]) == 0
+  assert served['out_dir'] == str(out) and served['allowed_paths'] == [str(out)] and out.is_dir()
+  Image.fromarray(data.astronaut()[20:276, 130:386]).save(tmp_path / 'face.png')
+  settings = app.Settings(steps=2, sampler='ddim', t_start=1.0, seed=3, aligned=True)
+  remote = app.restore_file(str(tmp_path / 'face.png'), served['restorer'], None, settings,
+                            str(out))
+  local = app.restore_file(str(tmp_path / 'face.png'), restorer, None, settings, str(tmp_path))
+  assert remote.message == local.message == 'restored the aligned face face.png'
+  np.testing.assert_array_equal(remote.output, local.output)
+  np.testing.assert_array_equal(_read(out / 'face_restored.png'), local.output)
+  capsys.readouterr()
+  assert app.main(['--checkpoint', ckpt, '--out', f'{gcs_bucket}/results']) == 2
+  err = capsys.readouterr().err
+  assert f'--out {gcs_bucket}/results' in err and 'local folder' in err
+  assert len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------- in a real browser
 
 def _browser_missing() -> str | None:

@@ -41,7 +41,9 @@ def _cleaned_dataset(out, contaminated, pristine, chosen):
   (out / extrinsic.MANIFEST).write_text(json.dumps(dict(records=records, settings={})))
 
 
-def test_oracle_cleaning_scores_as_perfect(tmp_path):
+def _oracle_datasets(tmp_path):
+  """Contaminated and pristine twins of 12 images, and an oracle cleaning of 4 of the 6
+  contaminated ones and of one clean image; returns (c, p, one_clean)."""
   src = tmp_path / 'src'
   src.mkdir()
   rng = np.random.default_rng(0)
@@ -58,6 +60,11 @@ def test_oracle_cleaning_scores_as_perfect(tmp_path):
   one_clean = sorted(set(os.listdir(c / 'images')) - truth)[0]
   chosen = set(sorted(truth)[:4]) | {one_clean}
   _cleaned_dataset(tmp_path / 'cleaned', c, p, chosen)
+  return c, p, one_clean
+
+
+def test_oracle_cleaning_scores_as_perfect(tmp_path):
+  c, p, one_clean = _oracle_datasets(tmp_path)
   report = cleaning_eval.score(str(tmp_path / 'cleaned'), str(c), str(p), identity=False)
   assert report['selection']['precision'] == pytest.approx(4 / 5)
   assert report['selection']['recall'] == pytest.approx(4 / 6)
@@ -73,3 +80,32 @@ def test_oracle_cleaning_scores_as_perfect(tmp_path):
   # A pristine twin of another contamination is refused.
   assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated', str(c),
                              '--pristine', str(c), '--out', str(out)]) == 2
+
+
+def test_datasets_and_report_in_a_bucket_score_as_the_local_ones(tmp_path, gcs_bucket, capsys):
+  """--cleaned/--contaminated/--pristine/--out in a bucket (where --config.mode=clean writes a
+  bucket workdir's dataset): the same report as from the local folders."""
+  from idm_jax import files
+  _oracle_datasets(tmp_path)
+  for sub in ('c', 'p', 'cleaned'):
+    for rel in files.walk_files(tmp_path / sub):
+      files.copy_file(tmp_path / sub / rel, f'{gcs_bucket}/runs/{sub}/{rel}')
+  common = ['--no-identity', '--seed', '1']
+  local = tmp_path / 'report'
+  capsys.readouterr()
+  assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated',
+                             str(tmp_path / 'c'), '--pristine', str(tmp_path / 'p'),
+                             '--out', str(local), *common]) == 0
+  printed_local = capsys.readouterr().out
+  runs, out = f'{gcs_bucket}/runs', f'{gcs_bucket}/runs/report'
+  assert cleaning_eval.main(['--cleaned', f'{runs}/cleaned', '--contaminated', f'{runs}/c',
+                             '--pristine', f'{runs}/p', '--out', out, *common]) == 0
+  assert capsys.readouterr().out == printed_local
+  assert files.walk_files(out) == ['cleaning.json', 'cleaning.md']
+  for name in ('cleaning.json', 'cleaning.md'):
+    assert files.read_text(files.join(out, name)) == (local / name).read_text()
+  report = json.loads(files.read_text(files.join(out, 'cleaning.json')))
+  assert report['selection']['precision'] == pytest.approx(4 / 5)
+  assert cleaning_eval.main(['--cleaned', f'{runs}/nope', '--contaminated', f'{runs}/c',
+                             '--pristine', f'{runs}/p', '--out', out, *common]) == 2
+  assert f'{runs}/nope/manifest.json is missing' in capsys.readouterr().err

@@ -77,6 +77,40 @@ def test_replay_is_byte_identical_and_rerun_keeps_the_dataset(src, tmp_path, cap
   assert 'checksum' in capsys.readouterr().err
 
 
+def test_a_bucket_source_and_destination_give_the_local_dataset(src, tmp_path, gcs_bucket,
+                                                                capsys):
+  """--src, --dst and --replay in a bucket: the same images and records as a local run; a rerun
+  verifies, a damaged file is found, and a replay from the bucket is byte-identical."""
+  from idm_jax import files
+  for rel in files.walk_files(src):
+    files.copy_file(src / rel, f'{gcs_bucket}/src/{rel}')
+  args = ('--fraction', 0.25, '--seed', 3, '--resolution', 32, '--kinds', 'blur,jpeg')
+  local, dst = tmp_path / 'c', f'{gcs_bucket}/sets/c'
+  assert _run('--src', src, '--dst', local, *args) == 0
+  assert _run('--src', f'{gcs_bucket}/src', '--dst', dst, *args) == 0
+  want = [f'images/{i:03d}.png' for i in range(20)] + ['manifest.json']
+  assert files.walk_files(dst) == files.walk_files(local) == want
+  for rel in want[:-1]:
+    assert files.read_bytes(files.join(dst, rel)) == (local / rel).read_bytes(), rel
+  m = json.loads(files.read_text(files.join(dst, 'manifest.json')))
+  assert m['src'] == f'{gcs_bucket}/src' and m['num_contaminated'] == 5
+  assert m['records'] == json.loads((local / 'manifest.json').read_text())['records']
+  capsys.readouterr()
+  assert _run('--replay', f'{dst}/manifest.json', '--dst', f'{gcs_bucket}/sets/again') == 0
+  assert capsys.readouterr().out.endswith(f'manifest {gcs_bucket}/sets/again/manifest.json\n')
+  for rel in want:
+    assert (files.read_bytes(f'{gcs_bucket}/sets/again/{rel}')
+            == files.read_bytes(files.join(dst, rel))), rel
+  # A finished dataset in the bucket is verified, not rebuilt; a damaged file is named.
+  assert _run('--src', f'{gcs_bucket}/src', '--dst', dst, *args) == 0
+  files.write_atomic(files.join(dst, 'images', '007.png'), b'broken')
+  assert _run('--src', f'{gcs_bucket}/src', '--dst', dst, *args) == 2
+  assert f'{dst}/images/007.png: missing or its checksum differs' in capsys.readouterr().err
+  assert _run('--src', f'{gcs_bucket}/src', '--dst', f'{gcs_bucket}/src/inside', *args) == 2
+  assert 'inside --src' in capsys.readouterr().err
+  assert files.walk_files(f'{gcs_bucket}/src') == files.walk_files(src)   # never written
+
+
 @pytest.mark.parametrize('kind', contaminate.KINDS)
 def test_each_defect_is_mild_deterministic_and_changes_the_image(kind):
   rng = np.random.default_rng(1)

@@ -97,6 +97,38 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
   assert not (out / 'metrics.json').exists()
 
 
+def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_path, gcs_bucket,
+                                                                capsys):
+  """--pred/--gt/--lq and --out in a bucket: the same report as from the local folders."""
+  from idm_jax import files
+  for rel in files.walk_files(folders):
+    files.copy_file(folders / rel, files.join(gcs_bucket, 'data', rel))
+  common = ['--no-identity', '--title', 'bucket test']
+  local = tmp_path / 'report'
+  assert evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
+                        '--lq', str(folders / 'lq'), '--out', str(local), *common]) == 0
+  printed_local = capsys.readouterr().out
+  data, out = f'{gcs_bucket}/data', f'{gcs_bucket}/eval/run1'
+  assert evaluate.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--lq', f'{data}/lq',
+                        '--out', out, *common]) == 0
+  assert capsys.readouterr().out == printed_local
+  assert files.walk_files(out) == ['metrics.json', 'metrics.md']
+  for name in ('metrics.json', 'metrics.md'):
+    assert files.read_text(files.join(out, name)) == (local / name).read_text()
+  report = json.loads(files.read_text(files.join(out, 'metrics.json')))
+  assert report['num_images'] == 3 and report['metrics']['psnr']['mean'] > 20
+  assert report['delta']['reference'] == 'LQ input'
+  # --out inside an input folder of the bucket, and a missing bucket, are refused at once.
+  missing = 'gs://no-such-bucket-5d1e'
+  for bad_out, why in ((f'{data}/gt/report', 'inside --gt'),
+                       (f'{missing}/eval', f'{missing} does not exist')):
+    assert evaluate.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--out', bad_out,
+                          *common]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1, err
+  assert files.walk_files(f'{data}/gt') == sorted(p.name for p in (folders / 'gt').iterdir())
+
+
 def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, capsys):
   from idm_jax.data import sources
   faces = tmp_path / 'faces'

@@ -63,7 +63,7 @@ def test_layout_params_and_bad_files(src, tmp_path, capsys, caplog):
     assert np.any(lq != hq)
   # Params come from default_rng([seed, index in the sorted file list]).
   files = make_testset.list_images(src)
-  idx = [f.relative_to(src).as_posix() for f in files].index(recs[0]['source'])
+  idx = [make_testset.source_name(src, f) for f in files].index(recs[0]['source'])
   expect = degradations.sample_params(np.random.default_rng([3, idx]),
                                       make_testset.configlib.degradation_config('gfpgan'), 64)
   expect['flip'] = False
@@ -94,6 +94,35 @@ def test_reproducible_and_replay_byte_identical(src, tmp_path, capsys):
   assert make_testset.main(['--src', str(src), '--dst', str(d), '--seed', '4',
                             '--resolution', '64']) == 0
   assert any(np.any(_pixels(p) != _pixels(d / 'lq' / p.name)) for p in (a / 'lq').glob('*.png'))
+
+
+def test_a_bucket_source_and_destination_give_the_local_set(src, tmp_path, gcs_bucket, capsys,
+                                                           caplog):
+  """--src, --dst and --replay in a bucket: the same files, byte for byte, as a local run; the
+  refusals (inside --src, not empty) hold there too."""
+  from idm_jax import files
+  for rel in files.walk_files(src):
+    files.copy_file(src / rel, f'{gcs_bucket}/faces/{rel}')
+  local, dst = tmp_path / 'local', f'{gcs_bucket}/sets/test'
+  assert _run(src, local) == 0
+  assert _run(f'{gcs_bucket}/faces', dst) == 0
+  assert 'written 5, skipped 3' in capsys.readouterr().out
+  want = files.walk_files(local)
+  assert files.walk_files(dst) == want and len(want) == 11   # 5 hq, 5 lq, params.jsonl
+  assert 'hq/sub_nested.png' in want and 'lq/wide.png' in want
+  for rel in want:
+    assert files.read_bytes(files.join(dst, rel)) == (local / rel).read_bytes(), rel
+  again = f'{gcs_bucket}/sets/again'
+  assert make_testset.main(['--src', f'{gcs_bucket}/faces', '--dst', again, '--seed', '99',
+                            '--resolution', '64', '--replay', f'{dst}/params.jsonl']) == 0
+  for rel in want:
+    assert files.read_bytes(files.join(again, rel)) == (local / rel).read_bytes(), rel
+  caplog.clear()
+  assert _run(f'{gcs_bucket}/faces', dst) == 2
+  assert 'not empty; pass --overwrite' in caplog.text
+  assert _run(f'{gcs_bucket}/faces', f'{gcs_bucket}/faces/out') == 2
+  assert 'inside --src' in caplog.text
+  assert files.walk_files(f'{gcs_bucket}/faces') == files.walk_files(src)   # never written
 
 
 def test_refusals(src, tmp_path, capsys):

@@ -184,6 +184,48 @@ def test_cli_only_center_face_restores_the_middle_face_and_says_where_outputs_ar
   assert '--only-center-face' in capsys.readouterr().err
 
 
+def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(tmp_path, model_path, gcs_bucket,
+                                                                capsys):
+  """-i, -o and --checkpoint in a bucket: the same files, byte for byte, as a local run; the
+  refusals (output inside the input, output a file, no such bucket) hold there too."""
+  from idm_jax import files
+  inp = tmp_path / 'in'
+  (inp / 'sub').mkdir(parents=True)
+  face = data.astronaut()[20:276, 130:386]
+  Image.fromarray(face).save(inp / 'a.jpg', quality=90)
+  Image.fromarray(face[::4, ::4]).save(inp / 'sub' / 'b.png')
+  (inp / 'notes.txt').write_text('not an image\n')
+  bucket_in, out, ckpt = f'{gcs_bucket}/in', f'{gcs_bucket}/runs/out', f'{gcs_bucket}/m.msgpack'
+  for rel in files.walk_files(inp):
+    files.copy_file(inp / rel, files.join(bucket_in, rel))
+  files.copy_file(model_path, ckpt)
+  common = ['--aligned', '--steps', '2', '--seed', '3', '--batch-size', '2']
+  assert restore.main(['-i', str(inp), '-o', str(tmp_path / 'out'), '--checkpoint', model_path,
+                       *common]) == 1   # notes.txt fails, here and there
+  capsys.readouterr()
+  assert restore.main(['-i', bucket_in, '-o', out, '--checkpoint', ckpt, *common]) == 1
+  captured = capsys.readouterr().out
+  assert 'restored 2, no face found 0, failed 1' in captured
+  assert f'failed: {bucket_in}/notes.txt: not an image' in captured
+  assert captured.splitlines()[-1] == (
+      f'results in {out}: restored_imgs/ (whole images), restored_faces/ (restored faces), '
+      'cmp/ (input | restored)')
+  want = ['cmp/a.png', 'cmp/sub/b.png', 'restored_faces/a.png', 'restored_faces/sub/b.png',
+          'restored_imgs/a.jpg', 'restored_imgs/sub/b.png']
+  assert files.walk_files(out) == files.walk_files(tmp_path / 'out') == want
+  for rel in want:
+    assert files.read_bytes(files.join(out, rel)) == (tmp_path / 'out' / rel).read_bytes(), rel
+  assert files.walk_files(bucket_in) == ['a.jpg', 'notes.txt', 'sub/b.png']   # input untouched
+  missing = 'gs://no-such-bucket-5d1e'
+  for bad_out, why in ((f'{bucket_in}/results', 'is inside the input folder'),
+                       (ckpt, 'exists and is not a folder'),
+                       (f'{missing}/out', f'{missing} does not exist')):
+    assert restore.main(['-i', bucket_in, '-o', bad_out, '--checkpoint', ckpt, *common]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1, err
+  assert files.walk_files(bucket_in) == ['a.jpg', 'notes.txt', 'sub/b.png']
+
+
 def test_outputs_line_lists_only_the_folders_written(tmp_path):
   assert restore.outputs_line(str(tmp_path)) == f'nothing written to {tmp_path}'
   for d in ('cmp', 'restored_faces', 'restored_imgs'):     # what --aligned writes

@@ -18,6 +18,7 @@ Every output (contaminated or not) is a PNG at `--resolution` under DST/images/,
 copy made with --fraction 0 differs from the contaminated one exactly in the chosen images.
 DST/manifest.json (written last) names each file, whether and how it was contaminated, and its
 checksum; `--replay` re-creates the dataset byte for byte from it. The source is never written.
+--src, --dst and --replay may be local or in a bucket (gs://...).
 """
 from __future__ import annotations
 
@@ -93,9 +94,8 @@ def apply_defect(img: np.ndarray, defect: dict) -> np.ndarray:
   return np.clip(np.rint(x * 255.), 0, 255).astype(np.uint8)
 
 
-def _sha256(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
 
 
 def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: int,
@@ -112,7 +112,7 @@ def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: in
   if resolution < 8:
     raise ContaminateError(f'--resolution {resolution} must be at least 8')
   paths = images.list_images(src)
-  names = [os.path.relpath(p, src) for p in paths]
+  names = [files.relpath(p, src) for p in paths]
   if not 0 <= skip_last < len(names):
     raise ContaminateError(f'--skip-last {skip_last} must leave some of the {len(names)} images')
   eligible = len(names) - skip_last
@@ -123,17 +123,16 @@ def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: in
     if i in chosen:
       rec['defect'] = sample_defect(seed, i, kinds, ranges)
     records.append(rec)
-  return dict(format=FORMAT, src=os.path.abspath(src), fraction=fraction, seed=seed,
+  return dict(format=FORMAT, src=files.absolute(src), fraction=fraction, seed=seed,
               resolution=resolution, skip_last=skip_last, kinds=list(kinds),
               ranges={k: list(v) for k, v in ranges.items()},
               num_contaminated=len(chosen), records=records)
 
 
 def _check_dst(src: str, dst: str) -> None:
-  s, d = os.path.realpath(src), os.path.realpath(dst)
-  if d == s or d.startswith(s + os.sep):
+  if files.is_within(dst, src):
     raise ContaminateError(f'--dst {dst!r} is inside --src {src!r}; the source is never written')
-  if s.startswith(d + os.sep):
+  if files.is_within(src, dst):
     raise ContaminateError(f'--src {src!r} is inside --dst {dst!r}; choose another --dst')
 
 
@@ -144,10 +143,9 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
   from tqdm import tqdm
   src = manifest['src']
   _check_dst(src, dst)
-  done_path = os.path.join(dst, MANIFEST)
-  if os.path.exists(done_path):
-    with open(done_path) as f:
-      old = json.load(f)
+  done_path = files.join(dst, MANIFEST)
+  if files.exists(done_path):
+    old = json.loads(files.read_text(done_path))
     if {k: v for k, v in old.items() if k != 'records'} != \
        {k: v for k, v in manifest.items() if k != 'records'} or \
        [{k: v for k, v in r.items() if k != 'sha256'} for r in old['records']] != manifest['records']:
@@ -157,16 +155,16 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
     return old
   records = []
   for rec in tqdm(manifest['records'], desc='contaminate', disable=not progress, leave=False):
-    path = os.path.join(src, rec['name'])
+    path = files.join(src, rec['name'])
     try:
       img = sources.load_image(path, int(manifest['resolution']), rec['name'])
     except images.BadImage as e:
       raise ContaminateError(f'{path}: {e.reason}') from e
     if 'defect' in rec:
       img = apply_defect(img, rec['defect'])
-    out = os.path.join(dst, IMAGES, rec['file'])
-    files.write_atomic(out, sources.encode_png(img))
-    records.append(dict(rec, sha256=_sha256(out)))
+    png = sources.encode_png(img)
+    files.write_atomic(files.join(dst, IMAGES, rec['file']), png)
+    records.append(dict(rec, sha256=_sha256(png)))   # the bytes written: no download to hash
   full = dict(manifest, records=records)
   files.write_atomic(done_path, json.dumps(full, indent=1).encode())
   return full
@@ -174,11 +172,14 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
 
 def verify(dst: str) -> dict:
   """Checks every file of a finished dataset against its manifest's checksum."""
-  with open(os.path.join(dst, MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = json.loads(files.read_text(files.join(dst, MANIFEST)))
   for rec in manifest['records']:
-    path = os.path.join(dst, IMAGES, rec['file'])
-    if not os.path.isfile(path) or _sha256(path) != rec['sha256']:
+    path = files.join(dst, IMAGES, rec['file'])
+    try:
+      data = files.read_bytes(path)
+    except OSError:   # missing, or a folder where the file should be
+      data = None
+    if data is None or _sha256(data) != rec['sha256']:
       raise ContaminateError(f'{path}: missing or its checksum differs from {MANIFEST}')
   return manifest
 
@@ -192,8 +193,9 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog='python -m idm_jax.data.contaminate',
                               description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--src', help='folder of HQ images (read only)')
-  p.add_argument('--dst', required=True, help='new folder: images/ and manifest.json')
+  p.add_argument('--src', help='folder of HQ images (read only; local or gs://)')
+  p.add_argument('--dst', required=True,
+                 help='new folder, local or gs://: images/ and manifest.json')
   p.add_argument('--replay', help='a manifest.json to re-create exactly (ignores the rest)')
   p.add_argument('--fraction', type=float, default=0.15, help='share of eligible images')
   p.add_argument('--seed', type=int, default=0)
@@ -218,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     if args.replay:
-      with open(args.replay) as f:
-        old = json.load(f)
+      old = json.loads(files.read_text(args.replay))
       if old.get('format') != FORMAT:
         raise ContaminateError(f'{args.replay}: not a contamination manifest ({FORMAT})')
       manifest = dict(old, records=[{k: v for k, v in r.items() if k != 'sha256'}
@@ -229,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       manifest = plan(args.src, fraction=args.fraction, seed=args.seed,
                       resolution=args.resolution, skip_last=args.skip_last,
                       kinds=[k for k in args.kinds.split(',') if k], ranges=ranges)
+    if files.is_remote(args.dst):   # a missing bucket: said before any image is made
+      files.check_writable(args.dst)
     full = build(manifest, args.dst)
     if args.replay:
       want = {r['file']: r['sha256'] for r in old['records']}
@@ -237,11 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         diff = sorted(f for f in want if want[f] != got.get(f))
         raise ContaminateError(f'replay differs from {args.replay} in {len(diff)} files, e.g. '
                                f'{diff[:3]} (a different OpenCV/libjpeg/Pillow build?)')
-  except (ContaminateError, FileNotFoundError) as e:
+  except (ContaminateError, FileNotFoundError, files.StorageError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'{args.dst}: {full["num_contaminated"]} of {len(full["records"])} images contaminated '
-        f'({", ".join(full["kinds"])}); manifest {os.path.join(args.dst, MANIFEST)}')
+        f'({", ".join(full["kinds"])}); manifest {files.join(args.dst, MANIFEST)}')
   return 0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 
 import numpy as np
+
+from idm_jax import files
 
 # name -> (label, higher is better)
 METRIC_INFO = {
@@ -125,15 +126,12 @@ def _multi_table(rows: dict[str, dict]) -> list[str]:
 
 
 def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
-  """Writes metrics.json (everything, per image too) and metrics.md (a table of means).
+  """Writes metrics.json (everything, per image too) and metrics.md (a table of means) into
+  `out_dir`, a local folder or a gs:// one, each file whole or not at all (files.write_text).
 
   `metrics` is one `evaluate_images` result, or {row name: result} for a table comparing
   several (e.g. the LQ input and restorations at several step counts).
   """
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  with open(out / 'metrics.json', 'w') as f:
-    json.dump(json_safe({'title': title, **metrics}), f, indent=1)
   lines = [f'# {title}', '']
   if 'metrics' in metrics:
     if 'num_images' in metrics:
@@ -151,4 +149,7 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
                        f'entries {bad[:3]} are neither')
     lines += _multi_table(metrics)
     lines += _delta_table(metrics)
-  (out / 'metrics.md').write_text('\n'.join(lines) + '\n')
+  # Both tables are built before anything is written: a bad `metrics` leaves no half report.
+  files.write_text(files.join(out_dir, 'metrics.json'),
+                   json.dumps(json_safe({'title': title, **metrics}), indent=1))
+  files.write_text(files.join(out_dir, 'metrics.md'), '\n'.join(lines) + '\n')
