@@ -98,7 +98,10 @@ def read_text(p: PathLike) -> str:
 
 
 def listdir(p: PathLike) -> list[str]:
-  """The names directly inside a folder (or under a bucket prefix), sorted."""
+  """The names directly inside a folder (or under a bucket prefix), sorted. In a bucket an empty
+  "folder" does not exist, so a prefix with nothing below it lists as empty."""
+  if is_remote(p) and not isdir(p):
+    return []
   return sorted(child.name for child in path(p).iterdir())
 
 

@@ -1,17 +1,22 @@
 """What a user sees of a run: progress bar, metrics (stdout, metrics.jsonl, TensorBoard), PNG grids.
 
 Only process 0 writes; on other processes every method is a no-op, so callers need no `if`.
-TensorBoard event files come from tensorboardX, which needs no TensorFlow and writes gs://
-itself (google-cloud-storage), so `tensorboard --logdir gs://...` reads a pod run live.
+TensorBoard event files come from tensorboardX, which needs no TensorFlow.
 
-In a bucket nothing can be appended: an object is rewritten whole. So there the writer batches:
-metrics.jsonl and the event file are rewritten at most every REMOTE_FLUSH_SECONDS (and at close),
-and a new event file is started after each sample grid, so a rewrite never carries the images
-of earlier grids. A local workdir is written as each line comes (a reader can `tail -f`).
+In a bucket nothing can be appended: an object is rewritten whole. So for a gs:// workdir the
+event files are written to a local staging folder and uploaded to WORKDIR/tensorboard/ (where
+`tensorboard --logdir gs://...` reads them), and metrics.jsonl is rewritten, both at most every
+REMOTE_FLUSH_SECONDS and at close. A new event file starts after each sample grid, so an upload
+never carries the images of earlier grids. (tensorboardX's own gs:// writer rewrites one
+ever-growing file and re-uploads it when garbage-collected, even after close.) A local workdir is
+written as each line comes (a reader can `tail -f`).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
@@ -65,19 +70,40 @@ class Writer:
     self.remote = files.is_remote(workdir)
     self._tb = None
     self._tb_files = 0
+    self._staging = None          # local folder of the event files a bucket workdir gets
+    self._uploaded: dict[str, int] = {}
     self._pending: list[str] = []   # metrics lines not yet in metrics.jsonl
     self._last_flush = time.monotonic()
     if enabled:
       files.makedirs(workdir)
+      if self.remote:
+        self._staging = tempfile.mkdtemp(prefix='idm_jax_tensorboard_')
       self._open_tb()
 
   def _open_tb(self) -> None:
+    """(Re)opens the event writer; each file gets a distinct name (the count as suffix)."""
     from tensorboardX import SummaryWriter
     if self._tb is not None:
       self._tb.close()
-    self._tb = SummaryWriter(files.join(self.workdir, 'tensorboard'),
-                             filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
+      self._upload_events(drop=True)
+    logdir = self._staging or files.join(self.workdir, 'tensorboard')
+    self._tb = SummaryWriter(logdir, filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
     self._tb_files += 1
+
+  def _upload_events(self, drop: bool = False) -> None:
+    """Uploads the staged event files that grew since their last upload; `drop` removes the
+    closed ones from staging once uploaded."""
+    if self._staging is None:
+      return
+    for name in sorted(os.listdir(self._staging)):
+      local = os.path.join(self._staging, name)
+      with open(local, 'rb') as f:
+        data = f.read()
+      if self._uploaded.get(name) != len(data):
+        files.write_atomic(files.join(self.workdir, 'tensorboard', name), data)
+        self._uploaded[name] = len(data)
+      if drop:
+        os.remove(local)
 
   def scalars(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -99,6 +125,7 @@ class Writer:
       files.append_text(files.join(self.workdir, 'metrics.jsonl'), ''.join(self._pending))
       self._pending = []
     self._tb.flush()
+    self._upload_events()
     self._last_flush = time.monotonic()
 
   def sample_grid(self, step: int, batch: dict, samples: np.ndarray, conditional: bool) -> dict:
@@ -131,3 +158,7 @@ class Writer:
       self.flush()
       self._tb.close()
       self._tb = None
+      self._upload_events(drop=True)
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
+      self._staging = None

@@ -222,3 +222,22 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   with pytest.raises(ValueError, match='clean.score'):
     extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
                             seed=0, niqe_params=None, resolution=64, provenance={})
+
+
+def test_two_rounds_with_the_workdir_in_a_bucket(tmp_path, test_config, gcs_bucket):
+  """The rounds with every dataset version in gs://: round 1 trains on images it reads back
+  from the bucket, and a rerun resumes without redoing anything."""
+  from idm_jax import files
+  faces = tmp_path / 'faces'
+  faces.mkdir()
+  for i in range(12):
+    Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(faces / f'{i:02d}.png')
+  config = tiny(test_config, faces)
+  work = f'{gcs_bucket}/work'
+  results = extrinsic.run_rounds(config, work)
+  assert set(results) == {'0', '1'}
+  assert extrinsic.verify_manifest(f'{work}/round_1/dataset')['cleaned'] == 8
+  listing = files.walk_files(work)
+  assert 'rounds.md' in listing and 'round_1/checkpoints/2/ema/_METADATA' in listing
+  assert sum(n.startswith('round_1/dataset/images/') for n in listing) == 8
+  assert extrinsic.run_rounds(config, work) == results

@@ -1,0 +1,56 @@
+"""What a run shows: metrics.jsonl and TensorBoard events, on local disk and in a gs:// bucket."""
+import json
+
+import numpy as np
+import pytest
+
+from idm_jax import files
+from idm_jax import reporting
+
+
+@pytest.fixture(params=['local', 'gcs'])
+def workdir(request, tmp_path):
+  if request.param == 'local':
+    return str(tmp_path / 'run')
+  return request.getfixturevalue('gcs_bucket') + '/run'
+
+
+def _steps(workdir):
+  path = files.join(workdir, 'metrics.jsonl')
+  return [json.loads(line)['step'] for line in files.iter_lines(path)] if files.exists(path) else []
+
+
+def test_metrics_and_events_reach_the_workdir_local_at_once_bucket_in_batches(workdir):
+  writer = reporting.Writer(workdir)
+  writer.REMOTE_FLUSH_SECONDS = 3600.0   # in a bucket only close (or a grid) writes here
+  writer.scalars(1, {'loss': 1.0})
+  writer.scalars(2, {'loss': 0.5})
+  assert _steps(workdir) == ([] if writer.remote else [1, 2])   # local: a reader can tail -f
+  batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
+  writer.sample_grid(2, batch, batch['hq'], conditional=True)   # flushes; a bucket rotates
+  assert _steps(workdir) == [1, 2, 2]                            # the grid's PSNR/SSIM line
+  writer.scalars(3, {'loss': 0.25})
+  writer.close()
+  assert _steps(workdir) == [1, 2, 2, 3]
+  assert 'samples_0000002.png' in files.listdir(workdir)
+  events = files.listdir(files.join(workdir, 'tensorboard'))
+  assert len(events) == (2 if writer.remote else 1)
+  # What TensorBoard reads back: every scalar and the grid, whichever file holds them.
+  values = [v for name in events
+            for v in _summary_values(files.read_bytes(files.join(workdir, 'tensorboard', name)))]
+  assert {step: v.simple_value for step, v in values if v.tag == 'loss'} == {1: 1.0, 2: 0.5,
+                                                                             3: 0.25}
+  assert [step for step, v in values if v.tag == 'samples' and v.HasField('image')] == [2]
+
+
+def _summary_values(data: bytes):
+  """(step, Summary.Value) of an event file: TFRecord framing (length, CRC, payload, CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out, pos = [], 0
+  while pos < len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4
+    out += [(event.step, v) for v in event.summary.value]
+  return out
