@@ -43,8 +43,9 @@ optional:
   --version RUNTIME         TPU VM runtime (default: $DEFAULT_VERSION; v5e: v2-alpha-tpuv5-lite)
   --project PROJECT         GCP project (default: gcloud's configured project)
   --config FILE             config file inside the repo (default: $DEFAULT_CONFIG)
-  --data-dir DIR            TFDS data_dir of a dataset made by idm_jax.data.prepare (may be
-                            gs://); adds --config.data.source=tfds --config.data.tfds_data_dir=DIR
+  --data-dir DIR            TFDS data_dir of a dataset made by idm_jax.data.prepare (gs://: every
+                            worker reads its share straight from the bucket, nothing is staged);
+                            adds --config.data.source=tfds --config.data.tfds_data_dir=DIR
                             (the dataset name comes from the config or --config.data.tfds_name=)
   --ref REF                 branch, tag or commit to check out (default: the repo's default)
   --python VERSION          Python the workers' virtualenv uses, via uv (default: $DEFAULT_PYTHON)
@@ -171,7 +172,9 @@ if [[ -n $ref ]]; then
   install_cmd+="; git -C $remote_repo checkout $(q "$ref")"
 fi
 install_cmd+="; uv venv --python $(q "$python_version") $remote_venv"
-install_cmd+="; uv pip install --python $remote_venv/bin/python 'jax[tpu]' gcsfs -e $remote_repo"
+# The [gcs] extra: gcsfs and google-cloud-storage, through which the driver reads and writes the
+# gs:// workdir (checkpoints go through tensorstore, TFDS data through array_record's reader).
+install_cmd+="; uv pip install --python $remote_venv/bin/python 'jax[tpu]' -e \"$remote_repo[gcs]\""
 install_cmd+="; $remote_venv/bin/python -c 'import jax, idm_jax; print(jax.__version__, idm_jax.__file__)'"
 
 train_args=(--config="$config" --workdir="$workdir")

@@ -150,6 +150,8 @@ def test_tpu_pod_dry_run_prints_steps_in_order_without_calling_gcloud(fake_gclou
   install_words = shlex.split(_option(install, '--command'))
   assert 'https://example.com/idm_jax.git' in install_words
   assert 'jax[tpu]' in install_words
+  # gs:// workdirs and data need the [gcs] extra
+  assert any(w.startswith('$HOME/idm_jax[gcs]') for w in install_words)
 
   # The remote command, as the workers' shell splits it, carries every override unchanged.
   train_words = shlex.split(_option(train, '--command'))
