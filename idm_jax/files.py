@@ -36,7 +36,6 @@ def path(p: PathLike) -> epath.Path:
   """An epath.Path for a local (~ expanded) or remote path."""
   s = os.fspath(p)
   if is_remote(s):
-    _configure_remote()
     return epath.Path(s)
   return epath.Path(os.path.expanduser(s))
 
@@ -225,24 +224,24 @@ def check_writable(p: PathLike) -> None:
 
 def _fs(p: PathLike):
   """(fsspec filesystem, path within it) of a remote path."""
-  _configure_remote()
   import fsspec  # pylint: disable=import-outside-toplevel  (remote paths only)
   return fsspec.core.url_to_fs(os.fspath(p))
 
 
-_CONFIGURED = False
-
-
 def _configure_remote() -> None:
   """Turns off gcsfs's listing cache before its first filesystem is made: hosts and orbax's
-  tensorstore write the bucket behind its back, and a cached listing would miss checkpoints."""
-  global _CONFIGURED
-  if _CONFIGURED:
+  tensorstore write the bucket behind its back, and a cached listing would miss checkpoints (or
+  list a moved one). Runs when this module is imported, because etils.epath keeps the first
+  filesystem it makes for the life of the process, and orbax may make it before we touch gs://."""
+  try:
+    import fsspec  # pylint: disable=import-outside-toplevel
+  except ImportError:   # no remote paths without it anyway
     return
-  import fsspec  # pylint: disable=import-outside-toplevel
   for protocol in ('gs', 'gcs'):
     fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
-  _CONFIGURED = True
+
+
+_configure_remote()
 
 
 def _umask() -> int:

@@ -81,3 +81,61 @@ def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(tmp_path, train
   ckpt.close()
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
   assert not (tmp_path / 'checkpoints_unreadable').exists()
+
+
+def _truncate_ema_arrays(step_dir):
+  for p in glob.glob(os.path.join(step_dir, 'ema', '**', 'd', '*'), recursive=True):
+    if os.path.isfile(p):
+      with open(p, 'r+b') as f:
+        f.truncate(10)
+
+
+def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(tmp_path, trainer,
+                                                                         state, caplog):
+  """restore, evaluate and export load through load_for_inference: a newest checkpoint that
+  does not restore is skipped as a training resume skips it, and nothing is moved (the run that
+  wrote it may still be training)."""
+  from idm_jax import inference
+  _save_steps(tmp_path, trainer, state, (2, 4))
+  _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '4'))
+  with caplog.at_level(logging.WARNING):
+    config, ema, step = checkpoints.load_for_inference(str(tmp_path))
+  assert step == 2 and all(np.all(np.asarray(x) == 2) for x in jax.tree.leaves(ema))
+  assert f'{tmp_path / "checkpoints" / "4"} does not restore' in caplog.text
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert inference.load(str(tmp_path))[1] == 2
+  _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '2'))
+  with pytest.raises(RuntimeError, match=r'no checkpoint in .* restores: step 4: .*; step 2: '):
+    checkpoints.load_for_inference(str(tmp_path))
+  with pytest.raises(Exception):   # an explicit step is not silently replaced by another
+    checkpoints.load_for_inference(str(tmp_path), step=4)
+
+
+def test_an_unreadable_progress_record_restarts_the_budget_instead_of_failing(tmp_path, trainer,
+                                                                             state, caplog):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(2, state, None, trainer.config, force=True, train_seconds=12.5)
+  assert ckpt.train_seconds(2) == 12.5
+  for path in glob.glob(str(tmp_path / 'checkpoints' / '2' / 'progress' / '*')):
+    if os.path.isfile(path):
+      with open(path, 'w') as f:
+        f.write('{"train_seconds": 1')   # cut short
+  with caplog.at_level(logging.WARNING):
+    assert ckpt.train_seconds(2) == 0.0
+  assert 'does not read' in caplog.text and 'counting the time budget from 0' in caplog.text
+  ckpt.close()
+
+
+def test_an_unreadable_checkpoint_in_a_bucket_is_moved_aside_in_the_bucket(gcs_bucket, trainer,
+                                                                          state):
+  from idm_jax import files
+  workdir = f'{gcs_bucket}/run'
+  _save_steps(workdir, trainer, state, (2, 4))
+  files.remove(f'{workdir}/checkpoints/4/train/_METADATA')
+  ckpt = checkpoints.Checkpointer(workdir, async_save=False)
+  resumed, _ = train._resume_or_init(trainer, ckpt, None)
+  ckpt.close()
+  assert int(resumed.step) == 2
+  assert files.listdir(f'{workdir}/checkpoints') == ['2']
+  assert files.listdir(f'{workdir}/checkpoints_unreadable') == ['4']
+  assert 'ema/_METADATA' in files.walk_files(f'{workdir}/checkpoints_unreadable/4')

@@ -456,7 +456,7 @@ def test_notebook_cli_modules_exist(notebook):
 def test_notebook_steps(notebook):
   code = [_source(c) for c in notebook['cells'] if c['cell_type'] == 'code']
   text = '\n'.join(code)
-  assert re.search(r'git clone', text) and re.search(r'pip install .*-e "\.\[tpu\]"', text)
+  assert re.search(r'git clone', text) and re.search(r'pip install .*-e "\.\[tpu,gcs\]"', text)
   assert 'configs/demo.py' in text
   i = next(i for i, c in enumerate(code) if '-m idm_jax.main' in c)
   train = code[i]

@@ -146,6 +146,9 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
   if is_complete(out, name) and not overwrite:
     logging.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
     return {'path': str(final), 'skipped_existing': True}
+  if files.is_remote(src):
+    raise ValueError(f'--src {src}: a local folder (copy the images down first, e.g. gcloud '
+                     'storage rsync -r SRC DIR); --out may be gs://')
   if files.is_remote(out):
     return _prepare_and_upload(src, name, resolution, out, val_fraction, workers)
 

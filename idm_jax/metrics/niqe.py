@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 
 import numpy as np
 from scipy import ndimage
 from scipy.special import gamma
 
+from idm_jax import files
 from idm_jax.metrics import matlab
 from idm_jax.metrics import resize
 
@@ -58,10 +60,10 @@ def load_niqe_params(path: str | os.PathLike) -> NiqeParams:
   gaussian_window (BasicSR's niqe_pris_params.npz, converted from MATLAB's modelparameters.mat).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'NIQE parameters file {path!r} does not exist')
   try:
-    with np.load(path, allow_pickle=False) as d:
+    with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as d:
       arrays = {k: np.asarray(d[k], dtype=np.float64) for k in d.files}
   except Exception as e:  # zip or npy format errors come in many types
     raise ValueError(f'NIQE parameters file {path!r} is not a readable .npz: {e}') from e

@@ -7,11 +7,13 @@ instead of producing a plausible-looking wrong number.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
+from idm_jax import files
 from idm_jax import tree_shapes
 
 
@@ -46,10 +48,10 @@ def load_variables(path: str | os.PathLike, expected: Mapping[str, Any], what: s
   Raises FileNotFoundError / ValueError naming the file and the first problems found.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'{what} weights file {path!r} does not exist')
   try:
-    with np.load(path, allow_pickle=False) as d:
+    with np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False) as d:
       flat = {k: np.asarray(d[k]) for k in d.files}
   except Exception as e:  # zip/npy errors come in many types
     raise ValueError(f'{what} weights file {path!r} is not a readable .npz: {e}') from e
@@ -65,4 +67,6 @@ def load_variables(path: str | os.PathLike, expected: Mapping[str, Any], what: s
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
   """Writes a variable tree as a flat .npz (float32)."""
   flat = {k: np.asarray(v, dtype=np.float32) for k, v in flatten(variables).items()}
-  np.savez(path, **flat)
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+  files.write_atomic(path, buf.getvalue())
