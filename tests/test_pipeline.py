@@ -228,3 +228,31 @@ def test_eval_batches_fixed(config, face_dir, degradation_ops):
   assert not np.array_equal(other['lq'][0], b0['lq'][0])
   # Asking for more than the split holds gives what there is.
   assert sum(len(b['name']) for b in pipeline.eval_batches(config, 50, 4)) == 5
+
+
+def test_grain_workers_read_a_tfds_dataset_in_a_bucket(gcs_bucket, tmp_path, test_config):
+  """The pod configs read TFDS from gs:// in grain worker processes (ffhq.py: 16): each worker's
+  array_record reader opens the bucket itself. Two workers give the same batches as none."""
+  from PIL import Image
+  from idm_jax.data import prepare
+  faces = tmp_path / 'faces'
+  faces.mkdir()
+  for i in range(16):
+    Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(faces / f'{i:02d}.png')
+  prepare.prepare(str(faces), 'tiny', 32, f'{gcs_bucket}/tfds', val_fraction=0.3, workers=0)
+  c = test_config
+  c.data.update(source='tfds', tfds_name='tiny', tfds_data_dir=f'{gcs_bucket}/tfds')
+
+  def two_batches(workers):
+    c.data.num_workers = workers
+    it = iter(pipeline.train_iterator(c, process_index=0, process_count=1))
+    try:
+      return [next(it) for _ in range(2)]
+    finally:
+      it.close()
+
+  inline, workers = two_batches(0), two_batches(2)
+  for a, b in zip(inline, workers):
+    assert a['hq'].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(a['hq'], b['hq'])
+    np.testing.assert_array_equal(a['lq'], b['lq'])
