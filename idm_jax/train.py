@@ -19,6 +19,7 @@ import optax
 
 from idm_jax import checkpoints
 from idm_jax import configlib
+from idm_jax import files
 from idm_jax import images
 from idm_jax import inference
 from idm_jax import optim
@@ -294,12 +295,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   # One lock per run, taken by process 0: the other hosts of a run share its workdir.
   if jax.process_index() != 0:
-    return _train_and_evaluate(config, workdir, max_steps, vis_data)
-  with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, max_steps, vis_data)
+    return _train_and_evaluate(config, workdir, max_steps, vis_data, None)
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    return _train_and_evaluate(config, workdir, max_steps, vis_data, lock)
 
 
-def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
+def _lock_lost_everywhere(lock, workdir: str) -> bool:
+  """Whether another run took the bucket lock over (process 0 knows; the others are told, so all
+  stop at the same step). A local lock cannot be lost: no check, no collective."""
+  if not files.is_remote(workdir):
+    return False
+  lost = lock is not None and lock.lost
+  if jax.process_count() == 1:
+    return lost
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(lost)))
+
+
+def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainState:
   from idm_jax import reporting  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
@@ -350,6 +363,11 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data) -> TrainState:
                        and budget.exhausted_everywhere())
         last = step == end or out_of_time
         progress.update(1)
+        if step % config.train.log_every == 0 and _lock_lost_everywhere(lock, workdir):
+          # Two runs writing one workdir would overwrite each other's checkpoints: stop unsaved.
+          raise workdir_lock.WorkdirInUse(
+              f'{workdir}: another run took over its lock ({workdir_lock.LOCK_FILE}) while this '
+              f'one held it; stopped at step {step} without saving')
         if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}

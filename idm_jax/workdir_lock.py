@@ -15,8 +15,9 @@ when its object has not changed for STALE_SECONDS (the server's timestamp, so ho
 need to agree to within seconds of a minutes-long window), or when it was left on this very host
 by a process that is gone. Taking a stale lock over is again conditional on the generation read,
 so of two runs taking it over at once one wins. A holder whose rewrite finds another generation
-has lost the lock: it logs an error at once (that can only happen after it failed to rewrite it
-for STALE_SECONDS, e.g. a network partition that long).
+has lost the lock (that can only happen after it failed to rewrite it for STALE_SECONDS, e.g. a
+network partition that long): it logs an error, and the training loop, which reads `lost` at
+each log step, stops without saving.
 """
 from __future__ import annotations
 

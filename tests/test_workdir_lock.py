@@ -156,3 +156,13 @@ def test_a_bucket_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once
   assert json.loads(files.read_text(f'{workdir}/train.lock'))['pid'] == holder.pid
   with workdir_lock.WorkdirLock(workdir):   # no waiting for the heartbeat to go stale
     assert json.loads(files.read_text(f'{workdir}/train.lock'))['pid'] == os.getpid()
+
+
+def test_a_run_whose_bucket_lock_was_taken_over_stops_without_saving(gcs_bucket, test_config,
+                                                                     monkeypatch):
+  from idm_jax import files
+  workdir = f'{gcs_bucket}/run'
+  monkeypatch.setattr(workdir_lock.WorkdirLock, 'lost', property(lambda self: True))
+  with pytest.raises(workdir_lock.WorkdirInUse, match='another run took over its lock'):
+    train.train_and_evaluate(test_config, workdir)
+  assert not files.exists(f'{workdir}/checkpoints/2')   # ckpt_every=2: nothing was saved
