@@ -155,3 +155,11 @@ def gcs_bucket(gcs_server, request):
                                headers={'Content-Type': 'application/json'})
   urllib.request.urlopen(req, timeout=30).read()
   return f'gs://{name}'
+
+
+@pytest.fixture(params=['local', 'gcs'])
+def local_or_bucket(request, tmp_path):
+  """A folder to write into, once on local disk and once in a new bucket (a test of both)."""
+  if request.param == 'local':
+    return str(tmp_path)
+  return request.getfixturevalue('gcs_bucket')

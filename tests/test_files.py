@@ -47,14 +47,8 @@ def test_save_image_format_follows_extension(tmp_path):
 # --- The same operations on local disk and in a gs:// bucket (the local GCS server).
 
 
-@pytest.fixture(params=['local', 'gcs'])
-def root(request, tmp_path):
-  if request.param == 'local':
-    return str(tmp_path / 'root')
-  return request.getfixturevalue('gcs_bucket') + '/root'
-
-
-def test_the_path_layer_reads_and_writes_both_kinds_of_path(root):
+def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
+  root = files.join(local_or_bucket, 'root')
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'old')
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'new')
   files.save_image(files.join(root, 'a', 'b', 'y.png'), np.zeros((2, 2, 3), np.uint8))

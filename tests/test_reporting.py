@@ -8,11 +8,9 @@ from idm_jax import files
 from idm_jax import reporting
 
 
-@pytest.fixture(params=['local', 'gcs'])
-def workdir(request, tmp_path):
-  if request.param == 'local':
-    return str(tmp_path / 'run')
-  return request.getfixturevalue('gcs_bucket') + '/run'
+@pytest.fixture
+def workdir(local_or_bucket):
+  return files.join(local_or_bucket, 'run')
 
 
 def _steps(workdir):
