@@ -204,7 +204,10 @@ def check_writable(p: PathLike) -> None:
   """Fails fast, before any compile, when a remote folder cannot be written: a missing bucket,
   missing credentials or no permission, in one line naming the path. Local folders are created."""
   if not is_remote(p):
-    makedirs(p)
+    try:
+      makedirs(p)
+    except OSError as e:
+      raise StorageError(f'{os.fspath(p)}: cannot create this folder ({e.strerror or e})') from e
     return
   fs, key = _fs(p)
   bucket = key.split('/', 1)[0]

@@ -86,3 +86,9 @@ def test_remote_and_local_names():
   assert files.join('gs://b/run', 'checkpoints') == 'gs://b/run/checkpoints'
   assert files.dirname('gs://b/run/checkpoints') == 'gs://b/run'
   assert files.absolute('rel') == os.path.abspath('rel')
+
+
+def test_a_workdir_that_cannot_be_created_is_one_clear_error(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(files.StorageError, match=r'file/run: cannot create this folder'):
+    files.check_writable(tmp_path / 'file' / 'run')
