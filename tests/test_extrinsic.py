@@ -151,19 +151,27 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   assert extrinsic.run_rounds(config, str(work)) == results
 
 
-def test_unconditional_training_and_generation(tmp_path, test_config):
-  from idm_jax import generate, train
+def test_unconditional_training_and_generation(local_or_bucket, test_config):
+  """The "beyond" generator, its workdir on local disk or in a bucket; a rerun with more samples
+  only draws the missing ones."""
+  from idm_jax import files, generate, train
+  workdir = files.join(local_or_bucket, 'gen')
   c = test_config
   c.model.update(conditional=False, lq_concat=False, lq_encoder=False)
   c.train.update(num_steps=2, ckpt_every=2, sample_every=2)
   c.generate.update(num_samples=5, batch_size=4)
-  train.train_and_evaluate(c, str(tmp_path))
-  out = generate.run(c, str(tmp_path))
-  files = sorted(os.listdir(out))
-  assert files == [f'{i:06d}.png' for i in range(5)]
-  images = [np.asarray(Image.open(os.path.join(out, f))) for f in files]
-  assert all(im.shape == (32, 32, 3) for im in images)
-  assert len({im.tobytes() for im in images}) == 5
+  train.train_and_evaluate(c, workdir)
+  out = generate.run(c, workdir)
+  names = files.listdir(out)
+  assert names == [f'{i:06d}.png' for i in range(5)]
+  pngs = [images.read(files.join(out, f)) for f in names]
+  assert all(im.shape == (32, 32, 3) for im in pngs)
+  assert len({im.tobytes() for im in pngs}) == 5
+  assert 'generated_grid.png' in files.listdir(workdir)
+  c.generate.num_samples = 6
+  generate.run(c, workdir)
+  assert files.listdir(out)[-1] == '000005.png'
+  assert [images.read(files.join(out, f)).tobytes() for f in names] == [p.tobytes() for p in pngs]
 
 
 def test_cleaning_a_non_folder_source_writes_every_record(tmp_path):
