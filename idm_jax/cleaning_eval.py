@@ -147,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   a = p.parse_args(argv)
   try:
-    if files.is_remote(a.out):   # a missing bucket is said before the scoring, not after it
-      files.check_writable(a.out)
+    files.check_writable(a.out)   # an unwritable --out is said before the scoring, not after
     report = score(a.cleaned, a.contaminated, a.pristine, identity=not a.no_identity,
                    seed=a.seed)
   except (FileNotFoundError, ValueError, images.BadImage, files.StorageError) as e:

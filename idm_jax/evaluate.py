@@ -230,11 +230,10 @@ def _check_out(out: str, protected: dict[str, str | None]) -> None:
     if folder is not None and files.is_within(out, folder):
       raise EvalError(f'--out {files.absolute(out)!r} is inside --{flag} {folder!r}; choose '
                       'another folder so the dataset is left untouched')
-  if files.is_remote(out):
-    try:
-      files.check_writable(out)
-    except files.StorageError as e:
-      raise EvalError(f'--out {e}') from e
+  try:
+    files.check_writable(out)
+  except files.StorageError as e:
+    raise EvalError(f'--out {e}') from e
 
 
 def _read_all(paths: list[epath.Path], desc: str) -> list[np.ndarray]:

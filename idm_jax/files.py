@@ -201,13 +201,16 @@ class StorageError(RuntimeError):
 
 
 def check_writable(p: PathLike) -> None:
-  """Fails fast, before any compile, when a remote folder cannot be written: a missing bucket,
-  missing credentials or no permission, in one line naming the path. Local folders are created."""
+  """Fails fast, before any compile or long read, when a folder cannot be written: a missing
+  bucket, missing credentials, no permission, or a local path that cannot be a folder, in one
+  line naming the path. Creates a local folder; a probe file (object) is written and deleted."""
   if not is_remote(p):
     try:
       makedirs(p)
+      with tempfile.TemporaryFile(dir=os.path.expanduser(os.fspath(p))):
+        pass
     except OSError as e:
-      raise StorageError(f'{os.fspath(p)}: cannot create this folder ({e.strerror or e})') from e
+      raise StorageError(f'{os.fspath(p)}: cannot write there ({e.strerror or e})') from e
     return
   fs, key = _fs(p)
   bucket = key.split('/', 1)[0]

@@ -323,8 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if files.exists(args.output) and not files.isdir(args.output):
     return fatal(f'{args.output} exists and is not a folder')
   try:  # A missing bucket or no permission: said now, not after the model has loaded.
-    if files.is_remote(args.output):
-      files.check_writable(args.output)
+    files.check_writable(args.output)
   except files.StorageError as e:
     return fatal(str(e))
 

@@ -90,5 +90,5 @@ def test_remote_and_local_names():
 
 def test_a_workdir_that_cannot_be_created_is_one_clear_error(tmp_path):
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(files.StorageError, match=r'file/run: cannot create this folder'):
+  with pytest.raises(files.StorageError, match=r"file/run: cannot write there"):
     files.check_writable(tmp_path / 'file' / 'run')

@@ -95,6 +95,12 @@ def test_cli_refuses_output_inside_input(tmp_path, model_path, capsys):
   rc = restore.main(['-i', str(inp), '-o', str(tmp_path / 'o'), '--checkpoint',
                      str(tmp_path / 'missing.msgpack'), '--aligned'])
   assert rc == 2 and 'missing.msgpack' in capsys.readouterr().err
+  # An output folder that cannot be made (a file sits in its path): one line, before loading.
+  (tmp_path / 'a_file').write_text('x')
+  rc = restore.main(['-i', str(inp), '-o', str(tmp_path / 'a_file' / 'out'), '--checkpoint',
+                     str(tmp_path / 'missing.msgpack'), '--aligned'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and 'a_file/out: cannot write there' in err[0]
 
 
 class _IdentityRestorer:

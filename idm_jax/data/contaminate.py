@@ -230,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       manifest = plan(args.src, fraction=args.fraction, seed=args.seed,
                       resolution=args.resolution, skip_last=args.skip_last,
                       kinds=[k for k in args.kinds.split(',') if k], ranges=ranges)
-    if files.is_remote(args.dst):   # a missing bucket: said before any image is made
-      files.check_writable(args.dst)
+    files.check_writable(args.dst)   # a missing bucket or no permission: said before any image
     full = build(manifest, args.dst)
     if args.replay:
       want = {r['file']: r['sha256'] for r in old['records']}

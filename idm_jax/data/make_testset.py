@@ -127,8 +127,7 @@ def main(argv=None) -> int:
     logging.error('--dst %s exists and is not empty; pass --overwrite to write into it', dst)
     return 2
   try:  # a missing bucket or no permission: said before any image is made
-    if files.is_remote(dst):
-      files.check_writable(dst)
+    files.check_writable(dst)
   except files.StorageError as e:
     logging.error('--dst %s', e)
     return 2
