@@ -17,7 +17,6 @@ def adm_sr(resolution: int, channels: int, batch_size: int) -> ml_collections.Co
                  out_channels=3)
   c.diffusion.parameterization = 'eps'
   c.train.update(batch_size=batch_size, weight_decay=0.0)
-  c.bench = ml_collections.ConfigDict(dict(lq_factor=4))
   return c
 
 

@@ -210,8 +210,46 @@ def _check(cond: bool, field: str, msg: str):
     raise ConfigError(f'config.{field}: {msg}')
 
 
+def _value_kind(x) -> str:
+  if isinstance(x, bool):
+    return 'a bool'
+  if isinstance(x, (int, float)):
+    return 'a number'
+  if isinstance(x, str):
+    return 'a string'
+  if isinstance(x, (tuple, list)):
+    return 'a tuple'
+  if isinstance(x, ml_collections.ConfigDict):
+    return 'a group of fields'
+  return 'anything' if x is None else type(x).__name__
+
+
+def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                 prefix: str = 'config') -> None:
+  """Every field of `config` exists in `schema` (base_config()) with a value of the same kind.
+
+  ConfigDict accepts new fields silently, so `c.train.lerning_rate = ...` in a config file would
+  add a field nothing reads; this names it and the nearest real field instead.
+  """
+  import difflib  # pylint: disable=import-outside-toplevel
+  for key in config.keys():
+    field = f'{prefix}.{key}'
+    if key not in schema:
+      near = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
+      hint = f'did you mean {prefix}.{near[0]}?' if near else \
+          f'the fields of {prefix} are {", ".join(sorted(schema.keys()))}'
+      raise ConfigError(f'{field}: no such field ({hint})')
+    value, ref = config[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+      check_fields(value, ref, field)
+    elif ref is not None and _value_kind(value) != _value_kind(ref):
+      raise ConfigError(f'{field}: {value!r} is {_value_kind(value)}; this field takes '
+                        f'{_value_kind(ref)} (default {ref!r})')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the fields that can go wrong; raises ConfigError naming the field. Returns config."""
+  check_fields(config, base_config())
   _check(config.mode in MODES, 'mode', f'{config.mode!r} is not one of {MODES}')
   d, m, df, s, t = config.data, config.model, config.diffusion, config.sample, config.train
   _check(d.source in DATA_SOURCES, 'data.source', f'{d.source!r} is not one of {DATA_SOURCES}')

@@ -82,11 +82,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
+  from idm_jax import configlib
   from idm_jax import files
   from idm_jax import workdir_lock
   try:
     run(FLAGS.config, FLAGS.workdir)
-  except (files.StorageError, workdir_lock.WorkdirInUse) as e:   # said in one line, no trace
+  except (configlib.ConfigError, files.StorageError, workdir_lock.WorkdirInUse) as e:
+    # Said in one line, no traceback: each names the field or path to fix.
     raise SystemExit(f'error: {e}') from None
 
 

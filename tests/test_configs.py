@@ -49,6 +49,39 @@ def test_bad_values_name_the_field(field, value, message):
     configlib.validate(config)
 
 
+TYPO_CONFIG = """
+import ml_collections
+from idm_jax import configlib
+
+def get_config():
+  c = configlib.base_config()
+  c.data.source = 'builtin'
+  {line}
+  return c
+"""
+
+
+@pytest.mark.parametrize('line, message', [
+    # A misspelt field would be added silently and never read: named, with the nearest one.
+    ('c.train.lerning_rate = 1e-3', 'config.train.lerning_rate: no such field (did you mean '
+                                    'config.train.learning_rate?)'),
+    ("c.update(dict(sampel=dict(steps=2)))", 'config.sampel: no such field (did you mean '
+                                             'config.sample?)'),
+    # A group rebuilt by hand bypasses ConfigDict's own type checks on assignment.
+    ("c.train = ml_collections.ConfigDict(dict(c.train.to_dict(), batch_size='64'))",
+     "config.train.batch_size: '64' is a string; this field takes a number (default 32)"),
+])
+def test_a_typo_or_wrong_kind_in_a_config_file_is_one_line_naming_it(tmp_path, line, message):
+  path = tmp_path / 'mine.py'
+  path.write_text(TYPO_CONFIG.format(line=line))
+  out = subprocess.run([sys.executable, '-m', 'idm_jax.main', f'--config={path}',
+                        f'--workdir={tmp_path / "w"}'], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == f'error: {message}'
+  assert 'Traceback' not in out.stderr and not (tmp_path / 'w').exists()
+
+
 def test_json_round_trip_keeps_tuples():
   config = load_config('ffhq')
   back = configlib.from_json(configlib.to_json(config))
