@@ -124,6 +124,9 @@ def _decode_16bit_colour(data: bytes, colour: int, im: Image.Image) -> Image.Ima
 def conversion_notes(im: Image.Image, data: bytes = b'') -> list[str]:
   """What `to_rgb` will change in `im`, in words (for CLIs that tell the user)."""
   notes = []
+  frames = getattr(im, 'n_frames', 1)
+  if frames > 1:   # animated GIF/PNG/WebP, multi-page TIFF: decoding keeps frame 0 only
+    notes.append(f'{frames} frames (animated or multi-page): only the first is used')
   mode = im.mode
   if mode == 'F':
     notes.append('floating-point image scaled to 8 bits')

@@ -227,11 +227,33 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
     report.bar.update(len(inputs[start:start + args.batch_size]))
 
 
+# Restored photos may hold this many times --max-pixels (4: a 40 MP photo at 2x).
+OUTPUT_PIXELS_PER_INPUT_LIMIT = 4
+
+
+def upscaled_too_large(shape, upscale: float, max_pixels: int) -> str | None:
+  """Why the upscaled photo would not fit (None if it does): checked before it is allocated, as
+  the input's own pixel limit says nothing of a copy `upscale`² times its size."""
+  h, w = shape[:2]
+  out_h, out_w = int(round(h * upscale)), int(round(w * upscale))
+  limit = OUTPUT_PIXELS_PER_INPUT_LIMIT * max_pixels
+  if out_h * out_w <= limit:
+    return None
+  return (f'--upscale {upscale:g} would make a {out_w}x{out_h} image '
+          f'({out_h * out_w / 1e6:.0f} MP, over the {limit / 1e6:g} MP output limit); lower '
+          f'--upscale to at most {(limit / (h * w)) ** 0.5:.2f} for this photo')
+
+
+
 def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report) -> None:
   suffix = f'_{args.suffix}' if args.suffix else ''
   for path, rel in inputs:
     image = _read(path, report, args.max_pixels)
-    if image is not None:
+    too_large = None if image is None else upscaled_too_large(image.shape, args.upscale,
+                                                               args.max_pixels)
+    if too_large:
+      report.fail(path, too_large)
+    elif image is not None:
       try:
         res = restore_photo(image, restorer, detector, index=file_index(rel),
                             upscale=args.upscale, batch_size=args.batch_size,

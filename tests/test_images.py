@@ -292,3 +292,13 @@ def test_pixel_ranges_round_trip_on_numpy_and_jax():
   np.testing.assert_allclose(np.asarray(fj), f, atol=1e-6)   # XLA may differ by an ulp
   # Rounded, not truncated: just under a level's midpoint stays, just over goes up.
   assert images.to_uint8(np.array([(10.49 / 127.5) - 1, (10.51 / 127.5) - 1])).tolist() == [10, 11]
+
+
+@pytest.mark.parametrize('fmt', ['GIF', 'TIFF'])
+def test_an_animated_or_multi_page_file_says_only_its_first_frame_is_used(tmp_path, fmt):
+  frames = [Image.new('RGB', (16, 16), (40 * i, 0, 0)) for i in range(3)]
+  path = tmp_path / f'x.{fmt.lower()}'
+  frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+  img, notes = images.read_with_notes(str(path))
+  assert img.shape == (16, 16, 3) and img[0, 0, 0] == 0   # the first frame
+  assert '3 frames (animated or multi-page): only the first is used' in notes

@@ -155,6 +155,25 @@ def test_cli_whole_photos(tmp_path, model_path, capsys):
   assert np.abs(restored[200:300, 400:500] - ref[200:300, 400:500]).mean() > 5   # face changed
 
 
+def test_an_upscale_too_large_for_the_photo_fails_that_photo_naming_the_flag(tmp_path,
+                                                                            model_path, capsys):
+  """The pixel limit bounds the input; the upscaled copy is checked before it is allocated."""
+  assert restore.upscaled_too_large((100, 100), 8, 10_000) == (
+      '--upscale 8 would make a 800x800 image (1 MP, over the 0.04 MP output limit); lower '
+      '--upscale to at most 2.00 for this photo')
+  assert restore.upscaled_too_large((100, 100), 2, 10_000) is None
+  inp = tmp_path / 'in'
+  inp.mkdir()
+  Image.new('RGB', (100, 100), (120, 130, 140)).save(inp / 'big.png')
+  Image.new('RGB', (40, 40), (120, 130, 140)).save(inp / 'small.png')
+  rc = restore.main(['-i', str(inp), '-o', str(tmp_path / 'out'), '--checkpoint', model_path,
+                     '--steps', '2', '--upscale', '4', '--max-pixels', '10000'])
+  out = capsys.readouterr().out
+  assert rc == 1 and 'failed 1' in out
+  assert 'big.png' in out and 'lower --upscale to at most 2.00' in out
+  assert (tmp_path / 'out' / 'restored_imgs' / 'small.png').exists()
+
+
 def _two_face_photo():
   """768x256: the astronaut's face twice, at x = 120 (left) and x = 380 (the centre)."""
   crop = data.astronaut()[0:256, 100:356]
