@@ -65,8 +65,15 @@ def list_inputs(input_path: str) -> List[Tuple[str, str]]:
 
 
 def file_index(relpath: str) -> int:
-  """A stable per-file number for the noise: CRC-32 of the file's name."""
-  return zlib.crc32(os.path.basename(relpath).encode('utf-8')) & 0x7FFFFFFF
+  """A stable per-file number for the noise: CRC-32 of the file's name (its bytes, so a name
+  that is not valid UTF-8, which Python holds with surrogate escapes, works too)."""
+  return zlib.crc32(os.path.basename(relpath).encode('utf-8', 'surrogateescape')) & 0x7FFFFFFF
+
+
+def shown(path: str) -> str:
+  """A path as it can be printed: bytes that are not UTF-8 shown as U+FFFD, where printing the
+  surrogate escapes themselves would raise."""
+  return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
 
 
 # ----------------------------------------------------------------------------- writing images
@@ -164,11 +171,11 @@ class _Report:
     self.restored, self.no_face, self.failed = [], [], []
 
   def note(self, path, msg):
-    self.bar.write(f'note: {path}: {msg}')
+    self.bar.write(shown(f'note: {path}: {msg}'))
 
   def fail(self, path, msg):
     self.failed.append((path, msg))
-    self.bar.write(f'error: {path}: {msg}')
+    self.bar.write(shown(f'error: {path}: {msg}'))
 
   def summary(self) -> str:
     lines = [f'restored {len(self.restored)}, no face found {len(self.no_face)}, '
@@ -177,7 +184,7 @@ class _Report:
       lines.append('no face found in: ' + ', '.join(self.no_face))
     for path, msg in self.failed:
       lines.append(f'failed: {path}: {msg}')
-    return '\n'.join(lines)
+    return shown('\n'.join(lines))
 
 
 def _out_path(out_dir: str, sub: str, relpath: str, tail: str) -> str:

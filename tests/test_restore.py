@@ -268,3 +268,24 @@ def test_cli_version(capsys):
   assert e.value.code == 0
   assert capsys.readouterr().out == f'idm_jax {idm_jax.__version__}\n'
   assert idm_jax.__version__ == importlib.metadata.version('idm_jax')
+
+
+def test_a_file_name_that_is_not_utf8_is_restored_with_its_batch(tmp_path, model_path):
+  """Linux file names are bytes; one that is not UTF-8 must not fail its batch, and the report
+  must print it (its odd bytes shown as U+FFFD) to a strict UTF-8 terminal."""
+  import subprocess
+  import sys
+  inp = os.path.join(os.fsencode(tmp_path), b'in')
+  os.mkdir(inp)
+  for name in (b'caf\xe9.png', b'ok.png'):
+    Image.new('RGB', (32, 32), (90, 100, 110)).save(os.path.join(inp, name), format='PNG')
+  out = os.path.join(os.fsencode(tmp_path), b'out')
+  run = subprocess.run([sys.executable, '-m', 'idm_jax.restore', '-i', inp, '-o', out,
+                        '--checkpoint', model_path, '--aligned', '--steps', '2',
+                        '--batch-size', '2'], capture_output=True, timeout=600,
+                       env=dict(os.environ, PYTHONIOENCODING='utf-8:strict',
+                                PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+  stdout = run.stdout.decode('utf-8')
+  assert run.returncode == 0, run.stderr.decode('utf-8', 'replace')[-3000:]
+  assert 'restored 2, no face found 0, failed 0' in stdout
+  assert sorted(os.listdir(os.path.join(out, b'restored_faces'))) == [b'caf\xe9.png', b'ok.png']
