@@ -2,10 +2,7 @@
 import collections
 import json
 import shutil
-import sys
-import types
 
-import cloudpickle
 import numpy as np
 import pytest
 
@@ -16,38 +13,13 @@ R = 32
 NUM_FILES = 10
 
 
-# A stand-in for idm_jax.data.degradations until (unless) the real one is importable. Its LQ
-# depends on the rng, so seeding bugs show up as different LQ images.
-def _fake_sample_params(rng, cfg, size):
-  del size
-  return {'offset': int(rng.integers(0, 64)), 'flip': bool(rng.random() < cfg.flip_prob)}
 
 
-def _fake_apply(hq, params):
-  return (hq // 2 + params['offset']).astype(np.uint8)
-
-
-def _fake_degrade_pair(hq, rng, cfg):
-  params = _fake_sample_params(rng, cfg, hq.shape[0])
-  if params['flip']:
-    hq = hq[:, ::-1]
-  return hq, _fake_apply(hq, params), params
-
-
-# grain's worker processes unpickle the pipeline with cloudpickle; ship these functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(autouse=True)
-def degradation_ops(monkeypatch):
-  try:
-    from idm_jax.data import degradations   # pylint: disable=g-import-not-at-top
-    return degradations
-  except ImportError:
-    fake = types.SimpleNamespace(sample_params=_fake_sample_params, apply=_fake_apply,
-                                 degrade_pair=_fake_degrade_pair)
-    monkeypatch.setattr(pipeline, '_degradation_ops', lambda: fake)
-    return fake
+@pytest.fixture
+def degradation_ops():
+  """The real degradation model (no stand-in: if it stopped importing, these tests must fail)."""
+  from idm_jax.data import degradations   # pylint: disable=g-import-not-at-top
+  return degradations
 
 
 @pytest.fixture
