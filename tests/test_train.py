@@ -85,6 +85,7 @@ def test_two_processes_match_one_process(tmp_path):
   between compiling and running the step."""
   port = free_port()
   procs = [run_worker(tmp_path / 'multi', 3, devices=4, overrides=BASE, wait=False,
+                      params_out=tmp_path / 'multi.npz' if i == 0 else '',
                       extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port),
                              '--compile-delay', str(35 * i)])
            for i in range(2)]
@@ -92,8 +93,12 @@ def test_two_processes_match_one_process(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   multi = json.loads(outs[0][0].strip().splitlines()[-1])
-  single = run_worker(tmp_path / 'single', 3, devices=8, overrides=BASE)
+  single = run_worker(tmp_path / 'single', 3, devices=8, overrides=BASE,
+                      params_out=tmp_path / 'single.npz')
   assert_losses_close(single['losses'], multi['losses'], rtol=1e-5)
+  # The parameters both hosts trained (gathered from both processes' shards), not only the loss.
+  for a, b in zip(load_params(tmp_path / 'single.npz'), load_params(tmp_path / 'multi.npz')):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_is_exact_and_half_written_checkpoint_is_ignored(tmp_path):
@@ -115,11 +120,17 @@ def test_resume_is_exact_and_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
+  """2 steps sharded over 8 devices, then 1 more on 1 device == 3 steps on 1 device: the
+  restored parameters and optimiser state are the ones saved, whatever the mesh (tolerances as
+  in the sharding test: reduction order only)."""
   ov = {**BASE, 'train.ckpt_every': 2}
   run_worker(tmp_path / 'w', 2, devices=8,
              overrides={**ov, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 64})
-  out = run_worker(tmp_path / 'w', 1, devices=1, overrides=ov)
+  out = run_worker(tmp_path / 'w', 1, devices=1, overrides=ov, params_out=tmp_path / 'r.npz')
   assert out['step'] == 3
+  run_worker(tmp_path / 'one', 3, devices=1, overrides=ov, params_out=tmp_path / 'one.npz')
+  for a, b in zip(load_params(tmp_path / 'one.npz'), load_params(tmp_path / 'r.npz')):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
