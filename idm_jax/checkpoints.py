@@ -86,24 +86,17 @@ class Checkpointer:
     goes on from the newest good one and can save those steps again. If none restores (e.g.
     the model config changed), raises naming each and moves nothing.
     """
-    failed = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        state = self.restore(step, abstract_state, data_iterator)
-      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
-        reason = _first_line(e)
-        logging.warning('checkpoint %s does not restore (%s); trying the one before',
-                        files.join(self.directory, str(step)), reason)
-        failed.append((step, reason))
-        continue
-      if failed:
-        self._move_unreadable([s for s, _ in failed])
-        logging.warning('resuming from step %d, the newest checkpoint that restores', step)
-      return step, state
+    found = _newest_that_restores(
+        self.directory, self.manager.all_steps(),
+        lambda step: self.restore(step, abstract_state, data_iterator),
+        hint=' (a changed model config cannot resume a run)')
+    if found is None:
+      return None
+    step, state, failed = found
     if failed:
-      raise RuntimeError(f'no checkpoint in {self.directory} restores: ' + '; '.join(
-          f'step {s}: {r}' for s, r in failed) + ' (a changed model config cannot resume a run)')
-    return None
+      self._move_unreadable(failed)
+      logging.warning('resuming from step %d, the newest checkpoint that restores', step)
+    return step, state
 
   def _move_unreadable(self, steps) -> None:
     """Moves step folders out of orbax's sight (kept for inspection, never deleted)."""
@@ -143,6 +136,24 @@ class Checkpointer:
     self.manager.close()
 
 
+def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
+  """(step, restore(step), [newer steps that failed]) for the newest of `steps` that restores;
+  None when there are no steps. Each failure is named in a warning; if none restores, raises
+  naming each (`hint` ends that message). Training resumes and inference readers share this."""
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore(step), [s for s, _ in failed]
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+      failed.append((step, _first_line(e)))
+      logging.warning('checkpoint %s does not restore (%s); trying the one before',
+                      files.join(directory, str(step)), failed[-1][1])
+  if failed:
+    raise RuntimeError(f'no checkpoint in {directory} restores: ' + '; '.join(
+        f'step {s}: {r}' for s, r in failed) + hint)
+  return None
+
+
 def _first_line(e: BaseException) -> str:
   lines = str(e).strip().splitlines()
   return f'{type(e).__name__}: {lines[0][:300] if lines else ""}'
@@ -179,26 +190,18 @@ def load_for_inference(workdir: str, step: int | None = None):
                                   item_handlers=dict(ema=ocp.StandardCheckpointHandler(),
                                                      config=ocp.JsonCheckpointHandler()))
   try:
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
-    if not steps:
-      raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
-    failed = []
-    for s in steps:
-      try:
-        config, ema = _restore_ema(manager, s)
-      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many)
-        if step is not None:
-          raise
-        failed.append((s, _first_line(e)))
-        logging.warning('checkpoint %s does not restore (%s); trying the one before',
-                        files.join(directory, str(s)), failed[-1][1])
-        continue
-      logging.info('loaded EMA params of %s at step %d', workdir, s)
-      return config, ema, s
-    raise RuntimeError(f'no checkpoint in {directory} restores: ' + '; '.join(
-        f'step {s}: {r}' for s, r in failed))
+    if step is not None:
+      config, ema = _restore_ema(manager, step)
+    else:
+      found = _newest_that_restores(directory, manager.all_steps(),
+                                   lambda s: _restore_ema(manager, s))
+      if found is None:
+        raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
+      step, (config, ema), _ = found
   finally:
     manager.close()
+  logging.info('loaded EMA params of %s at step %d', workdir, step)
+  return config, ema, step
 
 
 def _restore_ema(manager, step: int):

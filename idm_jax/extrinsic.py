@@ -331,10 +331,7 @@ def clean_from_config(config, workdir: str) -> dict:
 
 def _refuse_inside_source(config, out_dir: str) -> None:
   if config.data.source == 'folder':
-    real = lambda p: files.absolute(p) if files.is_remote(p) else os.path.realpath(p)  # noqa: E731
-    src, out = real(config.data.dir), real(out_dir)
-    sep = '/' if files.is_remote(src) else os.sep
-    if out == src or out.startswith(src + sep):
+    if files.is_within(out_dir, config.data.dir):
       raise ValueError(f'clean.out_dir {out_dir!r} is inside the source folder {config.data.dir!r};'
                        ' the source is never written to')
 

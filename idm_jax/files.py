@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import socket
 import tempfile
 from typing import Iterator
 
@@ -148,7 +149,10 @@ def append_text(p: PathLike, text: str) -> None:
   """Adds `text` at the end of a file, creating it. Locally an append + fsync; in a bucket a
   rewrite of the whole object (one upload), so call it for batches of lines, not each line."""
   if is_remote(p):
-    old = read_bytes(p) if exists(p) else b''
+    try:
+      old = read_bytes(p)
+    except FileNotFoundError:
+      old = b''
     write_atomic(p, old + text.encode('utf-8'))
     return
   p = os.path.expanduser(os.fspath(p))
@@ -214,7 +218,8 @@ def check_writable(p: PathLike) -> None:
     return
   fs, key = _fs(p)
   bucket = key.split('/', 1)[0]
-  probe = f'{key.rstrip("/")}/.idm_jax_write_check_{os.getpid()}'
+  # Every host of a pod probes the same folder, and pids repeat across hosts: name both.
+  probe = f'{key.rstrip("/")}/.idm_jax_write_check_{socket.gethostname()}_{os.getpid()}'
   try:
     fs.pipe_file(probe, b'')
     fs.rm_file(probe)

@@ -97,9 +97,10 @@ class Writer:
       return
     for name in sorted(os.listdir(self._staging)):
       local = os.path.join(self._staging, name)
-      with open(local, 'rb') as f:
-        data = f.read()
-      if self._uploaded.get(name) != len(data):
+      size = os.path.getsize(local)   # event files only grow: a new size is new content
+      if self._uploaded.get(name) != size:
+        with open(local, 'rb') as f:
+          data = f.read()
         files.write_atomic(files.join(self.workdir, 'tensorboard', name), data)
         self._uploaded[name] = len(data)
       if drop:
