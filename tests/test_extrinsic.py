@@ -249,3 +249,19 @@ def test_two_rounds_with_the_workdir_in_a_bucket(tmp_path, test_config, gcs_buck
   assert 'rounds.md' in listing and 'round_1/checkpoints/2/ema/_METADATA' in listing
   assert sum(n.startswith('round_1/dataset/images/') for n in listing) == 8
   assert extrinsic.run_rounds(config, work) == results
+
+
+def test_cleaning_refuses_an_output_inside_its_source_folder(tmp_path, test_config):
+  """The source is never written to: clean.out_dir inside data.dir (locally through a symlink
+  too, or in a bucket) is refused before any model loads."""
+  c = test_config
+  (tmp_path / 'src').mkdir()
+  (tmp_path / 'link').symlink_to(tmp_path / 'src')
+  for src, out in ((tmp_path / 'src', tmp_path / 'link' / 'cleaned'),
+                   ('gs://b/faces', 'gs://b/faces/cleaned'), ('gs://b/faces', 'gs://b/faces')):
+    c.data.update(source='folder', dir=str(src))
+    c.clean.out_dir = str(out)
+    with pytest.raises(ValueError, match='is inside the source folder'):
+      extrinsic.clean_from_config(c, str(tmp_path / 'work'))
+  c.clean.out_dir = 'gs://b/faces_cleaned'   # a sibling whose name starts alike is not inside
+  extrinsic._refuse_inside_source(c, c.clean.out_dir)
