@@ -57,12 +57,39 @@ def degradation_config(preset: str = 'gfpgan') -> ml_collections.ConfigDict:
   c.saturation = (0.0, 1.5)
   c.hue = (-0.1, 0.1)
   c.flip_prob = 0.5             # horizontal flip of the (HQ, LQ) pair
+  # A share of training pairs drawn from the mild end of the same model instead, some of them
+  # not degraded at all: a restorer that has only seen heavy damage treats every input as
+  # heavily damaged, and cannot leave a clean face alone (which cleaning a dataset needs).
+  # Evaluation pairs always use the ranges above.
+  c.mild_share = 0.0
+  c.mild = mild_ranges(c)
   if preset == 'codeformer_heavy':
     c.blur_sigma = (1.0, 15.0)
     c.scale = (4.0, 30.0)
     c.noise_sigma = (0.0, 20.0)
     c.jpeg_quality = (30, 80)
   return c
+
+
+def mild_ranges(preset: ml_collections.ConfigDict, part: float = 0.2
+                ) -> ml_collections.ConfigDict:
+  """The gentlest `part` of each of the preset's damage ranges, and no colour changes.
+
+  A rule rather than chosen numbers, so the mild pairs are the heavy preset's own continuation
+  towards no damage, not a copy of any test's defects. Colour shift, jitter and grayscale are
+  off: a restorer should not learn to recolour a face it is meant to leave alone.
+  """
+  def gentle(lo, hi, gentle_end):
+    width = part * (hi - lo)
+    return (lo, lo + width) if gentle_end == 'low' else (hi - width, hi)
+  q_lo, q_hi = gentle(*preset.jpeg_quality, 'high')
+  return ml_collections.ConfigDict(dict(
+      identity_prob=0.25,   # of the mild pairs: LQ = HQ exactly
+      blur_sigma=gentle(*preset.blur_sigma, 'low'),
+      scale=gentle(*preset.scale, 'low'),
+      noise_sigma=gentle(*preset.noise_sigma, 'low'),
+      jpeg_quality=(int(round(q_lo)), int(q_hi)),
+  ))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -326,6 +353,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lo, hi = config.degradation[k]
     _check(lo <= hi, f'degradation.{k}', f'low {lo} > high {hi}')
   _check(config.degradation.kernel_size % 2 == 1, 'degradation.kernel_size', 'must be odd')
+  _check(0.0 <= config.degradation.mild_share <= 1.0, 'degradation.mild_share',
+         'must be in [0, 1]')
+  _check(0.0 <= config.degradation.mild.identity_prob <= 1.0, 'degradation.mild.identity_prob',
+         'must be in [0, 1]')
+  for k in ('blur_sigma', 'scale', 'noise_sigma', 'jpeg_quality'):
+    lo, hi = config.degradation.mild[k]
+    _check(lo <= hi, f'degradation.mild.{k}', f'low {lo} > high {hi}')
   return config
 
 

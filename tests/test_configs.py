@@ -30,6 +30,9 @@ def test_config_validates(name):
     ('diffusion.parameterization', 'score', 'diffusion.parameterization'),
     ('train.grad_accum_steps', 3, 'train.grad_accum_steps'),
     ('degradation.scale', (8.0, 0.8), 'degradation.scale'),
+    ('degradation.mild_share', 1.5, 'degradation.mild_share'),
+    ('degradation.mild.identity_prob', -0.1, 'degradation.mild.identity_prob'),
+    ('degradation.mild.blur_sigma', (2.0, 1.0), 'degradation.mild.blur_sigma'),
     ('mode', 'fit', 'mode'),
     ('sample.guidance_scale', 2.0, 'sample.guidance_scale'),   # needs cond_drop_prob > 0
     ('clean.score', 'brisque', 'clean.score'),

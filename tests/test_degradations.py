@@ -371,3 +371,80 @@ def test_degrade_pair_flips_both_and_replays(face):
     np.testing.assert_array_equal(hq, face[:, ::-1] if p['flip'] else face)
     np.testing.assert_array_equal(lq, D.apply(hq, json.loads(json.dumps(p))))
   assert seen == {True, False}
+
+
+# ------------------------------------------------------------------------ the mild share ----
+
+def _psnr(a, b):
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return 10 * np.log10(255.0 ** 2 / mse) if mse else math.inf
+
+
+def test_mild_ranges_are_the_gentlest_fifth_of_the_preset():
+  cfg = configlib.degradation_config('gfpgan')
+  assert cfg.mild.blur_sigma == pytest.approx((0.1, 0.1 + 0.2 * 9.9))
+  assert cfg.mild.scale == pytest.approx((0.8, 0.8 + 0.2 * 7.2))
+  assert cfg.mild.noise_sigma == pytest.approx((0.0, 4.0))
+  assert tuple(cfg.mild.jpeg_quality) == (92, 100)
+  # The heavy presets keep the same mild end: mild means mild whatever the preset.
+  assert configlib.degradation_config('codeformer_heavy').mild == cfg.mild
+
+
+def test_no_mild_share_keeps_every_earlier_pair(face):
+  cfg = configlib.degradation_config('gfpgan')
+  assert cfg.mild_share == 0
+  for seed in range(20):
+    _, lq, params = D.degrade_pair(face, np.random.default_rng(seed), cfg)
+    expected = D.sample_params(np.random.default_rng(seed), cfg, face.shape[1])
+    assert params == {**expected, 'identity': False}
+    hq = face[:, ::-1] if expected['flip'] else face
+    np.testing.assert_array_equal(lq, D.apply(np.ascontiguousarray(hq), expected))
+
+
+def test_identity_pairs_are_exact_and_replay(face):
+  cfg = configlib.degradation_config('gfpgan')
+  cfg.mild_share = 1.0
+  cfg.mild.identity_prob = 1.0
+  for seed in range(10):
+    hq, lq, params = D.degrade_pair(face, np.random.default_rng(seed), cfg)
+    assert params['identity']
+    np.testing.assert_array_equal(lq, hq)
+    np.testing.assert_array_equal(D.apply(hq, params), lq)
+    assert lq is not hq
+
+
+def test_mild_pairs_draw_from_the_mild_ranges_without_colour_changes(face):
+  cfg = configlib.degradation_config('gfpgan')
+  cfg.mild_share = 1.0
+  cfg.mild.identity_prob = 0.0
+  mild, heavy = [], []
+  for seed in range(60):
+    hq, lq, p = D.degrade_pair(face, np.random.default_rng(seed), cfg)
+    assert not p['identity']
+    assert cfg.mild.blur_sigma[0] <= p['sigma_x'] <= cfg.mild.blur_sigma[1]
+    assert cfg.mild.scale[0] <= p['scale'] <= cfg.mild.scale[1]
+    assert cfg.mild.noise_sigma[0] <= p['noise_sigma'] <= cfg.mild.noise_sigma[1]
+    assert cfg.mild.jpeg_quality[0] <= p['jpeg_quality'] <= cfg.mild.jpeg_quality[1]
+    assert p['color_shift'] is None and p['jitter'] is None and not p['gray']
+    np.testing.assert_array_equal(D.apply(hq, p), lq)   # the record replays
+    mild.append(_psnr(hq, lq))
+    heavy.append(_psnr(*D.degrade_pair(face, np.random.default_rng(seed),
+                                       configlib.degradation_config('gfpgan'))[:2]))
+  # Same seeds, gentler ranges: every pair is at least as close to its HQ, most far closer.
+  assert np.median(mild) > np.median(heavy) + 5
+
+
+def test_mild_share_is_the_share_of_mild_pairs(face):
+  cfg = configlib.degradation_config('gfpgan')
+  cfg.mild_share = 0.3
+  cfg.mild.identity_prob = 0.5
+  small = np.ascontiguousarray(face[::8, ::8])
+  params = [D.degrade_pair(small, np.random.default_rng([5, i]), cfg)[2] for i in range(2000)]
+  # A mild draw has no colour shift, jitter or gray and its blur within the mild range; a heavy
+  # one can look mild by chance, so count identities (mild only) and bound the rest.
+  identity = np.mean([p['identity'] for p in params])
+  assert abs(identity - 0.15) < 4 * math.sqrt(0.15 * 0.85 / 2000)
+  big_blur = np.mean([p['sigma_x'] > cfg.mild.blur_sigma[1] for p in params])
+  # Heavy draws exceed the mild blur range with probability (10 - 2.08) / 9.9 = 0.8.
+  expected = 0.7 * (10 - cfg.mild.blur_sigma[1]) / 9.9
+  assert abs(big_blur - expected) < 4 * math.sqrt(expected * (1 - expected) / 2000)

@@ -71,6 +71,20 @@ def test_batches_are_degraded_real_images(config, face_dir):
   assert 0 < sum(flipped) < len(flipped)
 
 
+def test_mild_share_reaches_training_pairs_but_never_eval_pairs(config):
+  """The mild share (here all of it, all undamaged) shapes what the model trains on; the eval
+  pairs it is scored on keep the heavy preset."""
+  config.degradation.mild_share = 1.0
+  config.degradation.mild.identity_prob = 1.0
+  for b in _take(config, 2):
+    np.testing.assert_array_equal(b['hq'], b['lq'])
+  (e,) = pipeline.eval_batches(config, num_images=2, batch_size=2)
+  config.degradation.mild_share = 0.0
+  (heavy,) = pipeline.eval_batches(config, num_images=2, batch_size=2)
+  np.testing.assert_array_equal(e['lq'], heavy['lq'])
+  assert not np.array_equal(e['lq'], e['hq'])
+
+
 def test_epochs_cover_everything_and_reshuffle():
   n = 7
   ds = pipeline.train_index_dataset(n, seed=3)

@@ -244,9 +244,12 @@ def apply(hq: np.ndarray, params: dict) -> np.ndarray:
 
   Order: blur -> bilinear down to (int(w // s), int(h // s)) -> + Gaussian noise, clip ->
   JPEG -> bilinear up to (w, h) -> colour shift -> grayscale -> jitter -> round to uint8.
-  Does not flip: `degrade_pair` flips the pair.
+  Does not flip: `degrade_pair` flips the pair. params['identity'] (optional) returns a copy
+  of `hq`: the mild share's undamaged pairs.
   """
   _check_inputs(hq, params)
+  if params.get('identity'):
+    return hq.copy()
   h, w = hq.shape[:2]
   img = np.divide(hq, np.float32(255), dtype=np.float32)
 
@@ -280,14 +283,35 @@ def apply(hq: np.ndarray, params: dict) -> np.ndarray:
   return cv2.convertScaleAbs(img, alpha=255.0)
 
 
+def mild_config(cfg) -> dict:
+  """`cfg` with its damage ranges replaced by `cfg.mild`'s and its colour changes off."""
+  mild = _get(cfg, 'mild')
+  merged = {k: cfg[k] for k in cfg.keys() if k not in ('mild',)}
+  merged.update({k: _get(mild, k) for k in ('blur_sigma', 'scale', 'noise_sigma',
+                                             'jpeg_quality')})
+  merged.update(color_shift_prob=0.0, gray_prob=0.0, jitter_prob=0.0)
+  return merged
+
+
 def degrade_pair(hq: np.ndarray, rng: np.random.Generator,
                  cfg) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Samples params and returns (hq, lq, params), both flipped when params['flip'].
 
+  With probability cfg.mild_share the draw uses the mild ranges (`mild_config`), and a mild
+  draw is no degradation at all (params['identity'], LQ = HQ) with probability
+  cfg.mild.identity_prob. With mild_share 0 no extra draw is made, so the stream of pairs is the
+  one every earlier run saw.
+
   The HQ is flipped before degrading (as GFPGAN), so apply(returned_hq, params) reproduces the
   returned LQ exactly.
   """
+  mild_share = float(cfg.get('mild_share', 0.0))
+  identity = False
+  if mild_share > 0 and rng.random() < mild_share:
+    identity = rng.random() < float(_get(_get(cfg, 'mild'), 'identity_prob'))
+    cfg = mild_config(cfg)
   params = sample_params(rng, cfg, hq.shape[1])
+  params['identity'] = identity
   if params['flip']:
     hq = np.ascontiguousarray(hq[:, ::-1])
   return hq, apply(hq, params), params
