@@ -6,7 +6,7 @@
 #   ONLY="parts256 update256 train256" ...   also times adm_sr_256's gradient and update halves
 #   apart, and its update in four forms (bench/update_variants.py; about a minute)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${1:-${OUT:-bench_out}}
 mkdir -p "$OUT_DIR"
 JSON="$OUT_DIR/bench.jsonl"

@@ -10,7 +10,7 @@
 # Identity and NIQE are computed afterwards where dlib and the NIQE file exist (see quality.sh).
 # Dry run on a CPU: TRAIN_CONFIG=... BENCH_CONFIGS="configs/test.py" SAMPLE_CONFIG=configs/test.py
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${OUT:-gpu_out}
 TRAIN_SECONDS=${TRAIN_SECONDS:-380}
 BUDGET=${BUDGET:-570}   # seconds for the whole script; each phase-B step gets what is left
@@ -62,7 +62,8 @@ S=$(ls -d "$WORK"/samples/step_* 2>/dev/null | tail -1)
 if [ -n "$S" ]; then
   say "samples in $S"
   tar -cf "$OUT_DIR/samples_lq_hq.tar" -C "$S" lq hq grid.png
-  tar -cf "$OUT_DIR/samples_restored.tar" -C "$S" $(cd "$S" && ls -d restored_*)
+  mapfile -t restored < <(cd "$S" && ls -d restored_*)
+  tar -cf "$OUT_DIR/samples_restored.tar" -C "$S" "${restored[@]}"
 fi
 
 # The benchmarks must have the GPU alone: wait for the compile chain and tests (bounded).

@@ -6,7 +6,7 @@
 # Needs ../shared/data (or DATA=... and NIQE=...). Without dlib or the NIQE file on the GPU
 # machine, it stops after restoring and prints the evaluate commands to run where they exist.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 WORK=${1:-workdirs/quality}
 DATA=${DATA:-../shared/data/celeba_hq128_dev}
 NIQE=${NIQE:-../shared/data/niqe_pris_params.npz}

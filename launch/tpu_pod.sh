@@ -174,7 +174,7 @@ fi
 install_cmd+="; uv venv --python $(q "$python_version") $remote_venv"
 # The [gcs] extra: gcsfs and google-cloud-storage, through which the driver reads and writes the
 # gs:// workdir (checkpoints go through tensorstore, TFDS data through array_record's reader).
-install_cmd+="; uv pip install --python $remote_venv/bin/python 'jax[tpu]' -e \"$remote_repo[gcs]\""
+install_cmd+="; uv pip install --python $remote_venv/bin/python 'jax[tpu]' -e \"${remote_repo}[gcs]\""
 install_cmd+="; $remote_venv/bin/python -c 'import jax, idm_jax; print(jax.__version__, idm_jax.__file__)'"
 
 train_args=(--config="$config" --workdir="$workdir")

@@ -19,6 +19,68 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get('IDM_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data'))
 
 
+# The skips a run may expect, by name. Given --allow-skips=NAMES, a run fails on any other skip,
+# so a missing dependency cannot hide a test: CI passes it on every call (.ci/run).
+EXPECTED_SKIPS = {
+    'gpu': ('needs a GPU or TPU', 'cuDNN attention is a GPU path'),
+    'libtpu': ('AOT TPU compiles need libtpu',),
+    'shared-data': ('needs ../shared/data/celeba_hq128_dev',),
+}
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      '--allow-skips', default=None, metavar='NAMES',
+      help='fail the run on a skip other than these (comma-separated, from '
+           f'{", ".join(EXPECTED_SKIPS)}; empty: none)')
+
+
+def pytest_configure(config):
+  names = config.getoption('--allow-skips')
+  if names is None:
+    return
+  allowed = [n for n in names.split(',') if n]
+  unknown = sorted(set(allowed) - set(EXPECTED_SKIPS))
+  if unknown:
+    raise pytest.UsageError(f'--allow-skips: unknown {unknown}; choose from {list(EXPECTED_SKIPS)}')
+  config.pluginmanager.register(
+      _SkipPolicy(tuple(r for n in allowed for r in EXPECTED_SKIPS[n])), 'idm_jax-skip-policy')
+
+
+class _SkipPolicy:
+  """Collects skips whose reason is not allowed; fails the session if there are any."""
+
+  def __init__(self, allowed_reasons):
+    self.allowed_reasons = allowed_reasons
+    self.unexpected = []
+
+  def _note(self, report):
+    if report.skipped:
+      longrepr = report.longrepr
+      reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+      if not any(r in reason for r in self.allowed_reasons):
+        self.unexpected.append(f'{report.nodeid}: {reason}')
+
+  def pytest_runtest_logreport(self, report):
+    self._note(report)
+
+  def pytest_collectreport(self, report):
+    self._note(report)
+
+  def pytest_sessionfinish(self, session):
+    # Under xdist the controller sees every worker's reports; a worker leaves the verdict to it.
+    if hasattr(session.config, 'workerinput') or not self.unexpected:
+      return
+    reporter = session.config.pluginmanager.get_plugin('terminalreporter')
+    if reporter:
+      reporter.write_line(
+          f'\n{len(self.unexpected)} unexpected skip(s) (--allow-skips): each hides a test',
+          red=True)
+      for u in self.unexpected:
+        reporter.write_line(f'  {u}')
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def load_config(name: str):
   """configs/<name>.py's get_config(), loaded by path as --config does."""
   spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')

@@ -112,7 +112,12 @@ def test_bash_syntax(script):
   assert script.read_text().startswith('#!/usr/bin/env bash\n')
 
 
-@pytest.mark.parametrize('script', [TPU_POD, SBATCH], ids=lambda p: p.name)
+SHELL_SCRIPTS = sorted([*LAUNCH.parent.glob('launch/*.sh'), *LAUNCH.parent.glob('bench/*.sh'),
+                        SBATCH, LAUNCH.parent / '.ci' / 'run'])
+
+
+@pytest.mark.parametrize('script', SHELL_SCRIPTS,
+                         ids=lambda p: str(p.relative_to(LAUNCH.parent)))
 def test_shellcheck(script):
   if shutil.which('shellcheck') is None:
     pytest.skip('shellcheck not installed')
