@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from idm_jax import cleaned_dataset
 from idm_jax import files
 from idm_jax import images
 from idm_jax.data import sources
@@ -52,9 +53,8 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
           seed: int = 0) -> dict:
   """The report as a dict (see the module docstring)."""
   from idm_jax import evaluate
-  from idm_jax import extrinsic
   from idm_jax.data import contaminate
-  cleaned = _read_json(files.join(cleaned_dir, extrinsic.MANIFEST))
+  cleaned = _read_json(files.join(cleaned_dir, cleaned_dataset.MANIFEST))
   contam = _read_json(files.join(contaminated_dir, contaminate.MANIFEST))
   pristine = _read_json(files.join(pristine_dir, contaminate.MANIFEST))
   if pristine['num_contaminated'] or pristine['resolution'] != contam['resolution'] or \

@@ -4,15 +4,8 @@ Cleaning (`--config.mode=clean`): the model's EMA params restore the training se
 themselves (the HQ image is the LQ input), either all of them or only the worst-scoring share by
 a no-reference score (there is no ground truth for "truly high quality"): NIQE, or
 `clean.score='artifacts'`, metrics/artifacts.py's outlier score within the set. The rest are
-copied byte for byte. The output is a new folder dataset; the source is never written to.
-
-  OUT/images/<name>    one file per source record (cleaned ones as PNG)
-  OUT/scores.json      the score per record, so the selection can be inspected
-  OUT/journal-<p>.jsonl  one line per finished record (process p): a killed run resumes from it
-                       (in a bucket, where nothing appends: journal-<p>-<k>.jsonl, one object per
-                       flush of a few dozen lines)
-  OUT/manifest.json    written last, after verification: its presence marks a complete dataset
-OUT may be a local folder or a gs:// prefix (files.py).
+copied byte for byte. The output is a new folder dataset (cleaned_dataset.py: its files, how a
+killed run resumes, how it is verified); the source is never written to.
 
 Rounds (`--config.mode=extrinsic`): WORKDIR/round_k/ holds model M_k (checkpoints/), the
 dataset D_k it trained on (dataset/, k >= 1; D_0 is the source), and eval/. M_k cleans D_k into
@@ -22,27 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 
 from absl import logging
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from idm_jax import files
+from idm_jax import cleaned_dataset
 from idm_jax import configlib
+from idm_jax import files
 from idm_jax import inference
 from idm_jax import parallel
-
-MANIFEST = 'manifest.json'
-SCORES = 'scores.json'
-IMAGES = 'images'
-
-
-def sha256_file(path: str) -> str:
-  return hashlib.sha256(files.read_bytes(path)).hexdigest()
-
+from idm_jax.data import sources
 
 def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
   """NIQE of every record (higher = worse); None for records that fail to load."""
@@ -75,94 +59,27 @@ def niqe_of(img: np.ndarray, params, resolution: int) -> float:
 
 
 def select_worst(scores: dict[str, float | None], fraction: float) -> set[str]:
-  """The round(fraction * n) names with the highest (worst) NIQE; ties broken by name."""
+  """The round(fraction * n) names with the highest (worst) score; ties broken by name. Records
+  without a score (None: failed to load) are never selected."""
   valid = sorted(((s, n) for n, s in scores.items() if s is not None), key=lambda x: (-x[0], x[1]))
   k = int(round(fraction * len(valid)))
   return {n for _, n in valid[:k]}
-
-
-def _out_name(name: str, cleaned: bool) -> str:
-  return os.path.splitext(name)[0] + '.png' if cleaned else name
-
-
-def _read_journals(out_dir: str) -> dict[str, dict]:
-  done = {}
-  for fname in files.listdir(out_dir):
-    if fname.startswith('journal-') and fname.endswith('.jsonl'):
-      for line in files.iter_lines(files.join(out_dir, fname)):
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          entry = json.loads(line)
-        except json.JSONDecodeError:   # a line cut by a kill: that record is redone
-          continue
-        done[entry['name']] = entry
-  return done
-
-
-class _Journal:
-  """Process p's record of finished records. Locally one file, appended and fsynced per entry
-  (a kill loses at most the line being written, which the reader skips and the next line
-  starts afresh after). In a bucket a new object per flush, every REMOTE_BATCH entries or
-  REMOTE_SECONDS, and at each cleaned batch's end: a kill loses at most that many, redone."""
-
-  REMOTE_BATCH = 64
-  REMOTE_SECONDS = 30.0
-
-  def __init__(self, out_dir: str, process_index: int):
-    self.out_dir = out_dir
-    self.pi = process_index
-    self.remote = files.is_remote(out_dir)
-    self.pending: list[str] = []
-    self.last = time.monotonic()
-    if self.remote:
-      prefix = f'journal-{process_index}-'
-      self.seq = 1 + max([int(n[len(prefix):-len('.jsonl')]) for n in files.listdir(out_dir)
-                          if n.startswith(prefix) and n.endswith('.jsonl')], default=-1)
-    else:
-      self.path = files.join(out_dir, f'journal-{process_index}.jsonl')
-      if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-        with open(self.path, 'rb') as f:
-          f.seek(-1, os.SEEK_END)
-          if f.read(1) != b'\n':   # a line cut by a kill: end it so the next entry stands alone
-            self.pending.append('')
-
-  def add(self, entry: dict) -> None:
-    self.pending.append(json.dumps(entry))
-    if not self.remote or len(self.pending) >= self.REMOTE_BATCH or \
-        time.monotonic() - self.last >= self.REMOTE_SECONDS:
-      self.flush()
-
-  def flush(self) -> None:
-    if not self.pending:
-      return
-    text = '\n'.join(self.pending) + '\n'
-    if self.remote:
-      files.write_atomic(files.join(self.out_dir, f'journal-{self.pi}-{self.seq:06d}.jsonl'),
-                         text.encode())
-      self.seq += 1
-    else:
-      files.append_text(self.path, text)
-    self.pending = []
-    self.last = time.monotonic()
 
 
 def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
                   seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
   """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
 
-  niqe_params: the pristine NIQE parameters that rank images when clean_cfg.fraction < 1
-  (None: the shipped ones).
+  niqe_params: the pristine NIQE parameters that rank images when clean_cfg.score is 'niqe' and
+  clean_cfg.fraction < 1 (None: the shipped ones).
   """
-  manifest_path = files.join(out_dir, MANIFEST)
-  if files.exists(manifest_path):
-    verify_manifest(out_dir)
-    return json.loads(files.read_text(manifest_path))
+  finished = cleaned_dataset.read_manifest(out_dir)
+  if finished is not None:
+    cleaned_dataset.verify_manifest(out_dir)
+    return finished
   pi, pc = jax.process_index(), jax.process_count()
-  files.makedirs(files.join(out_dir, IMAGES))
+  files.makedirs(files.join(out_dir, cleaned_dataset.IMAGES))
 
-  from idm_jax.data import sources
   if isinstance(source, sources.FolderSource):   # names without decoding every file
     names = [source.name(i) for i in range(len(source))]
   else:
@@ -170,36 +87,28 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   if len(set(names)) != len(names):
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
-  scores = None
   kind = clean_cfg.get('score', 'niqe')
   if kind not in configlib.CLEAN_SCORES:
     raise ValueError(f'config.clean.score: {kind!r} is not one of {configlib.CLEAN_SCORES}')
+  params = None   # NIQE's, only where NIQE ranks the records
+  scores = None
+  selected = set(names)
   if fraction < 1.0:
-    from idm_jax.metrics import niqe
-    params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
-    scores_path = files.join(out_dir, SCORES)
-    if files.exists(scores_path):
-      scores = json.loads(files.read_text(scores_path))
-    elif kind == 'artifacts':
-      scores = artifact_scores(source)
-    else:
-      scores = niqe_scores(source, params, resolution)
-      if pi == 0:
-        files.write_atomic(scores_path, json.dumps(scores, indent=1).encode())
+    if kind == 'niqe':
+      from idm_jax.metrics import niqe
+      params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
+    scores = _selection_scores(source, kind, params, resolution, out_dir, write=pi == 0)
     selected = select_worst(scores, fraction)
-  else:
-    selected = set(names)
-    params = None
 
-  done = _read_journals(out_dir)
+  done = cleaned_dataset.read_journals(out_dir)
   mine = [i for i in range(len(names)) if i % pc == pi and names[i] not in done]
   to_clean = [i for i in mine if names[i] in selected]
   to_copy = [i for i in mine if names[i] not in selected]
-  journal = _Journal(out_dir, pi)
+  journal = cleaned_dataset.Journal(out_dir, pi)
   bs = int(clean_cfg.batch_size)
   with tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
     for i in to_copy:
-      journal.add(_copy_record(source, i, names[i], out_dir))
+      journal.add(cleaned_dataset.copy_record(source, i, names[i], out_dir))
       bar.update(1)
     journal.flush()
     for start in inference.batch_starts(len(to_clean), bs, restorer.lockstep):
@@ -217,12 +126,12 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
           restorer, lq, [i for i, _ in good], bs, seed=seed, steps=int(clean_cfg.steps),
           sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start))
       for (i, _), img in zip(good, restored):
-        rel = _out_name(names[i], cleaned=True)
+        rel = cleaned_dataset.out_name(names[i], cleaned=True)
         data = files.encode_image(img)
-        files.write_atomic(files.join(out_dir, IMAGES, rel), data)
+        files.write_atomic(files.join(out_dir, cleaned_dataset.IMAGES, rel), data)
         entry = dict(name=names[i], file=rel, action='cleaned',
                      sha256=hashlib.sha256(data).hexdigest())
-        if kind == 'niqe' and params is not None:   # did cleaning lower the score that chose it?
+        if params is not None:   # did cleaning lower the score that chose it?
           entry['score_after'] = niqe_of(img, params, resolution)
         journal.add(entry)
       journal.flush()
@@ -231,13 +140,13 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   parallel.barrier('clean: all records written')
   if pi != 0:
     return {}
-  done = _read_journals(out_dir)
+  done = cleaned_dataset.read_journals(out_dir)
   missing = [n for n in names if n not in done]
   if missing:
     raise RuntimeError(f'{out_dir}: {len(missing)} records were not written, e.g. {missing[:3]}')
   records = [dict(done[n], score=(scores or {}).get(n)) for n in names]
   counts = {a: sum(r['action'] == a for r in records) for a in ('cleaned', 'copied', 'failed')}
-  manifest = dict(format='idm_jax/cleaned-dataset/1', source_records=len(names), counts=counts,
+  manifest = dict(format=cleaned_dataset.FORMAT, source_records=len(names), counts=counts,
                   settings=dict(clean_cfg.to_dict() if hasattr(clean_cfg, 'to_dict') else clean_cfg),
                   records=records, **provenance)
   after = [(r['score'], r['score_after']) for r in records if r.get('score_after') is not None]
@@ -246,62 +155,25 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
                                     after=float(np.mean([a for _, a in after])))
     logging.info('NIQE of the cleaned records: %.3f before, %.3f after',
                  manifest['cleaned_niqe']['before'], manifest['cleaned_niqe']['after'])
-  _verify_records(out_dir, records, _files_written(out_dir))
-  files.write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+  cleaned_dataset.write_manifest(out_dir, manifest)
   logging.info('cleaned dataset %s: %s', out_dir, counts)
   return manifest
 
 
-def _copy_record(source, i: int, name: str, out_dir: str) -> dict:
-  """Copies a record unchanged: the original file bytes when the source is a folder."""
-  from idm_jax.data import sources
-  if isinstance(source, sources.FolderSource):
-    data = files.read_bytes(source.paths[i])
-    rel = name
+def _selection_scores(source, kind: str, niqe_params, resolution: int, out_dir: str, *,
+                      write: bool) -> dict[str, float | None]:
+  """Every record's score by `kind`, read back from OUT/scores.json where an earlier (killed)
+  run wrote it, so a resumed run selects the same records without scoring again."""
+  path = files.join(out_dir, cleaned_dataset.SCORES)
+  if files.exists(path):
+    return json.loads(files.read_text(path))
+  if kind == 'artifacts':
+    scores = artifact_scores(source)
   else:
-    rec = source[i]
-    if rec.get('image') is None:
-      return dict(name=name, action='failed', reason=rec.get('error', ''))
-    data = files.encode_image(rec['image'])
-    rel = _out_name(name, cleaned=True)
-  files.write_atomic(files.join(out_dir, IMAGES, rel), data)
-  return dict(name=name, file=rel, action='copied', sha256=hashlib.sha256(data).hexdigest())
-
-
-def _verify_records(out_dir: str, records: list[dict], on_disk: set[str]) -> None:
-  """Every record's file is there; locally its checksum is read back too. In a bucket an
-  upload is whole or absent, so presence (one listing) is the check, not a download of all."""
-  outputs = [r['file'] for r in records if r['action'] != 'failed']
-  if len(set(outputs)) != len(outputs):
-    raise RuntimeError(f'{out_dir}: two records map to the same output file')
-  local = not files.is_remote(out_dir)
-  for r in records:
-    if r['action'] == 'failed':
-      continue
-    path = files.join(out_dir, IMAGES, r['file'])
-    if r['file'] not in on_disk or (local and sha256_file(path) != r['sha256']):
-      raise RuntimeError(f'{path}: missing or its checksum does not match the journal')
-
-
-def _files_written(out_dir: str) -> set[str]:
-  images_dir = files.join(out_dir, IMAGES)
-  return set(files.walk_files(images_dir)) if files.isdir(images_dir) else set()
-
-
-def verify_manifest(out_dir: str) -> dict:
-  """Checks a finished dataset: one record per source record, every checksum; returns counts."""
-  manifest = json.loads(files.read_text(files.join(out_dir, MANIFEST)))
-  records = manifest['records']
-  if len(records) != manifest['source_records'] or \
-     len({r['name'] for r in records}) != len(records):
-    raise RuntimeError(f'{out_dir}: the manifest does not hold exactly one entry per record')
-  on_disk = _files_written(out_dir)
-  _verify_records(out_dir, records, on_disk)
-  listed = {r['file'] for r in records if r['action'] != 'failed'}
-  if on_disk != listed:
-    raise RuntimeError(f'{out_dir}: files on disk differ from the manifest: '
-                       f'{sorted(on_disk ^ listed)[:5]}')
-  return manifest['counts']
+    scores = niqe_scores(source, niqe_params, resolution)
+  if write:
+    files.write_atomic(path, json.dumps(scores, indent=1).encode())
+  return scores
 
 
 def _provenance(config, workdir: str, step: int | None) -> dict:
@@ -312,7 +184,6 @@ def _provenance(config, workdir: str, step: int | None) -> dict:
 def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
   """Cleans config.data's training split with the EMA model in model_workdir."""
   from idm_jax import validation
-  from idm_jax.data import sources
   restorer, step = inference.load(model_workdir, config)
   model_config = restorer.config
   # Records load at the model's resolution, whatever the run's config says.
@@ -341,7 +212,8 @@ def round_config(config, workdir: str, r: int):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     if r > 0:
-      c.data.update(source='folder', dir=files.join(workdir, f'round_{r}', 'dataset', IMAGES),
+      c.data.update(source='folder',
+                    dir=files.join(workdir, f'round_{r}', 'dataset', cleaned_dataset.IMAGES),
                     num_val=0, max_examples=0)
       if config.extrinsic.init == 'finetune':
         c.train.init_from = files.join(workdir, f'round_{r - 1}')

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from idm_jax import cleaning_eval
-from idm_jax import extrinsic
+from idm_jax import cleaned_dataset
 from idm_jax.data import contaminate
 
 
@@ -38,7 +38,7 @@ def _cleaned_dataset(out, contaminated, pristine, chosen):
     (out / 'images' / r['file']).write_bytes(src.read_bytes())
     records.append(dict(name=r['file'], file=r['file'],
                         action='cleaned' if r['file'] in chosen else 'copied'))
-  (out / extrinsic.MANIFEST).write_text(json.dumps(dict(records=records, settings={})))
+  (out / cleaned_dataset.MANIFEST).write_text(json.dumps(dict(records=records, settings={})))
 
 
 def _oracle_datasets(tmp_path):

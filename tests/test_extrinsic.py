@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from idm_jax import cleaned_dataset
 from idm_jax import extrinsic
 from idm_jax import images
 from idm_jax.data import sources
@@ -73,7 +74,7 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
   manifest = extrinsic.clean_dataset(source, restorer, str(out), **kw)
   assert restorer.calls == 3   # 12 images in batches of 2: 6 batches, 3 done before the kill
   assert manifest['source_records'] == 12 and manifest['counts']['cleaned'] == 12
-  assert extrinsic.verify_manifest(str(out))['cleaned'] == 12
+  assert cleaned_dataset.verify_manifest(str(out))['cleaned'] == 12
   assert sorted(os.listdir(out / 'images')) == sorted(
       os.path.splitext(n)[0] + '.png' for n in os.listdir(faces))
   assert tree_digest(faces) == before
@@ -81,7 +82,7 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
   victim = out / 'images' / sorted(os.listdir(out / 'images'))[0]
   victim.write_bytes(victim.read_bytes()[:-1] + b'x')
   with pytest.raises(RuntimeError, match='checksum'):
-    extrinsic.verify_manifest(str(out))
+    cleaned_dataset.verify_manifest(str(out))
 
 
 def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_params_path):
@@ -142,7 +143,7 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   results = extrinsic.run_rounds(config, str(work))
   assert set(results) == {'0', '1'}
   assert seen == [str(faces), str(work / 'round_1' / 'dataset' / 'images')]
-  assert extrinsic.verify_manifest(str(work / 'round_1' / 'dataset'))['cleaned'] == 8
+  assert cleaned_dataset.verify_manifest(str(work / 'round_1' / 'dataset'))['cleaned'] == 8
   table = (work / 'rounds.md').read_text()
   assert '| 0 | source |' in table and '| 1 | round_1/dataset |' in table
   assert tree_digest(faces) == before
@@ -204,7 +205,7 @@ def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(
   dataset = work / 'round_1' / 'dataset'
   scores = json.loads((dataset / 'scores.json').read_text())
   assert len(scores) == 12 and all(s is not None and s > 0 for s in scores.values())
-  assert extrinsic.verify_manifest(str(dataset)) == {'cleaned': 3, 'copied': 9, 'failed': 0}
+  assert cleaned_dataset.verify_manifest(str(dataset)) == {'cleaned': 3, 'copied': 9, 'failed': 0}
   # Validation reports NIQE for every round with the same parameters.
   rounds = json.loads((work / 'rounds.json').read_text())
   assert all(rounds[r]['metrics']['niqe'] is not None for r in ('0', '1'))
@@ -220,12 +221,17 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   source = sources.FolderSource(tuple(images.list_images(faces)), 64, root=str(faces))
   cfg = clean_cfg(fraction=2 / 12)
   cfg.score = 'artifacts'
+  # The artifacts score needs no NIQE parameters: a missing file is never opened.
   manifest = extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),
-                                     clean_cfg=cfg, seed=0, niqe_params=None, resolution=64,
-                                     provenance={})
+                                     clean_cfg=cfg, seed=0, niqe_params=str(tmp_path / 'none.npz'),
+                                     resolution=64, provenance={})
   cleaned = sorted(r['name'] for r in manifest['records'] if r['action'] == 'cleaned')
   assert cleaned == [names[3], names[8]]
   assert 'cleaned_niqe' not in manifest   # score_after is NIQE's; not mixed with another score
+  # The scores are kept beside the dataset, as NIQE's are, so the selection can be inspected.
+  scores = json.loads((tmp_path / 'clean' / cleaned_dataset.SCORES).read_text())
+  assert set(sorted(scores, key=lambda n: -scores[n])[:2]) == {names[3], names[8]}
+  assert {r['name']: r['score'] for r in manifest['records']} == scores
   cfg.score = 'brisque'
   with pytest.raises(ValueError, match='clean.score'):
     extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
@@ -244,7 +250,7 @@ def test_two_rounds_with_the_workdir_in_a_bucket(tmp_path, test_config, gcs_buck
   work = f'{gcs_bucket}/work'
   results = extrinsic.run_rounds(config, work)
   assert set(results) == {'0', '1'}
-  assert extrinsic.verify_manifest(f'{work}/round_1/dataset')['cleaned'] == 8
+  assert cleaned_dataset.verify_manifest(f'{work}/round_1/dataset')['cleaned'] == 8
   listing = files.walk_files(work)
   assert 'rounds.md' in listing and 'round_1/checkpoints/2/ema/_METADATA' in listing
   assert sum(n.startswith('round_1/dataset/images/') for n in listing) == 8

@@ -34,7 +34,7 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   sample, clean and export; checkpoints, metrics, TensorBoard events, grids, configs, reports
   and the cleaned dataset all land in the bucket, and nothing under the current directory."""
   import json
-  from idm_jax import export, extrinsic, files, inference
+  from idm_jax import cleaned_dataset, export, extrinsic, files, inference
   from idm_jax.data import prepare
   _write_builtin_faces(tmp_path / 'faces', 32)
   summary = prepare.prepare(str(tmp_path / 'faces'), 'tiny', 32, f'{gcs_bucket}/tfds',
@@ -64,7 +64,7 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   for name in ('config_evaluate.json', 'eval/step_4/metrics.json', 'eval/step_4/grid.png',
                'samples/step_4/grid.png', 'cleaned/manifest.json'):
     assert name in listing, name
-  counts = extrinsic.verify_manifest(f'{workdir}/cleaned')
+  counts = cleaned_dataset.verify_manifest(f'{workdir}/cleaned')
   assert counts['cleaned'] > 0 and counts['failed'] == 0
   assert counts['cleaned'] + counts['copied'] == summary['examples']['train']
   model = f'{gcs_bucket}/model.msgpack'
