@@ -63,3 +63,40 @@ def test_bad_input():
     bootstrap.paired_interval([np.nan], [1.])
   with pytest.raises(ValueError, match='confidence'):
     bootstrap.paired_interval([1.], [1.], confidence=1.)
+
+
+def test_seeds_and_faces_with_one_seed_is_the_faces_interval():
+  rng = np.random.default_rng(2)
+  a, b = rng.normal(0.3, 1, (1, 60)), rng.normal(0, 1, (1, 60))
+  both = bootstrap.seeds_and_faces_interval(a, b, num_resamples=4000, seed=3)
+  faces = bootstrap.paired_interval(a[0], b[0], num_resamples=4000, seed=3)
+  assert both['mean'] == pytest.approx(faces['mean'], rel=1e-12)
+  # Different draws of the same distribution: the bounds agree to resampling noise.
+  assert both['low'] == pytest.approx(faces['low'], abs=0.03)
+  assert both['high'] == pytest.approx(faces['high'], abs=0.03)
+  assert both['seeds'] == 1 and both['n'] == 60
+
+
+def test_seed_spread_widens_the_interval_and_a_real_effect_survives_it():
+  rng = np.random.default_rng(4)
+  faces = rng.normal(0, 1, 100)
+  noise = lambda: rng.normal(0, 0.05, 100)
+  # Arm a beats b by 0.1 per face on average, but each training seed shifts the difference by
+  # +-0.3 (run-to-run variance): with the faces alone the interval is far too narrow.
+  offsets = np.array([0.3, -0.3, 0.25, -0.2])
+  a = np.stack([faces + 0.1 + o + noise() for o in offsets])
+  b = np.stack([faces + noise() for _ in offsets])
+  per_faces = bootstrap.paired_interval(a[0], b[0])
+  both = bootstrap.seeds_and_faces_interval(a, b)
+  assert per_faces['excludes_zero'] and per_faces['high'] - per_faces['low'] < 0.05
+  assert not both['excludes_zero'] and both['high'] - both['low'] > 0.3
+  assert both['per_seed'] == pytest.approx(list(0.1 + offsets), abs=0.02)
+  # A shift larger than the seed spread still shows.
+  assert bootstrap.seeds_and_faces_interval(a + 1.0, b)['excludes_zero']
+
+
+def test_seeds_and_faces_rejects_mismatched_or_missing_scores():
+  with pytest.raises(ValueError, match='one shape'):
+    bootstrap.seeds_and_faces_interval(np.zeros((2, 5)), np.zeros((3, 5)))
+  with pytest.raises(ValueError, match='finite'):
+    bootstrap.seeds_and_faces_interval(np.array([[np.inf, 1.0]]), np.zeros((1, 2)))

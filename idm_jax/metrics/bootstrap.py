@@ -50,3 +50,38 @@ def paired_interval(a: Sequence[float], b: Sequence[float], *,
               dropped=int((~keep).sum()), improved=float(np.mean(diff > 0)),
               excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence),
               num_resamples=int(num_resamples), seed=int(seed))
+
+
+def seeds_and_faces_interval(a, b, *, num_resamples: int = NUM_RESAMPLES,
+                             confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+  """The mean of a - b over training seeds and faces, with an interval covering both.
+
+  a, b: (seeds, faces) scores of two arms, row s of each from training seed s (the same init
+  and data order in both arms) and column i from face i. Each resample draws seeds and faces
+  with replacement, the same draws for both arms (pairing both ways), and takes the mean
+  difference over the drawn cells. With one seed this is `paired_interval` over the faces;
+  with several, the run-to-run spread of training enters the interval, which the faces alone
+  cannot show (two models trained alike differ by more than their faces' sampling error).
+  Few seeds make a coarse seed distribution: report the seed count beside the interval.
+  """
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
+    raise ValueError(f'seeds_and_faces_interval: need two (seeds, faces) arrays of one shape, '
+                     f'got {a.shape} and {b.shape}')
+  if not np.all(np.isfinite(a) & np.isfinite(b)):
+    raise ValueError('seeds_and_faces_interval: every score must be finite')
+  diff = a - b
+  num_seeds, num_faces = diff.shape
+  rng = np.random.default_rng(seed)
+  means = np.empty(int(num_resamples))
+  for r in range(int(num_resamples)):
+    s = rng.integers(0, num_seeds, num_seeds)
+    f = rng.integers(0, num_faces, num_faces)
+    means[r] = diff[np.ix_(s, f)].mean()
+  tail = (1 - confidence) / 2
+  low, high = np.quantile(means, [tail, 1 - tail])
+  return dict(mean=float(diff.mean()), low=float(low), high=float(high), seeds=int(num_seeds),
+              n=int(num_faces), per_seed=[float(m) for m in diff.mean(axis=1)],
+              excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence),
+              num_resamples=int(num_resamples), seed=int(seed))
