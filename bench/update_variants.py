@@ -4,7 +4,7 @@ python bench/update_variants.py --config=configs/adm_sr_256.py [--steps 30] [--j
 
 The step updates every parameter leaf separately (536 leaves for adm_sr_256). This times
   optax:         optax's update, the EMA, then the finite guard as a select between the old and
-                 the new state (the train step until 2026-11-26; the select makes XLA copy every
+                 the new state (the train step's former form; the select makes XLA copy every
                  donated leaf);
   optax_noguard: the same without the guard;
   fused:         optim.apply_gradients, the step's update now: AdamW written out per leaf with

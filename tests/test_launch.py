@@ -21,8 +21,7 @@ TPU_POD = LAUNCH / 'tpu_pod.sh'
 SBATCH = LAUNCH / 'gpu_slurm.sbatch'
 NOTEBOOK = LAUNCH / 'colab_tpu.ipynb'
 
-# Modules of the package that the launchers may run with python -m (checked by name: some are
-# being written in parallel).
+# Modules of the package that the launchers may run with python -m.
 CLI_MODULES = {'main', 'aot', 'data.prepare', 'data.make_testset', 'restore'}
 
 TRICKY = "--config.data.dir=/tmp/my faces/it's $(touch PWNED)"

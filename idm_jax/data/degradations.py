@@ -148,10 +148,9 @@ def blur(img: np.ndarray, params: dict) -> np.ndarray:
 
   Anisotropic kernels go through cv2.filter2D with make_kernel's kernel (an FFT for 41x41),
   exactly as BasicSR. Isotropic kernels are outer(g, g), so they go through cv2.sepFilter2D,
-  4x faster. The two agree to float32 rounding (~3e-7), which now and then tips a rounding to
-  uint8 before the JPEG: sampled at 512 px, 52 of 54 isotropic degradations were byte-identical
-  to the all-filter2D pipeline and the other two differed in < 0.6% of pixels (JPEG spreads a
-  one-level change over its 8x8 block). At 128 px, 140 of 140 were identical.
+  several times faster. The two agree to float32 rounding, which now and then tips a rounding
+  to uint8 before the JPEG (and JPEG spreads a one-level change over its 8x8 block): almost
+  always byte-identical to BasicSR's all-filter2D pipeline (docs/PERFORMANCE.md has the share).
   """
   if params['kernel_type'] == 'iso':
     g = gaussian_1d(float(params['sigma_x']), int(params['kernel_size']))
