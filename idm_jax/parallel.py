@@ -83,7 +83,7 @@ def num_slices(devices) -> int:
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """The (data, fsdp) mesh over `devices` (default: all of jax.devices()): real, simulated, or
-  an abstract TPU topology's (aot.py). Over several slices the data axis spans the slices, so
+  an abstract TPU topology's (idm_jax.aot). Over several slices the data axis spans the slices, so
   only the gradient all-reduce crosses the slow network; fsdp stays inside a slice."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))

@@ -147,7 +147,7 @@ class Trainer:
   """Compiled pieces for one config on one mesh: init, train step and sampler.
 
   Everything is derived from `mesh` (its devices, their processes and platform), never from
-  jax.devices(): the same code compiles for an abstract TPU topology on a CPU host (aot.py).
+  jax.devices(): the same code compiles for an abstract TPU topology on a CPU host (idm_jax.aot).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
@@ -165,11 +165,11 @@ class Trainer:
     init = jax.jit(functools.partial(init_state, model=self.model, tx=self.tx,
                                      partitionable=True),
                    out_shardings=self.shardings)
-    self.init_jit = init  # for lowering (aot.py); call self.init
+    self.init_jit = init  # for lowering (idm_jax.aot); call self.init
 
     def init_fn(rng, init=init):
       # Partitionable threefry for the key ops too (split, fold_in), as in init_state; the flag
-      # is part of jit's cache key, so this call and aot.py's lowering compile the same program.
+      # is part of jit's cache key, so this call and aot's lowering compile the same program.
       with jax.threefry_partitionable(True):
         return init(rng)
     self.init = init_fn

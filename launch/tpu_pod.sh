@@ -183,7 +183,7 @@ if [[ -n $data_dir ]]; then
 fi
 train_args+=("${overrides[@]+"${overrides[@]}"}")
 
-# The preflight compiles for the accelerator type (aot.py maps it to libtpu's topology) with
+# The preflight compiles for the accelerator type (idm_jax.aot maps it to libtpu's topology) with
 # the same config and --config.* overrides; it runs on the CPU of worker 0, leaving the TPU free.
 preflight_args=(--config="$config" --topology="$accelerator_type")
 for a in "${train_args[@]}"; do
