@@ -111,8 +111,10 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
       journal.add(cleaned_dataset.copy_record(source, i, names[i], out_dir))
       bar.update(1)
     journal.flush()
-    for start in inference.batch_starts(len(to_clean), bs, restorer.lockstep):
-      idx = to_clean[start:start + bs]
+    settings = dict(seed=seed, steps=int(clean_cfg.steps), sampler=clean_cfg.sampler,
+                    t_start=float(clean_cfg.t_start))
+    restore = lambda idx, lq: restorer.restore(lq, indices=idx, **settings)
+    for (idx,) in inference.lockstep_chunks(bs, restorer.lockstep, np.array(to_clean, np.int64)):
       records = [source[i] for i in idx]
       good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
       for i, r in zip(idx, records):
@@ -122,9 +124,7 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
       # batch, because the other hosts' images are in it.
       lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
           (0, resolution, resolution, 3), np.uint8)
-      restored = inference.restore_in_batches(
-          restorer, lq, [i for i, _ in good], bs, seed=seed, steps=int(clean_cfg.steps),
-          sampler=clean_cfg.sampler, t_start=float(clean_cfg.t_start))
+      restored = inference.call_padded(restore, bs, np.array([i for i, _ in good], np.int64), lq)
       for (i, _), img in zip(good, restored):
         rel = cleaned_dataset.out_name(names[i], cleaned=True)
         data = files.encode_image(img)

@@ -2,7 +2,7 @@
 
 Sample i always comes from key fold_in(seed, i), so the set does not depend on the batch size or
 the number of hosts; each host writes the indices i with i % process_count == process_index,
-all of them sampling in lockstep on one program over every chip (inference.map_in_batches).
+all of them sampling in lockstep on one program over every chip (inference.lockstep_chunks).
 """
 from __future__ import annotations
 
@@ -27,14 +27,15 @@ def run(config, workdir: str) -> str:
   out_dir = config.generate.out_dir or files.join(workdir, 'generated')
   g = config.generate
   pi, pc = jax.process_index(), jax.process_count()
-  mine = np.arange(pi, g.num_samples, pc)
   done = set(files.listdir(out_dir)) if files.isdir(out_dir) else set()   # one listing
-  todo = [i for i in mine if f'{i:06d}.png' not in done]
+  todo = np.array([i for i in inference.host_share(g.num_samples)
+                   if f'{i:06d}.png' not in done], np.int64)
   bs = g.batch_size
-  for start in tqdm(inference.batch_starts(len(todo), bs, restorer.lockstep), desc='generate',
-                    disable=pi != 0):
-    idx = todo[start:start + bs]   # empty once this host is done: it fills the others' batches
-    samples = restorer.generate(len(idx), seed=config.seed, batch_size=bs, indices=idx)
+  sample = lambda idx: restorer.generate_batch(idx, seed=config.seed)
+  # Empty chunks once this host is done: it fills the others' batches.
+  for (idx,) in tqdm(list(inference.lockstep_chunks(bs, restorer.lockstep, todo)),
+                     desc='generate', disable=pi != 0):
+    samples = inference.call_padded(sample, bs, idx)
     for i, img in zip(idx, samples):
       files.save_image(files.join(out_dir, f'{i:06d}.png'), img)
   if pi == 0:

@@ -8,9 +8,10 @@ devices on the data axis, params replicated). `restore_in_batches` and `Restorer
 any number of images through one compiled batch shape.
 
 Several processes (a pod's hosts) share one program over all their chips: each passes its own
-images and gets its own results back, and every call is collective. `map_in_batches` keeps them
-in lockstep: the processes agree on how many batches to run, and one that has run out of work
-runs filler batches until the others finish.
+images and gets its own results back, and every call is collective. The lockstep helpers below
+(`host_share`, `lockstep_chunks`, `call_padded`, `gather_shares`; `map_in_batches` combines
+them) keep them in step: the processes agree once on how many batches to run, and one that has
+run out of work runs filler batches until the others finish.
 
 Reproducibility: example i of a call gets the key fold_in(key(seed), index_offset + i) and the
 sampler is vmapped over examples, so an image's result does not depend on the batch size, the
@@ -21,7 +22,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -71,44 +71,6 @@ def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):
   return jax.tree_util.tree_map_with_path(one, shapes)
 
 
-def sample_batch(model: unet.UNet, params, lq, rng, *, shape, logsnr_fn, parameterization: str,
-                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None,
-                 residual: bool = False):
-  """The whole sampler loop for one batch: float32 x0 in [-1, 1] of `shape`.
-
-  lq: float [-1, 1] at the model resolution, or None for an unconditional model. t_start < 1
-  starts from lq noised to that level (the fidelity knob). guidance_scale (None = off, may be
-  traced) mixes in the model's null-condition prediction (classifier-free guidance).
-  residual: the model denoises the residual HQ - LQ (config.diffusion.residual); the sampler
-  runs in residual space, where t_start < 1 starts from a noised zero residual (the LQ itself),
-  and the LQ is added back at the end.
-  Pure and jit-able; shared by the Restorer and the trainer's sample grids.
-  """
-  def cond_fn(x_t, logsnr):
-    return model.apply({'params': params}, x_t, logsnr, lq, train=False)
-
-  model_fn = cond_fn
-  if guidance_scale is not None:
-    def uncond_fn(x_t, logsnr):
-      drop = jnp.ones((x_t.shape[0],), bool)
-      return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
-    model_fn = samplers.guided(cond_fn, uncond_fn, guidance_scale)
-  if residual:
-    if lq is None:
-      raise ValueError('config.diffusion.residual: a residual model needs an LQ input')
-    lq = jnp.asarray(lq, jnp.float32)
-    res = samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
-                          parameterization=parameterization, sampler=sampler, steps=steps,
-                          eta=eta, t_start=t_start,
-                          x_start=jnp.zeros(shape, jnp.float32) if t_start < 1. else None,
-                          clip_x0=True, x0_bounds=(-1. - lq, 1. - lq))
-    return jnp.clip(lq + res, -1., 1.)
-  return samplers.sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
-                         parameterization=parameterization, sampler=sampler, steps=steps,
-                         eta=eta, t_start=t_start, x_start=lq if t_start < 1. else None,
-                         clip_x0=True)
-
-
 def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn, mesh: Mesh,
                  batch: int, settings: samplers.Settings):
   """The jitted (params, lq, seed, indices, guidance_scale, eta) -> x0 that `Restorer` runs for
@@ -124,7 +86,8 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
   def one(params, lq, rng, scale, eta):
     # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
     # noise comes from its own key only.
-    return sample_batch(model, params, lq, rng, shape=(1, res, res, 3), logsnr_fn=logsnr_fn,
+    return samplers.sample_batch(model, params, lq, rng, shape=(1, res, res, 3),
+                                 logsnr_fn=logsnr_fn,
                         parameterization=diffusion.parameterization, sampler=s.sampler,
                         steps=s.steps, eta=0. if eta_zero else eta, t_start=s.t_start,
                         guidance_scale=scale if guided else None,
@@ -165,7 +128,7 @@ class Restorer:
     self.logsnr_fn = configlib.logsnr_fn(config.diffusion, self.resolution)
     self.mesh = parallel.sampling_mesh() if mesh is None else mesh
     self.num_processes = parallel.process_count_of(self.mesh)
-    # Over several processes every call is collective: callers go through map_in_batches.
+    # Over several processes every call is collective: callers go through lockstep_chunks.
     self.lockstep = self.num_processes > 1
     self.num_local_devices = sum(d.process_index == jax.process_index()
                                  for d in self.mesh.devices.flat)
@@ -257,6 +220,15 @@ class Restorer:
     return map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx,
                           lockstep=self.lockstep, empty=np.zeros((0, r, r, 3), np.uint8))
 
+  def generate_batch(self, indices: Sequence[int], *, seed: int = 0, **settings) -> np.ndarray:
+    """One batch of samples, sample k from fold_in(key(seed), indices[k]): `generate` for a
+    caller that walks its own batches (collective over processes, as `restore`)."""
+    if self.conditional:
+      raise ValueError('generate: this model is conditional (it needs LQ inputs); use restore()')
+    check_seed(seed)
+    idx = _indices(len(indices), 0, indices)
+    return self._run(None, idx, seed, self.resolve_settings(**settings))
+
 
 def check_seed(seed: int) -> None:
   if not 0 <= int(seed) < 2 ** 32:
@@ -298,24 +270,61 @@ def batch_starts(n: int, batch_size: int, lockstep: bool) -> range:
   return range(0, count * batch_size, batch_size)
 
 
+# A job over many processes, in lockstep: each takes its share (`host_share`), walks it in
+# chunks, as many as the busiest process (`lockstep_chunks`: one agreement per job), runs each
+# chunk padded to one compiled shape (`call_padded`), and, where every process needs every
+# result, exchanges them (`gather_shares`).
+
+def host_share(n: int) -> np.ndarray:
+  """The indices of n items this process handles: every process_count-th, from its index."""
+  return np.arange(jax.process_index(), n, jax.process_count())
+
+
+def lockstep_chunks(batch_size: int, lockstep: bool, *arrays):
+  """This process's `arrays` in row chunks of at most `batch_size`; in lockstep, as many chunks
+  as the busiest process has, trailing ones empty (every process must iterate to the end)."""
+  for start in batch_starts(len(arrays[0]), batch_size, lockstep):
+    yield tuple(x[start:start + batch_size] for x in arrays)
+
+
+def call_padded(fn: Callable[..., np.ndarray], batch_size: int, *chunk: np.ndarray) -> np.ndarray:
+  """fn(*chunk) with the chunk padded to `batch_size` rows, so that one compilation serves every
+  chunk; the padding's results are dropped. An empty chunk (a process out of work, in lockstep)
+  runs one filler row and returns no rows."""
+  n = len(chunk[0])
+  if not n:
+    chunk = tuple(np.zeros((1,) + np.shape(x)[1:], np.asarray(x).dtype) for x in chunk)
+  return fn(*(pad_rows(x, batch_size) for x in chunk))[:n]
+
+
+def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
+  """Every process's `host_share` results (this process's in `local`) as all n rows, in order.
+  Collective: every process must call it."""
+  pc = jax.process_count()
+  if pc == 1:
+    return local
+  per_process = -(-n // pc)
+  padded = np.zeros((per_process,) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  gathered = np.asarray(parallel.to_host(padded)).reshape((pc, per_process) + local.shape[1:])
+  result = np.empty((n,) + local.shape[1:], local.dtype)
+  for p in range(pc):
+    idx = np.arange(p, n, pc)
+    result[idx] = gathered[p, :len(idx)]
+  return result
+
+
 def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
                    *arrays: np.ndarray, lockstep: bool = False,
                    empty: np.ndarray | None = None) -> np.ndarray:
-  """fn(indices chunk, *array chunks) over chunks of `batch_size` rows, every chunk padded to
-  batch_size (one compilation serves all); the padded rows' results are dropped.
+  """fn(indices chunk, *array chunks) over `call_padded` chunks of `batch_size` rows.
 
   lockstep: `fn` is collective over processes (a Restorer over several), so every process runs
-  as many chunks as the process with the most, a process with fewer running filler chunks (zero
-  rows) whose results are dropped. Every process must make the call. `empty`: the result when
-  this process has no rows.
+  as many chunks as the process with the most (`lockstep_chunks`). Every process must make the
+  call. `empty`: the result when this process has no rows.
   """
-  out = []
-  for start in batch_starts(len(indices), batch_size, lockstep):
-    chunk = [x[start:start + batch_size] for x in (indices,) + arrays]
-    n = len(chunk[0])
-    if not n:   # this process has run out of rows; the others still sample
-      chunk = [np.zeros((1,) + x.shape[1:], x.dtype) for x in chunk]
-    out.append(fn(*(pad_rows(x, batch_size) for x in chunk))[:n])
+  out = [call_padded(fn, batch_size, *chunk)
+         for chunk in lockstep_chunks(batch_size, lockstep, indices, *arrays)]
   return np.concatenate(out) if len(indices) else empty
 
 

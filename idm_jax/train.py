@@ -21,11 +21,11 @@ from idm_jax import checkpoints
 from idm_jax import configlib
 from idm_jax import files
 from idm_jax import images
-from idm_jax import inference
 from idm_jax import optim
 from idm_jax import parallel
 from idm_jax import workdir_lock
 from idm_jax.diffusion import objectives
+from idm_jax.diffusion import samplers
 from idm_jax.models import unet
 from idm_jax.train_state import TrainState
 
@@ -107,7 +107,7 @@ def sample_images(params, lq, rng, *, model, config, settings, shape, logsnr_fn)
   """EMA-model restoration (or generation when lq is None) of one batch; float in [-1, 1]."""
   lq_f = images.to_model_range(lq) if lq is not None else None
   guided = lq_f is not None and settings.guidance_scale != 1.0
-  return inference.sample_batch(
+  return samplers.sample_batch(
       model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
       parameterization=config.diffusion.parameterization, sampler=settings.sampler,
       steps=settings.steps, eta=settings.eta, t_start=settings.t_start,

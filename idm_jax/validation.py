@@ -14,7 +14,6 @@ import numpy as np
 
 from idm_jax import files
 from idm_jax import inference
-from idm_jax import parallel
 from idm_jax import reporting
 from idm_jax.metrics import reports
 
@@ -43,20 +42,9 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
   to the Restorer's program over all of their devices (in lockstep), and the processes then
   exchange their results.
   """
-  pi, pc = jax.process_index(), jax.process_count()
-  mine = np.arange(pi, len(lq), pc)
+  mine = inference.host_share(len(lq))
   out = inference.restore_in_batches(restorer, lq[mine], mine, batch_size, seed=seed, **settings)
-  if pc == 1:
-    return out
-  per_process = -(-len(lq) // pc)
-  padded = np.zeros((per_process,) + lq.shape[1:], np.uint8)
-  padded[:len(out)] = out
-  gathered = np.asarray(parallel.to_host(padded)).reshape((pc, per_process) + lq.shape[1:])
-  result = np.empty_like(lq)
-  for p in range(pc):
-    idx = np.arange(p, len(lq), pc)
-    result[idx] = gathered[p, :len(idx)]
-  return result
+  return inference.gather_shares(out, len(lq))
 
 
 def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,

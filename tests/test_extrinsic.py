@@ -85,6 +85,20 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
     cleaned_dataset.verify_manifest(str(out))
 
 
+def test_lockstep_cleaning_agrees_once_per_job(faces, tmp_path, monkeypatch):
+  """Over several processes the hosts agree once on how many batches to run, not once per
+  batch (each agreement is a round trip through the coordination service)."""
+  from idm_jax import parallel
+  calls = []
+  monkeypatch.setattr(parallel, 'max_over_processes', lambda n, **kw: calls.append(n) or n)
+  restorer = FakeRestorer()
+  restorer.lockstep = True
+  source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=str(faces))
+  extrinsic.clean_dataset(source, restorer, str(tmp_path / 'clean'), clean_cfg=clean_cfg(),
+                          seed=0, niqe_params=None, resolution=32, provenance={})
+  assert restorer.calls == 6 and calls == [6]   # 12 images in batches of 2
+
+
 def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_params_path):
   source = sources.FolderSource(tuple(images.list_images(faces)), 128, root=str(faces))
   out = tmp_path / 'clean'

@@ -34,7 +34,7 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   sample, clean and export; checkpoints, metrics, TensorBoard events, grids, configs, reports
   and the cleaned dataset all land in the bucket, and nothing under the current directory."""
   import json
-  from idm_jax import cleaned_dataset, export, extrinsic, files, inference
+  from idm_jax import cleaned_dataset, export, files, inference
   from idm_jax.data import prepare
   _write_builtin_faces(tmp_path / 'faces', 32)
   summary = prepare.prepare(str(tmp_path / 'faces'), 'tiny', 32, f'{gcs_bucket}/tfds',

@@ -181,3 +181,44 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
   init = (x, zeros, logsnr_at(jnp.int32(0)), zeros)
   _, _, _, x0 = jax.lax.fori_loop(0, steps, body, init)
   return x0
+
+
+def sample_batch(model, params, lq, rng, *, shape, logsnr_fn, parameterization: str,
+                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None,
+                 residual: bool = False):
+  """The whole sampler loop for one batch of a denoiser: float32 x0 in [-1, 1] of `shape`.
+
+  model: a flax module called as model.apply({'params': params}, x_t, logsnr, lq, train=False,
+  [drop_cond=mask]) -> the parameterization's prediction (models/unet.py's UNet).
+
+  lq: float [-1, 1] at the model resolution, or None for an unconditional model. t_start < 1
+  starts from lq noised to that level (the fidelity knob). guidance_scale (None = off, may be
+  traced) mixes in the model's null-condition prediction (classifier-free guidance).
+  residual: the model denoises the residual HQ - LQ (config.diffusion.residual); the sampler
+  runs in residual space, where t_start < 1 starts from a noised zero residual (the LQ itself),
+  and the LQ is added back at the end.
+  Pure and jit-able; shared by the Restorer and the trainer's sample grids.
+  """
+  def cond_fn(x_t, logsnr):
+    return model.apply({'params': params}, x_t, logsnr, lq, train=False)
+
+  model_fn = cond_fn
+  if guidance_scale is not None:
+    def uncond_fn(x_t, logsnr):
+      drop = jnp.ones((x_t.shape[0],), bool)
+      return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
+    model_fn = guided(cond_fn, uncond_fn, guidance_scale)
+  if residual:
+    if lq is None:
+      raise ValueError('config.diffusion.residual: a residual model needs an LQ input')
+    lq = jnp.asarray(lq, jnp.float32)
+    res = sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
+                          parameterization=parameterization, sampler=sampler, steps=steps,
+                          eta=eta, t_start=t_start,
+                          x_start=jnp.zeros(shape, jnp.float32) if t_start < 1. else None,
+                          clip_x0=True, x0_bounds=(-1. - lq, 1. - lq))
+    return jnp.clip(lq + res, -1., 1.)
+  return sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
+                         parameterization=parameterization, sampler=sampler, steps=steps,
+                         eta=eta, t_start=t_start, x_start=lq if t_start < 1. else None,
+                         clip_x0=True)
