@@ -77,7 +77,7 @@ def test_largest_fitting_finds_a_multiple_of_128_past_refused_multiples_of_8():
 
 
 def test_largest_fitting_on_v5es_measured_memory_finds_8_above_refused_3_and_4():
-  # ffhq.py's train step on v5e-16 (docs/TPU.md, libtpu 0.0.42): per chip, whether it fit and its
+  # ffhq.py's train step on v5e-16 (docs/results/tpu_compiles.csv): per chip, whether it fit and its
   # GiB in all, or what the refusal needed. A search over every batch would stop at 2.
   v5e = {2: (True, 15.69), 3: (False, 17.52), 4: (False, 19.20), 8: (True, 14.20),
          16: (False, 29.30), 128: (False, 110.68)}
@@ -86,7 +86,7 @@ def test_largest_fitting_on_v5es_measured_memory_finds_8_above_refused_3_and_4()
 
 
 def test_largest_fitting_on_v4s_measured_generation_memory_finds_256_in_two_fits():
-  # The generation config's train step on v4 (docs/TPU.md, libtpu 0.0.42), started from the
+  # The generation config's train step on v4 (docs/results/tpu_compiles.csv), started from the
   # compiled 128 per chip: any other batch would raise KeyError.
   v4 = {128: (True, 19.94), 384: (False, 40.28), 256: (True, 29.81), 544: (False, 78.82),
         264: (False, 34.24)}
