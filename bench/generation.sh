@@ -19,7 +19,7 @@ read -r -a EXTRA <<< "${EXTRA:-}"   # more --config.x=y overrides for the genera
 read -r -a CLEAN_EXTRA <<< "${CLEAN_EXTRA:-}"   # ... and for the cleaning
 export PYTHONUNBUFFERED=1
 fid=()
-if [ -n "${INCEPTION:-}" ]; then fid=(--inception-weights "$INCEPTION"); fi
+if [ -n "${INCEPTION:-}" ]; then fid=(--inception_weights "$INCEPTION"); fi
 
 # 1. Clean the training split (the first 800 faces) with the restoration model's EMA params.
 python3 -m idm_jax.main --config=configs/celeba_128.py --workdir="$RESTORER" --config.mode=clean \
@@ -43,7 +43,7 @@ for version in original cleaned; do
 print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
        "$WORK/gen_$version/generated/000000.png")
   python3 -m idm_jax.evaluate --fid --pred "$WORK/gen_$version/generated" --ref "$DATA" \
-    --niqe-params "$NIQE" --niqe-upscale "$up" "${fid[@]}" \
+    --niqe_params "$NIQE" --niqe_upscale "$up" "${fid[@]}" \
     --out "$WORK/eval_$version" --title "Samples of the generator trained on $version faces"
 done
 python3 - "$WORK" <<'PY'

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 from idm_jax import restore
@@ -175,7 +176,7 @@ def _theme():
 
 def build_parser() -> argparse.ArgumentParser:
   import idm_jax  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog='python -m idm_jax.app',
+  p = cli.ArgumentParser(prog='python -m idm_jax.app',
                               description='A local web demo of IDM face restoration.')
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
   p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--detector', choices=faces.DETECTORS, default='hog',
                  help="dlib's face detector for whole photos; cnn also finds small, tilted and "
                       'profile faces, at about 80 times the CPU time of hog')
-  p.add_argument('--min-face-score', type=float, default=None,
+  p.add_argument('--min_face_score', type=float, default=None,
                  help='detector score threshold; the detectors score on different scales '
                       '(default: ' + ', '.join(
                           f'{v} for {k}' for k, v in faces.DEFAULT_MIN_SCORE.items()) + ')')

@@ -17,7 +17,6 @@ Reported:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -25,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from idm_jax import cleaned_dataset
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 from idm_jax.data import sources
@@ -82,20 +82,29 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
     after = evaluate.evaluate_images(
         _load(img(cleaned_dir), [by_name[n]['file'] for n in hit], res), truth_imgs, **kw)
     evaluate.add_delta(after, before, 'contaminated image', seed=seed)
-    report['contaminated_and_cleaned'] = dict(names=hit, before=_means(before),
+    report['contaminated_and_cleaned'] = dict(names=hit, kinds=[kinds[n] for n in hit],
+                                              before=_means(before),
                                               after=_means(after),
-                                              delta=after['delta']['metrics'])
+                                              delta=after['delta']['metrics'],
+                                              per_image=dict(before=_per_image(before),
+                                                             after=_per_image(after)))
   false = sorted(chosen - truth)
   if false:
     truth_imgs = _load(img(pristine_dir), false, res)
     after = evaluate.evaluate_images(
         _load(img(cleaned_dir), [by_name[n]['file'] for n in false], res), truth_imgs, **kw)
-    report['clean_but_cleaned'] = dict(names=false, after=_means(after))
+    report['clean_but_cleaned'] = dict(names=false, after=_means(after),
+                                       per_image=dict(after=_per_image(after)))
   return report
 
 
 def _means(result: dict) -> dict:
   return {k: v['mean'] for k, v in result['metrics'].items() if v.get('mean') is not None}
+
+
+def _per_image(result: dict) -> dict:
+  """Each metric's values in the order of the report's names (to compare two cleanings)."""
+  return {k: v['per_image'] for k, v in result['metrics'].items() if v.get('per_image')}
 
 
 def _read_json(path: str) -> dict:
@@ -136,14 +145,14 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m idm_jax.cleaning_eval',
+  p = cli.ArgumentParser(prog='python -m idm_jax.cleaning_eval',
                               description=__doc__.split('\n\n')[0])
   p.add_argument('--cleaned', required=True, help='the cleaned dataset (manifest.json, images/)')
   p.add_argument('--contaminated', required=True, help='contaminate.py output it was made from')
   p.add_argument('--pristine', required=True, help='contaminate.py --fraction 0 twin')
   p.add_argument('--out', required=True,
                  help='where cleaning.json and cleaning.md go (a folder, local or gs://)')
-  p.add_argument('--no-identity', action='store_true')
+  p.add_argument('--no_identity', action='store_true')
   p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   a = p.parse_args(argv)
   try:

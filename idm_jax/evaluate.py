@@ -1,10 +1,10 @@
 r"""Evaluate restored faces: library API and CLI.
 
   python -m idm_jax.evaluate --pred results/ --gt hq/ [--lq lq/] \
-      [--niqe-params niqe_pris_params.npz] [--niqe-upscale 2] [--lpips-weights lpips.npz] \
+      [--niqe_params niqe_pris_params.npz] [--niqe_upscale 2] [--lpips_weights lpips.npz] \
       --out eval/
   python -m idm_jax.evaluate --fid --pred samples/ --ref real/ \
-      [--inception-weights inception.npz] [--niqe-params F] --out eval/
+      [--inception_weights inception.npz] [--niqe_params F] --out eval/
 
 Files are matched by name stem (pred/0001.png <-> gt/0001.jpg). Writes metrics.json and
 metrics.md into --out. Every folder may be local or in a bucket (gs://...). A metric that cannot
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images as images_lib
 from idm_jax.metrics import bootstrap
@@ -52,7 +53,7 @@ def _unavailable(reason: str) -> dict:
 def _niqe_metric(images, params, upscale: int, progress: Callable) -> dict:
   """NIQE mean/per-image, or unavailable (no params file, images too small)."""
   if params is None:
-    return _unavailable('no NIQE parameters file given (--niqe-params / niqe_params)')
+    return _unavailable('no NIQE parameters file given (--niqe_params / niqe_params)')
   if isinstance(params, (str, os.PathLike)):
     params = niqe_lib.load_niqe_params(params)
   if upscale < 1:
@@ -118,7 +119,7 @@ def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
     for j, key in enumerate(('psnr', 'ssim', 'psnr_y', 'ssim_y')):
       metrics[key] = _available([r[j] for r in rows])
     if lpips_weights is None:
-      metrics['lpips'] = _unavailable('no LPIPS weights file given (--lpips-weights); convert '
+      metrics['lpips'] = _unavailable('no LPIPS weights file given (--lpips_weights); convert '
                                       'one with python -m idm_jax.metrics.convert_weights')
     else:
       from idm_jax.metrics import lpips  # pylint: disable=g-import-not-at-top
@@ -310,7 +311,7 @@ def compare_sets(pred_imgs: list[np.ndarray], ref_imgs: list[np.ndarray], *, niq
     f_ref = fid.inception_features(ref_imgs, inception_weights, progress=tqdm)
     metrics['fid'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}
   else:
-    metrics['fid'] = _unavailable('no Inception weights given (--inception-weights); the '
+    metrics['fid'] = _unavailable('no Inception weights given (--inception_weights); the '
                                   'offline scores below stand in')
   reason = identity_lib.unavailable_reason()
   if reason:
@@ -333,7 +334,7 @@ def compare_sets(pred_imgs: list[np.ndarray], ref_imgs: list[np.ndarray], *, niq
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m idm_jax.evaluate',
+  p = cli.ArgumentParser(prog='python -m idm_jax.evaluate',
                               description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--pred', required=True, help='restored (or sampled) images')
@@ -344,22 +345,22 @@ def parse_args(argv):
   p.add_argument('--out', required=True,
                  help='where metrics.json and metrics.md go (a folder, local or gs://)')
   p.add_argument('--title', default=None, help='report title')
-  p.add_argument('--niqe-params', default=niqe_lib.default_params_path(),
+  p.add_argument('--niqe_params', default=niqe_lib.default_params_path(),
                  help='NIQE pristine parameters .npz (mu_pris_param, cov_pris_param, '
                       'gaussian_window); default: the ones shipped with the package')
-  p.add_argument('--niqe-upscale', type=int, default=1,
+  p.add_argument('--niqe_upscale', type=int, default=1,
                  help='evaluate NIQE on Lanczos upscales by this factor (2 for 128 px faces)')
-  p.add_argument('--lpips-weights', default=None, help='LPIPS .npz from convert_weights')
-  p.add_argument('--no-identity', action='store_true', help='skip the dlib identity metric')
-  p.add_argument('--consistency-scale', type=int, default=4,
+  p.add_argument('--lpips_weights', default=None, help='LPIPS .npz from convert_weights')
+  p.add_argument('--no_identity', action='store_true', help='skip the dlib identity metric')
+  p.add_argument('--consistency_scale', type=int, default=4,
                  help='downsampling factor of the consistency metric when LQ and pred have '
                       'the same size')
   p.add_argument('--fid', action='store_true',
-                 help='compare the --pred set with the --ref set (FID with --inception-weights; '
+                 help='compare the --pred set with the --ref set (FID with --inception_weights; '
                       'offline: Frechet distance of dlib face descriptors, face detection rate, '
                       'NIQE of both)')
   p.add_argument('--ref', help='reference images for --fid')
-  p.add_argument('--inception-weights', default=None, help='Inception .npz from convert_weights')
+  p.add_argument('--inception_weights', default=None, help='Inception .npz from convert_weights')
   args = p.parse_args(argv)
   if args.fid:
     if not args.ref:

@@ -9,7 +9,6 @@ The file is flax.serialization's msgpack of
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from idm_jax import cli
 from idm_jax import configlib
 from idm_jax import files
 
@@ -84,7 +84,7 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m idm_jax.export',
       description='Write a workdir\'s latest EMA params and config as one .msgpack file.')
   parser.add_argument('--workdir', required=True, help='training workdir (with checkpoints/)')

@@ -92,5 +92,11 @@ def main(argv):
     raise SystemExit(f'error: {e}') from None
 
 
+def cli():
+  """The console script (setup.cfg)."""
+  from idm_jax import cli as cli_lib
+  cli_lib.run_absl(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli()

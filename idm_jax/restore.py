@@ -1,8 +1,8 @@
 """Restore faces in images: the GFPGAN/CodeFormer-style command line, and its library parts.
 
     python -m idm_jax.restore -i INPUT -o OUT --checkpoint CKPT [--aligned] [--steps N]
-        [--sampler ddim] [--t-start 1.0] [--guidance 1.0] [--seed 0] [--batch-size 8]
-        [--upscale 2] [--only-center-face] [--detector hog|cnn] [--ext auto|png|jpg]
+        [--sampler ddim] [--t_start 1.0] [--guidance 1.0] [--seed 0] [--batch_size 8]
+        [--upscale 2] [--only_center_face] [--detector hog|cnn] [--ext auto|png|jpg]
         [--suffix S] [--version]
 
 INPUT is an image or a folder (searched recursively, sorted; hidden files skipped). CKPT is a
@@ -18,7 +18,7 @@ Whole photos (default): faces are detected, aligned, restored and pasted back.
   OUT/restored_faces/  NAME_KK.png
   OUT/cmp/             NAME_KK.png, crop | restored
   OUT/restored_imgs/   the photo upscaled by --upscale with the restored faces pasted in
-  --only-center-face restores only the face closest to the photo's centre.
+  --only_center_face restores only the face closest to the photo's centre.
   --detector cnn finds small, tilted and profile faces that the default HOG detector misses,
   at a much higher CPU cost (idm_jax.faces).
 Sub-folders of INPUT are mirrored under each output folder. Outputs are written atomically.
@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 
@@ -237,7 +238,7 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
     report.bar.update(len(inputs[start:start + args.batch_size]))
 
 
-# Restored photos may hold this many times --max-pixels (4: a 40 MP photo at 2x).
+# Restored photos may hold this many times --max_pixels (4: a 40 MP photo at 2x).
 OUTPUT_PIXELS_PER_INPUT_LIMIT = 4
 
 
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
   from idm_jax import faces  # the one list of detector names
   from idm_jax.diffusion import samplers  # the one list of sampler names
   import idm_jax  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog='python -m idm_jax.restore',
+  p = cli.ArgumentParser(prog='python -m idm_jax.restore',
                               description='Restore faces with an IDM model.')
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
   p.add_argument('-i', '--input', required=True,
@@ -311,13 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--steps', type=int, default=None, help='sampling steps (default: config)')
   p.add_argument('--sampler', choices=samplers.SAMPLERS, default=None)
   p.add_argument('--eta', type=float, default=None, help='DDIM stochasticity in [0, 1]')
-  p.add_argument('--t-start', type=float, default=None,
+  p.add_argument('--t_start', type=float, default=None,
                  help='in (0, 1]; < 1 starts from the noised input (keeps more of it)')
   p.add_argument('--guidance', type=float, default=None, help='classifier-free guidance scale')
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--batch_size', type=int, default=8)
   p.add_argument('--upscale', type=float, default=2., help='whole photos: background upscale')
-  p.add_argument('--only-center-face', action='store_true',
+  p.add_argument('--only_center_face', action='store_true',
                  help='whole photos: restore only the face closest to the centre')
   p.add_argument('--ext', choices=('auto', 'png', 'jpg'), default='auto',
                  help='format of restored_imgs (auto: as the input)')
@@ -325,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--detector', choices=faces.DETECTORS, default=None,
                  help="whole photos: dlib's face detector (default: hog); cnn also finds "
                       'small, tilted and profile faces, at about 80 times the CPU time')
-  p.add_argument('--min-face-score', type=float, default=None,
+  p.add_argument('--min_face_score', type=float, default=None,
                  help='whole photos: detector score threshold; the detectors score on '
                       'different scales (default: ' + ', '.join(
                           f'{v} for {k}' for k, v in faces.DEFAULT_MIN_SCORE.items()) + ')')
-  p.add_argument('--max-pixels', type=int, default=images.MAX_PIXELS,
+  p.add_argument('--max_pixels', type=int, default=images.MAX_PIXELS,
                  help='inputs with more pixels are rejected')
   return p
 
@@ -343,11 +344,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
   if args.batch_size < 1:
-    return fatal('--batch-size must be >= 1')
+    return fatal('--batch_size must be >= 1')
   if args.upscale <= 0 or args.upscale > 8:
     return fatal('--upscale must be in (0, 8]')
   if args.aligned and args.only_center_face:
-    return fatal('--only-center-face chooses among the faces of whole photos; with --aligned '
+    return fatal('--only_center_face chooses among the faces of whole photos; with --aligned '
                  'each input is already one face')
   if args.aligned and args.detector:
     return fatal('--detector finds the faces of whole photos; with --aligned each input is '

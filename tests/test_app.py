@@ -188,7 +188,7 @@ def test_cli_detector_flag_chooses_the_page_detector(tmp_path, monkeypatch, caps
   assert served['detector'].backend == 'hog' and served['detector'].min_score == 0.5
   assert app.main([*common, '--detector', 'cnn']) == 0
   assert served['detector'].backend == 'cnn' and served['detector'].min_score == 0.3
-  assert app.main([*common, '--detector', 'cnn', '--min-face-score', '0.8']) == 0
+  assert app.main([*common, '--detector', 'cnn', '--min_face_score', '0.8']) == 0
   assert served['detector'].min_score == 0.8
   real = dlib_models.model_path
   def without_cnn(name):

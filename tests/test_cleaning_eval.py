@@ -72,9 +72,16 @@ def test_oracle_cleaning_scores_as_perfect(tmp_path):
   assert moved['after']['psnr'] == float('inf') or moved['after']['ssim'] == pytest.approx(1.0)
   assert moved['before']['ssim'] < 1.0 and moved['delta']['ssim']['mean'] > 0
   assert report['clean_but_cleaned']['names'] == [one_clean]
+  # Per-face values, in the order of the names, so two cleanings can be compared face by face.
+  per = moved['per_image']
+  assert len(per['before']['ssim']) == len(moved['names']) == len(moved['kinds']) == 4
+  assert set(moved['kinds']) <= {'blur', 'noise'}
+  assert np.mean(per['before']['ssim']) == pytest.approx(moved['before']['ssim'])
+  assert all(s == pytest.approx(1.0) for s in per['after']['ssim'])
+  assert len(report['clean_but_cleaned']['per_image']['after']['ssim']) == 1
   out = tmp_path / 'report'
   assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated', str(c),
-                             '--pristine', str(p), '--out', str(out), '--no-identity']) == 0
+                             '--pristine', str(p), '--out', str(out), '--no_identity']) == 0
   md = (out / 'cleaning.md').read_text()
   assert '| 0.800 | 0.667 |' in md and 'cleaned - contaminated' in md
   # A pristine twin of another contamination is refused.
@@ -90,7 +97,7 @@ def test_datasets_and_report_in_a_bucket_score_as_the_local_ones(tmp_path, gcs_b
   for sub in ('c', 'p', 'cleaned'):
     for rel in files.walk_files(tmp_path / sub):
       files.copy_file(tmp_path / sub / rel, f'{gcs_bucket}/runs/{sub}/{rel}')
-  common = ['--no-identity', '--seed', '1']
+  common = ['--no_identity', '--seed', '1']
   local = tmp_path / 'report'
   capsys.readouterr()
   assert cleaning_eval.main(['--cleaned', str(tmp_path / 'cleaned'), '--contaminated',

@@ -38,7 +38,7 @@ def test_fraction_seed_manifest_and_source_untouched(src, tmp_path):
   before = _digest(src)
   dst = tmp_path / 'c'
   assert _run('--src', src, '--dst', dst, '--fraction', 0.25, '--seed', 3, '--resolution', 32,
-              '--skip-last', 4) == 0
+              '--skip_last', 4) == 0
   assert _digest(src) == before
   m = json.loads((dst / 'manifest.json').read_text())
   chosen = [r for r in m['records'] if 'defect' in r]
@@ -56,7 +56,7 @@ def test_fraction_seed_manifest_and_source_untouched(src, tmp_path):
   # Another seed picks other files.
   other = tmp_path / 'o'
   assert _run('--src', src, '--dst', other, '--fraction', 0.25, '--seed', 4, '--resolution',
-              32, '--skip-last', 4) == 0
+              32, '--skip_last', 4) == 0
   m2 = json.loads((other / 'manifest.json').read_text())
   assert contaminate.contaminated_names(m2) != contaminate.contaminated_names(m)
 

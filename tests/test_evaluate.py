@@ -35,8 +35,8 @@ def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   before = sorted(p.name for p in (folders / 'gt').iterdir())
   out = tmp_path / 'report'
   rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
-                      '--lq', str(folders / 'lq'), '--niqe-params', str(niqe_params_path),
-                      '--niqe-upscale', '2', '--out', str(out), '--title', 'blur test'])
+                      '--lq', str(folders / 'lq'), '--niqe_params', str(niqe_params_path),
+                      '--niqe_upscale', '2', '--out', str(out), '--title', 'blur test'])
   assert rc == 0
   report = json.loads((out / 'metrics.json').read_text())
   m = report['metrics']
@@ -47,7 +47,7 @@ def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   assert len(m['ssim_y']['per_image']) == 3 and 0.5 < m['ssim_y']['mean'] < 1
   assert m['consistency']['mean'] > 25  # a blur of the HQ agrees with its area-downsampled LQ
   assert m['niqe']['upscale'] == 2 and 3 < m['niqe']['mean'] < 20
-  assert m['lpips']['mean'] is None and 'lpips-weights' in m['lpips']['reason']
+  assert m['lpips']['mean'] is None and 'lpips_weights' in m['lpips']['reason']
   if identity.unavailable_reason() is None:
     assert 0.95 < m['identity']['mean'] <= 1 and m['identity']['fallbacks'] == 0
   else:
@@ -89,7 +89,7 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
   else:
     out = gt / 'report'
   rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out),
-                      '--no-identity'])
+                      '--no_identity'])
   err = capsys.readouterr().err
   assert rc == 2 and message in err
   if problem != 'out_in_gt':
@@ -103,7 +103,7 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_pa
   from idm_jax import files
   for rel in files.walk_files(folders):
     files.copy_file(folders / rel, files.join(gcs_bucket, 'data', rel))
-  common = ['--no-identity', '--title', 'bucket test']
+  common = ['--no_identity', '--title', 'bucket test']
   local = tmp_path / 'report'
   assert evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
                         '--lq', str(folders / 'lq'), '--out', str(local), *common]) == 0
@@ -135,7 +135,7 @@ def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, cap
   faces.mkdir()
   for i in range(2):
     Image.fromarray(sources.BuiltinSource('validation', 128)[i]['image']).save(faces / f'{i}.png')
-  common = ['--pred', str(faces), '--gt', str(faces), '--no-identity', '--niqe-upscale', '2']
+  common = ['--pred', str(faces), '--gt', str(faces), '--no_identity', '--niqe_upscale', '2']
   assert evaluate.main([*common, '--out', str(tmp_path / 'default')]) == 0
   report = json.loads((tmp_path / 'default' / 'metrics.json').read_text())
   # The library's score of each face (test_metrics_niqe pins the library to BasicSR's), pinned
@@ -143,18 +143,18 @@ def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, cap
   assert report['metrics']['niqe']['per_image'] == pytest.approx([6.3707, 6.1671], abs=2e-3)
   assert report['metrics']['niqe']['mean'] == pytest.approx(6.2689, abs=2e-3)
   missing = tmp_path / 'mine.npz'
-  assert evaluate.main([*common, '--niqe-params', str(missing), '--out', str(tmp_path / 'o')]) == 2
+  assert evaluate.main([*common, '--niqe_params', str(missing), '--out', str(tmp_path / 'o')]) == 2
   assert str(missing) in capsys.readouterr().err
 
 
 def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_path):
   out = tmp_path / 'fid'
   rc = evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),
-                      '--niqe-params', str(niqe_params_path), '--niqe-upscale', '2',
+                      '--niqe_params', str(niqe_params_path), '--niqe_upscale', '2',
                       '--out', str(out)])
   assert rc == 0
   m = json.loads((out / 'metrics.json').read_text())['metrics']
-  assert m['fid']['mean'] is None and 'inception-weights' in m['fid']['reason']
+  assert m['fid']['mean'] is None and 'inception_weights' in m['fid']['reason']
   # Blurred faces look less natural than the originals.
   assert m['niqe']['mean'] > m['niqe_ref']['mean']
   assert m['face_rate']['mean'] == m['face_rate_ref']['mean'] == 1.0

@@ -38,7 +38,7 @@ def _read_all(source):
 def test_round_trip_and_rerun(tmp_path, src_dir, test_config, caplog):
   out = tmp_path / 'tfds'
   argv = ['--src', str(src_dir), '--name', 'tiny', '--resolution', str(R), '--out', str(out),
-          '--val-fraction', '0.4', '--workers', '0']
+          '--val_fraction', '0.4', '--workers', '0']
   assert prepare.main(argv) == 0
   assert 'broken.png' in caplog.text   # the bad file is logged with its name
 

@@ -48,7 +48,7 @@ def test_cli_aligned_folder_with_good_and_bad_files(tmp_path, celeba_dir, model_
   _make_aligned_inputs(inp, celeba_dir)
   before = _snapshot(inp)
   rc = restore.main(['-i', str(inp), '-o', str(out), '--checkpoint', model_path, '--aligned',
-                     '--batch-size', '2', '--steps', '2', '--seed', '3'])
+                     '--batch_size', '2', '--steps', '2', '--seed', '3'])
   captured = capsys.readouterr()
   assert rc == 1
   assert _snapshot(inp) == before                                   # input untouched
@@ -77,7 +77,7 @@ def test_cli_aligned_folder_with_good_and_bad_files(tmp_path, celeba_dir, model_
   # The same file alone (another batch, another position) restores to the same pixels.
   out2 = tmp_path / 'out2'
   rc = restore.main(['-i', str(inp / 'sub' / 'b.png'), '-o', str(out2), '--checkpoint',
-                     model_path, '--aligned', '--batch-size', '2', '--steps', '2', '--seed', '3'])
+                     model_path, '--aligned', '--batch_size', '2', '--steps', '2', '--seed', '3'])
   assert rc == 0
   alone = np.asarray(Image.open(out2 / 'restored_faces' / 'b.png')).astype(int)
   in_folder = np.asarray(Image.open(out / 'restored_faces' / 'sub' / 'b.png')).astype(int)
@@ -169,7 +169,7 @@ def test_an_upscale_too_large_for_the_photo_fails_that_photo_naming_the_flag(tmp
   Image.new('RGB', (100, 100), (120, 130, 140)).save(inp / 'big.png')
   Image.new('RGB', (40, 40), (120, 130, 140)).save(inp / 'small.png')
   rc = restore.main(['-i', str(inp), '-o', str(tmp_path / 'out'), '--checkpoint', model_path,
-                     '--steps', '2', '--upscale', '4', '--max-pixels', '10000'])
+                     '--steps', '2', '--upscale', '4', '--max_pixels', '10000'])
   out = capsys.readouterr().out
   assert rc == 1 and 'failed 1' in out
   assert 'big.png' in out and 'lower --upscale to at most 2.00' in out
@@ -196,7 +196,7 @@ def test_cli_only_center_face_restores_the_middle_face_and_says_where_outputs_ar
   assert sorted(os.listdir(tmp_path / 'all' / 'cropped_faces')) == ['group_00.png', 'group_01.png']
   capsys.readouterr()
   out = tmp_path / 'center'
-  assert restore.main([*common, '-o', str(out), '--only-center-face']) == 0
+  assert restore.main([*common, '-o', str(out), '--only_center_face']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert os.listdir(out / 'cropped_faces') == ['group_00.png']
   restored = np.asarray(Image.open(out / 'restored_imgs' / 'group.png')).astype(int)
@@ -207,8 +207,8 @@ def test_cli_only_center_face_restores_the_middle_face_and_says_where_outputs_ar
                        '(restored faces), cropped_faces/ (aligned input faces), cmp/ '
                        '(input | restored)')
   # The flag means nothing for aligned crops: said, not ignored.
-  assert restore.main([*common, '-o', str(tmp_path / 'x'), '--aligned', '--only-center-face']) == 2
-  assert '--only-center-face' in capsys.readouterr().err
+  assert restore.main([*common, '-o', str(tmp_path / 'x'), '--aligned', '--only_center_face']) == 2
+  assert '--only_center_face' in capsys.readouterr().err
 
 
 def test_cli_detector_cnn_restores_the_tilted_faces_hog_misses(tmp_path, celeba_dir, model_path,
@@ -261,7 +261,7 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(tmp_path, model
   for rel in files.walk_files(inp):
     files.copy_file(inp / rel, files.join(bucket_in, rel))
   files.copy_file(model_path, ckpt)
-  common = ['--aligned', '--steps', '2', '--seed', '3', '--batch-size', '2']
+  common = ['--aligned', '--steps', '2', '--seed', '3', '--batch_size', '2']
   assert restore.main(['-i', str(inp), '-o', str(tmp_path / 'out'), '--checkpoint', model_path,
                        *common]) == 1   # notes.txt fails, here and there
   capsys.readouterr()
@@ -319,7 +319,7 @@ def test_a_file_name_that_is_not_utf8_is_restored_with_its_batch(tmp_path, model
   out = os.path.join(os.fsencode(tmp_path), b'out')
   run = subprocess.run([sys.executable, '-m', 'idm_jax.restore', '-i', inp, '-o', out,
                         '--checkpoint', model_path, '--aligned', '--steps', '2',
-                        '--batch-size', '2'], capture_output=True, timeout=600,
+                        '--batch_size', '2'], capture_output=True, timeout=600,
                        env=dict(os.environ, PYTHONIOENCODING='utf-8:strict',
                                 PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
   stdout = run.stdout.decode('utf-8')

@@ -38,5 +38,11 @@ def main(argv):
     raise SystemExit(status)
 
 
+def cli():
+  """The console script (setup.cfg)."""
+  from idm_jax import cli as cli_lib
+  cli_lib.run_absl(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli()

@@ -1,7 +1,7 @@
 r"""A copy of an image folder in which a seeded, recorded share of the images is made "not truly HQ".
 
   python -m idm_jax.data.contaminate --src faces/ --dst contaminated/ --fraction 0.15 --seed 0 \
-      [--resolution 64] [--skip-last 100] [--kinds blur,resize,jpeg,noise] [--blur-sigma 0.6 1.2]
+      [--resolution 64] [--skip_last 100] [--kinds blur,resize,jpeg,noise] [--blur-sigma 0.6 1.2]
   python -m idm_jax.data.contaminate --replay contaminated/manifest.json --dst again/
 
 FFHQ's images that are not truly high quality cannot be identified, but they can be simulated:
@@ -32,6 +32,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 from idm_jax.data import degradations
@@ -114,7 +115,7 @@ def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: in
   paths = images.list_images(src)
   names = [files.relpath(p, src) for p in paths]
   if not 0 <= skip_last < len(names):
-    raise ContaminateError(f'--skip-last {skip_last} must leave some of the {len(names)} images')
+    raise ContaminateError(f'--skip_last {skip_last} must leave some of the {len(names)} images')
   eligible = len(names) - skip_last
   chosen = set(choose(eligible, fraction, seed).tolist())
   records = []
@@ -190,7 +191,7 @@ def contaminated_names(manifest: dict) -> set[str]:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m idm_jax.data.contaminate',
+  p = cli.ArgumentParser(prog='python -m idm_jax.data.contaminate',
                               description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--src', help='folder of HQ images (read only; local or gs://)')
@@ -201,14 +202,14 @@ def parse_args(argv):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--resolution', type=int, default=64,
                  help='every image is loaded (centre-cropped, resized) at this size first')
-  p.add_argument('--skip-last', type=int, default=0,
+  p.add_argument('--skip_last', type=int, default=0,
                  help='the last N files (sorted) are never contaminated: a validation split '
                       '(config.data.num_val) stays pristine')
   p.add_argument('--kinds', default=','.join(KINDS), help='defect kinds, comma-separated')
   for kind, (lo, hi) in DEFAULT_RANGES.items():
     unit = dict(blur='sigma, px', resize='downsample factor', jpeg='quality',
                 noise='sigma, 0..255')[kind]
-    p.add_argument(f'--{kind}-range', type=float, nargs=2, default=(lo, hi),
+    p.add_argument(f'--{kind}_range', type=float, nargs=2, default=(lo, hi),
                    metavar=('LOW', 'HIGH'), help=f'{kind} strength ({unit}); default {lo} {hi}')
   args = p.parse_args(argv)
   if not args.replay and not args.src:

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 from tqdm import tqdm
 
+from idm_jax import cli
 from idm_jax import configlib
 from idm_jax import files
 from idm_jax import images
@@ -93,7 +94,7 @@ def read_replay(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def _parse(argv):
-  p = argparse.ArgumentParser(prog='python -m idm_jax.data.make_testset', description=__doc__,
+  p = cli.ArgumentParser(prog='python -m idm_jax.data.make_testset', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--src', required=True, help='folder of HQ images (local or gs://)')
   p.add_argument('--dst', required=True, help='output folder (local or gs://)')

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 from absl import logging
 import tqdm
 
+from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 from idm_jax.data import sources
@@ -141,7 +142,7 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
   if not name or '/' in name or not name.replace('_', '').replace('-', '').isalnum():
     raise ValueError(f'--name {name!r}: use letters, digits, _ and - only (e.g. ffhq512)')
   if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'--val-fraction {val_fraction} must be in [0, 1)')
+    raise ValueError(f'--val_fraction {val_fraction} must be in [0, 1)')
   final = dataset_dir(out, name)
   if is_complete(out, name) and not overwrite:
     logging.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
@@ -226,13 +227,13 @@ def _prepare_and_upload(src: str, name: str, resolution: int, out: str, val_frac
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m idm_jax.data.prepare', description=__doc__,
+  p = cli.ArgumentParser(prog='python -m idm_jax.data.prepare', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--src', required=True, help='folder of face images (searched recursively)')
   p.add_argument('--name', required=True, help='dataset name, e.g. ffhq512 -> idm_faces/ffhq512')
   p.add_argument('--resolution', type=int, required=True)
   p.add_argument('--out', required=True, help='TFDS data_dir to write into')
-  p.add_argument('--val-fraction', type=float, default=0.05)
+  p.add_argument('--val_fraction', type=float, default=0.05)
   p.add_argument('--overwrite', action='store_true', help='rebuild an existing dataset')
   p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                  help='decode/resize/encode processes (0 or 1: in this process)')

@@ -2,7 +2,7 @@ r"""Convert the usual PyTorch weight files for LPIPS and FID into our .npz forma
 
   # LPIPS (VGG16): torchvision's ImageNet VGG16 (vgg16-397923af.pth) plus LPIPS v0.1's
   # linear layers (lpips/weights/v0.1/vgg.pth from richzhang/PerceptualSimilarity):
-  python -m idm_jax.metrics.convert_weights --lpips-vgg vgg16.pth --lpips-lin vgg.pth \
+  python -m idm_jax.metrics.convert_weights --lpips_vgg vgg16.pth --lpips_lin vgg.pth \
       --out lpips.npz
   # FID: pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth):
   python -m idm_jax.metrics.convert_weights --inception pt_inception-2015-12-05.pth \
@@ -21,6 +21,8 @@ import sys
 from typing import Mapping
 
 import numpy as np
+
+from idm_jax import cli
 
 # torchvision vgg16 `features` indices of the 13 convs, in order (ReLUs and pools in between).
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -103,17 +105,17 @@ def _check_and_save(flat: dict, expected, out: str, what: str) -> None:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--lpips-vgg', help='torchvision vgg16 .pth (ImageNet weights)')
-  parser.add_argument('--lpips-lin', help='LPIPS v0.1 vgg.pth (linear layers)')
+  parser.add_argument('--lpips_vgg', help='torchvision vgg16 .pth (ImageNet weights)')
+  parser.add_argument('--lpips_lin', help='LPIPS v0.1 vgg.pth (linear layers)')
   parser.add_argument('--inception', help="pytorch-fid's pt_inception-2015-12-05-*.pth")
   parser.add_argument('--out', required=True, help='output .npz')
   args = parser.parse_args(argv)
   if bool(args.lpips_vgg) != bool(args.lpips_lin):
-    parser.error('--lpips-vgg and --lpips-lin go together')
+    parser.error('--lpips_vgg and --lpips_lin go together')
   if bool(args.lpips_vgg) == bool(args.inception):
-    parser.error('give either --lpips-vgg/--lpips-lin or --inception')
+    parser.error('give either --lpips_vgg/--lpips_lin or --inception')
   if args.inception:
     from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
     flat = inception_from_torch(_torch_state_dict(args.inception))
