@@ -13,7 +13,6 @@ Each number is the best of --repeats runs (the machine may be shared: best = lea
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import time
@@ -28,13 +27,6 @@ from idm_jax.data import pipeline
 from idm_jax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_config(name: str):
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def bench_degradation(data_dir: str, resolution: int, num_images: int, repeats: int) -> float:
@@ -57,7 +49,7 @@ def bench_degradation(data_dir: str, resolution: int, num_images: int, repeats: 
 def bench_pipeline(data_dir: str, resolution: int, workers: int, batch_size: int, batches: int,
                    warmup: int, repeats: int) -> tuple[float, float]:
   """(best images/s, seconds to the first batch) of the train pipeline."""
-  config = _load_config('celeba_128')
+  config = configlib.load(REPO / 'configs' / 'celeba_128.py')
   config.data.update(dir=data_dir, resolution=resolution, num_workers=workers)
   config.train.batch_size = batch_size
   best, startup = 0.0, float('inf')

@@ -19,13 +19,13 @@ run() { echo "+ $*"; "$@" || { echo "FAILED: $*"; status=1; }; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 want tests && run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 want parts256 && for part in grads update; do
-  run python3 bench/train_step.py --config=configs/adm_sr_256.py --part $part --json "$JSON"
+  run python3 -m bench.train_step --config=configs/adm_sr_256.py --part $part --json "$JSON"
 done
-want update256 && run python3 bench/update_variants.py --config=configs/adm_sr_256.py --json "$JSON"
-want train256 && run python3 bench/train_step.py --config=configs/adm_sr_256.py --json "$JSON"
-want train512 && run python3 bench/train_step.py --config=configs/adm_sr_512.py --json "$JSON"
-want trainffhq && run python3 bench/train_step.py --config=configs/ffhq.py --json "$JSON"
-want sampleffhq && run python3 bench/sample.py --config=configs/ffhq.py --steps 25 --batch 16 \
+want update256 && run python3 -m bench.update_variants --config=configs/adm_sr_256.py --json "$JSON"
+want train256 && run python3 -m bench.train_step --config=configs/adm_sr_256.py --json "$JSON"
+want train512 && run python3 -m bench.train_step --config=configs/adm_sr_512.py --json "$JSON"
+want trainffhq && run python3 -m bench.train_step --config=configs/ffhq.py --json "$JSON"
+want sampleffhq && run python3 -m bench.sample --config=configs/ffhq.py --steps 25 --batch 16 \
   --json "$JSON"
 [ -f "$JSON" ] && python3 bench/table.py "$JSON"
 exit $status

@@ -42,9 +42,9 @@ train_pid=$!
 # a stray benchmark left on the card would slow the timings of phase B.
 export BENCH_CONFIGS SAMPLE_CONFIG
 setsid bash -c 'for c in $BENCH_CONFIGS; do
-    python3 bench/train_step.py --config="$c" --steps 1 --warmup 1
+    python3 -m bench.train_step --config="$c" --steps 1 --warmup 1
   done
-  python3 bench/sample.py --config="$SAMPLE_CONFIG" --steps 25 --batch 16 --repeats 1' \
+  python3 -m bench.sample --config="$SAMPLE_CONFIG" --steps 25 --batch 16 --repeats 1' \
   > /tmp/logs/warm.log 2>&1 &
 warm_pid=$!
 setsid python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > /tmp/logs/tests.log 2>&1 &
@@ -78,11 +78,11 @@ tail -3 /tmp/logs/tests.log
 say "phase B: timing the benchmarks (cached programs)"
 for c in $BENCH_CONFIGS; do
   [ "$(left)" -gt 25 ] || { say "no time for $c"; continue; }
-  timeout -s TERM $(( $(left) - 15 )) python3 bench/train_step.py --config="$c" \
+  timeout -s TERM $(( $(left) - 15 )) python3 -m bench.train_step --config="$c" \
     --json "$OUT_DIR/bench.jsonl" 2>&1 | grep -v "^W0\|^I0" | tail -2
 done
 if [ "$(left)" -gt 25 ]; then
-  timeout -s TERM $(( $(left) - 15 )) python3 bench/sample.py --config="$SAMPLE_CONFIG" \
+  timeout -s TERM $(( $(left) - 15 )) python3 -m bench.sample --config="$SAMPLE_CONFIG" \
     --steps 25 --batch 16 --json "$OUT_DIR/bench.jsonl" 2>&1 | tail -1
 fi
 cp "$WORK"/metrics.jsonl /tmp/logs/ 2>/dev/null

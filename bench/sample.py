@@ -1,6 +1,6 @@
 """Restoration throughput: faces/s of the whole sampler loop (one jit) at a batch size.
 
-python bench/sample.py --config=configs/ffhq.py --steps 25 --batch 16 [--repeats 5] [--json F]
+python -m bench.sample --config=configs/ffhq.py --steps 25 --batch 16 [--repeats 5] [--json F]
 
 Random weights (the speed does not depend on them); the batch is sharded over local devices.
 Reports the median of `--repeats` timed restorations after one warm-up (which compiles).
@@ -8,17 +8,15 @@ Reports the median of `--repeats` timed restorations after one warm-up (which co
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import emit, load_config  # noqa: E402
-
-from idm_jax import inference  # noqa: E402
-from idm_jax.models import unet  # noqa: E402
+from bench.train_step import emit
+from idm_jax import configlib
+from idm_jax import inference
+from idm_jax.models import unet
 
 
 def main():
@@ -30,7 +28,7 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--json', default='')
   a = p.parse_args()
-  config = load_config(a.config)
+  config = configlib.load(a.config)
   res = config.data.resolution
   model = unet.build_model(config.model, res)
   restorer = inference.Restorer(config, inference.random_params(model, seed=0))

@@ -1,6 +1,6 @@
 """Train-step throughput: images/s, step ms, FLOPs per image and MFU.
 
-python bench/train_step.py --config=configs/adm_sr_256.py [--batch 16] [--steps 30] [--json F]
+python -m bench.train_step --config=configs/adm_sr_256.py [--batch 16] [--steps 30] [--json F]
                            [--part step|grads|update]
 
 Compiles the real train step (AdamW, EMA, bf16 compute, donated state) once ahead of time, runs
@@ -15,11 +15,9 @@ counted from its optimized HLO (bench/kernels.py).
 real step (AdamW, EMA, the finite guard) applied to fixed gradients. grads + update ~ step.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -27,22 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flops as flops_lib  # noqa: E402
-import kernels  # noqa: E402
-
-from idm_jax import optim  # noqa: E402
-from idm_jax import parallel  # noqa: E402
-from idm_jax import train  # noqa: E402
+from bench import flops as flops_lib
+from bench import kernels
+from idm_jax import configlib
+from idm_jax import optim
+from idm_jax import parallel
+from idm_jax import train
 
 PARTS = ('step', 'grads', 'update')
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def emit(result: dict, json_path: str = '') -> None:
@@ -94,7 +84,7 @@ def main():
                  help='time the whole step, or only its gradient or update half')
   a = p.parse_args()
 
-  config = load_config(a.config)
+  config = configlib.load(a.config)
   if a.batch:
     config.train.batch_size = a.batch
   if a.attention:

@@ -1,6 +1,6 @@
 """The optimiser + EMA update alone, in four forms, to price per-leaf kernels and copies on a GPU.
 
-python bench/update_variants.py --config=configs/adm_sr_256.py [--steps 30] [--json F]
+python -m bench.update_variants --config=configs/adm_sr_256.py [--steps 30] [--json F]
 
 The step updates every parameter leaf separately (536 leaves for adm_sr_256). This times
   optax:         optax's update, the EMA, then the finite guard as a select between the old and
@@ -18,7 +18,6 @@ kernels cost and whether a flat train state is worth adopting. All four compute 
 import argparse
 import functools
 import os
-import sys
 import time
 
 import flax
@@ -27,13 +26,12 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels  # noqa: E402
-import train_step as bench_train  # noqa: E402
-
-from idm_jax import optim  # noqa: E402
-from idm_jax import train_state  # noqa: E402
-from idm_jax.models import unet  # noqa: E402
+from bench import kernels
+from bench import train_step as bench_train
+from idm_jax import configlib
+from idm_jax import optim
+from idm_jax import train_state
+from idm_jax.models import unet
 
 VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')
 
@@ -107,7 +105,7 @@ def main():
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--json', default='')
   a = p.parse_args()
-  config = bench_train.load_config(a.config)
+  config = configlib.load(a.config)
   base, grads, tx = make_inputs(config)
   n_leaves = len(jax.tree.leaves(base.params))
   for variant in VARIANTS:

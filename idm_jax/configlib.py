@@ -62,7 +62,7 @@ def degradation_config(preset: str = 'gfpgan') -> ml_collections.ConfigDict:
   # heavily damaged, and cannot leave a clean face alone (which cleaning a dataset needs).
   # Evaluation pairs always use the ranges above.
   c.mild_share = 0.0
-  c.mild = mild_ranges(c)
+  c.mild = mild_ranges(c)     # before a heavier preset's ranges: mild whatever the preset
   if preset == 'codeformer_heavy':
     c.blur_sigma = (1.0, 15.0)
     c.scale = (4.0, 30.0)
@@ -218,13 +218,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config file at `path`'s get_config(), as --config=path loads it: the one loader for
+  tests, benchmarks and notebooks."""
+  return _config_module(os.fspath(path)).get_config()
+
+
 def config_file(here: str, name: str):
   """The config file `name` beside the file `here` (a config's __file__), loaded as a module:
   a config that extends another names it, wherever the configs folder is."""
+  return _config_module(os.path.join(os.path.dirname(os.path.abspath(here)), name))
+
+
+def _config_module(path: str):
   import importlib.util
-  path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
-  spec = importlib.util.spec_from_file_location(f'idm_jax_config_{os.path.splitext(name)[0]}',
-                                                path)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'idm_jax_config_{stem}', path)
   if spec is None or not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such config file')
   module = importlib.util.module_from_spec(spec)

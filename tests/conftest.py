@@ -83,10 +83,8 @@ class _SkipPolicy:
 
 def load_config(name: str):
   """configs/<name>.py's get_config(), loaded by path as --config does."""
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from idm_jax import configlib
+  return configlib.load(REPO / 'configs' / f'{name}.py')
 
 
 def add_process_args(parser) -> None:

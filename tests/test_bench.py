@@ -1,4 +1,4 @@
-"""The benchmark tools: kernel counting from HLO, and bench/train_step.py's step decomposition."""
+"""The benchmark tools: kernel counting from HLO, and bench.train_step's step decomposition."""
 import json
 import os
 import subprocess
@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'bench'))
-import kernels  # noqa: E402
+from bench import kernels
+from conftest import REPO
+from idm_jax import configlib
+
+ROOT = str(REPO)
 
 
 def _count(fn, *args):
@@ -44,7 +46,7 @@ def test_no_entry_is_an_error():
 
 def _bench(part):
   out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'bench', 'train_step.py'),
+      [sys.executable, '-m', 'bench.train_step',
        '--config=' + os.path.join(ROOT, 'configs', 'test.py'), '--steps', '2', '--warmup', '1',
        '--part', part], capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -65,9 +67,8 @@ def test_step_splits_into_grads_and_update():
 
 
 def _update_inputs():
-  import train_step as bench_train
-  import update_variants as uv
-  config = bench_train.load_config(os.path.join(ROOT, 'configs', 'test.py'))
+  from bench import update_variants as uv
+  config = configlib.load(os.path.join(ROOT, 'configs', 'test.py'))
   return (uv,) + tuple(uv.make_inputs(config)) + (config,)
 
 
