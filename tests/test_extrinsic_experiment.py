@@ -1,8 +1,10 @@
-"""bench/extrinsic_experiment.sh end to end at toy scale: contaminate, rounds, oracle, scores."""
+"""The contamination experiments end to end at toy scale: bench/extrinsic_experiment.sh
+(contaminate, rounds, oracle, scores, seeds, doses) and bench/cleaning_fidelity.sh."""
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -34,41 +36,109 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   # The restorers run on a step budget, the generators on a time budget: both kinds are used.
   env = dict(os.environ, SRC=str(src), RES='32', VAL='4', RESTORE_STEPS='2',
              GEN_SECONDS='1', CONFIG='configs/test.py', GEN_CONFIG='configs/test.py',
-             EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25')
+             EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25', SEEDS='0 1')
   cmd = ['bash', 'bench/extrinsic_experiment.sh', str(work)]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   results = work / 'results'
-  assert '## Restoration on the pristine validation faces' in out.stdout
-  assert 'round 1 (cleaned data) - round 0' in out.stdout
+  assert '## Restoration on the pristine validation faces (2 training seeds: 0, 1)' in out.stdout
+  assert 'round 1 (cleaned data) − round 0' in out.stdout
+  assert 'share won back' in out.stdout
   contamination = json.loads((results / 'contamination_manifest.json').read_text())
   assert contamination['num_contaminated'] == 4          # 25% of the 16 training faces
-  cleaned = json.loads((results / 'cleaned_manifest.json').read_text())
-  assert cleaned['counts'] == {'cleaned': 4, 'copied': 12, 'failed': 0}
-  report = json.loads((results / 'cleaning.json').read_text())
-  assert report['selection']['selected'] == 4 and report['selection']['contaminated'] == 4
-  for name in ('round_0', 'round_1', 'oracle'):
-    table = json.loads((results / f'{name}_metrics.json').read_text())
-    assert 'delta' in table['restored, 2 steps']           # intervals against the LQ
+  for seed in (0, 1):
+    cleaned = json.loads((work / 'rounds' / f'seed_{seed}' / 'round_1' / 'dataset' /
+                          'manifest.json').read_text())
+    assert cleaned['counts'] == {'cleaned': 4, 'copied': 12, 'failed': 0}
+    report = json.loads((results / f'cleaning_seed_{seed}' / 'cleaning.json').read_text())
+    assert report['selection']['selected'] == 4 and report['selection']['contaminated'] == 4
+    for name in ('round_0', 'round_1', 'oracle'):
+      table = json.loads((results / f'{name}_seed_{seed}_metrics.json').read_text())
+      assert 'delta' in table['restored, 2 steps']           # intervals against the LQ
+      assert (results / f'{name}_seed_{seed}_grid.png').exists()
+    # The pristine | contaminated | cleaned grid exists when a contaminated face was cleaned.
+    assert (results / f'pristine_contaminated_cleaned_seed_{seed}.png').exists() == \
+        ('contaminated_and_cleaned' in report)
+  # Two seeds train two different models on the same data.
+  r0 = [json.loads((results / f'round_0_seed_{s}_metrics.json').read_text())
+        ['restored, 2 steps']['metrics']['psnr']['per_image'] for s in (0, 1)]
+  assert r0[0] != r0[1]
   for v in ('contaminated', 'cleaned', 'pristine'):
     assert (results / f'generator_{v}_grid.png').exists()
-  for grid in ('round_0_grid', 'round_1_grid', 'oracle_grid'):
-    assert (results / f'{grid}.png').exists(), grid
-  # The pristine | contaminated | cleaned grid exists when a contaminated face was cleaned.
-  assert (results / 'pristine_contaminated_cleaned.png').exists() == \
-      ('contaminated_and_cleaned' in report)
   # Every arm stopped at its budget (two steps for the restorers), and a rerun trains nothing
   # more.
-  steps = ('oracle', 'gen_pristine')
-  before = {p: sorted(os.listdir(work / p / 'checkpoints')) for p in steps}
-  assert before['oracle'][-1] == '2'
-  assert json.loads((work / 'oracle' / 'config_train.json').read_text())['train']['num_steps'] == 2
+  oracle = work / 'oracle' / 'seed_1'
+  steps = (oracle, work / 'gen_pristine')
+  before = {p: sorted(os.listdir(p / 'checkpoints')) for p in steps}
+  assert before[oracle][-1] == '2'
+  assert json.loads((oracle / 'config_train.json').read_text())['train']['num_steps'] == 2
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert {p: sorted(os.listdir(work / p / 'checkpoints')) for p in steps} == before
-  # The oracle trained on the pristine copy, round 1 on the cleaned one.
-  assert json.loads((work / 'oracle' / 'config_train.json').read_text())['data']['dir'] == \
-      str(work / 'pristine' / 'images')
-  r1 = json.loads((work / 'rounds' / 'round_1' / 'config.json').read_text())
-  assert r1['data']['dir'] == str(work / 'rounds' / 'round_1' / 'dataset' / 'images')
-  assert r1['train']['init_from'] == ''                  # from scratch: the same budget
+  assert {p: sorted(os.listdir(p / 'checkpoints')) for p in steps} == before
+  # The oracle trained on the pristine copy, round 1 on the cleaned one, each with its seed.
+  config = json.loads((oracle / 'config_train.json').read_text())
+  assert config['data']['dir'] == str(work / 'oracle' / 'pristine' / 'images')
+  assert config['seed'] == 1
+  r1 = json.loads((work / 'rounds' / 'seed_1' / 'round_1' / 'config.json').read_text())
+  assert r1['data']['dir'] == str(work / 'rounds' / 'seed_1' / 'round_1' / 'dataset' / 'images')
+  assert r1['train']['init_from'] == '' and r1['seed'] == 1   # from scratch: the same budget
+  # A second dose shares the first's oracle (nothing retrains) and stops at round 0.
+  dose2 = tmp_path / 'dose2'
+  env2 = dict(env, FRACTION='0.5', SEEDS='1', ROUNDS='1', GENERATORS='0',
+              ORACLE=str(work / 'oracle'))
+  out2 = subprocess.run(['bash', 'bench/extrinsic_experiment.sh', str(dose2)], cwd=REPO,
+                        env=env2, capture_output=True, text=True, timeout=1500)
+  assert out2.returncode == 0, out2.stdout[-2000:] + out2.stderr[-3000:]
+  assert sorted(os.listdir(oracle / 'checkpoints')) == before[oracle]
+  assert json.loads((dose2 / 'results' / 'contamination_manifest.json').read_text())[
+      'num_contaminated'] == 8
+  assert not (dose2 / 'rounds' / 'seed_1' / 'round_1').exists()
+  assert 'oracle (pristine data) − round 0' in out2.stdout and 'share won back' not in out2.stdout
+
+
+@pytest.mark.slow
+def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
+  """bench/cleaning_fidelity.sh on two tiny restorers: the three measures, the summary's tables
+  (each arm against the first, by defect), resuming, and MEASURES / T_START."""
+  src = tmp_path / 'faces'
+  src.mkdir()
+  for p in sorted(celeba_dir.glob('*.jpg'))[:20]:
+    shutil.copy(p, src / p.name)
+  data = f'--config.data.dir={src} --config.data.num_val=4'
+  workdirs = []
+  for name, mix in (('earlier', 0.0), ('mix', 0.3)):
+    w = tmp_path / name
+    args = [sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py', f'--workdir={w}',
+            *RESTORER.split(), *data.split(), '--config.train.num_steps=2',
+            f'--config.degradation.mild_share={mix}']
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workdirs.append(str(w))
+  out = tmp_path / 'fidelity'
+  env = dict(os.environ, SRC=str(src), RES='32', VAL='4', FRACTION='0.25',
+             CONFIG='configs/test.py', EXTRA=f'{RESTORER} {data}')
+  cmd = ['bash', 'bench/cleaning_fidelity.sh', str(out), *workdirs]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  for section in ('## 1. Pristine validation faces', '## 2. Cleaning the contaminated',
+                  'by defect', '## 3. The heavily degraded validation set',
+                  '| mix − earlier |', '| mix − earlier (cleaned faces) |'):
+    assert section in r.stdout, section
+  for arm in ('earlier', 'mix'):
+    self_ = json.loads((out / arm / 'self' / 'metrics.json').read_text())
+    assert self_['num_images'] == 4                 # the pristine validation faces
+    report = json.loads((out / arm / 'cleaning' / 'cleaning.json').read_text())
+    assert report['selection']['selected'] == 4     # clean.fraction 0.25 of the 16
+    assert (out / arm / 'heavy_metrics.json').exists()
+  # A rerun measures nothing again; another OUT takes only the measures asked for.
+  stages = (out / 'timeline.txt').read_text().count(': ')
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and (out / 'timeline.txt').read_text().count(': ') == stages
+  other = tmp_path / 'self_only'
+  r = subprocess.run(['bash', 'bench/cleaning_fidelity.sh', str(other), workdirs[1]], cwd=REPO,
+                     env=dict(env, MEASURES='self', T_START='0.5', DATA=str(out / 'data')),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '--t_start 0.5' in (other / 'timeline.txt').read_text()
+  assert (other / 'mix' / 'self' / 'metrics.json').exists()
+  assert not (other / 'mix' / 'cleaning').exists() and '## 2.' not in r.stdout

@@ -100,3 +100,31 @@ def test_seeds_and_faces_rejects_mismatched_or_missing_scores():
     bootstrap.seeds_and_faces_interval(np.zeros((2, 5)), np.zeros((3, 5)))
   with pytest.raises(ValueError, match='finite'):
     bootstrap.seeds_and_faces_interval(np.array([[np.inf, 1.0]]), np.zeros((1, 2)))
+
+
+def test_gap_share_recovers_the_share_round_1_wins_back():
+  rng = np.random.default_rng(5)
+  faces = rng.normal(0, 1, (2, 80))
+  noise = lambda: rng.normal(0, 0.05, (2, 80))
+  round0 = faces + noise()
+  oracle = faces + 1.0 + noise()          # the pristine data's lead: 1.0 per face
+  round1 = faces + 0.4 + noise()          # cleaning wins back 40% of it
+  share = bootstrap.gap_share_interval(round0, round1, oracle, num_resamples=2000)
+  assert share['mean'] == pytest.approx(0.4, abs=0.03)
+  assert share['low'] < 0.4 < share['high'] and share['low'] > 0.2 and share['high'] < 0.6
+  assert share['gap']['excludes_zero'] and share['gap']['mean'] == pytest.approx(1.0, abs=0.03)
+  assert share['seeds'] == 2 and share['n'] == 80
+  # Round 1 no better than round 0: the share's interval holds 0.
+  none = bootstrap.gap_share_interval(round0, round0 + noise(), oracle, num_resamples=2000)
+  assert none['low'] < 0 < none['high']
+
+
+def test_gap_share_without_a_gap_says_so():
+  rng = np.random.default_rng(6)
+  round0 = rng.normal(0, 1, (2, 50))
+  oracle = round0 + rng.normal(0, 0.2, (2, 50))     # no lead: the gap's interval holds zero
+  share = bootstrap.gap_share_interval(round0, round0 + 0.1, oracle, num_resamples=2000)
+  assert not share['gap']['excludes_zero']
+  assert share['high'] - share['low'] > 1           # a ratio over a near-zero gap: unbounded
+  with pytest.raises(ValueError, match='one shape'):
+    bootstrap.gap_share_interval(round0, round0, oracle[:1])

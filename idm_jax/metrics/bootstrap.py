@@ -64,24 +64,64 @@ def seeds_and_faces_interval(a, b, *, num_resamples: int = NUM_RESAMPLES,
   cannot show (two models trained alike differ by more than their faces' sampling error).
   Few seeds make a coarse seed distribution: report the seed count beside the interval.
   """
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
-    raise ValueError(f'seeds_and_faces_interval: need two (seeds, faces) arrays of one shape, '
-                     f'got {a.shape} and {b.shape}')
-  if not np.all(np.isfinite(a) & np.isfinite(b)):
-    raise ValueError('seeds_and_faces_interval: every score must be finite')
+  a, b = _seed_face_arrays('seeds_and_faces_interval', a, b)
   diff = a - b
   num_seeds, num_faces = diff.shape
-  rng = np.random.default_rng(seed)
-  means = np.empty(int(num_resamples))
-  for r in range(int(num_resamples)):
-    s = rng.integers(0, num_seeds, num_seeds)
-    f = rng.integers(0, num_faces, num_faces)
-    means[r] = diff[np.ix_(s, f)].mean()
+  means = _resampled_means([diff], int(num_resamples), int(seed))[0]
   tail = (1 - confidence) / 2
   low, high = np.quantile(means, [tail, 1 - tail])
   return dict(mean=float(diff.mean()), low=float(low), high=float(high), seeds=int(num_seeds),
               n=int(num_faces), per_seed=[float(m) for m in diff.mean(axis=1)],
               excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence),
               num_resamples=int(num_resamples), seed=int(seed))
+
+
+def gap_share_interval(round0, round1, oracle, *, num_resamples: int = NUM_RESAMPLES,
+                       confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+  """The share of the oracle's lead over round 0 that round 1 wins back, with its interval.
+
+  round0, round1, oracle: (seeds, faces) scores, paired as in `seeds_and_faces_interval`.
+  share = (mean(round1) - mean(round0)) / (mean(oracle) - mean(round0)); each resample draws
+  seeds and faces as there, the same draws for all three arms, and takes the ratio of the
+  resampled mean differences. The ratio means something only where the gap does: 'gap' is
+  oracle - round 0 with its interval over the same resamples, and a gap whose interval holds 0
+  makes the share's interval unbounded (the resampled denominators cross zero).
+  """
+  r0, r1, orc = _seed_face_arrays('gap_share_interval', round0, round1, oracle)
+  won, gap = _resampled_means([r1 - r0, orc - r0], int(num_resamples), int(seed))
+  tail = (1 - confidence) / 2
+  with np.errstate(divide='ignore', invalid='ignore'):
+    shares = won / gap
+  low, high = np.quantile(shares, [tail, 1 - tail])
+  gap_low, gap_high = np.quantile(gap, [tail, 1 - tail])
+  gap_mean = float((orc - r0).mean())
+  return dict(mean=float((r1 - r0).mean() / gap_mean) if gap_mean else float('nan'),
+              low=float(low), high=float(high),
+              gap=dict(mean=gap_mean, low=float(gap_low), high=float(gap_high),
+                       excludes_zero=bool(gap_low > 0 or gap_high < 0)),
+              seeds=int(r0.shape[0]), n=int(r0.shape[1]), confidence=float(confidence),
+              num_resamples=int(num_resamples), seed=int(seed))
+
+
+def _seed_face_arrays(caller: str, *arrays) -> list[np.ndarray]:
+  arrays = [np.asarray(x, np.float64) for x in arrays]
+  shape = arrays[0].shape
+  if any(x.shape != shape for x in arrays) or len(shape) != 2 or 0 in shape:
+    raise ValueError(f'{caller}: need (seeds, faces) arrays of one shape, got '
+                     f'{" and ".join(str(x.shape) for x in arrays)}')
+  if not all(np.all(np.isfinite(x)) for x in arrays):
+    raise ValueError(f'{caller}: every score must be finite')
+  return arrays
+
+
+def _resampled_means(arrays: list[np.ndarray], num_resamples: int, seed: int) -> np.ndarray:
+  """(len(arrays), num_resamples): each array's mean over the same drawn seeds and faces."""
+  num_seeds, num_faces = arrays[0].shape
+  rng = np.random.default_rng(seed)
+  means = np.empty((len(arrays), num_resamples))
+  for r in range(num_resamples):
+    s = rng.integers(0, num_seeds, num_seeds)
+    f = rng.integers(0, num_faces, num_faces)
+    for k, x in enumerate(arrays):
+      means[k, r] = x[np.ix_(s, f)].mean()
+  return means
