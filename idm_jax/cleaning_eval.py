@@ -52,7 +52,7 @@ def _load(directory: str, names: Sequence[str], resolution: int) -> list[np.ndar
 def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identity: bool = True,
           seed: int = 0) -> dict:
   """The report as a dict (see the module docstring)."""
-  from idm_jax import evaluate
+  from idm_jax.metrics import scoring
   from idm_jax.data import contaminate
   cleaned = _read_json(files.join(cleaned_dir, cleaned_dataset.MANIFEST))
   contam = _read_json(files.join(contaminated_dir, contaminate.MANIFEST))
@@ -78,10 +78,10 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
   hit = sorted(chosen & truth)
   if hit:
     truth_imgs = _load(img(pristine_dir), hit, res)
-    before = evaluate.evaluate_images(_load(img(contaminated_dir), hit, res), truth_imgs, **kw)
-    after = evaluate.evaluate_images(
+    before = scoring.evaluate_images(_load(img(contaminated_dir), hit, res), truth_imgs, **kw)
+    after = scoring.evaluate_images(
         _load(img(cleaned_dir), [by_name[n]['file'] for n in hit], res), truth_imgs, **kw)
-    evaluate.add_delta(after, before, 'contaminated image', seed=seed)
+    scoring.add_delta(after, before, 'contaminated image', seed=seed)
     report['contaminated_and_cleaned'] = dict(names=hit, kinds=[kinds[n] for n in hit],
                                               before=_means(before),
                                               after=_means(after),
@@ -91,7 +91,7 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
   false = sorted(chosen - truth)
   if false:
     truth_imgs = _load(img(pristine_dir), false, res)
-    after = evaluate.evaluate_images(
+    after = scoring.evaluate_images(
         _load(img(cleaned_dir), [by_name[n]['file'] for n in false], res), truth_imgs, **kw)
     report['clean_but_cleaned'] = dict(names=false, after=_means(after),
                                        per_image=dict(after=_per_image(after)))
@@ -119,9 +119,9 @@ def markdown(report: dict) -> str:
   lines = ['# Cleaning against the ground truth', '',
            f'Selection by {report["selection_score"]}: {s["selected"]} of {s["universe"]} '
            f'training images chosen, {s["contaminated"]} contaminated.', '',
-           '| precision | recall | F1 | chance precision |', '| --- | --- | --- | --- |',
-           f'| {pct(s["precision"])} | {pct(s["recall"])} | {pct(s["f1"])} | '
-           f'{pct(s["chance_precision"])} |', '',
+           *reports.table(['precision', 'recall', 'F1', 'chance precision'],
+                          [[pct(s[k]) for k in ('precision', 'recall', 'f1',
+                                                'chance_precision')]]), '',
            'Found by kind: ' + ', '.join(f'{k} {s["found_by_kind"][k]} of '
                                          f'{s["contaminated_by_kind"][k]}'
                                          for k in s['contaminated_by_kind'])]
@@ -130,12 +130,12 @@ def markdown(report: dict) -> str:
     names = list(c['delta'])
     lines += ['', f'Contaminated images that were cleaned ({len(c["names"])}), against their '
               'pristine originals:', '',
-              '| | ' + ' | '.join(reports.metric_label(n, {}) for n in names) + ' |',
-              '| --- |' + ' --- |' * len(names),
-              '| contaminated | ' + ' | '.join(f'{c["before"][n]:.4f}' for n in names) + ' |',
-              '| cleaned | ' + ' | '.join(f'{c["after"][n]:.4f}' for n in names) + ' |',
-              '| cleaned - contaminated (95% interval) | '
-              + ' | '.join(reports.format_delta(c['delta'][n]) for n in names) + ' |']
+              *reports.table(
+                  [''] + [reports.metric_label(n, {}) for n in names],
+                  [['contaminated'] + [f'{c["before"][n]:.4f}' for n in names],
+                   ['cleaned'] + [f'{c["after"][n]:.4f}' for n in names],
+                   ['cleaned - contaminated (95% interval)']
+                   + [reports.format_delta(c['delta'][n]) for n in names]])]
   f = report.get('clean_but_cleaned')
   if f:
     lines += ['', f'Pristine images that were cleaned anyway ({len(f["names"])}), cleaned '

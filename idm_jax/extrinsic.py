@@ -27,6 +27,7 @@ from idm_jax import files
 from idm_jax import inference
 from idm_jax import parallel
 from idm_jax.data import sources
+from idm_jax.metrics import reports
 
 def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
   """NIQE of every record (higher = worse); None for records that fail to load."""
@@ -226,17 +227,13 @@ ROUND_METRICS = (('PSNR', 'psnr'), ('SSIM', 'ssim'), ('identity', 'identity'), (
 
 
 def _rounds_table(results: dict) -> str:
+  rows = [[r, results[r]['data']] + ['n/a' if results[r]['metrics'].get(key) is None
+                                     else f'{results[r]["metrics"][key]:.4f}'
+                                     for _, key in ROUND_METRICS]
+          for r in sorted(results, key=int)]
   lines = ['# Extrinsic rounds', '',
            'Each round evaluated on the same fixed validation set (fixed degradations).', '',
-           '| round | trained on | ' + ' | '.join(h for h, _ in ROUND_METRICS) + ' |',
-           '|---|---|' + '---|' * len(ROUND_METRICS)]
-  for r in sorted(results, key=int):
-    row = results[r]
-    cells = []
-    for _, key in ROUND_METRICS:
-      v = row['metrics'].get(key)
-      cells.append('n/a' if v is None else f'{v:.4f}')
-    lines.append(f'| {r} | {row["data"]} | ' + ' | '.join(cells) + ' |')
+           *reports.table(['round', 'trained on'] + [h for h, _ in ROUND_METRICS], rows)]
   return '\n'.join(lines) + '\n'
 
 

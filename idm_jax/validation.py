@@ -50,7 +50,7 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
 def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
                       write_metrics: bool = True) -> dict:
   """Restores the validation set at each of config.eval.steps; returns {row name: metrics}."""
-  from idm_jax import evaluate
+  from idm_jax.metrics import scoring
   val = validation_set(config)
   write = jax.process_index() == 0
   if write:
@@ -61,7 +61,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   niqe_upscale = niqe_lib.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
   rows, grid_rows = {}, [val['lq'][:8]]
   if write_metrics:
-    rows['LQ input'] = evaluate.evaluate_images(
+    rows['LQ input'] = scoring.evaluate_images(
         list(val['lq']), list(val['hq']), None, niqe_params=niqe, niqe_upscale=niqe_upscale,
         identity=config.eval.identity)
   for steps in config.eval.steps:
@@ -71,12 +71,12 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
     if write:
       _save_all(files.join(out_dir, f'restored_{steps}steps'), val['name'], restored)
     if write_metrics:
-      rows[f'restored, {steps} steps'] = evaluate.evaluate_images(
+      rows[f'restored, {steps} steps'] = scoring.evaluate_images(
           list(restored), list(val['hq']), list(val['lq']), niqe_params=niqe,
           niqe_upscale=niqe_upscale, identity=config.eval.identity)
   grid_rows.append(val['hq'][:8])
   if write_metrics:
-    evaluate.add_deltas(rows, 'LQ input', seed=config.seed)
+    scoring.add_deltas(rows, 'LQ input', seed=config.seed)
   if write:
     files.save_image(files.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
     if write_metrics:

@@ -1,4 +1,4 @@
-"""The evaluate CLI and library API on a few real faces."""
+"""The evaluate CLI and its library (metrics.scoring, metrics.reports) on a few real faces."""
 import json
 
 import cv2
@@ -10,6 +10,7 @@ from idm_jax import evaluate
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity
 from idm_jax.metrics import reports
+from idm_jax.metrics import scoring
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +166,7 @@ def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_pa
 
 def test_library_api_unavailable_metrics_and_inf(folders, tmp_path):
   gt = _read(folders / 'gt')
-  res = evaluate.evaluate_images(gt, gt, niqe_params=None, identity=False, progress=False)
+  res = scoring.evaluate_images(gt, gt, niqe_params=None, identity=False, progress=False)
   m = res['metrics']
   assert m['psnr']['mean'] == float('inf') and m['ssim']['mean'] == pytest.approx(1)
   assert m['niqe']['mean'] is None and 'NIQE parameters' in m['niqe']['reason']
@@ -181,9 +182,9 @@ def test_deltas_of_a_table_against_its_reference_row():
   gt = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
   noisy = lambda s: [np.clip(g + rng.normal(0, s, g.shape), 0, 255).astype(np.uint8) for g in gt]
   kw = dict(niqe_params=None, identity=False, progress=False)
-  rows = {'LQ input': evaluate.evaluate_images(noisy(40), gt, **kw),
-          'restored': evaluate.evaluate_images(noisy(5), gt, **kw)}
-  evaluate.add_deltas(rows, 'LQ input', seed=3)
+  rows = {'LQ input': scoring.evaluate_images(noisy(40), gt, **kw),
+          'restored': scoring.evaluate_images(noisy(5), gt, **kw)}
+  scoring.add_deltas(rows, 'LQ input', seed=3)
   assert 'delta' not in rows['LQ input']
   d = rows['restored']['delta']['metrics']['psnr']
   want = np.subtract(rows['restored']['metrics']['psnr']['per_image'],
@@ -192,26 +193,26 @@ def test_deltas_of_a_table_against_its_reference_row():
   assert d['low'] > 0 and d['excludes_zero'] and d['improved'] == 1.0
   assert reports.format_delta(d).startswith('**+')
   with pytest.raises(ValueError, match='pairs must match'):
-    evaluate.add_delta(rows['restored'], evaluate.evaluate_images(gt[:2], gt[:2], **kw), 'x')
+    scoring.add_delta(rows['restored'], scoring.evaluate_images(gt[:2], gt[:2], **kw), 'x')
 
 
 def test_library_api_no_reference_and_small_images(folders, niqe_params_path):
   pred = _read(folders / 'pred')
-  res = evaluate.evaluate_images(pred, None, niqe_params=str(niqe_params_path), progress=False)
+  res = scoring.evaluate_images(pred, None, niqe_params=str(niqe_params_path), progress=False)
   m = res['metrics']
   assert m['psnr']['mean'] is None and m['psnr']['reason'] == 'no ground truth given'
   assert m['niqe']['mean'] is None and '192' in m['niqe']['reason']
   with pytest.raises(ValueError, match='pred is 64x64 but gt is 128x128'):
-    evaluate.evaluate_images([np.zeros((64, 64, 3), np.uint8)], [pred[0]], niqe_params=None,
+    scoring.evaluate_images([np.zeros((64, 64, 3), np.uint8)], [pred[0]], niqe_params=None,
                              progress=False)
 
 
 def test_write_report_compares_several_results(folders, tmp_path):
   gt, pred, lq = _read(folders / 'gt'), _read(folders / 'pred'), _read(folders / 'lq')
   rows = {
-      'restored, 5 steps': evaluate.evaluate_images(pred, gt, lq, niqe_params=None,
+      'restored, 5 steps': scoring.evaluate_images(pred, gt, lq, niqe_params=None,
                                                     identity=False, progress=False),
-      'LQ input': evaluate.evaluate_images(gt[:1], gt[:1], niqe_params=None, identity=False,
+      'LQ input': scoring.evaluate_images(gt[:1], gt[:1], niqe_params=None, identity=False,
                                            progress=False),
   }
   reports.write_report(rows, tmp_path, 'validation')
@@ -237,7 +238,7 @@ def test_compare_sets_scores_faces_against_noise_and_collapse(celeba_dir):
            for i in range(30)]
   collapsed = [small[0]] * 29 + [small[1]]
   # 32 px "samples" against 128 px references: the references are brought to 32 px first.
-  good, bad, same = (evaluate.compare_sets(x, faces[30:], progress=False)
+  good, bad, same = (scoring.compare_sets(x, faces[30:], progress=False)
                      for x in (small, noise, collapsed))
   assert good['ref_resized_to'] == bad['ref_resized_to'] == '32x32'
   g, b, c = good['metrics'], bad['metrics'], same['metrics']

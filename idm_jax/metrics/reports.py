@@ -1,5 +1,5 @@
 """Metric reports: metrics.json (everything, per image too) and metrics.md (tables of means and
-of paired differences with their intervals), from `evaluate.evaluate_images` results."""
+of paired differences with their intervals), from `metrics.scoring.evaluate_images` results."""
 from __future__ import annotations
 
 import json
@@ -61,6 +61,12 @@ def format_entry(entry: dict) -> str:
   return text
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table's lines: the header, the rule, one line per row (cells as given)."""
+  line = lambda cells: '|' + '|'.join(f' {c} ' if c else ' ' for c in cells) + '|'  # noqa: E731
+  return [line(header), '|' + ' --- |' * len(header)] + [line(row) for row in rows]
+
+
 def format_delta(d: dict) -> str:
   """'+0.5600 [+0.3100, +0.8000]', bold when the interval excludes zero."""
   text = f'{d["mean"]:+.4f} [{d["low"]:+.4f}, {d["high"]:+.4f}]'
@@ -78,22 +84,17 @@ def _delta_table(rows: dict[str, dict]) -> list[str]:
   first = next(iter(rows.values()))
   ref = first['delta']['reference']
   conf = next(iter(first['delta']['metrics'].values()))['confidence']
-  lines = ['', f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
-           'interval; bold: the interval excludes 0):', '',
-           '| | ' + ' | '.join(metric_label(n, first['metrics'].get(n, {})) for n in names) + ' |',
-           '| --- |' + ' --- |' * len(names)]
-  for row, result in rows.items():
-    d = result['delta']['metrics']
-    lines.append(f'| {row} | ' + ' | '.join(format_delta(d[n]) if n in d else 'n/a'
-                                            for n in names) + ' |')
-  return lines
+  header = [''] + [metric_label(n, first['metrics'].get(n, {})) for n in names]
+  cells = [[row] + [format_delta(result['delta']['metrics'][n])
+                    if n in result['delta']['metrics'] else 'n/a' for n in names]
+           for row, result in rows.items()]
+  return ['', f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
+          'interval; bold: the interval excludes 0):', ''] + table(header, cells)
 
 
 def _single_table(result: dict) -> list[str]:
-  lines = ['| metric | value |', '| --- | --- |']
-  for name, entry in result['metrics'].items():
-    lines.append(f'| {metric_label(name, entry)} | {format_entry(entry)} |')
-  return lines
+  return table(['metric', 'value'], [[metric_label(name, entry), format_entry(entry)]
+                                      for name, entry in result['metrics'].items()])
 
 
 def _multi_table(rows: dict[str, dict]) -> list[str]:
@@ -106,11 +107,9 @@ def _multi_table(rows: dict[str, dict]) -> list[str]:
         names.append(name)
       if entry.get('mean') is not None or name not in entries:
         entries[name] = entry  # a labelled (available) entry, for upscale/scale in the header
-  lines = ['| | ' + ' | '.join(metric_label(n, entries[n]) for n in names) + ' |',
-           '| --- |' + ' --- |' * len(names)]
-  reasons = {}
+  reasons, body = {}, []
   for row, result in rows.items():
-    cells = []
+    cells = [row]
     for n in names:
       entry = result['metrics'].get(n)
       if entry is None or entry.get('mean') is None:
@@ -119,7 +118,8 @@ def _multi_table(rows: dict[str, dict]) -> list[str]:
           reasons.setdefault(n, entry.get('reason', 'unavailable'))
       else:
         cells.append(f'{entry["mean"]:.4f}')
-    lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
+    body.append(cells)
+  lines = table([''] + [metric_label(n, entries[n]) for n in names], body)
   if reasons:
     lines += [''] + [f'- {metric_label(n, entries[n])} n/a: {r}' for n, r in reasons.items()]
   return lines
