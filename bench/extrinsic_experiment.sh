@@ -12,6 +12,9 @@
 # only (does the dose open a gap?); ROUNDS=2 (default) adds the cleaning and round 1. ORACLE
 # (default WORKDIR/oracle) holds the pristine set and the oracle arms: one oracle serves every
 # dose, so point a second dose's ORACLE at the first's. GENERATORS=0 skips the generators.
+# CONTROL=1 (with ROUNDS=2) adds a control arm: the pristine faces put through round 0's cleaner
+# (same settings) and an arm trained on them, which separates what round 1 owes to removing the
+# defects from what it owes to training on the model's own output.
 # Budgets (per arm, compiles included): RESTORE_SECONDS (default 1800), GEN_SECONDS (default
 # 900), or a step budget (RESTORE_STEPS, GEN_STEPS), which keeps the arms equal when the cores
 # are shared. Every stage resumes where it stopped when rerun (training from its checkpoints,
@@ -29,6 +32,7 @@ read -r -a SEEDS <<< "${SEEDS:-0}"
 ROUNDS=${ROUNDS:-2}
 ORACLE=${ORACLE:-$WORK/oracle}
 GENERATORS=${GENERATORS:-1}
+CONTROL=${CONTROL:-0}
 RESTORE_SECONDS=${RESTORE_SECONDS:-1800}
 GEN_SECONDS=${GEN_SECONDS:-900}
 RESTORE_STEPS=${RESTORE_STEPS:-}
@@ -96,6 +100,26 @@ for S in "${SEEDS[@]}"; do
       --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
       --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null
   fi
+  # 4. The control: the pristine training faces through the same cleaner, the pristine validation
+  #    faces as they are, an arm trained and scored like the others.
+  C=$WORK/control/seed_$S
+  if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ] && [ ! -f "$C/eval/done" ]; then
+    log "seed $S: control, the pristine faces through round 0's cleaner (${RESTORE_LABEL})"
+    mkdir -p "$C/faces"
+    python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds/seed_$S/round_0" \
+      --config.mode=clean --config.data.dir="$PRISTINE/images" --config.data.num_val="$VAL" \
+      --config.clean.out_dir="$C/cleaned" >> "$C.log" 2>&1
+    cp "$C/cleaned/images/"* "$C/faces/"
+    find "$PRISTINE/images" -maxdepth 1 -type f | sort | tail -n "$VAL" | xargs cp -t "$C/faces/"
+    control=("${arm[@]}" --workdir="$C" --config.data.dir="$C/faces" --config.data.num_val="$VAL")
+    python3 -m idm_jax.main "${control[@]}" >> "$C.log" 2>&1
+    python3 -m idm_jax.main "${control[@]}" --config.mode=evaluate >> "$C.log" 2>&1
+    touch "$C/eval/done"
+  fi
+  if [ -f "$C/eval/done" ]; then
+    cp "$(find "$C/eval" -name metrics.json | sort -V | tail -1)" "$OUT/control_seed_${S}_metrics.json"
+    cp "$(find "$C/eval" -name grid.png | sort -V | tail -1)" "$OUT/control_seed_${S}_grid.png"
+  fi
   for r in $(seq 0 $((ROUNDS - 1))); do
     cp "$WORK/rounds/seed_$S/round_$r/eval/metrics.json" "$OUT/round_${r}_seed_${S}_metrics.json"
     cp "$WORK/rounds/seed_$S/round_$r/eval/grid.png" "$OUT/round_${r}_seed_${S}_grid.png"
@@ -104,7 +128,7 @@ for S in "${SEEDS[@]}"; do
   cp "$(find "$O/eval" -name grid.png | sort -V | tail -1)" "$OUT/oracle_seed_${S}_grid.png"
 done
 
-# 4. Generators on the three versions of the training faces (the first seed's cleaning).
+# 5. Generators on the three versions of the training faces (the first seed's cleaning).
 if [ "$GENERATORS" = 1 ] && [ "$ROUNDS" -ge 2 ]; then
   for version in contaminated cleaned pristine; do
     case $version in
@@ -129,7 +153,7 @@ print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
   done
 fi
 
-# 5. One summary of everything.
+# 6. One summary of everything.
 python3 bench/extrinsic_summary.py "$OUT" > "$OUT/summary.md"
 log "done"
 cat "$OUT/summary.md"

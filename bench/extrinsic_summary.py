@@ -1,11 +1,13 @@
 """The contamination experiment's summary (bench/extrinsic_experiment.sh step 5), as markdown.
 
 python bench/extrinsic_summary.py RESULTS_DIR
-Restoration: round 0 (contaminated data), round 1 (cleaned data, where it ran) and the oracle
-(pristine data) on the same pristine validation faces, at each evaluated step count, per
-training seed; the differences from round 0 with 95% intervals over seeds and faces
-(bootstrap.seeds_and_faces_interval), and the share of the oracle's lead that round 1 wins back
-(bootstrap.gap_share_interval). Then each seed's cleaning against the truth and the generators'
+Restoration: round 0 (contaminated data), round 1 (cleaned data, where it ran), the oracle
+(pristine data) and the control (pristine data through round 0's cleaner, where it ran) on the
+same pristine validation faces, at each evaluated step count, per training seed; the
+differences from round 0 (and round 1 − control, control − oracle) with 95% intervals over seeds
+and faces (bootstrap.seeds_and_faces_interval), and the share of the oracle's lead that round 1
+wins back (bootstrap.gap_share_interval), also net of the cleaner's output where the control ran.
+Then each seed's cleaning against the truth and the generators'
 offline distribution scores.
 """
 import glob
@@ -21,7 +23,8 @@ from idm_jax.metrics import reports
 
 METRICS = ('psnr', 'ssim', 'identity')
 ARMS = {'round_0': 'round 0 (contaminated data)', 'round_1': 'round 1 (cleaned data)',
-        'oracle': 'oracle (pristine data)'}
+        'oracle': 'oracle (pristine data)',
+        'control': 'control (pristine data through the cleaner)'}
 
 
 def _load(path):
@@ -79,20 +82,43 @@ def main(out):
       cells = [reports.format_delta(bootstrap.seeds_and_faces_interval(
           scores(arms[a], seeds, sampling, m), base[m])) for m in METRICS]
       print(f'| {ARMS[a]} − round 0 | {sampling} | ' + ' | '.join(cells) + ' |')
+  if 'control' in arms and 'round_1' in arms:
+    print('\nThe control against round 1 and the oracle (same resampling): round 1 − control is '
+          'what the contamination still costs after cleaning, both arms having trained on the '
+          'cleaner\'s output; control − oracle is what training on that output does to pristine '
+          'faces:\n')
+    print('| | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
+    print('| --- | --- |' + ' --- |' * len(METRICS))
+    for sampling in samplings:
+      for a, b in (('round_1', 'control'), ('control', 'oracle')):
+        cells = [reports.format_delta(bootstrap.seeds_and_faces_interval(
+            scores(arms[a], seeds, sampling, m), scores(arms[b], seeds, sampling, m)))
+            for m in METRICS]
+        print(f'| {ARMS[a]} − {ARMS[b]} | {sampling} | ' + ' | '.join(cells) + ' |')
   if 'round_1' in arms:
+    control = 'control' in arms
     print('\nShare of the oracle\'s lead that round 1 wins back, (round 1 − round 0) / '
           '(oracle − round 0), with its 95% interval (same resampling); it means something only '
-          'where the lead\'s own interval excludes 0:\n')
-    print('| sampling | metric | oracle − round 0 | share won back |')
-    print('| --- | --- | --- | --- |')
+          'where the lead\'s own interval excludes 0' + (
+              '. Net of the cleaner\'s output: the same with round 1 less what that output does '
+              'to pristine faces (control − oracle), i.e. 1 − (control − round 1) / (oracle − '
+              'round 0), the share of the contamination\'s harm that cleaning removed' if control
+              else '') + ':\n')
+    print('| sampling | metric | oracle − round 0 | share won back |'
+          + (' share net of the cleaner\'s output |' if control else ''))
+    print('| --- | --- | --- | --- |' + (' --- |' if control else ''))
     for sampling in samplings:
       for m in METRICS:
-        g = bootstrap.gap_share_interval(*(scores(arms[a], seeds, sampling, m)
-                                           for a in ('round_0', 'round_1', 'oracle')))
-        lead = reports.format_delta(g['gap'])
-        share = (f"{g['mean']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
-                 if g['gap']['excludes_zero'] else 'no lead to win back')
-        print(f'| {sampling} | {reports.metric_label(m, {})} | {lead} | {share} |')
+        r0, r1, orc = (scores(arms[a], seeds, sampling, m) for a in ('round_0', 'round_1', 'oracle'))
+        shares = [bootstrap.gap_share_interval(r0, r1, orc)]
+        if control:
+          shares.append(bootstrap.gap_share_interval(
+              r0, r1 - (scores(arms['control'], seeds, sampling, m) - orc), orc))
+        lead = reports.format_delta(shares[0]['gap'])
+        cells = [f"{g['mean']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+                 if g['gap']['excludes_zero'] else 'no lead to win back' for g in shares]
+        print(f'| {sampling} | {reports.metric_label(m, {})} | {lead} | ' + ' | '.join(cells)
+              + ' |')
   for path in sorted(glob.glob(os.path.join(out, 'cleaning_seed_*', 'cleaning.md'))):
     seed = os.path.basename(os.path.dirname(path)).split('_')[-1]
     with open(path) as f:

@@ -36,7 +36,8 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   # The restorers run on a step budget, the generators on a time budget: both kinds are used.
   env = dict(os.environ, SRC=str(src), RES='32', VAL='4', RESTORE_STEPS='2',
              GEN_SECONDS='1', CONFIG='configs/test.py', GEN_CONFIG='configs/test.py',
-             EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25', SEEDS='0 1')
+             EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25', SEEDS='0 1',
+             CONTROL='1')
   cmd = ['bash', 'bench/extrinsic_experiment.sh', str(work)]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -44,6 +45,8 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   assert '## Restoration on the pristine validation faces (2 training seeds: 0, 1)' in out.stdout
   assert 'round 1 (cleaned data) − round 0' in out.stdout
   assert 'share won back' in out.stdout
+  assert 'control (pristine data through the cleaner) − round 0' in out.stdout
+  assert 'round 1 (cleaned data) − control (pristine data through the cleaner)' in out.stdout
   contamination = json.loads((results / 'contamination_manifest.json').read_text())
   assert contamination['num_contaminated'] == 4          # 25% of the 16 training faces
   for seed in (0, 1):
@@ -52,7 +55,7 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
     assert cleaned['counts'] == {'cleaned': 4, 'copied': 12, 'failed': 0}
     report = json.loads((results / f'cleaning_seed_{seed}' / 'cleaning.json').read_text())
     assert report['selection']['selected'] == 4 and report['selection']['contaminated'] == 4
-    for name in ('round_0', 'round_1', 'oracle'):
+    for name in ('round_0', 'round_1', 'oracle', 'control'):
       table = json.loads((results / f'{name}_seed_{seed}_metrics.json').read_text())
       assert 'delta' in table['restored, 2 steps']           # intervals against the LQ
       assert (results / f'{name}_seed_{seed}_grid.png').exists()
@@ -68,7 +71,8 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   # Every arm stopped at its budget (two steps for the restorers), and a rerun trains nothing
   # more.
   oracle = work / 'oracle' / 'seed_1'
-  steps = (oracle, work / 'gen_pristine')
+  control = work / 'control' / 'seed_1'
+  steps = (oracle, control, work / 'gen_pristine')
   before = {p: sorted(os.listdir(p / 'checkpoints')) for p in steps}
   assert before[oracle][-1] == '2'
   assert json.loads((oracle / 'config_train.json').read_text())['train']['num_steps'] == 2
@@ -82,6 +86,18 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   r1 = json.loads((work / 'rounds' / 'seed_1' / 'round_1' / 'config.json').read_text())
   assert r1['data']['dir'] == str(work / 'rounds' / 'seed_1' / 'round_1' / 'dataset' / 'images')
   assert r1['train']['init_from'] == '' and r1['seed'] == 1   # from scratch: the same budget
+  # The control trained on the pristine training faces put through round 0's cleaner (same
+  # selection share) and on the pristine validation faces as they are.
+  config = json.loads((control / 'config_train.json').read_text())
+  assert config['data']['dir'] == str(control / 'faces') and config['seed'] == 1
+  through = json.loads((control / 'cleaned' / 'manifest.json').read_text())
+  assert through['counts'] == {'cleaned': 4, 'copied': 12, 'failed': 0}
+  assert through['model']['workdir'].endswith(os.path.join('rounds', 'seed_1', 'round_0'))
+  pristine = work / 'oracle' / 'pristine' / 'images'
+  faces = sorted(os.listdir(control / 'faces'))
+  assert faces == sorted(os.listdir(pristine))
+  for name in faces[-4:]:                                   # the validation faces, untouched
+    assert (control / 'faces' / name).read_bytes() == (pristine / name).read_bytes()
   # A second dose shares the first's oracle (nothing retrains) and stops at round 0.
   dose2 = tmp_path / 'dose2'
   env2 = dict(env, FRACTION='0.5', SEEDS='1', ROUNDS='1', GENERATORS='0',
