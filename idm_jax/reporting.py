@@ -37,9 +37,12 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
+  """The training bar. Its pace is this run's average since the bar opened (the step is
+  compiled before), pauses for checkpoints and sample grids included: a smoothed recent rate
+  swings between the dispatch bursts and the saves, and so does the ETA built on it."""
   from tqdm import tqdm
   return tqdm(total=end, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
-              unit='step', smoothing=0.1)
+              unit='step', smoothing=0)
 
 
 def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> None:
@@ -48,7 +51,6 @@ def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> N
   if seconds_left is None or bar.disable:
     return
   info = bar.format_dict
-  # tqdm's smoothed steps/s; before it has one (it updates every 0.1 s), the average so far.
   rate = info.get('rate') or (bar.n - bar.initial) / max(info['elapsed'], 1e-9)
   if not rate:
     return

@@ -239,20 +239,6 @@ def test_time_budget_stops_saves_and_counts_across_resumes(tmp_path):
   assert ckpt.train_seconds(3) > ckpt.train_seconds(1)
 
 
-def test_progress_total_follows_the_time_budget():
-  from tqdm import tqdm
-  from idm_jax import reporting
-  bar = tqdm(total=1000, initial=0, disable=False, file=open(os.devnull, 'w'))
-  bar.update(10)
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=0.0)
-  assert bar.total == 10                      # no time left: this is the last step
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=1e9)
-  assert bar.total == 1000                    # num_steps ends first
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=None)
-  assert bar.total == 1000                    # no budget: unchanged
-  bar.close()
-
-
 # --- A workdir in a gs:// bucket (the local GCS server), as every host of a pod shares one.
 
 
