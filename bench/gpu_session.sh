@@ -7,7 +7,7 @@
 #     the benchmarks (bench/gpu_check.sh), whose programs now load from the cache.
 #   OUT=dir TRAIN_SECONDS=380 bash bench/gpu_session.sh
 # Brings back (under OUT): bench.jsonl, samples_lq_hq.tar, samples_restored.tar, logs.tar.gz.
-# Identity and NIQE are computed afterwards where dlib and the NIQE file exist (see quality.sh).
+# Identity and NIQE are computed afterwards where dlib and the NIQE file exist (see experiments/quality.sh).
 # Dry run on a CPU: TRAIN_CONFIG=... BENCH_CONFIGS="configs/test.py" SAMPLE_CONFIG=configs/test.py
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

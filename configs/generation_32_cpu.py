@@ -2,7 +2,7 @@
 
 configs/ffhq_generation.py is the experiment at celeba_128 scale (an accelerator's job); this is
 the same UNet with no LQ input, shrunk so that a fixed number of steps takes about 20 minutes on
-2 CPU cores. bench/generation.sh trains it on the original faces and on a cleaned version with
+2 CPU cores. experiments/generation.sh trains it on the original faces and on a cleaned version with
 the same steps and seed, and compares the samples.
 """
 from idm_jax import configlib

@@ -1,5 +1,5 @@
-"""The contamination experiments end to end at toy scale: bench/extrinsic_experiment.sh
-(contaminate, rounds, oracle, scores, seeds, doses) and bench/cleaning_fidelity.sh."""
+"""The contamination experiments end to end at toy scale: experiments/extrinsic_experiment.sh
+(contaminate, rounds, oracle, scores, seeds, doses) and experiments/cleaning_fidelity.sh."""
 import json
 import os
 import shutil
@@ -38,7 +38,7 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
              GEN_SECONDS='1', CONFIG='configs/test.py', GEN_CONFIG='configs/test.py',
              EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25', SEEDS='0 1',
              CONTROL='1')
-  cmd = ['bash', 'bench/extrinsic_experiment.sh', str(work)]
+  cmd = ['bash', 'experiments/extrinsic_experiment.sh', str(work)]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   results = work / 'results'
@@ -102,7 +102,7 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   dose2 = tmp_path / 'dose2'
   env2 = dict(env, FRACTION='0.5', SEEDS='1', ROUNDS='1', GENERATORS='0',
               ORACLE=str(work / 'oracle'))
-  out2 = subprocess.run(['bash', 'bench/extrinsic_experiment.sh', str(dose2)], cwd=REPO,
+  out2 = subprocess.run(['bash', 'experiments/extrinsic_experiment.sh', str(dose2)], cwd=REPO,
                         env=env2, capture_output=True, text=True, timeout=1500)
   assert out2.returncode == 0, out2.stdout[-2000:] + out2.stderr[-3000:]
   assert sorted(os.listdir(oracle / 'checkpoints')) == before[oracle]
@@ -114,7 +114,7 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
 
 @pytest.mark.slow
 def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
-  """bench/cleaning_fidelity.sh on two tiny restorers: the three measures, the summary's tables
+  """experiments/cleaning_fidelity.sh on two tiny restorers: the three measures, the summary's tables
   (each arm against the first, by defect), resuming, and MEASURES / T_START."""
   src = tmp_path / 'faces'
   src.mkdir()
@@ -133,7 +133,7 @@ def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
   out = tmp_path / 'fidelity'
   env = dict(os.environ, SRC=str(src), RES='32', VAL='4', FRACTION='0.25',
              CONFIG='configs/test.py', EXTRA=f'{RESTORER} {data}')
-  cmd = ['bash', 'bench/cleaning_fidelity.sh', str(out), *workdirs]
+  cmd = ['bash', 'experiments/cleaning_fidelity.sh', str(out), *workdirs]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   for section in ('## 1. Pristine validation faces', '## 2. Cleaning the contaminated',
@@ -151,7 +151,7 @@ def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and (out / 'timeline.txt').read_text().count(': ') == stages
   other = tmp_path / 'self_only'
-  r = subprocess.run(['bash', 'bench/cleaning_fidelity.sh', str(other), workdirs[1]], cwd=REPO,
+  r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(other), workdirs[1]], cwd=REPO,
                      env=dict(env, MEASURES='self', T_START='0.5', DATA=str(out / 'data')),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""bench/generation.sh end to end at toy scale: clean, two generators, samples, scores."""
+"""experiments/generation.sh end to end at toy scale: clean, two generators, samples, scores."""
 import hashlib
 import json
 import os
@@ -39,7 +39,7 @@ def test_generation_script(tmp_path, celeba_dir, niqe_params_path):
              VAL='4', CONFIG='configs/test.py', EXTRA=GENERATOR,
              CLEAN_EXTRA='--config.clean.fraction=0.25 --config.clean.steps=2')
   work = tmp_path / 'gen'
-  out = subprocess.run(['bash', 'bench/generation.sh', str(work)], env=env, **run)
+  out = subprocess.run(['bash', 'experiments/generation.sh', str(work)], env=env, **run)
   assert out.returncode == 0, out.stderr[-3000:]
   assert _digest(data) == before   # the source is never written to
   manifest = json.loads((work / 'cleaned' / 'manifest.json').read_text())

@@ -112,6 +112,7 @@ def test_bash_syntax(script):
 
 
 SHELL_SCRIPTS = sorted([*LAUNCH.parent.glob('launch/*.sh'), *LAUNCH.parent.glob('bench/*.sh'),
+                        *LAUNCH.parent.glob('experiments/*.sh'),
                         SBATCH, LAUNCH.parent / '.ci' / 'run'])
 
 

@@ -5,7 +5,7 @@
 # the pristine set; every arm has the same budget, trains once per training seed, and is scored on
 # the same pristine validation faces. Then each cleaning is scored against the truth, and an
 # unconditional generator trains on the contaminated, cleaned and pristine faces.
-#   bash bench/extrinsic_experiment.sh [WORKDIR]
+#   bash experiments/extrinsic_experiment.sh [WORKDIR]
 # The dose: FRACTION (default 0.15) and CONTAMINATE, flags for the contaminate CLI (--kinds,
 # --<kind>-range). SEEDS (default "0"): the training seeds; every restoration arm trains once per
 # seed, and the summary's intervals cover seeds and faces. ROUNDS=1 trains round 0 and the oracle
@@ -96,7 +96,7 @@ for S in "${SEEDS[@]}"; do
     log "seed $S: score the cleaning against the pristine originals"
     python3 -m idm_jax.cleaning_eval --cleaned "$cleaned" --contaminated "$WORK/contaminated" \
       --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" > /dev/null
-    python3 bench/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
+    python3 experiments/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
       --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
       --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null
   fi
@@ -154,6 +154,6 @@ print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
 fi
 
 # 6. One summary of everything.
-python3 bench/extrinsic_summary.py "$OUT" > "$OUT/summary.md"
+python3 experiments/extrinsic_summary.py "$OUT" > "$OUT/summary.md"
 log "done"
 cat "$OUT/summary.md"

@@ -1,6 +1,6 @@
 """What the HOG and CNN face detectors find, and how good the five landmarks on their boxes are.
 
-    taskset -c 0 python bench/detector_quality.py --faces ../shared/data/celeba_hq128_dev [-n 40]
+    taskset -c 0 python experiments/detector_quality.py --faces ../shared/data/celeba_hq128_dev [-n 40]
 
 Four tables (markdown), the evidence behind faces.DEFAULT_MIN_SCORE and faces.ROLL_STARTS:
   0. every face of --faces, upright, each alone on grey (256 px, upsample 0: the faces are far

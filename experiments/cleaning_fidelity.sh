@@ -8,13 +8,13 @@
 #   clean  cleaning the contaminated twin of the training set (the clean mode: the worst share by
 #          the config's score), scored against the pristine originals;
 #   heavy  the usual evaluation on the heavily degraded validation set (what the first two cost).
-#   bash bench/cleaning_fidelity.sh OUT WORKDIR [WORKDIR...]
+#   bash experiments/cleaning_fidelity.sh OUT WORKDIR [WORKDIR...]
 # MEASURES (default "self clean heavy") picks some. T_START and STEPS (default: the config's
 # clean settings) set how self and clean sample, the same for both. DATA (default OUT/data)
 # receives the contaminated and pristine sets (contaminate CLI, seed CSEED 0, FRACTION 0.15 at
 # RES 64 px, the last VAL 100 faces pristine): choose sampling settings on another CSEED than
 # the one you report. CONFIG and EXTRA (more --config.x=y) as for training. Each stage is skipped
-# when its output exists, so a rerun resumes. Then bench/cleaning_fidelity_summary.py compares
+# when its output exists, so a rerun resumes. Then experiments/cleaning_fidelity_summary.py compares
 # the workdirs (the first is the reference) with paired-bootstrap intervals.
 set -euo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -69,7 +69,7 @@ for W in "$@"; do
       > "$A/clean.log" 2>&1
     python3 -m idm_jax.cleaning_eval --cleaned "$A/cleaned" --contaminated "$DATA/C" \
       --pristine "$DATA/P" --out "$A/cleaning" >> "$A/clean.log" 2>&1
-    python3 bench/cleaning_grid.py "$A/pristine_contaminated_cleaned.png" \
+    python3 experiments/cleaning_grid.py "$A/pristine_contaminated_cleaned.png" \
       --report "$A/cleaning/cleaning.json" --pristine "$DATA/P" --contaminated "$DATA/C" \
       --cleaned "$A/cleaned" >> "$A/clean.log" 2>&1
   fi
@@ -81,4 +81,4 @@ for W in "$@"; do
   fi
 done
 log "done"
-python3 bench/cleaning_fidelity_summary.py "$OUT" "$@" | tee "$OUT/summary.md"
+python3 experiments/cleaning_fidelity_summary.py "$OUT" "$@" | tee "$OUT/summary.md"

@@ -1,6 +1,6 @@
-"""The contamination experiment's summary (bench/extrinsic_experiment.sh step 5), as markdown.
+"""The contamination experiment's summary (experiments/extrinsic_experiment.sh step 5), as markdown.
 
-python bench/extrinsic_summary.py RESULTS_DIR
+python experiments/extrinsic_summary.py RESULTS_DIR
 Restoration: round 0 (contaminated data), round 1 (cleaned data, where it ran), the oracle
 (pristine data) and the control (pristine data through round 0's cleaner, where it ran) on the
 same pristine validation faces, at each evaluated step count, per training seed; the

@@ -3,7 +3,7 @@
 # overrides for the same number of steps (the same compute: every arm has the same network,
 # except where its steps are scaled by its measured step time), then restores and scores the
 # fixed validation set (the last 100 faces, GFPGAN-preset degradations) at EVAL_STEPS.
-#   bash bench/ablation_64.sh WORKDIR ARM STEPS [--config.x=y ...]
+#   bash experiments/ablation_64.sh WORKDIR ARM STEPS [--config.x=y ...]
 # Rerunning resumes: a finished arm is not retrained. CORE=n pins the arm to one core, so two
 # arms can run side by side under the same conditions.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """How well each cleaning score finds a known contamination, before any model is involved.
 
-python bench/selection_scores.py CONTAMINATED_DIR [--num-val 100] [--out FILE.json]
+python experiments/selection_scores.py CONTAMINATED_DIR [--num-val 100] [--out FILE.json]
 Ranks the training split of a contaminate.py dataset by every score of config.clean.score,
 selects the same share that is contaminated, and prints precision (= recall, since the
 selection is the size of the truth) overall and by defect kind.

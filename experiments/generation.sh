@@ -4,13 +4,13 @@
 # steps and seed train on the original and on the cleaned faces; each writes its samples, which
 # are scored against the real faces (FID with INCEPTION=weights.npz; offline always: Frechet
 # distance of dlib face descriptors, face detection rate, NIQE).
-#   RESTORER=workdirs/quality bash bench/generation.sh [WORKDIR]
+#   RESTORER=workdirs/quality bash experiments/generation.sh [WORKDIR]
 # CONFIG defaults to the CPU-scale configs/generation_32_cpu.py; on an accelerator use
 # CONFIG=configs/ffhq_generation.py (celeba_128 scale). Every stage resumes when rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-workdirs/generation}
-RESTORER=${RESTORER:?set RESTORER to a trained restoration workdir, as bench/quality.sh writes}
+RESTORER=${RESTORER:?set RESTORER to a trained restoration workdir, as experiments/quality.sh writes}
 DATA=${DATA:-../shared/data/celeba_hq128_dev}
 NIQE=${NIQE:-../shared/data/niqe_pris_params.npz}
 CONFIG=${CONFIG:-configs/generation_32_cpu.py}

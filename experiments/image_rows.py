@@ -1,6 +1,6 @@
 """A PNG a person can look at: the first N images (by name) of each folder, one folder per row.
 
-  python bench/image_rows.py OUT.png FOLDER [FOLDER...] [--n 8]
+  python experiments/image_rows.py OUT.png FOLDER [FOLDER...] [--n 8]
 
 Every folder must hold the first folder's first N names (file stems; extensions may differ), so
 a column is one face: e.g. LQ | round 0 | round 1 | oracle | HQ from the evaluations' folders.

@@ -1,6 +1,6 @@
-"""The ablation table of docs/RESULTS.md from bench/ablation_64.sh's workdirs.
+"""The ablation table of docs/RESULTS.md from experiments/ablation_64.sh's workdirs.
 
-python bench/ablation_table.py ROOT ARM[=label] ...
+python experiments/ablation_table.py ROOT ARM[=label] ...
 One row per arm and sampler setting: PSNR, SSIM and identity, each as the per-image difference
 against the LQ input with its paired-bootstrap 95% interval (bold where it excludes 0).
 """

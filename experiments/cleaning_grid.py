@@ -1,7 +1,7 @@
 """A PNG a person can look at: pristine | contaminated | cleaned for the first N contaminated
 faces that a cleaning chose, each row one version.
 
-  python bench/cleaning_grid.py OUT.png --report CLEANING_JSON --pristine P --contaminated C \
+  python experiments/cleaning_grid.py OUT.png --report CLEANING_JSON --pristine P --contaminated C \
       --cleaned CLEANED [--n 10]
 
 CLEANING_JSON is cleaning_eval's report (its contaminated-and-cleaned names); P and C the

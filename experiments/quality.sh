@@ -2,7 +2,7 @@
 # Real-face quality (docs/RESULTS.md): train configs/celeba_128.py for a time budget on one GPU,
 # restore the fixed GFPGAN-degraded validation set (the last 100 faces) at 10 and 25 steps, and
 # evaluate PSNR/SSIM/identity/NIQE for the LQ input and both step counts.
-#   TRAIN_SECONDS=600 bash bench/quality.sh [WORKDIR]
+#   TRAIN_SECONDS=600 bash experiments/quality.sh [WORKDIR]
 # Needs ../shared/data (or DATA=... and NIQE=...). Without dlib or the NIQE file on the GPU
 # machine, it stops after restoring and prints the evaluate commands to run where they exist.
 set -uo pipefail

@@ -1,7 +1,7 @@
-"""bench/cleaning_fidelity.sh's summary, as markdown: each arm's three measures, and each arm
+"""experiments/cleaning_fidelity.sh's summary, as markdown: each arm's three measures, and each arm
 against the first (the reference) with paired-bootstrap 95% intervals over the faces.
 
-python bench/cleaning_fidelity_summary.py OUT WORKDIR [WORKDIR...]
+python experiments/cleaning_fidelity_summary.py OUT WORKDIR [WORKDIR...]
 """
 import json
 import os
