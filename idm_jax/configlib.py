@@ -198,6 +198,8 @@ def base_config() -> ml_collections.ConfigDict:
       sampler='ddim',
       steps=25,
       t_start=0.4,                # content-preserving: start close to the input
+      samples=1,                  # > 1: each cleaned face is the mean of this many restorations
+                                  # (independent noise), so no single draw's invented detail stays
       fraction=0.15,              # clean the worst-scoring share; 1.0 = clean everything
       score='niqe',               # niqe | artifacts (metrics/artifacts.py): ranks the worst
       batch_size=16,
@@ -341,6 +343,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.conditional and m.cond_drop_prob > 0, 'sample.guidance_scale',
            'guidance needs a conditional model trained with model.cond_drop_prob > 0')
   _check(0.0 <= config.clean.fraction <= 1.0, 'clean.fraction', 'must be in [0, 1]')
+  _check(config.clean.samples >= 1, 'clean.samples', 'must be >= 1')
   _check(config.clean.score in CLEAN_SCORES, 'clean.score',
          f'{config.clean.score!r} is not one of {CLEAN_SCORES}')
 

@@ -13,6 +13,7 @@ D_{k+1}. rounds.md gets a row per round on the same fixed validation set.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -67,6 +68,20 @@ def select_worst(scores: dict[str, float | None], fraction: float) -> set[str]:
   return {n for _, n in valid[:k]}
 
 
+def restore_mean(restorer: inference.Restorer, indices: np.ndarray, lq: np.ndarray, *,
+                 samples: int, seed: int, **settings) -> np.ndarray:
+  """The mean of `samples` restorations of each face, uint8. Draw k of record i uses the noise
+  index i * samples + k, so one draw (samples=1) is the plain restoration and every draw of every
+  record has noise of its own."""
+  if samples == 1:
+    return restorer.restore(lq, indices=indices, seed=seed, **settings)
+  total = np.zeros(lq.shape, np.float64)
+  for k in range(samples):
+    total += restorer.restore(lq, indices=np.asarray(indices) * samples + k, seed=seed,
+                              **settings)
+  return np.rint(total / samples).astype(np.uint8)
+
+
 def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
                   seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
   """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
@@ -114,7 +129,8 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
     journal.flush()
     settings = dict(seed=seed, steps=int(clean_cfg.steps), sampler=clean_cfg.sampler,
                     t_start=float(clean_cfg.t_start))
-    restore = lambda idx, lq: restorer.restore(lq, indices=idx, **settings)
+    restore = functools.partial(restore_mean, restorer, samples=int(clean_cfg.samples),
+                                **settings)
     for (idx,) in inference.lockstep_chunks(bs, restorer.lockstep, np.array(to_clean, np.int64)):
       records = [source[i] for i in idx]
       good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]

@@ -44,8 +44,10 @@ def main():
 
   job[0] = 'clean'
   source = sources.FolderSource(tuple(images.list_images(a.faces)), r, root=a.faces)
-  clean_cfg = ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, fraction=1.0,
-                                             score='niqe', batch_size=2, out_dir=''))
+  # Two draws per face: the mean of several draws keeps the processes in lockstep too.
+  clean_cfg = ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, samples=2,
+                                             fraction=1.0, score='niqe', batch_size=2,
+                                             out_dir=''))
   manifest = extrinsic.clean_dataset(source, restorer, os.path.join(a.out, 'clean'),
                                      clean_cfg=clean_cfg, seed=0, niqe_params=None,
                                      resolution=r, provenance={})

@@ -27,6 +27,7 @@ def test_config_validates(name):
     ('model.head_channels', 12, 'model.head_channels'),
     ('sample.sampler', 'euler', 'sample.sampler'),
     ('clean.t_start', 1.5, 'clean.t_start'),
+    ('clean.samples', 0, 'clean.samples'),
     ('diffusion.parameterization', 'score', 'diffusion.parameterization'),
     ('train.grad_accum_steps', 3, 'train.grad_accum_steps'),
     ('degradation.scale', (8.0, 0.8), 'degradation.scale'),

@@ -55,8 +55,35 @@ class FakeRestorer:
 
 def clean_cfg(fraction=1.0, batch_size=2):
   import ml_collections
-  return ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, fraction=fraction,
-                                        score='niqe', batch_size=batch_size, out_dir=''))
+  return ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, samples=1,
+                                        fraction=fraction, score='niqe', batch_size=batch_size,
+                                        out_dir=''))
+
+
+class IndexRestorer:
+  """Adds a draw's noise index (mod 7) to the face, and records every (seed, index) drawn."""
+
+  def __init__(self):
+    self.drawn = []
+
+  def restore(self, lq, *, indices, seed, **settings):
+    self.drawn += [(seed, int(i)) for i in indices]
+    return (lq + (np.asarray(indices) % 7)[:, None, None, None]).astype(np.uint8)
+
+
+def test_cleaning_with_several_samples_averages_independent_draws():
+  lq = np.full((3, 4, 4, 3), 100, np.uint8)
+  idx = np.array([5, 0, 9])
+  one = IndexRestorer()
+  np.testing.assert_array_equal(   # one sample is the plain restoration, same noise indices
+      extrinsic.restore_mean(one, idx, lq, samples=1, seed=3, steps=1), lq + (idx % 7)[:, None,
+                                                                                         None, None])
+  assert one.drawn == [(3, 5), (3, 0), (3, 9)]
+  four = IndexRestorer()
+  out = extrinsic.restore_mean(four, idx, lq, samples=4, seed=3, steps=1)
+  draws = [(idx * 4 + k) % 7 for k in range(4)]
+  np.testing.assert_array_equal(out[:, 0, 0, 0], 100 + np.rint(np.mean(draws, axis=0)))
+  assert len(four.drawn) == 12 and len(set(four.drawn)) == 12   # no two draws share noise
 
 
 def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):

@@ -60,7 +60,8 @@ def test_two_processes_sample_in_lockstep_what_one_does(tmp_path):
   # Lockstep: both processes launch the same programs in the same order, as many as the busier
   # one needs (CPU runs a collective-free program without the other process; a TPU pod need not).
   assert two['launches'] == two_1['launches'] == [
-      ['restore_all', 3], ['restore_all', 3], ['clean', 2], ['clean', 2],
+      ['restore_all', 3], ['restore_all', 3],
+      ['clean', 2], ['clean', 2], ['clean', 2], ['clean', 2],   # 2 chunks x 2 draws
       ['generate', 2], ['generate', 2]]
   restored = [np.load(tmp_path / d / 'restored.npy') for d in ('one', 'two')]
   assert restored[0].shape == (7, 32, 32, 3)
