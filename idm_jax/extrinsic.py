@@ -73,8 +73,6 @@ def restore_mean(restorer: inference.Restorer, indices: np.ndarray, lq: np.ndarr
   """The mean of `samples` restorations of each face, uint8. Draw k of record i uses the noise
   index i * samples + k, so one draw (samples=1) is the plain restoration and every draw of every
   record has noise of its own."""
-  if samples == 1:
-    return restorer.restore(lq, indices=indices, seed=seed, **settings)
   total = np.zeros(lq.shape, np.float64)
   for k in range(samples):
     total += restorer.restore(lq, indices=np.asarray(indices) * samples + k, seed=seed,
