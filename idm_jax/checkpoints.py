@@ -177,8 +177,9 @@ class _IteratorState:
 
 
 def load_for_inference(workdir: str, step: int | None = None):
-  """(config, EMA params, step) of the latest (or given) complete checkpoint, as single-device
-  arrays. Opens the checkpoints read-only: a workdir being trained can be read.
+  """(config, EMA params, step) of the latest (or given) complete checkpoint, the params as host
+  numpy arrays on every process (`_restore_ema`). Opens the checkpoints read-only: a workdir
+  being trained can be read. Over several processes every one of them must call it.
 
   Without `step`, a newest checkpoint that does not restore is skipped with a warning, as a
   training resume does, and the one before is used; raises naming each if none restores.
@@ -205,17 +206,22 @@ def load_for_inference(workdir: str, step: int | None = None):
 
 
 def _restore_ema(manager, step: int):
-  """(config, EMA params on one device) of one checkpoint."""
+  """(config, EMA params as host numpy arrays) of one checkpoint.
+
+  Each process reads the whole params onto a device of its own and then to host memory: on a
+  device of another process it could read nothing (orbax fails there, not even knowing the
+  dtype), and every reader (a Restorer replicating them over its mesh, an export, a warm start
+  into the training shardings) places them from host values anyway.
+  """
   from idm_jax.models import unet  # heavy; only inference needs it here
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   config = configlib.from_json(json.dumps(saved))
   model = unet.build_model(config.model, config.data.resolution)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      unet_abstract_params(model))
+  mine = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine),
+                          unet_abstract_params(model))
   ema = manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))['ema']
-  return config, ema
+  return config, jax.device_get(ema)
 
 
 def unet_abstract_params(model):
