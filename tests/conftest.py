@@ -171,20 +171,30 @@ def niqe_params_path():
 GCS_SERVER = pathlib.Path(__file__).with_name('gcs_server.py')
 
 
+_GCS_TLS = {}   # 'ca': the certificate the session's server answers gRPC (TLS) with
+
+
 def gcs_env(port: int) -> dict:
   """What gcsfs, google-cloud-storage (tensorboardX, the lock), tensorstore (orbax) and
-  google-cloud-cpp (array_record's reader under TFDS) need to talk to the local server instead
-  of Google's."""
+  google-cloud-cpp (array_record's reader under TFDS) need to talk to the local server (or a
+  proxy in front of it) instead of Google's. gcsfs keeps its shipped defaults: its bucket-type
+  probe (gRPC over TLS to the same address) is answered by the server, whose certificate gRPC
+  trusts through GRPC_DEFAULT_SSL_ROOTS_FILE_PATH."""
   url = f'http://127.0.0.1:{port}'
-  return {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-          'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
-          'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test', 'GOOGLE_CLOUD_PROJECT': 'test',
-          # gcsfs's zonal-bucket probe asks Google's control plane: not there on localhost.
-          'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+         'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,
+         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test', 'GOOGLE_CLOUD_PROJECT': 'test',
+         # Anonymous, as an emulator's clients are: without it gcsfs looks for credentials
+         # (none on CI, so its probe fails and warns at every call; a laptop's own elsewhere).
+         'FSSPEC_GS_TOKEN': 'anon', 'FSSPEC_GCS_TOKEN': 'anon',
+         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  if 'ca' in _GCS_TLS:
+    env['GRPC_DEFAULT_SSL_ROOTS_FILE_PATH'] = _GCS_TLS['ca']
+  return env
 
 
 @pytest.fixture(scope='session')
-def gcs_server():
+def gcs_server(tmp_path_factory):
   """The local GCS server (one per test process); its environment set for this process and
   every subprocess it starts. Skips only where the [gcs] extra is not installed."""
   import socket
@@ -198,7 +208,9 @@ def gcs_server():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  proc = subprocess.Popen([sys.executable, str(GCS_SERVER), '--port', str(port)],
+  tls_dir = tmp_path_factory.mktemp('gcs_tls')
+  proc = subprocess.Popen([sys.executable, str(GCS_SERVER), '--port', str(port),
+                           '--tls-dir', str(tls_dir)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   line = proc.stdout.readline()
   if line.strip() != 'ready':
@@ -211,8 +223,14 @@ def gcs_server():
       break
     except OSError:
       time.sleep(0.1)
+  _GCS_TLS['ca'] = str(tls_dir / 'ca.pem')
   saved = {k: os.environ.get(k) for k in gcs_env(port)}
   os.environ.update(gcs_env(port))
+  # fsspec read its FSSPEC_* variables when this process imported it: tell it directly too.
+  import fsspec  # pylint: disable=import-outside-toplevel
+  saved_tokens = {p: fsspec.config.conf.setdefault(p, {}).get('token') for p in ('gs', 'gcs')}
+  for p in saved_tokens:
+    fsspec.config.conf[p]['token'] = 'anon'
   try:
     yield f'http://127.0.0.1:{port}'
   finally:
@@ -221,8 +239,34 @@ def gcs_server():
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+    for p, token in saved_tokens.items():
+      if token is None:
+        fsspec.config.conf[p].pop('token', None)
+      else:
+        fsspec.config.conf[p]['token'] = token
+    _GCS_TLS.pop('ca', None)
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def gcs_faults(gcs_server):
+  """A fault-injecting proxy (tests/gcs_faults.py) in front of the local GCS server, with every
+  client of this process pointed at it for the test. `.proxy` takes the rules, `.env` points a
+  subprocess's clients at it (`dict(os.environ, **gcs_faults.env)`), `.url` is its address."""
+  import types
+  from gcs_faults import FaultProxy  # pylint: disable=import-outside-toplevel
+  proxy = FaultProxy(gcs_server).start()
+  env = gcs_env(proxy.port)
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield types.SimpleNamespace(proxy=proxy, env=env, url=proxy.url)
+  finally:
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+    for k in (k for k, v in saved.items() if v is None):
+      os.environ.pop(k, None)
+    proxy.stop()
 
 
 @pytest.fixture
