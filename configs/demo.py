@@ -1,6 +1,8 @@
-"""CPU quick start: a small model on the faces that pip packages ship (no download).
+"""CPU quick start: a small model on three built-in faces (no download, no extra to install).
 
 python -m idm_jax.main --config=configs/demo.py --workdir=workdirs/demo
+The faces (idm_jax/data/sources.py) are scikit-image's two sample portraits and one that ships
+with idm_jax, so a plain `pip install .` runs it.
 Under five minutes on 2 CPU cores (docs/PERFORMANCE.md); point it at your own faces with
 --config.data.source=folder --config.data.dir=DIR (and a larger --config.data.resolution).
 The grid's quality follows the number of training images; 32 px and no channel doubling at

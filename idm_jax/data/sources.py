@@ -117,12 +117,15 @@ class FolderSource:
 # ---------------------------------------------------------------------------------------------
 # Built-in demo faces.
 
-# (package, file, (left, top, side) of a square face box). All three ship inside the wheels and
-# are read from the package directory, so nothing is fetched (scikit-image's pooch fetcher is
-# bypassed entirely).
+# (package, file, (left, top, side) of a square face box). All three ship inside wheels that a
+# plain `pip install idm_jax` brings (scikit-image is a dependency; the third travels with
+# idm_jax itself) and are read from the package directory, so nothing is fetched (scikit-image's
+# pooch fetcher is bypassed entirely). Grace Hopper's portrait (US Navy photograph, 1984; public
+# domain) is the file matplotlib ships as sample data, byte for byte: copied here, so that the
+# demo needs no plotting library and its crops stay the pixels it was tuned on.
 _BUILTIN_FACES = (
     ('skimage.data', 'astronaut.png', (145, 25, 170)),        # Eileen Collins, NASA
-    ('matplotlib', 'mpl-data/sample_data/grace_hopper.jpg', (140, 70, 250)),  # Grace Hopper
+    ('idm_jax.data', 'grace_hopper.jpg', (140, 70, 250)),     # Grace Hopper
     ('skimage.data', 'camera.png', (160, 60, 130)),           # the cameraman, grayscale profile
 )
 BUILTIN_TRAIN_SIZE = 64
