@@ -36,6 +36,12 @@ def jaxpr_flops(jaxpr) -> int:
       total += _conv_flops(eqn)
     elif name == 'dot_general':
       total += _dot_flops(eqn)
+    elif name == 'cond':
+      # One branch runs. The UNet's per-platform branches (idm_jax/models/platform_ops.py) are
+      # one computation written two ways: the architecture's count is the lesser (the CPU's
+      # kernel gradient also multiplies the padding rows, which the convolution never does).
+      total += min(jaxpr_flops(b.jaxpr) for b in eqn.params['branches'])
+      continue
     for sub in _subjaxprs(eqn):
       mult = eqn.params.get('length', 1) if name == 'scan' else 1
       total += mult * jaxpr_flops(sub)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from idm_jax.models import platform_ops
+
 # Logical axis names (parallel.py maps them to mesh axes).
 CONV_KERNEL_AXES = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
 DENSE_KERNEL_AXES = ('embed_in', 'embed_out')
@@ -101,7 +103,8 @@ class Conv(nn.Module):
                    strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
                    dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=_kernel_init(self.zero_init, CONV_KERNEL_AXES),
-                   bias_init=_bias_init(), name='conv')(x.astype(self.dtype))
+                   bias_init=_bias_init(), conv_general_dilated=platform_ops.conv_general_dilated,
+                   name='conv')(x.astype(self.dtype))
 
 
 class Dense(nn.Module):
@@ -204,7 +207,7 @@ class AttentionBlock(nn.Module):
     qkv = Dense(3 * c, name='qkv', **kw)(h).reshape(b, hgt * wid, 3, heads, self.head_channels)
     q, k, v = (qkv[:, :, i].astype(self.dtype) for i in range(3))
     impl = None if self.attention_impl == 'auto' else self.attention_impl
-    h = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    h = platform_ops.dot_product_attention(q, k, v, implementation=impl)
     h = nn.with_logical_constraint(h.reshape(b, hgt * wid, c), TOKEN_AXES)
     h = Dense(c, zero_init=True, name='proj_out', **kw)(h)
     return _constrain_image(x.astype(self.dtype) + h.reshape(b, hgt, wid, c))
