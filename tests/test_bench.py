@@ -95,3 +95,36 @@ def test_update_variants_compute_the_same_update():
     for got, want in zip(results[variant], results['optax']):
       scale = float(jnp.abs(want).max())
       assert jnp.allclose(got, want, rtol=1e-5, atol=1e-6 * scale), variant
+
+
+def _parity(tmp_path, *args):
+  out = subprocess.run(
+      [sys.executable, '-m', 'bench.cpu_parity', '--config=' + os.path.join('configs', 'test.py'),
+       '--steps', '1', '--json', str(tmp_path / 'parity.jsonl'), *args],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout, json.loads((tmp_path / 'parity.jsonl').read_text().splitlines()[-1])
+
+
+def test_cpu_parity_without_the_anchor_says_so_and_times_ours(tmp_path):
+  stdout, summary = _parity(tmp_path, '--anchor_path', str(tmp_path / 'nowhere'))
+  assert 'anchor not found (no guided_diffusion package at' in stdout
+  assert summary['jax_step_s'] > 0 and 'ratio' not in summary
+  assert summary['anchor'].startswith('not found')
+
+
+def test_cpu_parity_runs_the_anchor_with_the_configs_layout_and_reports_the_ratio(tmp_path):
+  # A stand-in anchor that echoes the layout it was asked for, with a step time of 2.5 s.
+  (tmp_path / 'anchor' / 'guided_diffusion').mkdir(parents=True)
+  script = tmp_path / 'fake_anchor.py'
+  script.write_text('import json, sys\n'
+                    'print(json.dumps(dict(torch="fake", res=int(sys.argv[1]), '
+                    'batch=int(sys.argv[2]), step_s=2.5)))\n')
+  stdout, summary = _parity(tmp_path, '--torch_python', sys.executable,
+                            '--anchor_path', str(tmp_path / 'anchor'), '--anchor_script', str(script))
+  config = configlib.load(os.path.join(ROOT, 'configs', 'test.py'))
+  torch_line = json.loads([l for l in stdout.splitlines() if '"fake"' in l][0])
+  assert (torch_line['res'], torch_line['batch']) == (config.data.resolution,
+                                                      config.train.batch_size)
+  assert summary['torch_step_s'] == 2.5
+  assert summary['ratio'] == pytest.approx(2.5 / summary['jax_step_s'], rel=1e-2)
