@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -42,7 +43,57 @@ def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
   swings between the dispatch bursts and the saves, and so does the ETA built on it."""
   from tqdm import tqdm
   return tqdm(total=end, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
-              unit='step', smoothing=0)
+              unit='step', smoothing=0, file=_LossTolerantStream(sys.stderr))
+
+
+class _LossTolerantStream:
+  """The bar's stream (stderr) for as long as it lasts. A lost terminal (EIO), a dead `tee` or
+  ssh pipe (EPIPE) or a closed file make writes fail; tqdm shrugs off the first and the last but
+  raises EPIPE, which would end the run before its save. On the first failure the broken file
+  descriptor is pointed at /dev/null (Python's own advice for SIGPIPE, in the `signal` docs), and
+  stdout too when it is the same pipe (`2>&1`): the log lines and the exit-time flush, which
+  would otherwise turn exit 0 into 120, then go nowhere instead of failing."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def __getattr__(self, name):   # fileno, isatty, encoding: tqdm sizes the bar through them
+    return getattr(self._stream, name)
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BlockingIOError:   # a full non-blocking pipe: this update is dropped, not the stream
+      return len(text)
+    except (OSError, ValueError):
+      _silence_lost_streams()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except (OSError, ValueError):
+      _silence_lost_streams()
+
+
+def _silence_lost_streams() -> None:
+  """Points stderr's descriptor, and stdout's if it shares stderr's file, at /dev/null."""
+  try:
+    err = sys.__stderr__.fileno()
+    targets = [err]
+    try:
+      out = sys.__stdout__.fileno()
+      a, b = os.fstat(err), os.fstat(out)
+      if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        targets.append(out)
+    except (OSError, ValueError, AttributeError):
+      pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in targets:
+      os.dup2(devnull, fd)
+    os.close(devnull)
+  except (OSError, ValueError, AttributeError):   # closed or no stderr at all: nothing to point
+    pass
 
 
 def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> None:

@@ -7,6 +7,7 @@ run computes. The loop owns every side effect: data, logging, sample grids, chec
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 
@@ -240,34 +241,49 @@ def check_finite(state: TrainState):
 
 
 class _Preemption:
-  """SIGTERM -> every process stops at the same step, saves it and exits 0.
+  """SIGTERM or SIGHUP -> every process stops at the same step, saves it and exits 0.
 
-  A pod's hosts get SIGTERM at slightly different moments (or only some of them do); a host
+  SIGTERM is a preemption or maintenance notice (or `tpu_pod.sh --stop`); SIGHUP is a lost
+  terminal or ssh session. A run started in the foreground of a session that drops must still
+  save, so a hang-up is a stop request too, never an unsaved death.
+
+  A pod's hosts get the signal at slightly different moments (or only some of them do); a host
   that left the loop on its own signal while another entered the next step's collectives would
   hang or lose the save. With several processes, JAX's preemption service (jax.distributed's
   coordination service) catches SIGTERM on any host and the hosts agree on a step to stop at:
-  `reached(step)`, asked once per step on every host, is True on all of them at that step. With
-  one process a Python handler sets a flag.
+  `reached(step)`, asked once per step on every host, is True on all of them at that step. The
+  service watches SIGTERM only, so a SIGHUP is passed on to this process as a SIGTERM. With one
+  process a Python handler sets a flag.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = 'SIGTERM'
+    self._previous = {}
     self._service = jax.process_count() > 1
 
   def __enter__(self):
-    if self._service:   # the service's own SIGTERM handler must stay in place
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. some test runners): no handler
-      self._previous = None
+    # The service's own SIGTERM handler must stay in place; SIGHUP is ours in both cases.
+    handlers = ({signal.SIGHUP: self._forward_as_sigterm} if self._service else
+                {signal.SIGTERM: self._handler, signal.SIGHUP: self._handler})
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread (e.g. some test runners): no handler
+        pass
     return self
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint and stopping', self.signal_name)
     self.requested = True
+
+  def _forward_as_sigterm(self, signum, frame):
+    del signum, frame
+    self.signal_name = 'SIGHUP'
+    logging.warning('SIGHUP received: passed on as SIGTERM, so that every host stops at one step')
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step` (the same answer on every process)."""
@@ -280,8 +296,9 @@ class _Preemption:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(signum, previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -383,7 +400,8 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           check_finite(state)  # a NaN state is never saved
           ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
         if preempted:
-          logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
+          logging.warning('stopped at step %d after %s; checkpoint saved', step,
+                          preemption.signal_name)
           break
         if out_of_time:
           logging.info('stopped at step %d: train.max_seconds=%g reached; checkpoint saved',
