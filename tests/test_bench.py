@@ -128,3 +128,17 @@ def test_cpu_parity_runs_the_anchor_with_the_configs_layout_and_reports_the_rati
                                                       config.train.batch_size)
   assert summary['torch_step_s'] == 2.5
   assert summary['ratio'] == pytest.approx(2.5 / summary['jax_step_s'], rel=1e-2)
+
+
+def test_step_profile_attributes_kernel_time_to_layers(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'bench.step_profile', '--config=' + os.path.join('configs', 'test.py'),
+       '--json', str(tmp_path / 'profile.jsonl')],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((tmp_path / 'profile.jsonl').read_text())
+  layers = result['by_layer']
+  # The test UNet has convolutions and attention, and the grads part runs both passes of each.
+  for kind in ('convolution', 'attention', 'groupnorm'):
+    assert layers.get(f'{kind} forward', 0) > 0 and layers.get(f'{kind} backward', 0) > 0, layers
+  assert result['kernel_ms'] == pytest.approx(sum(layers.values()), rel=1e-2)
