@@ -1,12 +1,15 @@
 """The README's quick start: the demo trains on the CPU, from a plain install, and leaves what it
 promises."""
 import configparser
+from importlib import metadata
 import json
 import pathlib
 import subprocess
 import sys
 import time
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 import pytest
 
 from conftest import REPO
@@ -53,9 +56,6 @@ def _install_requires() -> list[str]:
 def _base_modules() -> set[str]:
   """Top-level modules of the distributions a plain `pip install idm_jax` brings: those in
   install_requires and, recursively, their own requirements (with the extras they ask for)."""
-  from importlib import metadata   # pylint: disable=g-import-not-at-top
-  from packaging.requirements import Requirement   # pylint: disable=g-import-not-at-top
-  from packaging.utils import canonicalize_name   # pylint: disable=g-import-not-at-top
   seen, todo = set(), [Requirement(r) for r in _install_requires()]
   while todo:
     req = todo.pop()
