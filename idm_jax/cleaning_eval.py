@@ -13,7 +13,12 @@ Reported:
              against the pristine original, next to the contaminated image against the same
              original, with paired-bootstrap intervals of the difference (did cleaning move them
              toward the truth?); on the chosen images that were never contaminated: how far
-             cleaning moved a good image from itself.
+             cleaning moved a good image from itself;
+  quality    of the same images in each version (pristine, contaminated, cleaned): NIQE (with
+             --niqe_params) and two sharpness measures (metrics/sharpness.py), with the cleaned
+             version's differences from the others and its sharpness as a share of the pristine
+             version's: a cleaning can gain PSNR by smoothing (averaging draws does), and only
+             these show it.
 """
 from __future__ import annotations
 
@@ -28,7 +33,14 @@ from idm_jax import cli
 from idm_jax import files
 from idm_jax import images
 from idm_jax.data import sources
+from idm_jax.metrics import bootstrap
 from idm_jax.metrics import reports
+from idm_jax.metrics import sharpness
+
+# The no-reference measures of each version of the cleaned images; the first two always exist.
+QUALITY = ('sharpness_lapvar', 'sharpness_grad', 'niqe')
+QUALITY_LABELS = dict(sharpness_lapvar='Laplacian variance ↑ sharper',
+                      sharpness_grad='gradient magnitude ↑ sharper', niqe='NIQE ↓')
 
 
 def selection_scores(selected: set[str], contaminated: set[str], universe: set[str]) -> dict:
@@ -49,8 +61,45 @@ def _load(directory: str, names: Sequence[str], resolution: int) -> list[np.ndar
   return [sources.load_image(files.join(directory, n), resolution) for n in names]
 
 
+def quality(imgs: Sequence[np.ndarray], niqe_params=None) -> dict:
+  """Per-image sharpness (both measures) and, with niqe_params, NIQE at the usual upscale."""
+  out = dict(sharpness_lapvar=[sharpness.laplacian_variance(x) for x in imgs],
+             sharpness_grad=[sharpness.gradient_magnitude(x) for x in imgs])
+  if niqe_params is not None:
+    from idm_jax.metrics import niqe
+    from idm_jax.metrics import scoring
+    up = niqe.upscale_for(min(imgs[0].shape[:2]))
+    r = scoring.evaluate_images(list(imgs), None, niqe_params=niqe_params, niqe_upscale=up,
+                                identity=False, progress=False)
+    if r['metrics']['niqe'].get('per_image') is not None:
+      out['niqe'] = r['metrics']['niqe']['per_image']
+      out['niqe_upscale'] = up
+  return out
+
+
+def compare_versions(versions: dict[str, dict], *, seed: int = 0) -> dict:
+  """Means of each version's quality measures, and the cleaned version against the others.
+
+  versions: {'pristine': quality(...), 'cleaned': ..., ['contaminated': ...]} of the same
+  images in the same order. Adds, per measure, cleaned − other with its paired interval, and
+  for the sharpness measures cleaned / pristine (the ratio of the means).
+  """
+  out = dict(means={v: {k: float(np.mean(q[k])) for k in QUALITY if k in q}
+                    for v, q in versions.items()})
+  cleaned = versions['cleaned']
+  for other in ('pristine', 'contaminated'):
+    if other in versions:
+      out[f'cleaned_minus_{other}'] = {
+          k: bootstrap.paired_interval(cleaned[k], versions[other][k], seed=seed)
+          for k in QUALITY if k in cleaned and k in versions[other]}
+  out['cleaned_over_pristine'] = {
+      k: out['means']['cleaned'][k] / out['means']['pristine'][k]
+      for k in ('sharpness_lapvar', 'sharpness_grad') if out['means']['pristine'][k]}
+  return out
+
+
 def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identity: bool = True,
-          seed: int = 0) -> dict:
+          seed: int = 0, niqe_params=None) -> dict:
   """The report as a dict (see the module docstring)."""
   from idm_jax.metrics import scoring
   from idm_jax.data import contaminate
@@ -78,23 +127,34 @@ def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identit
   hit = sorted(chosen & truth)
   if hit:
     truth_imgs = _load(img(pristine_dir), hit, res)
-    before = scoring.evaluate_images(_load(img(contaminated_dir), hit, res), truth_imgs, **kw)
-    after = scoring.evaluate_images(
-        _load(img(cleaned_dir), [by_name[n]['file'] for n in hit], res), truth_imgs, **kw)
+    damaged = _load(img(contaminated_dir), hit, res)
+    cleaned_imgs = _load(img(cleaned_dir), [by_name[n]['file'] for n in hit], res)
+    before = scoring.evaluate_images(damaged, truth_imgs, **kw)
+    after = scoring.evaluate_images(cleaned_imgs, truth_imgs, **kw)
     scoring.add_delta(after, before, 'contaminated image', seed=seed)
     report['contaminated_and_cleaned'] = dict(names=hit, kinds=[kinds[n] for n in hit],
                                               before=_means(before),
                                               after=_means(after),
                                               delta=after['delta']['metrics'],
                                               per_image=dict(before=_per_image(before),
-                                                             after=_per_image(after)))
+                                                             after=_per_image(after)),
+                                              versions=dict(
+                                                  pristine=quality(truth_imgs, niqe_params),
+                                                  contaminated=quality(damaged, niqe_params),
+                                                  cleaned=quality(cleaned_imgs, niqe_params)))
+    report['contaminated_and_cleaned']['quality'] = compare_versions(
+        report['contaminated_and_cleaned']['versions'], seed=seed)
   false = sorted(chosen - truth)
   if false:
     truth_imgs = _load(img(pristine_dir), false, res)
-    after = scoring.evaluate_images(
-        _load(img(cleaned_dir), [by_name[n]['file'] for n in false], res), truth_imgs, **kw)
+    cleaned_imgs = _load(img(cleaned_dir), [by_name[n]['file'] for n in false], res)
+    after = scoring.evaluate_images(cleaned_imgs, truth_imgs, **kw)
+    versions = dict(pristine=quality(truth_imgs, niqe_params),
+                    cleaned=quality(cleaned_imgs, niqe_params))
     report['clean_but_cleaned'] = dict(names=false, after=_means(after),
-                                       per_image=dict(after=_per_image(after)))
+                                       per_image=dict(after=_per_image(after)),
+                                       versions=versions,
+                                       quality=compare_versions(versions, seed=seed))
   return report
 
 
@@ -141,6 +201,22 @@ def markdown(report: dict) -> str:
     lines += ['', f'Pristine images that were cleaned anyway ({len(f["names"])}), cleaned '
               'against the original: ' + ', '.join(
                   f'{reports.metric_label(k, {})} {v:.4f}' for k, v in f['after'].items())]
+  for key, what in (('contaminated_and_cleaned', 'contaminated images that were cleaned'),
+                    ('clean_but_cleaned', 'pristine images that were cleaned anyway')):
+    q = (report.get(key) or {}).get('quality')
+    if q:
+      names = [k for k in QUALITY if k in q['means']['cleaned']]
+      rows = [[v] + [f'{q["means"][v][k]:.3f}' for k in names] for v in q['means']]
+      for other in ('pristine', 'contaminated'):
+        d = q.get(f'cleaned_minus_{other}')
+        if d:
+          rows.append([f'cleaned − {other} (95% interval)']
+                      + [reports.format_delta(d[k]) for k in names])
+      rows.append(['cleaned / pristine'] + [f'{q["cleaned_over_pristine"][k]:.3f}'
+                                            if k in q['cleaned_over_pristine'] else ''
+                                            for k in names])
+      lines += ['', f'Sharpness and NIQE of the {what}, each version:', '',
+                *reports.table([''] + [QUALITY_LABELS[k] for k in names], rows)]
   return '\n'.join(lines) + '\n'
 
 
@@ -153,12 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--out', required=True,
                  help='where cleaning.json and cleaning.md go (a folder, local or gs://)')
   p.add_argument('--no_identity', action='store_true')
+  p.add_argument('--niqe_params', default=None,
+                 help='NIQE model (.npz, e.g. ../shared/data/niqe_pris_params.npz): NIQE of each '
+                      'version beside the sharpness measures; without it, sharpness only')
   p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   a = p.parse_args(argv)
   try:
     files.check_writable(a.out)   # an unwritable --out is said before the scoring, not after
     report = score(a.cleaned, a.contaminated, a.pristine, identity=not a.no_identity,
-                   seed=a.seed)
+                   seed=a.seed, niqe_params=a.niqe_params)
   except (FileNotFoundError, ValueError, images.BadImage, files.StorageError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -116,3 +116,37 @@ def test_datasets_and_report_in_a_bucket_score_as_the_local_ones(tmp_path, gcs_b
   assert cleaning_eval.main(['--cleaned', f'{runs}/nope', '--contaminated', f'{runs}/c',
                              '--pristine', f'{runs}/p', '--out', out, *common]) == 2
   assert f'{runs}/nope/manifest.json is missing' in capsys.readouterr().err
+
+
+def test_quality_shows_a_cleaning_that_smooths(tmp_path, niqe_params_path):
+  """A 'cleaning' that returns each pristine face blurred scores its sharpness below the
+  pristine faces' (ratio under 1, interval below zero); the oracle cleaning's ratio is 1."""
+  import cv2
+  c, p, _ = _oracle_datasets(tmp_path)
+  oracle = cleaning_eval.score(str(tmp_path / 'cleaned'), str(c), str(p), identity=False,
+                               niqe_params=str(niqe_params_path))
+  q = oracle['contaminated_and_cleaned']['quality']
+  assert q['cleaned_over_pristine'] == {'sharpness_lapvar': pytest.approx(1.0),
+                                        'sharpness_grad': pytest.approx(1.0)}
+  assert set(q['means']) == {'pristine', 'contaminated', 'cleaned'}
+  assert 'niqe' in q['means']['cleaned']
+  assert 'quality' in oracle['clean_but_cleaned']
+  smooth = tmp_path / 'smooth'
+  shutil_dataset = json.loads((tmp_path / 'cleaned' / cleaned_dataset.MANIFEST).read_text())
+  (smooth / 'images').mkdir(parents=True)
+  for r in shutil_dataset['records']:
+    img = np.asarray(Image.open(p / 'images' / r['file']).convert('RGB'))
+    Image.fromarray(cv2.GaussianBlur(img, (0, 0), 1.5)).save(smooth / 'images' / r['file'])
+  (smooth / cleaned_dataset.MANIFEST).write_text(json.dumps(shutil_dataset))
+  report = cleaning_eval.score(str(smooth), str(c), str(p), identity=False)
+  q = report['contaminated_and_cleaned']['quality']
+  assert 'niqe' not in q['means']['cleaned']          # no NIQE model given
+  for k in ('sharpness_lapvar', 'sharpness_grad'):
+    assert q['cleaned_over_pristine'][k] < 0.9
+    assert q['cleaned_minus_pristine'][k]['high'] < 0
+  out = tmp_path / 'smooth_report'
+  assert cleaning_eval.main(['--cleaned', str(smooth), '--contaminated', str(c), '--pristine',
+                             str(p), '--out', str(out), '--no_identity']) == 0
+  md = (out / 'cleaning.md').read_text()
+  assert 'Sharpness and NIQE of the contaminated images that were cleaned' in md
+  assert '| cleaned / pristine |' in md
