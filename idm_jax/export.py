@@ -75,12 +75,19 @@ def load_exported(path: str):
 
 def export(workdir: str, out: str, *, force: bool = False) -> int:
   """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`; returns
-  the file's size in bytes."""
+  the file's size in bytes. Within a job of several processes every one must call it (they
+  all read the checkpoint); process 0 writes the file."""
   if files.exists(out) and not force:
     raise FileExistsError(f'{out} exists; pass --force to overwrite it')
   from idm_jax import checkpoints  # orbax is heavy; only needed here
+  from idm_jax import parallel
   config, params, _ = checkpoints.load_for_inference(workdir)
-  return save_exported(out, config, params)
+  # Every process has checked `out` before any writes it, so none refuses the others' file.
+  parallel.barrier('export: output checked')
+  data = to_bytes(config, params)
+  if jax.process_index() == 0:
+    files.write_atomic(out, data)
+  return len(data)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

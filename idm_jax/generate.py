@@ -2,7 +2,8 @@
 
 Sample i always comes from key fold_in(seed, i), so the set does not depend on the batch size or
 the number of hosts; each host writes the indices i with i % process_count == process_index,
-all of them sampling in lockstep on one program over every chip (inference.lockstep_chunks).
+all of them sampling in lockstep on one program over every chip (inference.lockstep_chunks);
+process 0 then draws the grid of the first 16.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from idm_jax import files
 from idm_jax import images
 from idm_jax import inference
+from idm_jax import parallel
 from idm_jax import reporting
 
 
@@ -26,7 +28,7 @@ def run(config, workdir: str) -> str:
                      '(configs/ffhq_generation.py); this checkpoint is a restoration model')
   out_dir = config.generate.out_dir or files.join(workdir, 'generated')
   g = config.generate
-  pi, pc = jax.process_index(), jax.process_count()
+  pi = jax.process_index()
   done = set(files.listdir(out_dir)) if files.isdir(out_dir) else set()   # one listing
   todo = np.array([i for i in inference.host_share(g.num_samples)
                    if f'{i:06d}.png' not in done], np.int64)
@@ -38,9 +40,13 @@ def run(config, workdir: str) -> str:
     samples = inference.call_padded(sample, bs, idx)
     for i, img in zip(idx, samples):
       files.save_image(files.join(out_dir, f'{i:06d}.png'), img)
+  # The grid shows the first samples whichever host drew them: on shared storage (a bucket, as
+  # on a pod) every host's; where each host writes to its own disk, those this one can see.
+  parallel.barrier('generate: every sample written')
   if pi == 0:
+    present = set(files.listdir(out_dir))
     first = [images.read(files.join(out_dir, f'{i:06d}.png'))
-             for i in range(min(16, g.num_samples)) if i % pc == 0]
+             for i in range(min(16, g.num_samples)) if f'{i:06d}.png' in present]
     if first:
       files.save_image(files.join(workdir, 'generated_grid.png'),
                          reporting.image_grid([np.stack(first)]))

@@ -360,6 +360,8 @@ def load(path: str, run_config: ml_collections.ConfigDict | None = None,
   path: a training workdir (the EMA params of its latest complete checkpoint, whose step is
   returned) or an exported .msgpack file (export.py; step None). With run_config, the Restorer
   runs with the run's settings (sampling, evaluation, data) and the checkpoint's model.
+  Over several processes every one of them calls it: each reads the params to host memory
+  itself, and the Restorer replicates them over the devices of its mesh that it owns.
   """
   from idm_jax import files
   if files.isdir(path):

@@ -33,7 +33,10 @@ def run(config, workdir: str):
   files.check_writable(workdir)
   if jax.process_index() == 0:
     files.write_text(files.join(workdir, f'config_{config.mode}.json'), configlib.to_json(config))
-  logging.info('mode=%s workdir=%s devices=%s', config.mode, workdir, jax.devices())
+  # Counts, not the device list: on a pod that list is one line of hundreds of chips.
+  logging.info('mode=%s workdir=%s: %d %s devices over %d processes, %d on this one',
+               config.mode, workdir, jax.device_count(), jax.devices()[0].platform,
+               jax.process_count(), jax.local_device_count())
   if config.mode == 'train':
     from idm_jax import train
     return train.train_and_evaluate(config, workdir)

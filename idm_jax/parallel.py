@@ -8,6 +8,7 @@ GroupNorm scale buys nothing and costs a collective.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -37,28 +38,107 @@ LOGICAL_RULES = (
 )
 
 
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-host job when there is one; a no-op on a single machine.
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """Where this process runs, as `detect_cluster` found it.
 
-  jax's own cluster detection covers Cloud TPU pods, SLURM and explicit coordinator variables;
-  we only decide whether to ask it, so a laptop never waits for a coordinator.
+  kind: 'none' (one machine), 'explicit' (JAX_COORDINATOR_ADDRESS), 'joined' (jax.distributed
+  was initialised before us), or the name of the jax `ClusterEnv` that recognised it: 'gcetpu'
+  (a Cloud TPU VM slice, from the GCE metadata server), 'gketpu' (GKE's TPU_WORKER_HOSTNAMES),
+  'slurm', 'ompi', 'k8s'. num_processes / process_id: None where only jax can tell while
+  joining (an explicit address without JAX_NUM_PROCESSES).
   """
-  if jax.distributed.is_initialized():
-    return
+  kind: str
+  num_processes: int | None = 1
+  process_id: int | None = 0
+
+  @property
+  def joins(self) -> bool:
+    """Whether there is a job of several processes to join (a single-host slice is none)."""
+    return self.kind not in ('none', 'joined') and self.num_processes != 1
+
+  def describe(self) -> str:
+    if self.kind == 'none':
+      return 'no cluster found: one process'
+    n = '?' if self.num_processes is None else self.num_processes
+    i = '?' if self.process_id is None else self.process_id
+    verb = 'already joined' if self.kind == 'joined' else 'joining' if self.joins else \
+        'nothing to join'
+    return f'cluster {self.kind}: process {i} of {n}, {verb}'
+
+
+def detect_cluster() -> Cluster:
+  """Which cluster this process is part of, by jax's own detectors (`jax._src.clusters`), so a
+  Cloud TPU VM slice (whose workers are listed only by the GCE metadata server), GKE, SLURM and
+  Open MPI are all recognised as `jax.distributed.initialize()` would recognise them.
+
+  JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID) wins over any detector.
+  On a machine without TPU chips jax never asks the metadata server (its detector checks first
+  that it runs on a Cloud TPU VM, which jax decides at import from the PCI devices), so a laptop
+  or CI machine does not wait on a network probe here.
+  """
   env = os.environ
-  explicit = 'JAX_COORDINATOR_ADDRESS' in env
-  slurm = int(env.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in env
-  tpu_pod = 'TPU_WORKER_HOSTNAMES' in env and ',' in env.get('TPU_WORKER_HOSTNAMES', '')
-  if explicit or slurm or tpu_pod:
-    kwargs = {}
-    if explicit and 'JAX_NUM_PROCESSES' in env:   # jax reads only the address from the env
-      kwargs = dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-                    num_processes=int(env['JAX_NUM_PROCESSES']),
-                    process_id=int(env['JAX_PROCESS_ID']))
-    jax.distributed.initialize(**kwargs)
-    logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+  if jax.distributed.is_initialized():
+    return Cluster('joined', jax.process_count(), jax.process_index())
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    return _explicit_cluster(env)
+  from jax._src import clusters  # the detectors have no public handle
+  for cls in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if cls.opt_in_only_method:   # mpi4py: jax itself uses it only when asked by name
+      continue
+    try:
+      present = cls.is_env_present()
+    except Exception as e:  # pylint: disable=broad-except  (an unreachable metadata server, ...)
+      logging.warning('cluster %s: could not tell whether this process is in one (%s: %s); '
+                      'not joining through it', cls.name, type(e).__name__, e)
+      continue
+    if present:
+      try:
+        return Cluster(cls.name, int(cls.get_process_count()), int(cls.get_process_id()))
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuntimeError(f'cluster {cls.name} detected, but it did not say how many processes '
+                           f'the job has or which one this is: {type(e).__name__}: {e}') from e
+  return Cluster('none')
+
+
+def _explicit_cluster(env) -> Cluster:
+  """JAX_COORDINATOR_ADDRESS, and if given JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself
+  reads only the address from the environment)."""
+  def number(name):
+    if name not in env:
+      return None
+    try:
+      return int(env[name])
+    except ValueError:
+      raise ValueError(f'{name}={env[name]!r} is not a whole number') from None
+  num, pid = number('JAX_NUM_PROCESSES'), number('JAX_PROCESS_ID')
+  if (num is None) != (pid is None):
+    missing = 'JAX_PROCESS_ID' if pid is None else 'JAX_NUM_PROCESSES'
+    raise ValueError(f'JAX_COORDINATOR_ADDRESS is set with only one of JAX_NUM_PROCESSES and '
+                     f'JAX_PROCESS_ID; set {missing} too (or neither, for jax to detect both)')
+  if num is not None and not 0 <= pid < num:
+    raise ValueError(f'JAX_PROCESS_ID={pid} is not in [0, JAX_NUM_PROCESSES={num})')
+  return Cluster('explicit', num, pid)
+
+
+def maybe_initialize_distributed() -> Cluster:
+  """Joins a multi-host job when there is one (`detect_cluster`); a no-op on a single machine.
+  Logs what it found in one line and returns it. Must run before anything touches a device."""
+  cluster = detect_cluster()
+  logging.info('%s', cluster.describe())
+  if not cluster.joins:
+    return cluster
+  if cluster.kind == 'explicit':
+    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'])
+    if cluster.num_processes is not None:
+      kwargs.update(num_processes=cluster.num_processes, process_id=cluster.process_id)
+  else:   # the same detector fills in the coordinator, count and index
+    kwargs = dict(cluster_detection_method=cluster.kind)
+  jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return cluster
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:

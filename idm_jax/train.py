@@ -481,7 +481,9 @@ def _vis_batch(config, vis_data=None) -> dict:
 def _warm_start(state: TrainState, workdir: str) -> TrainState:
   """Initialises params and EMA from another run's EMA (extrinsic rounds fine-tune this way)."""
   _, ema, _ = checkpoints.load_for_inference(workdir)
-  put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+  def put(new, old):   # from host values: each process places its own shards, no collective
+    host = np.asarray(new, old.dtype)
+    return jax.make_array_from_callback(old.shape, old.sharding, lambda index: host[index])
   params = jax.tree.map(put, ema, state.params)
   # Separate buffers: the train step donates params and EMA and may not get one buffer twice.
   return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
