@@ -1,6 +1,11 @@
 """What the HOG and CNN face detectors find, and how good the five landmarks on their boxes are.
 
-    taskset -c 0 python experiments/detector_quality.py --faces ../shared/data/celeba_hq128_dev [-n 40]
+    python experiments/split_view.py --eval dev --dst DEV && \
+    taskset -c 0 python experiments/detector_quality.py --faces DEV [-n 40]
+
+A selection script (docs/PROTOCOL.md): it chose faces.DEFAULT_MIN_SCORE and faces.ROLL_STARTS,
+so a --faces folder holding a face of the test split is refused. (Its committed evidence was
+measured on all 900 faces before the split existed.)
 
 Four tables (markdown), the evidence behind faces.DEFAULT_MIN_SCORE and faces.ROLL_STARTS:
   0. every face of --faces, upright, each alone on grey (256 px, upsample 0: the faces are far
@@ -24,6 +29,7 @@ from PIL import Image
 from skimage import data
 
 from idm_jax import faces
+from split_view import refuse_test_faces
 
 FACE_FREE = ('chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry',
              'retina', 'cat', 'colorwheel', 'logo', 'stereo_motorcycle')
@@ -123,8 +129,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--faces', required=True, help='a folder of aligned 128 px face crops')
   p.add_argument('-n', type=int, default=40, help='faces for the landmark table')
+  p.add_argument('--splits', default='docs/results/splits.json')
   args = p.parse_args(argv)
   names = sorted(n for n in os.listdir(args.faces) if n.lower().endswith(('.jpg', '.png')))
+  refuse_test_faces(names, args.splits)
   crops = [np.asarray(Image.open(os.path.join(args.faces, n)).convert('RGB'))
            for n in names[:max(args.n, 16)]]
   detectors = {name: faces.get_detector(name, min_score=0.) for name in faces.DETECTORS}

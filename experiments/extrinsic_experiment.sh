@@ -20,14 +20,23 @@
 # are shared. Every stage resumes where it stopped when rerun (training from its checkpoints,
 # cleaning from its journal, finished stages are skipped). The small results go to
 # WORKDIR/results/: copy them to docs/results/ to keep them.
+# The faces (docs/PROTOCOL.md): EVAL (default dev) picks the evaluation split of SPLITS (default
+# docs/results/splits.json); the runs see the train faces and that split only, through
+# experiments/split_view.py. EVAL=test is for the protocol's claim runs, scored once: choose
+# nothing on them. PREPARE_ONLY=1 makes the faces and the contaminated set and stops, so that
+# two processes (one per core, SEEDS split between them) can then share WORKDIR. Cleanings are
+# scored with NIQE (NIQE, default ../shared/data/niqe_pris_params.npz, when it exists) and
+# sharpness beside PSNR, SSIM and identity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-workdirs/extrinsic_experiment}
 SRC=${SRC:-../shared/data/celeba_hq128_dev}
+SPLITS=${SPLITS:-docs/results/splits.json}
+EVAL=${EVAL:-dev}
+NIQE=${NIQE:-../shared/data/niqe_pris_params.npz}
 RES=${RES:-64}
 FRACTION=${FRACTION:-0.15}
 SEED=${SEED:-0}             # the contamination's seed (which faces, which defects)
-VAL=${VAL:-100}
 read -r -a SEEDS <<< "${SEEDS:-0}"
 ROUNDS=${ROUNDS:-2}
 ORACLE=${ORACLE:-$WORK/oracle}
@@ -48,8 +57,12 @@ PRISTINE=$ORACLE/pristine
 mkdir -p "$OUT" "$ORACLE"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/timeline.txt"; }
 
-# 0. The pristine set and its contaminated twin, at the training resolution.
-log "contaminate: fraction $FRACTION, seed $SEED, $RES px ${CONTAMINATE[*]}"
+# 0. The faces of the split (train + EVAL, the EVAL faces last by name), the pristine set and
+#    its contaminated twin at the training resolution.
+VAL=$(python3 experiments/split_view.py --splits "$SPLITS" --eval "$EVAL" --src "$SRC" \
+      --dst "$WORK/faces_$EVAL")
+SRC=$WORK/faces_$EVAL
+log "contaminate: fraction $FRACTION, seed $SEED, $RES px, evaluation on $EVAL ($VAL faces) ${CONTAMINATE[*]}"
 if [ ! -f "$PRISTINE/manifest.json" ]; then
   python3 -m idm_jax.data.contaminate --src "$SRC" --dst "$PRISTINE" --fraction 0 \
     --resolution "$RES" --skip_last "$VAL" 2>/dev/null
@@ -59,7 +72,18 @@ if [ ! -f "$WORK/contaminated/manifest.json" ]; then
     --fraction "$FRACTION" --seed "$SEED" --resolution "$RES" --skip_last "$VAL" \
     "${CONTAMINATE[@]}" 2>/dev/null
 fi
+# A shared ORACLE must hold the same faces (a pristine set made for another split would score
+# the oracle on other faces than the other arms).
+if ! diff -q <(find "$SRC" -maxdepth 1 -printf '%f\n' | sed 's/\.[^.]*$//' | sort) \
+             <(find "$PRISTINE/images" -maxdepth 1 -type f -printf '%f\n' | sed 's/\.[^.]*$//' | sort) \
+             > /dev/null; then
+  echo "$PRISTINE holds other faces than $SRC (another split?): use another ORACLE" >&2; exit 2
+fi
 cp "$WORK/contaminated/manifest.json" "$OUT/contamination_manifest.json"
+cp "$SPLITS" "$OUT/splits.json"
+if [ "${PREPARE_ONLY:-0}" = 1 ]; then log "prepared"; exit 0; fi
+NIQE_ARGS=()
+if [ -f "$NIQE" ]; then NIQE_ARGS=(--niqe_params "$NIQE"); fi
 
 # One budget per arm: N steps, or N seconds of training.
 budget() {  # budget STEPS SECONDS
@@ -95,7 +119,7 @@ for S in "${SEEDS[@]}"; do
     cleaned=$WORK/rounds/seed_$S/round_1/dataset
     log "seed $S: score the cleaning against the pristine originals"
     python3 -m idm_jax.cleaning_eval --cleaned "$cleaned" --contaminated "$WORK/contaminated" \
-      --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" > /dev/null
+      --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" "${NIQE_ARGS[@]}" > /dev/null
     python3 experiments/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
       --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
       --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null

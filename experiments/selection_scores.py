@@ -1,6 +1,8 @@
 """How well each cleaning score finds a known contamination, before any model is involved.
 
 python experiments/selection_scores.py CONTAMINATED_DIR [--num-val 100] [--out FILE.json]
+A selection script (docs/PROTOCOL.md): CONTAMINATED_DIR must come from the dev view
+(experiments/split_view.py --eval dev); a set holding a face of the test split is refused.
 Ranks the training split of a contaminate.py dataset by every score of config.clean.score,
 selects the same share that is contaminated, and prints precision (= recall, since the
 selection is the size of the truth) overall and by defect kind.
@@ -16,6 +18,7 @@ from idm_jax import images as images_lib
 from idm_jax.data import contaminate
 from idm_jax.data import sources
 from idm_jax.metrics import niqe
+from split_view import refuse_test_faces
 
 
 def main():
@@ -23,9 +26,11 @@ def main():
   p.add_argument('contaminated')
   p.add_argument('--num-val', type=int, default=100)
   p.add_argument('--out', default='')
+  p.add_argument('--splits', default='docs/results/splits.json')
   a = p.parse_args()
   with open(os.path.join(a.contaminated, contaminate.MANIFEST)) as f:
     manifest = json.load(f)
+  refuse_test_faces([r['file'] for r in manifest['records']], a.splits)
   res = int(manifest['resolution'])
   images = os.path.join(a.contaminated, contaminate.IMAGES)
   paths = sources.folder_split(tuple(images_lib.list_images(images)), a.num_val, 'train')

@@ -17,6 +17,26 @@ import os
 import sys
 
 EVAL_SPLITS = ('dev', 'test')
+DEFAULT_SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'docs', 'results',
+                              'splits.json')
+
+
+def _stem(name: str) -> str:
+  """A face's name without the view's a_/b_ prefix and without its extension (the contaminate
+  CLI writes x.jpg as x.png)."""
+  base = os.path.splitext(os.path.basename(name))[0]
+  return base[2:] if base[:2] in ('a_', 'b_') else base
+
+
+def refuse_test_faces(names, splits_path: str = DEFAULT_SPLITS) -> None:
+  """For selection scripts: exits naming the first test face among `names` (files or paths)."""
+  with open(splits_path) as f:
+    held_out = {_stem(n) for n in json.load(f)['test']}
+  found = sorted(n for n in names if _stem(n) in held_out)
+  if found:
+    sys.exit(f'error: {len(found)} of these faces are in the test split of {splits_path} '
+             f'({found[0]}, ...); choices are made on the dev view only '
+             '(experiments/split_view.py --eval dev)')
 
 
 def make_view(splits: dict, src: str, dst: str, eval_split: str) -> int:

@@ -26,15 +26,25 @@ GENERATOR = ('--config.model.conditional=False --config.model.lq_concat=False '
              '--config.train.num_vis=4 --config.train.vis_steps=2')
 
 
-@pytest.mark.slow
-def test_experiment_script_end_to_end(tmp_path, celeba_dir):
+def _toy_faces(tmp_path, celeba_dir):
+  """20 faces and their split (16 train, the last 4 dev, none test), as docs/results/splits.json."""
   src = tmp_path / 'faces'
   src.mkdir()
+  names = []
   for p in sorted(celeba_dir.glob('*.jpg'))[:20]:
     shutil.copy(p, src / p.name)
+    names.append(p.name)
+  splits = tmp_path / 'splits.json'
+  splits.write_text(json.dumps(dict(train=names[:16], dev=names[16:], test=[])))
+  return src, splits
+
+
+@pytest.mark.slow
+def test_experiment_script_end_to_end(tmp_path, celeba_dir):
+  src, splits = _toy_faces(tmp_path, celeba_dir)
   work = tmp_path / 'exp'
   # The restorers run on a step budget, the generators on a time budget: both kinds are used.
-  env = dict(os.environ, SRC=str(src), RES='32', VAL='4', RESTORE_STEPS='2',
+  env = dict(os.environ, SRC=str(src), SPLITS=str(splits), RES='32', RESTORE_STEPS='2',
              GEN_SECONDS='1', CONFIG='configs/test.py', GEN_CONFIG='configs/test.py',
              EXTRA=RESTORER, GEN_EXTRA=GENERATOR, FRACTION='0.25', SEEDS='0 1',
              CONTROL='1')
@@ -114,47 +124,54 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
 
 @pytest.mark.slow
 def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
-  """experiments/cleaning_fidelity.sh on two tiny restorers: the three measures, the summary's tables
-  (each arm against the first, by defect), resuming, and MEASURES / T_START."""
-  src = tmp_path / 'faces'
-  src.mkdir()
-  for p in sorted(celeba_dir.glob('*.jpg'))[:20]:
-    shutil.copy(p, src / p.name)
-  data = f'--config.data.dir={src} --config.data.num_val=4'
-  workdirs = []
-  for name, mix in (('earlier', 0.0), ('mix', 0.3)):
-    w = tmp_path / name
-    args = [sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py', f'--workdir={w}',
-            *RESTORER.split(), *data.split(), '--config.train.num_steps=2',
-            f'--config.degradation.mild_share={mix}']
-    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    workdirs.append(str(w))
+  """experiments/cleaning_fidelity.sh on two tiny restorers, each trained on the contaminated set
+  it cleans: the three measures, the summary's tables (each arm against the first, by defect),
+  resuming, MEASURES / T_START, and the dev contamination seeds only."""
+  src, splits = _toy_faces(tmp_path, celeba_dir)
   out = tmp_path / 'fidelity'
-  env = dict(os.environ, SRC=str(src), RES='32', VAL='4', FRACTION='0.25',
-             CONFIG='configs/test.py', EXTRA=f'{RESTORER} {data}')
-  cmd = ['bash', 'experiments/cleaning_fidelity.sh', str(out), *workdirs]
-  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  env = dict(os.environ, SRC=str(src), SPLITS=str(splits), RES='32', FRACTION='0.25',
+             CONFIG='configs/test.py', EXTRA=RESTORER, TRAIN_STEPS='2')
+  for name, mix in (('earlier', 0.0), ('mix', 0.3)):
+    r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(out), name], cwd=REPO,
+                       env=dict(env, ARM_FLAGS=f'--config.degradation.mild_share={mix}'),
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  cmd = [sys.executable, 'experiments/cleaning_fidelity_summary.py', str(out), 'earlier', 'mix']
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
   for section in ('## 1. Pristine validation faces', '## 2. Cleaning the contaminated',
                   'by defect', '## 3. The heavily degraded validation set',
                   '| mix − earlier |', '| mix − earlier (cleaned faces) |'):
     assert section in r.stdout, section
-  for arm in ('earlier', 'mix'):
+  for arm, mix in (('earlier', 0.0), ('mix', 0.3)):
+    # The cleaner trained on the contaminated faces it cleaned, not on their pristine twins.
+    config = json.loads((out / arm / 'model' / 'config_train.json').read_text())
+    assert config['data']['dir'] == str(out / 'data' / 'C' / 'images')
+    assert config['degradation']['mild_share'] == mix and config['train']['num_steps'] == 2
     self_ = json.loads((out / arm / 'self' / 'metrics.json').read_text())
-    assert self_['num_images'] == 4                 # the pristine validation faces
+    assert self_['num_images'] == 4                 # the pristine dev faces
     report = json.loads((out / arm / 'cleaning' / 'cleaning.json').read_text())
     assert report['selection']['selected'] == 4     # clean.fraction 0.25 of the 16
+    assert 'sharpness_lapvar' in report['contaminated_and_cleaned']['versions']['cleaned']
     assert (out / arm / 'heavy_metrics.json').exists()
+  # Only train and dev faces are in the view the runs read.
+  assert sorted(os.listdir(out / 'data' / 'faces')) == sorted(
+      [f'a_{n}' for n in json.loads(splits.read_text())['train']]
+      + [f'b_{n}' for n in json.loads(splits.read_text())['dev']])
   # A rerun measures nothing again; another OUT takes only the measures asked for.
   stages = (out / 'timeline.txt').read_text().count(': ')
-  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(out), 'mix'], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and (out / 'timeline.txt').read_text().count(': ') == stages
   other = tmp_path / 'self_only'
-  r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(other), workdirs[1]], cwd=REPO,
+  r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(other), 'mix'], cwd=REPO,
                      env=dict(env, MEASURES='self', T_START='0.5', DATA=str(out / 'data')),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert '--t_start 0.5' in (other / 'timeline.txt').read_text()
   assert (other / 'mix' / 'self' / 'metrics.json').exists()
   assert not (other / 'mix' / 'cleaning').exists() and '## 2.' not in r.stdout
+  # The protocol's contamination seed is refused.
+  r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(tmp_path / 'x'), 'mix'],
+                     cwd=REPO, env=dict(env, CSEED='2'), capture_output=True, text=True)
+  assert r.returncode == 2 and 'dev contamination seeds' in r.stderr
