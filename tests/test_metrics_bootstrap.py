@@ -128,3 +128,85 @@ def test_gap_share_without_a_gap_says_so():
   assert share['high'] - share['low'] > 1           # a ratio over a near-zero gap: unbounded
   with pytest.raises(ValueError, match='one shape'):
     bootstrap.gap_share_interval(round0, round0, oracle[:1])
+
+
+# Seed-level intervals (docs/PROTOCOL.md): a t-interval over per-seed means, and Fieller's
+# interval of a ratio of two such means.
+
+def test_seed_t_interval_known_values():
+  r = bootstrap.seed_t_interval([1., 2., 3., 4., 5.])
+  # sd 1.5811, se 0.7071, t(0.975, 4) = 2.7764
+  assert r['mean'] == 3.0 and r['seeds'] == 5
+  assert r['t'] == pytest.approx(2.776445, abs=1e-6)
+  assert (r['low'], r['high']) == (pytest.approx(1.036757, abs=1e-5), pytest.approx(4.963243, abs=1e-5))
+  assert r['excludes_zero']
+  assert not bootstrap.seed_t_interval([-1., 0.5, 1.])['excludes_zero']
+  for bad in ([1.], [1., float('nan')], [[1., 2.]]):
+    with pytest.raises(ValueError, match='per-seed'):
+      bootstrap.seed_t_interval(bad)
+
+
+def test_seed_level_interval_averages_faces_within_each_seed():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(5, 100))
+  b = a - np.array([0.1, 0.2, 0.3, 0.4, 0.5])[:, None]
+  r = bootstrap.seed_level_interval(a, b)
+  assert r['per_seed'] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+  assert r['mean'] == pytest.approx(0.3)
+  assert r == {**bootstrap.seed_t_interval([0.1, 0.2, 0.3, 0.4, 0.5]), 'per_seed': r['per_seed'],
+               'mean': r['mean'], 'low': r['low'], 'high': r['high'], 'se': r['se']}
+
+
+def test_seed_t_interval_covers_the_true_mean_95_percent_with_five_seeds():
+  rng = np.random.default_rng(1)
+  samples = rng.normal(0.7, 2.0, (4000, 5))
+  hits = 0
+  for x in samples:
+    r = bootstrap.seed_t_interval(x)
+    hits += r['low'] <= 0.7 <= r['high']
+  assert 0.935 <= hits / len(samples) <= 0.965
+
+
+def test_fieller_endpoints_solve_its_quadratic():
+  num = np.array([0.10, 0.14, 0.08, 0.12, 0.11])
+  den = np.array([0.13, 0.15, 0.12, 0.16, 0.12])
+  r = bootstrap.fieller_ratio_interval(num, den)
+  assert r['bounded'] and r['mean'] == pytest.approx(num.mean() / den.mean())
+  n = len(num)
+  cov = np.cov(num, den) / n
+  a, b = num.mean(), den.mean()
+  for rho in (r['low'], r['high']):
+    lhs = (a - rho * b) ** 2
+    rhs = r['t'] ** 2 * (cov[0, 0] - 2 * rho * cov[0, 1] + rho ** 2 * cov[1, 1])
+    assert lhs == pytest.approx(rhs, rel=1e-9)
+  assert r['low'] < r['mean'] < r['high']
+  # A denominator known exactly: the interval is the numerator's t-interval over b.
+  exact = bootstrap.fieller_ratio_interval(num, np.full(5, 0.2) + 1e-12 * np.arange(5))
+  t_num = bootstrap.seed_t_interval(num)
+  assert exact['low'] == pytest.approx(t_num['low'] / 0.2, rel=1e-6)
+  assert exact['high'] == pytest.approx(t_num['high'] / 0.2, rel=1e-6)
+
+
+def test_fieller_is_unbounded_when_the_gap_may_be_zero():
+  num = np.array([0.02, 0.05, -0.01, 0.03, 0.00])
+  den = np.array([0.05, -0.04, 0.06, -0.02, 0.01])      # its t-interval covers zero
+  assert not bootstrap.seed_t_interval(den)['excludes_zero']
+  r = bootstrap.fieller_ratio_interval(num, den)
+  assert not r['bounded'] and r['low'] is None and r['high'] is None
+  assert 'unbounded' in r['reason']
+  with pytest.raises(ValueError, match='paired'):
+    bootstrap.fieller_ratio_interval([1., 2.], [1., 2., 3.])
+
+
+def test_fieller_covers_the_true_ratio():
+  """Per-seed (gap, won back) pairs from a known model: true ratio 0.6, gap clearly non-zero."""
+  rng = np.random.default_rng(2)
+  hits = trials = 0
+  for _ in range(3000):
+    den = rng.normal(0.15, 0.04, 5)
+    num = 0.6 * den + rng.normal(0, 0.03, 5)
+    r = bootstrap.fieller_ratio_interval(num, den)
+    if r['bounded']:
+      trials += 1
+      hits += r['low'] <= 0.6 <= r['high']
+  assert trials > 2900 and 0.93 <= hits / trials <= 0.97

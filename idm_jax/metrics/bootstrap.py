@@ -1,16 +1,23 @@
-"""Paired-bootstrap confidence intervals for the mean difference of two per-image scores.
+"""Confidence intervals: paired bootstrap over faces, and seed-level intervals over training runs.
 
 Two results on the same images (a restoration and its LQ input, two models on one validation
 set) are compared per image: d_i = a_i - b_i. Resampling the images with replacement and
 taking the mean of d each time gives the bootstrap distribution of the mean difference; its
 (1 - confidence) / 2 and (1 + confidence) / 2 percentiles are the interval. Pairing removes the
 spread between images (hard faces are hard for both), which is most of the variance.
+
+That interval says how surely one trained model beats another on these faces; whether the data
+made the difference needs the run-to-run spread of training too. `seed_t_interval` takes one
+mean difference per training seed and gives the t-interval over them (docs/PROTOCOL.md's
+primary interval), and `fieller_ratio_interval` the interval of a ratio of two such means (a
+share of a gap), unbounded when the denominator is not clearly non-zero.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 
 NUM_RESAMPLES = 10_000
 CONFIDENCE = 0.95
@@ -125,3 +132,66 @@ def _resampled_means(arrays: list[np.ndarray], num_resamples: int, seed: int) ->
     for k, x in enumerate(arrays):
       means[k, r] = x[np.ix_(s, f)].mean()
   return means
+
+
+def seed_t_interval(per_seed, *, confidence: float = CONFIDENCE) -> dict:
+  """The mean of one value per training seed, with the t-interval over the seeds.
+
+  per_seed: e.g. each seed's mean over the faces of arm a − arm b. mean ± t(1 − α/2, n − 1) ·
+  sd / √n: the seeds are the sampling unit, so the interval carries the run-to-run spread of
+  training; with few seeds it is wide, as it should be. Needs two or more finite values.
+  """
+  x = np.asarray(per_seed, np.float64)
+  if x.ndim != 1 or len(x) < 2 or not np.all(np.isfinite(x)):
+    raise ValueError(f'seed_t_interval: need two or more finite per-seed values, got {x!r}')
+  if not 0 < confidence < 1:
+    raise ValueError(f'seed_t_interval: confidence={confidence} must be in (0, 1)')
+  n = len(x)
+  se = float(x.std(ddof=1) / np.sqrt(n))
+  t = float(stats.t.ppf((1 + confidence) / 2, n - 1))
+  mean = float(x.mean())
+  low, high = mean - t * se, mean + t * se
+  return dict(mean=mean, low=low, high=high, seeds=n, se=se, t=t, per_seed=[float(v) for v in x],
+              excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence))
+
+
+def seed_level_interval(a, b, *, confidence: float = CONFIDENCE) -> dict:
+  """`seed_t_interval` of a − b from (seeds, faces) scores: each seed's mean over the faces."""
+  a, b = _seed_face_arrays('seed_level_interval', a, b)
+  return seed_t_interval((a - b).mean(axis=1), confidence=confidence)
+
+
+def fieller_ratio_interval(numerator, denominator, *, confidence: float = CONFIDENCE) -> dict:
+  """The ratio of two per-seed means, mean(numerator) / mean(denominator), with Fieller's interval.
+
+  numerator, denominator: one value each per training seed, paired (the same seeds), e.g.
+  round 1 − round 0 and oracle − round 0. Fieller's interval is the set of ratios ρ with
+  (a − ρb)² ≤ t² (v11 − 2ρ v12 + ρ² v22), a and b the means, v the (co)variances of the means,
+  t the t quantile with n − 1 degrees of freedom. It is a bounded interval only when the
+  denominator's own t-interval excludes zero (g = t² v22 / b² < 1); otherwise 'bounded' is
+  False, low and high are None, and 'reason' says so: a share of a gap that may be zero is not
+  a number.
+  """
+  a_s = np.asarray(numerator, np.float64)
+  b_s = np.asarray(denominator, np.float64)
+  if a_s.shape != b_s.shape or a_s.ndim != 1 or len(a_s) < 2 or \
+     not (np.all(np.isfinite(a_s)) and np.all(np.isfinite(b_s))):
+    raise ValueError('fieller_ratio_interval: need two paired 1-D sequences of two or more '
+                     f'finite per-seed values, got shapes {a_s.shape} and {b_s.shape}')
+  n = len(a_s)
+  a, b = float(a_s.mean()), float(b_s.mean())
+  cov = np.cov(a_s, b_s, ddof=1) / n
+  v11, v22, v12 = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+  t = float(stats.t.ppf((1 + confidence) / 2, n - 1))
+  out = dict(mean=a / b if b else float('nan'), seeds=n, t=t, confidence=float(confidence),
+             denominator=seed_t_interval(b_s, confidence=confidence))
+  g = t * t * v22 / (b * b) if b else float('inf')
+  if g >= 1:
+    return dict(out, low=None, high=None, bounded=False,
+                reason='unbounded: the denominator\'s interval includes zero')
+  r = a / b
+  disc = v11 - 2 * r * v12 + r * r * v22 - g * (v11 - (v12 * v12 / v22 if v22 else 0.0))
+  half = t / abs(b) * np.sqrt(max(disc, 0.0))
+  centre = r - (g * v12 / v22 if v22 else 0.0)
+  low, high = (centre - half) / (1 - g), (centre + half) / (1 - g)
+  return dict(out, low=float(low), high=float(high), bounded=True, reason='')
