@@ -5,8 +5,11 @@ Restoration: round 0 (contaminated data), round 1 (cleaned data, where it ran), 
 (pristine data) and the control (pristine data through round 0's cleaner, where it ran) on the
 same pristine validation faces, at each evaluated step count, per training seed; the
 differences from round 0 (and round 1 − control, control − oracle) with 95% intervals over seeds
-and faces (bootstrap.seeds_and_faces_interval), and the share of the oracle's lead that round 1
-wins back (bootstrap.gap_share_interval), also net of the cleaner's output where the control ran.
+and faces (bootstrap.seeds_and_faces_interval); then docs/PROTOCOL.md's contrasts with the
+seed-level t-interval over the seed means (bootstrap.seed_t_interval, the primary interval) and
+the share of the oracle's lead that round 1 wins back, also net of the cleaner's output where
+the control ran, as a ratio only where the lead's seed-level interval excludes zero (Fieller's
+interval over the seed means, bootstrap.fieller_ratio_interval).
 Then each seed's cleaning against the truth and the generators'
 offline distribution scores.
 """
@@ -47,6 +50,73 @@ def load_arms(out):
 def scores(arm_rows, seeds, sampling, metric):
   """(seeds, faces) per-image scores of one arm; faces in one order for every arm."""
   return np.array([arm_rows[s][sampling]['metrics'][metric]['per_image'] for s in seeds])
+
+
+def _t_cell(r, digits=4):
+  text = f"{r['mean']:+.{digits}f} [{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]"
+  return f'**{text}**' if r['excludes_zero'] else text
+
+
+def contrasts(arms, lq, seeds, sampling, m):
+  """PROTOCOL.md's contrasts as (label, per-seed values), for the arms that ran."""
+  mean = lambda a: scores(arms[a], seeds, sampling, m).mean(axis=1)  # noqa: E731
+  lq_mean = np.array([np.mean(lq[s]['metrics'][m]['per_image']) for s in seeds])
+  out = [('oracle − LQ', mean('oracle') - lq_mean), ('G = oracle − round 0', mean('oracle') - mean('round_0'))]
+  if 'round_1' in arms:
+    out += [('R = round 1 − round 0', mean('round_1') - mean('round_0')),
+            ('round 1 − oracle', mean('round_1') - mean('oracle'))]
+  if 'control' in arms and 'round_1' in arms:
+    k = mean('control') - mean('oracle')
+    out += [('K = control − oracle', k),
+            ('N = R − K (the harm removed, net of the cleaner\'s output)',
+             mean('round_1') - mean('round_0') - k)]
+  return out
+
+
+def seed_level(arms, lq, seeds, samplings):
+  """The protocol's contrasts with t-intervals over the seed means, and Fieller shares."""
+  print(f'\nThe contrasts of docs/PROTOCOL.md, each seed\'s mean over the faces, with the 95% '
+        f't-interval over the {len(seeds)} seed means (the primary interval; bold where it '
+        'excludes 0):\n')
+  if len(seeds) < 2:
+    print('One training seed: no seed-level interval.')
+    return
+  print('| contrast | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS)
+        + ' |')
+  print('| --- | --- |' + ' --- |' * len(METRICS))
+  for sampling in samplings:
+    table = {m: contrasts(arms, lq, seeds, sampling, m) for m in METRICS}
+    for i, (label, _) in enumerate(table[METRICS[0]]):
+      cells = [_t_cell(bootstrap.seed_t_interval(table[m][i][1])) for m in METRICS]
+      print(f'| {label} | {sampling} | ' + ' | '.join(cells) + ' |')
+  if 'round_1' not in arms:
+    return
+  control = 'control' in arms
+  print('\nShare of the oracle\'s lead that round 1 wins back, R / G, and net of the cleaner\'s '
+        'output, N / G = 1 − (control − round 1) / G: a ratio only where G\'s seed-level interval '
+        'excludes 0, with Fieller\'s 95% interval over the seed means ("unbounded" where that '
+        'interval is not bounded); otherwise read round 1 − oracle and N above:\n')
+  print('| sampling | metric | G = oracle − round 0 | share won back |'
+        + (' share net of the cleaner\'s output |' if control else ''))
+  print('| --- | --- | --- | --- |' + (' --- |' if control else ''))
+  for sampling in samplings:
+    for m in METRICS:
+      c = dict(contrasts(arms, lq, seeds, sampling, m))
+      gap = c['G = oracle − round 0']
+      g = bootstrap.seed_t_interval(gap)
+      nums = [c['R = round 1 − round 0']]
+      if control:
+        nums.append(c['N = R − K (the harm removed, net of the cleaner\'s output)'])
+      cells = []
+      for num in nums:
+        if not g['excludes_zero']:
+          cells.append('not given: the lead\'s interval includes 0')
+          continue
+        f = bootstrap.fieller_ratio_interval(num, gap)
+        cells.append(f"{f['mean']:+.2f} [{f['low']:+.2f}, {f['high']:+.2f}]" if f['bounded']
+                     else f"{f['mean']:+.2f}, unbounded")
+      print(f'| {sampling} | {reports.metric_label(m, {})} | {_t_cell(g)} | '
+            + ' | '.join(cells) + ' |')
 
 
 def main(out):
@@ -95,30 +165,7 @@ def main(out):
             scores(arms[a], seeds, sampling, m), scores(arms[b], seeds, sampling, m)))
             for m in METRICS]
         print(f'| {ARMS[a]} − {ARMS[b]} | {sampling} | ' + ' | '.join(cells) + ' |')
-  if 'round_1' in arms:
-    control = 'control' in arms
-    print('\nShare of the oracle\'s lead that round 1 wins back, (round 1 − round 0) / '
-          '(oracle − round 0), with its 95% interval (same resampling); it means something only '
-          'where the lead\'s own interval excludes 0' + (
-              '. Net of the cleaner\'s output: the same with round 1 less what that output does '
-              'to pristine faces (control − oracle), i.e. 1 − (control − round 1) / (oracle − '
-              'round 0), the share of the contamination\'s harm that cleaning removed' if control
-              else '') + ':\n')
-    print('| sampling | metric | oracle − round 0 | share won back |'
-          + (' share net of the cleaner\'s output |' if control else ''))
-    print('| --- | --- | --- | --- |' + (' --- |' if control else ''))
-    for sampling in samplings:
-      for m in METRICS:
-        r0, r1, orc = (scores(arms[a], seeds, sampling, m) for a in ('round_0', 'round_1', 'oracle'))
-        shares = [bootstrap.gap_share_interval(r0, r1, orc)]
-        if control:
-          shares.append(bootstrap.gap_share_interval(
-              r0, r1 - (scores(arms['control'], seeds, sampling, m) - orc), orc))
-        lead = reports.format_delta(shares[0]['gap'])
-        cells = [f"{g['mean']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
-                 if g['gap']['excludes_zero'] else 'no lead to win back' for g in shares]
-        print(f'| {sampling} | {reports.metric_label(m, {})} | {lead} | ' + ' | '.join(cells)
-              + ' |')
+  seed_level(arms, lq, seeds, samplings)
   for path in sorted(glob.glob(os.path.join(out, 'cleaning_seed_*', 'cleaning.md'))):
     seed = os.path.basename(os.path.dirname(path)).split('_')[-1]
     with open(path) as f:
