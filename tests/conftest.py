@@ -186,8 +186,7 @@ def gcs_env(port: int) -> dict:
          'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test', 'GOOGLE_CLOUD_PROJECT': 'test',
          # Anonymous, as an emulator's clients are: without it gcsfs looks for credentials
          # (none on CI, so its probe fails and warns at every call; a laptop's own elsewhere).
-         'FSSPEC_GS_TOKEN': 'anon', 'FSSPEC_GCS_TOKEN': 'anon',
-         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+         'FSSPEC_GS_TOKEN': 'anon', 'FSSPEC_GCS_TOKEN': 'anon'}
   if 'ca' in _GCS_TLS:
     env['GRPC_DEFAULT_SSL_ROOTS_FILE_PATH'] = _GCS_TLS['ca']
   return env
@@ -249,14 +248,24 @@ def gcs_server(tmp_path_factory):
     proc.wait()
 
 
-@pytest.fixture
-def gcs_faults(gcs_server):
-  """A fault-injecting proxy (tests/gcs_faults.py) in front of the local GCS server, with every
-  client of this process pointed at it for the test. `.proxy` takes the rules, `.env` points a
-  subprocess's clients at it (`dict(os.environ, **gcs_faults.env)`), `.url` is its address."""
-  import types
+@pytest.fixture(scope='session')
+def gcs_fault_proxy(gcs_server):
+  """The session's fault proxy (tests/gcs_faults.py) in front of the local GCS server. One for
+  the whole session: gcsfs keeps the gRPC channel of its bucket-type probe to the first
+  address it used, which must stay up."""
   from gcs_faults import FaultProxy  # pylint: disable=import-outside-toplevel
-  proxy = FaultProxy(gcs_server).start()
+  with FaultProxy(gcs_server) as proxy:
+    yield proxy
+
+
+@pytest.fixture
+def gcs_faults(gcs_fault_proxy):
+  """The fault proxy, without rules and with an empty log, and every client of this process
+  pointed at it for the test. `.proxy` takes the rules, `.env` points a subprocess's clients
+  at it (`dict(os.environ, **gcs_faults.env)`), `.url` is its address."""
+  import types
+  proxy = gcs_fault_proxy
+  proxy.reset()
   env = gcs_env(proxy.port)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
@@ -266,7 +275,7 @@ def gcs_faults(gcs_server):
     os.environ.update({k: v for k, v in saved.items() if v is not None})
     for k in (k for k, v in saved.items() if v is None):
       os.environ.pop(k, None)
-    proxy.stop()
+    proxy.reset()
 
 
 @pytest.fixture

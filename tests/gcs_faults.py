@@ -158,6 +158,12 @@ class FaultProxy:
     with self._lock:
       self._rules = []
 
+  def reset(self) -> None:
+    """Removes every rule and empties the log (a test starting afresh)."""
+    with self._lock:
+      self._rules = []
+      self._log = []
+
   @property
   def log(self) -> list[tuple[str, str, str | None]]:
     """(method, decoded path+query, fault kind or None) of every request, in arrival order."""

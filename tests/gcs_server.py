@@ -1,8 +1,9 @@
 """A Cloud Storage server on 127.0.0.1 for the tests: gcp-storage-emulator (the GCS JSON API, as
-gcsfs, google-cloud-storage, tensorboardX and tensorstore speak it), plus two parts of the API it
+gcsfs, google-cloud-storage, tensorboardX and tensorstore speak it), plus the parts of the API it
 lacks: generation preconditions (`ifGenerationMatch`) on uploads and deletes, answered 412 as GCS
-does (the workdir lock relies on them), and the `x-goog-generation` header on downloads
-(tensorstore, under orbax, reads an object's generation from it and refuses a download without).
+does (the workdir lock relies on them), the `x-goog-generation` header on downloads
+(tensorstore, under orbax, reads an object's generation from it and refuses a download without),
+and download links (mediaLink) that name the address each request came to.
 
 With --tls-dir it also answers the one gRPC call gcsfs makes by default: its bucket-type probe
 (the Storage Control API's GetStorageLayout, over TLS to the same host:port as the JSON API).
@@ -17,6 +18,7 @@ python tests/gcs_server.py --port P [--data-dir D] [--tls-dir D]   (prints "read
 import argparse
 import functools
 import os
+import re
 import sys
 import threading
 import time
@@ -80,17 +82,38 @@ def _with_generation_header(download):
   return wrapped
 
 
+_MEDIA_LINK = re.compile(r'("mediaLink": ")https?://[^/"]+')
+
+
+def _links_for_this_request(close):
+  """Object resources name their download URL (mediaLink) with the host the object was
+  *uploaded* through: a client that reached the server another way (directly, or through the
+  test's fault proxy) would download through that other address. GCS answers with its own
+  host; here each answer names the host this request came to (its Host header)."""
+  @functools.wraps(close)
+  def wrapped(self):
+    host = self._handler.headers.get('Host')
+    if host and isinstance(self._content, str) and '"mediaLink"' in self._content:
+      self._content = _MEDIA_LINK.sub(lambda m: f'{m.group(1)}http://{host}', self._content)
+    return close(self)
+  return wrapped
+
+
 def install_preconditions() -> None:
   """Wraps the emulator's upload, delete and download handlers wherever its router holds them
-  (`objects.get` finds `download` by its module name at each call)."""
-  objects.download = _with_generation_header(objects.download)
+  (`objects.get` finds `download` by its module name at each call, the /download/ route
+  holds it directly)."""
+  download = objects.download
+  objects.download = _with_generation_header(download)
   wrapped = {objects.insert: _with_precondition(objects.insert),
-             objects.delete: _with_precondition(objects.delete)}
+             objects.delete: _with_precondition(objects.delete),
+             download: objects.download}   # the /download/ route holds it directly
   for _, methods in server.HANDLERS:
     for method, handler in list(methods.items()):
       if handler in wrapped:
         methods[method] = wrapped[handler]
   objects.insert = wrapped[objects.insert]   # the router's fallback for uploads without /upload
+  server.Response.close = _links_for_this_request(server.Response.close)
 
 
 def write_self_signed_cert(folder: str) -> tuple[bytes, bytes]:
