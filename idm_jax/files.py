@@ -147,7 +147,10 @@ def write_text(p: PathLike, text: str) -> None:
 
 def append_text(p: PathLike, text: str) -> None:
   """Adds `text` at the end of a file, creating it. Locally an append + fsync; in a bucket a
-  rewrite of the whole object (one upload), so call it for batches of lines, not each line."""
+  rewrite of the whole object (one upload), so call it for batches of lines, not each line.
+  In a bucket, calling it again after it raised may double `text`: the upload may have landed
+  with its reply lost. A writer that must retry keeps the whole content and rewrites it
+  (reporting.Writer does)."""
   if is_remote(p):
     try:
       old = read_bytes(p)
@@ -175,13 +178,21 @@ def move(src: PathLike, dst: PathLike) -> None:
       raise ValueError(f'move {os.fspath(src)} -> {os.fspath(dst)}: both must be in a bucket')
     fs, src_key = _fs(src)
     _, dst_key = _fs(dst)
-    # Server-side copies (rewrite), then deletes: every object bucket API has these.
-    if fs.isdir(src_key):
-      fs.copy(src_key.rstrip('/') + '/', dst_key.rstrip('/') + '/', recursive=True)
-      fs.rm(src_key, recursive=True)
-    else:
-      fs.copy(src_key, dst_key)
-      fs.rm_file(src_key)
+    # Server-side copies (rewrite), then deletes: every object bucket API has these. Made
+    # again after a failure, it completes what the first try left: the copies are
+    # whole-object rewrites, and a delete finding nothing is a delete that landed.
+    if not fs.exists(src_key) and fs.exists(dst_key):
+      return   # an earlier try moved it all and lost only the reply
+    try:
+      if fs.isdir(src_key):
+        fs.copy(src_key.rstrip('/') + '/', dst_key.rstrip('/') + '/', recursive=True)
+        fs.rm(src_key, recursive=True)
+      else:
+        fs.copy(src_key, dst_key)
+        fs.rm_file(src_key)
+    except FileNotFoundError:
+      if fs.exists(src_key) or not fs.exists(dst_key):
+        raise
   else:
     os.rename(os.path.expanduser(os.fspath(src)), os.path.expanduser(os.fspath(dst)))
 
@@ -222,7 +233,10 @@ def check_writable(p: PathLike) -> None:
   probe = f'{key.rstrip("/")}/.idm_jax_write_check_{socket.gethostname()}_{os.getpid()}'
   try:
     fs.pipe_file(probe, b'')
-    fs.rm_file(probe)
+    try:
+      fs.rm_file(probe)
+    except FileNotFoundError:   # a retried delete whose first try landed (the reply was lost)
+      pass
   except FileNotFoundError as e:
     raise StorageError(f'{os.fspath(p)}: the bucket gs://{bucket} does not exist (or is not '
                        f'visible with these credentials)') from e

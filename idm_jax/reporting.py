@@ -113,9 +113,16 @@ def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> N
 
 
 class Writer:
-  """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG."""
+  """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG.
+
+  A write that fails (after the storage client's own retries) never stops the run: only
+  process 0 writes, and an exception out of its loop would leave the other hosts waiting in the
+  next collective. It is named in one warning and made again later: metrics lines and event
+  files at the next flush, a grid at the next log step (then dropped, with a warning).
+  """
 
   REMOTE_FLUSH_SECONDS = 15.0
+  GRID_ATTEMPTS = 2   # a grid's writes before it is dropped: grids are for looking, not keeping
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
@@ -126,6 +133,10 @@ class Writer:
     self._staging = None          # local folder of the event files a bucket workdir gets
     self._uploaded: dict[str, int] = {}
     self._pending: list[str] = []   # metrics lines not yet in metrics.jsonl
+    self._metrics: bytes | None = None   # a bucket's metrics.jsonl as last written (None: unread)
+    self._closed_events: set[str] = set()   # staged event files to remove once uploaded
+    self._grids: dict[str, tuple[bytes, int, int]] = {}   # unwritten: path -> (PNG, fails, step)
+    self._failing: set[str] = set()   # what failed at its last try (one warning per streak)
     self._last_flush = time.monotonic()
     if enabled:
       files.makedirs(workdir)
@@ -138,14 +149,31 @@ class Writer:
     from tensorboardX import SummaryWriter
     if self._tb is not None:
       self._tb.close()
-      self._upload_events(drop=True)
+      self._closed_events.update(os.listdir(self._staging) if self._staging else ())
+      self._upload_events()
     logdir = self._staging or files.join(self.workdir, 'tensorboard')
     self._tb = SummaryWriter(logdir, filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
     self._tb_files += 1
 
-  def _upload_events(self, drop: bool = False) -> None:
-    """Uploads the staged event files that grew since their last upload; `drop` removes the
-    closed ones from staging once uploaded."""
+  def _attempt(self, what: str, write) -> bool:
+    """write(); False (with a warning on the first of a streak of failures) if it raised."""
+    try:
+      write()
+    except Exception as e:  # pylint: disable=broad-except  (storage clients raise many types)
+      if what not in self._failing:
+        self._failing.add(what)
+        logging.warning('could not write %s (%s: %s); the run goes on and tries again later',
+                        files.join(self.workdir, what), type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else '')
+      return False
+    if what in self._failing:
+      self._failing.discard(what)
+      logging.info('wrote %s after the earlier failure', files.join(self.workdir, what))
+    return True
+
+  def _upload_events(self) -> None:
+    """Uploads the staged event files that grew since their last upload, and removes the
+    closed ones from staging once uploaded whole."""
     if self._staging is None:
       return
     for name in sorted(os.listdir(self._staging)):
@@ -154,10 +182,51 @@ class Writer:
       if self._uploaded.get(name) != size:
         with open(local, 'rb') as f:
           data = f.read()
-        files.write_atomic(files.join(self.workdir, 'tensorboard', name), data)
+        if not self._attempt(f'tensorboard/{name}', lambda name=name, data=data:
+                             files.write_atomic(files.join(self.workdir, 'tensorboard', name),
+                                                data)):
+          continue
         self._uploaded[name] = len(data)
-      if drop:
+      if name in self._closed_events:
         os.remove(local)
+        self._closed_events.discard(name)
+
+  def _write_metrics(self) -> None:
+    """Adds the pending lines to metrics.jsonl. In a bucket the object is rewritten whole from
+    what this Writer last wrote, so a rewrite that failed, or landed with its reply lost, is
+    made again later with newer lines too: no line is lost or written twice."""
+    path = files.join(self.workdir, 'metrics.jsonl')
+    text = ''.join(self._pending)
+    if self.remote:
+      if self._metrics is None:   # the lines of earlier runs (a resumed run keeps them)
+        try:
+          self._metrics = files.read_bytes(path)
+        except FileNotFoundError:
+          self._metrics = b''
+      data = self._metrics + text.encode('utf-8')
+      files.write_atomic(path, data)
+      self._metrics = data
+    else:
+      files.append_text(path, text)
+    self._pending = []
+
+  def _write_grid(self, path: str, png: bytes, failed: int, step: int) -> None:
+    """Writes a grid; one that fails waits in self._grids for a log step after `step`."""
+    name = files.relpath(path, self.workdir)
+    if self._attempt(name, lambda: files.write_atomic(path, png)):
+      return
+    if failed + 1 < self.GRID_ATTEMPTS:
+      self._grids[path] = (png, failed + 1, step)
+      return
+    self._failing.discard(name)
+    logging.warning('dropped the sample grid %s: %d writes failed', path, failed + 1)
+
+  def _retry_grids(self, step: int | None = None) -> None:
+    """Tries again the grids that failed before `step` (all of them if None)."""
+    for path, (png, failed, queued) in list(self._grids.items()):
+      if step is None or queued < step:
+        del self._grids[path]
+        self._write_grid(path, png, failed, queued)
 
   def scalars(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -166,6 +235,7 @@ class Writer:
     self._pending.append(json.dumps({'step': step, **metrics}) + '\n')
     for k, v in metrics.items():
       self._tb.add_scalar(k, v, step)
+    self._retry_grids(step)   # a grid that failed is tried again at the next log step
     self.flush(force=not self.remote)
 
   def flush(self, force: bool = True) -> None:
@@ -176,8 +246,7 @@ class Writer:
     if not force and time.monotonic() - self._last_flush < self.REMOTE_FLUSH_SECONDS:
       return
     if self._pending:
-      files.append_text(files.join(self.workdir, 'metrics.jsonl'), ''.join(self._pending))
-      self._pending = []
+      self._attempt('metrics.jsonl', self._write_metrics)   # the lines stay pending if it fails
     self._tb.flush()
     self._upload_events()
     self._last_flush = time.monotonic()
@@ -198,7 +267,8 @@ class Writer:
     # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
     zoom = max(1, 128 // samples.shape[1])
     grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
-    files.save_image(files.join(self.workdir, f'samples_{step:07d}.png'), grid)
+    self._write_grid(files.join(self.workdir, f'samples_{step:07d}.png'), files.encode_image(grid),
+                     0, step)
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:
       self.scalars(step, metrics)
@@ -208,11 +278,22 @@ class Writer:
     return metrics
 
   def close(self):
+    """Writes what is pending (one more try for what failed); warns about what still fails."""
     if self._tb is not None:
+      self._retry_grids()
       self.flush()
       self._tb.close()
       self._tb = None
-      self._upload_events(drop=True)
+      self._closed_events.update(os.listdir(self._staging) if self._staging else ())
+      self._upload_events()
+    if self._pending:
+      logging.warning('%d metrics lines (steps %s to %s, in this log above) could not be written '
+                      'to %s', len(self._pending), json.loads(self._pending[0])['step'],
+                      json.loads(self._pending[-1])['step'],
+                      files.join(self.workdir, 'metrics.jsonl'))
     if self._staging is not None:
+      if self._closed_events:
+        logging.warning('%d TensorBoard event files could not be uploaded to %s',
+                        len(self._closed_events), files.join(self.workdir, 'tensorboard'))
       shutil.rmtree(self._staging, ignore_errors=True)
       self._staging = None

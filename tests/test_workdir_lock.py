@@ -117,34 +117,57 @@ def test_a_bucket_lock_without_heartbeat_is_taken_over_and_its_holder_learns_it(
   from idm_jax import files
   workdir = f'{gcs_bucket}/run'
   # A holder on "another host" whose heartbeat stopped (its host died): fresh, it is respected;
-  # once older than stale_seconds it is taken over.
+  # once older than stale_seconds it is watched for stale_seconds more, then taken over.
   files.write_text(f'{workdir}/train.lock', json.dumps(
       dict(pid=1, host='another-host', start='1', since='2026-01-01 00:00:00')))
   with pytest.raises(workdir_lock.WorkdirInUse, match='process 1 on host another-host'):
     workdir_lock.WorkdirLock(workdir, stale_seconds=30).acquire()
   time.sleep(1.5)
+  t0 = time.monotonic()
   with caplog.at_level(logging.WARNING):
     taker = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=1).acquire()
-  assert 'left by process 1 on another-host, whose last heartbeat was' in caplog.text
+  assert time.monotonic() - t0 >= 1.0   # watched by its own clock, not judged by the server's
+  assert 'watching it for 1 s before taking it over' in caplog.text
+  assert 'left by process 1 on another-host, whose last heartbeat was over 1 s ago' in caplog.text
   mine = json.loads(files.read_text(f'{workdir}/train.lock'))
   assert mine['pid'] == os.getpid() and mine['host'] == socket.gethostname()
-  # A second taker the moment the first stalls: the first holder's next heartbeat finds
-  # another generation and says it lost the lock; its release leaves the new holder's lock.
+  # The holder stalls (a partition, a frozen host): after half the stale time without a
+  # heartbeat it says it lost the lock, before any taker may take it; a second taker then does.
   taker._impl._stop.set()
   taker._impl._thread.join()
-  time.sleep(1.5)
+  time.sleep(0.6)
+  with caplog.at_level(logging.ERROR):
+    assert taker.lost
+  assert 'no heartbeat landed for' in caplog.text
+  time.sleep(1.0)
   second = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=1)
   second.me = dict(second.me, pid=os.getpid() + 1)   # another process, same host
   second.acquire()
-  taker._impl._stop.clear()   # the stalled holder's heartbeat resumes: its rewrite is refused
+  taker._impl._stop.clear()   # the stalled holder's heartbeat resumes: it writes nothing more
+  generation = second._impl.generation
   taker._impl.heartbeat_seconds = 0.01
-  with caplog.at_level(logging.ERROR):
-    taker._impl._beat()         # returns once it finds the lock is no longer its own
-  assert taker.lost and 'was taken over by another run' in caplog.text
+  taker._impl._beat()         # returns at once: a lost lock is never written again
   taker.release()
+  time.sleep(0.5)
   assert json.loads(files.read_text(f'{workdir}/train.lock'))['pid'] == os.getpid() + 1
+  assert not second.lost and second._impl.generation != generation   # still beating
   second.release()
   assert not files.exists(f'{workdir}/train.lock')
+
+
+def test_a_holder_whose_lock_another_run_rewrote_learns_it_at_its_next_heartbeat(gcs_bucket,
+                                                                                 caplog):
+  from idm_jax import files
+  workdir = f'{gcs_bucket}/run'
+  lock = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=60).acquire()
+  with caplog.at_level(logging.ERROR):
+    files.write_text(f'{workdir}/train.lock', json.dumps(dict(pid=1, host='another-host')))
+    deadline = time.monotonic() + 30
+    while not lock.lost and time.monotonic() < deadline:
+      time.sleep(0.1)
+  assert lock.lost and 'was taken over by another run' in caplog.text
+  lock.release()   # not ours any more: left alone
+  assert json.loads(files.read_text(f'{workdir}/train.lock'))['host'] == 'another-host'
 
 
 def test_a_bucket_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once(gcs_bucket):

@@ -1,0 +1,183 @@
+"""Storage faults are expected, not fatal: every client behind a fault-injecting proxy
+(tests/gcs_faults.py) in front of the local GCS server, answering 503/429, dropping a reply after
+the write landed, resetting connections, adding latency."""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+
+from idm_jax import files
+from idm_jax import reporting
+from idm_jax import workdir_lock
+
+
+# --- The proxy itself: each kind of fault, seen by a real client (gcsfs through files.py).
+
+
+def test_the_proxy_injects_each_kind_of_fault(gcs_faults, gcs_bucket):
+  proxy = gcs_faults.proxy
+  path = f'{gcs_bucket}/dir/a.bin'
+  files.write_atomic(path, b'one')
+  proxy.add(r'dir/a\.bin', 'status', count=2, status=503, methods=('GET',))
+  assert files.read_bytes(path) == b'one'                 # gcsfs retried past two 503s
+  assert proxy.hits(r'dir/a\.bin', kind='status') == 2
+  proxy.add(r'dir/a\.bin', 'status', count=1, status=429)
+  assert files.read_bytes(path) == b'one'
+  # The upload lands; its reply is lost; the client retries; the object is whole and new.
+  proxy.add(r'dir/a\.bin', 'drop_reply', count=1, methods=('POST',))
+  files.write_atomic(path, b'two')
+  assert proxy.hits(r'name=dir/a\.bin', kind='drop_reply') == 1
+  assert [m for m, t, f in proxy.log if f == 'drop_reply'] == ['POST']
+  assert files.read_bytes(path) == b'two'
+  proxy.add(r'dir/a\.bin', 'reset', count=1, methods=('GET',))
+  assert files.read_bytes(path) == b'two'
+  assert proxy.hits(r'dir/a\.bin', kind='reset') == 1
+  proxy.add(r'dir/a\.bin', 'latency', latency_s=0.5)
+  t0 = time.monotonic()
+  assert files.read_bytes(path) == b'two'
+  assert time.monotonic() - t0 >= 0.5
+  proxy.clear()
+  t0 = time.monotonic()
+  files.read_bytes(path)
+  assert time.monotonic() - t0 < 0.5
+  # Nothing else was faulted: each rule hit only what it named, as often as it said.
+  assert sum(1 for _, _, f in proxy.log if f in ('status', 'drop_reply', 'reset')) == 5
+
+
+def test_a_move_and_the_write_probe_survive_a_lost_delete_reply(gcs_faults, gcs_bucket):
+  """A delete that landed but whose reply was lost is retried and finds nothing: that is the
+  delete done, not a missing file (nor, for the write probe, a missing bucket)."""
+  proxy = gcs_faults.proxy
+  root = f'{gcs_bucket}/root'
+  files.write_atomic(f'{root}/a.bin', b'x')
+  proxy.add(r'/o/root/a\.bin(\?|$)', 'drop_reply', count=1, methods=('DELETE',))
+  files.move(f'{root}/a.bin', f'{root}/b.bin')
+  assert proxy.hits(kind='drop_reply') == 1
+  assert files.walk_files(root) == ['b.bin'] and files.read_bytes(f'{root}/b.bin') == b'x'
+  proxy.add(r'idm_jax_write_check', 'drop_reply', count=1, methods=('DELETE',))
+  files.check_writable(f'{root}/c')
+  assert proxy.hits(kind='drop_reply') == 2
+  assert files.walk_files(root) == ['b.bin']
+
+
+# --- The workdir lock in a bucket.
+
+
+def test_a_heartbeat_whose_reply_is_lost_keeps_the_lock(gcs_faults, gcs_bucket):
+  """The rewrite lands, its reply is lost, the client retries with the old generation and is
+  refused (412): the holder reads the lock back, finds its own nonce and holds on."""
+  proxy = gcs_faults.proxy
+  workdir = f'{gcs_bucket}/run'
+  lock = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=30).acquire()
+  try:
+    proxy.add(r'name=run/train\.lock', 'drop_reply', count=1, methods=('POST',))
+    deadline = time.monotonic() + 30
+    while proxy.hits(kind='drop_reply') == 0 and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert proxy.hits(kind='drop_reply') == 1
+    generation = lock._impl.generation
+    time.sleep(1.0)                                 # several more heartbeats
+    assert not lock.lost
+    assert lock._impl.generation != generation      # and they still land
+    mine = json.loads(files.read_text(f'{workdir}/train.lock'))
+    assert mine['pid'] == os.getpid()
+  finally:
+    lock.release()
+  assert not files.exists(f'{workdir}/train.lock')
+
+
+def test_a_partitioned_holder_stops_before_another_run_can_take_over(gcs_faults, gcs_bucket,
+                                                                     gcs_server, monkeypatch,
+                                                                     caplog):
+  """The holder's requests all fail (503) from some moment: it says the lock is lost after
+  half the stale time by its own clock, while a taker that reaches the server must watch the
+  lock unchanged for the whole stale time first, so the two never both hold it."""
+  proxy = gcs_faults.proxy
+  workdir = f'{gcs_bucket}/run'
+  stale = 4.0
+  holder = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=stale).acquire()
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)   # the taker is not partitioned
+  taker = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=stale)
+  taker.me = dict(taker.me, pid=os.getpid() + 1, host='another-host')
+  proxy.add(r'train\.lock', 'status', status=503)           # the partition
+  partitioned = time.monotonic()
+  lost_at = None
+  with caplog.at_level(logging.WARNING):
+    while True:
+      try:
+        taker.acquire()
+        taken_at = time.monotonic()
+        break
+      except workdir_lock.WorkdirInUse:   # refused while the heartbeat is recent
+        pass
+      if lost_at is None and holder.lost:
+        lost_at = time.monotonic()
+      assert time.monotonic() - partitioned < 60
+      time.sleep(0.2)
+  assert holder.lost and lost_at is not None and lost_at < taken_at
+  assert lost_at - partitioned >= stale / 2 - 0.5   # not before its renewals ran out
+  assert taken_at - partitioned >= stale             # the taker watched for the stale time
+  assert 'no heartbeat landed for 2 s' in caplog.text
+  assert 'watching it for 4 s before taking it over' in caplog.text
+  proxy.clear()
+  holder.release()                                   # lost: leaves the taker's lock alone
+  assert json.loads(files.read_text(f'{workdir}/train.lock'))['host'] == 'another-host'
+  taker.release()
+  assert not files.exists(f'{workdir}/train.lock')
+
+
+# --- Reports: a write that fails warns, and is made again later; the run goes on.
+
+
+def _steps(workdir):
+  return [json.loads(line)['step'] for line in files.iter_lines(f'{workdir}/metrics.jsonl')]
+
+
+def test_a_metrics_write_that_fails_after_landing_is_rewritten_once(gcs_faults, gcs_bucket,
+                                                                    caplog):
+  """The rewrite of metrics.jsonl lands but the client sees a failure (reply lost, then a
+  refusal): the Writer warns, keeps the lines and rewrites the whole file at the next flush,
+  so no line is missing or doubled."""
+  proxy = gcs_faults.proxy
+  workdir = f'{gcs_bucket}/run'
+  files.write_text(f'{workdir}/metrics.jsonl', json.dumps({'step': 0}) + '\n')  # an earlier run
+  writer = reporting.Writer(workdir)
+  writer.REMOTE_FLUSH_SECONDS = 0.0
+  proxy.add(r'metrics\.jsonl', 'drop_reply', count=1, methods=('POST',))
+  proxy.add(r'metrics\.jsonl', 'status', count=1, status=403, methods=('POST',))
+  with caplog.at_level(logging.WARNING):
+    writer.scalars(1, {'loss': 1.0})   # raises nothing
+  assert proxy.hits(r'metrics\.jsonl') == 2
+  assert 'could not write' in caplog.text and 'metrics.jsonl' in caplog.text
+  assert _steps(workdir) == [0, 1]     # it had landed
+  writer.scalars(2, {'loss': 0.5})
+  writer.close()
+  assert _steps(workdir) == [0, 1, 2]
+
+
+def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_dropped(
+    gcs_faults, gcs_bucket, caplog):
+  proxy = gcs_faults.proxy
+  workdir = f'{gcs_bucket}/run'
+  writer = reporting.Writer(workdir)
+  batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
+  proxy.add(r'samples_0000002', 'status', count=1, status=403)
+  with caplog.at_level(logging.WARNING):
+    writer.sample_grid(2, batch, batch['hq'], conditional=True)
+  assert 'samples_0000002.png' not in files.listdir(workdir)
+  assert 'could not write' in caplog.text and 'samples_0000002.png' in caplog.text
+  writer.scalars(3, {'loss': 0.5})    # the next log step writes it
+  assert 'samples_0000002.png' in files.listdir(workdir)
+  proxy.add(r'samples_0000004', 'status', status=403)
+  with caplog.at_level(logging.WARNING):
+    writer.sample_grid(4, batch, batch['hq'], conditional=True)
+    writer.scalars(5, {'loss': 0.25})
+  assert 'dropped the sample grid' in caplog.text and 'samples_0000004.png' in caplog.text
+  assert proxy.hits(r'samples_0000004') == 2
+  writer.close()
+  assert 'samples_0000004.png' not in files.listdir(workdir)
+  assert _steps(workdir) == [2, 3, 4, 5]
+
