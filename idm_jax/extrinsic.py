@@ -13,6 +13,7 @@ D_{k+1}. rounds.md gets a row per round on the same fixed validation set.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from idm_jax import cleaned_dataset
 from idm_jax import configlib
 from idm_jax import files
+from idm_jax import images
 from idm_jax import inference
 from idm_jax import parallel
 from idm_jax.data import sources
@@ -81,17 +83,21 @@ def restore_mean(restorer: inference.Restorer, indices: np.ndarray, lq: np.ndarr
 
 
 def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
-                  seed: int, niqe_params: str | None, resolution: int, provenance: dict) -> dict:
+                  seed: int, niqe_params: str | None, resolution: int, provenance: dict,
+                  concurrency: int = files.IO_CONCURRENCY) -> dict:
   """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
 
   niqe_params: the pristine NIQE parameters that rank images when clean_cfg.score is 'niqe' and
-  clean_cfg.fraction < 1 (None: the shipped ones).
+  clean_cfg.fraction < 1 (None: the shipped ones). Each process scores and cleans its
+  `inference.host_share` of the records (all of them agree on the selection: the scores are
+  gathered); files are read, written and copied `concurrency` at a time, the next batch's
+  images read while this one is restored, and its files written while the next one is.
   """
   finished = cleaned_dataset.read_manifest(out_dir)
   if finished is not None:
     cleaned_dataset.verify_manifest(out_dir)
     return finished
-  pi, pc = jax.process_index(), jax.process_count()
+  pi = jax.process_index()
   files.makedirs(files.join(out_dir, cleaned_dataset.IMAGES))
 
   if isinstance(source, sources.FolderSource):   # names without decoding every file
@@ -106,56 +112,37 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
     raise ValueError(f'config.clean.score: {kind!r} is not one of {configlib.CLEAN_SCORES}')
   params = None   # NIQE's, only where NIQE ranks the records
   scores = None
+  checksums = {}
   selected = set(names)
   if fraction < 1.0:
     if kind == 'niqe':
       from idm_jax.metrics import niqe
       params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
-    scores = _selection_scores(source, kind, params, resolution, out_dir, write=pi == 0)
+    scores, checksums = _selection_scores(source, names, kind, params, resolution, out_dir,
+                                          concurrency=concurrency, write=pi == 0)
     selected = select_worst(scores, fraction)
 
-  done = cleaned_dataset.read_journals(out_dir)
-  mine = [i for i in range(len(names)) if i % pc == pi and names[i] not in done]
+  done = cleaned_dataset.read_journals(out_dir, concurrency)
+  mine = [int(i) for i in inference.host_share(len(names)) if names[i] not in done]
   to_clean = [i for i in mine if names[i] in selected]
   to_copy = [i for i in mine if names[i] not in selected]
   journal = cleaned_dataset.Journal(out_dir, pi)
-  bs = int(clean_cfg.batch_size)
   with tqdm(total=len(mine), desc='clean', disable=pi != 0) as bar:
-    for i in to_copy:
-      journal.add(cleaned_dataset.copy_record(source, i, names[i], out_dir))
-      bar.update(1)
-    journal.flush()
-    settings = dict(seed=seed, steps=int(clean_cfg.steps), sampler=clean_cfg.sampler,
-                    t_start=float(clean_cfg.t_start))
-    restore = functools.partial(restore_mean, restorer, samples=int(clean_cfg.samples),
-                                **settings)
-    for (idx,) in inference.lockstep_chunks(bs, restorer.lockstep, np.array(to_clean, np.int64)):
-      records = [source[i] for i in idx]
-      good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
-      for i, r in zip(idx, records):
-        if r.get('image') is None:
-          journal.add(dict(name=names[i], action='failed', reason=r.get('error', '')))
-      # Even with no good image (all failed, or this host is done) a lockstep Restorer runs a
-      # batch, because the other hosts' images are in it.
-      lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
-          (0, resolution, resolution, 3), np.uint8)
-      restored = inference.call_padded(restore, bs, np.array([i for i, _ in good], np.int64), lq)
-      for (i, _), img in zip(good, restored):
-        rel = cleaned_dataset.out_name(names[i], cleaned=True)
-        data = files.encode_image(img)
-        files.write_atomic(files.join(out_dir, cleaned_dataset.IMAGES, rel), data)
-        entry = dict(name=names[i], file=rel, action='cleaned',
-                     sha256=hashlib.sha256(data).hexdigest())
-        if params is not None:   # did cleaning lower the score that chose it?
-          entry['score_after'] = niqe_of(img, params, resolution)
+    try:
+      for entry in cleaned_dataset.copy_records(source, to_copy, names, out_dir,
+                                                checksums=checksums, concurrency=concurrency):
         journal.add(entry)
+        bar.update(1)
+      _clean_records(source, names, to_clean, restorer, out_dir, journal, bar,
+                     clean_cfg=clean_cfg, seed=seed, params=params, resolution=resolution,
+                     concurrency=concurrency)
+    finally:   # what was written is journalled, killed or not
       journal.flush()
-      bar.update(len(idx))
 
   parallel.barrier('clean: all records written')
   if pi != 0:
     return {}
-  done = cleaned_dataset.read_journals(out_dir)
+  done = cleaned_dataset.read_journals(out_dir, concurrency)
   missing = [n for n in names if n not in done]
   if missing:
     raise RuntimeError(f'{out_dir}: {len(missing)} records were not written, e.g. {missing[:3]}')
@@ -175,20 +162,181 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   return manifest
 
 
-def _selection_scores(source, kind: str, niqe_params, resolution: int, out_dir: str, *,
-                      write: bool) -> dict[str, float | None]:
-  """Every record's score by `kind`, read back from OUT/scores.json where an earlier (killed)
-  run wrote it, so a resumed run selects the same records without scoring again."""
+def _clean_records(source, names, to_clean, restorer, out_dir: str, journal, bar, *, clean_cfg,
+                   seed: int, params, resolution: int, concurrency: int) -> None:
+  """Restores the records `to_clean` (this process's) in lockstep batches, journalling each.
+
+  Three stages overlap: batch k+1's files are read and decoded, batch k is restored, batch
+  k-1's files are encoded, written and journalled. A kill (or an error) waits for the writes in
+  flight and journals them; the batch being restored is redone on resume.
+  """
+  bs = int(clean_cfg.batch_size)
+  settings = dict(seed=seed, steps=int(clean_cfg.steps), sampler=clean_cfg.sampler,
+                  t_start=float(clean_cfg.t_start))
+  restore = functools.partial(restore_mean, restorer, samples=int(clean_cfg.samples), **settings)
+  chunks = [idx for (idx,) in inference.lockstep_chunks(bs, restorer.lockstep,
+                                                        np.array(to_clean, np.int64))]
+  load = functools.partial(load_records, source, names, concurrency=concurrency)
+  write = functools.partial(_write_cleaned, out_dir, journal, params=params,
+                            resolution=resolution, concurrency=concurrency)
+  writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='clean-write')
+  pending = None
+  batches = _prefetched(load, chunks)
+  try:
+    for idx, records in batches:
+      good = [(i, r) for i, r in zip(idx, records) if r.get('image') is not None]
+      for i, r in zip(idx, records):
+        if r.get('image') is None:
+          journal.add(dict(name=names[i], action='failed', reason=r.get('error', '')))
+      # Even with no good image (all failed, or this host is done) a lockstep Restorer runs a
+      # batch, because the other hosts' images are in it.
+      lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
+          (0, resolution, resolution, 3), np.uint8)
+      restored = inference.call_padded(restore, bs, np.array([i for i, _ in good], np.int64), lq)
+      if pending is not None:
+        pending.result()   # one batch in writing at a time: memory stays bounded
+      pending = writer.submit(write, [(names[i], img) for (i, _), img in zip(good, restored)])
+      bar.update(len(idx))
+  finally:
+    batches.close()   # a read in flight is waited for, not left running
+    try:
+      if pending is not None:
+        pending.result()
+    finally:
+      writer.shutdown(wait=True)
+
+
+def _write_cleaned(out_dir: str, journal, items, *, params, resolution: int,
+                   concurrency: int) -> None:
+  """Encodes, writes and journals cleaned images (name, uint8 image), `concurrency` at a time;
+  with NIQE parameters, each entry also has the score of the cleaned image (score_after). Raises
+  after journalling the others if a write failed (after its retries)."""
+  def one(item):
+    name, img = item
+    rel = cleaned_dataset.out_name(name, cleaned=True)
+    data = files.encode_image(img)
+    files.call_with_retries(files.write_atomic, files.join(out_dir, cleaned_dataset.IMAGES, rel),
+                            data)
+    entry = dict(name=name, file=rel, action='cleaned', sha256=hashlib.sha256(data).hexdigest())
+    if params is not None:   # did cleaning lower the score that chose it?
+      entry['score_after'] = niqe_of(img, params, resolution)
+    return entry
+  errors = []
+  for k, result in files.map_many(one, items, concurrency=concurrency):
+    if isinstance(result, Exception):
+      errors.append((items[k][0], result))
+    else:
+      journal.add(result)
+  if errors:
+    name, e = errors[0]
+    raise RuntimeError(f'{out_dir}: {len(errors)} cleaned images could not be written, the first '
+                       f'{name!r}: {type(e).__name__}: {e}') from e
+
+
+def _prefetched(load, chunks):
+  """(chunk, load(chunk)) for each chunk, the next one loading while the caller works on this."""
+  if not chunks:
+    return
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='clean-read') as ahead:
+    future = ahead.submit(load, chunks[0])
+    for k, chunk in enumerate(chunks):
+      loaded = future.result()
+      if k + 1 < len(chunks):
+        future = ahead.submit(load, chunks[k + 1])
+      yield chunk, loaded
+
+
+def load_records(source, names, indices, *, concurrency: int = files.IO_CONCURRENCY,
+                 with_bytes: bool = False) -> list[dict]:
+  """source[i] for each index, a folder's files read and decoded `concurrency` at a time (a read
+  that fails after its retries is a bad record naming the file). with_bytes: a folder's records
+  also hold their file's bytes as 'data' (for checksums)."""
+  if not isinstance(source, sources.FolderSource):
+    return [source[int(i)] for i in indices]
+
+  def one(i):
+    path, name = source.paths[i], names[i]
+    try:
+      data = files.call_with_retries(files.read_whole, path)
+    except Exception as e:  # pylint: disable=broad-except  (a bad record, named)
+      return sources.bad_record(name, cleaned_dataset.read_failure(path, e))
+    try:
+      rec = {'image': sources.load_image(data, source.resolution, name), 'name': name}
+    except images.BadImage as e:
+      rec = sources.bad_record(name, e.reason)
+    if with_bytes:
+      rec['data'] = data
+    return rec
+  indices = [int(i) for i in indices]
+  out = [None] * len(indices)
+  for k, result in files.map_many(one, indices, concurrency=concurrency):
+    if isinstance(result, Exception):   # a defect in decoding, not in the file: raise it
+      raise result
+    out[k] = result
+  return out
+
+
+def _selection_scores(source, names, kind: str, params, resolution: int, out_dir: str, *,
+                      concurrency: int, write: bool
+                      ) -> tuple[dict[str, float | None], dict[str, str]]:
+  """(every record's score by `kind`, the sha256 of every source file read) by name. Each
+  process scores its host share, and the shares are gathered, so every process selects the
+  same records. Read back from OUT/scores.json (and source_sha256.json) where an earlier
+  (killed) run wrote them, so a resumed run selects the same records without scoring again."""
   path = files.join(out_dir, cleaned_dataset.SCORES)
-  if files.exists(path):
-    return json.loads(files.read_text(path))
+  sums_path = files.join(out_dir, cleaned_dataset.SOURCE_SHA256)
+  # Agreed: scoring gathers over every process, so all of them score, or none.
+  if not parallel.max_over_processes(int(not files.exists(path))):
+    sums = json.loads(files.read_text(sums_path)) if files.exists(sums_path) else {}
+    return json.loads(files.read_text(path)), sums
+  n = len(names)
+  share = inference.host_share(n)
+  width = 2 if kind == 'artifacts' else 1   # artifacts: the features; the score needs them all
+  values = np.full((len(share), width), np.nan)
+  digests = np.zeros((len(share), 32), np.uint8)
+  chunk = max(64, 4 * concurrency)
+  chunks = [share[s:s + chunk] for s in range(0, len(share), chunk)]
+  load = functools.partial(load_records, source, names, concurrency=concurrency,
+                           with_bytes=True)
+  done = 0
+  with tqdm(total=len(share), desc='score', disable=jax.process_index() != 0) as bar:
+    for idx, records in _prefetched(load, chunks):
+      for k, rec in enumerate(records, done):
+        if rec.get('data') is not None:
+          digests[k] = np.frombuffer(hashlib.sha256(rec['data']).digest(), np.uint8)
+        if rec.get('image') is None:
+          continue
+        if kind == 'artifacts':
+          from idm_jax.metrics import artifacts
+          values[k] = artifacts.features(rec['image'])
+        else:
+          values[k] = niqe_of(rec['image'], params, resolution)
+      done += len(idx)
+      bar.update(len(idx))
+  values, digests = _gather_exact(values, n), _gather_exact(digests, n)
+  ok = ~np.isnan(values).any(axis=1)
   if kind == 'artifacts':
-    scores = artifact_scores(source)
+    from idm_jax.metrics import artifacts
+    good = np.flatnonzero(ok)
+    z = artifacts.outlier_scores([tuple(v) for v in values[good].tolist()]).tolist()
+    score_of = dict(zip(good.tolist(), z))
   else:
-    scores = niqe_scores(source, niqe_params, resolution)
-  if write:
+    score_of = {i: float(values[i, 0]) for i in np.flatnonzero(ok).tolist()}
+  scores = {names[i]: score_of.get(i) for i in range(n)}
+  sums = {names[i]: digests[i].tobytes().hex() for i in range(n) if digests[i].any()}
+  if write:   # the checksums first: scores.json marks the scoring done
+    if sums:
+      files.write_atomic(sums_path, json.dumps(sums, indent=1).encode())
     files.write_atomic(path, json.dumps(scores, indent=1).encode())
-  return scores
+  return scores, sums
+
+
+def _gather_exact(local: np.ndarray, n: int) -> np.ndarray:
+  """inference.gather_shares, bit for bit: the rows travel as bytes (float64 gathered as itself
+  arrives as float32 where JAX runs without x64, and the processes' selections could differ
+  from one process's)."""
+  raw = np.ascontiguousarray(local).view(np.uint8).reshape(len(local), -1)
+  return inference.gather_shares(raw, n).view(local.dtype).reshape((n,) + local.shape[1:])
 
 
 def _provenance(config, workdir: str, step: int | None) -> dict:

@@ -13,11 +13,15 @@ Remote listings are never cached: other hosts (and orbax's tensorstore) write th
 """
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import io
 import os
 import posixpath
+import random
 import socket
 import tempfile
+import time
 from typing import Iterator
 
 from etils import epath
@@ -313,3 +317,132 @@ def is_within(p: PathLike, folder: PathLike) -> bool:
   p = os.path.realpath(os.path.expanduser(p))
   folder = os.path.realpath(os.path.expanduser(folder))
   return p == folder or p.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many files at once. A bucket answers each request in tens of milliseconds however small the
+# object, so a dataset read or written one file after another is bound by round trips, not
+# bytes. These keep `concurrency` requests in flight (threads: gcsfs's calls wait on its one
+# event loop, and local reads release the GIL) and try each file again after a transient failure.
+# Results come back in the order asked; a file that still fails is an exception in its place, so
+# one unreadable image is the caller's to report, not the end of a 70,000-image job.
+
+IO_CONCURRENCY = 16
+IO_ATTEMPTS = 3
+IO_BACKOFF_S = 0.5   # the first retry's wait; doubled for each one after it
+
+# Local errors a retry can outlive: a network file system (a gcsfuse mount, NFS) reports a
+# dropped request as one of these. errno.ENOENT, EACCES, EISDIR, ... are the file's own.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ('EIO', 'EAGAIN', 'EBUSY', 'ETIMEDOUT', 'ECONNRESET',
+                                'ECONNABORTED', 'ESTALE', 'EINTR') if hasattr(errno, n))
+
+
+def is_transient(e: BaseException) -> bool:
+  """Whether a failed storage call may succeed if made again: throttling, a server error, a
+  dropped connection, a timeout; not a missing file, a refused permission or a bad request."""
+  if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    FileExistsError)):
+    return False
+  if isinstance(e, (TimeoutError, ConnectionError)):
+    return True
+  if type(e).__module__.split('.')[0] in ('gcsfs', 'aiohttp', 'requests', 'google'):
+    from gcsfs import retry  # pylint: disable=import-outside-toplevel  (only gcsfs raises these)
+    return retry.is_retriable(e)
+  return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
+
+
+def call_with_retries(fn, *args, attempts: int | None = None, backoff_s: float | None = None):
+  """fn(*args), made again (after backoff_s, 2 * backoff_s, ...) while it fails transiently, at
+  most `attempts` times in all (default IO_ATTEMPTS, IO_BACKOFF_S); the last error is raised.
+  (gcsfs also retries each HTTP request itself; this covers what outlives that, and local
+  network file systems.)"""
+  attempts = IO_ATTEMPTS if attempts is None else int(attempts)
+  backoff_s = IO_BACKOFF_S if backoff_s is None else float(backoff_s)
+  for attempt in range(attempts):
+    try:
+      return fn(*args)
+    except Exception as e:  # pylint: disable=broad-except  (is_transient sorts them)
+      if attempt == attempts - 1 or not is_transient(e):
+        raise
+    time.sleep(backoff_s * 2 ** attempt * (1 + 0.25 * random.random()))  # jitter: no stampede
+
+
+def map_many(fn, items, *, concurrency: int = IO_CONCURRENCY) -> Iterator[tuple[int, object]]:
+  """(k, fn(items[k]) or the Exception it raised) for every item, as each finishes, with at most
+  `concurrency` calls running. Leaving the loop early (or an interrupt) cancels the calls not
+  yet started and waits for the running ones."""
+  items = list(items)
+  if not items:
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, min(int(concurrency), len(items))),
+                                               thread_name_prefix='files')
+  try:
+    futures = {pool.submit(fn, x): k for k, x in enumerate(items)}
+    for future in concurrent.futures.as_completed(futures):
+      k = futures[future]
+      try:
+        yield k, future.result()
+      except Exception as e:  # pylint: disable=broad-except  (returned in its item's place)
+        yield k, e
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_order(fn, items, concurrency: int) -> list:
+  items = list(items)
+  out = [None] * len(items)
+  for k, result in map_many(fn, items, concurrency=concurrency):
+    out[k] = result
+  return out
+
+
+def read_whole(p: PathLike) -> bytes:
+  """A file's bytes in one request where it is an object (read_bytes opens the object, asking
+  for its metadata first: two round trips)."""
+  if is_remote(p):
+    fs, key = _fs(p)
+    return fs.cat_file(key)
+  return read_bytes(p)
+
+
+def read_many(paths, *, concurrency: int = IO_CONCURRENCY,
+              attempts: int | None = None) -> list[bytes | Exception]:
+  """Every file's bytes (local or remote), in order; a file that cannot be read, after the
+  retries, is the exception in its place."""
+  return _in_order(lambda p: call_with_retries(read_whole, p, attempts=attempts), paths,
+                   concurrency)
+
+
+def write_many(items, *, concurrency: int = IO_CONCURRENCY,
+               attempts: int | None = None) -> list[Exception | None]:
+  """Writes each (path, bytes) with write_atomic; None in the order given where it worked, the
+  exception where it failed after the retries (a retried upload replaces the whole object)."""
+  return _in_order(lambda pd: call_with_retries(write_atomic, pd[0], pd[1], attempts=attempts),
+                   items, concurrency)
+
+
+def copy_many(pairs, *, concurrency: int = IO_CONCURRENCY,
+              attempts: int | None = None) -> list[Exception | None]:
+  """Copies each (src, dst); None in the order given where it worked, else the exception. Within
+  one object store the copy happens on the server (no bytes pass through this host); otherwise
+  the bytes are read and written atomically."""
+  return _in_order(lambda sd: call_with_retries(copy_one, sd[0], sd[1], attempts=attempts),
+                   pairs, concurrency)
+
+
+def same_store(src: PathLike, dst: PathLike) -> bool:
+  """Whether both paths lie in one object store (gs:// and gs://), where a copy is the
+  server's work."""
+  return is_remote(src) and is_remote(dst) and \
+      os.fspath(src).split('://', 1)[0] == os.fspath(dst).split('://', 1)[0]
+
+
+def copy_one(src: PathLike, dst: PathLike) -> None:
+  """One file's copy (see copy_many): server-side within a store, else read + atomic write."""
+  if same_store(src, dst):
+    fs, src_key = _fs(src)
+    _, dst_key = _fs(dst)
+    fs.cp_file(src_key, dst_key)   # GCS: objects.rewrite; the new object appears whole
+    return
+  write_atomic(dst, read_whole(src))
