@@ -74,7 +74,7 @@ if [ ! -f "$WORK/contaminated/manifest.json" ]; then
 fi
 # A shared ORACLE must hold the same faces (a pristine set made for another split would score
 # the oracle on other faces than the other arms).
-if ! diff -q <(find "$SRC" -maxdepth 1 -printf '%f\n' | sed 's/\.[^.]*$//' | sort) \
+if ! diff -q <(find "$SRC" -mindepth 1 -maxdepth 1 -printf '%f\n' | sed 's/\.[^.]*$//' | sort) \
              <(find "$PRISTINE/images" -maxdepth 1 -type f -printf '%f\n' | sed 's/\.[^.]*$//' | sort) \
              > /dev/null; then
   echo "$PRISTINE holds other faces than $SRC (another split?): use another ORACLE" >&2; exit 2

@@ -175,3 +175,31 @@ def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
   r = subprocess.run(['bash', 'experiments/cleaning_fidelity.sh', str(tmp_path / 'x'), 'mix'],
                      cwd=REPO, env=dict(env, CSEED='2'), capture_output=True, text=True)
   assert r.returncode == 2 and 'dev contamination seeds' in r.stderr
+
+
+def test_prepare_only_builds_the_split_view_and_contaminates_train_faces_only(tmp_path, celeba_dir):
+  """PREPARE_ONLY=1 with EVAL=test: the faces are the train split and the test split (test last),
+  the contamination falls on train faces only, and an ORACLE made for another split is refused."""
+  src, splits = _toy_faces(tmp_path, celeba_dir)
+  names = [p.name for p in sorted(src.iterdir())]
+  splits.write_text(json.dumps(dict(train=names[:12], dev=names[12:16], test=names[16:])))
+  work = tmp_path / 'exp'
+  env = dict(os.environ, SRC=str(src), SPLITS=str(splits), RES='32', FRACTION='0.5',
+             EVAL='test', PREPARE_ONLY='1')
+  cmd = ['bash', 'experiments/extrinsic_experiment.sh', str(work)]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  assert sorted(os.listdir(work / 'faces_test')) == (
+      [f'a_{n}' for n in names[:12]] + [f'b_{n}' for n in names[16:]])
+  manifest = json.loads((work / 'contaminated' / 'manifest.json').read_text())
+  assert manifest['skip_last'] == 4 and manifest['num_contaminated'] == 6   # half of 12 train
+  contaminated = {r['file'] for r in manifest['records'] if 'defect' in r}
+  assert len(contaminated) == 6 and all(f.startswith('a_') for f in contaminated)
+  assert (work / 'results' / 'splits.json').read_text() == splits.read_text()
+  assert not (work / 'rounds').exists()                      # prepared, nothing trained
+  assert 'evaluation on test (4 faces)' in (work / 'results' / 'timeline.txt').read_text()
+  # Another split's run may not share this oracle's pristine faces.
+  r = subprocess.run(['bash', 'experiments/extrinsic_experiment.sh', str(tmp_path / 'dev')],
+                     cwd=REPO, env=dict(env, EVAL='dev', ORACLE=str(work / 'oracle')),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2 and 'another split' in r.stderr
