@@ -119,6 +119,42 @@ def seed_level(arms, lq, seeds, samplings):
             + ' | '.join(cells) + ' |')
 
 
+def cleaning_seed_level(out):
+  """PROTOCOL.md's (F): each seed's cleaning, cleaned − contaminated against the originals and
+  the cleaned faces' sharpness as a share of the pristine faces', t-intervals over the seeds."""
+  rows = {}
+  for path in sorted(glob.glob(os.path.join(out, 'cleaning_seed_*', 'cleaning.json'))):
+    seed = int(os.path.basename(os.path.dirname(path)).split('_')[-1])
+    report = _load(path)
+    c = report.get('contaminated_and_cleaned')
+    if not c:
+      continue
+    row = {f'{m}: cleaned − contaminated': c['delta'][m]['mean'] for m in METRICS
+           if m in c['delta']}
+    for key, what in (('contaminated_and_cleaned', 'damaged'), ('clean_but_cleaned', 'undamaged')):
+      q = (report.get(key) or {}).get('quality')
+      if q:
+        for k, v in q['cleaned_over_pristine'].items():
+          row[f'{k}, {what} faces: cleaned / pristine'] = v
+        if 'niqe' in q['means']['cleaned']:
+          row[f'niqe, {what} faces: cleaned − pristine'] = (q['means']['cleaned']['niqe']
+                                                            - q['means']['pristine']['niqe'])
+    rows[seed] = row
+  if len(rows) < 2:
+    return
+  seeds = sorted(rows)
+  keys = [k for k in rows[seeds[0]] if all(k in rows[s] for s in seeds)]
+  print(f'\n## The cleanings over the {len(seeds)} seeds\n\nEach seed\'s round-0 model cleaning '
+        'its own training faces: the mean over the faces per seed, then the 95% t-interval over '
+        'the seeds (bold where it excludes 0; for a ratio, read it against 1):\n')
+  print('| measure | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | over the seeds |')
+  print('| --- |' + ' --- |' * (len(seeds) + 1))
+  for k in keys:
+    values = [rows[s][k] for s in seeds]
+    print(f'| {k} | ' + ' | '.join(f'{v:+.4f}' for v in values) + ' | '
+          + _t_cell(bootstrap.seed_t_interval(values)) + ' |')
+
+
 def main(out):
   arms, lq = load_arms(out)
   if 'round_0' not in arms or 'oracle' not in arms:
@@ -171,6 +207,7 @@ def main(out):
     with open(path) as f:
       print('\n' + f.read().replace('# Cleaning', f'## Cleaning by the round-0 model of seed '
                                                  f'{seed}', 1))
+  cleaning_seed_level(out)
   keys = ('fd_dlib', 'face_rate', 'niqe')
   gens = {v: os.path.join(out, f'generator_{v}_metrics.json')
           for v in ('contaminated', 'cleaned', 'pristine')}

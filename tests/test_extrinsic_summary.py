@@ -61,3 +61,30 @@ def test_committed_two_seed_summary_reads_as_the_issue_says():
   text = (REPO / 'docs/results/extrinsic64_doses/dose40/summary_seed_level.md').read_text()
   assert '| G = oracle − round 0 | 1 steps | +0.1336 [-0.1599, +0.4271] |' in text
   assert 'not given: the lead\'s interval includes 0' in text
+
+
+def test_cleanings_over_the_seeds(tmp_path, capsys):
+  """(F): one row per measure, the seeds' values and their t-interval; the sharpness ratios of
+  damaged and undamaged faces when the reports have them."""
+  def report(psnr, ratio):
+    q = dict(means=dict(cleaned=dict(niqe=5.0), pristine=dict(niqe=4.0)),
+             cleaned_over_pristine=dict(sharpness_lapvar=ratio, sharpness_grad=ratio + 0.01))
+    return dict(contaminated_and_cleaned=dict(
+        delta={m: dict(mean=psnr) for m in METRICS}, quality=q), clean_but_cleaned=dict(quality=q))
+  for seed, (psnr, ratio) in enumerate([(0.10, 0.90), (0.12, 0.92), (0.14, 0.94)]):
+    d = tmp_path / f'cleaning_seed_{seed}'
+    d.mkdir()
+    (d / 'cleaning.json').write_text(__import__('json').dumps(report(psnr, ratio)))
+  extrinsic_summary.cleaning_seed_level(str(tmp_path))
+  out = capsys.readouterr().out
+  assert '## The cleanings over the 3 seeds' in out
+  psnr = [line for line in out.splitlines() if line.startswith('| psnr: cleaned − contaminated')]
+  # mean 0.12, sd 0.02, t(0.975, 2) = 4.3027: 0.12 ± 0.0497
+  assert psnr == ['| psnr: cleaned − contaminated | +0.1000 | +0.1200 | +0.1400 | '
+                  '**+0.1200 [+0.0703, +0.1697]** |']
+  assert '| sharpness_lapvar, undamaged faces: cleaned / pristine | +0.9000 |' in out
+  assert '| niqe, damaged faces: cleaned − pristine | +1.0000 |' in out
+  (tmp_path / 'cleaning_seed_1' / 'cleaning.json').unlink()
+  (tmp_path / 'cleaning_seed_2' / 'cleaning.json').unlink()
+  extrinsic_summary.cleaning_seed_level(str(tmp_path))
+  assert capsys.readouterr().out == ''                    # one seed: no interval to give
