@@ -1,7 +1,10 @@
 """experiments/cleaning_fidelity.sh's summary, as markdown: each arm's three measures, and each arm
 against the first (the reference) with paired-bootstrap 95% intervals over the faces.
 
-python experiments/cleaning_fidelity_summary.py OUT WORKDIR [WORKDIR...]
+python experiments/cleaning_fidelity_summary.py OUT ARM [ARM...]
+(an ARM is the name given to cleaning_fidelity.sh; a path's last component is taken as its name.)
+The cleaning section adds, where the reports have them (cleaning_eval since the sharpness
+measures), the cleaned faces' sharpness and NIQE against the pristine and contaminated ones.
 """
 import json
 import os
@@ -96,6 +99,7 @@ def _clean_section(arms, clean):
           bootstrap.paired_interval(ca['per_image']['after'][m], cr['per_image']['after'][m]))
           for m in METRICS)
             + ' | | |')
+  _quality_table(arms, clean)
   kinds = clean[ref]['contaminated_and_cleaned'].get('kinds')
   if kinds:
     print('\nPSNR, cleaned − contaminated, by defect:\n')
@@ -107,6 +111,32 @@ def _clean_section(arms, clean):
       print(f'| {a} | ' + ' | '.join(reports.format_delta(bootstrap.paired_interval(
           d[np.equal(c['kinds'], k)], np.zeros(kinds.count(k)))) for k in sorted(set(kinds)))
             + ' |')
+
+
+def _quality_table(arms, clean):
+  """Sharpness (and NIQE) of the cleaned faces against the pristine and contaminated ones."""
+  rows = []
+  for a in arms:
+    for key, what in (('contaminated_and_cleaned', 'damaged'), ('clean_but_cleaned', 'undamaged')):
+      q = (clean[a].get(key) or {}).get('quality')
+      if not q:
+        continue
+      for k in ('sharpness_lapvar', 'sharpness_grad', 'niqe'):
+        if k not in q['means']['cleaned']:
+          continue
+        ratio = q['cleaned_over_pristine'].get(k)
+        vs = [reports.format_delta(q[f'cleaned_minus_{o}'][k]) if f'cleaned_minus_{o}' in q
+              else '' for o in ('pristine', 'contaminated')]
+        rows.append(f"| {a} | {what} | {k} | {q['means']['pristine'][k]:.3f} | "
+                    f"{q['means']['cleaned'][k]:.3f} | {vs[0]} | {vs[1]} | "
+                    + (f'{ratio:.3f}' if ratio is not None else '') + ' |')
+  if rows:
+    print('\nWhat cleaning does to sharpness (Laplacian variance, gradient magnitude: higher is '
+          'sharper) and NIQE (lower is better):\n')
+    print('| arm | faces | measure | pristine | cleaned | cleaned − pristine | '
+          'cleaned − contaminated | cleaned / pristine |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    print('\n'.join(rows))
 
 
 def _heavy_section(arms, heavy):

@@ -141,7 +141,8 @@ def test_cleaning_fidelity_script_end_to_end(tmp_path, celeba_dir):
   assert r.returncode == 0, r.stderr[-3000:]
   for section in ('## 1. Pristine validation faces', '## 2. Cleaning the contaminated',
                   'by defect', '## 3. The heavily degraded validation set',
-                  '| mix − earlier |', '| mix − earlier (cleaned faces) |'):
+                  '| mix − earlier |', '| mix − earlier (cleaned faces) |',
+                  '| mix | damaged | sharpness_lapvar |', 'cleaned / pristine |'):
     assert section in r.stdout, section
   for arm, mix in (('earlier', 0.0), ('mix', 0.3)):
     # The cleaner trained on the contaminated faces it cleaned, not on their pristine twins.
