@@ -321,6 +321,24 @@ def test_cleaning_in_a_bucket_rides_out_503s_and_names_a_forbidden_file(gcs_faul
   assert cleaned_dataset.verify_manifest(out) == {'cleaned': 13, 'copied': 0, 'failed': 1}
 
 
+def test_a_503_storm_longer_than_gcsfs_retries_is_outlasted(gcs_faults, gcs_bucket, monkeypatch,
+                                                           no_backoff):
+  """gcsfs tries each request 6 times, then raises; files.call_with_retries tries the file again,
+  so seven 503s in a row on one face still end in its bytes. (gcsfs's waits, 1 to 32 s, are
+  made instant here; the count of tries is what is tested.)"""
+  import asyncio
+  import types
+  from gcsfs import retry
+
+  async def no_wait(_):
+    await asyncio.sleep(0)
+  monkeypatch.setattr(retry, 'asyncio', types.SimpleNamespace(sleep=no_wait))
+  files.write_atomic(f'{gcs_bucket}/faces/00.png', b'face')
+  gcs_faults.proxy.add(r'/o/faces/00\.png', 'status', count=7, status=503, methods=('GET',))
+  assert files.read_many([f'{gcs_bucket}/faces/00.png']) == [b'face']
+  assert gcs_faults.proxy.hits(r'/o/faces/00\.png', 'status') == 7
+
+
 # --- Latency: time goes by round trips in flight, not by requests.
 
 
