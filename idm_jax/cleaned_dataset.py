@@ -184,6 +184,18 @@ def verify_records(out_dir: str, records: list[dict], on_disk: set[str]) -> None
       raise RuntimeError(f'{path}: missing or its checksum does not match the journal')
 
 
+def remove_partial_writes(out_dir: str) -> None:
+  """Deletes what a kill left of local atomic writes: files.write_atomic's hidden
+  '.NAME.*.tmp' beside its target (never a record: sources skip hidden files). Call it only
+  when no process is writing. In a bucket there is nothing to do: an upload is whole or absent."""
+  if files.is_remote(out_dir):
+    return
+  for rel in files_written(out_dir):
+    base = rel.rsplit('/', 1)[-1]
+    if base.startswith('.') and base.endswith('.tmp'):
+      files.remove(files.join(out_dir, IMAGES, rel))
+
+
 def files_written(out_dir: str) -> set[str]:
   images_dir = files.join(out_dir, IMAGES)
   return set(files.walk_files(images_dir)) if files.isdir(images_dir) else set()

@@ -142,6 +142,7 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
   parallel.barrier('clean: all records written')
   if pi != 0:
     return {}
+  cleaned_dataset.remove_partial_writes(out_dir)   # every process is done writing
   done = cleaned_dataset.read_journals(out_dir, concurrency)
   missing = [n for n in names if n not in done]
   if missing:

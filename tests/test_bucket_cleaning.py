@@ -474,3 +474,59 @@ def test_two_hosts_score_and_clean_their_shares_into_the_same_dataset(tmp_path, 
   manifest = json.loads(files.read_text(os.path.join(out, cleaned_dataset.MANIFEST)))
   assert results[0]['counts'] == manifest['counts'] == {'cleaned': 6, 'copied': 8, 'failed': 0}
   assert_same_as_sequential(out, manifest, reference)
+
+
+KILLED_WORKER = r'''
+import sys
+tests, faces, out = sys.argv[1:4]
+sys.path.insert(0, tests)
+from test_bucket_cleaning import ShiftRestorer, config
+from idm_jax import extrinsic, images
+from idm_jax.data import sources
+source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=faces)
+extrinsic.clean_dataset(source, ShiftRestorer(sleep_s=0.5), out,
+                        clean_cfg=config(fraction=1.0, batch_size=2), seed=0, niqe_params=None,
+                        resolution=32, provenance={})
+'''
+
+
+def test_a_cleaning_killed_outright_resumes_to_the_same_dataset(tmp_path, niqe_params):
+  """SIGKILL in the middle (no cleanup runs: writes and reads in flight are cut): the resumed
+  cleaning redoes only what the journal lacks and ends with the uninterrupted one's dataset."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  source = make_faces(str(tmp_path / 'faces'))
+  cfg = config(fraction=1.0, batch_size=2)
+  reference = sequential_clean(source, ShiftRestorer(), cfg, 32, niqe_params)
+  out = str(tmp_path / 'clean')
+  tests = os.path.dirname(os.path.abspath(__file__))
+  proc = subprocess.Popen([sys.executable, '-c', KILLED_WORKER, tests, str(tmp_path / 'faces'),
+                           out], env=dict(os.environ, PYTHONPATH=os.path.dirname(tests)),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  journal = os.path.join(out, 'journal-0.jsonl')
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(journal) and files.read_text(journal).count('"cleaned"') >= 4:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+  done = cleaned_dataset.read_journals(out)
+  assert 4 <= len(done) < 14 and not os.path.exists(os.path.join(out, 'manifest.json'))
+  # What a kill inside files.write_atomic leaves (it may or may not have happened here).
+  with open(os.path.join(out, 'images', '.12.png.x1y2z3.tmp'), 'wb') as f:
+    f.write(b'\x89PNG half')
+  restorer = ShiftRestorer()
+  manifest = extrinsic.clean_dataset(source, restorer, out, clean_cfg=cfg, seed=0,
+                                     niqe_params=None, resolution=32, provenance={})
+  # 13 good faces (and a corrupt one) in batches of 2: only the batches the journal lacks.
+  assert restorer.calls == -(-(14 - len(done)) // 2)
+  assert_same_as_sequential(out, manifest, reference)
+  assert not [f for f in os.listdir(os.path.join(out, 'images')) if f.endswith('.tmp')]
+  assert cleaned_dataset.verify_manifest(out) == manifest['counts']   # no stray file on disk
