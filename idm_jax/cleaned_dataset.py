@@ -91,8 +91,12 @@ class Journal:
             self.pending.append('')
 
   def add(self, entry: dict) -> None:
+    self.add_all([entry])
+
+  def add_all(self, entries: list[dict]) -> None:
+    """Several entries in one local append (one fsync: a batch's, not each file's)."""
     with self.lock:
-      self.pending.append(json.dumps(entry))
+      self.pending += [json.dumps(e) for e in entries]
       if not self.remote or len(self.pending) >= self.REMOTE_BATCH or \
           time.monotonic() - self.last >= self.REMOTE_SECONDS:
         self.flush()

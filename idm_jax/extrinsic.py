@@ -222,12 +222,13 @@ def _write_cleaned(out_dir: str, journal, items, *, params, resolution: int,
     if params is not None:   # did cleaning lower the score that chose it?
       entry['score_after'] = niqe_of(img, params, resolution)
     return entry
-  errors = []
+  errors, entries = [], []
   for k, result in files.map_many(one, items, concurrency=concurrency):
     if isinstance(result, Exception):
       errors.append((items[k][0], result))
     else:
-      journal.add(result)
+      entries.append(result)
+  journal.add_all(entries)
   if errors:
     name, e = errors[0]
     raise RuntimeError(f'{out_dir}: {len(errors)} cleaned images could not be written, the first '
