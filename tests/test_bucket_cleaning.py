@@ -240,6 +240,26 @@ def test_cleaning_writes_what_the_sequential_cleaning_wrote(local_or_bucket, niq
   assert len(sums) == 14 and sums['05.png'] == hashlib.sha256(b'not a png').hexdigest()
 
 
+def test_a_non_folder_source_is_scored_and_copied_as_lossless_pngs(tmp_path):
+  """A built-in (or TFDS) source has no files to copy: its unchanged records are its decoded
+  images written as PNG, read one record at a time however many copies are in flight."""
+  source = sources.BuiltinSource('validation', 32)
+  out = str(tmp_path / 'clean')
+  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), out,
+                                     clean_cfg=config(fraction=0.5, score='artifacts'), seed=0,
+                                     niqe_params=None, resolution=32, provenance={})
+  assert manifest['counts'] == {'cleaned': 4, 'copied': 4, 'failed': 0}
+  assert not files.exists(files.join(out, cleaned_dataset.SOURCE_SHA256))   # no source files
+  on_disk = written(out)
+  for i in range(len(source)):
+    rec = source[i]
+    entry = next(r for r in manifest['records'] if r['name'] == rec['name'])
+    img = rec['image']
+    if entry['action'] == 'cleaned':
+      img = ShiftRestorer().restore(img[None], indices=np.array([i]), seed=0)[0]
+    assert on_disk[entry['file']] == files.encode_image(img), rec['name']
+
+
 def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_params,
                                                         monkeypatch):
   """Killed among the copies, then among the restorations: each resume redoes nothing that was
