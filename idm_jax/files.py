@@ -380,11 +380,11 @@ def map_many(fn, items, *, concurrency: int = IO_CONCURRENCY) -> Iterator[tuple[
   try:
     futures = {pool.submit(fn, x): k for k, x in enumerate(items)}
     for future in concurrent.futures.as_completed(futures):
-      k = futures[future]
       try:
-        yield k, future.result()
+        result = future.result()
       except Exception as e:  # pylint: disable=broad-except  (returned in its item's place)
-        yield k, e
+        result = e
+      yield futures[future], result
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -398,8 +398,8 @@ def _in_order(fn, items, concurrency: int) -> list:
 
 
 def read_whole(p: PathLike) -> bytes:
-  """A file's bytes in one request where it is an object (read_bytes opens the object, asking
-  for its metadata first: two round trips)."""
+  """A file's bytes in one request where it is an object (read_bytes, through epath, makes three:
+  the object's metadata, a listing, then the bytes)."""
   if is_remote(p):
     fs, key = _fs(p)
     return fs.cat_file(key)
