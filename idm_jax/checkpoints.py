@@ -12,10 +12,13 @@ save completes, so a run killed mid-save leaves the previous checkpoint as the l
 The workdir may be a local folder or a gs:// prefix (orbax writes through etils.epath and
 tensorstore): every process writes its own array shards, process 0 the rest.
 
-Faults: a checkpoint that does not restore (a truncated array file, missing metadata) is moved to
-WORKDIR/checkpoints_unreadable/<step> with a warning and resuming falls back to the newest one
-that restores; inference readers (restore, evaluate, export) fall back the same way, without
-moving anything (they may read a run that is still training).
+Faults: a checkpoint whose own bytes do not restore (a truncated array file, missing metadata) is
+moved to WORKDIR/checkpoints_unreadable/<step> with a warning and resuming falls back to the
+newest one that restores; inference readers (restore, evaluate, export) fall back the same way,
+without moving anything (they may read a run that is still training). A storage error that
+passes (a 503, a timeout, a dropped connection) says nothing about a checkpoint: it is retried,
+and if it persists the run stops with nothing moved. The processes of a pod agree on each
+verdict through the coordination service, so all of them resume the same step.
 """
 from __future__ import annotations
 
@@ -48,13 +51,14 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers=dict(train=ocp.StandardCheckpointHandler(),
-                           ema=ocp.StandardCheckpointHandler(),
-                           data=grain.checkpoint.CheckpointHandler(),
-                           config=ocp.JsonCheckpointHandler(),
-                           progress=ocp.JsonCheckpointHandler()))
+    handlers = dict(train=ocp.StandardCheckpointHandler(), ema=ocp.StandardCheckpointHandler(),
+                    data=grain.checkpoint.CheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
+    self._failures = None   # while restore_latest reads: item -> what its restore raised
+    for item, handler in handlers.items():
+      _hold_failures(handler, item, self)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -72,23 +76,30 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores into `abstract_state`'s shapes and shardings (any mesh); sets the iterator."""
     train, ema = split_state(abstract_state)
+    restored = self.manager.restore(step, args=self._restore_args(train, ema, data_iterator))
+    return merge_state(restored['train'], restored['ema'])
+
+  @staticmethod
+  def _restore_args(train, ema, data_iterator):
     items = dict(train=ocp.args.StandardRestore(train), ema=ocp.args.StandardRestore(ema))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return merge_state(restored['train'], restored['ema'])
+    return ocp.args.Composite(**items)
 
   def restore_latest(self, abstract_state, data_iterator=None):
-    """(step, state) of the newest checkpoint that restores; None if there are none.
+    """(step, state) of the newest checkpoint that restores on every process; None if there
+    are none.
 
-    Newer ones that fail (a truncated array file, missing metadata: a full disk, a copy cut
-    short) are named in a warning and moved to WORKDIR/checkpoints_unreadable/, so the run
-    goes on from the newest good one and can save those steps again. If none restores (e.g.
-    the model config changed), raises naming each and moves nothing.
+    Newer ones whose content fails (a truncated array file, missing metadata: a full disk, a
+    copy cut short) on any process are named in a warning and moved to
+    WORKDIR/checkpoints_unreadable/ once all processes agree, so the run goes on from the
+    newest good one and can save those steps again. A transient storage error is retried and,
+    if it persists, raises StorageUnavailable on every process, moving nothing. If none
+    restores (e.g. the model config changed), raises naming each and moves nothing.
     """
     found = _newest_that_restores(
         self.directory, self.manager.all_steps(),
-        lambda step: self.restore(step, abstract_state, data_iterator),
+        lambda step: self._restore_holding_failures(step, abstract_state, data_iterator),
         hint=' (a changed model config cannot resume a run)')
     if found is None:
       return None
@@ -98,19 +109,49 @@ class Checkpointer:
       logging.warning('resuming from step %d, the newest checkpoint that restores', step)
     return step, state
 
+  def _restore_holding_failures(self, step: int, abstract_state, data_iterator):
+    """self.restore(step), except that an item whose read fails does not raise inside orbax:
+    orbax's restore ends with a barrier that every process must reach, and a process raising
+    before it would leave the others waiting there. The first failure is raised after it."""
+    train, ema = split_state(abstract_state)
+    restored = self._manager_restore(step, self._restore_args(train, ema, data_iterator))
+    return merge_state(restored['train'], restored['ema'])
+
+  def _manager_restore(self, step: int, args):
+    """self.manager.restore(step, args), raising an item's failure only after orbax's barrier."""
+    self._failures = {}
+    try:
+      restored = self.manager.restore(step, args=args)
+      failures = self._failures
+    finally:
+      self._failures = None
+    if failures:
+      raise next(iter(failures.values()))
+    return restored
+
   def _move_unreadable(self, steps) -> None:
-    """Moves step folders out of orbax's sight (kept for inspection, never deleted)."""
+    """Moves step folders out of orbax's sight (kept for inspection, never deleted). Process 0
+    moves them; the others learn how that went through an agreement it always reaches (not a
+    barrier it might never reach), and all raise if the move failed."""
+    from idm_jax import parallel  # pylint: disable=import-outside-toplevel
+    error = None
     if jax.process_index() == 0:
       dest_root = files.join(files.dirname(self.directory), UNREADABLE_DIR)
-      files.makedirs(dest_root)
-      for step in steps:
-        dest = files.join(dest_root, str(step))
-        if files.exists(dest):
-          dest += time.strftime('.%Y%m%d-%H%M%S')
-        files.move(files.join(self.directory, str(step)), dest)
-        logging.warning('moved the unreadable checkpoint to %s', dest)
-    from idm_jax import parallel  # pylint: disable=import-outside-toplevel
-    parallel.barrier('checkpoints_moved_aside')
+      try:
+        files.makedirs(dest_root)
+        for step in steps:
+          dest = files.join(dest_root, str(step))
+          if files.exists(dest):
+            dest += time.strftime('.%Y%m%d-%H%M%S')
+          files.call_with_retries(files.move, files.join(self.directory, str(step)), dest)
+          logging.warning('moved the unreadable checkpoint to %s', dest)
+      except Exception as e:  # pylint: disable=broad-except  (said below, on every process)
+        error = e
+    if parallel.max_over_processes(int(error is not None)):
+      raise RuntimeError(
+          f'could not move the unreadable checkpoints {list(steps)} out of {self.directory} '
+          f'({_first_line(error) if error is not None else "see process 0"}); move them to '
+          f'{files.join(files.dirname(self.directory), UNREADABLE_DIR)} and rerun') from error
     self.manager.reload()
 
   def train_seconds(self, step: int) -> float:
@@ -119,9 +160,8 @@ class Checkpointer:
     starts afresh rather than the run failing over a few bytes of bookkeeping)."""
     if not files.isdir(files.join(self.directory, str(step), 'progress')):
       return 0.0
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    try:   # every process reaches orbax's barrier, whatever it reads
+      restored = self._manager_restore(step, ocp.args.Composite(progress=ocp.args.JsonRestore()))
       return float(restored['progress'].get('train_seconds', 0.0))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
       logging.warning('the training time recorded with checkpoint %s does not read (%s); '
@@ -136,22 +176,106 @@ class Checkpointer:
     self.manager.close()
 
 
+class StorageUnavailable(ConnectionError):
+  """Reading a checkpoint kept failing for a transient storage error (throttling, a server
+  error, a timeout, a dropped connection) on some process, through every retry: nothing is
+  known about the checkpoint, so nothing was skipped or moved. (A ConnectionError, so that
+  files.call_with_retries retries it: every process raises it at the same agreed moment.)"""
+
+
+RESTORE_ATTEMPTS = 3      # tries of one step, all processes together, on a transient error
+RESTORE_BACKOFF_S = 5.0   # the wait before the second; doubled before each one after it
+
+_RESTORED, _UNREADABLE, _TRANSIENT = 0, 1, 2   # verdicts of one try; the worst one wins
+
+
 def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
   """(step, restore(step), [newer steps that failed]) for the newest of `steps` that restores;
-  None when there are no steps. Each failure is named in a warning; if none restores, raises
-  naming each (`hint` ends that message). Training resumes and inference readers share this."""
+  None when there are no steps. Training resumes and inference readers share this.
+
+  A step fails only for a content error. A transient storage error (a 503, a timeout, a token
+  refresh: `_is_transient`, after the storage clients' own retries) is not a verdict on the
+  checkpoint: the step is tried again, and if that keeps failing StorageUnavailable is raised.
+  With several processes (every one must call this) each try's verdict is agreed through the
+  coordination service, so all of them return the same step: a step fails if any process hit
+  a content error (each reads its own shards), and is tried again if any hit a transient one.
+  Each failure is named in a warning; if none restores, raises naming each (`hint` ends it)."""
   failed = []
   for step in sorted(steps, reverse=True):
-    try:
-      return step, restore(step), [s for s, _ in failed]
-    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
-      failed.append((step, _first_line(e)))
-      logging.warning('checkpoint %s does not restore (%s); trying the one before',
-                      files.join(directory, str(step)), failed[-1][1])
+    where = files.join(directory, str(step))
+    value, reason = files.call_with_retries(_agreed_try, restore, step, where,
+                                            attempts=RESTORE_ATTEMPTS,
+                                            backoff_s=RESTORE_BACKOFF_S)
+    if reason is None:
+      return step, value, [s for s, _ in failed]
+    failed.append((step, reason))
+    logging.warning('checkpoint %s does not restore (%s); trying the one before', where, reason)
   if failed:
     raise RuntimeError(f'no checkpoint in {directory} restores: ' + '; '.join(
         f'step {s}: {r}' for s, r in failed) + hint)
   return None
+
+
+def _agreed_try(restore, step: int, where: str):
+  """(restore(step), None), or (None, why it does not restore) when some process hit a content
+  error; raises StorageUnavailable on every process when some process hit a transient one."""
+  from idm_jax import parallel  # pylint: disable=import-outside-toplevel
+  value, error, verdict = None, None, _RESTORED
+  try:
+    value = restore(step)
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+    error, verdict = e, (_TRANSIENT if _is_transient(e) else _UNREADABLE)
+  agreed = parallel.max_over_processes(verdict)
+  if agreed == _RESTORED:
+    return value, None
+  if agreed == _TRANSIENT:
+    logging.warning('checkpoint %s: a storage error on %s, not a verdict on the checkpoint%s',
+                    where, 'this process' if verdict == _TRANSIENT else 'another process',
+                    f' ({_first_line(error)})' if verdict == _TRANSIENT else '')
+    raise StorageUnavailable(
+        f'checkpoint {where} could not be read: a storage error on '
+        f'{"this process" if verdict == _TRANSIENT else "another process"} persisted through '
+        f'the retries ({_first_line(error) if verdict == _TRANSIENT else "see its log"}); '
+        'nothing was skipped or moved aside, rerun when the storage answers') from error
+  return None, (_first_line(error) if error is not None else
+                'another process could not read its part of it')
+
+
+# Status codes tensorstore (under orbax) puts at the start of its errors' messages, for a read
+# that may succeed if made again; a content error is DATA_LOSS, NOT_FOUND, INVALID_ARGUMENT, ...
+_TRANSIENT_STATUS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED')
+
+
+def _is_transient(e: BaseException) -> bool:
+  """files.is_transient for what a restore raises: anywhere along the exception's causes, and
+  tensorstore's errors (ValueErrors whose message starts with an absl status code)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if files.is_transient(e) or str(e).lstrip().startswith(
+        tuple(f'{code}:' for code in _TRANSIENT_STATUS)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _hold_failures(handler, item: str, checkpointer: Checkpointer) -> None:
+  """Makes `handler`'s restore record what it raises in checkpointer._failures (and return
+  None) while that is a dict, instead of raising inside orbax's restore: see
+  Checkpointer._restore_holding_failures. The instance's method is replaced, not its class, so
+  the handler keeps the type name orbax records in each checkpoint."""
+  restore = handler.restore
+
+  def holding(*args, **kwargs):
+    if checkpointer._failures is None:  # pylint: disable=protected-access
+      return restore(*args, **kwargs)
+    try:
+      return restore(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (raised after orbax's barrier)
+      checkpointer._failures[item] = e  # pylint: disable=protected-access
+      return None
+
+  handler.restore = holding
 
 
 def _first_line(e: BaseException) -> str:

@@ -139,3 +139,39 @@ def test_an_unreadable_checkpoint_in_a_bucket_is_moved_aside_in_the_bucket(gcs_b
   assert files.listdir(f'{workdir}/checkpoints') == ['2']
   assert files.listdir(f'{workdir}/checkpoints_unreadable') == ['4']
   assert 'ema/_METADATA' in files.walk_files(f'{workdir}/checkpoints_unreadable/4')
+
+
+def test_a_storage_error_is_retried_not_taken_for_an_unreadable_checkpoint(monkeypatch, caplog):
+  """Which failures skip a checkpoint: its content (tensorstore's DATA_LOSS, a missing file),
+  not the storage failing for now (a 503 from gcsfs, tensorstore's UNAVAILABLE), which is tried
+  again; one that persists stops with StorageUnavailable instead of skipping anything."""
+  from gcsfs.retry import HttpError
+  monkeypatch.setattr(checkpoints, 'RESTORE_BACKOFF_S', 0.01)
+  calls = []
+
+  def restore(step, failures):
+    calls.append(step)
+    if failures.get(step):
+      raise failures[step].pop(0)
+    return f'state {step}'
+
+  unavailable = lambda: HttpError({'code': 503, 'message': 'Service Unavailable'})
+  data_loss = lambda: ValueError('DATA_LOSS: Error reading "d/1a2b": unexpected end of data')
+  # Step 6 fails twice for the storage, then restores: it is the one resumed.
+  failures = {6: [unavailable(), ValueError('UNAVAILABLE: 503 from the server')]}
+  found = checkpoints._newest_that_restores('gs://b/c', [4, 6], lambda s: restore(s, failures))
+  assert found == (6, 'state 6', []) and calls == [6, 6, 6]
+  # Step 6's content is cut short (and a 503 on the way): skipped, step 4 restores.
+  calls.clear()
+  failures = {6: [unavailable(), data_loss()]}
+  with caplog.at_level(logging.WARNING):
+    found = checkpoints._newest_that_restores('gs://b/c', [4, 6], lambda s: restore(s, failures))
+  assert found == (4, 'state 4', [6]) and calls == [6, 6, 4]
+  assert 'gs://b/c/6 does not restore (ValueError: DATA_LOSS' in caplog.text
+  # The storage keeps failing: nothing is judged, nothing skipped.
+  calls.clear()
+  failures = {6: [unavailable() for _ in range(checkpoints.RESTORE_ATTEMPTS)]}
+  with pytest.raises(checkpoints.StorageUnavailable, match=r'gs://b/c/6 could not be read: a '
+                     r'storage error on this process persisted.*nothing was skipped or moved'):
+    checkpoints._newest_that_restores('gs://b/c', [4, 6], lambda s: restore(s, failures))
+  assert calls == [6] * checkpoints.RESTORE_ATTEMPTS
