@@ -388,7 +388,8 @@ def test_cleaning_time_scales_with_concurrency_not_requests(gcs_faults, gcs_buck
   next batch overlapping the writes of the last: two streams) takes at least half the sum of its
   requests' latencies; 16 at a time, a small part of it. (Not 16 times less: about 20 requests
   (listings, journals, the manifest) come one after another, and the local server answers one
-  request at a time, on cores shared with the proxy and the client.)"""
+  request at a time, on cores shared with the proxy and the client: the ratio measured 3.0-3.5
+  at load averages of 2-7 on 2 cores; one request at a time would give about 1.)"""
   source = latency_dataset(f'{gcs_bucket}/faces', 192)
   gcs_faults.proxy.add(r'', 'latency', latency_s=0.05)
   one, requests = timed_clean(source, f'{gcs_bucket}/one', 1, gcs_faults.proxy)
@@ -397,7 +398,7 @@ def test_cleaning_time_scales_with_concurrency_not_requests(gcs_faults, gcs_buck
         f'{sixteen:.2f} s 16 at a time')
   assert requests >= 2 * 192   # a read and a write per face
   assert one >= 0.05 * requests / 2 * 0.9   # at most two requests in flight
-  assert one / sixteen > 3
+  assert one / sixteen > 2.5
 
 
 class Latency:
