@@ -4,6 +4,10 @@ the write landed, resetting connections, adding latency."""
 import json
 import logging
 import os
+import pathlib
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -180,4 +184,78 @@ def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_droppe
   writer.close()
   assert 'samples_0000004.png' not in files.listdir(workdir)
   assert _steps(workdir) == [2, 3, 4, 5]
+
+
+# --- Two processes (jax.distributed) training on one bucket workdir through the faults.
+
+WORKER = pathlib.Path(__file__).with_name('train_worker.py')
+REPO = WORKER.parents[1]
+
+
+def _two_processes(workdir, steps, env, params_out=''):
+  """Runs tests/train_worker.py as processes 0 and 1 of one job; (process 0's JSON, stderrs)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, str(WORKER), '--workdir', workdir, '--steps', str(steps),
+           '--overrides', json.dumps({'train.num_steps': 100}), '--process-id', str(i),
+           '--num-processes', '2', '--port', str(port)]
+    if params_out and i == 0:
+      cmd += ['--params-out', str(params_out)]
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(env, PYTHONPATH=str(REPO))))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  return json.loads(outs[0][0].strip().splitlines()[-1]), [err for _, err in outs]
+
+
+def _params(path):
+  with np.load(path) as f:
+    return [f[k] for k in sorted(f.files, key=lambda k: int(k.split('_')[1]))]
+
+
+@pytest.mark.slow   # three runs of two processes, and gcsfs's 30 s of retries: minutes
+def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_faults, gcs_server,
+                                                                         gcs_bucket, tmp_path):
+  """503 bursts on checkpoint, metrics and grid writes: the run equals a fault-free one. Then a
+  resume during which process 1 alone cannot read its part of the newest checkpoint until the
+  storage client gives up: not a verdict on the checkpoint, both processes try it again
+  together and resume it (a process falling back alone would compute other losses)."""
+  from conftest import gcs_env  # pylint: disable=import-outside-toplevel
+  proxy = gcs_faults.proxy
+  direct = dict(os.environ, **gcs_env(int(gcs_server.rsplit(':', 1)[1])))
+  clean, _ = _two_processes(f'{gcs_bucket}/clean', 6, direct, tmp_path / 'clean.npz')
+  assert clean['step'] == 6 and [s for s, _ in clean['losses']] == [1, 2, 3, 4, 5, 6]
+
+  workdir = f'{gcs_bucket}/faulty'
+  for pattern in (r'faulty/checkpoints/2[./]', r'faulty/checkpoints/4[./]'):
+    proxy.add(pattern, 'status', count=3, status=503, methods=('POST', 'PUT'))
+  proxy.add(r'faulty/checkpoints/4[./]', 'status', count=2, status=429, methods=('GET',))
+  proxy.add(r'faulty/metrics\.jsonl', 'status', count=2, status=503)
+  proxy.add(r'faulty/samples_0000002', 'status', count=2, status=503)
+  first, _ = _two_processes(workdir, 4, os.environ)
+  assert first['losses'] == clean['losses'][:4]
+  assert proxy.hits(r'checkpoints/2[./]') == 3 and proxy.hits(r'checkpoints/4[./]') == 5
+  assert proxy.hits(r'metrics\.jsonl') == 2 and proxy.hits(r'samples_0000002') == 2
+  assert {'samples_0000002.png', 'samples_0000004.png'} <= set(files.listdir(workdir))
+
+  # gcsfs makes 6 tries of a request: all 6 fail for process 1's data-iterator state.
+  proxy.reset()
+  proxy.add(r'/o/faulty/checkpoints/4/data/process_1-of-2\.json(\?|$)', 'status', count=6,
+            status=503, methods=('GET',))
+  second, _ = _two_processes(workdir, 2, os.environ, tmp_path / 'faulty.npz')
+  assert proxy.hits(r'process_1-of-2') == 6
+  # All six were tries of one request (gcsfs then gave up), made again afterwards: the restore
+  # was tried again, by both processes together, and nothing was judged unreadable.
+  faulted = {t for _, t, f in proxy.log if f is not None}
+  assert len(faulted) == 1
+  assert any(f is None and t in faulted for _, t, f in proxy.log)
+  assert second['step'] == 6 and second['losses'] == clean['losses']
+  for a, b in zip(_params(tmp_path / 'clean.npz'), _params(tmp_path / 'faulty.npz')):
+    np.testing.assert_array_equal(a, b)
+  assert files.listdir(f'{workdir}/checkpoints') == ['2', '4', '6']
+  assert not files.exists(f'{workdir}/checkpoints_unreadable')
 
