@@ -3,15 +3,20 @@
 A restoration model and an unconditional one are trained once (`python -m idm_jax.main`, 2
 steps); then tests/multihost_modes_worker.py runs evaluate, sample, clean (2 draws), export,
 generate and two extrinsic rounds (round 1 fine-tuned from round 0 through train.init_from)
-through idm_jax.main, once in one process with 2 CPU devices and once in two processes with one
+through idm_jax.main, once in one process with one CPU device and once in two processes with one
 each. The two processes join as the workers of a Cloud TPU VM slice do: jax's own GceTpuCluster
 reads the slice from a metadata server (tests/gce_metadata.py on 127.0.0.1), through
 parallel.maybe_initialize_distributed.
 
-Sampling runs one program per device in both (the same examples per device: a host feeds its
-own batch of its share), so what the sampling modes write is compared bit for bit. The rounds
-also train, where one device and two sum gradients in different orders: their models and what
-they write are compared to float32 rounding (check_two_extrinsic_rounds_and_the_warm_start).
+Each device computes batches of the same shape in both runs (the lone device a whole batch of
+the set, each of the two a whole batch of its host's share), so what the sampling modes write is
+compared bit for bit. The rounds also train, where one device and two sum gradients in different
+orders: their models and what they write are compared to float32 rounding
+(check_two_extrinsic_rounds_and_the_warm_start).
+
+About 3 minutes on two shared cores: process 1 of a jax job gets no hits from the persistent
+compilation cache (jax writes it from process 0, and process 1 looks for other keys; measured),
+so it compiles every program afresh, the training step of each round included.
 """
 import json
 import os
