@@ -21,20 +21,22 @@ def _loss(conv, strides, padding):
   return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC_HWIO)))
 
 
-@pytest.mark.parametrize('shape, k, strides', [
-    ((2, 2, 2, 16), 3, (1, 1)),    # a tiny map: patches @ kernel whole
-    ((2, 4, 4, 16), 3, (1, 1)),
-    ((2, 8, 8, 16), 3, (1, 1)),    # XLA's forward and input gradient, the row-range kernel gradient
-    ((3, 7, 5, 16), 3, (1, 1)),    # non-square, odd
-    ((2, 9, 9, 8), 5, (1, 1)),
-    ((2, 8, 8, 16), 1, (1, 1)),    # 1x1: a plain matrix product
-    ((2, 8, 8, 16), 3, (2, 2)),    # strided: patches with a stride
+@pytest.mark.parametrize('shape, k, strides, cout', [
+    ((2, 2, 2, 16), 3, (1, 1), 8),      # a tiny map: patches @ kernel whole
+    ((2, 4, 4, 16), 3, (1, 1), 8),
+    ((2, 8, 8, 16), 3, (1, 1), 8),      # XLA's convolution
+    ((3, 7, 5, 16), 3, (1, 1), 8),
+    ((2, 8, 8, 16), 1, (1, 1), 8),      # 1x1: a plain matrix product
+    ((2, 8, 8, 16), 3, (2, 2), 8),      # strided
+    ((2, 32, 32, 128), 3, (1, 1), 128),  # XLA's forward and input gradient, row-range kernel grad
+    ((1, 33, 31, 128), 3, (1, 1), 136),  # the same, non-square and odd
+    ((1, 32, 32, 128), 5, (1, 1), 128),
 ])
-def test_convolution_and_its_gradients_equal_xlas(shape, k, strides):
+def test_convolution_and_its_gradients_equal_xlas(shape, k, strides, cout):
   pad = ((k // 2, k // 2),) * 2
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, shape)
-  w = jax.random.normal(kw, (k, k, shape[-1], 8)) / k
+  w = jax.random.normal(kw, (k, k, shape[-1], cout)) / (k * shape[-1] ** 0.5)
   ours = jax.jit(jax.value_and_grad(_loss(platform_ops.conv_general_dilated, strides, pad), (0, 1)))
   ref = jax.value_and_grad(_loss(lax.conv_general_dilated, strides, pad), (0, 1))
   (v1, (dx1, dw1)), (v2, (dx2, dw2)) = ours(x, w), ref(x, w)
@@ -42,6 +44,16 @@ def test_convolution_and_its_gradients_equal_xlas(shape, k, strides):
   assert dx1.shape == dx2.shape and dw1.shape == dw2.shape
   assert _rel_err(dx1, dx2) < 1e-5
   assert _rel_err(dw1, dw2) < 1e-5
+
+
+def test_large_same_convolutions_take_the_row_range_kernel_gradient():
+  x = jax.ShapeDtypeStruct((1, 32, 32, 128), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
+  grads = jax.jit(jax.grad(_loss(platform_ops.conv_general_dilated, (1, 1), ((1, 1), (1, 1))),
+                           (0, 1)))
+  text = grads.lower(x, w).as_text()
+  # XLA's own kernel gradient would be a convolution with a 32x32 window.
+  assert text.count('dot_general') >= 9 and 'convolution' in text
 
 
 def test_kernel_gradient_keeps_rows_that_wrap_into_the_next_image_out():

@@ -104,22 +104,30 @@ def _conv_same_bwd(precision, residuals, dy):
 
 _conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
-# Feature maps this small or smaller go through patches @ kernel whole: XLA's CPU convolution
-# takes its slow generic loop there, forward and input gradient alike.
+# Where each form wins on the CPU (docs/PERFORMANCE.md, "The train step on the CPU", has the
+# per-shape timings): feature maps this small or smaller go through patches @ kernel whole, as
+# XLA's CPU convolution takes a slow generic loop there (forward and input gradient alike) ...
 _SMALL_MAP = 4
+# ... and a 'same' convolution's kernel gradient is taken as row-range matrix products from
+# this many pixels and input x output channels up, where XLA's is slower; below, XLA's
+# convolution is the fastest form of all three passes.
+_ROWS_GRAD_MIN_PIXELS = 32 * 32
+_ROWS_GRAD_MIN_CHANNELS = 128 * 128
 
 
 def cpu_conv(x, kernel, strides, padding, precision=None):
-  """The convolution as the CPU runs it fastest. A stride-1 'same' 3x3 (or any odd square)
-  convolution over a map larger than _SMALL_MAP keeps XLA's forward pass and input gradient,
-  which are fast, and takes its kernel gradient from `kernel_grad_same` (XLA's is several times
-  slower there); everything else (1x1, strided, tiny maps) is patches @ kernel."""
-  kh, kw = kernel.shape[:2]
-  same = (tuple(strides) == (1, 1) and kh == kw and kh % 2 == 1 and kh > 1
+  """The convolution in the form the CPU runs fastest for its shape: 1x1 convolutions and tiny
+  maps as patches @ kernel; large 'same' convolutions with XLA's forward pass and input
+  gradient and `kernel_grad_same`'s kernel gradient; XLA's convolution otherwise."""
+  kh, kw, cin, cout = kernel.shape
+  if (kh, kw) == (1, 1) or min(x.shape[1:3]) <= _SMALL_MAP:
+    return conv_as_matmul(x, kernel, strides, padding, precision)
+  same = (tuple(strides) == (1, 1) and kh == kw and kh % 2 == 1
           and tuple(map(tuple, padding)) == ((kh // 2, kh // 2), (kw // 2, kw // 2)))
-  if same and min(x.shape[1:3]) > _SMALL_MAP:
+  if (same and x.shape[1] * x.shape[2] >= _ROWS_GRAD_MIN_PIXELS
+      and cin * cout >= _ROWS_GRAD_MIN_CHANNELS):
     return _conv_same(x, kernel, precision)
-  return conv_as_matmul(x, kernel, strides, padding, precision)
+  return _native_conv(x, kernel, strides, padding, precision)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
