@@ -1,19 +1,19 @@
 """The UNet's convolutions and attention in the form each platform runs fastest.
 
-On the CPU backend a convolution is one matrix product over image patches (im2col) and
-attention is two einsums around `jax.nn.softmax`; elsewhere (TPU, GPU) they stay XLA's
+On the CPU backend each convolution takes the form that is fastest for its shape (`cpu_conv`)
+and attention is two einsums around `jax.nn.softmax`; elsewhere (TPU, GPU) they stay XLA's
 convolution and `jax.nn.dot_product_attention`, whose kernels are native there.
 `lax.platform_dependent` picks the branch when the program is lowered for its platform, so an
 ahead-of-time TPU compile on a CPU host lowers the TPU branch.
 
-Convolution. XLA's CPU convolutions are uneven across shapes: a 3x3 convolution over a 2x2 or 4x4 feature map
-(the UNet's deepest levels) takes a generic loop that runs some 50x slower than the same
-arithmetic written as patches @ kernel, and the weight gradients at the top level are slower
-than a matrix product too (docs/PERFORMANCE.md, "The train step on the CPU"). Written as patches
-and `jnp.dot`, the forward pass and both gradients are matrix products, which XLA's CPU backend
-runs near its matmul speed at every shape.
-
-The mathematics is the convolution's; only the order of the float sums differs.
+Convolution. XLA's CPU convolutions are uneven across shapes: over a 2x2 or 4x4 feature map (the
+UNet's deepest levels) a 3x3 convolution takes a generic loop that runs tens of times slower
+than the same arithmetic written as patches @ kernel; 1x1 convolutions are faster as a plain
+matrix product; and at wide, large maps XLA's kernel gradient (a convolution whose window is
+the whole map) is slower than nine matrix products over row ranges of the flattened input
+(`kernel_grad_same`). Everywhere else XLA's convolution is the fastest of the three forms. The
+per-shape timings are in docs/PERFORMANCE.md, "The train step on the CPU". The mathematics is the
+convolution's; only the order of the float sums differs.
 
 Attention. `jax.nn.dot_product_attention`'s XLA form differentiates its softmax through the
 division, so its backward pass streams several token x token tensors; `jax.nn.softmax` has the
