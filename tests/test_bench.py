@@ -142,3 +142,17 @@ def test_step_profile_attributes_kernel_time_to_layers(tmp_path):
   for kind in ('convolution', 'attention', 'groupnorm'):
     assert layers.get(f'{kind} forward', 0) > 0 and layers.get(f'{kind} backward', 0) > 0, layers
   assert result['kernel_ms'] == pytest.approx(sum(layers.values()), rel=1e-2)
+
+
+def test_conv_forms_times_every_pass_of_every_form(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'bench.conv_forms', '--shapes', '2,4,8,8', '--reps', '1',
+       '--json', str(tmp_path / 'forms.jsonl')], capture_output=True, text=True, timeout=600,
+      cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  row = json.loads((tmp_path / 'forms.jsonl').read_text())
+  assert row['cpu_conv'] == 'patches'   # a 4x4 map
+  for form in ('xla', 'patches'):
+    assert set(row[form]) == {'forward', 'input_grad', 'kernel_grad'}
+    assert all(v > 0 for v in row[form].values())
+  assert row['rows_kernel_grad'] > 0

@@ -104,3 +104,16 @@ def test_explicit_attention_implementation_is_passed_through():
   with pytest.raises(Exception):
     # cuDNN does not exist on this CPU: the named implementation must be the one asked for.
     jax.jit(lambda a: platform_ops.dot_product_attention(a, a, a, implementation='cudnn'))(q)
+
+
+@pytest.mark.parametrize('x_shape, kernel_shape, strides, form', [
+    ((4, 2, 2, 512), (3, 3, 512, 512), (1, 1), 'patches'),      # the deepest levels
+    ((4, 64, 64, 384), (1, 1, 384, 128), (1, 1), 'patches'),     # 1x1 skip
+    ((4, 64, 64, 128), (3, 3, 128, 128), (1, 1), 'rows_kernel_grad'),
+    ((4, 16, 16, 512), (3, 3, 512, 256), (1, 1), 'xla'),         # too few pixels
+    ((16, 64, 64, 32), (3, 3, 32, 32), (1, 1), 'xla'),           # too few channels
+    ((16, 64, 64, 16), (3, 3, 16, 32), (2, 2), 'xla'),           # strided
+])
+def test_cpu_conv_form(x_shape, kernel_shape, strides, form):
+  pad = ((kernel_shape[0] // 2,) * 2,) * 2
+  assert platform_ops.cpu_conv_form(x_shape, kernel_shape, strides, pad) == form

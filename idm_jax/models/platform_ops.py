@@ -115,17 +115,27 @@ _ROWS_GRAD_MIN_PIXELS = 32 * 32
 _ROWS_GRAD_MIN_CHANNELS = 128 * 128
 
 
-def cpu_conv(x, kernel, strides, padding, precision=None):
-  """The convolution in the form the CPU runs fastest for its shape: 1x1 convolutions and tiny
-  maps as patches @ kernel; large 'same' convolutions with XLA's forward pass and input
-  gradient and `kernel_grad_same`'s kernel gradient; XLA's convolution otherwise."""
-  kh, kw, cin, cout = kernel.shape
-  if (kh, kw) == (1, 1) or min(x.shape[1:3]) <= _SMALL_MAP:
-    return conv_as_matmul(x, kernel, strides, padding, precision)
+def cpu_conv_form(x_shape, kernel_shape, strides, padding) -> str:
+  """Which form `cpu_conv` uses for these shapes: 'patches' (1x1 convolutions and tiny maps),
+  'rows_kernel_grad' (large 'same' convolutions: XLA's forward pass and input gradient,
+  `kernel_grad_same`'s kernel gradient) or 'xla'."""
+  kh, kw, cin, cout = kernel_shape
+  if (kh, kw) == (1, 1) or min(x_shape[1:3]) <= _SMALL_MAP:
+    return 'patches'
   same = (tuple(strides) == (1, 1) and kh == kw and kh % 2 == 1
           and tuple(map(tuple, padding)) == ((kh // 2, kh // 2), (kw // 2, kw // 2)))
-  if (same and x.shape[1] * x.shape[2] >= _ROWS_GRAD_MIN_PIXELS
+  if (same and x_shape[1] * x_shape[2] >= _ROWS_GRAD_MIN_PIXELS
       and cin * cout >= _ROWS_GRAD_MIN_CHANNELS):
+    return 'rows_kernel_grad'
+  return 'xla'
+
+
+def cpu_conv(x, kernel, strides, padding, precision=None):
+  """The convolution in the form the CPU runs fastest for its shape (`cpu_conv_form`)."""
+  form = cpu_conv_form(x.shape, kernel.shape, strides, padding)
+  if form == 'patches':
+    return conv_as_matmul(x, kernel, strides, padding, precision)
+  if form == 'rows_kernel_grad':
     return _conv_same(x, kernel, precision)
   return _native_conv(x, kernel, strides, padding, precision)
 
