@@ -383,8 +383,9 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
         if step % config.train.log_every == 0 and _lock_lost_everywhere(lock, workdir):
           # Two runs writing one workdir would overwrite each other's checkpoints: stop unsaved.
           raise workdir_lock.WorkdirInUse(
-              f'{workdir}: another run took over its lock ({workdir_lock.LOCK_FILE}) while this '
-              f'one held it; stopped at step {step} without saving')
+              f'{workdir}: this run lost its lock ({workdir_lock.LOCK_FILE}): another run took it '
+              'over, or it could not be renewed for half the stale time (the error above says '
+              f'which); stopped at step {step} without saving')
         if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}

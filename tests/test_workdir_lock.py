@@ -186,6 +186,7 @@ def test_a_run_whose_bucket_lock_was_taken_over_stops_without_saving(gcs_bucket,
   from idm_jax import files
   workdir = f'{gcs_bucket}/run'
   monkeypatch.setattr(workdir_lock.WorkdirLock, 'lost', property(lambda self: True))
-  with pytest.raises(workdir_lock.WorkdirInUse, match='another run took over its lock'):
+  with pytest.raises(workdir_lock.WorkdirInUse,
+                     match='this run lost its lock .*another run took it over'):
     train.train_and_evaluate(test_config, workdir)
   assert not files.exists(f'{workdir}/checkpoints/2')   # ckpt_every=2: nothing was saved
