@@ -21,12 +21,9 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from bench import train_step
 from idm_jax import configlib
-from idm_jax import parallel
-from idm_jax import train
 
 # (substring of the op_name path, layer kind), first match wins.
 LAYER_KINDS = (('_attn', 'attention'), ('norm', 'groupnorm'), ('conv', 'convolution'),
@@ -101,19 +98,9 @@ def main():
 
   config = configlib.load(a.config)
   bs = config.train.batch_size
-  mesh = parallel.make_mesh(config.mesh)
-  trainer = train.Trainer(config, mesh)
-  state = trainer.init(jax.random.PRNGKey(0))
-  res = config.data.resolution
-  rng = np.random.default_rng(0)
-  batch = parallel.local_batch_to_global(
-      {k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8)
-       for k in trainer.batch_spec(bs)}, mesh)
+  trainer, state, batch = train_step.setup(config)
   fn, arg, arg_spec = train_step.part_program(a.part, trainer, batch, trainer.batch_spec(bs))
-  jitted = jax.jit(fn, in_shardings=(trainer.shardings, train_step._shardings(arg_spec)),  # pylint: disable=protected-access
-                   out_shardings=(trainer.shardings, parallel.replicated(mesh)), donate_argnums=0)
-  with parallel.mesh_rules(mesh):
-    compiled = jitted.lower(trainer.abstract_state, arg_spec).compile()
+  compiled = train_step.compile_part(fn, trainer, arg_spec)
   text = compiled.as_text()
   instructions = parse_hlo(text)
   state, _, wall = train_step.time_steps(compiled, state, arg, warmup=2, steps=1)

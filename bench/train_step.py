@@ -90,25 +90,14 @@ def main():
   if a.attention:
     config.model.attention_impl = a.attention
   bs = config.train.batch_size
-  mesh = parallel.make_mesh(config.mesh)
-  trainer = train.Trainer(config, mesh)
-  state = trainer.init(jax.random.PRNGKey(0))
-  res = config.data.resolution
-  rng = np.random.default_rng(0)
-  batch = {k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8)
-           for k in trainer.batch_spec(bs)}
-  batch = parallel.local_batch_to_global(batch, mesh)
+  trainer, state, batch = setup(config)
 
   fn, arg, arg_spec = part_program(a.part, trainer, batch, trainer.batch_spec(bs))
   t0 = time.perf_counter()
   if a.part == 'step':
     step = trainer.compile_step(bs // jax.process_count())
   else:
-    jitted = jax.jit(fn, in_shardings=(trainer.shardings, _shardings(arg_spec)),
-                     out_shardings=(trainer.shardings, parallel.replicated(mesh)),
-                     donate_argnums=0)
-    with parallel.mesh_rules(mesh):
-      step = jitted.lower(trainer.abstract_state, arg_spec).compile()
+    step = compile_part(fn, trainer, arg_spec)
     trainer.step_flops = train.xla_flops(step)
   compile_s = time.perf_counter() - t0
   launches = kernels.launch_count(step.as_text())
@@ -130,6 +119,27 @@ def main():
       kernels=launches['kernels'], kernel_ops=dict(list(launches['by_op'].items())[:6]),
       jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
   emit(result, a.json)
+
+
+def setup(config):
+  """(trainer over all devices, its initial state, a random global uint8 batch) for `config`."""
+  bs, res = config.train.batch_size, config.data.resolution
+  mesh = parallel.make_mesh(config.mesh)
+  trainer = train.Trainer(config, mesh)
+  state = trainer.init(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8)
+           for k in trainer.batch_spec(bs)}
+  return trainer, state, parallel.local_batch_to_global(batch, mesh)
+
+
+def compile_part(fn, trainer, arg_spec):
+  """`fn(state, arg) -> (state, metrics)` compiled with the trainer's shardings, state donated."""
+  jitted = jax.jit(fn, in_shardings=(trainer.shardings, _shardings(arg_spec)),
+                   out_shardings=(trainer.shardings, parallel.replicated(trainer.mesh)),
+                   donate_argnums=0)
+  with parallel.mesh_rules(trainer.mesh):
+    return jitted.lower(trainer.abstract_state, arg_spec).compile()
 
 
 def part_program(part, trainer, batch, batch_spec):
