@@ -46,6 +46,14 @@ def load():
   return json.loads(SLICE.read_text()) if SLICE.exists() else None
 
 
+def existing(verb, argv):
+  """The slice, or None after gcloud's NOT_FOUND error for `verb` on stderr."""
+  s = load()
+  if s is None:
+    print(f'ERROR: (gcloud.compute.tpus.tpu-vm.{verb}) NOT_FOUND: {argv[4]}', file=sys.stderr)
+  return s
+
+
 def save(s):
   SLICE.write_text(json.dumps(s))
 
@@ -119,9 +127,8 @@ def create(argv):
 
 
 def describe(argv):
-  s = load()
+  s = existing('describe', argv)
   if s is None:
-    print(f'ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: {argv[4]}', file=sys.stderr)
     return 1
   preempt = os.environ.get('FAKE_GCLOUD_PREEMPT', '')
   maintenance = os.environ.get('FAKE_GCLOUD_MAINTENANCE', '')
@@ -138,9 +145,8 @@ def describe(argv):
 
 
 def delete(argv):
-  s = load()
+  s = existing('delete', argv)
   if s is None:
-    print(f'ERROR: (gcloud.compute.tpus.tpu-vm.delete) NOT_FOUND: {argv[4]}', file=sys.stderr)
     return 1
   for home in workers(s):   # the VMs go away: so does everything running on them
     runner = read_pid(home / 'idm_jax_run' / 'runner_pid')
