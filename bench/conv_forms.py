@@ -1,6 +1,6 @@
-"""The three forms of a convolution on this backend, pass by pass: XLA's convolution, patches @
-kernel (`platform_ops.conv_as_matmul`) and, for the kernel gradient, row-range matrix products
-(`platform_ops.kernel_grad_same`). The table behind `platform_ops.cpu_conv`'s choice.
+"""The two forms of a convolution on this backend, pass by pass: XLA's convolution and patches @
+kernel (`platform_ops.conv_as_matmul`), compiled with the options the trainer compiles with
+(`platform_ops.compiler_options`). The table behind `platform_ops.cpu_conv`'s choice.
 
 python -m bench.conv_forms [--shapes B,HW,CIN,COUT ...] [--reps 10] [--json F]
 
@@ -24,7 +24,7 @@ SAME = ((1, 1), (1, 1))
 
 
 def _ms(fn, *args, reps: int) -> float:
-  fn = jax.jit(fn)
+  fn = jax.jit(fn, compiler_options=platform_ops.compiler_options(jax.devices()[0].platform))
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
@@ -56,10 +56,11 @@ def main():
     x = jax.random.normal(kx, (b, hw, hw, cin))
     w = jax.random.normal(kw, (3, 3, cin, cout)) / (3 * cin ** 0.5)
     dy = jax.random.normal(kd, (b, hw, hw, cout))
-    rows = _ms(lambda x_, d: platform_ops.kernel_grad_same(x_, d, (3, 3)), x, dy, reps=a.reps)
     train_step.emit(dict(shape=spec, xla=_passes(native, x, w, dy, a.reps),
-                         patches=_passes(patches, x, w, dy, a.reps), rows_kernel_grad=rows,
-                         cpu_conv=platform_ops.cpu_conv_form(x.shape, w.shape, (1, 1), SAME),
+                         patches=_passes(patches, x, w, dy, a.reps),
+                         cpu_conv=platform_ops.cpu_conv_form(x.shape, w.shape),
+                         compiler_options=platform_ops.compiler_options(
+                             jax.devices()[0].platform),
                          device=jax.devices()[0].device_kind, date=time.strftime('%Y-%m-%d')),
                     a.json)
 

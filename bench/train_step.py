@@ -137,7 +137,7 @@ def compile_part(fn, trainer, arg_spec):
   """`fn(state, arg) -> (state, metrics)` compiled with the trainer's shardings, state donated."""
   jitted = jax.jit(fn, in_shardings=(trainer.shardings, _shardings(arg_spec)),
                    out_shardings=(trainer.shardings, parallel.replicated(trainer.mesh)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=trainer.compiler_options)
   with parallel.mesh_rules(trainer.mesh):
     return jitted.lower(trainer.abstract_state, arg_spec).compile()
 

@@ -31,6 +31,7 @@ from idm_jax import images
 from idm_jax import parallel
 from idm_jax import tree_shapes
 from idm_jax.diffusion import samplers
+from idm_jax.models import platform_ops
 from idm_jax.models import unet
 
 
@@ -102,7 +103,8 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
 
   bs, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
-                 out_shardings=bs)
+                 out_shardings=bs,
+                 compiler_options=platform_ops.compiler_options(mesh.devices.flat[0].platform))
 
 
 def program_key(settings: samplers.Settings) -> tuple:

@@ -27,6 +27,7 @@ from idm_jax import parallel
 from idm_jax import workdir_lock
 from idm_jax.diffusion import objectives
 from idm_jax.diffusion import samplers
+from idm_jax.models import platform_ops
 from idm_jax.models import unet
 from idm_jax.train_state import TrainState
 
@@ -176,9 +177,10 @@ class Trainer:
     self.init = init_fn
     step_fn = functools.partial(train_step, model=self.model, config=config,
                                 logsnr_fn=self.logsnr_fn)
-    self.step = jax.jit(step_fn, in_shardings=(self.shardings,
-                                                                   self.batch_sharding),
-                        out_shardings=(self.shardings, rep), donate_argnums=0)
+    self.compiler_options = platform_ops.compiler_options(mesh_platform(mesh))
+    self.step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
+                        out_shardings=(self.shardings, rep), donate_argnums=0,
+                        compiler_options=self.compiler_options)
     self._samplers = {}
 
   def local_batch_size(self) -> int:
@@ -217,7 +219,8 @@ class Trainer:
                            settings=settings, shape=(batch_size, res, res, 3),
                            logsnr_fn=self.logsnr_fn)
     rep = parallel.replicated(self.mesh)
-    return jax.jit(fn, in_shardings=(self.shardings.ema, rep, rep))
+    return jax.jit(fn, in_shardings=(self.shardings.ema, rep, rep),
+                   compiler_options=self.compiler_options)
 
   def sampler(self, settings, batch_size: int):
     """A jitted EMA sampler for (samplers.Settings, batch size); cached so each compiles once."""
