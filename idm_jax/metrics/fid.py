@@ -20,6 +20,7 @@ import numpy as np
 from scipy import linalg
 
 from idm_jax.metrics import npz_weights
+from idm_jax.models import platform_ops
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -170,9 +171,16 @@ def load(path: str) -> dict:
   return npz_weights.load_variables(path, abstract_variables(), 'Inception')
 
 
-@jax.jit
+@functools.cache
+def _features_jit():
+  # Compiled as the trainer's programs are on this backend (platform_ops.compiler_options): on
+  # the CPU, XLA's own convolutions run this network about twice as fast as YNNPACK's.
+  return jax.jit(lambda variables, x: FIDInceptionV3().apply(variables, x),
+                 compiler_options=platform_ops.compiler_options(jax.default_backend()))
+
+
 def _features(variables, x):
-  return FIDInceptionV3().apply(variables, x)
+  return _features_jit()(variables, x)
 
 
 def inception_features(images: Sequence[np.ndarray], weights: str | os.PathLike | dict,

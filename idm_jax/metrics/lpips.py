@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idm_jax.metrics import npz_weights
+from idm_jax.models import platform_ops
 
 # (name, out channels) of VGG16's conv layers, grouped into the five LPIPS slices.
 VGG_SLICES = (
@@ -89,9 +90,15 @@ def load(path: str) -> dict:
   return npz_weights.load_variables(path, abstract_variables(), 'LPIPS')
 
 
-@jax.jit
+@functools.cache
+def _lpips_jit():
+  # Compiled as the trainer's programs are on this backend (platform_ops.compiler_options).
+  return jax.jit(lambda variables, x0, x1: LPIPS().apply(variables, x0, x1),
+                 compiler_options=platform_ops.compiler_options(jax.default_backend()))
+
+
 def _lpips_batch(variables, x0, x1):
-  return LPIPS().apply(variables, x0, x1)
+  return _lpips_jit()(variables, x0, x1)
 
 
 def lpips_distances(pred: Sequence[np.ndarray], gt: Sequence[np.ndarray],
