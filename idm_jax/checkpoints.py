@@ -17,8 +17,11 @@ moved to WORKDIR/checkpoints_unreadable/<step> with a warning and resuming falls
 newest one that restores; inference readers (restore, evaluate, export) fall back the same way,
 without moving anything (they may read a run that is still training). A storage error that
 passes (a 503, a timeout, a dropped connection) says nothing about a checkpoint: it is retried,
-and if it persists the run stops with nothing moved. The processes of a pod agree on each
-verdict through the coordination service, so all of them resume the same step.
+and if it persists the run stops with nothing moved. The processes of a pod agree through the
+coordination service on every decision one of them could otherwise make alone (which step to
+try, whether it restored, whether a folder is there), and an item's failure is held until after
+orbax's restore barrier: no process raises, falls back or goes on while another waits in a
+collective, and all of them resume (or load) the same step.
 """
 from __future__ import annotations
 
@@ -54,9 +57,7 @@ class Checkpointer:
     handlers = dict(train=ocp.StandardCheckpointHandler(), ema=ocp.StandardCheckpointHandler(),
                     data=grain.checkpoint.CheckpointHandler(),
                     config=ocp.JsonCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
-    self._failures = None   # while restore_latest reads: item -> what its restore raised
-    for item, handler in handlers.items():
-      _hold_failures(handler, item, self)
+    self._held = _HeldFailures(handlers)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=handlers)
 
@@ -119,15 +120,7 @@ class Checkpointer:
 
   def _manager_restore(self, step: int, args):
     """self.manager.restore(step, args), raising an item's failure only after orbax's barrier."""
-    self._failures = {}
-    try:
-      restored = self.manager.restore(step, args=args)
-      failures = self._failures
-    finally:
-      self._failures = None
-    if failures:
-      raise next(iter(failures.values()))
-    return restored
+    return self._held.restore(self.manager, step, args)
 
   def _move_unreadable(self, steps) -> None:
     """Moves step folders out of orbax's sight (kept for inspection, never deleted). Process 0
@@ -157,17 +150,35 @@ class Checkpointer:
   def train_seconds(self, step: int) -> float:
     """Training wall-clock seconds recorded with a checkpoint: 0 for checkpoints written before
     it was recorded, and 0 with a warning when that record does not read (the time budget then
-    starts afresh rather than the run failing over a few bytes of bookkeeping)."""
-    if not files.isdir(files.join(self.directory, str(step), 'progress')):
-      return 0.0
-    try:   # every process reaches orbax's barrier, whatever it reads
-      restored = self._manager_restore(step, ocp.args.Composite(progress=ocp.args.JsonRestore()))
-      return float(restored['progress'].get('train_seconds', 0.0))
-    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
-      logging.warning('the training time recorded with checkpoint %s does not read (%s); '
+    starts afresh rather than the run failing over a few bytes of bookkeeping).
+
+    The same answer on every process (every one must call it): whether the record is there and
+    whether it read are agreed, so no process enters orbax's restore barrier while another
+    skipped it, and none counts another budget (a host whose budget looks spent would stop
+    while the others train on)."""
+    from idm_jax import parallel  # pylint: disable=import-outside-toplevel
+    where = files.join(self.directory, str(step), 'progress')
+    try:
+      present = _agreed_isdir(where)
+    except Exception as e:  # pylint: disable=broad-except  (raised on every process alike)
+      logging.warning('could not tell whether checkpoint %s records its training time (%s); '
                       'counting the time budget from 0', files.join(self.directory, str(step)),
                       _first_line(e))
       return 0.0
+    if not present:
+      return 0.0
+    seconds, error = 0.0, None
+    try:   # every process reaches orbax's barrier, whatever it reads
+      restored = self._manager_restore(step, ocp.args.Composite(progress=ocp.args.JsonRestore()))
+      seconds = float(restored['progress'].get('train_seconds', 0.0))
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+      error = e
+    if parallel.max_over_processes(int(error is not None)):
+      logging.warning('the training time recorded with checkpoint %s does not read (%s); '
+                      'counting the time budget from 0', files.join(self.directory, str(step)),
+                      _first_line(error) if error is not None else 'on another process')
+      return 0.0
+    return seconds
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -200,8 +211,18 @@ def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
   coordination service, so all of them return the same step: a step fails if any process hit
   a content error (each reads its own shards), and is tried again if any hit a transient one.
   Each failure is named in a warning; if none restores, raises naming each (`hint` ends it)."""
+  from idm_jax import parallel  # pylint: disable=import-outside-toplevel
   failed = []
-  for step in sorted(steps, reverse=True):
+  left = sorted(set(steps), reverse=True)
+  while True:
+    # The step tried is agreed too: the oldest of the processes' newest ones left. Listings
+    # made at different moments may differ (a run still training adds steps, and deletes the
+    # oldest); a process that does not list the agreed step tries it anyway (if it is not
+    # there, that is a content error, and the step is skipped on every process).
+    step = -parallel.max_over_processes(-(left[0] if left else -1))
+    if step < 0:
+      break
+    left = [s for s in left if s < step]
     where = files.join(directory, str(step))
     value, reason = files.call_with_retries(_agreed_try, restore, step, where,
                                             attempts=RESTORE_ATTEMPTS,
@@ -225,6 +246,8 @@ def _agreed_try(restore, step: int, where: str):
     value = restore(step)
   except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
     error, verdict = e, (_TRANSIENT if _is_transient(e) else _UNREADABLE)
+    if isinstance(e, _FailedElsewhere):   # another process's verdict, agreed again below
+      error, verdict = None, _RESTORED
   agreed = parallel.max_over_processes(verdict)
   if agreed == _RESTORED:
     return value, None
@@ -259,23 +282,81 @@ def _is_transient(e: BaseException) -> bool:
   return False
 
 
-def _hold_failures(handler, item: str, checkpointer: Checkpointer) -> None:
-  """Makes `handler`'s restore record what it raises in checkpointer._failures (and return
-  None) while that is a dict, instead of raising inside orbax's restore: see
-  Checkpointer._restore_holding_failures. The instance's method is replaced, not its class, so
-  the handler keeps the type name orbax records in each checkpoint."""
-  restore = handler.restore
+class _FailedElsewhere(Exception):
+  """Raised on a process whose part of a restore went well when another process's failed (see
+  _raise_agreed); _agreed_try then takes the verdict the failing process reports."""
 
-  def holding(*args, **kwargs):
-    if checkpointer._failures is None:  # pylint: disable=protected-access
-      return restore(*args, **kwargs)
+
+def _raise_agreed(error: BaseException | None) -> None:
+  """Raises `error` on the process that had it, and _FailedElsewhere on the others, if any
+  process had one; returns on every process if none did. Every process must call it: it stands
+  between two restores of one try, so that no process goes on into the second (and orbax's
+  barrier) while another has left for the agreement at the end of the try."""
+  from idm_jax import parallel  # pylint: disable=import-outside-toplevel
+  verdict = _RESTORED if error is None else (_TRANSIENT if _is_transient(error) else _UNREADABLE)
+  if parallel.max_over_processes(verdict) == _RESTORED:
+    return
+  if error is not None:
+    raise error
+  raise _FailedElsewhere('another process could not read its part of it')
+
+
+def _agreed_isdir(path: str) -> bool:
+  """files.isdir(path), the same answer on every process (every one must call it): there only
+  if every process sees it. An error that outlives files.call_with_retries on any process
+  raises on all of them (its own error on that process)."""
+  from idm_jax import parallel  # pylint: disable=import-outside-toplevel
+  present, error = False, None
+  try:
+    present = bool(files.call_with_retries(files.isdir, path))
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  agreed = parallel.max_over_processes(2 if error is not None else (0 if present else 1))
+  if agreed == 2:
+    if error is not None:
+      raise error
+    raise StorageUnavailable(f'another process could not tell whether {path} exists (see its '
+                             'log); nothing was read')
+  return agreed == 0
+
+
+class _HeldFailures:
+  """Makes item handlers' restores record what they raise (and return None) while a restore
+  through `restore` runs, instead of raising inside orbax's restore: it ends with a barrier that
+  every process must reach, and a process raising before it would leave the others waiting
+  there. The first failure is raised after the barrier. Each handler instance's method is
+  replaced, not its class, so the handler keeps the type name orbax records in a checkpoint."""
+
+  def __init__(self, handlers: dict):
+    self.failures = None   # while restore() runs: item -> what its restore raised
+    for item, handler in handlers.items():
+      self._hold(handler, item)
+
+  def _hold(self, handler, item: str) -> None:
+    restore = handler.restore
+
+    def holding(*args, **kwargs):
+      if self.failures is None:
+        return restore(*args, **kwargs)
+      try:
+        return restore(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except  (raised after orbax's barrier)
+        self.failures[item] = e
+        return None
+
+    handler.restore = holding
+
+  def restore(self, manager, step: int, args):
+    """manager.restore(step, args), raising an item's failure only after orbax's barrier."""
+    self.failures = {}
     try:
-      return restore(*args, **kwargs)
-    except Exception as e:  # pylint: disable=broad-except  (raised after orbax's barrier)
-      checkpointer._failures[item] = e  # pylint: disable=protected-access
-      return None
-
-  handler.restore = holding
+      restored = manager.restore(step, args=args)
+      failures = self.failures
+    finally:
+      self.failures = None
+    if failures:
+      raise next(iter(failures.values()))
+    return restored
 
 
 def _first_line(e: BaseException) -> str:
@@ -306,20 +387,30 @@ def load_for_inference(workdir: str, step: int | None = None):
   being trained can be read. Over several processes every one of them must call it.
 
   Without `step`, a newest checkpoint that does not restore is skipped with a warning, as a
-  training resume does, and the one before is used; raises naming each if none restores.
+  training resume does, and the one before is used; raises naming each if none restores. A
+  given `step` that does not restore raises. As in a training resume, the processes agree on
+  every step tried and on each verdict (a transient storage error is tried again by all of
+  them together, then StorageUnavailable on all), so all load the same step or all raise.
   """
   directory = checkpoint_dir(workdir)
-  if not files.isdir(directory):
+  if not _agreed_isdir(directory):
     raise FileNotFoundError(f'{workdir}: no {CHECKPOINT_DIR}/ folder; is this a training workdir?')
+  handlers = dict(ema=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler())
+  held = _HeldFailures(handlers)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=dict(ema=ocp.StandardCheckpointHandler(),
-                                                     config=ocp.JsonCheckpointHandler()))
+                                  item_handlers=handlers)
+  restore = lambda s: _restore_ema(manager, held, s)
   try:
     if step is not None:
-      config, ema = _restore_ema(manager, step)
+      where = files.join(directory, str(step))
+      value, reason = files.call_with_retries(_agreed_try, restore, step, where,
+                                              attempts=RESTORE_ATTEMPTS,
+                                              backoff_s=RESTORE_BACKOFF_S)
+      if reason is not None:
+        raise RuntimeError(f'checkpoint {where} does not restore ({reason})')
+      config, ema = value
     else:
-      found = _newest_that_restores(directory, manager.all_steps(),
-                                   lambda s: _restore_ema(manager, s))
+      found = _newest_that_restores(directory, manager.all_steps(), restore)
       if found is None:
         raise FileNotFoundError(f'{workdir}: no complete checkpoint found')
       step, (config, ema), _ = found
@@ -329,8 +420,11 @@ def load_for_inference(workdir: str, step: int | None = None):
   return config, ema, step
 
 
-def _restore_ema(manager, step: int):
-  """(config, EMA params as host numpy arrays) of one checkpoint.
+def _restore_ema(manager, held: _HeldFailures, step: int):
+  """(config, EMA params as host numpy arrays) of one checkpoint, through `held` (an item's
+  failure raised after orbax's barrier). Two restores: the config, which gives the params'
+  shapes, then the params; the processes agree between them (_raise_agreed), so all go on to
+  the second or none does.
 
   Each process reads the whole params onto a device of its own and then to host memory: on a
   device of another process it could read nothing (orbax fails there, not even knowing the
@@ -338,13 +432,19 @@ def _restore_ema(manager, step: int):
   into the training shardings) places them from host values anyway.
   """
   from idm_jax.models import unet  # heavy; only inference needs it here
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  config = configlib.from_json(json.dumps(saved))
-  model = unet.build_model(config.model, config.data.resolution)
-  mine = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine),
-                          unet_abstract_params(model))
-  ema = manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))['ema']
+  abstract, error = None, None
+  try:
+    saved = held.restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))
+    config = configlib.from_json(json.dumps(saved['config']))
+    model = unet.build_model(config.model, config.data.resolution)
+    mine = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine),
+                            unet_abstract_params(model))
+  except Exception as e:  # pylint: disable=broad-except  (raised by _raise_agreed)
+    error = e
+  _raise_agreed(error)
+  ema = held.restore(manager, step,
+                     ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))['ema']
   return config, jax.device_get(ema)
 
 

@@ -26,13 +26,13 @@ def state(trainer):
   return trainer.init(jax.random.PRNGKey(0))
 
 
-def _save_steps(workdir, trainer, state, steps):
+def _save_steps(workdir, trainer, state, steps, train_seconds=0.0):
   """Checkpoints at `steps`, each with its step number in every EMA leaf (to tell them apart)."""
   ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
   for s in steps:
     marked = state.replace(step=state.step + s,
                            ema=jax.tree.map(lambda x, s=s: x * 0 + s, state.ema))
-    ckpt.save(s, marked, None, trainer.config, force=True)
+    ckpt.save(s, marked, None, trainer.config, force=True, train_seconds=train_seconds)
   ckpt.close()
 
 
@@ -175,3 +175,146 @@ def test_a_storage_error_is_retried_not_taken_for_an_unreadable_checkpoint(monke
                      r'storage error on this process persisted.*nothing was skipped or moved'):
     checkpoints._newest_that_restores('gs://b/c', [4, 6], lambda s: restore(s, failures))
   assert calls == [6] * checkpoints.RESTORE_ATTEMPTS
+
+
+# --- Agreement: no process acts alone on what it alone saw (a failure, a listing, a folder).
+
+
+def _another_process(monkeypatch, values):
+  """parallel.max_over_processes as if a second process passed `values`, in order; returns the
+  list of what this process passed."""
+  passed, values = [], list(values)
+
+  def max_over_processes(n, timeout_s=3600.0):
+    del timeout_s
+    passed.append(int(n))
+    return max(int(n), values.pop(0))
+
+  monkeypatch.setattr(parallel, 'max_over_processes', max_over_processes)
+  return passed
+
+
+def test_the_step_tried_and_its_verdict_are_agreed(monkeypatch, caplog):
+  """The other process listed steps up to 4 only (its listing came before a still-training run
+  wrote 6) and could not read its part of 4: this process, which read 4 well, tries 4 (not 6)
+  and then 2, as the other does, and names the other process as the reason."""
+  passed = _another_process(monkeypatch, [-4, 1, -2, 0])
+  calls = []
+  with caplog.at_level(logging.WARNING):
+    found = checkpoints._newest_that_restores(
+        'gs://b/c', [2, 4, 6], lambda s: calls.append(s) or f'state {s}')
+  assert found == (2, 'state 2', [4]) and calls == [4, 2]
+  assert passed == [-6, 0, -2, 0]
+  assert 'gs://b/c/4 does not restore (another process could not read its part of it)' in \
+      caplog.text
+
+
+def test_a_failure_between_the_two_reads_of_a_try_is_agreed(monkeypatch):
+  """_restore_ema reads the config, then the params: when the other process's config read
+  failed, this one raises there too (and does not go on into the params' restore, whose barrier
+  the other would never reach); the try's verdict is then the other's."""
+  _another_process(monkeypatch, [0])
+  checkpoints._raise_agreed(None)   # nobody failed: goes on
+  _another_process(monkeypatch, [1])
+  with pytest.raises(checkpoints._FailedElsewhere):
+    checkpoints._raise_agreed(None)
+  _another_process(monkeypatch, [0])
+  with pytest.raises(ValueError, match='mine'):
+    checkpoints._raise_agreed(ValueError('mine'))
+
+  def fails_elsewhere(step):
+    raise checkpoints._FailedElsewhere('another process could not read its part of it')
+
+  passed = _another_process(monkeypatch, [2])   # the other's failure was transient
+  with pytest.raises(checkpoints.StorageUnavailable, match='a storage error on another process'):
+    checkpoints._agreed_try(fails_elsewhere, 4, 'gs://b/c/4')
+  assert passed == [0]
+  _another_process(monkeypatch, [1])            # a content error
+  assert checkpoints._agreed_try(fails_elsewhere, 4, 'gs://b/c/4') == (
+      None, 'another process could not read its part of it')
+
+
+def test_the_recorded_training_time_is_agreed(tmp_path, trainer, state, monkeypatch, caplog):
+  """train_seconds gives every process the same answer: 0 when another process does not see
+  the record (and then nobody enters the restore), or could not read it."""
+  _save_steps(tmp_path, trainer, state, (2,), train_seconds=12.5)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  restores = []
+  manager_restore = ckpt._manager_restore
+  monkeypatch.setattr(ckpt, '_manager_restore',
+                      lambda *args: restores.append(args[0]) or manager_restore(*args))
+  try:
+    _another_process(monkeypatch, [0, 0])
+    assert ckpt.train_seconds(2) == 12.5 and restores == [2]
+    passed = _another_process(monkeypatch, [1])    # the other does not see progress/
+    assert ckpt.train_seconds(2) == 0.0 and restores == [2]
+    assert passed == [0]
+    _another_process(monkeypatch, [0, 1])          # the other could not read it
+    with caplog.at_level(logging.WARNING):
+      assert ckpt.train_seconds(2) == 0.0
+    assert 'does not read (on another process)' in caplog.text
+    _another_process(monkeypatch, [2])             # the other could not tell
+    with caplog.at_level(logging.WARNING):
+      assert ckpt.train_seconds(2) == 0.0
+    assert 'another process could not tell whether' in caplog.text
+  finally:
+    ckpt.close()
+
+
+AGREEMENT_WORKER = os.path.join(REPO, 'tests', 'checkpoint_agreement_worker.py')
+
+
+def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, gcs_bucket,
+                                                        trainer, state, tmp_path):
+  """Two real processes read checkpoints in a bucket, process 1 through the fault proxy, which
+  answers 404 to some of its reads only: step 4's config, step 4's EMA arrays, step 2's progress
+  record, step 2's progress folder. Each time both processes come to the same result (step 2,
+  an error, 0 s), where one acting on its own failure would leave the other waiting in orbax's
+  restore barrier or fall back to another step alone."""
+  import json
+  import socket
+  import subprocess
+  import sys
+  from conftest import gcs_env
+  proxy = gcs_faults.proxy
+  root = gcs_bucket
+  for workdir in ('config', 'ema'):
+    _save_steps(f'{root}/{workdir}', trainer, state, (2, 4))
+  for workdir in ('progress', 'hidden'):
+    _save_steps(f'{root}/{workdir}', trainer, state, (2,), train_seconds=12.5)
+  proxy.add(r'/o/config/checkpoints/4/config/.*alt=media', 'status', status=404, methods=('GET',))
+  proxy.add(r'/o/ema/checkpoints/4/ema/.*alt=media', 'status', status=404, methods=('GET',))
+  proxy.add(r'/o/progress/checkpoints/2/progress/.*alt=media', 'status', status=404,
+            methods=('GET',))
+  proxy.add(r'hidden/checkpoints/2/progress', 'status', status=404, methods=('GET',))
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  direct = gcs_env(int(gcs_server.rsplit(':', 1)[1]))
+  procs = []
+  try:
+    for i, env in enumerate((direct, gcs_faults.env)):
+      procs.append(subprocess.Popen(
+          [sys.executable, AGREEMENT_WORKER, '--root', root, '--out', str(tmp_path),
+           '--process-id', str(i), '--num-processes', '2', '--port', str(port)],
+          env=dict(os.environ, **env, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+          stderr=open(tmp_path / f'err{i}', 'w')))
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  errs = [(tmp_path / f'err{i}').read_text()[-3000:] for i in range(2)]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  results = [json.loads((tmp_path / f'{i}.json').read_text()) for i in range(2)]
+  assert results[0]['config'] == results[1]['config'] == [2, 2.0], results
+  assert results[0]['ema'] == results[1]['ema'] == [2, 2.0], results
+  for r in results:
+    assert r['ema at 4']['error'].startswith('RuntimeError: checkpoint '), results
+    assert r['progress'] == r['hidden'] == 0.0, results
+  # Process 1 met each fault; process 0 (not behind the proxy) met none and still followed.
+  for pattern in ('config/checkpoints/4/config/', 'ema/checkpoints/4/ema/',
+                  'progress/checkpoints/2/progress/', 'hidden/checkpoints/2/progress'):
+    assert proxy.hits(pattern) > 0, pattern
