@@ -115,14 +115,22 @@ def shorten_to_budget(bar, step: int, end: int, seconds_left: float | None) -> N
 class Writer:
   """metrics.jsonl + TensorBoard + absl log lines, and sample grids as PNG.
 
-  A write that fails (after the storage client's own retries) never stops the run: only
-  process 0 writes, and an exception out of its loop would leave the other hosts waiting in the
-  next collective. It is named in one warning and made again later: metrics lines and event
+  Each write is one request (an object rewritten whole), made again through
+  files.call_with_retries after a transient failure (files.is_transient: a 503 or 429, a
+  timeout, a dropped connection) that outlived the storage client's own retries: WRITE_ATTEMPTS
+  tries, WRITE_BACKOFF_S apart and doubling. Only the first failure of a streak gets them: while
+  an object keeps failing, each later occasion makes one try, so an outage costs host 0 no more
+  than the client's own retries per write. (A local metrics append is not made again: an
+  append that failed may have landed in part.) A write that still fails never stops the run:
+  only process 0 writes, and an exception out of its loop would leave the other hosts waiting in
+  the next collective. It is named in one warning and made again later: metrics lines and event
   files at the next flush, a grid at the next log step (then dropped, with a warning).
   """
 
   REMOTE_FLUSH_SECONDS = 15.0
   GRID_ATTEMPTS = 2   # a grid's writes before it is dropped: grids are for looking, not keeping
+  WRITE_ATTEMPTS = 2    # tries of one write through files.call_with_retries (see above)
+  WRITE_BACKOFF_S = 2.0   # the wait before the second
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
@@ -155,10 +163,12 @@ class Writer:
     self._tb = SummaryWriter(logdir, filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
     self._tb_files += 1
 
-  def _attempt(self, what: str, write) -> bool:
-    """write(); False (with a warning on the first of a streak of failures) if it raised."""
+  def _attempt(self, what: str, write, retry: bool = True) -> bool:
+    """write(), made again after a transient failure (with `retry`, at the first failure of a
+    streak); False (with a warning on the first of a streak of failures) if it still raised."""
+    attempts = self.WRITE_ATTEMPTS if retry and what not in self._failing else 1
     try:
-      write()
+      files.call_with_retries(write, attempts=attempts, backoff_s=self.WRITE_BACKOFF_S)
     except Exception as e:  # pylint: disable=broad-except  (storage clients raise many types)
       if what not in self._failing:
         self._failing.add(what)
@@ -246,7 +256,9 @@ class Writer:
     if not force and time.monotonic() - self._last_flush < self.REMOTE_FLUSH_SECONDS:
       return
     if self._pending:
-      self._attempt('metrics.jsonl', self._write_metrics)   # the lines stay pending if it fails
+      # The lines stay pending if it fails. A rewrite in a bucket can be made again (it writes
+      # the whole object from self._metrics); a local append cannot.
+      self._attempt('metrics.jsonl', self._write_metrics, retry=self.remote)
     self._tb.flush()
     self._upload_events()
     self._last_flush = time.monotonic()

@@ -1,6 +1,7 @@
 """Storage faults are expected, not fatal: every client behind a fault-injecting proxy
 (tests/gcs_faults.py) in front of the local GCS server, answering 503/429, dropping a reply after
 the write landed, resetting connections, adding latency."""
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from idm_jax import files
@@ -184,6 +186,51 @@ def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_droppe
   writer.close()
   assert 'samples_0000004.png' not in files.listdir(workdir)
   assert _steps(workdir) == [2, 3, 4, 5]
+
+
+def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_whole(
+    gcs_faults, gcs_bucket, monkeypatch, caplog):
+  """503 bursts on metrics.jsonl and on a grid that outlast gcsfs's own 6 tries of the upload:
+  the Writer makes the write again (files.call_with_retries, files.is_transient) and both
+  objects are written whole at once, with no warning. Then an outage: the first failure of the
+  streak gets the retries, later occasions one try each, and the lines land once it ends.
+  (gcsfs's waits between its tries are shortened here, its number of tries is not.)"""
+  from gcs_faults import _ShorterWaits
+  from gcsfs import retry
+  monkeypatch.setattr(retry, 'asyncio', _ShorterWaits(20))
+  proxy = gcs_faults.proxy
+  workdir = f'{gcs_bucket}/run'
+  writer = reporting.Writer(workdir)
+  writer.REMOTE_FLUSH_SECONDS = 0.0
+  writer.WRITE_BACKOFF_S = 0.2
+  tries = 6   # gcsfs's tries of one request
+  proxy.add(r'metrics\.jsonl', 'status', count=tries + 1, status=503, methods=('POST',))
+  proxy.add(r'samples_0000002', 'status', count=tries + 1, status=503, methods=('POST',))
+  batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
+  with caplog.at_level(logging.WARNING):
+    writer.scalars(1, {'loss': 1.0})
+    assert proxy.hits(r'metrics\.jsonl') == tries + 1
+    assert _steps(workdir) == [1]
+    writer.sample_grid(2, batch, batch['hq'], conditional=True)
+    assert proxy.hits(r'samples_0000002') == tries + 1
+  assert 'could not write' not in caplog.text
+  grid = np.asarray(Image.open(io.BytesIO(files.read_bytes(f'{workdir}/samples_0000002.png'))))
+  zoom = 128 // 16
+  assert grid.shape == (3 * (16 * zoom + 2) + 2, 2 * (16 * zoom + 2) + 2, 3)
+  assert _steps(workdir) == [1, 2]
+
+  proxy.add(r'metrics\.jsonl', 'status', status=503, methods=('POST',))   # an outage
+  before = proxy.hits(r'metrics\.jsonl')
+  with caplog.at_level(logging.WARNING):
+    writer.scalars(3, {'loss': 0.5})
+  assert proxy.hits(r'metrics\.jsonl') - before == writer.WRITE_ATTEMPTS * tries
+  assert 'could not write' in caplog.text and 'metrics.jsonl' in caplog.text
+  before = proxy.hits(r'metrics\.jsonl')
+  writer.scalars(4, {'loss': 0.25})
+  assert proxy.hits(r'metrics\.jsonl') - before == tries   # one try while the streak lasts
+  proxy.clear()
+  writer.close()
+  assert _steps(workdir) == [1, 2, 3, 4]
 
 
 # --- Two processes (jax.distributed) training on one bucket workdir through the faults.
