@@ -666,19 +666,18 @@ def test_lost_terminal_does_not_kill_the_trainer_before_its_save(tmp_path):
   assert step is not None and step >= 2
 
 
-@pytest.mark.slow   # two JAX processes compiling on CPU: minutes
 def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
-  """Two jax.distributed processes (tests/train_worker.py); SIGHUP reaches process 1 only. It
-  is passed on as SIGTERM to JAX's preemption service, so both stop after the same step, save it
-  once and exit 0, as with a preemption notice."""
+  """Two jax.distributed processes (tests/train_worker.py, through tests/quick_worker.py so that
+  both reuse the persistent compilation cache), one CPU device each; SIGHUP reaches process 1
+  only. It is passed on as SIGTERM to JAX's preemption service, so both stop after the same
+  step, save it once and exit 0, as with a preemption notice."""
   import socket
   from idm_jax import checkpoints
   workdir = tmp_path / 'w'
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  ov = {'train.batch_size': 8, 'train.num_steps': 100000, 'train.ckpt_every': 100000,
-        'train.sample_every': 100000}
+  ov = {'train.num_steps': 100000, 'train.ckpt_every': 100000, 'train.sample_every': 100000}
   procs, outs = [], []
   try:
     for i in range(2):
@@ -686,8 +685,9 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
       err = open(tmp_path / f'err{i}', 'w+')
       outs.append((out, err))
       procs.append(subprocess.Popen(
-          [sys.executable, str(REPO / 'tests' / 'train_worker.py'), '--workdir', str(workdir),
-           '--steps', '100000', '--devices', '2', '--overrides', json.dumps(ov),
+          [sys.executable, str(REPO / 'tests' / 'quick_worker.py'),
+           str(REPO / 'tests' / 'train_worker.py'), '--workdir', str(workdir),
+           '--steps', '100000', '--devices', '1', '--overrides', json.dumps(ov),
            '--process-id', str(i), '--num-processes', '2', '--port', str(port)],
           stdout=out, stderr=err, env=dict(os.environ, PYTHONPATH=str(REPO))))
     metrics = workdir / 'metrics.jsonl'

@@ -236,28 +236,46 @@ def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_wh
 # --- Two processes (jax.distributed) training on one bucket workdir through the faults.
 
 WORKER = pathlib.Path(__file__).with_name('train_worker.py')
+QUICK = pathlib.Path(__file__).with_name('quick_worker.py')
 REPO = WORKER.parents[1]
+# gcsfs's waits between its tries of a request, divided (tests/quick_worker.py): its 6 tries
+# take about 3 s instead of 31 s. The in-process tests above run its shipped waits.
+GCSFS_WAIT_DIVISOR = 10
 
 
 def _two_processes(workdir, steps, env, params_out=''):
-  """Runs tests/train_worker.py as processes 0 and 1 of one job; (process 0's JSON, stderrs).
-  Their output goes to files: a pipe read only after process 0 ends could fill up with process
-  1's log and block it, and process 0 with it, in their next collective."""
+  """Runs tests/train_worker.py (through tests/quick_worker.py) as processes 0 and 1 of one job;
+  (process 0's JSON, stderrs)."""
+  return _finish(_start(workdir, steps, env, params_out))
+
+
+def _start(workdir, steps, env, params_out=''):
+  """Starts the two processes of one job. Their output goes to files: a pipe read only after
+  process 0 ends could fill up with process 1's log and block it, and process 0 with it, in
+  their next collective."""
   import tempfile  # pylint: disable=import-outside-toplevel
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   procs, logs = [], []
   for i in range(2):
-    cmd = [sys.executable, str(WORKER), '--workdir', workdir, '--steps', str(steps),
+    cmd = [sys.executable, str(QUICK), str(WORKER), '--workdir', workdir, '--steps', str(steps),
            '--overrides', json.dumps({'train.num_steps': 100}), '--process-id', str(i),
            '--num-processes', '2', '--port', str(port)]
     if params_out and i == 0:
       cmd += ['--params-out', str(params_out)]
     out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
     logs.append((out, err))
-    procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                  env=dict(env, PYTHONPATH=str(REPO))))
+    procs.append(subprocess.Popen(
+        cmd, stdout=out, stderr=err, text=True,
+        env=dict(env, PYTHONPATH=str(REPO),
+                 IDM_JAX_TEST_GCSFS_WAIT_DIVISOR=str(GCSFS_WAIT_DIVISOR))))
+  return procs, logs
+
+
+def _finish(started):
+  """Waits for a job _start started; (process 0's JSON, stderrs)."""
+  procs, logs = started
   texts = []
   try:
     for p, (out, err) in zip(procs, logs):
@@ -290,60 +308,57 @@ def _assert_same_run(a, b):
   np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-5)
 
 
-@pytest.mark.slow   # three runs of two processes, and gcsfs's 30 s of retries: minutes
 def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_faults, gcs_server,
                                                                          gcs_bucket, tmp_path):
-  """503 bursts on checkpoint, metrics and grid writes: the run equals a fault-free one. Then a
-  resume during which process 1 alone cannot read its part of the newest checkpoint until the
-  storage client gives up: not a verdict on the checkpoint, both processes try it again
-  together and resume it (a process falling back alone would compute other losses). Then a
-  checkpoint truly cut short: moved aside once, both resume the one before."""
+  """Two processes, 4 steps of configs/test.py (checkpoints and grids at 2 and 4, a metrics
+  line each step), three runs. 503 bursts on checkpoint, metrics and grid writes: the run
+  equals a fault-free one. Then checkpoint 4 truly cut short, and a resume during which
+  process 1 alone cannot read its part of checkpoint 2 until the storage client gives up: step
+  4 is moved aside once (a content error, agreed), and step 2's failure is not a verdict on it:
+  both processes try it again together and resume it (a process falling back alone would
+  compute other losses), then train on to the fault-free run's losses and params."""
   from conftest import gcs_env  # pylint: disable=import-outside-toplevel
   proxy = gcs_faults.proxy
   direct = dict(os.environ, **gcs_env(int(gcs_server.rsplit(':', 1)[1])))
-  clean, _ = _two_processes(f'{gcs_bucket}/clean', 6, direct, tmp_path / 'clean.npz')
-  assert clean['step'] == 6 and [s for s, _ in clean['losses']] == [1, 2, 3, 4, 5, 6]
-
   workdir = f'{gcs_bucket}/faulty'
   for pattern in (r'faulty/checkpoints/2[./]', r'faulty/checkpoints/4[./]'):
     proxy.add(pattern, 'status', count=3, status=503, methods=('POST', 'PUT'))
   proxy.add(r'faulty/checkpoints/4[./]', 'status', count=2, status=429, methods=('GET',))
   proxy.add(r'faulty/metrics\.jsonl', 'status', count=2, status=503)
   proxy.add(r'faulty/samples_0000002', 'status', count=2, status=503)
-  first, _ = _two_processes(workdir, 4, os.environ)
-  _assert_same_run(first['losses'], clean['losses'][:4])
+  # The fault-free run (straight to the server) and the faulty one side by side: the storage
+  # clients' waits in one leave the CPU to the other.
+  faulty = _start(workdir, 4, os.environ)
+  clean, _ = _two_processes(f'{gcs_bucket}/clean', 4, direct, tmp_path / 'clean.npz')
+  first, _ = _finish(faulty)
+  assert clean['step'] == 4 and [s for s, _ in clean['losses']] == [1, 2, 3, 4]
+  _assert_same_run(first['losses'], clean['losses'])
   assert proxy.hits(r'checkpoints/2[./]') == 3 and proxy.hits(r'checkpoints/4[./]') == 5
   assert proxy.hits(r'metrics\.jsonl') == 2 and proxy.hits(r'samples_0000002') == 2
   assert {'samples_0000002.png', 'samples_0000004.png'} <= set(files.listdir(workdir))
+  assert files.listdir(f'{workdir}/checkpoints') == ['2', '4']
 
-  # gcsfs makes 6 tries of a request: all 6 fail for process 1's data-iterator state.
-  proxy.reset()
-  proxy.add(r'/o/faulty/checkpoints/4/data/process_1-of-2\.json(\?|$)', 'status', count=6,
-            status=503, methods=('GET',))
-  second, _ = _two_processes(workdir, 2, os.environ, tmp_path / 'faulty.npz')
-  assert proxy.hits(r'process_1-of-2') == 6
-  # All six were tries of one request (gcsfs then gave up), made again afterwards: the restore
-  # was tried again, by both processes together, and nothing was judged unreadable.
-  faulted = {t for _, t, f in proxy.log if f is not None}
-  assert len(faulted) == 1
-  assert any(f is None and t in faulted for _, t, f in proxy.log)
-  assert second['step'] == 6
-  _assert_same_run(second['losses'], clean['losses'])
-  for a, b in zip(_params(tmp_path / 'clean.npz'), _params(tmp_path / 'faulty.npz')):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)   # as test_train's
-  assert files.listdir(f'{workdir}/checkpoints') == ['2', '4', '6']
-  assert not files.exists(f'{workdir}/checkpoints_unreadable')
-
-
-  # Checkpoint 6's bytes cut short: a content error for both processes, agreed; moved aside
-  # once (by process 0), and both resume step 4 and train on to the same losses again.
-  train_dir = f'{workdir}/checkpoints/6/train'
+  # Checkpoint 4's bytes cut short: a content error for both processes, agreed; moved aside
+  # once (by process 0). gcsfs makes 6 tries of a request: all 6 fail for process 1's
+  # data-iterator state in checkpoint 2.
+  train_dir = f'{workdir}/checkpoints/4/train'
   arrays = [f'{train_dir}/{f}' for f in files.walk_files(train_dir)
             if f.split('/')[-2:-1] == ['d']]   # ocdbt's data files
   largest = max(arrays, key=lambda f: len(files.read_bytes(f)))
   files.write_atomic(largest, files.read_bytes(largest)[:100])
-  third, _ = _two_processes(workdir, 2, os.environ)
-  assert third['step'] == 6
-  _assert_same_run(third['losses'][-2:], clean['losses'][-2:])
-  assert files.listdir(f'{workdir}/checkpoints_unreadable') == ['6']
-  assert files.listdir(f'{workdir}/checkpoints') == ['2', '4', '6']
+  proxy.reset()
+  proxy.add(r'/o/faulty/checkpoints/2/data/process_1-of-2\.json(\?|$)', 'status', count=6,
+            status=503, methods=('GET',))
+  second, _ = _two_processes(workdir, 2, os.environ, tmp_path / 'faulty.npz')
+  assert proxy.hits(r'process_1-of-2') == 6
+  # All six were tries of one request (gcsfs then gave up), made again afterwards: the restore
+  # was tried again, by both processes together, and step 2 was not judged unreadable.
+  faulted = {t for _, t, f in proxy.log if f is not None}
+  assert len(faulted) == 1
+  assert any(f is None and t in faulted for _, t, f in proxy.log)
+  assert second['step'] == 4
+  _assert_same_run(second['losses'][-2:], clean['losses'][-2:])
+  for a, b in zip(_params(tmp_path / 'clean.npz'), _params(tmp_path / 'faulty.npz')):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)   # as test_train's
+  assert files.listdir(f'{workdir}/checkpoints_unreadable') == ['4']
+  assert files.listdir(f'{workdir}/checkpoints') == ['2', '4']
