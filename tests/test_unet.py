@@ -290,3 +290,33 @@ def test_logsnr_embedding_is_finite_and_resolves_the_whole_range():
   d = np.linalg.norm(np.diff(np.asarray(emb), axis=0), axis=1)   # steps of 0.5 in log-SNR
   assert d.min() > 0.5   # neighbouring noise levels are clearly distinguishable
   assert np.all(np.isfinite(unet.logsnr_embedding(jnp.array([-40.0, 40.0]), 7)))
+
+
+@pytest.mark.parametrize('shape, groups', [((2, 8, 8, 32), 8), ((3, 5, 7, 12), 3), ((1, 4, 4, 8), 8)])
+def test_group_norm_equals_flax_group_norm_with_the_scale_and_shift(shape, groups):
+  """unet.group_norm (sums over pixels, then over a group's channels) computes flax's GroupNorm
+  followed by `* (1 + scale) + shift`, values and gradients, at an offset mean so that the
+  variance formula is exercised."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], shape)
+  gamma = 1.0 + 0.1 * jax.random.normal(keys[1], shape[-1:])
+  beta = 0.1 * jax.random.normal(keys[2], shape[-1:])
+  scale = 0.2 * jax.random.normal(keys[3], (shape[0], 1, 1, shape[-1]))
+  shift = 0.2 * jax.random.normal(keys[4], (shape[0], 1, 1, shape[-1]))
+  flax_norm = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+  params = {'params': {'scale': gamma, 'bias': beta}}
+
+  def ref(x, gamma, beta, scale, shift):
+    h = flax_norm.apply({'params': {'scale': gamma, 'bias': beta}}, x)
+    return h * (1.0 + scale) + shift
+
+  def ours(x, gamma, beta, scale, shift):
+    return unet.group_norm(x, gamma, beta, groups, 1e-5, scale, shift)
+
+  args = (x, gamma, beta, scale, shift)
+  np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(unet.group_norm(x, gamma, beta, groups, 1e-5),
+                             flax_norm.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)))
+  for got, want in zip(jax.grad(loss(ours), range(5))(*args), jax.grad(loss(ref), range(5))(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))

@@ -121,18 +121,54 @@ class Dense(nn.Module):
                     bias_init=_bias_init(), name='dense')(x.astype(self.dtype))
 
 
+def group_norm(x, gamma, beta, num_groups: int, epsilon: float, scale=None, shift=None):
+  """GroupNorm of NHWC float32 `x` with per-channel `gamma`, `beta`, then `* (1 + scale) + shift`
+  when given ((B, 1, 1, C) each): flax.linen.GroupNorm's arithmetic (the variance as
+  E[x^2] - E[x]^2, floored at 0), written as one per-(image, channel) affine map of `x`.
+
+  The statistics are per-channel sums over the pixels first, then sums over each group's
+  channels; flax reduces over pixels and the channels of a group at once, a reduction XLA's CPU
+  backend runs several times slower (docs/PERFORMANCE.md, "The train step on the CPU").
+  """
+  b, h, w, c = x.shape
+  per_group = c // num_groups
+  pixels = x.reshape(b, h * w, c)
+  count = h * w * per_group
+  mean = jnp.sum(pixels, axis=1).reshape(b, num_groups, per_group).sum(-1) / count
+  mean_sq = jnp.sum(pixels * pixels, axis=1).reshape(b, num_groups, per_group).sum(-1) / count
+  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.) + epsilon)
+  mul = gamma * jnp.repeat(inv, per_group, axis=1)                     # (B, C)
+  add = beta - jnp.repeat(mean, per_group, axis=1) * mul
+  if scale is not None:
+    scale = scale.reshape(b, c)
+    mul, add = mul * (1. + scale), add * (1. + scale) + shift.reshape(b, c)
+  return x * mul[:, None, None, :] + add[:, None, None, :]
+
+
+class _NormParams(nn.Module):
+  """GroupNorm's per-channel scale and bias, at flax.linen.GroupNorm's parameter paths."""
+  channels: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), CHANNEL_AXES)
+    gamma = self.param('scale', scale_init, (self.channels,), self.param_dtype)
+    beta = self.param('bias', _bias_init(), (self.channels,), self.param_dtype)
+    return gamma.astype(jnp.float32), beta.astype(jnp.float32)
+
+
 class GroupNorm(nn.Module):
-  """GroupNorm with float32 statistics and float32 output (callers cast after the activation)."""
+  """GroupNorm with float32 statistics and float32 output (callers cast after the activation),
+  optionally followed by the embedding's scale and shift (`group_norm`)."""
   num_groups: int
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), CHANNEL_AXES)
+  def __call__(self, x, scale=None, shift=None):
+    gamma, beta = _NormParams(x.shape[-1], self.param_dtype, name='norm')()
     # epsilon 1e-5: torch.nn.GroupNorm's default, as in the reference.
-    return nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=jnp.float32,
-                        param_dtype=self.param_dtype, scale_init=scale_init,
-                        bias_init=_bias_init(), name='norm')(x.astype(jnp.float32))
+    return group_norm(x.astype(jnp.float32), gamma, beta, self.num_groups, 1e-5, scale, shift)
 
 
 def _downsample_pool(x):
@@ -174,11 +210,12 @@ class ResBlock(nn.Module):
     emb_out = Dense((2 if self.scale_shift_norm else 1) * self.out_channels, name='emb', **kw)(
         nn.silu(emb))
     emb_out = emb_out.astype(jnp.float32)[:, None, None, :]
-    h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(
-        h if self.scale_shift_norm else h + emb_out.astype(h.dtype))
     if self.scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = h * (1.0 + scale) + shift
+      h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h, scale, shift)
+    else:
+      h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(
+          h + emb_out.astype(h.dtype))
     h = nn.silu(h).astype(self.dtype)
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
