@@ -19,7 +19,8 @@
 # 900), or a step budget (RESTORE_STEPS, GEN_STEPS), which keeps the arms equal when the cores
 # are shared. Every stage resumes where it stopped when rerun (training from its checkpoints,
 # cleaning from its journal, finished stages are skipped). The small results go to
-# WORKDIR/results/: copy them to docs/results/ to keep them.
+# WORKDIR/results/: copy them to docs/results/ to keep them; a seed whose results are all there
+# is skipped, so copying kept results back into a fresh WORKDIR/results resumes a phase.
 # The faces (docs/PROTOCOL.md): EVAL (default dev) picks the evaluation split of SPLITS (default
 # docs/results/splits.json); the runs see the train faces and that split only, through
 # experiments/split_view.py. EVAL=test is for the protocol's claim runs, scored once: choose
@@ -95,7 +96,22 @@ read -r -a GEN_BUDGET <<< "$(budget "$GEN_STEPS" "$GEN_SECONDS")"
 RESTORE_LABEL=${RESTORE_STEPS:+$RESTORE_STEPS steps}; RESTORE_LABEL=${RESTORE_LABEL:-$RESTORE_SECONDS s}
 GEN_LABEL=${GEN_STEPS:+$GEN_STEPS steps}; GEN_LABEL=${GEN_LABEL:-$GEN_SECONDS s}
 
+# A seed whose results are all in WORKDIR/results is done: results copied back from docs/results/
+# let a fresh clone finish the other seeds without the workdir that made them.
+seed_done() {  # seed_done SEED
+  local r
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    [ -f "$OUT/round_${r}_seed_$1_metrics.json" ] || return 1
+  done
+  [ -f "$OUT/oracle_seed_$1_metrics.json" ] || return 1
+  if [ "$ROUNDS" -ge 2 ]; then [ -f "$OUT/cleaning_seed_$1/cleaning.json" ] || return 1; fi
+  if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ]; then
+    [ -f "$OUT/control_seed_$1_metrics.json" ] || return 1
+  fi
+}
+
 for S in "${SEEDS[@]}"; do
+  if seed_done "$S"; then log "seed $S: results present in $OUT, skipped"; continue; fi
   arm=(--config="$CONFIG" "${RESTORE_BUDGET[@]}" --config.seed="$S" "${EXTRA[@]}")
   # 1. Round 0 on the contaminated faces; with ROUNDS=2 it cleans them and round 1 trains from
   #    scratch on the cleaned faces.

@@ -108,6 +108,19 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   assert faces == sorted(os.listdir(pristine))
   for name in faces[-4:]:                                   # the validation faces, untouched
     assert (control / 'faces' / name).read_bytes() == (pristine / name).read_bytes()
+  # Results kept from a run (as in docs/results/) resume a phase in a fresh workdir: their seeds
+  # are skipped and only the summary is made again.
+  fresh = tmp_path / 'fresh'
+  shutil.copytree(results, fresh / 'results')
+  resumed = subprocess.run(['bash', 'experiments/extrinsic_experiment.sh', str(fresh)], cwd=REPO,
+                           env=dict(env, GENERATORS='0'), capture_output=True, text=True,
+                           timeout=1500)
+  assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+  for seed in (0, 1):
+    assert f'seed {seed}: results present in' in resumed.stdout
+  assert not (fresh / 'rounds').exists() and not (fresh / 'control').exists()
+  assert not (fresh / 'oracle' / 'seed_0').exists()
+  assert (fresh / 'results' / 'summary.md').read_text() == (results / 'summary.md').read_text()
   # A second dose shares the first's oracle (nothing retrains) and stops at round 0.
   dose2 = tmp_path / 'dose2'
   env2 = dict(env, FRACTION='0.5', SEEDS='1', ROUNDS='1', GENERATORS='0',
