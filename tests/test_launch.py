@@ -79,10 +79,14 @@ class Pod:
                           cwd=self.root, capture_output=True, text=True, timeout=timeout)
 
   def start(self, args, **env):
-    """The script in the background, its output in files (a laptop's terminal)."""
+    """The script in the background, its output in files (a laptop's terminal). It starts with
+    SIGHUP's default action, as from a terminal, even when the tests themselves run under
+    `nohup` (bash cannot trap a signal ignored when it started: the lost-laptop tests' hang-up
+    would go unseen)."""
     out = open(self.root / 'script.out', 'w')
     return subprocess.Popen(['bash', str(TPU_POD), *args], env=dict(self.env, **env),
-                            cwd=self.root, stdout=out, stderr=subprocess.STDOUT, text=True)
+                            cwd=self.root, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_as_from_a_terminal)
 
   def calls(self):
     log = self.state / 'calls.jsonl'
@@ -105,6 +109,12 @@ class Pod:
   def kill_leftovers(self):
     for pid_file in self.state.glob('slice-*/worker-*/idm_jax_run/runner_pid'):
       _kill_group(pid_file)
+
+
+def _as_from_a_terminal():
+  """In the child, before exec: SIGHUP's default action and nothing blocked."""
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _kill_group(pid_file):
