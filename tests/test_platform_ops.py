@@ -113,7 +113,8 @@ def test_cpu_programs_give_ynnpack_reductions_but_not_convolutions():
   args = (jax.ShapeDtypeStruct((4, 16, 16, 32), jnp.float32),
           jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32))
   options = platform_ops.compiler_options('cpu')
-  assert options
+  if options is None:   # a later XLA may rename it: re-measure there (docs/PERFORMANCE.md)
+    pytest.skip("this jaxlib's XLA does not take the CPU option")
   ours = _ynn_fusions(jax.jit(step, compiler_options=options).lower(*args).compile().as_text())
   defaults = _ynn_fusions(jax.jit(step).lower(*args).compile().as_text())
   assert any('convolution(' in body for body in defaults)   # what the option is there to stop
