@@ -47,7 +47,7 @@ def test_convolution_and_its_gradients_equal_xlas(shape, k, strides, cout):
   assert _rel_err(dw1, dw2) < 1e-5
 
 
-@pytest.mark.parametrize('tokens, heads', [(64, 2), (5, 3)])
+@pytest.mark.parametrize('tokens, heads', [(64, 2), (5, 3), (1024, 2)])   # 1024: query blocks
 def test_attention_and_its_gradients_equal_jax_nn(tokens, heads):
   q, k, v = (jax.random.normal(key, (2, tokens, heads, 16))
              for key in jax.random.split(jax.random.PRNGKey(2), 3))
