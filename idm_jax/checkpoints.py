@@ -159,7 +159,7 @@ class Checkpointer:
     from idm_jax import parallel  # pylint: disable=import-outside-toplevel
     where = files.join(self.directory, str(step), 'progress')
     try:
-      present = _agreed_isdir(where)
+      present = agreed_isdir(where)
     except Exception as e:  # pylint: disable=broad-except  (raised on every process alike)
       logging.warning('could not tell whether checkpoint %s records its training time (%s); '
                       'counting the time budget from 0', files.join(self.directory, str(step)),
@@ -301,23 +301,35 @@ def _raise_agreed(error: BaseException | None) -> None:
   raise _FailedElsewhere('another process could not read its part of it')
 
 
-def _agreed_isdir(path: str) -> bool:
+def agreed_isdir(path: str) -> bool:
   """files.isdir(path), the same answer on every process (every one must call it): there only
   if every process sees it. An error that outlives files.call_with_retries on any process
   raises on all of them (its own error on that process)."""
+  return _agreed_answer(files.isdir, path, present_if_any=False)
+
+
+def agreed_exists(path: str) -> bool:
+  """files.exists(path), the same answer on every process (every one must call it): there if
+  any process sees it. Errors as agreed_isdir."""
+  return _agreed_answer(files.exists, path, present_if_any=True)
+
+
+def _agreed_answer(check, path: str, *, present_if_any: bool) -> bool:
   from idm_jax import parallel  # pylint: disable=import-outside-toplevel
   present, error = False, None
   try:
-    present = bool(files.call_with_retries(files.isdir, path))
+    present = bool(files.call_with_retries(check, path))
   except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
     error = e
-  agreed = parallel.max_over_processes(2 if error is not None else (0 if present else 1))
+  # The largest code wins: an error, then the answer that needs only one process.
+  code = 2 if error is not None else int(present == present_if_any)
+  agreed = parallel.max_over_processes(code)
   if agreed == 2:
     if error is not None:
       raise error
     raise StorageUnavailable(f'another process could not tell whether {path} exists (see its '
                              'log); nothing was read')
-  return agreed == 0
+  return (agreed == 1) == present_if_any
 
 
 class _HeldFailures:
@@ -393,7 +405,7 @@ def load_for_inference(workdir: str, step: int | None = None):
   them together, then StorageUnavailable on all), so all load the same step or all raise.
   """
   directory = checkpoint_dir(workdir)
-  if not _agreed_isdir(directory):
+  if not agreed_isdir(directory):
     raise FileNotFoundError(f'{workdir}: no {CHECKPOINT_DIR}/ folder; is this a training workdir?')
   handlers = dict(ema=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler())
   held = _HeldFailures(handlers)

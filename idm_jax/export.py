@@ -77,13 +77,12 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
   """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`; returns
   the file's size in bytes. Within a job of several processes every one must call it (they
   all read the checkpoint); process 0 writes the file."""
-  if files.exists(out) and not force:
-    raise FileExistsError(f'{out} exists; pass --force to overwrite it')
   from idm_jax import checkpoints  # orbax is heavy; only needed here
-  from idm_jax import parallel
+  # Agreed (there if any process sees it), so every process refuses or none does; the
+  # agreement also has every process check before process 0 writes the file.
+  if checkpoints.agreed_exists(out) and not force:
+    raise FileExistsError(f'{out} exists; pass --force to overwrite it')
   config, params, _ = checkpoints.load_for_inference(workdir)
-  # Every process has checked `out` before any writes it, so none refuses the others' file.
-  parallel.barrier('export: output checked')
   data = to_bytes(config, params)
   if jax.process_index() == 0:
     files.write_atomic(out, data)

@@ -365,9 +365,10 @@ def load(path: str, run_config: ml_collections.ConfigDict | None = None,
   Over several processes every one of them calls it: each reads the params to host memory
   itself, and the Restorer replicates them over the devices of its mesh that it owns.
   """
-  from idm_jax import files
-  if files.isdir(path):
-    from idm_jax import checkpoints
+  from idm_jax import checkpoints, files
+  # Agreed: a process that alone cannot see the workdir must not leave the others waiting in
+  # load_for_inference's agreements.
+  if checkpoints.agreed_isdir(path):
     config, params, step = checkpoints.load_for_inference(path)
   elif files.isfile(path):
     from idm_jax import export

@@ -3,9 +3,10 @@ test points process 1's storage clients at the fault proxy, process 0's at the s
 
 python tests/checkpoint_agreement_worker.py --root gs://B --out DIR --process-id I
     --num-processes 2 --port P
-Under ROOT: config/, ema/, progress/ and hidden/, training workdirs with checkpoints. In order:
-load_for_inference of config/ and ema/, of ema/ at step 4, then Checkpointer.train_seconds(2)
-of progress/ and hidden/. Writes DIR/<process>.json: what each call returned ([step, the first
+Under ROOT: config/, ema/, progress/, hidden/ and unseen/, training workdirs with checkpoints,
+and taken.msgpack. In order: load_for_inference of config/ and ema/, of ema/ at step 4,
+Checkpointer.train_seconds(2) of progress/ and hidden/, inference.load of unseen/, and an
+export of ema/ to taken.msgpack. Writes DIR/<process>.json: what each call returned ([step, the first
 EMA value] or seconds) or raised ({"error": ...}). Used by tests/test_checkpoints.py.
 """
 import argparse
@@ -24,7 +25,7 @@ def main():
   a = p.parse_args()
   jax = start_cpu_processes(a)
   import numpy as np
-  from idm_jax import checkpoints
+  from idm_jax import checkpoints, export, inference
 
   def loaded(workdir, step=None):
     _, ema, step = checkpoints.load_for_inference(f'{a.root}/{workdir}', step)
@@ -41,7 +42,9 @@ def main():
   for name, call in (('config', lambda: loaded('config')), ('ema', lambda: loaded('ema')),
                      ('ema at 4', lambda: loaded('ema', 4)),
                      ('progress', lambda: seconds('progress')),
-                     ('hidden', lambda: seconds('hidden'))):
+                     ('hidden', lambda: seconds('hidden')),
+                     ('unseen', lambda: inference.load(f'{a.root}/unseen')[1]),
+                     ('export', lambda: export.export(f'{a.root}/ema', f'{a.root}/taken.msgpack'))):
     try:
       results[name] = call()
     except Exception as e:  # pylint: disable=broad-except  (what it raised is the result)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from idm_jax import checkpoints
+from idm_jax import files
 from idm_jax import parallel
 from idm_jax import train
 
@@ -287,6 +288,11 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
   proxy.add(r'/o/progress/checkpoints/2/progress/.*alt=media', 'status', status=404,
             methods=('GET',))
   proxy.add(r'hidden/checkpoints/2/progress', 'status', status=404, methods=('GET',))
+  # Process 1 alone cannot see a workdir, or an export's output that is there.
+  _save_steps(f'{root}/unseen', trainer, state, (2,))
+  files.write_atomic(f'{root}/taken.msgpack', b'an earlier export')
+  proxy.add(r'unseen', 'status', status=404, methods=('GET',))
+  proxy.add(r'taken\.msgpack', 'status', status=404, methods=('GET',))
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
@@ -314,7 +320,12 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
   for r in results:
     assert r['ema at 4']['error'].startswith('RuntimeError: checkpoint '), results
     assert r['progress'] == r['hidden'] == 0.0, results
+    # Neither goes on alone: both refuse, where process 0 would wait for process 1 in
+    # load_for_inference's agreements.
+    assert r['unseen']['error'].startswith('FileNotFoundError: '), results
+    assert r['export']['error'].startswith('FileExistsError: '), results
   # Process 1 met each fault; process 0 (not behind the proxy) met none and still followed.
   for pattern in ('config/checkpoints/4/config/', 'ema/checkpoints/4/ema/',
-                  'progress/checkpoints/2/progress/', 'hidden/checkpoints/2/progress'):
+                  'progress/checkpoints/2/progress/', 'hidden/checkpoints/2/progress', 'unseen',
+                  r'taken\.msgpack'):
     assert proxy.hits(pattern) > 0, pattern
