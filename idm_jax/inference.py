@@ -104,7 +104,7 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
   bs, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, bs if conditional else rep, rep, bs, rep, rep),
                  out_shardings=bs,
-                 compiler_options=platform_ops.compiler_options(mesh.devices.flat[0].platform))
+                 compiler_options=platform_ops.compiler_options(parallel.mesh_platform(mesh)))
 
 
 def program_key(settings: samplers.Settings) -> tuple:

@@ -261,6 +261,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def mesh_platform(mesh) -> str:
+  """The platform of the mesh's devices ('tpu', 'gpu', 'cpu'): from the mesh, not from
+  jax.default_backend(), so an AOT compile for a TPU topology on a CPU host sees 'tpu'."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

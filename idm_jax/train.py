@@ -126,15 +126,9 @@ def xla_flops(compiled) -> float:
   return float((cost or {}).get('flops', 0.0))
 
 
-def mesh_platform(mesh) -> str:
-  """The platform of the mesh's devices ('tpu', 'gpu', 'cpu'): from the mesh, not from
-  jax.default_backend(), so an AOT compile for a TPU topology on a CPU host sees 'tpu'."""
-  return mesh.devices.flat[0].platform
-
-
 def check_trainable(config: ml_collections.ConfigDict, mesh) -> None:
   """The config choices a run on this mesh cannot make, named by field, before any compile."""
-  platform = mesh_platform(mesh)
+  platform = parallel.mesh_platform(mesh)
   if config.model.attention_impl == 'cudnn' and platform != 'gpu':
     raise ValueError(f'config.model.attention_impl: cudnn attention exists on NVIDIA GPUs '
                      f'only, and this mesh is on {platform}; use auto or xla')
@@ -177,7 +171,7 @@ class Trainer:
     self.init = init_fn
     step_fn = functools.partial(train_step, model=self.model, config=config,
                                 logsnr_fn=self.logsnr_fn)
-    self.compiler_options = platform_ops.compiler_options(mesh_platform(mesh))
+    self.compiler_options = platform_ops.compiler_options(parallel.mesh_platform(mesh))
     self.step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
                         out_shardings=(self.shardings, rep), donate_argnums=0,
                         compiler_options=self.compiler_options)
@@ -205,7 +199,7 @@ class Trainer:
       global_batch = local_batch_size * self.process_count
       logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate%s)', flops,
                    flops / global_batch / 1e9,
-                   '' if mesh_platform(self.mesh) == 'cpu' else
+                   '' if parallel.mesh_platform(self.mesh) == 'cpu' else
                    '; on accelerators it leaves out library convolutions and matmuls')
     self.step_flops = flops
     parallel.barrier('train step compiled')
