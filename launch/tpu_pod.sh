@@ -362,9 +362,14 @@ copy_log
 # shellcheck disable=SC2016
 worker_id='${IDM_JAX_WORKER:-$(curl -sf -H "Metadata-Flavor: Google" http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)}'
 
+# runs PID: whether the process runs. A zombie does not: an ended runner whose new parent (PID 1
+# of a container, a slow reaper) has not collected it would otherwise look alive forever.
+# shellcheck disable=SC2016
+runs_fn='runs() { kill -0 "$1" 2>/dev/null && [[ $(sed "s/.*) //" "/proc/$1/stat" 2>/dev/null | cut -c1) != Z ]]; }'
+
 # Starts the runner unless one is running; `ssh` returns at once (no stream left open).
-start_cmd="set -euo pipefail; mkdir -p $run_dir; cd $remote_repo"
-start_cmd+="; if [[ -f $run_dir/runner_pid ]] && kill -0 \"\$(cat $run_dir/runner_pid)\" 2>/dev/null"
+start_cmd="set -euo pipefail; $runs_fn; mkdir -p $run_dir; cd $remote_repo"
+start_cmd+="; if [[ -f $run_dir/runner_pid ]] && runs \"\$(cat $run_dir/runner_pid)\""
 start_cmd+="; then echo 'idm_jax: already running'; exit 0; fi"
 start_cmd+="; worker=$worker_id; echo \"\$worker\" > $run_dir/worker"
 start_cmd+="; rm -f $run_dir/stop_requested $run_dir/pid; echo 'running - -' > $run_dir/state"
@@ -375,9 +380,9 @@ start_cmd+=" echo \$! > $run_dir/runner_pid; echo \"idm_jax: started on worker \
 
 # One line per worker: `idm_jax_status WORKER STATE RC STEP REQUESTED`; STATE `lost` when the
 # runner died without a verdict (the VM restarted), `none` when no job was ever started there.
-status_cmd="run_dir=$run_dir; state='none - -'"
+status_cmd="$runs_fn; run_dir=$run_dir; state='none - -'"
 status_cmd+="; [[ -f \$run_dir/state ]] && state=\$(cat \$run_dir/state)"
-status_cmd+="; if [[ \$state == running* ]] && ! kill -0 \"\$(cat \$run_dir/runner_pid 2>/dev/null)\" 2>/dev/null"
+status_cmd+="; if [[ \$state == running* ]] && ! runs \"\$(cat \$run_dir/runner_pid 2>/dev/null)\""
 status_cmd+="; then state='lost - -'; fi"
 status_cmd+="; requested=-; [[ -f \$run_dir/stop_requested ]] && requested=requested"
 status_cmd+="; echo \"idm_jax_status \$(cat \$run_dir/worker 2>/dev/null || echo ?) \$state \$requested\""

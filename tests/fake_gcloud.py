@@ -63,10 +63,16 @@ def workers(s):
 
 
 def alive(pid):
+  """Whether PID runs. A zombie does not: where the runners' reaper is slow or absent (PID 1 of
+  some CI containers), an ended runner stays a zombie, and waiting for it to end would wait out
+  notice_and_wait's timeout on every notice."""
   try:
     os.kill(pid, 0)
-    return True
   except (ProcessLookupError, PermissionError):
+    return False
+  try:
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().split(') ')[1][0] != 'Z'
+  except OSError:
     return False
 
 

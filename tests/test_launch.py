@@ -29,6 +29,7 @@ SBATCH = LAUNCH / 'gpu_slurm.sbatch'
 NOTEBOOK = LAUNCH / 'colab_tpu.ipynb'
 FAKE_GCLOUD = pathlib.Path(__file__).with_name('fake_gcloud.py')
 FAKE_TRAINER = pathlib.Path(__file__).with_name('fake_trainer.py')
+NO_REAPER = pathlib.Path(__file__).with_name('no_reaper.py')
 
 # Modules of the package that the launchers may run with python -m.
 CLI_MODULES = {'main', 'aot', 'data.prepare', 'data.make_testset', 'restore'}
@@ -74,8 +75,11 @@ class Pod:
                        'FAKE_TRAIN_', 'FAKE_GCLOUD_WORKERS', 'IDM_JAX_WORKER')):
         del self.env[k]
 
-  def run(self, args, timeout=120, **env):
-    return subprocess.run(['bash', str(TPU_POD), *args], env=dict(self.env, **env),
+  def run(self, args, timeout=120, reaper=True, **env):
+    """The script to its end. reaper=False: under a parent that adopts the runners when their
+    ssh ends and never reaps them (tests/no_reaper.py), as PID 1 of some containers."""
+    prefix = [] if reaper else [sys.executable, str(NO_REAPER)]
+    return subprocess.run([*prefix, 'bash', str(TPU_POD), *args], env=dict(self.env, **env),
                           cwd=self.root, capture_output=True, text=True, timeout=timeout)
 
   def start(self, args, **env):
@@ -511,9 +515,16 @@ def test_tpu_pod_preempted_spot_slice_is_recreated_and_resumed(pod):
   assert 1 <= stopped < 8
 
 
-def test_tpu_pod_restarts_are_bounded(pod):
+# Both with the runners reaped when they end and with them left zombies: a zombie runner once
+# looked alive to the script (the job "already running", never "lost") and to the fake slice's
+# notice (every preemption waited out its timeout).
+REAPERS = pytest.mark.parametrize('reaper', [True, False], ids=['reaped', 'zombies'])
+
+
+@REAPERS
+def test_tpu_pod_restarts_are_bounded(pod, reaper):
   r = pod.run([*BASE_ARGS, *FAST, '--spot', '--max-restarts', '2', '--logs-dir', str(pod.logs)],
-              FAKE_GCLOUD_PREEMPT='always', FAKE_TRAIN_STEPS='100000',
+              reaper=reaper, FAKE_GCLOUD_PREEMPT='always', FAKE_TRAIN_STEPS='100000',
               FAKE_TRAIN_STEP_SECONDS='0.05')
   assert r.returncode == 1, r.stdout + r.stderr
   kinds = pod.kinds()
@@ -524,10 +535,11 @@ def test_tpu_pod_restarts_are_bounded(pod):
                  for p in pod.state.glob('slice-*/worker-*/idm_jax_run/runner_pid'))
 
 
-def test_tpu_pod_stop_nobody_asked_for_restarts_on_the_same_slice(pod):
+@REAPERS
+def test_tpu_pod_stop_nobody_asked_for_restarts_on_the_same_slice(pod, reaper):
   """A SIGTERM on the workers while the slice stays READY (a maintenance notice): the job saved
   and stopped unfinished, so it is started again on the same slice and resumes."""
-  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs)],
+  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs)], reaper=reaper,
               FAKE_GCLOUD_MAINTENANCE='once', FAKE_TRAIN_STEPS='8')
   assert r.returncode == 0, r.stdout + r.stderr
   kinds = pod.kinds()
