@@ -74,7 +74,7 @@ def main():
   p.add_argument('--json', default='', help='append the summary as a JSON line to this file')
   a = p.parse_args()
 
-  from idm_jax import configlib  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+  from idm_jax.runtime import configlib  # pylint: disable=import-outside-toplevel  (keeps --help fast)
   config = configlib.load(os.path.join(ROOT, a.config))
   missing = anchor_missing(*(os.path.join(ROOT, x) for x in
                              (a.torch_python, a.anchor_path, a.anchor_script)))

@@ -20,8 +20,8 @@ import time
 import cv2
 import numpy as np
 
-from idm_jax import configlib
-from idm_jax import images
+from idm_jax.runtime import configlib
+from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import pipeline
 from idm_jax.data import sources

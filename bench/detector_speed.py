@@ -1,4 +1,4 @@
-"""HOG vs CNN face detection on the CPU, as idm_jax.faces runs them (restore --detector).
+"""HOG vs CNN face detection on the CPU, as idm_jax.inference.faces runs them (restore --detector).
 
     taskset -c 0 python bench/detector_speed.py [--faces ../shared/data/celeba_hq128_dev]
         [--repeats 3] [--upsample 0 1]
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from idm_jax import faces
+from idm_jax.inference import faces
 
 # (degrees turned counter-clockwise, face crop width in px) for the group photo's twelve faces.
 GROUP = ((0, 128), (20, 96), (-20, 64), (40, 128), (-40, 96), (55, 64),

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from bench.train_step import emit
-from idm_jax import configlib
-from idm_jax import inference
+from idm_jax.runtime import configlib
+from idm_jax.inference import engine
 from idm_jax.models import unet
 
 
@@ -31,7 +31,7 @@ def main():
   config = configlib.load(a.config)
   res = config.data.resolution
   model = unet.build_model(config.model, res)
-  restorer = inference.Restorer(config, inference.random_params(model, seed=0))
+  restorer = engine.Restorer(config, engine.random_params(model, seed=0))
   lq = np.random.default_rng(0).integers(0, 256, (a.batch, res, res, 3), dtype=np.uint8)
   kw = dict(steps=a.steps, sampler=a.sampler)
   t = time.perf_counter()

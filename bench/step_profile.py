@@ -23,7 +23,7 @@ import time
 import jax
 
 from bench import train_step
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 # (substring of the op_name path, layer kind), first match wins.
 LAYER_KINDS = (('_attn', 'attention'), ('norm', 'groupnorm'), ('conv', 'convolution'),

@@ -27,10 +27,10 @@ import optax
 
 from bench import flops as flops_lib
 from bench import kernels
-from idm_jax import configlib
-from idm_jax import optim
-from idm_jax import parallel
-from idm_jax import train
+from idm_jax.runtime import configlib
+from idm_jax.training import optim
+from idm_jax.runtime import parallel
+from idm_jax.training import train
 
 PARTS = ('step', 'grads', 'update')
 

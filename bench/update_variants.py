@@ -28,9 +28,9 @@ from jax.flatten_util import ravel_pytree
 
 from bench import kernels
 from bench import train_step as bench_train
-from idm_jax import configlib
-from idm_jax import optim
-from idm_jax import train_state
+from idm_jax.runtime import configlib
+from idm_jax.training import optim
+from idm_jax.training import train_state
 from idm_jax.models import unet
 
 VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')

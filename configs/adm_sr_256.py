@@ -5,7 +5,7 @@ the same layout at 512 px.
 """
 import ml_collections
 
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def adm_sr(resolution: int, channels: int, batch_size: int) -> ml_collections.ConfigDict:

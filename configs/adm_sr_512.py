@@ -1,6 +1,6 @@
 """Benchmark parity: guided-diffusion's SuperResModel at 512 px (34.3 M params in PyTorch); the
 layout is adm_sr_256.py's."""
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

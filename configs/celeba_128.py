@@ -2,7 +2,7 @@
 
 The base of the CelebA configs (celeba_64_cpu.py, generation_32_cpu.py, ffhq_generation.py).
 """
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -7,7 +7,7 @@ model's one-step estimate is its most faithful restoration.
 python -m idm_jax.main --config=configs/celeba_64_cpu.py --workdir=workdirs/c64 \
     --config.train.max_seconds=3600
 """
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -9,7 +9,7 @@ The grid's quality follows the number of training images; 32 px and no channel d
 16 px keep a step cheap, so that as many as fit five minutes train. docs/PERFORMANCE.md has the
 variants that chose this recipe.
 """
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """FFHQ at 512 px, the production-size restoration model."""
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """FFHQ at 256 px (prepare it first: python -m idm_jax.data.prepare --resolution 256 ...)."""
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -5,7 +5,7 @@ the same UNet with no LQ input, shrunk so that a fixed number of steps takes abo
 2 CPU cores. experiments/generation.sh trains it on the original faces and on a cleaned version with
 the same steps and seed, and compares the samples.
 """
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """Tiny model and data for unit tests: compiles in seconds on a CPU."""
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 
 def get_config():

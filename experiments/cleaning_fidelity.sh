@@ -84,7 +84,7 @@ for name in "$@"; do
     log "$name: the pristine validation faces as their own LQ ${SAMPLING[*]}"
     python3 -m idm_jax.restore --aligned -i "$DATA/val" -o "$A/self_restored" --checkpoint "$W" \
       --batch_size 50 "${SAMPLING[@]}" > "$A/self.log" 2>&1
-    python3 -m idm_jax.evaluate --pred "$A/self_restored/restored_faces" --gt "$DATA/val" \
+    python3 -m idm_jax.score --pred "$A/self_restored/restored_faces" --gt "$DATA/val" \
       --out "$A/self" --title "$name: pristine faces restored, against themselves" \
       >> "$A/self.log" 2>&1
   fi
@@ -92,7 +92,7 @@ for name in "$@"; do
     log "$name: clean the contaminated training set, score against the pristine one ${CLEANING[*]}"
     python3 -m idm_jax.main "${run[@]}" --config.mode=clean \
       --config.clean.out_dir="$A/cleaned" "${CLEANING[@]}" > "$A/clean.log" 2>&1
-    python3 -m idm_jax.cleaning_eval --cleaned "$A/cleaned" --contaminated "$DATA/C" \
+    python3 -m idm_jax.extrinsic.cleaning_eval --cleaned "$A/cleaned" --contaminated "$DATA/C" \
       --pristine "$DATA/P" --out "$A/cleaning" "${NIQE_ARGS[@]}" >> "$A/clean.log" 2>&1
     python3 experiments/cleaning_grid.py "$A/pristine_contaminated_cleaned.png" \
       --report "$A/cleaning/cleaning.json" --pristine "$DATA/P" --contaminated "$DATA/C" \

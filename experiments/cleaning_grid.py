@@ -14,9 +14,9 @@ import sys
 
 import numpy as np
 
-from idm_jax import files
-from idm_jax import images
-from idm_jax import reporting
+from idm_jax.storage import files
+from idm_jax.storage import images
+from idm_jax.training import run_log
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
   rows = [np.stack([images.read(os.path.join(d, 'images', f)) for f in files_])
           for d, files_ in ((a.pristine, names), (a.contaminated, names),
                             (a.cleaned, [by_name[n] for n in names]))]
-  files.save_image(a.out, reporting.image_grid(rows))
+  files.save_image(a.out, run_log.image_grid(rows))
   print(f'{a.out}: pristine | contaminated | cleaned, {len(names)} faces')
   return 0
 

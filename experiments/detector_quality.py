@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from idm_jax import faces
+from idm_jax.inference import faces
 from split_view import refuse_test_faces
 
 FACE_FREE = ('chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry',

@@ -134,7 +134,7 @@ for S in "${SEEDS[@]}"; do
   if [ "$ROUNDS" -ge 2 ]; then
     cleaned=$WORK/rounds/seed_$S/round_1/dataset
     log "seed $S: score the cleaning against the pristine originals"
-    python3 -m idm_jax.cleaning_eval --cleaned "$cleaned" --contaminated "$WORK/contaminated" \
+    python3 -m idm_jax.extrinsic.cleaning_eval --cleaned "$cleaned" --contaminated "$WORK/contaminated" \
       --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" "${NIQE_ARGS[@]}" > /dev/null
     python3 experiments/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
       --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
@@ -185,7 +185,7 @@ if [ "$GENERATORS" = 1 ] && [ "$ROUNDS" -ge 2 ]; then
     up=$(python3 -c "import sys; from PIL import Image; from idm_jax.metrics import niqe
 print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
          "$WORK/gen_$version/generated/000000.png")
-    python3 -m idm_jax.evaluate --fid --pred "$WORK/gen_$version/generated" \
+    python3 -m idm_jax.score --fid --pred "$WORK/gen_$version/generated" \
       --ref "$PRISTINE/images" --niqe_upscale "$up" --out "$WORK/eval_gen_$version" \
       --title "Samples of the generator trained on the $version faces" > /dev/null 2>&1
     cp "$WORK/eval_gen_$version/metrics.json" "$OUT/generator_${version}_metrics.json"

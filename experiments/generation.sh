@@ -42,7 +42,7 @@ for version in original cleaned; do
   up=$(python3 -c "import sys; from PIL import Image; from idm_jax.metrics import niqe
 print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \
        "$WORK/gen_$version/generated/000000.png")
-  python3 -m idm_jax.evaluate --fid --pred "$WORK/gen_$version/generated" --ref "$DATA" \
+  python3 -m idm_jax.score --fid --pred "$WORK/gen_$version/generated" --ref "$DATA" \
     --niqe_params "$NIQE" --niqe_upscale "$up" "${fid[@]}" \
     --out "$WORK/eval_$version" --title "Samples of the generator trained on $version faces"
 done

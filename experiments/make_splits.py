@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from idm_jax import images
+from idm_jax.storage import images
 from idm_jax.data import contaminate
 
 SEED = 20261206

@@ -31,6 +31,6 @@ else
   S=$(ls -d "$WORK"/samples/step_* | tail -1)
   echo "restored into $S; evaluate where dlib and $NIQE exist:"
   for pred in lq restored_10steps restored_25steps; do
-    echo "python3 -m idm_jax.evaluate --pred $S/$pred --gt $S/hq --lq $S/lq --niqe_params $NIQE --niqe_upscale 2 --out $S/eval_$pred"
+    echo "python3 -m idm_jax.score --pred $S/$pred --gt $S/hq --lq $S/lq --niqe_params $NIQE --niqe_upscale 2 --out $S/eval_$pred"
   done
 fi

@@ -11,10 +11,10 @@ import argparse
 import json
 import os
 
-from idm_jax import cleaning_eval
-from idm_jax import configlib
-from idm_jax import extrinsic
-from idm_jax import images as images_lib
+from idm_jax.extrinsic import cleaning_eval
+from idm_jax.runtime import configlib
+from idm_jax.extrinsic import cleaning
+from idm_jax.storage import images as images_lib
 from idm_jax.data import contaminate
 from idm_jax.data import sources
 from idm_jax.metrics import niqe
@@ -40,9 +40,9 @@ def main():
   kinds = {r['file']: r['defect']['kind'] for r in manifest['records'] if 'defect' in r}
   results = {}
   for kind in configlib.CLEAN_SCORES:
-    scores = (extrinsic.niqe_scores(source, niqe.load_default(), res) if kind == 'niqe'
-              else extrinsic.artifact_scores(source))
-    chosen = extrinsic.select_worst(scores, len(truth) / len(universe))
+    scores = (cleaning.niqe_scores(source, niqe.load_default(), res) if kind == 'niqe'
+              else cleaning.artifact_scores(source))
+    chosen = cleaning.select_worst(scores, len(truth) / len(universe))
     s = cleaning_eval.selection_scores(chosen, truth, universe)
     s['found_by_kind'] = {k: sum(kinds[n] == k for n in chosen & truth)
                           for k in sorted(set(kinds.values()))}

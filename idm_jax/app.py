@@ -5,7 +5,7 @@ choose the steps, sampler, fidelity (t_start: below 1 sampling starts from the n
 keeps more of it), seed and upscale; see input and output side by side, each face's crop beside
 its restoration, and download the result. The work is done by the restore CLI's own functions
 (idm_jax.restore), so a file restores to the same pixels here as there, with the same messages
-for bad files. CKPT is a training workdir or an exported .msgpack (idm_jax.export), local or in
+for bad files. CKPT is a training workdir or an exported .msgpack (idm_jax.inference.export), local or in
 a bucket (gs://...).
 
 Needs the optional extra: pip install -e ".[app]" (Gradio). The page is served on this machine
@@ -24,9 +24,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax import restore
 
 BATCH_SIZE = 4            # faces per sampler call; one compiled program serves any face count
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--port', type=int, default=7860)
   p.add_argument('--out', default=None,
                  help='local folder for the results (default: a temp folder)')
-  from idm_jax import faces  # pylint: disable=import-outside-toplevel  (the detector names)
+  from idm_jax.inference import faces  # pylint: disable=import-outside-toplevel  (the detector names)
   p.add_argument('--detector', choices=faces.DETECTORS, default='hog',
                  help="dlib's face detector for whole photos; cnn also finds small, tilted and "
                       'profile faces, at about 80 times the CPU time of hog')
@@ -211,10 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import gradio  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     return fatal('the web demo needs Gradio: pip install -e ".[app]"')
-  from idm_jax import faces  # pylint: disable=import-outside-toplevel
-  from idm_jax import inference  # pylint: disable=import-outside-toplevel
+  from idm_jax.inference import faces  # pylint: disable=import-outside-toplevel
+  from idm_jax.inference import engine  # pylint: disable=import-outside-toplevel
   try:
-    restorer, _ = inference.load(args.checkpoint)
+    restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
   if not restorer.conditional:

@@ -23,9 +23,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def run(config, workdir: str):
   """Dispatches on config.mode; importable so tests and notebooks skip absl flag parsing."""
   import jax
-  from idm_jax import configlib
-  from idm_jax import files
-  from idm_jax import parallel
+  from idm_jax.runtime import configlib
+  from idm_jax.storage import files
+  from idm_jax.runtime import parallel
   parallel.maybe_initialize_distributed()
   configlib.validate(config)
   _enable_compilation_cache()
@@ -38,20 +38,20 @@ def run(config, workdir: str):
                config.mode, workdir, jax.device_count(), jax.devices()[0].platform,
                jax.process_count(), jax.local_device_count())
   if config.mode == 'train':
-    from idm_jax import train
+    from idm_jax.training import train
     return train.train_and_evaluate(config, workdir)
   if config.mode in ('evaluate', 'sample'):
-    from idm_jax import validation
+    from idm_jax.inference import validation
     return validation.run(config, workdir, write_metrics=config.mode == 'evaluate')
   if config.mode == 'generate':
-    from idm_jax import generate
+    from idm_jax.inference import generate
     return generate.run(config, workdir)
   if config.mode == 'clean':
-    from idm_jax import extrinsic
-    return extrinsic.clean_from_config(config, workdir)
+    from idm_jax.extrinsic import cleaning
+    return cleaning.clean_from_config(config, workdir)
   if config.mode == 'extrinsic':
-    from idm_jax import extrinsic
-    return extrinsic.run_rounds(config, workdir)
+    from idm_jax.extrinsic import rounds
+    return rounds.run_rounds(config, workdir)
   raise ValueError(f'config.mode: {config.mode!r}')
 
 
@@ -85,9 +85,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
-  from idm_jax import configlib
-  from idm_jax import files
-  from idm_jax import workdir_lock
+  from idm_jax.runtime import configlib
+  from idm_jax.storage import files
+  from idm_jax.storage import workdir_lock
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (configlib.ConfigError, files.StorageError, workdir_lock.WorkdirInUse) as e:
@@ -97,7 +97,7 @@ def main(argv):
 
 def cli():
   """The console script (setup.cfg)."""
-  from idm_jax import cli as cli_lib
+  from idm_jax.runtime import cli as cli_lib
   cli_lib.run_absl(main, __name__)
 
 

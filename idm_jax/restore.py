@@ -6,7 +6,7 @@
         [--suffix S] [--version]
 
 INPUT is an image or a folder (searched recursively, sorted; hidden files skipped). CKPT is a
-training workdir or an exported .msgpack (idm_jax.export). INPUT, OUT and CKPT may each be local
+training workdir or an exported .msgpack (idm_jax.inference.export). INPUT, OUT and CKPT may each be local
 or in a bucket (gs://...): a TPU pod's shared bucket serves as well as a local disk.
 
 --aligned: inputs are aligned face crops; each is resized to the model resolution and restored.
@@ -20,7 +20,7 @@ Whole photos (default): faces are detected, aligned, restored and pasted back.
   OUT/restored_imgs/   the photo upscaled by --upscale with the restored faces pasted in
   --only_center_face restores only the face closest to the photo's centre.
   --detector cnn finds small, tilted and profile faces that the default HOG detector misses,
-  at a much higher CPU cost (idm_jax.faces).
+  at a much higher CPU cost (idm_jax.inference.faces).
 Sub-folders of INPUT are mirrored under each output folder. Outputs are written atomically.
 
 Each face's noise comes from (--seed, a number derived from the file's name and the face's
@@ -42,9 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images
 
 OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
 
@@ -113,11 +113,11 @@ def restore_aligned(images: Sequence[np.ndarray], restorer, indices: Sequence[in
                     batch_size: int, sample_kwargs: Dict) -> Tuple[np.ndarray, np.ndarray]:
   """Aligned face crops of any size -> (LQ resized to the model resolution, restored); crop k
   uses noise index indices[k]."""
-  from idm_jax import inference  # jax is heavy: loaded to restore, not for --help
+  from idm_jax.inference import engine  # jax is heavy: loaded to restore, not for --help
   r = restorer.resolution
   lq = np.stack([resize(im, r, r) for im in images]) if len(images) else np.zeros((0, r, r, 3),
                                                                                   np.uint8)
-  return lq, inference.restore_in_batches(restorer, lq, indices, batch_size, **sample_kwargs)
+  return lq, engine.restore_in_batches(restorer, lq, indices, batch_size, **sample_kwargs)
 
 
 @dataclasses.dataclass
@@ -137,8 +137,8 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   `restorer` is anything with `.resolution`, `.lockstep` and `.restore(lq, indices=..., **kw)`;
   face k uses noise index `index + k`.
   """
-  from idm_jax import faces as faces_lib
-  from idm_jax import inference
+  from idm_jax.inference import faces as faces_lib
+  from idm_jax.inference import engine
   r = restorer.resolution
   found = detector.detect(image)
   if only_center_face:
@@ -150,7 +150,7 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
     affines.append(affine)
   crops = np.stack(crops) if crops else np.zeros((0, r, r, 3), np.uint8)
   indices = (index + np.arange(len(crops))) % (2 ** 32)
-  restored = inference.restore_in_batches(restorer, crops, indices, batch_size,
+  restored = engine.restore_in_batches(restorer, crops, indices, batch_size,
                                           **(sample_kwargs or {}))
   pasted = faces_lib.paste_faces(image, list(zip(restored, affines)), upscale)
   return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
@@ -160,9 +160,9 @@ def sample_settings(restorer, seed: int, *, steps=None, sampler=None, t_start=No
                     guidance=None, eta=None) -> Dict:
   """The restorer's sampling keyword arguments (None: the model config's default), checked;
   raises ValueError naming the bad setting."""
-  from idm_jax import inference
+  from idm_jax.inference import engine
   restorer.resolve_settings(steps, sampler, t_start, guidance, eta)
-  inference.check_seed(seed)
+  engine.check_seed(seed)
   return dict(seed=seed, steps=steps, sampler=sampler, t_start=t_start, guidance_scale=guidance,
               eta=eta)
 
@@ -297,7 +297,7 @@ def outputs_line(out_dir: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from idm_jax import faces  # the one list of detector names
+  from idm_jax.inference import faces  # the one list of detector names
   from idm_jax.diffusion import samplers  # the one list of sampler names
   import idm_jax  # pylint: disable=import-outside-toplevel
   p = cli.ArgumentParser(prog='python -m idm_jax.restore',
@@ -371,15 +371,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   detector = None
   if not args.aligned:
-    from idm_jax import faces
+    from idm_jax.inference import faces
     try:
       detector = faces.get_detector(args.detector or 'hog', min_score=args.min_face_score)
     except faces.DetectorUnavailable as e:
       return fatal(str(e))
 
-  from idm_jax import inference
+  from idm_jax.inference import engine
   try:
-    restorer, _ = inference.load(args.checkpoint)
+    restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
   try:  # Check the settings once, before any file is touched.

@@ -318,7 +318,7 @@ log=$HOME/idm_jax_train.log
 set_state() { printf "%s\n" "$*" > "$run_dir/state.tmp" && mv "$run_dir/state.tmp" "$run_dir/state"; }
 bucket_log() {  # bucket_log up|down: the log to WORKDIR/logs/worker-N.log, or back from it
   "$py" -c "import sys
-from idm_jax import files
+from idm_jax.storage import files
 way, log, workdir, worker = sys.argv[1:5]
 remote = files.join(workdir, \"logs\", f\"worker-{worker}.log\")
 if way == \"up\":

@@ -5,7 +5,7 @@ python tests/checkpoint_agreement_worker.py --root gs://B --out DIR --process-id
     --num-processes 2 --port P
 Under ROOT: config/, ema/, progress/, hidden/ and unseen/, training workdirs with checkpoints,
 and taken.msgpack. In order: load_for_inference of config/ and ema/, of ema/ at step 4,
-Checkpointer.train_seconds(2) of progress/ and hidden/, inference.load of unseen/, and an
+Checkpointer.train_seconds(2) of progress/ and hidden/, engine.load of unseen/, and an
 export of ema/ to taken.msgpack. Writes DIR/<process>.json: what each call returned ([step, the first
 EMA value] or seconds) or raised ({"error": ...}). Used by tests/test_checkpoints.py.
 """
@@ -25,7 +25,9 @@ def main():
   a = p.parse_args()
   jax = start_cpu_processes(a)
   import numpy as np
-  from idm_jax import checkpoints, export, inference
+  from idm_jax.training import checkpoints
+  from idm_jax.inference import export
+  from idm_jax.inference import engine
 
   def loaded(workdir, step=None):
     _, ema, step = checkpoints.load_for_inference(f'{a.root}/{workdir}', step)
@@ -43,7 +45,7 @@ def main():
                      ('ema at 4', lambda: loaded('ema', 4)),
                      ('progress', lambda: seconds('progress')),
                      ('hidden', lambda: seconds('hidden')),
-                     ('unseen', lambda: inference.load(f'{a.root}/unseen')[1]),
+                     ('unseen', lambda: engine.load(f'{a.root}/unseen')[1]),
                      ('export', lambda: export.export(f'{a.root}/ema', f'{a.root}/taken.msgpack'))):
     try:
       results[name] = call()

@@ -83,7 +83,7 @@ class _SkipPolicy:
 
 def load_config(name: str):
   """configs/<name>.py's get_config(), loaded by path as --config does."""
-  from idm_jax import configlib
+  from idm_jax.runtime import configlib
   return configlib.load(REPO / 'configs' / f'{name}.py')
 
 
@@ -116,10 +116,11 @@ def test_config():
 @pytest.fixture(scope='session')
 def model_path(tmp_path_factory):
   """configs/test.py's model with random weights, exported (.msgpack) as a user would load it."""
-  from idm_jax import export, inference  # pylint: disable=import-outside-toplevel
+  from idm_jax.inference import export  # pylint: disable=import-outside-toplevel
+  from idm_jax.inference import engine
   from idm_jax.models import unet  # pylint: disable=import-outside-toplevel
   config = load_config('test')
-  params = inference.random_params(unet.build_model(config.model, config.data.resolution), 0)
+  params = engine.random_params(unet.build_model(config.model, config.data.resolution), 0)
   path = str(tmp_path_factory.mktemp('model') / 'model.msgpack')
   export.save_exported(path, config, params)
   return path

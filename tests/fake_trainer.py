@@ -4,7 +4,7 @@
       Appends its argv to FAKE_BUCKET/argv.jsonl, resumes from the step saved in
       FAKE_BUCKET/B/P/step, takes a step every FAKE_TRAIN_STEP_SECONDS (default 0.2) up to
       FAKE_TRAIN_STEPS (default 3), saves the last one and exits 0; on SIGTERM or SIGHUP saves the
-      current step, logs the driver's stop line and exits 0, as idm_jax.train does. Only worker 0
+      current step, logs the driver's stop line and exits 0, as idm_jax.training.train does. Only worker 0
       (IDM_JAX_WORKER) writes the step.
       FAKE_TRAIN_RC=N: fails at once with exit status N.
   python -c CODE up|down LOG WORKDIR WORKER

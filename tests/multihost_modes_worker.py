@@ -64,7 +64,9 @@ def main():
     os.environ.pop('TPU_SKIP_MDS_QUERY', None)
     os.environ['GCE_METADATA_IP'] = a.metadata
     os.environ['JAX_COORDINATOR_PORT'] = str(a.port)
-  from idm_jax import export, main as driver, parallel
+  from idm_jax.inference import export
+  from idm_jax import main as driver
+  from idm_jax.runtime import parallel
 
   clusters = []   # what main.run's join detected
   detect = parallel.maybe_initialize_distributed

@@ -1,5 +1,5 @@
 """Runs the three sampling jobs in a fresh process (device count and multi-host set before jax
-starts): validation.restore_all on a fixed LQ set, extrinsic.clean_dataset of a folder, and
+starts): validation.restore_all on a fixed LQ set, cleaning.clean_dataset of a folder, and
 generate.run of an unconditional model.
 
 python tests/restore_worker.py --out DIR --faces DIR [--devices N]
@@ -24,20 +24,24 @@ def main():
   jax = start_cpu_processes(a)
   import ml_collections
   import numpy as np
-  from idm_jax import extrinsic, generate, images, inference, validation
+  from idm_jax.extrinsic import cleaning
+  from idm_jax.inference import generate
+  from idm_jax.storage import images
+  from idm_jax.inference import engine
+  from idm_jax.inference import validation
   from idm_jax.data import sources
   from idm_jax.models import unet
 
   # Every program launch, in order, as (job, rows): processes in lockstep launch the same list.
   launches, job = [], ['restore_all']
-  run = inference.Restorer._run
-  inference.Restorer._run = lambda self, lq, idx, *args: (launches.append((job[0], len(idx))),
+  run = engine.Restorer._run
+  engine.Restorer._run = lambda self, lq, idx, *args: (launches.append((job[0], len(idx))),
                                                           run(self, lq, idx, *args))[1]
 
   config = load_config('test')
   r = config.data.resolution
-  params = inference.random_params(unet.build_model(config.model, r), seed=0)
-  restorer = inference.Restorer(config, params)
+  params = engine.random_params(unet.build_model(config.model, r), seed=0)
+  restorer = engine.Restorer(config, params)
   # 7 images in batches of 3: with 2 processes one has 4 (two batches), the other 3 (one).
   lq = np.random.default_rng(0).integers(0, 256, (7, r, r, 3), dtype=np.uint8)
   out = validation.restore_all(restorer, lq, batch_size=3, seed=5, steps=3)
@@ -48,7 +52,7 @@ def main():
   clean_cfg = ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, samples=2,
                                              fraction=1.0, score='niqe', batch_size=2,
                                              out_dir=''))
-  manifest = extrinsic.clean_dataset(source, restorer, os.path.join(a.out, 'clean'),
+  manifest = cleaning.clean_dataset(source, restorer, os.path.join(a.out, 'clean'),
                                      clean_cfg=clean_cfg, seed=0, niqe_params=None,
                                      resolution=r, provenance={})
 
@@ -57,9 +61,9 @@ def main():
   gen_config.model.update(conditional=False, lq_concat=False, lq_encoder=False)
   gen_config.generate.update(num_samples=5, batch_size=2,
                              out_dir=os.path.join(a.out, 'generated'))
-  generator = inference.Restorer(gen_config, inference.random_params(
+  generator = engine.Restorer(gen_config, engine.random_params(
       unet.build_model(gen_config.model, r), seed=1))
-  generate.inference.load = lambda path, config: (generator, None)  # no checkpoint to read
+  generate.engine.load = lambda path, config: (generator, None)  # no checkpoint to read
   generate.run(gen_config, a.out)
 
   with open(os.path.join(a.out, f'info-{jax.process_index()}.json'), 'w') as f:

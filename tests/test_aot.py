@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, load_config
 
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 from idm_jax.aot import check
 from idm_jax.aot import chips
 from idm_jax.aot import programs
@@ -121,7 +121,7 @@ def mesh_devices():
 
 @pytest.fixture(scope='module')
 def data_parallel_step(mesh_devices):
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, mesh_devices)
   return programs.compile_train_step(config, mesh), mesh
@@ -129,7 +129,7 @@ def data_parallel_step(mesh_devices):
 
 @needs_libtpu
 def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_parallel_step):
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   step, mesh = data_parallel_step
   chip = chips.chip_of(mesh_devices)
   assert chip.name == 'v5e' and mesh.devices.flat[0].platform == 'tpu'
@@ -161,7 +161,7 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
 
 @needs_libtpu
 def test_fsdp_shrinks_the_per_device_argument_bytes(mesh_devices, data_parallel_step):
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   dp, _ = data_parallel_step
   config = _config(data=1, fsdp=4)
   fsdp = programs.compile_train_step(config, parallel.make_mesh(config.mesh, mesh_devices))
@@ -180,8 +180,8 @@ def test_sharded_init_draws_only_each_devices_shard(mesh_devices):
   the per-device program does far fewer FLOPs than one that draws whole tensors."""
   import functools
   import jax
-  from idm_jax import parallel
-  from idm_jax import train
+  from idm_jax.runtime import parallel
+  from idm_jax.training import train
   config = _config(data=1, fsdp=4)
   trainer = train.Trainer(config, parallel.make_mesh(config.mesh, mesh_devices))
   key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
@@ -212,7 +212,7 @@ def test_gpu_only_attention_fails_naming_the_field():
 
 @needs_libtpu
 def test_multi_slice_mesh_puts_the_data_axis_across_slices():
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   devices = chips.topology_devices(TOPOLOGY, num_slices=2)
   assert parallel.num_slices(devices) == 2
   mesh = parallel.make_mesh(_config(data=2, fsdp=4).mesh, devices)
@@ -254,7 +254,7 @@ def test_restorer_spans_every_host_of_a_pod_without_communicating():
   """v5e-16 is 4 hosts of 4 chips: each host's 3 examples are padded to its 4 chips and the
   hosts' blocks make one batch of 16 over the slice. Examples are independent and the params
   replicated, so the program has no collective: the hosts only have to launch it together."""
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, chips.topology_devices('v5e:4x4'))
   restorer = programs.compile_restorer(config, list(mesh.devices.flat),
@@ -268,7 +268,7 @@ def test_restorer_runs_on_a_large_v5e_slice_which_one_host_cannot():
   """v5e beyond 16 chips routes over limited ICI: XLA compiles a program over one chip or the
   whole slice, not one host's 4 chips. The Restorer's program spans the slice, so it compiles;
   a one-host program is reported as unable to run (exit status 2), not as a traceback."""
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, chips.topology_devices('v5e:8x8'))
   settings = configlib.sample_settings(config.sample)

@@ -16,8 +16,8 @@ from PIL import Image
 from skimage import data
 
 from idm_jax import app
-from idm_jax import faces
-from idm_jax import inference
+from idm_jax.inference import faces
+from idm_jax.inference import engine
 from idm_jax import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def restorer(model_path):
-  return inference.load(model_path)[0]
+  return engine.load(model_path)[0]
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +125,7 @@ def test_cli_serves_a_checkpoint_from_a_bucket(tmp_path, monkeypatch, capsys, mo
   """--checkpoint gs://...: the page gets the model the local file gives (the page itself is
   stubbed: no Gradio needed); --out must be local, as the page serves downloads from disk."""
   import types
-  from idm_jax import files
+  from idm_jax.storage import files
   ckpt = f'{gcs_bucket}/models/m.msgpack'
   files.copy_file(model_path, ckpt)
   served = {}
@@ -166,7 +166,7 @@ def test_cli_detector_flag_chooses_the_page_detector(tmp_path, monkeypatch, caps
   """--detector cnn gives the page dlib's CNN detector at its own default threshold; without its
   model file the page still serves aligned crops, saying why (the page itself is stubbed)."""
   import types
-  from idm_jax import dlib_models
+  from idm_jax.storage import dlib_models
   served = {}
 
   class _Page:

@@ -10,7 +10,7 @@ import pytest
 
 from bench import kernels
 from conftest import REPO
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 from idm_jax.models import platform_ops
 
 ROOT = str(REPO)
@@ -75,7 +75,7 @@ def _update_inputs():
 
 def test_update_variants_compute_the_same_update():
   from jax.flatten_util import ravel_pytree
-  from idm_jax import optim
+  from idm_jax.training import optim
   uv, base, grads, tx, config = _update_inputs()
   results = {}
   for variant in uv.VARIANTS:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import cleaned_dataset
-from idm_jax import extrinsic
-from idm_jax import files
-from idm_jax import images
-from idm_jax import inference
+from idm_jax.extrinsic import cleaned_dataset
+from idm_jax.extrinsic import cleaning
+from idm_jax.storage import files
+from idm_jax.storage import images
+from idm_jax.runtime import host_shares
 from idm_jax.data import sources
 
 
@@ -174,8 +174,8 @@ def sequential_clean(source, restorer, cfg, resolution, params):
   the journal: every record scored, read, restored or copied and written one after another.
   Returns (manifest records by name, {file: bytes})."""
   names = [source.name(i) for i in range(len(source))]
-  scores = extrinsic.niqe_scores(source, params, resolution) if cfg.fraction < 1 else {}
-  selected = extrinsic.select_worst(scores, cfg.fraction) if cfg.fraction < 1 else set(names)
+  scores = cleaning.niqe_scores(source, params, resolution) if cfg.fraction < 1 else {}
+  selected = cleaning.select_worst(scores, cfg.fraction) if cfg.fraction < 1 else set(names)
   records, out = {}, {}
   for i, name in enumerate(names):
     if name not in selected:
@@ -184,7 +184,7 @@ def sequential_clean(source, restorer, cfg, resolution, params):
       records[name] = dict(name=name, file=name, action='copied',
                            sha256=hashlib.sha256(data).hexdigest())
   to_clean = np.array([i for i in range(len(names)) if names[i] in selected], np.int64)
-  for (idx,) in inference.lockstep_chunks(cfg.batch_size, False, to_clean):
+  for (idx,) in host_shares.lockstep_chunks(cfg.batch_size, False, to_clean):
     recs = [source[i] for i in idx]
     good = [(i, r) for i, r in zip(idx, recs) if r.get('image') is not None]
     for i, r in zip(idx, recs):
@@ -199,7 +199,7 @@ def sequential_clean(source, restorer, cfg, resolution, params):
       records[names[i]] = dict(name=names[i], file=rel, action='cleaned',
                                sha256=hashlib.sha256(data).hexdigest())
       if cfg.fraction < 1:   # NIQE chose it: did cleaning lower its score?
-        records[names[i]]['score_after'] = extrinsic.niqe_of(img, params, resolution)
+        records[names[i]]['score_after'] = cleaning.niqe_of(img, params, resolution)
   for name, r in records.items():
     r['score'] = scores.get(name)
   return records, out
@@ -231,7 +231,7 @@ def test_cleaning_writes_what_the_sequential_cleaning_wrote(local_or_bucket, niq
   cfg = config()
   reference = sequential_clean(source, ShiftRestorer(), cfg, 32, niqe_params)
   out = files.join(local_or_bucket, 'clean')
-  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
+  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
                                      niqe_params=None, resolution=32, provenance={})
   # 13 faces scored (the corrupt file is not, so it is copied as it is): the worst 6 cleaned.
   assert manifest['counts'] == {'cleaned': 6, 'copied': 8, 'failed': 0}
@@ -245,7 +245,7 @@ def test_a_non_folder_source_is_scored_and_copied_as_lossless_pngs(tmp_path):
   images written as PNG, read one record at a time however many copies are in flight."""
   source = sources.BuiltinSource('validation', 32)
   out = str(tmp_path / 'clean')
-  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), out,
+  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out,
                                      clean_cfg=config(fraction=0.5, score='artifacts'), seed=0,
                                      niqe_params=None, resolution=32, provenance={})
   assert manifest['counts'] == {'cleaned': 4, 'copied': 4, 'failed': 0}
@@ -280,13 +280,13 @@ def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_pa
     return real_copy(*args)
   monkeypatch.setattr(cleaned_dataset, '_copy_record', copy_then_die)
   with pytest.raises(KeyboardInterrupt):
-    extrinsic.clean_dataset(source, ShiftRestorer(), out, **kw, concurrency=1)
+    cleaning.clean_dataset(source, ShiftRestorer(), out, **kw, concurrency=1)
   monkeypatch.setattr(cleaned_dataset, '_copy_record', real_copy)
   journalled = cleaned_dataset.read_journals(out)
   assert sorted(journalled) == sorted(copies)   # what was copied, and only that
   restorer = ShiftRestorer(fail_after=1)
   with pytest.raises(KeyboardInterrupt):
-    extrinsic.clean_dataset(source, restorer, out, **kw)
+    cleaning.clean_dataset(source, restorer, out, **kw)
   assert not files.exists(files.join(out, cleaned_dataset.MANIFEST))
   # Copies all done, one batch of three restored and written before the kill.
   counts = {}
@@ -294,10 +294,10 @@ def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_pa
     counts[r['action']] = counts.get(r['action'], 0) + 1
   assert counts == {'copied': 8, 'cleaned': 3}
   restorer = ShiftRestorer()
-  manifest = extrinsic.clean_dataset(source, restorer, out, **kw)
+  manifest = cleaning.clean_dataset(source, restorer, out, **kw)
   assert restorer.calls == 1   # 6 to clean, in batches of 3, one batch done before the kill
   assert_same_as_sequential(out, manifest, reference)
-  assert manifest == extrinsic.clean_dataset(source, ShiftRestorer(fail_after=0), out, **kw)
+  assert manifest == cleaning.clean_dataset(source, ShiftRestorer(fail_after=0), out, **kw)
 
 
 def test_a_file_that_stays_unreadable_is_journalled_by_name(tmp_path, monkeypatch, no_backoff):
@@ -305,7 +305,7 @@ def test_a_file_that_stays_unreadable_is_journalled_by_name(tmp_path, monkeypatc
   with its path and the error; an EIO on the first two reads of another is ridden out."""
   source = make_faces(str(tmp_path / 'faces'), corrupt=())
   calls = flaky(monkeypatch, {'faces/04.png': -1, 'faces/07.png': 2})   # not clean/images/
-  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), str(tmp_path / 'clean'),
+  manifest = cleaning.clean_dataset(source, ShiftRestorer(), str(tmp_path / 'clean'),
                                      clean_cfg=config(fraction=1.0), seed=0, niqe_params=None,
                                      resolution=32, provenance={})
   assert manifest['counts'] == {'cleaned': 13, 'copied': 0, 'failed': 1}
@@ -327,7 +327,7 @@ def test_cleaning_in_a_bucket_rides_out_503s_and_names_a_forbidden_file(gcs_faul
   proxy.add(r'/o/faces/03\.png', 'status', count=2, status=503, methods=('GET',))
   proxy.add(r'/o/faces/08\.png', 'status', status=403, methods=('GET',))
   out = f'{gcs_bucket}/clean'
-  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
+  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
                                      niqe_params=None, resolution=32, provenance={})
   assert proxy.hits(r'/o/faces/03\.png', 'status') == 2
   records = {r['name']: r for r in manifest['records']}
@@ -374,7 +374,7 @@ def latency_dataset(folder, count, size=16):
 def timed_clean(source, out, concurrency, proxy, batch_size=16):
   before = len(proxy.log)
   start = time.perf_counter()
-  manifest = extrinsic.clean_dataset(source, ShiftRestorer(), out,
+  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out,
                                      clean_cfg=config(fraction=1.0, batch_size=batch_size),
                                      seed=0, niqe_params=None, resolution=source.resolution,
                                      provenance={}, concurrency=concurrency)
@@ -430,7 +430,7 @@ def test_cleaning_2000_faces_through_50ms_of_latency(tmp_path, monkeypatch):
   for concurrency in (16, 64):
     before = latency.requests
     start = time.perf_counter()
-    manifest = extrinsic.clean_dataset(
+    manifest = cleaning.clean_dataset(
         source, ShiftRestorer(), str(tmp_path / f'clean{concurrency}'),
         clean_cfg=config(fraction=1.0, batch_size=concurrency), seed=0, niqe_params=None,
         resolution=16, provenance={}, concurrency=concurrency)
@@ -453,14 +453,16 @@ from conftest import start_cpu_processes
 jax = start_cpu_processes(types.SimpleNamespace(devices=1, process_id=int(pi), num_processes=2,
                                                 port=int(port)))
 from test_bucket_cleaning import ShiftRestorer, config
-from idm_jax import extrinsic, images, inference
+from idm_jax.extrinsic import cleaning
+from idm_jax.storage import images
+from idm_jax.runtime import host_shares
 from idm_jax.data import sources
 source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=faces)
 restorer = ShiftRestorer()
 restorer.lockstep = True   # as a Restorer over both hosts' devices: batches agreed, not run apart
-manifest = extrinsic.clean_dataset(source, restorer, out, clean_cfg=config(), seed=0,
+manifest = cleaning.clean_dataset(source, restorer, out, clean_cfg=config(), seed=0,
                                    niqe_params=None, resolution=32, provenance={})
-print(json.dumps(dict(share=inference.host_share(len(source)).tolist(), calls=restorer.calls,
+print(json.dumps(dict(share=host_shares.host_share(len(source)).tolist(), calls=restorer.calls,
                       counts=manifest.get('counts'))))
 '''
 
@@ -502,10 +504,11 @@ import sys
 tests, faces, out = sys.argv[1:4]
 sys.path.insert(0, tests)
 from test_bucket_cleaning import ShiftRestorer, config
-from idm_jax import extrinsic, images
+from idm_jax.extrinsic import cleaning
+from idm_jax.storage import images
 from idm_jax.data import sources
 source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=faces)
-extrinsic.clean_dataset(source, ShiftRestorer(sleep_s=0.5), out,
+cleaning.clean_dataset(source, ShiftRestorer(sleep_s=0.5), out,
                         clean_cfg=config(fraction=1.0, batch_size=2), seed=0, niqe_params=None,
                         resolution=32, provenance={})
 '''
@@ -544,7 +547,7 @@ def test_a_cleaning_killed_outright_resumes_to_the_same_dataset(tmp_path, niqe_p
   with open(os.path.join(out, 'images', '.12.png.x1y2z3.tmp'), 'wb') as f:
     f.write(b'\x89PNG half')
   restorer = ShiftRestorer()
-  manifest = extrinsic.clean_dataset(source, restorer, out, clean_cfg=cfg, seed=0,
+  manifest = cleaning.clean_dataset(source, restorer, out, clean_cfg=cfg, seed=0,
                                      niqe_params=None, resolution=32, provenance={})
   # 13 good faces (and a corrupt one) in batches of 2: only the batches the journal lacks.
   assert restorer.calls == -(-(14 - len(done)) // 2)

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from idm_jax import checkpoints
-from idm_jax import files
-from idm_jax import parallel
-from idm_jax import train
+from idm_jax.training import checkpoints
+from idm_jax.storage import files
+from idm_jax.runtime import parallel
+from idm_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,7 @@ def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(tmp_pa
   """restore, evaluate and export load through load_for_inference: a newest checkpoint that
   does not restore is skipped as a training resume skips it, and nothing is moved (the run that
   wrote it may still be training)."""
-  from idm_jax import inference
+  from idm_jax.inference import engine
   _save_steps(tmp_path, trainer, state, (2, 4))
   _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '4'))
   with caplog.at_level(logging.WARNING):
@@ -104,7 +104,7 @@ def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(tmp_pa
   assert step == 2 and all(np.all(np.asarray(x) == 2) for x in jax.tree.leaves(ema))
   assert f'{tmp_path / "checkpoints" / "4"} does not restore' in caplog.text
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
-  assert inference.load(str(tmp_path))[1] == 2
+  assert engine.load(str(tmp_path))[1] == 2
   _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '2'))
   with pytest.raises(RuntimeError, match=r'no checkpoint in .* restores: step 4: .*; step 2: '):
     checkpoints.load_for_inference(str(tmp_path))
@@ -129,7 +129,7 @@ def test_an_unreadable_progress_record_restarts_the_budget_instead_of_failing(tm
 
 def test_an_unreadable_checkpoint_in_a_bucket_is_moved_aside_in_the_bucket(gcs_bucket, trainer,
                                                                           state):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   _save_steps(workdir, trainer, state, (2, 4))
   files.remove(f'{workdir}/checkpoints/4/train/_METADATA')

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import cleaning_eval
-from idm_jax import cleaned_dataset
+from idm_jax.extrinsic import cleaning_eval
+from idm_jax.extrinsic import cleaned_dataset
 from idm_jax.data import contaminate
 
 
@@ -92,7 +92,7 @@ def test_oracle_cleaning_scores_as_perfect(tmp_path):
 def test_datasets_and_report_in_a_bucket_score_as_the_local_ones(tmp_path, gcs_bucket, capsys):
   """--cleaned/--contaminated/--pristine/--out in a bucket (where --config.mode=clean writes a
   bucket workdir's dataset): the same report as from the local folders."""
-  from idm_jax import files
+  from idm_jax.storage import files
   _oracle_datasets(tmp_path)
   for sub in ('c', 'p', 'cleaned'):
     for rel in files.walk_files(tmp_path / sub):

@@ -6,7 +6,7 @@ import sys
 from conftest import REPO
 from test_cleaning_eval import _oracle_datasets
 
-from idm_jax import cleaning_eval
+from idm_jax.extrinsic import cleaning_eval
 
 sys.path.insert(0, str(REPO / 'experiments'))
 import cleaning_fidelity_summary  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from idm_jax import cli
+from idm_jax.runtime import cli
 
 
 def _console_scripts():

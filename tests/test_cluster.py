@@ -13,7 +13,7 @@ import pytest
 from jax._src.clusters import cloud_tpu_cluster
 
 from gce_metadata import MetadataServer, tpu_vm_attributes
-from idm_jax import parallel
+from idm_jax.runtime import parallel
 
 # Every variable a detector reads: the tests set what each environment has and nothing else.
 CLUSTER_VARS = (

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO, load_config
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('*.py'))
 
@@ -55,7 +55,7 @@ def test_bad_values_name_the_field(field, value, message):
 
 TYPO_CONFIG = """
 import ml_collections
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 
 def get_config():
   c = configlib.base_config()

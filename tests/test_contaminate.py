@@ -81,7 +81,7 @@ def test_a_bucket_source_and_destination_give_the_local_dataset(src, tmp_path, g
                                                                 capsys):
   """--src, --dst and --replay in a bucket: the same images and records as a local run; a rerun
   verifies, a damaged file is found, and a replay from the bucket is byte-identical."""
-  from idm_jax import files
+  from idm_jax.storage import files
   for rel in files.walk_files(src):
     files.copy_file(src / rel, f'{gcs_bucket}/src/{rel}')
   args = ('--fraction', 0.25, '--seed', 3, '--resolution', 32, '--kinds', 'blur,jpeg')

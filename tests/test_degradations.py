@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 from idm_jax.data import degradations as D
 
 

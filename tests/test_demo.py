@@ -106,7 +106,7 @@ else:
   raise SystemExit('the blocker let matplotlib through')
 
 import idm_jax.main   # everything the driver imports at start
-from idm_jax import configlib
+from idm_jax.runtime import configlib
 from idm_jax.data import sources
 data = configlib.load('configs/demo.py').data   # the demo's faces, as its training reads them
 train = sources.make_source(data, 'train')

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from idm_jax import dlib_models
-from idm_jax import faces
+from idm_jax.storage import dlib_models
+from idm_jax.inference import faces
 from idm_jax.metrics import identity
 
 

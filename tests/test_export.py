@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from idm_jax import configlib
-from idm_jax import export
-from idm_jax import inference
+from idm_jax.runtime import configlib
+from idm_jax.inference import export
+from idm_jax.inference import engine
 from idm_jax.models import unet
 
 from conftest import load_config
@@ -18,7 +18,7 @@ from conftest import load_config
 def config_and_params():
   config = load_config('test')
   config.sample.steps = 3           # a non-default value must survive the trip
-  params = inference.random_params(unet.build_model(config.model, config.data.resolution), 3)
+  params = engine.random_params(unet.build_model(config.model, config.data.resolution), 3)
   return config, params
 
 
@@ -51,12 +51,12 @@ def test_load_reads_an_export(tmp_path, config_and_params):
   config, params = config_and_params
   path = str(tmp_path / 'model.msgpack')
   export.save_exported(path, config, params)
-  r, step = inference.load(path)
+  r, step = engine.load(path)
   assert step is None
   assert r.resolution == config.data.resolution and r.config.sample.steps == 3
   _assert_same_params(params, jax.device_get(r.params))
   with pytest.raises(FileNotFoundError, match='nope'):
-    inference.load(str(tmp_path / 'nope'))
+    engine.load(str(tmp_path / 'nope'))
 
 
 def test_bad_files_give_clear_errors(tmp_path, config_and_params):
@@ -86,7 +86,7 @@ def test_bad_files_give_clear_errors(tmp_path, config_and_params):
 
 def test_main_exports_a_workdir_and_never_overwrites(tmp_path, monkeypatch, config_and_params):
   config, params = config_and_params
-  from idm_jax import checkpoints
+  from idm_jax.training import checkpoints
   seen = []
 
   def fake_load(workdir):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import cleaned_dataset
-from idm_jax import extrinsic
-from idm_jax import images
+from idm_jax.extrinsic import cleaned_dataset
+from idm_jax.extrinsic import cleaning
+from idm_jax.extrinsic import rounds as rounds_lib
+from idm_jax.storage import images
 from idm_jax.data import sources
 from idm_jax.metrics import niqe as niqe_lib
 
@@ -76,11 +77,11 @@ def test_cleaning_with_several_samples_averages_independent_draws():
   idx = np.array([5, 0, 9])
   one = IndexRestorer()
   np.testing.assert_array_equal(   # one sample is the plain restoration, same noise indices
-      extrinsic.restore_mean(one, idx, lq, samples=1, seed=3, steps=1), lq + (idx % 7)[:, None,
+      cleaning.restore_mean(one, idx, lq, samples=1, seed=3, steps=1), lq + (idx % 7)[:, None,
                                                                                          None, None])
   assert one.drawn == [(3, 5), (3, 0), (3, 9)]
   four = IndexRestorer()
-  out = extrinsic.restore_mean(four, idx, lq, samples=4, seed=3, steps=1)
+  out = cleaning.restore_mean(four, idx, lq, samples=4, seed=3, steps=1)
   draws = [(idx * 4 + k) % 7 for k in range(4)]
   np.testing.assert_array_equal(out[:, 0, 0, 0], 100 + np.rint(np.mean(draws, axis=0)))
   assert len(four.drawn) == 12 and len(set(four.drawn)) == 12   # no two draws share noise
@@ -92,13 +93,13 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
   out = tmp_path / 'clean'
   kw = dict(clean_cfg=clean_cfg(), seed=0, niqe_params=None, resolution=32, provenance={})
   with pytest.raises(KeyboardInterrupt):
-    extrinsic.clean_dataset(source, FakeRestorer(fail_after=3), str(out), **kw)
+    cleaning.clean_dataset(source, FakeRestorer(fail_after=3), str(out), **kw)
   assert not (out / 'manifest.json').exists()
   # A line cut by the kill must not break the resume.
   with open(out / 'journal-0.jsonl', 'a') as f:
     f.write('{"name": "half')
   restorer = FakeRestorer()
-  manifest = extrinsic.clean_dataset(source, restorer, str(out), **kw)
+  manifest = cleaning.clean_dataset(source, restorer, str(out), **kw)
   assert restorer.calls == 3   # 12 images in batches of 2: 6 batches, 3 done before the kill
   assert manifest['source_records'] == 12 and manifest['counts']['cleaned'] == 12
   assert cleaned_dataset.verify_manifest(str(out))['cleaned'] == 12
@@ -115,13 +116,13 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
 def test_lockstep_cleaning_agrees_once_per_job(faces, tmp_path, monkeypatch):
   """Over several processes the hosts agree once on how many batches to run, not once per
   batch (each agreement is a round trip through the coordination service)."""
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   calls = []
   monkeypatch.setattr(parallel, 'max_over_processes', lambda n, **kw: calls.append(n) or n)
   restorer = FakeRestorer()
   restorer.lockstep = True
   source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=str(faces))
-  extrinsic.clean_dataset(source, restorer, str(tmp_path / 'clean'), clean_cfg=clean_cfg(),
+  cleaning.clean_dataset(source, restorer, str(tmp_path / 'clean'), clean_cfg=clean_cfg(),
                           seed=0, niqe_params=None, resolution=32, provenance={})
   assert restorer.calls == 6 and calls == [6]   # 12 images in batches of 2
 
@@ -129,7 +130,7 @@ def test_lockstep_cleaning_agrees_once_per_job(faces, tmp_path, monkeypatch):
 def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_params_path):
   source = sources.FolderSource(tuple(images.list_images(faces)), 128, root=str(faces))
   out = tmp_path / 'clean'
-  manifest = extrinsic.clean_dataset(
+  manifest = cleaning.clean_dataset(
       source, FakeRestorer(), str(out), clean_cfg=clean_cfg(fraction=0.25), seed=0,
       niqe_params=str(niqe_params_path), resolution=128, provenance={'model': 'fake'})
   with open(out / 'scores.json') as f:
@@ -146,7 +147,7 @@ def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_pa
       orig = sources.load_image(str(faces / r['name']), 128)
       np.testing.assert_array_equal(img, 255 - orig)
       assert r['score'] == scores[r['name']]
-      assert r['score_after'] == pytest.approx(extrinsic.niqe_of(img, niqe, 128))
+      assert r['score_after'] == pytest.approx(cleaning.niqe_of(img, niqe, 128))
   assert manifest['counts'] == {'cleaned': 3, 'copied': 9, 'failed': 0}
   after = [r['score_after'] for r in manifest['records'] if r['action'] == 'cleaned']
   assert manifest['cleaned_niqe'] == pytest.approx(
@@ -155,9 +156,9 @@ def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_pa
 
 def test_select_worst_ties_and_failures():
   scores = {'a': 1.0, 'b': 5.0, 'c': 5.0, 'd': None, 'e': 2.0}
-  assert extrinsic.select_worst(scores, 0.5) == {'b', 'c'}
-  assert extrinsic.select_worst(scores, 0.0) == set()
-  assert extrinsic.select_worst(scores, 1.0) == {'a', 'b', 'c', 'e'}
+  assert cleaning.select_worst(scores, 0.5) == {'b', 'c'}
+  assert cleaning.select_worst(scores, 0.0) == set()
+  assert cleaning.select_worst(scores, 1.0) == {'a', 'b', 'c', 'e'}
 
 
 def tiny(test_config, faces):
@@ -181,7 +182,7 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   config = tiny(test_config, faces)
   before = tree_digest(faces)
   work = tmp_path / 'work'
-  results = extrinsic.run_rounds(config, str(work))
+  results = rounds_lib.run_rounds(config, str(work))
   assert set(results) == {'0', '1'}
   assert seen == [str(faces), str(work / 'round_1' / 'dataset' / 'images')]
   assert cleaned_dataset.verify_manifest(str(work / 'round_1' / 'dataset'))['cleaned'] == 8
@@ -190,13 +191,15 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   assert tree_digest(faces) == before
   # Running again resumes: nothing is retrained, re-cleaned or re-evaluated.
   seen.clear()
-  assert extrinsic.run_rounds(config, str(work)) == results
+  assert rounds_lib.run_rounds(config, str(work)) == results
 
 
 def test_unconditional_training_and_generation(local_or_bucket, test_config):
   """The "beyond" generator, its workdir on local disk or in a bucket; a rerun with more samples
   only draws the missing ones."""
-  from idm_jax import files, generate, train
+  from idm_jax.storage import files
+  from idm_jax.inference import generate
+  from idm_jax.training import train
   workdir = files.join(local_or_bucket, 'gen')
   c = test_config
   c.model.update(conditional=False, lq_concat=False, lq_encoder=False)
@@ -219,7 +222,7 @@ def test_unconditional_training_and_generation(local_or_bucket, test_config):
 def test_cleaning_a_non_folder_source_writes_every_record(tmp_path):
   """Sources that are not folders (builtin here, TFDS alike) are re-encoded losslessly as PNG."""
   source = sources.BuiltinSource('validation', 32)
-  manifest = extrinsic.clean_dataset(
+  manifest = cleaning.clean_dataset(
       source, FakeRestorer(), str(tmp_path / 'c'), clean_cfg=clean_cfg(fraction=1.0), seed=0,
       niqe_params=None, resolution=32, provenance={})
   written = [f for _, _, fs in os.walk(tmp_path / 'c' / 'images') for f in fs]
@@ -263,7 +266,7 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   cfg = clean_cfg(fraction=2 / 12)
   cfg.score = 'artifacts'
   # The artifacts score needs no NIQE parameters: a missing file is never opened.
-  manifest = extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),
+  manifest = cleaning.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),
                                      clean_cfg=cfg, seed=0, niqe_params=str(tmp_path / 'none.npz'),
                                      resolution=64, provenance={})
   cleaned = sorted(r['name'] for r in manifest['records'] if r['action'] == 'cleaned')
@@ -275,27 +278,27 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   assert {r['name']: r['score'] for r in manifest['records']} == scores
   cfg.score = 'brisque'
   with pytest.raises(ValueError, match='clean.score'):
-    extrinsic.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
+    cleaning.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
                             seed=0, niqe_params=None, resolution=64, provenance={})
 
 
 def test_two_rounds_with_the_workdir_in_a_bucket(tmp_path, test_config, gcs_bucket):
   """The rounds with every dataset version in gs://: round 1 trains on images it reads back
   from the bucket, and a rerun resumes without redoing anything."""
-  from idm_jax import files
+  from idm_jax.storage import files
   faces = tmp_path / 'faces'
   faces.mkdir()
   for i in range(12):
     Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(faces / f'{i:02d}.png')
   config = tiny(test_config, faces)
   work = f'{gcs_bucket}/work'
-  results = extrinsic.run_rounds(config, work)
+  results = rounds_lib.run_rounds(config, work)
   assert set(results) == {'0', '1'}
   assert cleaned_dataset.verify_manifest(f'{work}/round_1/dataset')['cleaned'] == 8
   listing = files.walk_files(work)
   assert 'rounds.md' in listing and 'round_1/checkpoints/2/ema/_METADATA' in listing
   assert sum(n.startswith('round_1/dataset/images/') for n in listing) == 8
-  assert extrinsic.run_rounds(config, work) == results
+  assert rounds_lib.run_rounds(config, work) == results
 
 
 def test_cleaning_refuses_an_output_inside_its_source_folder(tmp_path, test_config):
@@ -309,6 +312,6 @@ def test_cleaning_refuses_an_output_inside_its_source_folder(tmp_path, test_conf
     c.data.update(source='folder', dir=str(src))
     c.clean.out_dir = str(out)
     with pytest.raises(ValueError, match='is inside the source folder'):
-      extrinsic.clean_from_config(c, str(tmp_path / 'work'))
+      cleaning.clean_from_config(c, str(tmp_path / 'work'))
   c.clean.out_dir = 'gs://b/faces_cleaned'   # a sibling whose name starts alike is not inside
-  extrinsic._refuse_inside_source(c, c.clean.out_dir)
+  cleaning._refuse_inside_source(c, c.clean.out_dir)

@@ -10,8 +10,8 @@ from skimage import data
 from conftest import TILTED
 from conftest import TILTED_CELL as CELL
 from conftest import tilted_faces_photo
-from idm_jax import dlib_models
-from idm_jax import faces
+from idm_jax.storage import dlib_models
+from idm_jax.inference import faces
 
 
 

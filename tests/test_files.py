@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import files
+from idm_jax.storage import files
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path):

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idm_jax import inference
-from idm_jax import parallel
-from idm_jax import train
+from idm_jax.inference import engine
+from idm_jax.runtime import parallel
+from idm_jax.training import train
 from idm_jax.models import unet
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == 'cpu', reason='needs a GPU or TPU')
@@ -49,7 +49,7 @@ def test_cudnn_and_xla_attention_agree(test_config):
   for impl in ('xla', 'cudnn'):
     test_config.model.attention_impl = impl
     model = unet.build_model(test_config.model, 32)
-    params = inference.random_params(model, seed=0)
+    params = engine.random_params(model, seed=0)
     x, logsnr, lq = unet.dummy_inputs(model, 4)
     x = jax.random.normal(jax.random.PRNGKey(1), x.shape)
     outs.append(np.asarray(jax.jit(lambda p: model.apply({'params': p}, x, logsnr, lq))(params)))
@@ -59,11 +59,11 @@ def test_cudnn_and_xla_attention_agree(test_config):
 
 def test_restorer_on_all_local_devices_is_deterministic(test_config):
   model = unet.build_model(test_config.model, 32)
-  restorer = inference.Restorer(test_config, inference.random_params(model, seed=0))
+  restorer = engine.Restorer(test_config, engine.random_params(model, seed=0))
   lq = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
   a = restorer.restore(lq, steps=3, seed=1)
   b = restorer.restore(lq, steps=3, seed=1)
   np.testing.assert_array_equal(a, b)
-  single = inference.Restorer(test_config, inference.random_params(model, seed=0),
+  single = engine.Restorer(test_config, engine.random_params(model, seed=0),
                               mesh=parallel.sampling_mesh(jax.local_devices()[:1])).restore(lq, steps=3, seed=1)
   assert np.abs(a.astype(int) - single.astype(int)).max() <= 2   # cross-device float order

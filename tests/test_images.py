@@ -14,9 +14,9 @@ from PIL import Image
 from skimage import data
 
 from idm_jax import app
-from idm_jax import evaluate
-from idm_jax import generate
-from idm_jax import images
+from idm_jax import score
+from idm_jax.inference import generate
+from idm_jax.storage import images
 from idm_jax import restore
 from idm_jax.data import make_testset
 from idm_jax.data import sources
@@ -87,7 +87,7 @@ def _via_generate(path, tmp_path, monkeypatch):
       'generate': {'out_dir': str(out), 'num_samples': 1, 'batch_size': 1}})
   # Every sample exists: it never samples (one process: no lockstep).
   restorer = types.SimpleNamespace(config=config, lockstep=False)
-  monkeypatch.setattr(generate.inference, 'load', lambda w, c: (restorer, 1))
+  monkeypatch.setattr(generate.engine, 'load', lambda w, c: (restorer, 1))
   generate.run(config, str(tmp_path))
   grid = np.asarray(Image.open(tmp_path / 'generated_grid.png').convert('RGB'))
   return grid[2:2 + R, 2:2 + R]   # image_grid's 2 px padding
@@ -103,7 +103,7 @@ def test_every_entry_point_decodes_the_same(odd_files, name, tmp_path, monkeypat
       'make_testset': make_testset.load_square(path, R),
       'restore': restore._read(str(path), restore._Report(_Bar()), images.MAX_PIXELS),
       'web demo': app.preview_file(str(path))[1],
-      'evaluate': evaluate.read_image(path),
+      'score': score.read_image(path),
       'generate': _via_generate(path, tmp_path, monkeypatch),
   }
   for entry, image in got.items():

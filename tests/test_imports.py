@@ -101,14 +101,49 @@ def test_no_import_cycles_in_the_package():
       '; '.join(' <-> '.join(c) for c in cycles)
 
 
-@pytest.mark.parametrize('floor', ['idm_jax.diffusion', 'idm_jax.models', 'idm_jax.parallel',
-                                   'idm_jax.files'])
+@pytest.mark.parametrize('floor', ['idm_jax.diffusion', 'idm_jax.models', 'idm_jax.runtime.parallel',
+                                   'idm_jax.storage.files'])
 def test_the_ground_floor_imports_nothing_above_it(floor):
   """The pure libraries (DESIGN.md's ground floor) depend only on each other."""
-  ground = ('idm_jax.diffusion', 'idm_jax.models', 'idm_jax.parallel', 'idm_jax.files',
-            'idm_jax.tree_shapes')
+  ground = ('idm_jax.diffusion', 'idm_jax.models', 'idm_jax.runtime.parallel', 'idm_jax.storage.files',
+            'idm_jax.runtime.tree_shapes')
   graph = import_graph()
   for mod, deps in graph.items():
     if mod == floor or mod.startswith(floor + '.'):
       above = [d for d in deps if not d.startswith(ground)]
       assert not above, f'{mod} imports {above}'
+
+
+# The folders' floors, bottom up (docs/DESIGN.md, "Layout"): a package imports only from its own
+# floor's packages and from those below. The top-level modules are the commands.
+FLOORS = (
+    ('storage', 'models', 'diffusion'),
+    ('runtime',),
+    ('data', 'metrics'),
+    ('training',),
+    ('inference',),
+    ('extrinsic', 'aot'),
+    ('score', 'restore', 'app', 'main'),
+)
+
+
+def package_of(module: str) -> str:
+  return module.split('.')[1]
+
+
+def test_every_package_has_a_floor():
+  packages = {package_of(m) for m in import_graph() if m != 'idm_jax'}
+  assert packages == {p for floor in FLOORS for p in floor}
+
+
+def test_packages_import_only_their_floor_and_below():
+  floor_of = {p: i for i, floor in enumerate(FLOORS) for p in floor}
+  upward = sorted(f'{m} -> {d}' for m, deps in import_graph().items() for d in deps
+                  if floor_of[package_of(d)] > floor_of[package_of(m)])
+  assert not upward, 'imports from a higher floor: ' + '; '.join(upward)
+
+
+def test_packages_of_one_floor_do_not_import_each_other_both_ways():
+  pairs = {(package_of(m), package_of(d)) for m, deps in import_graph().items() for d in deps
+           if package_of(m) != package_of(d)}
+  assert not [(a, b) for a, b in pairs if (b, a) in pairs and a < b]

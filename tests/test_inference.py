@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from idm_jax import inference
+from idm_jax.inference import engine
 from idm_jax.models import unet
 
 from conftest import REPO, load_config
@@ -15,7 +15,7 @@ from conftest import REPO, load_config
 
 def _restorer(config, seed=0):
   model = unet.build_model(config.model, config.data.resolution)
-  return inference.Restorer(config, inference.random_params(model, seed))
+  return engine.Restorer(config, engine.random_params(model, seed))
 
 
 @pytest.fixture(scope='module')
@@ -94,7 +94,7 @@ def test_params_that_do_not_fit_the_config_are_rejected():
   other = load_config('test')
   other.model.channels = 32
   with pytest.raises(ValueError, match='wrong shapes'):
-    inference.Restorer(other, params)
+    engine.Restorer(other, params)
 
 
 def test_generate_unconditional_is_batching_independent():
@@ -116,11 +116,11 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from conftest import load_config
-from idm_jax import inference
+from idm_jax.inference import engine
 from idm_jax.models import unet
 assert len(jax.local_devices()) == 4, jax.local_devices()
 config = load_config('test')
-r = inference.Restorer(config, inference.random_params(
+r = engine.Restorer(config, engine.random_params(
     unet.build_model(config.model, config.data.resolution), 0))
 lq = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 out = r.restore(lq, seed=1)   # 3 examples padded to 4 devices
@@ -145,15 +145,15 @@ def test_residual_model_at_init_returns_its_input_and_learns_hq_minus_lq():
   """Zero-initialised output layers: a residual x0 model restores to the LQ exactly, and its
   training loss is the mean square of hq - lq (a plain model's would be that of hq)."""
   import jax
-  from idm_jax import configlib
-  from idm_jax import train
+  from idm_jax.runtime import configlib
+  from idm_jax.training import train
   config = load_config('test')
   config.diffusion.update(residual=True, parameterization='x0')
   model = unet.build_model(config.model, config.data.resolution)
   params = unet.init_params(model, jax.random.key(0))
   lq = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   hq = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(inference.Restorer(config, params).restore(lq, steps=3), lq)
+  np.testing.assert_array_equal(engine.Restorer(config, params).restore(lq, steps=3), lq)
   logsnr_fn = configlib.logsnr_fn(config.diffusion, 32)
   batch = {'hq': hq, 'lq': lq}
   f = lambda x: x.astype(np.float32) / 127.5 - 1  # noqa: E731

@@ -620,8 +620,8 @@ def test_pod_remote_command_runs_the_trainer_detached_and_a_signal_saves_a_step(
   server: the command returns while the trainer runs on; SIGTERM (a preemption or maintenance
   notice, --stop) or SIGHUP (a lost session) ends it with a saved step and exit 0, and the
   runner records that step and copies the log to WORKDIR/logs/worker-0.log."""
-  from idm_jax import checkpoints
-  from idm_jax import files
+  from idm_jax.training import checkpoints
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   command = _dry_run_command('start', [
       '--name', 'p', '--zone', 'z', '--accelerator-type', 'v4-8', '--repo', 'r',
@@ -660,7 +660,7 @@ def test_lost_terminal_does_not_kill_the_trainer_before_its_save(tmp_path):
   """The trainer in the foreground of a session whose pipe dies (a `| tee` or ssh gone): its
   progress bar and log lines meet a broken pipe, then SIGHUP comes. It saves a step and exits
   0 instead of dying of the broken pipe (tqdm raises EPIPE) or of the hang-up."""
-  from idm_jax import checkpoints
+  from idm_jax.training import checkpoints
   workdir = tmp_path / 'w'
   proc = subprocess.Popen(
       [sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
@@ -694,7 +694,7 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
   only. It is passed on as SIGTERM to JAX's preemption service, so both stop after the same
   step, save it once and exit 0, as with a preemption notice."""
   import socket
-  from idm_jax import checkpoints
+  from idm_jax.training import checkpoints
   workdir = tmp_path / 'w'
   with socket.socket() as s:
     s.bind(('localhost', 0))

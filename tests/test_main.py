@@ -10,7 +10,7 @@ def _record(path, level):
 
 
 def test_the_default_log_keeps_our_lines_and_all_warnings():
-  ours = os.path.join(os.path.dirname(main.__file__), 'train.py')
+  ours = os.path.join(os.path.dirname(main.__file__), 'training', 'train.py')
   orbax = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
   keep = main.OursAndWarnings().filter
   assert keep(_record(ours, logging.INFO))
@@ -34,7 +34,10 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   sample, clean and export; checkpoints, metrics, TensorBoard events, grids, configs, reports
   and the cleaned dataset all land in the bucket, and nothing under the current directory."""
   import json
-  from idm_jax import cleaned_dataset, export, files, inference
+  from idm_jax.extrinsic import cleaned_dataset
+  from idm_jax.inference import export
+  from idm_jax.storage import files
+  from idm_jax.inference import engine
   from idm_jax.data import prepare
   _write_builtin_faces(tmp_path / 'faces', 32)
   summary = prepare.prepare(str(tmp_path / 'faces'), 'tiny', 32, f'{gcs_bucket}/tfds',
@@ -69,7 +72,7 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   assert counts['cleaned'] + counts['copied'] == summary['examples']['train']
   model = f'{gcs_bucket}/model.msgpack'
   assert export.export(workdir, model) > 0
-  restorer, step = inference.load(model)
+  restorer, step = engine.load(model)
   assert step is None and restorer.config.data.resolution == 32
   assert os.listdir(cwd) == []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import images
+from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import make_testset
 
@@ -100,7 +100,7 @@ def test_a_bucket_source_and_destination_give_the_local_set(src, tmp_path, gcs_b
                                                            caplog):
   """--src, --dst and --replay in a bucket: the same files, byte for byte, as a local run; the
   refusals (inside --src, not empty) hold there too."""
-  from idm_jax import files
+  from idm_jax.storage import files
   for rel in files.walk_files(src):
     files.copy_file(src / rel, f'{gcs_bucket}/faces/{rel}')
   local, dst = tmp_path / 'local', f'{gcs_bucket}/sets/test'

@@ -180,7 +180,7 @@ def check_two_extrinsic_rounds_and_the_warm_start(one, two):
   boundary, no further; they were equal bit for bit when measured); the round table's metrics,
   which come from those images, to 1e-2."""
   import jax
-  from idm_jax import checkpoints
+  from idm_jax.training import checkpoints
   results = [json.loads((r / 'ext/rounds.json').read_text()) for r in (one, two)]
   assert set(results[0]) == set(results[1]) == {'0', '1'}
   for r in ('0', '1'):

@@ -5,9 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import optim
-from idm_jax import parallel
-from idm_jax import train
+from idm_jax.training import optim
+from idm_jax.runtime import parallel
+from idm_jax.training import train
 
 
 def _trainer_state(config):
@@ -81,7 +81,7 @@ def test_nonfinite_step_leaves_every_value_bit_identical(test_config, poison):
 def test_update_keeps_every_dtype_with_bfloat16_params(test_config):
   """The update computes in float32 but never changes what the state holds (a changed dtype
   would recompile the step and change the checkpoint)."""
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   test_config.model.param_dtype = 'bfloat16'
   trainer = train.Trainer(test_config, parallel.make_mesh(test_config.mesh))
   state = trainer.init(jax.random.PRNGKey(0))

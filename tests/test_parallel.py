@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from conftest import load_config
-from idm_jax import parallel
+from idm_jax.runtime import parallel
 from idm_jax.models import unet
 
 MESH = AbstractMesh((2, 4), parallel.MESH_AXES)        # data 2, fsdp 4

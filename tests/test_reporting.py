@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from idm_jax import files
-from idm_jax import reporting
+from idm_jax.storage import files
+from idm_jax.training import run_log
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def _steps(workdir):
 
 
 def test_metrics_and_events_reach_the_workdir_local_at_once_bucket_in_batches(workdir):
-  writer = reporting.Writer(workdir)
+  writer = run_log.Writer(workdir)
   writer.REMOTE_FLUSH_SECONDS = 3600.0   # in a bucket only close (or a grid) writes here
   writer.scalars(1, {'loss': 1.0})
   writer.scalars(2, {'loss': 0.5})
@@ -60,11 +60,11 @@ def test_progress_total_follows_the_time_budget():
   from tqdm import tqdm
   bar = tqdm(total=1000, initial=0, disable=False, file=open(os.devnull, 'w'))
   bar.update(10)
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=0.0)
+  run_log.shorten_to_budget(bar, 10, 1000, seconds_left=0.0)
   assert bar.total == 10                      # no time left: this is the last step
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=1e9)
+  run_log.shorten_to_budget(bar, 10, 1000, seconds_left=1e9)
   assert bar.total == 1000                    # num_steps ends first
-  reporting.shorten_to_budget(bar, 10, 1000, seconds_left=None)
+  run_log.shorten_to_budget(bar, 10, 1000, seconds_left=None)
   assert bar.total == 1000                    # no budget: unchanged
   bar.close()
 
@@ -84,7 +84,7 @@ def test_progress_eta_holds_the_runs_pace_through_saves_and_bursts():
   stays within 15% of the time really left at every report, instead of swinging with the last
   few."""
   clock = [0.0]
-  bar = reporting.progress(0, 200)
+  bar = run_log.progress(0, 200)
   bar.fp = open(os.devnull, 'w')
   bar._time = lambda: clock[0]
   bar.start_t = bar.last_print_t = 0.0

@@ -8,8 +8,8 @@ from PIL import Image
 from skimage import data
 
 from conftest import tilted_faces_photo
-from idm_jax import dlib_models
-from idm_jax import faces
+from idm_jax.storage import dlib_models
+from idm_jax.inference import faces
 from idm_jax import restore
 
 
@@ -250,7 +250,7 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(tmp_path, model
                                                                 capsys):
   """-i, -o and --checkpoint in a bucket: the same files, byte for byte, as a local run; the
   refusals (output inside the input, output a file, no such bucket) hold there too."""
-  from idm_jax import files
+  from idm_jax.storage import files
   inp = tmp_path / 'in'
   (inp / 'sub').mkdir(parents=True)
   face = data.astronaut()[20:276, 130:386]

@@ -90,7 +90,7 @@ def test_logsnr_to_t_inverts():
 
 
 def test_the_config_binds_the_schedule(test_config):
-  from idm_jax import configlib
+  from idm_jax.runtime import configlib
   cfg = test_config.diffusion
   t = jnp.linspace(0., 1., 9)
   cfg.schedule = 'cosine'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import images
+from idm_jax.storage import images
 from idm_jax.data import sources
 
 R = 32

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from idm_jax import files
-from idm_jax import reporting
-from idm_jax import workdir_lock
+from idm_jax.storage import files
+from idm_jax.training import run_log
+from idm_jax.storage import workdir_lock
 
 
 # --- The proxy itself: each kind of fault, seen by a real client (gcsfs through files.py).
@@ -150,7 +150,7 @@ def test_a_metrics_write_that_fails_after_landing_is_rewritten_once(gcs_faults, 
   proxy = gcs_faults.proxy
   workdir = f'{gcs_bucket}/run'
   files.write_text(f'{workdir}/metrics.jsonl', json.dumps({'step': 0}) + '\n')  # an earlier run
-  writer = reporting.Writer(workdir)
+  writer = run_log.Writer(workdir)
   writer.REMOTE_FLUSH_SECONDS = 0.0
   proxy.add(r'metrics\.jsonl', 'drop_reply', count=1, methods=('POST',))
   proxy.add(r'metrics\.jsonl', 'status', count=1, status=403, methods=('POST',))
@@ -168,7 +168,7 @@ def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_droppe
     gcs_faults, gcs_bucket, caplog):
   proxy = gcs_faults.proxy
   workdir = f'{gcs_bucket}/run'
-  writer = reporting.Writer(workdir)
+  writer = run_log.Writer(workdir)
   batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
   proxy.add(r'samples_0000002', 'status', count=1, status=403)
   with caplog.at_level(logging.WARNING):
@@ -200,7 +200,7 @@ def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_wh
   monkeypatch.setattr(retry, 'asyncio', _ShorterWaits(20))
   proxy = gcs_faults.proxy
   workdir = f'{gcs_bucket}/run'
-  writer = reporting.Writer(workdir)
+  writer = run_log.Writer(workdir)
   writer.REMOTE_FLUSH_SECONDS = 0.0
   writer.WRITE_BACKOFF_S = 0.2
   tries = 6   # gcsfs's tries of one request

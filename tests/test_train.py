@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from idm_jax import checkpoints
-from idm_jax import optim
-from idm_jax import train
+from idm_jax.training import checkpoints
+from idm_jax.training import optim
+from idm_jax.training import train
 
 WORKER = pathlib.Path(__file__).with_name('train_worker.py')
 REPO = WORKER.parents[1]
@@ -155,7 +155,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_nonfinite_step_is_skipped_and_named(test_config):
   """A NaN loss leaves the state untouched and check_finite names the step."""
-  from idm_jax import parallel
+  from idm_jax.runtime import parallel
   mesh = parallel.make_mesh(test_config.mesh)
   trainer = train.Trainer(test_config, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
@@ -190,7 +190,7 @@ def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
 def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   """accum=2 applies the mean gradient of micro-batches [0::2] and [1::2] (key fold_in(rng, i))."""
   import functools
-  from idm_jax import configlib
+  from idm_jax.runtime import configlib
   from idm_jax.models import unet
   c = test_config
   c.train.update(batch_size=4, grad_accum_steps=2, grad_clip=0.0)
@@ -245,7 +245,7 @@ def test_time_budget_stops_saves_and_counts_across_resumes(tmp_path):
 def test_preempted_in_a_bucket_and_rerun_equals_an_uninterrupted_run(tmp_path, gcs_bucket):
   """SIGTERM after step 2 of 4: the run saves step 2 to the bucket and exits 0; the rerun
   resumes from the bucket and ends bit-identical to 4 uninterrupted steps on local disk."""
-  from idm_jax import files
+  from idm_jax.storage import files
   ov = {'train.ckpt_every': 100, 'train.sample_every': 100}
   whole = run_worker(tmp_path / 'whole', 4, overrides=ov, params_out=tmp_path / 'whole.npz')
   workdir = f'{gcs_bucket}/run'
@@ -264,7 +264,7 @@ def test_two_hosts_preempted_at_different_steps_save_one_step_to_the_bucket(gcs_
   """Two processes (jax.distributed) share one gs:// workdir. SIGTERM reaches process 0 during
   step 2 and process 1 during step 3 (if it is still running by then): JAX's preemption service
   makes both stop after the same step, save it once and exit 0; both then resume from it."""
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   ov = {**BASE, 'train.num_steps': 1000}
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idm_jax import train_state
+from idm_jax.training import train_state
 
 
 def _state():

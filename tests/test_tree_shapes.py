@@ -1,5 +1,5 @@
 """tree_shapes.mismatches: the one wording for weights that do not fit a model."""
-from idm_jax import tree_shapes
+from idm_jax.runtime import tree_shapes
 
 
 def test_fitting_arrays_have_no_problems():

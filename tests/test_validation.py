@@ -76,7 +76,7 @@ def test_two_processes_sample_in_lockstep_what_one_does(tmp_path):
 
 
 def test_niqe_params_default_to_the_shipped_file_and_can_be_overridden(test_config, tmp_path):
-  from idm_jax import validation
+  from idm_jax.inference import validation
   from idm_jax.metrics import niqe
   test_config.data.update(source='folder', dir=str(tmp_path / 'faces'))  # no file beside it
   assert validation.niqe_params_path(test_config) == niqe.default_params_path()

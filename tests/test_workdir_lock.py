@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from idm_jax import train
-from idm_jax import workdir_lock
+from idm_jax.training import train
+from idm_jax.storage import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 HOLDER = '''
 import sys
-from idm_jax import workdir_lock
+from idm_jax.storage import workdir_lock
 lock = workdir_lock.WorkdirLock(sys.argv[1]).acquire()
 print('held', flush=True)
 sys.stdin.read()        # hold until the test closes our stdin (or kills us)
@@ -81,7 +81,7 @@ def test_lock_staleness_rules():
 
 
 def _bucket_holder(workdir, heartbeat=0.2, stale=600.0):
-  code = ('import sys\nfrom idm_jax import workdir_lock\n'
+  code = ('import sys\nfrom idm_jax.storage import workdir_lock\n'
           f'lock = workdir_lock.WorkdirLock(sys.argv[1], heartbeat_seconds={heartbeat}, '
           f'stale_seconds={stale}).acquire()\n'
           "print('held', flush=True)\nsys.stdin.read()\nlock.release()\n")
@@ -94,7 +94,7 @@ def _bucket_holder(workdir, heartbeat=0.2, stale=600.0):
 
 def test_a_second_run_on_a_bucket_workdir_in_use_is_refused_naming_the_holder(gcs_bucket,
                                                                                test_config):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   holder = _bucket_holder(workdir)
   try:
@@ -114,7 +114,7 @@ def test_a_second_run_on_a_bucket_workdir_in_use_is_refused_naming_the_holder(gc
 
 def test_a_bucket_lock_without_heartbeat_is_taken_over_and_its_holder_learns_it(gcs_bucket,
                                                                                 caplog):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   # A holder on "another host" whose heartbeat stopped (its host died): fresh, it is respected;
   # once older than stale_seconds it is watched for stale_seconds more, then taken over.
@@ -157,7 +157,7 @@ def test_a_bucket_lock_without_heartbeat_is_taken_over_and_its_holder_learns_it(
 
 def test_a_holder_whose_lock_another_run_rewrote_learns_it_at_its_next_heartbeat(gcs_bucket,
                                                                                  caplog):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   lock = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=60).acquire()
   with caplog.at_level(logging.ERROR):
@@ -171,7 +171,7 @@ def test_a_holder_whose_lock_another_run_rewrote_learns_it_at_its_next_heartbeat
 
 
 def test_a_bucket_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once(gcs_bucket):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   holder = _bucket_holder(workdir)
   holder.kill()
@@ -183,7 +183,7 @@ def test_a_bucket_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once
 
 def test_a_run_whose_bucket_lock_was_taken_over_stops_without_saving(gcs_bucket, test_config,
                                                                      monkeypatch):
-  from idm_jax import files
+  from idm_jax.storage import files
   workdir = f'{gcs_bucket}/run'
   monkeypatch.setattr(workdir_lock.WorkdirLock, 'lost', property(lambda self: True))
   with pytest.raises(workdir_lock.WorkdirInUse,

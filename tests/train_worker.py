@@ -28,7 +28,8 @@ def main():
   a = p.parse_args()
   jax = start_cpu_processes(a)
   import numpy as np
-  from idm_jax import configlib, train
+  from idm_jax.runtime import configlib
+  from idm_jax.training import train
 
   config = load_config('test')
   for key, value in json.loads(a.overrides).items():
@@ -47,7 +48,7 @@ def main():
     train.Trainer.compile_step = slow_compile_step
   if a.sigterm_at_step:
     import signal
-    from idm_jax import parallel
+    from idm_jax.runtime import parallel
     to_global, fetched = parallel.local_batch_to_global, []
     def signalling_to_global(*args, **kwargs):
       fetched.append(1)
@@ -57,11 +58,11 @@ def main():
     parallel.local_batch_to_global = signalling_to_global
   state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
   if a.params_out and jax.process_index() == 0:
-    from idm_jax import parallel
+    from idm_jax.runtime import parallel
     leaves = jax.tree.leaves(parallel.to_host(state.params))
     np.savez(a.params_out, *[np.asarray(x) for x in leaves])
   if jax.process_index() == 0:
-    from idm_jax import files
+    from idm_jax.storage import files
     losses = []
     for line in files.iter_lines(files.join(a.workdir, 'metrics.jsonl')):
       m = json.loads(line)

@@ -40,7 +40,7 @@ def main(argv):
 
 def cli():
   """The console script (setup.cfg)."""
-  from idm_jax import cli as cli_lib
+  from idm_jax.runtime import cli as cli_lib
   cli_lib.run_absl(main, __name__)
 
 

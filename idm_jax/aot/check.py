@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from idm_jax import configlib
-from idm_jax import parallel
+from idm_jax.runtime import configlib
+from idm_jax.runtime import parallel
 from idm_jax.aot import chips
 from idm_jax.aot import programs
 from idm_jax.aot import search

@@ -16,10 +16,10 @@ from flax.linen import meta
 import jax
 import jax.numpy as jnp
 
-from idm_jax import configlib
-from idm_jax import inference
-from idm_jax import parallel
-from idm_jax import train
+from idm_jax.runtime import configlib
+from idm_jax.inference import engine
+from idm_jax.runtime import parallel
+from idm_jax.training import train
 from idm_jax.aot import hlo
 from idm_jax.aot.chips import Chip, GiB
 from idm_jax.models import unet
@@ -97,8 +97,8 @@ def compile_restorer(config, devices, settings, batch_size: int, name: str) -> P
   model = unet.build_model(config.model, res)
   mesh = parallel.sampling_mesh(devices)
   hosts = parallel.process_count_of(mesh)
-  batch = inference.padded_batch(batch_size, mesh.size // hosts) * hosts
-  jitted = inference.sampling_jit(model, config, configlib.logsnr_fn(config.diffusion, res), mesh,
+  batch = engine.padded_batch(batch_size, mesh.size // hosts) * hosts
+  jitted = engine.sampling_jit(model, config, configlib.logsnr_fn(config.diffusion, res), mesh,
                                   batch, settings)
   rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),

@@ -32,9 +32,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import sources
 

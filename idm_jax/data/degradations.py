@@ -1,4 +1,4 @@
-"""The blind degradation model: HQ face -> LQ face (DESIGN.md, point 1).
+"""The blind degradation model: HQ face -> LQ face (docs/DESIGN.md, the method, point 1).
 
 GFPGAN's FFHQ degradation with BasicSR's kernel convention:
 

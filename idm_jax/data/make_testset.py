@@ -22,10 +22,10 @@ from absl import logging
 import numpy as np
 from tqdm import tqdm
 
-from idm_jax import cli
-from idm_jax import configlib
-from idm_jax import files
-from idm_jax import images
+from idm_jax.runtime import cli
+from idm_jax.runtime import configlib
+from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import sources
 

@@ -33,9 +33,9 @@ from typing import Iterator, Sequence
 from absl import logging
 import tqdm
 
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import sources
 
 VERSION = '1.0.0'

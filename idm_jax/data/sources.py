@@ -7,7 +7,7 @@ file that cannot be decoded never raises there: it comes back as a *bad record*
 because one corrupt JPEG among 70,000 must not end a week-long training run.
 
 `load_image` turns a file into a square RGB uint8 array of the training resolution: it decodes
-with `idm_jax.images` (EXIF, alpha on white, 16-bit, grayscale, CMYK, the pixel limit: the rules
+with `idm_jax.storage.images` (EXIF, alpha on white, 16-bit, grayscale, CMYK, the pixel limit: the rules
 every entry point shares), then applies the training policy:
   * non-square images are centre-cropped to the largest square;
   * a square side below `resolution * MIN_SIZE_FRACTION` (1/4) is rejected as too small (upscaling
@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from idm_jax import files
-from idm_jax import images
+from idm_jax.storage import files
+from idm_jax.storage import images
 
 MIN_SIZE_FRACTION = 0.25
 # Prepared datasets live under this TFDS builder name: --name ffhq512 is 'idm_faces/ffhq512'.

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from idm_jax import cli
+from idm_jax.runtime import cli
 
 # torchvision vgg16 `features` indices of the 13 convs, in order (ReLUs and pools in between).
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

@@ -1,7 +1,7 @@
 """Identity similarity with dlib's face-recognition ResNet (offline weights).
 
 The weights come from the `face_recognition_models` pip package, which also ships dlib's 5- and
-68-point shape predictors and the CNN face detector (located by `idm_jax.dlib_models`, which face
+68-point shape predictors and the CNN face detector (located by `idm_jax.storage.dlib_models`, which face
 alignment uses too); `load_models()` loads the dlib objects once per process.
 
 When dlib or the models are missing, `unavailable_reason()` says why and the evaluation reports
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from idm_jax import dlib_models
+from idm_jax.storage import dlib_models
 from idm_jax.metrics import resize
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import gamma
 
-from idm_jax import files
+from idm_jax.storage import files
 from idm_jax.metrics import matlab
 from idm_jax.metrics import resize
 

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from idm_jax import files
-from idm_jax import tree_shapes
+from idm_jax.storage import files
+from idm_jax.runtime import tree_shapes
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from idm_jax import files
+from idm_jax.storage import files
 
 # name -> (label, higher is better)
 METRIC_INFO = {

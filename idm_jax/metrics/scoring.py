@@ -1,7 +1,7 @@
 """Scoring sets of images: every metric per image and its mean, differences between two
 results with paired-bootstrap intervals, and distribution scores of a sample set (generation).
 
-The library under the evaluation CLI (idm_jax.evaluate), the --config.mode=evaluate validation,
+The library under the evaluation CLI (idm_jax.score), the --config.mode=evaluate validation,
 cleaning_eval and the experiments; metrics.reports writes what it returns. A metric that cannot
 be computed (no weights file, dlib missing, images too small) is unavailable with its reason,
 never a stand-in number.

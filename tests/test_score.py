@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idm_jax import evaluate
+from idm_jax import score
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import identity
 
@@ -33,7 +33,7 @@ def _read(folder):
 def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   before = sorted(p.name for p in (folders / 'gt').iterdir())
   out = tmp_path / 'report'
-  rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
+  rc = score.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
                       '--lq', str(folders / 'lq'), '--niqe_params', str(niqe_params_path),
                       '--niqe_upscale', '2', '--out', str(out), '--title', 'blur test'])
   assert rc == 0
@@ -87,7 +87,7 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
     victim.write_bytes(b'not an image')
   else:
     out = gt / 'report'
-  rc = evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out),
+  rc = score.main(['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out),
                       '--no_identity'])
   err = capsys.readouterr().err
   assert rc == 2 and message in err
@@ -99,16 +99,16 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
 def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_path, gcs_bucket,
                                                                 capsys):
   """--pred/--gt/--lq and --out in a bucket: the same report as from the local folders."""
-  from idm_jax import files
+  from idm_jax.storage import files
   for rel in files.walk_files(folders):
     files.copy_file(folders / rel, files.join(gcs_bucket, 'data', rel))
   common = ['--no_identity', '--title', 'bucket test']
   local = tmp_path / 'report'
-  assert evaluate.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
+  assert score.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
                         '--lq', str(folders / 'lq'), '--out', str(local), *common]) == 0
   printed_local = capsys.readouterr().out
   data, out = f'{gcs_bucket}/data', f'{gcs_bucket}/eval/run1'
-  assert evaluate.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--lq', f'{data}/lq',
+  assert score.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--lq', f'{data}/lq',
                         '--out', out, *common]) == 0
   assert capsys.readouterr().out == printed_local
   assert files.walk_files(out) == ['metrics.json', 'metrics.md']
@@ -121,7 +121,7 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_pa
   missing = 'gs://no-such-bucket-5d1e'
   for bad_out, why in ((f'{data}/gt/report', 'inside --gt'),
                        (f'{missing}/eval', f'{missing} does not exist')):
-    assert evaluate.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--out', bad_out,
+    assert score.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--out', bad_out,
                           *common]) == 2
     err = capsys.readouterr().err
     assert why in err and len(err.strip().splitlines()) == 1, err
@@ -135,20 +135,20 @@ def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, cap
   for i in range(2):
     Image.fromarray(sources.BuiltinSource('validation', 128)[i]['image']).save(faces / f'{i}.png')
   common = ['--pred', str(faces), '--gt', str(faces), '--no_identity', '--niqe_upscale', '2']
-  assert evaluate.main([*common, '--out', str(tmp_path / 'default')]) == 0
+  assert score.main([*common, '--out', str(tmp_path / 'default')]) == 0
   report = json.loads((tmp_path / 'default' / 'metrics.json').read_text())
   # The library's score of each face (test_metrics_niqe pins the library to BasicSR's), pinned
   # here to its value so that a wrong file, upscale or colour conversion in the CLI shows.
   assert report['metrics']['niqe']['per_image'] == pytest.approx([6.3707, 6.1671], abs=2e-3)
   assert report['metrics']['niqe']['mean'] == pytest.approx(6.2689, abs=2e-3)
   missing = tmp_path / 'mine.npz'
-  assert evaluate.main([*common, '--niqe_params', str(missing), '--out', str(tmp_path / 'o')]) == 2
+  assert score.main([*common, '--niqe_params', str(missing), '--out', str(tmp_path / 'o')]) == 2
   assert str(missing) in capsys.readouterr().err
 
 
 def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_path):
   out = tmp_path / 'fid'
-  rc = evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),
+  rc = score.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),
                       '--niqe_params', str(niqe_params_path), '--niqe_upscale', '2',
                       '--out', str(out)])
   assert rc == 0
@@ -159,4 +159,4 @@ def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_pa
   assert m['face_rate']['mean'] == m['face_rate_ref']['mean'] == 1.0
   assert m['fd_dlib']['mean'] > 0
   with pytest.raises(SystemExit):
-    evaluate.main(['--fid', '--pred', str(folders / 'pred'), '--out', str(out)])
+    score.main(['--fid', '--pred', str(folders / 'pred'), '--out', str(out)])

@@ -32,7 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
     for name in names:
       if isinstance(name, str) and name.startswith('--') and '-' in name[2:]:
         raise ValueError(f'{name}: idm_jax flags are spelled with underscores '
-                         f'({spelled(name)}); idm_jax/cli.py says why')
+                         f'({spelled(name)}); idm_jax/runtime/cli.py says why')
     return super().add_argument(*names, **kwargs)
 
   def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):

@@ -1,9 +1,9 @@
 r"""Evaluate restored faces in folders: the command line over metrics.scoring.
 
-  python -m idm_jax.evaluate --pred results/ --gt hq/ [--lq lq/] \
+  python -m idm_jax.score --pred results/ --gt hq/ [--lq lq/] \
       [--niqe_params niqe_pris_params.npz] [--niqe_upscale 2] [--lpips_weights lpips.npz] \
       --out eval/
-  python -m idm_jax.evaluate --fid --pred samples/ --ref real/ \
+  python -m idm_jax.score --fid --pred samples/ --ref real/ \
       [--inception_weights inception.npz] [--niqe_params F] --out eval/
 
 Files are matched by name stem (pred/0001.png <-> gt/0001.jpg). Writes metrics.json and
@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images as images_lib
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images as images_lib
 from idm_jax.metrics import niqe as niqe_lib
 from idm_jax.metrics import reports
 from idm_jax.metrics import scoring
@@ -143,7 +143,7 @@ def _run_fid(args) -> dict:
 
 
 def parse_args(argv):
-  p = cli.ArgumentParser(prog='python -m idm_jax.evaluate',
+  p = cli.ArgumentParser(prog='python -m idm_jax.score',
                               description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--pred', required=True, help='restored (or sampled) images')

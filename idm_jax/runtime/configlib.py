@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 
 def degradation_config(preset: str = 'gfpgan') -> ml_collections.ConfigDict:
-  """The blind degradation model's ranges and probabilities (see DESIGN.md, point 1).
+  """The blind degradation model's ranges and probabilities (see docs/DESIGN.md, "The method in a page", point 1).
 
   Ranges are (low, high) for a uniform draw. Noise and colour shift are in 0..255 units.
   """

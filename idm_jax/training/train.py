@@ -18,18 +18,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from idm_jax import checkpoints
-from idm_jax import configlib
-from idm_jax import files
-from idm_jax import images
-from idm_jax import optim
-from idm_jax import parallel
-from idm_jax import workdir_lock
+from idm_jax.training import checkpoints
+from idm_jax.runtime import configlib
+from idm_jax.storage import files
+from idm_jax.storage import images
+from idm_jax.training import optim
+from idm_jax.runtime import parallel
+from idm_jax.storage import workdir_lock
 from idm_jax.diffusion import objectives
 from idm_jax.diffusion import samplers
 from idm_jax.models import platform_ops
 from idm_jax.models import unet
-from idm_jax.train_state import TrainState
+from idm_jax.training.train_state import TrainState
 
 
 def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation, *,
@@ -327,7 +327,7 @@ def _lock_lost_everywhere(lock, workdir: str) -> bool:
 
 
 def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainState:
-  from idm_jax import reporting  # writers and grids; only the loop needs them
+  from idm_jax.training import run_log  # writers and grids; only the loop needs them
   from idm_jax.data import pipeline
 
   t0 = time.monotonic()
@@ -351,7 +351,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
       return state
     step_fn = trainer.compile_step(local_bs)
 
-    writer = reporting.Writer(workdir, enabled=pindex == 0)
+    writer = run_log.Writer(workdir, enabled=pindex == 0)
     vis = _vis_batch(config, vis_data)
     vis_settings = configlib.sample_settings(config.sample, steps=config.train.vis_steps)
 
@@ -362,7 +362,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
                                                      jax.random.PRNGKey(config.seed))))
       writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 
-    progress = reporting.progress(start, end, enabled=pindex == 0)
+    progress = run_log.progress(start, end, enabled=pindex == 0)
     last_t, last_step = time.perf_counter(), start
     try:
       step = start
@@ -391,7 +391,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           last_t, last_step = now, step
           writer.scalars(step, m)
           progress.set_postfix(loss=f'{m["loss"]:.4f}', img_s=f'{m["images_per_sec"]:.1f}')
-        reporting.shorten_to_budget(progress, step, end, budget.remaining())
+        run_log.shorten_to_budget(progress, step, end, budget.remaining())
         if step % config.train.sample_every == 0 or last:
           write_samples(step)
         if step % config.train.ckpt_every == 0 or last or preempted:

@@ -12,9 +12,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from idm_jax import files
-from idm_jax import inference
-from idm_jax import reporting
+from idm_jax.storage import files
+from idm_jax.inference import engine
+from idm_jax.runtime import host_shares
+from idm_jax.training import run_log
 from idm_jax.metrics import reports
 
 
@@ -33,7 +34,7 @@ def validation_set(config) -> dict:
           'name': [n for b in batches for n in b['name']]}
 
 
-def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, seed: int,
+def restore_all(restorer: engine.Restorer, lq: np.ndarray, batch_size: int, seed: int,
                 **settings) -> np.ndarray:
   """Restores in batches of `batch_size`; every process returns all of them.
 
@@ -42,12 +43,12 @@ def restore_all(restorer: inference.Restorer, lq: np.ndarray, batch_size: int, s
   to the Restorer's program over all of their devices (in lockstep), and the processes then
   exchange their results.
   """
-  mine = inference.host_share(len(lq))
-  out = inference.restore_in_batches(restorer, lq[mine], mine, batch_size, seed=seed, **settings)
-  return inference.gather_shares(out, len(lq))
+  mine = host_shares.host_share(len(lq))
+  out = engine.restore_in_batches(restorer, lq[mine], mine, batch_size, seed=seed, **settings)
+  return host_shares.gather_shares(out, len(lq))
 
 
-def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
+def evaluate_restorer(config, restorer: engine.Restorer, out_dir: str, *,
                       write_metrics: bool = True) -> dict:
   """Restores the validation set at each of config.eval.steps; returns {row name: metrics}."""
   from idm_jax.metrics import scoring
@@ -78,7 +79,7 @@ def evaluate_restorer(config, restorer: inference.Restorer, out_dir: str, *,
   if write_metrics:
     scoring.add_deltas(rows, 'LQ input', seed=config.seed)
   if write:
-    files.save_image(files.join(out_dir, 'grid.png'), reporting.image_grid(grid_rows))
+    files.save_image(files.join(out_dir, 'grid.png'), run_log.image_grid(grid_rows))
     if write_metrics:
       reports.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
@@ -92,7 +93,7 @@ def _save_all(directory: str, names, images) -> None:
 
 
 def run(config, workdir: str, *, write_metrics: bool = True) -> dict:
-  restorer, step = inference.load(workdir, config)
+  restorer, step = engine.load(workdir, config)
   config = restorer.config
   name = f'step_{step}'
   if config.sample.t_start < 1:   # a different starting point is a different evaluation

@@ -35,7 +35,7 @@ import uuid
 
 from absl import logging
 
-from idm_jax import files
+from idm_jax.storage import files
 
 LOCK_FILE = 'train.lock'
 HEARTBEAT_SECONDS = 30.0

@@ -1,15 +1,11 @@
-"""Extrinsic iterative enhancement: a model cleans its own training data; rounds of train + clean.
+"""Cleaning a dataset with a model (`--config.mode=clean`), the extrinsic method's one step.
 
-Cleaning (`--config.mode=clean`): the model's EMA params restore the training set's HQ images
-themselves (the HQ image is the LQ input), either all of them or only the worst-scoring share by
-a no-reference score (there is no ground truth for "truly high quality"): NIQE, or
-`clean.score='artifacts'`, metrics/artifacts.py's outlier score within the set. The rest are
-copied byte for byte. The output is a new folder dataset (cleaned_dataset.py: its files, how a
-killed run resumes, how it is verified); the source is never written to.
-
-Rounds (`--config.mode=extrinsic`): WORKDIR/round_k/ holds model M_k (checkpoints/), the
-dataset D_k it trained on (dataset/, k >= 1; D_0 is the source), and eval/. M_k cleans D_k into
-D_{k+1}. rounds.md gets a row per round on the same fixed validation set.
+The model's EMA params restore the training set's HQ images themselves (the HQ image is the LQ
+input), either all of them or only the worst-scoring share by a no-reference score (there is no
+ground truth for "truly high quality"): NIQE, or `clean.score='artifacts'`, metrics/artifacts.py's
+outlier score within the set. The rest are copied byte for byte. The output is a new folder
+dataset (cleaned_dataset.py: its files, how a killed run resumes, how it is verified); the source
+is never written to. rounds.py repeats train + clean.
 """
 from __future__ import annotations
 
@@ -23,14 +19,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from idm_jax import cleaned_dataset
-from idm_jax import configlib
-from idm_jax import files
-from idm_jax import images
-from idm_jax import inference
-from idm_jax import parallel
+from idm_jax.extrinsic import cleaned_dataset
+from idm_jax.runtime import configlib
+from idm_jax.storage import files
+from idm_jax.storage import images
+from idm_jax.inference import engine
+from idm_jax.runtime import host_shares
+from idm_jax.runtime import parallel
 from idm_jax.data import sources
-from idm_jax.metrics import reports
 
 def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
   """NIQE of every record (higher = worse); None for records that fail to load."""
@@ -70,7 +66,7 @@ def select_worst(scores: dict[str, float | None], fraction: float) -> set[str]:
   return {n for _, n in valid[:k]}
 
 
-def restore_mean(restorer: inference.Restorer, indices: np.ndarray, lq: np.ndarray, *,
+def restore_mean(restorer: engine.Restorer, indices: np.ndarray, lq: np.ndarray, *,
                  samples: int, seed: int, **settings) -> np.ndarray:
   """The mean of `samples` restorations of each face, uint8. Draw k of record i uses the noise
   index i * samples + k, so one draw (samples=1) is the plain restoration and every draw of every
@@ -82,7 +78,7 @@ def restore_mean(restorer: inference.Restorer, indices: np.ndarray, lq: np.ndarr
   return np.rint(total / samples).astype(np.uint8)
 
 
-def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_cfg,
+def clean_dataset(source, restorer: engine.Restorer, out_dir: str, *, clean_cfg,
                   seed: int, niqe_params: str | None, resolution: int, provenance: dict,
                   concurrency: int = files.IO_CONCURRENCY) -> dict:
   """Cleans `source` into the folder dataset `out_dir`; resumable; returns the manifest.
@@ -123,7 +119,7 @@ def clean_dataset(source, restorer: inference.Restorer, out_dir: str, *, clean_c
     selected = select_worst(scores, fraction)
 
   done = cleaned_dataset.read_journals(out_dir, concurrency)
-  mine = [int(i) for i in inference.host_share(len(names)) if names[i] not in done]
+  mine = [int(i) for i in host_shares.host_share(len(names)) if names[i] not in done]
   to_clean = [i for i in mine if names[i] in selected]
   to_copy = [i for i in mine if names[i] not in selected]
   journal = cleaned_dataset.Journal(out_dir, pi)
@@ -175,7 +171,7 @@ def _clean_records(source, names, to_clean, restorer, out_dir: str, journal, bar
   settings = dict(seed=seed, steps=int(clean_cfg.steps), sampler=clean_cfg.sampler,
                   t_start=float(clean_cfg.t_start))
   restore = functools.partial(restore_mean, restorer, samples=int(clean_cfg.samples), **settings)
-  chunks = [idx for (idx,) in inference.lockstep_chunks(bs, restorer.lockstep,
+  chunks = [idx for (idx,) in host_shares.lockstep_chunks(bs, restorer.lockstep,
                                                         np.array(to_clean, np.int64))]
   load = functools.partial(load_records, source, names, concurrency=concurrency)
   write = functools.partial(_write_cleaned, out_dir, journal, params=params,
@@ -193,7 +189,7 @@ def _clean_records(source, names, to_clean, restorer, out_dir: str, journal, bar
       # batch, because the other hosts' images are in it.
       lq = np.stack([r['image'] for _, r in good]) if good else np.zeros(
           (0, resolution, resolution, 3), np.uint8)
-      restored = inference.call_padded(restore, bs, np.array([i for i, _ in good], np.int64), lq)
+      restored = host_shares.call_padded(restore, bs, np.array([i for i, _ in good], np.int64), lq)
       if pending is not None:
         pending.result()   # one batch in writing at a time: memory stays bounded
       pending = writer.submit(write, [(names[i], img) for (i, _), img in zip(good, restored)])
@@ -292,7 +288,7 @@ def _selection_scores(source, names, kind: str, params, resolution: int, out_dir
     sums = json.loads(files.read_text(sums_path)) if files.exists(sums_path) else {}
     return json.loads(files.read_text(path)), sums
   n = len(names)
-  share = inference.host_share(n)
+  share = host_shares.host_share(n)
   width = 2 if kind == 'artifacts' else 1   # artifacts: the features; the score needs them all
   values = np.full((len(share), width), np.nan)
   digests = np.zeros((len(share), 32), np.uint8)
@@ -315,7 +311,7 @@ def _selection_scores(source, names, kind: str, params, resolution: int, out_dir
           values[k] = niqe_of(rec['image'], params, resolution)
       done += len(idx)
       bar.update(len(idx))
-  values, digests = _gather_exact(values, n), _gather_exact(digests, n)
+  values, digests = host_shares.gather_shares(values, n), host_shares.gather_shares(digests, n)
   ok = ~np.isnan(values).any(axis=1)
   if kind == 'artifacts':
     from idm_jax.metrics import artifacts
@@ -333,14 +329,6 @@ def _selection_scores(source, names, kind: str, params, resolution: int, out_dir
   return scores, sums
 
 
-def _gather_exact(local: np.ndarray, n: int) -> np.ndarray:
-  """inference.gather_shares, bit for bit: the rows travel as bytes (float64 gathered as itself
-  arrives as float32 where JAX runs without x64, and the processes' selections could differ
-  from one process's)."""
-  raw = np.ascontiguousarray(local).view(np.uint8).reshape(len(local), -1)
-  return inference.gather_shares(raw, n).view(local.dtype).reshape((n,) + local.shape[1:])
-
-
 def _provenance(config, workdir: str, step: int | None) -> dict:
   return dict(source=dict(config.data.to_dict()),
               model=dict(workdir=files.absolute(workdir), step=step))
@@ -348,8 +336,8 @@ def _provenance(config, workdir: str, step: int | None) -> dict:
 
 def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
   """Cleans config.data's training split with the EMA model in model_workdir."""
-  from idm_jax import validation
-  restorer, step = inference.load(model_workdir, config)
+  from idm_jax.inference import validation
+  restorer, step = engine.load(model_workdir, config)
   model_config = restorer.config
   # Records load at the model's resolution, whatever the run's config says.
   source = sources.make_source(model_config.data, 'train')
@@ -370,72 +358,3 @@ def _refuse_inside_source(config, out_dir: str) -> None:
     if files.is_within(out_dir, config.data.dir):
       raise ValueError(f'clean.out_dir {out_dir!r} is inside the source folder {config.data.dir!r};'
                        ' the source is never written to')
-
-
-def round_config(config, workdir: str, r: int):
-  """Round r's config: D_r (the source for r = 0), fine-tuned from M_{r-1} if asked."""
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    if r > 0:
-      c.data.update(source='folder',
-                    dir=files.join(workdir, f'round_{r}', 'dataset', cleaned_dataset.IMAGES),
-                    num_val=0, max_examples=0)
-      if config.extrinsic.init == 'finetune':
-        c.train.init_from = files.join(workdir, f'round_{r - 1}')
-    if config.extrinsic.steps_per_round:
-      c.train.num_steps = int(config.extrinsic.steps_per_round)
-  return c
-
-
-ROUND_METRICS = (('PSNR', 'psnr'), ('SSIM', 'ssim'), ('identity', 'identity'), ('NIQE', 'niqe'))
-
-
-def _rounds_table(results: dict) -> str:
-  rows = [[r, results[r]['data']] + ['n/a' if results[r]['metrics'].get(key) is None
-                                     else f'{results[r]["metrics"][key]:.4f}'
-                                     for _, key in ROUND_METRICS]
-          for r in sorted(results, key=int)]
-  lines = ['# Extrinsic rounds', '',
-           'Each round evaluated on the same fixed validation set (fixed degradations).', '',
-           *reports.table(['round', 'trained on'] + [h for h, _ in ROUND_METRICS], rows)]
-  return '\n'.join(lines) + '\n'
-
-
-def run_rounds(config, workdir: str) -> dict:
-  """Train round 0, clean, train round 1, ...; resumes wherever it was stopped."""
-  from idm_jax import train
-  from idm_jax import validation
-  files.makedirs(workdir)
-  results_path = files.join(workdir, 'rounds.json')
-  results = {}
-  if files.exists(results_path):
-    results = json.loads(files.read_text(results_path))
-  for r in range(int(config.extrinsic.rounds)):
-    rdir = files.join(workdir, f'round_{r}')
-    cfg = round_config(config, workdir, r)
-    if r > 0:
-      prev = round_config(config, workdir, r - 1)
-      clean_with_model(prev, files.join(workdir, f'round_{r - 1}'),
-                       files.join(rdir, 'dataset'))
-    files.makedirs(rdir)
-    if jax.process_index() == 0:
-      files.write_atomic(files.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
-    logging.info('extrinsic round %d: training on %s', r, cfg.data.dir or cfg.data.source)
-    train.train_and_evaluate(cfg, rdir, vis_data=config.data)
-    if str(r) not in results:
-      restorer, _ = inference.load(rdir, config)  # the ORIGINAL validation set
-      rows = validation.evaluate_restorer(restorer.config, restorer,
-                                        files.join(rdir, 'eval'))
-      last = list(rows)[-1]
-      results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',
-                             metrics=_summary(rows[last]))
-      if jax.process_index() == 0:
-        files.write_atomic(results_path, json.dumps(results, indent=1).encode())
-        files.write_atomic(files.join(workdir, 'rounds.md'),
-                               _rounds_table(results).encode())
-  return results
-
-
-def _summary(result: dict) -> dict:
-  """Means of the round-table metrics from an evaluate_images result (None if unavailable)."""
-  return {key: result['metrics'].get(key, {}).get('mean') for _, key in ROUND_METRICS}

@@ -26,7 +26,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 import cv2
 import numpy as np
 
-from idm_jax import dlib_models
+from idm_jax.storage import dlib_models
 
 # The 5-point FFHQ template for 512 px crops used by GFPGAN/facexlib (x, y).
 FFHQ_TEMPLATE_512 = np.array([

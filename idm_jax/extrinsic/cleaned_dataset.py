@@ -22,7 +22,7 @@ import os
 import threading
 import time
 
-from idm_jax import files
+from idm_jax.storage import files
 from idm_jax.data import sources
 
 FORMAT = 'idm_jax/cleaned-dataset/1'

@@ -1,6 +1,6 @@
 r"""Scores a cleaned dataset against the ground truth of a controlled contamination.
 
-  python -m idm_jax.cleaning_eval --cleaned ROUND1/dataset --contaminated C/ --pristine P/ \
+  python -m idm_jax.extrinsic.cleaning_eval --cleaned ROUND1/dataset --contaminated C/ --pristine P/ \
       --out report/
 
 C/ and P/ come from `idm_jax.data.contaminate` with the same source and resolution (P/ with
@@ -28,10 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from idm_jax import cleaned_dataset
-from idm_jax import cli
-from idm_jax import files
-from idm_jax import images
+from idm_jax.extrinsic import cleaned_dataset
+from idm_jax.runtime import cli
+from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import sources
 from idm_jax.metrics import bootstrap
 from idm_jax.metrics import reports
@@ -221,7 +221,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = cli.ArgumentParser(prog='python -m idm_jax.cleaning_eval',
+  p = cli.ArgumentParser(prog='python -m idm_jax.extrinsic.cleaning_eval',
                               description=__doc__.split('\n\n')[0])
   p.add_argument('--cleaned', required=True, help='the cleaned dataset (manifest.json, images/)')
   p.add_argument('--contaminated', required=True, help='contaminate.py output it was made from')

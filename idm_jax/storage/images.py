@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from idm_jax import files
+from idm_jax.storage import files
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
 # Forty megapixels: any camera photo passes, while restore's upscaled copy of it still fits in

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idm_jax.train_state import TrainState
+from idm_jax.training.train_state import TrainState
 
 ADAM_EPS = 1e-8  # optax.adamw's default, which make_optimizer uses
 

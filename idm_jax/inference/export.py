@@ -1,6 +1,6 @@
 """Export a trained model as ONE self-describing file: its config and its EMA params.
 
-    python -m idm_jax.export --workdir W --out model.msgpack
+    python -m idm_jax.inference.export --workdir W --out model.msgpack
 
 The file is flax.serialization's msgpack of
     {'format': 'idm_jax/1', 'config': <config JSON>, 'params': <params state dict>}
@@ -17,9 +17,9 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from idm_jax import cli
-from idm_jax import configlib
-from idm_jax import files
+from idm_jax.runtime import cli
+from idm_jax.runtime import configlib
+from idm_jax.storage import files
 
 FORMAT = 'idm_jax/1'
 
@@ -77,7 +77,7 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
   """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`; returns
   the file's size in bytes. Within a job of several processes every one must call it (they
   all read the checkpoint); process 0 writes the file."""
-  from idm_jax import checkpoints  # orbax is heavy; only needed here
+  from idm_jax.training import checkpoints  # orbax is heavy; only needed here
   # Agreed (there if any process sees it), so every process refuses or none does; the
   # agreement also has every process check before process 0 writes the file.
   if checkpoints.agreed_exists(out) and not force:
@@ -91,7 +91,7 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = cli.ArgumentParser(
-      prog='python -m idm_jax.export',
+      prog='python -m idm_jax.inference.export',
       description='Write a workdir\'s latest EMA params and config as one .msgpack file.')
   parser.add_argument('--workdir', required=True, help='training workdir (with checkpoints/)')
   parser.add_argument('--out', required=True, help='output file, e.g. model.msgpack')

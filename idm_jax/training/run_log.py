@@ -23,7 +23,7 @@ import time
 from absl import logging
 import numpy as np
 
-from idm_jax import files
+from idm_jax.storage import files
 
 
 def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:

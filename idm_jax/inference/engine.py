@@ -19,17 +19,18 @@ batching or the device count: only on (seed, its index, the sampling settings).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from idm_jax import configlib
-from idm_jax import images
-from idm_jax import parallel
-from idm_jax import tree_shapes
+from idm_jax.runtime import configlib
+from idm_jax.storage import images
+from idm_jax.runtime import host_shares
+from idm_jax.runtime import parallel
+from idm_jax.runtime import tree_shapes
 from idm_jax.diffusion import samplers
 from idm_jax.models import platform_ops
 from idm_jax.models import unet
@@ -167,8 +168,8 @@ class Restorer:
     s = settings
     b = len(indices)
     padded = padded_batch(b, self.num_local_devices)
-    indices = pad_rows(indices, padded).astype(np.uint32)
-    lq = None if lq_f32 is None else self._split(pad_rows(lq_f32, padded))
+    indices = host_shares.pad_rows(indices, padded).astype(np.uint32)
+    lq = None if lq_f32 is None else self._split(host_shares.pad_rows(lq_f32, padded))
     fn = self._sample_fn(padded * self.num_processes, s)
     out = fn(self.params, lq, np.uint32(seed), self._split(indices),
              np.float32(s.guidance_scale), np.float32(s.eta))
@@ -219,7 +220,7 @@ class Restorer:
     batch_size = int(batch_size or self.config.sample.batch_size)
     all_idx = _indices(int(num), index_offset, indices)
     r = self.resolution
-    return map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx,
+    return host_shares.map_in_batches(lambda idx: self._run(None, idx, seed, settings), batch_size, all_idx,
                           lockstep=self.lockstep, empty=np.zeros((0, r, r, 3), np.uint8))
 
   def generate_batch(self, indices: Sequence[int], *, seed: int = 0, **settings) -> np.ndarray:
@@ -249,85 +250,11 @@ def _indices(b: int, index_offset: int, indices: Optional[Sequence[int]]) -> np.
   return idx
 
 
-def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-  """`x` with its last row repeated up to `size` rows. The padded rows are computed and thrown
-  away, so that a short batch reuses the compiled shape of a full one."""
-  x = np.asarray(x)
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if size > len(x) else x
-
-
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch split over a `sampling_mesh`, in order (all of them on one
   process)."""
   shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
   return np.concatenate([np.asarray(shard.data) for shard in shards])
-
-
-def batch_starts(n: int, batch_size: int, lockstep: bool) -> range:
-  """Where this process's batches of `n` rows start. In lockstep, as many batches as the busiest
-  process needs (every process must call it): a start at or past `n` is a filler batch."""
-  count = -(-n // batch_size)
-  if lockstep:
-    count = parallel.max_over_processes(count)
-  return range(0, count * batch_size, batch_size)
-
-
-# A job over many processes, in lockstep: each takes its share (`host_share`), walks it in
-# chunks, as many as the busiest process (`lockstep_chunks`: one agreement per job), runs each
-# chunk padded to one compiled shape (`call_padded`), and, where every process needs every
-# result, exchanges them (`gather_shares`).
-
-def host_share(n: int) -> np.ndarray:
-  """The indices of n items this process handles: every process_count-th, from its index."""
-  return np.arange(jax.process_index(), n, jax.process_count())
-
-
-def lockstep_chunks(batch_size: int, lockstep: bool, *arrays):
-  """This process's `arrays` in row chunks of at most `batch_size`; in lockstep, as many chunks
-  as the busiest process has, trailing ones empty (every process must iterate to the end)."""
-  for start in batch_starts(len(arrays[0]), batch_size, lockstep):
-    yield tuple(x[start:start + batch_size] for x in arrays)
-
-
-def call_padded(fn: Callable[..., np.ndarray], batch_size: int, *chunk: np.ndarray) -> np.ndarray:
-  """fn(*chunk) with the chunk padded to `batch_size` rows, so that one compilation serves every
-  chunk; the padding's results are dropped. An empty chunk (a process out of work, in lockstep)
-  runs one filler row and returns no rows."""
-  n = len(chunk[0])
-  if not n:
-    chunk = tuple(np.zeros((1,) + np.shape(x)[1:], np.asarray(x).dtype) for x in chunk)
-  return fn(*(pad_rows(x, batch_size) for x in chunk))[:n]
-
-
-def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
-  """Every process's `host_share` results (this process's in `local`) as all n rows, in order.
-  Collective: every process must call it."""
-  pc = jax.process_count()
-  if pc == 1:
-    return local
-  per_process = -(-n // pc)
-  padded = np.zeros((per_process,) + local.shape[1:], local.dtype)
-  padded[:len(local)] = local
-  gathered = np.asarray(parallel.to_host(padded)).reshape((pc, per_process) + local.shape[1:])
-  result = np.empty((n,) + local.shape[1:], local.dtype)
-  for p in range(pc):
-    idx = np.arange(p, n, pc)
-    result[idx] = gathered[p, :len(idx)]
-  return result
-
-
-def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
-                   *arrays: np.ndarray, lockstep: bool = False,
-                   empty: np.ndarray | None = None) -> np.ndarray:
-  """fn(indices chunk, *array chunks) over `call_padded` chunks of `batch_size` rows.
-
-  lockstep: `fn` is collective over processes (a Restorer over several), so every process runs
-  as many chunks as the process with the most (`lockstep_chunks`). Every process must make the
-  call. `empty`: the result when this process has no rows.
-  """
-  out = [call_padded(fn, batch_size, *chunk)
-         for chunk in lockstep_chunks(batch_size, lockstep, indices, *arrays)]
-  return np.concatenate(out) if len(indices) else empty
 
 
 def restore_in_batches(restorer: Restorer, lq: np.ndarray, indices: Sequence[int],
@@ -338,7 +265,7 @@ def restore_in_batches(restorer: Restorer, lq: np.ndarray, indices: Sequence[int
   possibly none)."""
   lq = np.asarray(lq)
   r = restorer.resolution
-  return map_in_batches(lambda idx, x: restorer.restore(x, indices=idx, **settings),
+  return host_shares.map_in_batches(lambda idx, x: restorer.restore(x, indices=idx, **settings),
                         int(batch_size), np.asarray(indices, np.int64), lq,
                         lockstep=restorer.lockstep, empty=np.zeros((0, r, r, 3), np.uint8))
 
@@ -365,13 +292,14 @@ def load(path: str, run_config: ml_collections.ConfigDict | None = None,
   Over several processes every one of them calls it: each reads the params to host memory
   itself, and the Restorer replicates them over the devices of its mesh that it owns.
   """
-  from idm_jax import checkpoints, files
+  from idm_jax.training import checkpoints
+  from idm_jax.storage import files
   # Agreed: a process that alone cannot see the workdir must not leave the others waiting in
   # load_for_inference's agreements.
   if checkpoints.agreed_isdir(path):
     config, params, step = checkpoints.load_for_inference(path)
   elif files.isfile(path):
-    from idm_jax import export
+    from idm_jax.inference import export
     (config, params), step = export.load_exported(path), None
   else:
     raise FileNotFoundError(f'{path}: no such workdir or exported model file')
