@@ -24,10 +24,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import idm_jax
+from idm_jax import restore
+from idm_jax.diffusion import samplers
+from idm_jax.inference import faces
 from idm_jax.runtime import cli
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax import restore
 
 BATCH_SIZE = 4            # faces per sampler call; one compiled program serves any face count
 
@@ -119,8 +122,7 @@ def preview_file(path: Optional[str]) -> Tuple[str, Optional[np.ndarray]]:
 
 def build_demo(restorer, detector, out_dir: str):
   """The Gradio Blocks page around `restore_file`."""
-  import gradio as gr  # pylint: disable=import-outside-toplevel  (the optional extra)
-  from idm_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
+  import gradio as gr  # noqa: PLC0415 (optional: the [app] extra)
   s = restorer.config.sample
   with gr.Blocks(title='IDM face restoration') as demo:
     gr.Markdown('# IDM face restoration\nUpload a photo (faces are detected and pasted back) '
@@ -169,13 +171,12 @@ def build_demo(restorer, detector, out_dir: str):
 def _theme():
   """Gradio's default look with system fonts: the default theme loads web fonts from the
   internet, which an offline machine cannot reach."""
-  import gradio as gr  # pylint: disable=import-outside-toplevel
+  import gradio as gr  # noqa: PLC0415 (optional: the [app] extra)
   return gr.themes.Default(font=['ui-sans-serif', 'system-ui', 'sans-serif'],
                            font_mono=['ui-monospace', 'monospace'])
 
 
 def build_parser() -> argparse.ArgumentParser:
-  import idm_jax  # pylint: disable=import-outside-toplevel
   p = cli.ArgumentParser(prog='python -m idm_jax.app',
                               description='A local web demo of IDM face restoration.')
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
@@ -185,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--port', type=int, default=7860)
   p.add_argument('--out', default=None,
                  help='local folder for the results (default: a temp folder)')
-  from idm_jax.inference import faces  # pylint: disable=import-outside-toplevel  (the detector names)
   p.add_argument('--detector', choices=faces.DETECTORS, default='hog',
                  help="dlib's face detector for whole photos; cnn also finds small, tilted and "
                       'profile faces, at about 80 times the CPU time of hog')
@@ -208,11 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  'give a local folder (--checkpoint may be in a bucket)')
   os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')   # no calls home
   try:
-    import gradio  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import gradio  # noqa: F401, PLC0415 (optional: the [app] extra)
   except ImportError:
     return fatal('the web demo needs Gradio: pip install -e ".[app]"')
-  from idm_jax.inference import faces  # pylint: disable=import-outside-toplevel
-  from idm_jax.inference import engine  # pylint: disable=import-outside-toplevel
+  from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
   try:
     restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:

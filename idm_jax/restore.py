@@ -42,6 +42,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from tqdm import tqdm
+
+import idm_jax
+from idm_jax.diffusion import samplers
+from idm_jax.inference import faces
 from idm_jax.runtime import cli
 from idm_jax.storage import files
 from idm_jax.storage import images
@@ -113,7 +118,7 @@ def restore_aligned(images: Sequence[np.ndarray], restorer, indices: Sequence[in
                     batch_size: int, sample_kwargs: Dict) -> Tuple[np.ndarray, np.ndarray]:
   """Aligned face crops of any size -> (LQ resized to the model resolution, restored); crop k
   uses noise index indices[k]."""
-  from idm_jax.inference import engine  # jax is heavy: loaded to restore, not for --help
+  from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
   r = restorer.resolution
   lq = np.stack([resize(im, r, r) for im in images]) if len(images) else np.zeros((0, r, r, 3),
                                                                                   np.uint8)
@@ -137,22 +142,21 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   `restorer` is anything with `.resolution`, `.lockstep` and `.restore(lq, indices=..., **kw)`;
   face k uses noise index `index + k`.
   """
-  from idm_jax.inference import faces as faces_lib
-  from idm_jax.inference import engine
+  from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
   r = restorer.resolution
   found = detector.detect(image)
   if only_center_face:
-    found = faces_lib.center_face(found, image.shape)
+    found = faces.center_face(found, image.shape)
   crops, affines = [], []
   for face in found:
-    crop, affine = faces_lib.align_face(image, face.landmarks, r)
+    crop, affine = faces.align_face(image, face.landmarks, r)
     crops.append(crop)
     affines.append(affine)
   crops = np.stack(crops) if crops else np.zeros((0, r, r, 3), np.uint8)
   indices = (index + np.arange(len(crops))) % (2 ** 32)
   restored = engine.restore_in_batches(restorer, crops, indices, batch_size,
                                           **(sample_kwargs or {}))
-  pasted = faces_lib.paste_faces(image, list(zip(restored, affines)), upscale)
+  pasted = faces.paste_faces(image, list(zip(restored, affines)), upscale)
   return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
 
 
@@ -160,7 +164,7 @@ def sample_settings(restorer, seed: int, *, steps=None, sampler=None, t_start=No
                     guidance=None, eta=None) -> Dict:
   """The restorer's sampling keyword arguments (None: the model config's default), checked;
   raises ValueError naming the bad setting."""
-  from idm_jax.inference import engine
+  from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
   restorer.resolve_settings(steps, sampler, t_start, guidance, eta)
   engine.check_seed(seed)
   return dict(seed=seed, steps=steps, sampler=sampler, t_start=t_start, guidance_scale=guidance,
@@ -297,9 +301,6 @@ def outputs_line(out_dir: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from idm_jax.inference import faces  # the one list of detector names
-  from idm_jax.diffusion import samplers  # the one list of sampler names
-  import idm_jax  # pylint: disable=import-outside-toplevel
   p = cli.ArgumentParser(prog='python -m idm_jax.restore',
                               description='Restore faces with an IDM model.')
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
@@ -337,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
-  from tqdm import tqdm
 
   def fatal(msg):
     print(f'error: {msg}', file=sys.stderr)
@@ -371,13 +371,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   detector = None
   if not args.aligned:
-    from idm_jax.inference import faces
     try:
       detector = faces.get_detector(args.detector or 'hog', min_score=args.min_face_score)
     except faces.DetectorUnavailable as e:
       return fatal(str(e))
 
-  from idm_jax.inference import engine
+  from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
   try:
     restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:

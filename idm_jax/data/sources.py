@@ -214,7 +214,7 @@ class TfdsSource:
 
   def __init__(self, name: str, data_dir: str, split: str, resolution: int,
                max_examples: int = 0):
-    import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top (slow import)
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (a slow import, for TFDS sources only)
     self.name = resolve_tfds_name(name, data_dir)
     self.split = split
     self.resolution = resolution

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from flax.linen import meta
 import jax
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
+from idm_jax.inference import export
 from idm_jax.runtime import configlib
+from idm_jax.storage import files
 from idm_jax.storage import images
+from idm_jax.training import checkpoints
 from idm_jax.runtime import host_shares
 from idm_jax.runtime import parallel
 from idm_jax.runtime import tree_shapes
@@ -38,7 +42,6 @@ from idm_jax.models import unet
 
 def check_params(model: unet.UNet, params) -> None:
   """Raises ValueError if `params` do not fit `model` (e.g. a config/params mismatch)."""
-  from flax.linen import meta
   expected = meta.unbox(unet.param_shapes(model))
   exp_paths = {jax.tree_util.keystr(p): tuple(x.shape)
                for p, x in jax.tree_util.tree_leaves_with_path(expected)}
@@ -57,7 +60,6 @@ def random_params(model: unet.UNet, seed: int = 0, scale: float = 1.0):
   layers get random values too, so the model's output depends on its inputs. Kernels are
   N(0, scale^2 / fan_in), biases N(0, 0.01 scale^2), norm scales 1.
   """
-  from flax.linen import meta
   shapes = meta.unbox(unet.param_shapes(model))
   rng = np.random.default_rng(seed)
 
@@ -292,14 +294,11 @@ def load(path: str, run_config: ml_collections.ConfigDict | None = None,
   Over several processes every one of them calls it: each reads the params to host memory
   itself, and the Restorer replicates them over the devices of its mesh that it owns.
   """
-  from idm_jax.training import checkpoints
-  from idm_jax.storage import files
   # Agreed: a process that alone cannot see the workdir must not leave the others waiting in
   # load_for_inference's agreements.
   if checkpoints.agreed_isdir(path):
     config, params, step = checkpoints.load_for_inference(path)
   elif files.isfile(path):
-    from idm_jax.inference import export
     (config, params), step = export.load_exported(path), None
   else:
     raise FileNotFoundError(f'{path}: no such workdir or exported model file')

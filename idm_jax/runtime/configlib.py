@@ -6,6 +6,9 @@ command line fails in a second rather than an hour into a run.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import os
 
 import ml_collections
@@ -233,7 +236,6 @@ def config_file(here: str, name: str):
 
 
 def _config_module(path: str):
-  import importlib.util
   stem = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'idm_jax_config_{stem}', path)
   if spec is None or not os.path.isfile(path):
@@ -269,7 +271,6 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
   ConfigDict accepts new fields silently, so `c.train.lerning_rate = ...` in a config file would
   add a field nothing reads; this names it and the nearest real field instead.
   """
-  import difflib  # pylint: disable=import-outside-toplevel
   for key in config.keys():
     field = f'{prefix}.{key}'
     if key not in schema:
@@ -418,5 +419,4 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   """Inverse of to_json; JSON lists come back as tuples, as the configs write them."""
-  import json
   return ml_collections.ConfigDict(_tuples(json.loads(text)))

@@ -253,7 +253,7 @@ def check_writable(p: PathLike) -> None:
 
 def _fs(p: PathLike):
   """(fsspec filesystem, path within it) of a remote path."""
-  import fsspec  # pylint: disable=import-outside-toplevel  (remote paths only)
+  import fsspec  # noqa: PLC0415 (remote paths only)
   return fsspec.core.url_to_fs(os.fspath(p))
 
 
@@ -263,7 +263,7 @@ def _configure_remote() -> None:
   list a moved one). Runs when this module is imported, because etils.epath keeps the first
   filesystem it makes for the life of the process, and orbax may make it before we touch gs://."""
   try:
-    import fsspec  # pylint: disable=import-outside-toplevel
+    import fsspec  # noqa: PLC0415 (remote paths only)
   except ImportError:   # no remote paths without it anyway
     return
   for protocol in ('gs', 'gcs'):
@@ -347,7 +347,7 @@ def is_transient(e: BaseException) -> bool:
   if isinstance(e, (TimeoutError, ConnectionError)):
     return True
   if type(e).__module__.split('.')[0] in ('gcsfs', 'aiohttp', 'requests', 'google'):
-    from gcsfs import retry  # pylint: disable=import-outside-toplevel  (only gcsfs raises these)
+    from gcsfs import retry  # noqa: PLC0415 (optional: the [gcs] extra; only gcsfs raises these)
     return retry.is_retriable(e)
   return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
 

@@ -109,7 +109,7 @@ def _png_16bit_gray(data: bytes) -> bool:
 def _decode_16bit_colour(data: bytes, colour: int, im: Image.Image) -> Image.Image:
   """The full-precision pixels of a 16-bit colour PNG, rounded to 8 bit (Pillow keeps only the
   high byte, which darkens by up to one level). `im` is Pillow's decode, whose EXIF is kept."""
-  import cv2  # pylint: disable=g-import-not-at-top (only these rare files need it)
+  import cv2  # noqa: PLC0415 (a slow import; only these rare files need it)
   a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   want = 3 if colour == 2 else 4
   if a is None or a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] != want:

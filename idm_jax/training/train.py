@@ -13,12 +13,15 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from idm_jax.data import pipeline
 from idm_jax.training import checkpoints
+from idm_jax.training import run_log
 from idm_jax.runtime import configlib
 from idm_jax.storage import files
 from idm_jax.storage import images
@@ -285,7 +288,6 @@ class _Preemption:
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step` (the same answer on every process)."""
     if self._service:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if multihost_utils.reached_preemption_sync_point(step):
         logging.warning('preemption notice (SIGTERM on some host): all hosts stop at step %d',
                         step)
@@ -322,14 +324,10 @@ def _lock_lost_everywhere(lock, workdir: str) -> bool:
   lost = lock is not None and lock.lost
   if jax.process_count() == 1:
     return lost
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(multihost_utils.broadcast_one_to_all(np.bool_(lost)))
 
 
 def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainState:
-  from idm_jax.training import run_log  # writers and grids; only the loop needs them
-  from idm_jax.data import pipeline
-
   t0 = time.monotonic()
   with _Preemption() as preemption:
     mesh = parallel.make_mesh(config.mesh)
@@ -443,7 +441,6 @@ class TimeBudget:
       return False
     if jax.process_count() == 1:
       return self.exhausted()
-    from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(self.exhausted())))
 
 
@@ -467,7 +464,6 @@ def _vis_batch(config, vis_data=None) -> dict:
   validation split (num_val=0, e.g. a cleaned version) trains too."""
   if not config.model.conditional:
     return {'size': int(config.train.num_vis)}
-  from idm_jax.data import pipeline
   if vis_data is not None:
     config = config.copy_and_resolve_references()
     with config.unlocked():
