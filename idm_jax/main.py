@@ -14,6 +14,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from idm_jax.runtime import cli as cli_lib
+from idm_jax.storage import files
+from idm_jax.storage import workdir_lock
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
@@ -22,10 +26,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run(config, workdir: str):
   """Dispatches on config.mode; importable so tests and notebooks skip absl flag parsing."""
-  import jax
-  from idm_jax.runtime import configlib
-  from idm_jax.storage import files
-  from idm_jax.runtime import parallel
+  import jax  # noqa: PLC0415 (keeps --help fast)
+  from idm_jax.runtime import configlib  # noqa: PLC0415 (keeps --help fast: imports jax)
+  from idm_jax.runtime import parallel  # noqa: PLC0415 (keeps --help fast: imports jax)
   parallel.maybe_initialize_distributed()
   configlib.validate(config)
   _enable_compilation_cache()
@@ -38,19 +41,19 @@ def run(config, workdir: str):
                config.mode, workdir, jax.device_count(), jax.devices()[0].platform,
                jax.process_count(), jax.local_device_count())
   if config.mode == 'train':
-    from idm_jax.training import train
+    from idm_jax.training import train  # noqa: PLC0415 (keeps --help fast: the mode's module)
     return train.train_and_evaluate(config, workdir)
   if config.mode in ('evaluate', 'sample'):
-    from idm_jax.inference import validation
+    from idm_jax.inference import validation  # noqa: PLC0415 (keeps --help fast: the mode's module)
     return validation.run(config, workdir, write_metrics=config.mode == 'evaluate')
   if config.mode == 'generate':
-    from idm_jax.inference import generate
+    from idm_jax.inference import generate  # noqa: PLC0415 (keeps --help fast: the mode's module)
     return generate.run(config, workdir)
   if config.mode == 'clean':
-    from idm_jax.extrinsic import cleaning
+    from idm_jax.extrinsic import cleaning  # noqa: PLC0415 (keeps --help fast: the mode's module)
     return cleaning.clean_from_config(config, workdir)
   if config.mode == 'extrinsic':
-    from idm_jax.extrinsic import rounds
+    from idm_jax.extrinsic import rounds  # noqa: PLC0415 (keeps --help fast: the mode's module)
     return rounds.run_rounds(config, workdir)
   raise ValueError(f'config.mode: {config.mode!r}')
 
@@ -58,7 +61,7 @@ def run(config, workdir: str):
 def _enable_compilation_cache():
   """Reuses compiled programs across runs (resumes, evaluation, the demo): unless the user set
   JAX_COMPILATION_CACHE_DIR, cache under ~/.cache/idm_jax/xla."""
-  import jax
+  import jax  # noqa: PLC0415 (keeps --help fast)
   if jax.config.jax_compilation_cache_dir:
     return
   path = os.path.join(os.path.expanduser('~'), '.cache', 'idm_jax', 'xla')
@@ -85,9 +88,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
-  from idm_jax.runtime import configlib
-  from idm_jax.storage import files
-  from idm_jax.storage import workdir_lock
+  from idm_jax.runtime import configlib  # noqa: PLC0415 (keeps --help fast: imports jax)
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (configlib.ConfigError, files.StorageError, workdir_lock.WorkdirInUse) as e:
@@ -97,7 +98,6 @@ def main(argv):
 
 def cli():
   """The console script (setup.cfg)."""
-  from idm_jax.runtime import cli as cli_lib
   cli_lib.run_absl(main, __name__)
 
 

@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from idm_jax.aot import check
+from idm_jax.runtime import cli as cli_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
@@ -40,7 +41,6 @@ def main(argv):
 
 def cli():
   """The console script (setup.cfg)."""
-  from idm_jax.runtime import cli as cli_lib
   cli_lib.run_absl(main, __name__)
 
 

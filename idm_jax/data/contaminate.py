@@ -31,6 +31,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from idm_jax.runtime import cli
 from idm_jax.storage import files
@@ -141,7 +142,6 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
   """Writes the images the manifest describes into dst/images and the manifest (with
   checksums) last. Resumes: a finished dataset is verified, not rebuilt; a file already written
   is kept when it decodes to the same bytes a rebuild would write."""
-  from tqdm import tqdm
   src = manifest['src']
   _check_dst(src, dst)
   done_path = files.join(dst, MANIFEST)

@@ -24,6 +24,10 @@ from idm_jax.runtime import configlib
 from idm_jax.storage import files
 from idm_jax.storage import images
 from idm_jax.inference import engine
+from idm_jax.inference import validation
+from idm_jax.metrics import artifacts
+from idm_jax.metrics import niqe
+from idm_jax.metrics import resize
 from idm_jax.runtime import host_shares
 from idm_jax.runtime import parallel
 from idm_jax.data import sources
@@ -40,7 +44,6 @@ def niqe_scores(source, params, resolution: int) -> dict[str, float | None]:
 
 def artifact_scores(source) -> dict[str, float | None]:
   """metrics.artifacts' outlier score of every record within the set (higher = worse)."""
-  from idm_jax.metrics import artifacts
   feats = {}
   for i in tqdm(range(len(source)), desc='score', disable=jax.process_index() != 0):
     rec = source[i]
@@ -52,8 +55,6 @@ def artifact_scores(source) -> dict[str, float | None]:
 
 def niqe_of(img: np.ndarray, params, resolution: int) -> float:
   """NIQE on the Lanczos upscale the evaluation reports it on (2x for 128 px; NIQE needs 192)."""
-  from idm_jax.metrics import niqe
-  from idm_jax.metrics import resize
   img = resize.upscale_lanczos(img, niqe.upscale_for(resolution))
   return float(niqe.niqe_score(img, params))
 
@@ -112,7 +113,6 @@ def clean_dataset(source, restorer: engine.Restorer, out_dir: str, *, clean_cfg,
   selected = set(names)
   if fraction < 1.0:
     if kind == 'niqe':
-      from idm_jax.metrics import niqe
       params = niqe.load_niqe_params(niqe_params or niqe.default_params_path())
     scores, checksums = _selection_scores(source, names, kind, params, resolution, out_dir,
                                           concurrency=concurrency, write=pi == 0)
@@ -305,7 +305,6 @@ def _selection_scores(source, names, kind: str, params, resolution: int, out_dir
         if rec.get('image') is None:
           continue
         if kind == 'artifacts':
-          from idm_jax.metrics import artifacts
           values[k] = artifacts.features(rec['image'])
         else:
           values[k] = niqe_of(rec['image'], params, resolution)
@@ -314,7 +313,6 @@ def _selection_scores(source, names, kind: str, params, resolution: int, out_dir
   values, digests = host_shares.gather_shares(values, n), host_shares.gather_shares(digests, n)
   ok = ~np.isnan(values).any(axis=1)
   if kind == 'artifacts':
-    from idm_jax.metrics import artifacts
     good = np.flatnonzero(ok)
     z = artifacts.outlier_scores([tuple(v) for v in values[good].tolist()]).tolist()
     score_of = dict(zip(good.tolist(), z))
@@ -336,7 +334,6 @@ def _provenance(config, workdir: str, step: int | None) -> dict:
 
 def clean_with_model(config, model_workdir: str, out_dir: str) -> dict:
   """Cleans config.data's training split with the EMA model in model_workdir."""
-  from idm_jax.inference import validation
   restorer, step = engine.load(model_workdir, config)
   model_config = restorer.config
   # Records load at the model's resolution, whatever the run's config says.

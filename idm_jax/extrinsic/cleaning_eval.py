@@ -32,9 +32,12 @@ from idm_jax.extrinsic import cleaned_dataset
 from idm_jax.runtime import cli
 from idm_jax.storage import files
 from idm_jax.storage import images
+from idm_jax.data import contaminate
 from idm_jax.data import sources
 from idm_jax.metrics import bootstrap
+from idm_jax.metrics import niqe
 from idm_jax.metrics import reports
+from idm_jax.metrics import scoring
 from idm_jax.metrics import sharpness
 
 # The no-reference measures of each version of the cleaned images; the first two always exist.
@@ -66,8 +69,6 @@ def quality(imgs: Sequence[np.ndarray], niqe_params=None) -> dict:
   out = dict(sharpness_lapvar=[sharpness.laplacian_variance(x) for x in imgs],
              sharpness_grad=[sharpness.gradient_magnitude(x) for x in imgs])
   if niqe_params is not None:
-    from idm_jax.metrics import niqe
-    from idm_jax.metrics import scoring
     up = niqe.upscale_for(min(imgs[0].shape[:2]))
     r = scoring.evaluate_images(list(imgs), None, niqe_params=niqe_params, niqe_upscale=up,
                                 identity=False, progress=False)
@@ -101,8 +102,6 @@ def compare_versions(versions: dict[str, dict], *, seed: int = 0) -> dict:
 def score(cleaned_dir: str, contaminated_dir: str, pristine_dir: str, *, identity: bool = True,
           seed: int = 0, niqe_params=None) -> dict:
   """The report as a dict (see the module docstring)."""
-  from idm_jax.metrics import scoring
-  from idm_jax.data import contaminate
   cleaned = _read_json(files.join(cleaned_dir, cleaned_dataset.MANIFEST))
   contam = _read_json(files.join(contaminated_dir, contaminate.MANIFEST))
   pristine = _read_json(files.join(pristine_dir, contaminate.MANIFEST))

@@ -20,6 +20,7 @@ from flax import serialization
 from idm_jax.runtime import cli
 from idm_jax.runtime import configlib
 from idm_jax.storage import files
+from idm_jax.training import checkpoints
 
 FORMAT = 'idm_jax/1'
 
@@ -77,7 +78,6 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
   """Exports the latest checkpoint's EMA params in `workdir` with its config to `out`; returns
   the file's size in bytes. Within a job of several processes every one must call it (they
   all read the checkpoint); process 0 writes the file."""
-  from idm_jax.training import checkpoints  # orbax is heavy; only needed here
   # Agreed (there if any process sees it), so every process refuses or none does; the
   # agreement also has every process check before process 0 writes the file.
   if checkpoints.agreed_exists(out) and not force:

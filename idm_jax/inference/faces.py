@@ -87,7 +87,7 @@ VERIFY_BOX = 100           # px: the face's size when HOG checks it (HOG's windo
 
 def _import_dlib():
   try:
-    import dlib  # pylint: disable=import-outside-toplevel
+    import dlib  # noqa: PLC0415 (optional: dlib)
   except ImportError as e:
     raise DetectorUnavailable(
         f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '

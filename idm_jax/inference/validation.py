@@ -13,21 +13,22 @@ import jax
 import numpy as np
 
 from idm_jax.storage import files
+from idm_jax.data import pipeline
 from idm_jax.inference import engine
 from idm_jax.runtime import host_shares
 from idm_jax.training import run_log
+from idm_jax.metrics import niqe as niqe_lib
 from idm_jax.metrics import reports
+from idm_jax.metrics import scoring
 
 
 def niqe_params_path(config) -> str:
   """config.eval.niqe_params (an override, which must exist), else the shipped parameters."""
-  from idm_jax.metrics import niqe
-  return config.eval.niqe_params or niqe.default_params_path()
+  return config.eval.niqe_params or niqe_lib.default_params_path()
 
 
 def validation_set(config) -> dict:
   """The fixed validation pairs as {'hq', 'lq': uint8 (N, R, R, 3), 'name': [...]}."""
-  from idm_jax.data import pipeline
   batches = pipeline.eval_batches(config, config.eval.num_images, config.eval.batch_size)
   return {'hq': np.concatenate([b['hq'] for b in batches]),
           'lq': np.concatenate([b['lq'] for b in batches]),
@@ -51,13 +52,11 @@ def restore_all(restorer: engine.Restorer, lq: np.ndarray, batch_size: int, seed
 def evaluate_restorer(config, restorer: engine.Restorer, out_dir: str, *,
                       write_metrics: bool = True) -> dict:
   """Restores the validation set at each of config.eval.steps; returns {row name: metrics}."""
-  from idm_jax.metrics import scoring
   val = validation_set(config)
   write = jax.process_index() == 0
   if write:
     for sub in ('lq', 'hq'):
       _save_all(files.join(out_dir, sub), val['name'], val[sub])
-  from idm_jax.metrics import niqe as niqe_lib
   niqe = niqe_params_path(config)
   niqe_upscale = niqe_lib.upscale_for(config.data.resolution)  # NIQE needs >= 192 px
   rows, grid_rows = {}, [val['lq'][:8]]

@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from idm_jax.metrics import npz_weights
 from idm_jax.runtime import cli
 
 # torchvision vgg16 `features` indices of the 13 convs, in order (ReLUs and pools in between).
@@ -38,7 +39,7 @@ def _conv_kernel(w: np.ndarray) -> np.ndarray:
 def lpips_from_torch(vgg_sd: Mapping[str, np.ndarray], lin_sd: Mapping[str, np.ndarray]
                      ) -> dict[str, np.ndarray]:
   """torchvision vgg16 + LPIPS lin state dicts -> flat LPIPS variables."""
-  from idm_jax.metrics import lpips  # pylint: disable=g-import-not-at-top
+  from idm_jax.metrics import lpips  # noqa: PLC0415 (keeps --help fast: imports jax)
   names = [name for block in lpips.VGG_SLICES for name, _ in block]
   out = {}
   for name, idx in zip(names, VGG_CONV_INDICES):
@@ -83,7 +84,7 @@ def inception_from_torch(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # noqa: PLC0415 (optional: torch)
   except ImportError as e:
     raise SystemExit('convert_weights needs PyTorch to read .pth files (pip install torch); '
                      'it is not a dependency of idm_jax otherwise') from e
@@ -98,7 +99,6 @@ def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _check_and_save(flat: dict, expected, out: str, what: str) -> None:
-  from idm_jax.metrics import npz_weights  # pylint: disable=g-import-not-at-top
   np.savez(out, **{k: v.astype(np.float32) for k, v in flat.items()})
   npz_weights.load_variables(out, expected, what)  # fails loudly on any key/shape mismatch
   print(f'wrote {out} ({len(flat)} arrays)')
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
   if bool(args.lpips_vgg) == bool(args.inception):
     parser.error('give either --lpips_vgg/--lpips_lin or --inception')
   if args.inception:
-    from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+    from idm_jax.metrics import fid  # noqa: PLC0415 (keeps --help fast: imports jax)
     flat = inception_from_torch(_torch_state_dict(args.inception))
     _check_and_save(flat, fid.abstract_variables(), args.out, 'Inception')
   else:
-    from idm_jax.metrics import lpips  # pylint: disable=g-import-not-at-top
+    from idm_jax.metrics import lpips  # noqa: PLC0415 (keeps --help fast: imports jax)
     flat = lpips_from_torch(_torch_state_dict(args.lpips_vgg), _torch_state_dict(args.lpips_lin))
     _check_and_save(flat, lpips.abstract_variables(), args.out, 'LPIPS')
   return 0

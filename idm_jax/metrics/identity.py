@@ -42,7 +42,7 @@ class FaceModels:
 def load_models() -> FaceModels:
   """dlib's detector, 5-point landmarks and recognition net; loaded once per process."""
   try:
-    import dlib  # pylint: disable=g-import-not-at-top
+    import dlib  # noqa: PLC0415 (optional: dlib)
   except ImportError as e:
     raise IdentityUnavailable(f'dlib is not importable ({e}); pip install dlib-bin') from e
   return FaceModels(detector=dlib.get_frontal_face_detector(),
@@ -81,7 +81,7 @@ def embed(img: np.ndarray, box, models: FaceModels | None = None) -> np.ndarray:
 
 
 def _whole_image_box(img: np.ndarray):
-  import dlib  # pylint: disable=g-import-not-at-top
+  import dlib  # noqa: PLC0415 (optional: dlib)
   return dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
 
 

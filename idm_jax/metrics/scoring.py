@@ -103,7 +103,7 @@ def evaluate_images(pred: list[np.ndarray], gt: list[np.ndarray] | None,
       metrics['lpips'] = _unavailable('no LPIPS weights file given (--lpips_weights); convert '
                                       'one with python -m idm_jax.metrics.convert_weights')
     else:
-      from idm_jax.metrics import lpips  # pylint: disable=g-import-not-at-top
+      from idm_jax.metrics import lpips  # noqa: PLC0415 (keeps --help fast: imports jax)
       metrics['lpips'] = _available(lpips.lpips_distances(pred, gt, lpips_weights))
     if not identity:
       metrics['identity'] = _unavailable('identity disabled')
@@ -180,7 +180,7 @@ def compare_sets(pred_imgs: list[np.ndarray], ref_imgs: list[np.ndarray], *, niq
   bar = lambda it, desc: tqdm(it, desc=desc, leave=False, disable=not progress)  # noqa: E731
   metrics: dict[str, Any] = {}
   if inception_weights:
-    from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+    from idm_jax.metrics import fid  # noqa: PLC0415 (keeps --help fast: imports jax)
     f_pred = fid.inception_features(pred_imgs, inception_weights, progress=tqdm)
     f_ref = fid.inception_features(ref_imgs, inception_weights, progress=tqdm)
     metrics['fid'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}
@@ -192,7 +192,7 @@ def compare_sets(pred_imgs: list[np.ndarray], ref_imgs: list[np.ndarray], *, niq
     for key in ('fd_dlib', 'face_rate', 'face_rate_ref'):
       metrics[key] = _unavailable(reason)
   else:
-    from idm_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+    from idm_jax.metrics import fid  # noqa: PLC0415 (keeps --help fast: imports jax)
     f_pred, found_pred = identity_lib.face_descriptors(pred_imgs, lambda it: bar(it, 'dlib'))
     f_ref, found_ref = identity_lib.face_descriptors(ref_imgs, lambda it: bar(it, 'dlib ref'))
     metrics['fd_dlib'] = {'mean': fid.fid_from_features(f_pred, f_ref), 'per_image': None}

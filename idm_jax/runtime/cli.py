@@ -12,6 +12,9 @@ import argparse
 import sys
 from typing import Sequence
 
+from absl import app
+from absl import flags
+
 
 def spelled(arg: str) -> str:
   """--a-b[=v] as --a_b[=v]; anything else (values, short flags, '--') unchanged."""
@@ -44,8 +47,6 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_absl(main, module_name: str) -> None:
   """absl's app.run(main) for a console script: its --help shows `module_name`'s usage and
   flags, as `python -m module_name --help` does (absl looks both up under sys.argv[0])."""
-  from absl import app
-  from absl import flags
   module = sys.modules[module_name]
   sys.modules['__main__'].__doc__ = module.__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):

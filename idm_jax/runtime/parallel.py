@@ -17,6 +17,10 @@ from absl import logging
 import jax
 import numpy as np
 from flax import linen as nn
+from jax._src import clusters  # the detectors have no public handle
+from jax._src import distributed  # the coordination client has no public handle
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
@@ -82,7 +86,6 @@ def detect_cluster() -> Cluster:
     return Cluster('joined', jax.process_count(), jax.process_index())
   if 'JAX_COORDINATOR_ADDRESS' in env:
     return _explicit_cluster(env)
-  from jax._src import clusters  # the detectors have no public handle
   for cls in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
     if cls.opt_in_only_method:   # mpi4py: jax itself uses it only when asked by name
       continue
@@ -176,7 +179,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     raise ValueError(f'config.mesh.data: {data} is not a multiple of the {slices} slices; the '
                      'data axis spans the slices and fsdp stays within one (fsdp must divide '
                      f'the {len(devices) // slices} devices of a slice)')
-  from jax.experimental import mesh_utils
   grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
                                               allow_split_physical_axes=True)
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
@@ -214,7 +216,6 @@ def max_over_processes(n: int, timeout_s: float = 3600.0) -> int:
   """
   if jax.process_count() == 1:
     return int(n)
-  from jax._src import distributed  # the coordination client has no public handle
   client = distributed.global_state.client
   key = f'idm_jax/max/{next(_agreements)}'
   client.key_value_set(f'{key}/{jax.process_index()}', str(int(n)))
@@ -285,7 +286,6 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   collective after 30 s, which a slow or busy host can exceed."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # the coordination client has no public handle
   distributed.global_state.client.wait_at_barrier(f'idm_jax/{name}', int(timeout_s * 1000))
 
 
@@ -293,7 +293,6 @@ def to_host(tree):
   """Fetches a (replicated or sharded) pytree to host numpy on every process."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
 
 

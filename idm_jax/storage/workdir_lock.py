@@ -191,7 +191,7 @@ class _BucketLock:
   def __init__(self, lock: WorkdirLock, heartbeat_seconds: float, stale_seconds: float):
     if not lock.path.startswith('gs://'):
       raise ValueError(f'{lock.path}: a training workdir must be local or on gs://')
-    from google.cloud import storage  # pylint: disable=import-outside-toplevel  ([gcs] extra)
+    from google.cloud import storage  # noqa: PLC0415 (optional: the [gcs] extra)
     bucket, name = lock.path[len('gs://'):].split('/', 1)
     self.lock = lock
     self.blob = storage.Client().bucket(bucket).blob(name)
@@ -235,7 +235,7 @@ class _BucketLock:
     PreconditionFailed if it is not. A write that landed but whose reply was lost is retried
     by the client and then refused (the generation moved on, to ours): the object is read back,
     and if it carries this write's nonce the write is taken as done."""
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     nonce = uuid.uuid4().hex
     sent = time.monotonic()
     try:
@@ -251,7 +251,7 @@ class _BucketLock:
 
   def _read_nonce(self) -> str | None:
     """The nonce of the lock as it is now (its generation in self.blob), None if unreadable."""
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     try:
       self.blob.reload(retry=self._retry, timeout=self._timeout)
       generation = self.blob.generation
@@ -264,7 +264,7 @@ class _BucketLock:
   def _read(self) -> tuple[int, dict] | None:
     """(generation, holder) of the lock as it is now; None if there is none (or it changed
     between the two reads: the caller looks again)."""
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     try:
       self.blob.reload(retry=self._retry, timeout=self._timeout)
       generation = self.blob.generation
@@ -279,7 +279,7 @@ class _BucketLock:
     return generation, (holder if isinstance(holder, dict) else {})
 
   def acquire(self) -> None:
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     me = self.lock.me
     for _ in range(5):   # each pass reads the lock, then creates or takes it over conditionally
       found = self._read()
@@ -325,7 +325,7 @@ class _BucketLock:
     """Watches the lock: True once reads at least `seconds` apart (this host's monotonic
     clock) both found `generation`; False as soon as it changes or disappears. A read that
     fails is no observation, so an outage only makes the watch longer."""
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     first = time.monotonic()
     while True:
       time.sleep(min(self.heartbeat_seconds, seconds / 4))
@@ -342,7 +342,7 @@ class _BucketLock:
         return True
 
   def _beat(self) -> None:
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     while not self._stop.wait(self.heartbeat_seconds):
       if self.expired:   # never write again: a taker may be about to take it over
         return
@@ -357,7 +357,7 @@ class _BucketLock:
         logging.warning('could not refresh %s (%s); retrying', self.lock.path, e)
 
   def release(self) -> None:
-    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
     self._stop.set()
     if self._thread is not None:
       self._thread.join()

@@ -29,11 +29,14 @@ import json
 import time
 
 from absl import logging
+from flax.linen import meta
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from idm_jax.models import unet
 from idm_jax.runtime import configlib
+from idm_jax.runtime import parallel
 from idm_jax.storage import files
 from idm_jax.training.train_state import merge_state
 from idm_jax.training.train_state import split_state
@@ -126,7 +129,6 @@ class Checkpointer:
     """Moves step folders out of orbax's sight (kept for inspection, never deleted). Process 0
     moves them; the others learn how that went through an agreement it always reaches (not a
     barrier it might never reach), and all raise if the move failed."""
-    from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
     error = None
     if jax.process_index() == 0:
       dest_root = files.join(files.dirname(self.directory), UNREADABLE_DIR)
@@ -156,7 +158,6 @@ class Checkpointer:
     whether it read are agreed, so no process enters orbax's restore barrier while another
     skipped it, and none counts another budget (a host whose budget looks spent would stop
     while the others train on)."""
-    from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
     where = files.join(self.directory, str(step), 'progress')
     try:
       present = agreed_isdir(where)
@@ -211,7 +212,6 @@ def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
   coordination service, so all of them return the same step: a step fails if any process hit
   a content error (each reads its own shards), and is tried again if any hit a transient one.
   Each failure is named in a warning; if none restores, raises naming each (`hint` ends it)."""
-  from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   failed = []
   left = sorted(set(steps), reverse=True)
   while True:
@@ -240,7 +240,6 @@ def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
 def _agreed_try(restore, step: int, where: str):
   """(restore(step), None), or (None, why it does not restore) when some process hit a content
   error; raises StorageUnavailable on every process when some process hit a transient one."""
-  from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   value, error, verdict = None, None, _RESTORED
   try:
     value = restore(step)
@@ -292,7 +291,6 @@ def _raise_agreed(error: BaseException | None) -> None:
   process had one; returns on every process if none did. Every process must call it: it stands
   between two restores of one try, so that no process goes on into the second (and orbax's
   barrier) while another has left for the agreement at the end of the try."""
-  from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   verdict = _RESTORED if error is None else (_TRANSIENT if _is_transient(error) else _UNREADABLE)
   if parallel.max_over_processes(verdict) == _RESTORED:
     return
@@ -315,7 +313,6 @@ def agreed_exists(path: str) -> bool:
 
 
 def _agreed_answer(check, path: str, *, present_if_any: bool) -> bool:
-  from idm_jax.runtime import parallel  # pylint: disable=import-outside-toplevel
   present, error = False, None
   try:
     present = bool(files.call_with_retries(check, path))
@@ -443,7 +440,6 @@ def _restore_ema(manager, held: _HeldFailures, step: int):
   dtype), and every reader (a Restorer replicating them over its mesh, an export, a warm start
   into the training shardings) places them from host values anyway.
   """
-  from idm_jax.models import unet  # heavy; only inference needs it here
   abstract, error = None, None
   try:
     saved = held.restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -462,6 +458,4 @@ def _restore_ema(manager, held: _HeldFailures, step: int):
 
 def unet_abstract_params(model):
   """Unboxed abstract params of a model (shapes and dtypes only, nothing allocated)."""
-  from flax.linen import meta
-  from idm_jax.models import unet
   return meta.unbox(unet.param_shapes(model))

@@ -22,7 +22,9 @@ import time
 
 from absl import logging
 import numpy as np
+from tqdm import tqdm
 
+from idm_jax.metrics import fidelity
 from idm_jax.storage import files
 
 
@@ -41,7 +43,6 @@ def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
   """The training bar. Its pace is this run's average since the bar opened (the step is
   compiled before), pauses for checkpoints and sample grids included: a smoothed recent rate
   swings between the dispatch bursts and the saves, and so does the ETA built on it."""
-  from tqdm import tqdm
   return tqdm(total=end, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
               unit='step', smoothing=0, file=_LossTolerantStream(sys.stderr))
 
@@ -154,7 +155,7 @@ class Writer:
 
   def _open_tb(self) -> None:
     """(Re)opens the event writer; each file gets a distinct name (the count as suffix)."""
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional: tensorboardX)
     if self._tb is not None:
       self._tb.close()
       self._closed_events.update(os.listdir(self._staging) if self._staging else ())
@@ -269,7 +270,6 @@ class Writer:
       return {}
     metrics = {}
     if conditional:
-      from idm_jax.metrics import fidelity
       rows = [batch['lq'], samples, batch['hq']]
       metrics = dict(
           vis_psnr=float(np.mean([fidelity.psnr(s, h) for s, h in zip(samples, batch['hq'])])),
