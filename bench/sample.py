@@ -16,7 +16,6 @@ import numpy as np
 from bench.train_step import emit
 from idm_jax.runtime import configlib
 from idm_jax.inference import engine
-from idm_jax.models import unet
 
 
 def main():
@@ -30,7 +29,7 @@ def main():
   a = p.parse_args()
   config = configlib.load(a.config)
   res = config.data.resolution
-  model = unet.build_model(config.model, res)
+  model = configlib.build_model(config.model, res)
   restorer = engine.Restorer(config, engine.random_params(model, seed=0))
   lq = np.random.default_rng(0).integers(0, 256, (a.batch, res, res, 3), dtype=np.uint8)
   kw = dict(steps=a.steps, sampler=a.sampler)

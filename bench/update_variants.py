@@ -75,7 +75,7 @@ def flatten_state(state, tx):
 def make_inputs(config, seed=0):
   """(a TrainState with random params and fresh optimiser state, a random gradient tree, tx)
   on the config's parameter shapes."""
-  model = unet.build_model(config.model, config.data.resolution)
+  model = configlib.build_model(config.model, config.data.resolution)
   shapes = flax.linen.unbox(unet.param_shapes(model))
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   params = random_tree(shapes, k1, 0.05)

@@ -118,9 +118,9 @@ def model_path(tmp_path_factory):
   """configs/test.py's model with random weights, exported (.msgpack) as a user would load it."""
   from idm_jax.inference import export  # pylint: disable=import-outside-toplevel
   from idm_jax.inference import engine
-  from idm_jax.models import unet  # pylint: disable=import-outside-toplevel
+  from idm_jax.runtime import configlib  # pylint: disable=import-outside-toplevel
   config = load_config('test')
-  params = engine.random_params(unet.build_model(config.model, config.data.resolution), 0)
+  params = engine.random_params(configlib.build_model(config.model, config.data.resolution), 0)
   path = str(tmp_path_factory.mktemp('model') / 'model.msgpack')
   export.save_exported(path, config, params)
   return path

@@ -30,7 +30,7 @@ def main():
   from idm_jax.inference import engine
   from idm_jax.inference import validation
   from idm_jax.data import sources
-  from idm_jax.models import unet
+  from idm_jax.runtime import configlib
 
   # Every program launch, in order, as (job, rows): processes in lockstep launch the same list.
   launches, job = [], ['restore_all']
@@ -40,7 +40,7 @@ def main():
 
   config = load_config('test')
   r = config.data.resolution
-  params = engine.random_params(unet.build_model(config.model, r), seed=0)
+  params = engine.random_params(configlib.build_model(config.model, r), seed=0)
   restorer = engine.Restorer(config, params)
   # 7 images in batches of 3: with 2 processes one has 4 (two batches), the other 3 (one).
   lq = np.random.default_rng(0).integers(0, 256, (7, r, r, 3), dtype=np.uint8)
@@ -62,7 +62,7 @@ def main():
   gen_config.generate.update(num_samples=5, batch_size=2,
                              out_dir=os.path.join(a.out, 'generated'))
   generator = engine.Restorer(gen_config, engine.random_params(
-      unet.build_model(gen_config.model, r), seed=1))
+      configlib.build_model(gen_config.model, r), seed=1))
   generate.engine.load = lambda path, config: (generator, None)  # no checkpoint to read
   generate.run(gen_config, a.out)
 

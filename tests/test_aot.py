@@ -138,7 +138,7 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
   # AdamW state (m, v), params and EMA are arguments: more than 4 x the params' f32 bytes.
   config = _config(data=-1, fsdp=1)
   from idm_jax.models import unet
-  n = unet.count_params(config.model, config.data.resolution)
+  n = unet.count_params(configlib.build_model(config.model, config.data.resolution))
   assert step.memory['arguments'] >= 4 * 4 * n
   assert step.flops > 0
   # Pure data parallelism: the gradients are all-reduced and no parameter is gathered.

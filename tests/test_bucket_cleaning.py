@@ -12,7 +12,6 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
 from idm_jax.extrinsic import cleaned_dataset
 from idm_jax.extrinsic import cleaning

@@ -116,3 +116,18 @@ def test_cli_trains_with_overrides(tmp_path):
   assert saved.model.channels == 8 and saved.train.batch_size == 2
   assert (pathlib.Path(tmp_path) / 'checkpoints' / '2').is_dir()
   assert list(pathlib.Path(tmp_path).glob('samples_*.png'))
+
+
+def test_a_config_saved_before_a_field_existed_loads_with_its_default():
+  """A checkpoint's config.json written by older code lacks newer fields; loading it gives them
+  their defaults (which keep the old behaviour), so the libraries read every field directly."""
+  import json
+  saved = json.loads(configlib.to_json(load_config('test')))
+  del saved['diffusion']['residual']
+  del saved['clean']
+  saved['model']['channels'] = 48   # what the file says wins over the default
+  back = configlib.from_json(json.dumps(saved))
+  assert back.diffusion.residual is False
+  assert back.clean.to_dict() == configlib.base_config().clean.to_dict()
+  assert back.model.channels == 48
+  configlib.validate(back)

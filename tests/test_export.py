@@ -9,7 +9,6 @@ from flax import serialization
 from idm_jax.runtime import configlib
 from idm_jax.inference import export
 from idm_jax.inference import engine
-from idm_jax.models import unet
 
 from conftest import load_config
 
@@ -18,7 +17,7 @@ from conftest import load_config
 def config_and_params():
   config = load_config('test')
   config.sample.steps = 3           # a non-default value must survive the trip
-  params = engine.random_params(unet.build_model(config.model, config.data.resolution), 3)
+  params = engine.random_params(configlib.build_model(config.model, config.data.resolution), 3)
   return config, params
 
 

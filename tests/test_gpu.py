@@ -8,6 +8,7 @@ import pytest
 from idm_jax.inference import engine
 from idm_jax.runtime import parallel
 from idm_jax.training import train
+from idm_jax.runtime import configlib
 from idm_jax.models import unet
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == 'cpu', reason='needs a GPU or TPU')
@@ -48,7 +49,7 @@ def test_cudnn_and_xla_attention_agree(test_config):
   outs = []
   for impl in ('xla', 'cudnn'):
     test_config.model.attention_impl = impl
-    model = unet.build_model(test_config.model, 32)
+    model = configlib.build_model(test_config.model, 32)
     params = engine.random_params(model, seed=0)
     x, logsnr, lq = unet.dummy_inputs(model, 4)
     x = jax.random.normal(jax.random.PRNGKey(1), x.shape)
@@ -58,7 +59,7 @@ def test_cudnn_and_xla_attention_agree(test_config):
 
 
 def test_restorer_on_all_local_devices_is_deterministic(test_config):
-  model = unet.build_model(test_config.model, 32)
+  model = configlib.build_model(test_config.model, 32)
   restorer = engine.Restorer(test_config, engine.random_params(model, seed=0))
   lq = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
   a = restorer.restore(lq, steps=3, seed=1)

@@ -9,12 +9,13 @@ import pytest
 
 from idm_jax.inference import engine
 from idm_jax.models import unet
+from idm_jax.runtime import configlib
 
 from conftest import REPO, load_config
 
 
 def _restorer(config, seed=0):
-  model = unet.build_model(config.model, config.data.resolution)
+  model = configlib.build_model(config.model, config.data.resolution)
   return engine.Restorer(config, engine.random_params(model, seed))
 
 
@@ -117,11 +118,11 @@ import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from conftest import load_config
 from idm_jax.inference import engine
-from idm_jax.models import unet
+from idm_jax.runtime import configlib
 assert len(jax.local_devices()) == 4, jax.local_devices()
 config = load_config('test')
 r = engine.Restorer(config, engine.random_params(
-    unet.build_model(config.model, config.data.resolution), 0))
+    configlib.build_model(config.model, config.data.resolution), 0))
 lq = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 out = r.restore(lq, seed=1)   # 3 examples padded to 4 devices
 print(json.dumps(dict(n=r.mesh.size, out=out.tolist())))
@@ -149,7 +150,7 @@ def test_residual_model_at_init_returns_its_input_and_learns_hq_minus_lq():
   from idm_jax.training import train
   config = load_config('test')
   config.diffusion.update(residual=True, parameterization='x0')
-  model = unet.build_model(config.model, config.data.resolution)
+  model = configlib.build_model(config.model, config.data.resolution)
   params = unet.init_params(model, jax.random.key(0))
   lq = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   hq = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)

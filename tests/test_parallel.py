@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import load_config
 from idm_jax.runtime import parallel
+from idm_jax.runtime import configlib
 from idm_jax.models import unet
 
 MESH = AbstractMesh((2, 4), parallel.MESH_AXES)        # data 2, fsdp 4
@@ -64,7 +65,7 @@ def test_the_batch_splits_over_every_device():
 def test_every_logical_name_the_model_uses_has_a_rule():
   """A layer annotated with a name the rules lack would be replicated without a word."""
   cfg = load_config('test')
-  boxed = unet.param_shapes(unet.build_model(cfg.model, cfg.data.resolution))
+  boxed = unet.param_shapes(configlib.build_model(cfg.model, cfg.data.resolution))
   names = set()
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
     assert isinstance(leaf, nn.Partitioned), leaf      # every parameter is annotated

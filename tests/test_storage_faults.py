@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 from PIL import Image
-import pytest
 
 from idm_jax.storage import files
 from idm_jax.training import run_log

@@ -191,11 +191,10 @@ def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   """accum=2 applies the mean gradient of micro-batches [0::2] and [1::2] (key fold_in(rng, i))."""
   import functools
   from idm_jax.runtime import configlib
-  from idm_jax.models import unet
   c = test_config
   c.train.update(batch_size=4, grad_accum_steps=2, grad_clip=0.0)
   r = c.data.resolution
-  model = unet.build_model(c.model, r)
+  model = configlib.build_model(c.model, r)
   tx = optim.make_optimizer(c.train)
   logsnr_fn = configlib.logsnr_fn(c.diffusion, r)
   state = train.init_state(jax.random.PRNGKey(0), model, tx)

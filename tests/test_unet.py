@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
+from idm_jax.runtime import configlib
 from idm_jax.models import unet
 
 B = 2
@@ -23,7 +24,7 @@ REFERENCE_COUNTS = {'adm_sr_256': 133.0e6, 'adm_sr_512': 34.3e6}
 def _model(**overrides):
   cfg = load_config('test')
   cfg.model.update(overrides)
-  return unet.build_model(cfg.model, cfg.data.resolution)
+  return configlib.build_model(cfg.model, cfg.data.resolution)
 
 
 def _random_params(model, seed):
@@ -77,13 +78,13 @@ def test_all_configs_build_and_count_without_allocating():
   # param_shapes is abstract (nothing allocated) and count_params sums exactly its leaves.
   cfg = load_config('test')
   leaves = jax.tree_util.tree_leaves(nn.meta.unbox(
-      unet.param_shapes(unet.build_model(cfg.model, cfg.data.resolution))))
+      unet.param_shapes(configlib.build_model(cfg.model, cfg.data.resolution))))
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-  assert unet.count_params(cfg.model, cfg.data.resolution) == sum(
+  assert unet.count_params(configlib.build_model(cfg.model, cfg.data.resolution)) == sum(
       int(np.prod(x.shape)) for x in leaves)
   for path in sorted((REPO / 'configs').glob('*.py')):
     cfg = load_config(path.stem)
-    n = unet.count_params(cfg.model, cfg.data.resolution)
+    n = unet.count_params(configlib.build_model(cfg.model, cfg.data.resolution))
     assert n > 0, path.stem
     if path.stem in REFERENCE_COUNTS:
       ref = REFERENCE_COUNTS[path.stem]

@@ -94,7 +94,7 @@ def compile_restorer(config, devices, settings, batch_size: int, name: str) -> P
   (a pod's: every host's chips): each host's `batch_size` examples padded to its chips, the
   hosts' blocks making one global batch split over all devices, params replicated."""
   res = int(config.data.resolution)
-  model = unet.build_model(config.model, res)
+  model = configlib.build_model(config.model, res)
   mesh = parallel.sampling_mesh(devices)
   hosts = parallel.process_count_of(mesh)
   batch = engine.padded_batch(batch_size, mesh.size // hosts) * hosts

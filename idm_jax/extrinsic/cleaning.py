@@ -20,7 +20,6 @@ import numpy as np
 from tqdm import tqdm
 
 from idm_jax.extrinsic import cleaned_dataset
-from idm_jax.runtime import configlib
 from idm_jax.storage import files
 from idm_jax.storage import images
 from idm_jax.inference import engine
@@ -104,9 +103,7 @@ def clean_dataset(source, restorer: engine.Restorer, out_dir: str, *, clean_cfg,
   if len(set(names)) != len(names):
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
-  kind = clean_cfg.get('score', 'niqe')
-  if kind not in configlib.CLEAN_SCORES:
-    raise ValueError(f'config.clean.score: {kind!r} is not one of {configlib.CLEAN_SCORES}')
+  kind = str(clean_cfg.score)   # config.clean, checked by configlib.validate
   params = None   # NIQE's, only where NIQE ranks the records
   scores = None
   checksums = {}

@@ -82,7 +82,6 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
   the data axis. It specialises on the steps, sampler, t_start and whether guidance and eta are
   on; the guidance scale and eta are traced, so changing them does not recompile."""
   conditional = bool(config.model.conditional)
-  diffusion = config.diffusion
   res = int(config.data.resolution)
   s = settings
   *_, guided, eta_zero = program_key(s)
@@ -91,11 +90,10 @@ def sampling_jit(model: unet.UNet, config: ml_collections.ConfigDict, logsnr_fn,
     # One example (lq: (1, R, R, 3) or None); vmapped over the batch below, so each example's
     # noise comes from its own key only.
     return samplers.sample_batch(model, params, lq, rng, shape=(1, res, res, 3),
-                                 logsnr_fn=logsnr_fn,
-                        parameterization=diffusion.parameterization, sampler=s.sampler,
-                        steps=s.steps, eta=0. if eta_zero else eta, t_start=s.t_start,
-                        guidance_scale=scale if guided else None,
-                        residual=bool(diffusion.get('residual', False)))[0]
+                                 logsnr_fn=logsnr_fn, sampler=s.sampler, steps=s.steps,
+                                 eta=0. if eta_zero else eta, t_start=s.t_start,
+                                 guidance_scale=scale if guided else None,
+                                 **configlib.sampling_model(config.diffusion))[0]
 
   def fn(params, lq, seed, indices, scale, eta):
     base = jax.random.key(seed)
@@ -128,7 +126,7 @@ class Restorer:
     self.config = config
     self.resolution = int(config.data.resolution)
     self.conditional = bool(config.model.conditional)
-    self.model = unet.build_model(config.model, self.resolution)
+    self.model = configlib.build_model(config.model, self.resolution)
     check_params(self.model, params)
     self.logsnr_fn = configlib.logsnr_fn(config.diffusion, self.resolution)
     self.mesh = parallel.sampling_mesh() if mesh is None else mesh

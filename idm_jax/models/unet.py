@@ -27,7 +27,6 @@ from typing import Any, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from idm_jax.models import platform_ops
 
@@ -47,8 +46,8 @@ LOGSNR_HALF_RANGE = 20.0
 EMBED_TIME_SCALE = 1000.0
 EMBED_MAX_PERIOD = 10000.0
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-DTYPES = tuple(_DTYPES)
+DTYPE_OF = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = tuple(DTYPE_OF)
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')   # auto: jax.nn.dot_product_attention chooses
 
 # PyTorch's default conv/linear init (kaiming_uniform with a=√5 ⇒ Var = 1 / (3 fan_in)), which
@@ -441,37 +440,6 @@ class UNet(nn.Module):
     return _constrain_image(out.astype(jnp.float32))
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, resolution: int) -> UNet:
-  """The UNet that `config.model` describes, at `config.data.resolution`."""
-  for field in ('dtype', 'param_dtype'):
-    if model_cfg[field] not in _DTYPES:
-      raise ValueError(f'config.model.{field}: {model_cfg[field]!r} is not one of {tuple(_DTYPES)}')
-  if model_cfg.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f'config.model.attention_impl: {model_cfg.attention_impl!r} is not one of '
-                     f'{ATTENTION_IMPLS}')
-  return UNet(
-      resolution=int(resolution),
-      channels=int(model_cfg.channels),
-      channel_mult=tuple(int(m) for m in model_cfg.channel_mult),
-      num_res_blocks=int(model_cfg.num_res_blocks),
-      attention_resolutions=tuple(int(r) for r in model_cfg.attention_resolutions),
-      head_channels=int(model_cfg.head_channels),
-      dropout=float(model_cfg.dropout),
-      resblock_updown=bool(model_cfg.resblock_updown),
-      scale_shift_norm=bool(model_cfg.scale_shift_norm),
-      num_groups=int(model_cfg.num_groups),
-      conditional=bool(model_cfg.conditional),
-      lq_concat=bool(model_cfg.lq_concat),
-      lq_encoder=bool(model_cfg.lq_encoder),
-      lq_encoder_channels=int(model_cfg.lq_encoder_channels),
-      out_channels=int(model_cfg.out_channels),
-      dtype=_DTYPES[model_cfg.dtype],
-      param_dtype=_DTYPES[model_cfg.param_dtype],
-      remat=bool(model_cfg.remat),
-      attention_impl=str(model_cfg.attention_impl),
-  )
-
-
 def dummy_inputs(model: UNet, batch_size: int = 1):
   """(x_t, logsnr, lq) of the right shapes for initialisation (lq None if unconditional)."""
   shape = (batch_size, model.resolution, model.resolution, 3)
@@ -519,7 +487,7 @@ def param_shapes(model: UNet):
                         *dummy_inputs(model, 1))
 
 
-def count_params(model_cfg: ml_collections.ConfigDict, resolution: int) -> int:
-  """Number of parameters of the model `model_cfg` describes, without allocating any."""
-  shapes = nn.meta.unbox(param_shapes(build_model(model_cfg, resolution)))
+def count_params(model: UNet) -> int:
+  """Number of parameters of `model`, without allocating any."""
+  shapes = nn.meta.unbox(param_shapes(model))
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 
 def degradation_config(preset: str = 'gfpgan') -> ml_collections.ConfigDict:
-  """The blind degradation model's ranges and probabilities (see docs/DESIGN.md, "The method in a page", point 1).
+  """The blind degradation model's ranges and probabilities (docs/DESIGN.md, the method, point 1).
 
   Ranges are (low, high) for a uniform draw. Noise and colour shift are in 0..255 units.
   """
@@ -378,6 +378,29 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # The config bound to the config-free libraries, in this one place.
 
+def build_model(model_cfg: ml_collections.ConfigDict, resolution: int) -> unet.UNet:
+  """The UNet that `config.model` describes (validated), at image size `resolution`."""
+  m = model_cfg
+  return unet.UNet(
+      resolution=int(resolution), channels=int(m.channels),
+      channel_mult=tuple(int(x) for x in m.channel_mult), num_res_blocks=int(m.num_res_blocks),
+      attention_resolutions=tuple(int(r) for r in m.attention_resolutions),
+      head_channels=int(m.head_channels), dropout=float(m.dropout),
+      resblock_updown=bool(m.resblock_updown), scale_shift_norm=bool(m.scale_shift_norm),
+      num_groups=int(m.num_groups), conditional=bool(m.conditional), lq_concat=bool(m.lq_concat),
+      lq_encoder=bool(m.lq_encoder), lq_encoder_channels=int(m.lq_encoder_channels),
+      out_channels=int(m.out_channels), dtype=unet.DTYPE_OF[m.dtype],
+      param_dtype=unet.DTYPE_OF[m.param_dtype], remat=bool(m.remat),
+      attention_impl=str(m.attention_impl))
+
+
+def sampling_model(diffusion_cfg: ml_collections.ConfigDict) -> dict:
+  """What `samplers.sample_batch` needs to know of config.diffusion: what the model predicts and
+  whether it denoises the residual HQ - LQ."""
+  return dict(parameterization=str(diffusion_cfg.parameterization),
+              residual=bool(diffusion_cfg.residual))
+
+
 def logsnr_fn(diffusion_cfg: ml_collections.ConfigDict, resolution: int) -> schedules.LogSnrFn:
   """config.diffusion's noise schedule at image size `resolution`."""
   return schedules.get_logsnr_fn(
@@ -418,5 +441,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of to_json; JSON lists come back as tuples, as the configs write them."""
-  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+  """Inverse of to_json; JSON lists come back as tuples, as the configs write them. A field the
+  text lacks (a config saved before the field existed) takes its default from base_config(),
+  whose defaults keep the behaviour of the code that wrote it."""
+  return ml_collections.ConfigDict(_completed(_tuples(json.loads(text)),
+                                              base_config().to_dict()))
+
+
+def _completed(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _completed(out[key], default)
+  return out

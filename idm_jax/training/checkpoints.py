@@ -444,7 +444,7 @@ def _restore_ema(manager, held: _HeldFailures, step: int):
   try:
     saved = held.restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))
     config = configlib.from_json(json.dumps(saved['config']))
-    model = unet.build_model(config.model, config.data.resolution)
+    model = configlib.build_model(config.model, config.data.resolution)
     mine = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine),
                             unet_abstract_params(model))

@@ -76,7 +76,7 @@ def loss_fn(params, model, batch, rng, config, logsnr_fn):
                        rngs={'dropout': k_drop})
   # A residual model denoises HQ - LQ: at init (zero output layers) it already returns the LQ,
   # and all its capacity goes to what the LQ lacks.
-  x0 = hq - lq if config.diffusion.get('residual', False) else hq
+  x0 = hq - lq if config.diffusion.residual else hq
   loss, _ = objectives.training_loss(model_fn, x0, k_loss, logsnr_fn,
                                      configlib.loss_spec(config.diffusion))
   return loss
@@ -113,11 +113,10 @@ def sample_images(params, lq, rng, *, model, config, settings, shape, logsnr_fn)
   lq_f = images.to_model_range(lq) if lq is not None else None
   guided = lq_f is not None and settings.guidance_scale != 1.0
   return samplers.sample_batch(
-      model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn,
-      parameterization=config.diffusion.parameterization, sampler=settings.sampler,
+      model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn, sampler=settings.sampler,
       steps=settings.steps, eta=settings.eta, t_start=settings.t_start,
       guidance_scale=settings.guidance_scale if guided else None,
-      residual=bool(config.diffusion.get('residual', False)))
+      **configlib.sampling_model(config.diffusion))
 
 
 def xla_flops(compiled) -> float:
@@ -155,7 +154,7 @@ class Trainer:
     self.mesh = mesh
     self.process_count = parallel.process_count_of(mesh)
     res = config.data.resolution
-    self.model = unet.build_model(config.model, res)
+    self.model = configlib.build_model(config.model, res)
     self.tx = optim.make_optimizer(config.train)
     self.logsnr_fn = configlib.logsnr_fn(config.diffusion, res)
     self.abstract_state, self.shardings = state_shardings(self.model, self.tx, mesh, config.mesh)
