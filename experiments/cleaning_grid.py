@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 
-from idm_jax.storage import files
 from idm_jax.storage import images
 from idm_jax.training import run_log
 
@@ -38,7 +37,7 @@ def main(argv=None):
   rows = [np.stack([images.read(os.path.join(d, 'images', f)) for f in files_])
           for d, files_ in ((a.pristine, names), (a.contaminated, names),
                             (a.cleaned, [by_name[n] for n in names]))]
-  files.save_image(a.out, run_log.image_grid(rows))
+  images.save(a.out, run_log.image_grid(rows))
   print(f'{a.out}: pristine | contaminated | cleaned, {len(names)} faces')
   return 0
 

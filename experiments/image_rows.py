@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 
-from idm_jax.storage import files
 from idm_jax.storage import images
 from idm_jax.training import run_log
 
@@ -36,7 +35,7 @@ def main(argv=None):
             file=sys.stderr)
       return 1
     rows.append(np.stack([images.read(found[s]) for s in stems]))
-  files.save_image(a.out, run_log.image_grid(rows))
+  images.save(a.out, run_log.image_grid(rows))
   print(f'{a.out}: {len(rows)} rows of {len(stems)} images')
   return 0
 

@@ -100,7 +100,7 @@ def restore_file(path: str, restorer, detector, settings: Settings, out_dir: str
     return Result(message=f'error: {name}: {type(e).__name__}: {e}', input=image)
   download = files.join(out_dir, os.path.splitext(name)[0] + '_restored.png')
   try:
-    restore.write_image(download, output)
+    images.save(download, output)
   except OSError as e:
     return Result(message=f'error: cannot write {download}: {e}', input=image, output=output,
                   faces=pairs)

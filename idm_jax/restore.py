@@ -95,11 +95,6 @@ def output_ext(path: str, ext: str) -> str:
   return 'jpg' if src in ('jpg', 'jpeg') else 'png'
 
 
-def write_image(path: str, image: np.ndarray) -> None:
-  """Writes an RGB uint8 image atomically; the format follows the extension (png, jpg)."""
-  files.save_image(path, image)
-
-
 def resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
   """Area when shrinking (no aliasing), Lanczos when enlarging."""
   if image.shape[1] == w and image.shape[0] == h:
@@ -232,10 +227,10 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
         for (path, rel, image), x, y in zip(batch, lq, restored):
           try:
             h, w = image.shape[:2]
-            write_image(_out_path(out_dir, 'restored_faces', rel, suffix + '.png'), y)
-            write_image(_out_path(out_dir, 'restored_imgs', rel,
+            images.save(_out_path(out_dir, 'restored_faces', rel, suffix + '.png'), y)
+            images.save(_out_path(out_dir, 'restored_imgs', rel,
                                   f'{suffix}.{output_ext(path, args.ext)}'), resize(y, w, h))
-            write_image(_out_path(out_dir, 'cmp', rel, '.png'), side_by_side(x, y))
+            images.save(_out_path(out_dir, 'cmp', rel, '.png'), side_by_side(x, y))
             report.restored.append(path)
           except Exception as e:  # pylint: disable=broad-except  (a bucket's HTTP errors too)
             report.fail(path, f'cannot write output: {e}')
@@ -274,10 +269,10 @@ def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report)
                             upscale=args.upscale, batch_size=args.batch_size,
                             sample_kwargs=sample_kwargs, only_center_face=args.only_center_face)
         for k, (crop, face) in enumerate(zip(res.crops, res.restored)):
-          write_image(_out_path(out_dir, 'cropped_faces', rel, f'_{k:02d}.png'), crop)
-          write_image(_out_path(out_dir, 'restored_faces', rel, f'_{k:02d}{suffix}.png'), face)
-          write_image(_out_path(out_dir, 'cmp', rel, f'_{k:02d}.png'), side_by_side(crop, face))
-        write_image(_out_path(out_dir, 'restored_imgs', rel,
+          images.save(_out_path(out_dir, 'cropped_faces', rel, f'_{k:02d}.png'), crop)
+          images.save(_out_path(out_dir, 'restored_faces', rel, f'_{k:02d}{suffix}.png'), face)
+          images.save(_out_path(out_dir, 'cmp', rel, f'_{k:02d}.png'), side_by_side(crop, face))
+        images.save(_out_path(out_dir, 'restored_imgs', rel,
                               f'{suffix}.{output_ext(path, args.ext)}'), res.image)
         (report.restored if len(res.crops) else report.no_face).append(path)
       except Exception as e:  # pylint: disable=broad-except

@@ -162,7 +162,7 @@ def make_faces(folder, count=14, size=32, corrupt=(5,)):
     img = crops[k]['image'].astype(np.int64)
     if k % 3 == 0:
       img = img + rng.normal(0, 25, img.shape)
-    data = b'not a png' if k in corrupt else files.encode_image(np.clip(img, 0, 255))
+    data = b'not a png' if k in corrupt else images.encode(np.clip(img, 0, 255))
     items.append((files.join(folder, f'{k:02d}.png'), data))
   assert files.write_many(items) == [None] * count
   return sources.FolderSource(tuple(images.list_images(folder)), size, root=files.absolute(folder))
@@ -193,7 +193,7 @@ def sequential_clean(source, restorer, cfg, resolution, params):
     restored = restorer.restore(lq, indices=np.array([i for i, _ in good]), seed=0)
     for (i, _), img in zip(good, restored):
       rel = cleaned_dataset.out_name(names[i], cleaned=True)
-      data = files.encode_image(img)
+      data = images.encode(img)
       out[rel] = data
       records[names[i]] = dict(name=names[i], file=rel, action='cleaned',
                                sha256=hashlib.sha256(data).hexdigest())
@@ -256,7 +256,7 @@ def test_a_non_folder_source_is_scored_and_copied_as_lossless_pngs(tmp_path):
     img = rec['image']
     if entry['action'] == 'cleaned':
       img = ShiftRestorer().restore(img[None], indices=np.array([i]), seed=0)[0]
-    assert on_disk[entry['file']] == files.encode_image(img), rec['name']
+    assert on_disk[entry['file']] == images.encode(img), rec['name']
 
 
 def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_params,
@@ -364,7 +364,7 @@ def test_a_503_storm_longer_than_gcsfs_retries_is_outlasted(gcs_faults, gcs_buck
 def latency_dataset(folder, count, size=16):
   rng = np.random.default_rng(1)
   items = [(files.join(folder, f'{k:05d}.png'),
-            files.encode_image(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+            images.encode(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
            for k in range(count)]
   assert files.write_many(items, concurrency=32) == [None] * count
   return sources.FolderSource(tuple(p for p, _ in items), size, root=folder)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from idm_jax.storage import files
+from idm_jax.storage import images
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -38,8 +39,8 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 def test_save_image_format_follows_extension(tmp_path):
   img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-  files.save_image(tmp_path / 'a.png', img)
-  files.save_image(tmp_path / 'a.jpg', img)
+  images.save(tmp_path / 'a.png', img)
+  images.save(tmp_path / 'a.jpg', img)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'a.png')), img)
   assert Image.open(tmp_path / 'a.jpg').format == 'JPEG'
 
@@ -51,7 +52,7 @@ def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
   root = files.join(local_or_bucket, 'root')
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'old')
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'new')
-  files.save_image(files.join(root, 'a', 'b', 'y.png'), np.zeros((2, 2, 3), np.uint8))
+  images.save(files.join(root, 'a', 'b', 'y.png'), np.zeros((2, 2, 3), np.uint8))
   files.append_text(files.join(root, 'log.jsonl'), 'one\n')
   files.append_text(files.join(root, 'log.jsonl'), 'two\nthree\n')
   assert files.read_bytes(files.join(root, 'a', 'x.bin')) == b'new'

@@ -65,7 +65,7 @@ def load_square(path: str | os.PathLike, resolution: int, name: str | None = Non
 
 def write_png(path: str, rgb: np.ndarray):
   """Writes uint8 RGB as PNG atomically (a temp file and a rename; in a bucket one upload)."""
-  files.save_image(path, rgb)
+  images.save(path, rgb)
 
 
 def read_replay(path: str | os.PathLike) -> dict[str, dict]:

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
-import io
 import os
 import pathlib
 from typing import Any, Sequence
@@ -76,9 +75,7 @@ def load_image(data: bytes | str | os.PathLike, resolution: int, name: str | Non
 
 def encode_png(image: np.ndarray) -> bytes:
   """Lossless encoding for prepared datasets (level 1: 3x faster, ~10% larger than level 6)."""
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='PNG', compress_level=1)
-  return buf.getvalue()
+  return images.encode(image, 'PNG', compress_level=1)
 
 
 # ---------------------------------------------------------------------------------------------

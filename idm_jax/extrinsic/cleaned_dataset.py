@@ -23,6 +23,7 @@ import threading
 import time
 
 from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import sources
 
 FORMAT = 'idm_jax/cleaned-dataset/1'
@@ -161,7 +162,7 @@ def _copy_record(source, i: int, name: str, out_dir: str, checksum: str | None,
       rec = source[i]
     if rec.get('image') is None:
       return dict(name=name, action='failed', reason=rec.get('error', ''))
-    data = files.encode_image(rec['image'])
+    data = images.encode(rec['image'])
     rel = out_name(name, cleaned=True)
   files.call_with_retries(files.write_atomic, files.join(out_dir, IMAGES, rel), data)
   return dict(name=name, file=rel, action='copied', sha256=hashlib.sha256(data).hexdigest())

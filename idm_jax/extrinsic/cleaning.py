@@ -208,7 +208,7 @@ def _write_cleaned(out_dir: str, journal, items, *, params, resolution: int,
   def one(item):
     name, img = item
     rel = cleaned_dataset.out_name(name, cleaned=True)
-    data = files.encode_image(img)
+    data = images.encode(img)
     files.call_with_retries(files.write_atomic, files.join(out_dir, cleaned_dataset.IMAGES, rel),
                             data)
     entry = dict(name=name, file=rel, action='cleaned', sha256=hashlib.sha256(data).hexdigest())

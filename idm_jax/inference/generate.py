@@ -40,7 +40,7 @@ def run(config, workdir: str) -> str:
                      desc='generate', disable=pi != 0):
     samples = host_shares.call_padded(sample, bs, idx)
     for i, img in zip(idx, samples):
-      files.save_image(files.join(out_dir, f'{i:06d}.png'), img)
+      images.save(files.join(out_dir, f'{i:06d}.png'), img)
   # The grid shows the first samples whichever host drew them: on shared storage (a bucket, as
   # on a pod) every host's; where each host writes to its own disk, those this one can see.
   parallel.barrier('generate: every sample written')
@@ -49,7 +49,7 @@ def run(config, workdir: str) -> str:
     first = [images.read(files.join(out_dir, f'{i:06d}.png'))
              for i in range(min(16, g.num_samples)) if f'{i:06d}.png' in present]
     if first:
-      files.save_image(files.join(workdir, 'generated_grid.png'),
+      images.save(files.join(workdir, 'generated_grid.png'),
                          run_log.image_grid([np.stack(first)]))
   logging.info('%d samples in %s', g.num_samples, out_dir)
   return out_dir

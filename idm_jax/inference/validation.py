@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from idm_jax.storage import files
+from idm_jax.storage import images
 from idm_jax.data import pipeline
 from idm_jax.inference import engine
 from idm_jax.runtime import host_shares
@@ -78,17 +79,17 @@ def evaluate_restorer(config, restorer: engine.Restorer, out_dir: str, *,
   if write_metrics:
     scoring.add_deltas(rows, 'LQ input', seed=config.seed)
   if write:
-    files.save_image(files.join(out_dir, 'grid.png'), run_log.image_grid(grid_rows))
+    images.save(files.join(out_dir, 'grid.png'), run_log.image_grid(grid_rows))
     if write_metrics:
       reports.write_report(rows, out_dir, title=f'Validation ({len(val["hq"])} images, '
                                                  f'{config.degradation.preset} degradations)')
   return rows
 
 
-def _save_all(directory: str, names, images) -> None:
-  for name, img in zip(names, images):
+def _save_all(directory: str, names, batch) -> None:
+  for name, img in zip(names, batch):
     stem = os.path.splitext(os.path.basename(name))[0]
-    files.save_image(files.join(directory, f'{stem}.png'), img)
+    images.save(files.join(directory, f'{stem}.png'), img)
 
 
 def run(config, workdir: str, *, write_metrics: bool = True) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import io
 import os
 import posixpath
 import random
@@ -25,8 +24,6 @@ import time
 from typing import Iterator
 
 from etils import epath
-import numpy as np
-from PIL import Image
 
 PathLike = str | os.PathLike
 
@@ -286,20 +283,6 @@ def _umask() -> int:
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
-
-
-def encode_image(image: np.ndarray, fmt: str = 'PNG', **kwargs) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **kwargs)
-  return buf.getvalue()
-
-
-def save_image(p: PathLike, image: np.ndarray) -> None:
-  """Writes an RGB uint8 image atomically; the format follows the extension (png, jpg)."""
-  if os.fspath(p).lower().endswith(('.jpg', '.jpeg')):
-    write_atomic(p, encode_image(image, 'JPEG', quality=95))
-  else:
-    write_atomic(p, encode_image(image, 'PNG'))
 
 
 def is_within(p: PathLike, folder: PathLike) -> bool:

@@ -1,4 +1,5 @@
-"""The one image reader: files -> upright 8-bit RGB, with one set of rules for every entry point.
+"""Image bytes: the one reader (files -> upright 8-bit RGB, one set of rules for every entry
+point), the one writer (`encode`, `save`), and listing the images of a folder.
 
 Training data, the fixed test set, restore, the web demo, evaluate and generate all decode here,
 so a file becomes the same pixels wherever it goes. The rules:
@@ -246,18 +247,11 @@ def list_files(directory: str | os.PathLike, *, extensions: Sequence[str] | None
   `directory` is not a folder or holds no such file.
   """
   exts = None if extensions is None else tuple(e.lower() for e in extensions)
-  if files.is_remote(directory):   # a bucket prefix: one listing of every object below it
-    d = files.absolute(directory)
-    rels = files.walk_files(d) if files.isdir(d) else []
-    if not rels:
-      raise FileNotFoundError(f'image folder {d!r} does not exist (or is empty)')
-    entries = [(rel, files.join(d, rel)) for rel in rels if recursive or '/' not in rel]
-  else:
-    d = pathlib.Path(directory).expanduser()
-    if not d.is_dir():
-      raise FileNotFoundError(f'image folder {str(d)!r} does not exist (or is not a folder)')
-    entries = [(p.relative_to(d).as_posix(), str(p))
-               for p in (d.rglob('*') if recursive else d.iterdir()) if p.is_file()]
+  d = files.absolute(directory)   # a local folder or a bucket prefix: one walk for both
+  if not files.isdir(d):
+    raise FileNotFoundError(f'image folder {d!r} does not exist (or is not a folder)')
+  entries = [(rel, files.join(d, rel)) for rel in files.walk_files(d)
+             if recursive or '/' not in rel]
   found = []
   for rel, p in entries:
     if any(_hidden(part) for part in rel.split('/')):
@@ -283,6 +277,23 @@ def is_image_name(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Pixel ranges. Written with array methods only, so they work on numpy and jax arrays alike
 # (traced ones too) and this module needs no jax.
+
+
+def encode(image: np.ndarray, fmt: str = 'PNG', **options) -> bytes:
+  """An RGB (or grayscale) uint8 image as the bytes of a file in `fmt`; `options` go to Pillow
+  (PNG `compress_level`, JPEG `quality`)."""
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt, **options)
+  return buf.getvalue()
+
+
+def save(path: files.PathLike, image: np.ndarray) -> None:
+  """Writes an RGB uint8 image atomically (local or gs://); the format follows the extension:
+  JPEG (quality 95) for .jpg and .jpeg, PNG otherwise."""
+  if os.fspath(path).lower().endswith(('.jpg', '.jpeg')):
+    files.write_atomic(path, encode(image, 'JPEG', quality=95))
+  else:
+    files.write_atomic(path, encode(image, 'PNG'))
 
 
 def to_model_range(images_uint8) -> 'np.ndarray':

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from idm_jax.metrics import fidelity
 from idm_jax.storage import files
+from idm_jax.storage import images
 
 
 def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
@@ -279,7 +280,7 @@ class Writer:
     # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
     zoom = max(1, 128 // samples.shape[1])
     grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
-    self._write_grid(files.join(self.workdir, f'samples_{step:07d}.png'), files.encode_image(grid),
+    self._write_grid(files.join(self.workdir, f'samples_{step:07d}.png'), images.encode(grid),
                      0, step)
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:
