@@ -17,6 +17,7 @@ meanwhile moves both numbers. With --rounds 2 the two alternate (ours, PyTorch, 
 PyTorch) and each side's best round is kept, so a drift in the machine's speed shows as a
 spread rather than as a difference.
 """
+
 import argparse
 import json
 import os
@@ -43,21 +44,33 @@ def _run(cmd, env=None) -> dict:
 
 
 def ours(config: str, steps: int) -> dict:
-  return _run([sys.executable, '-m', 'bench.train_step', f'--config={config}',
-               f'--steps={steps}', '--warmup=2'])
+  return _run(
+    [
+      sys.executable,
+      '-m',
+      'bench.train_step',
+      f'--config={config}',
+      f'--steps={steps}',
+      '--warmup=2',
+    ]
+  )
 
 
 def anchor_missing(torch_python: str, anchor_path: str, anchor_script: str) -> str:
   """Why the anchor cannot run, or '' when it can."""
-  for what, p in (('PyTorch environment', torch_python), ('anchor script', anchor_script),
-                  ('guided_diffusion package', os.path.join(anchor_path, 'guided_diffusion'))):
+  for what, p in (
+    ('PyTorch environment', torch_python),
+    ('anchor script', anchor_script),
+    ('guided_diffusion package', os.path.join(anchor_path, 'guided_diffusion')),
+  ):
     if not os.path.exists(p):
       return f'no {what} at {p}'
   return ''
 
 
-def pytorch(torch_python: str, anchor_path: str, anchor_script: str, resolution: int,
-            batch: int, steps: int) -> dict:
+def pytorch(
+  torch_python: str, anchor_path: str, anchor_script: str, resolution: int, batch: int, steps: int
+) -> dict:
   env = dict(os.environ, PYTHONPATH=os.path.abspath(anchor_path))
   return _run([torch_python, anchor_script, str(resolution), str(batch), str(steps)], env=env)
 
@@ -69,15 +82,18 @@ def main():
   p.add_argument('--rounds', type=int, default=1)
   p.add_argument('--torch_python', default=os.path.join('.torch-venv', 'bin', 'python'))
   p.add_argument('--anchor_path', default='.anchor')
-  p.add_argument('--anchor_script',
-                 default=os.path.join('..', 'shared', 'tools', 'torch_cpu_anchor.py'))
+  p.add_argument(
+    '--anchor_script', default=os.path.join('..', 'shared', 'tools', 'torch_cpu_anchor.py')
+  )
   p.add_argument('--json', default='', help='append the summary as a JSON line to this file')
   a = p.parse_args()
 
   from idm_jax.runtime import configlib  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+
   config = configlib.load(os.path.join(ROOT, a.config))
-  missing = anchor_missing(*(os.path.join(ROOT, x) for x in
-                             (a.torch_python, a.anchor_path, a.anchor_script)))
+  missing = anchor_missing(
+    *(os.path.join(ROOT, x) for x in (a.torch_python, a.anchor_path, a.anchor_script))
+  )
   if missing:
     print(f'anchor not found ({missing}): timing ours alone', flush=True)
   jax_runs, torch_runs = [], []
@@ -85,20 +101,32 @@ def main():
     jax_runs.append(ours(a.config, a.steps))
     print(json.dumps(jax_runs[-1]), flush=True)
     if not missing:
-      torch_runs.append(pytorch(*(os.path.join(ROOT, x) for x in
-                                  (a.torch_python, a.anchor_path, a.anchor_script)),
-                                config.data.resolution, config.train.batch_size, a.steps))
+      torch_runs.append(
+        pytorch(
+          *(os.path.join(ROOT, x) for x in (a.torch_python, a.anchor_path, a.anchor_script)),
+          config.data.resolution,
+          config.train.batch_size,
+          a.steps,
+        )
+      )
       print(json.dumps(torch_runs[-1]), flush=True)
   jax_s = min(r['step_ms'] for r in jax_runs) / 1e3
-  summary = dict(config=os.path.basename(a.config), batch=config.train.batch_size,
-                 resolution=config.data.resolution, dtype=config.model.dtype,
-                 jax_step_s=round(jax_s, 3),
-                 jax_rounds_s=[round(r['step_ms'] / 1e3, 3) for r in jax_runs])
+  summary = dict(
+    config=os.path.basename(a.config),
+    batch=config.train.batch_size,
+    resolution=config.data.resolution,
+    dtype=config.model.dtype,
+    jax_step_s=round(jax_s, 3),
+    jax_rounds_s=[round(r['step_ms'] / 1e3, 3) for r in jax_runs],
+  )
   if torch_runs:
     torch_s = min(r['step_s'] for r in torch_runs)
-    summary.update(torch=torch_runs[0]['torch'], torch_step_s=torch_s,
-                   torch_rounds_s=[r['step_s'] for r in torch_runs],
-                   ratio=round(torch_s / jax_s, 3))
+    summary.update(
+      torch=torch_runs[0]['torch'],
+      torch_step_s=torch_s,
+      torch_rounds_s=[r['step_s'] for r in torch_runs],
+      ratio=round(torch_s / jax_s, 3),
+    )
   else:
     summary.update(anchor=f'not found: {missing}')
   train_step.emit(summary, a.json)

@@ -10,6 +10,7 @@
    and reported separately).
 Each number is the best of --repeats runs (the machine may be shared: best = least disturbed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,11 @@ import time
 import cv2
 import numpy as np
 
-from idm_jax.runtime import configlib
-from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import pipeline
 from idm_jax.data import sources
+from idm_jax.runtime import configlib
+from idm_jax.storage import images
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,9 +35,9 @@ def bench_degradation(data_dir: str, resolution: int, num_images: int, repeats: 
   cv2.setNumThreads(1)
   cfg = configlib.degradation_config('gfpgan')
   paths = images.list_images(data_dir)[:8]
-  hqs = [sources.load_image(p, resolution) for p in paths]   # upscaled from 128: fine for timing
+  hqs = [sources.load_image(p, resolution) for p in paths]  # upscaled from 128: fine for timing
   rng = np.random.default_rng(0)
-  degradations.degrade_pair(hqs[0], rng, cfg)   # warm caches (kernel grids, FFT plans)
+  degradations.degrade_pair(hqs[0], rng, cfg)  # warm caches (kernel grids, FFT plans)
   best = 0.0
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -46,8 +47,15 @@ def bench_degradation(data_dir: str, resolution: int, num_images: int, repeats: 
   return best
 
 
-def bench_pipeline(data_dir: str, resolution: int, workers: int, batch_size: int, batches: int,
-                   warmup: int, repeats: int) -> tuple[float, float]:
+def bench_pipeline(
+  data_dir: str,
+  resolution: int,
+  workers: int,
+  batch_size: int,
+  batches: int,
+  warmup: int,
+  repeats: int,
+) -> tuple[float, float]:
   """(best images/s, seconds to the first batch) of the train pipeline."""
   config = configlib.load(REPO / 'configs' / 'celeba_128.py')
   config.data.update(dir=data_dir, resolution=resolution, num_workers=workers)
@@ -68,8 +76,9 @@ def bench_pipeline(data_dir: str, resolution: int, workers: int, batch_size: int
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--data-dir', default=str(REPO.parent / 'shared' / 'data' / 'celeba_hq128_dev'))
   p.add_argument('--degrade-resolution', type=int, default=512)
   p.add_argument('--degrade-images', type=int, default=30)
@@ -84,17 +93,23 @@ def main():
 
   print(f'CPU cores visible: {os.cpu_count()}; load average: {os.getloadavg()}')
   if not args.skip_degradation:
-    ips = bench_degradation(args.data_dir, args.degrade_resolution, args.degrade_images,
-                            args.repeats)
-    print(f'degradation, 1 core, {args.degrade_resolution}px, gfpgan preset: {ips:.1f} images/s '
-          f'(best of {args.repeats} x {args.degrade_images})')
+    ips = bench_degradation(
+      args.data_dir, args.degrade_resolution, args.degrade_images, args.repeats
+    )
+    print(
+      f'degradation, 1 core, {args.degrade_resolution}px, gfpgan preset: {ips:.1f} images/s '
+      f'(best of {args.repeats} x {args.degrade_images})'
+    )
   for w in args.workers:
-    ips, startup = bench_pipeline(args.data_dir, args.resolution, w, args.batch_size,
-                                  args.batches, args.warmup, args.repeats)
-    print(f'train pipeline, {args.resolution}px, batch {args.batch_size}, num_workers={w}: '
-          f'{ips:.1f} images/s (best of {args.repeats} x {args.batches} batches), '
-          f'first batch after {startup:.1f} s')
+    ips, startup = bench_pipeline(
+      args.data_dir, args.resolution, w, args.batch_size, args.batches, args.warmup, args.repeats
+    )
+    print(
+      f'train pipeline, {args.resolution}px, batch {args.batch_size}, num_workers={w}: '
+      f'{ips:.1f} images/s (best of {args.repeats} x {args.batches} batches), '
+      f'first batch after {startup:.1f} s'
+    )
 
 
-if __name__ == '__main__':   # grain's worker processes are spawned: keep this guard
+if __name__ == '__main__':  # grain's worker processes are spawned: keep this guard
   main()

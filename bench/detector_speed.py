@@ -10,6 +10,7 @@ upsample setting, the median wall time of the detector alone (boxes), of detect(
 five landmarks of every face found), and the faces found. Pin it to one core (taskset) so the
 numbers say what one core costs; dlib's detectors run on one thread anyway.
 """
+
 import argparse
 import os
 import statistics
@@ -23,8 +24,20 @@ from skimage import data
 from idm_jax.inference import faces
 
 # (degrees turned counter-clockwise, face crop width in px) for the group photo's twelve faces.
-GROUP = ((0, 128), (20, 96), (-20, 64), (40, 128), (-40, 96), (55, 64),
-         (-55, 128), (0, 48), (30, 96), (-30, 48), (55, 96), (-55, 64))
+GROUP = (
+  (0, 128),
+  (20, 96),
+  (-20, 64),
+  (40, 128),
+  (-40, 96),
+  (55, 64),
+  (-55, 128),
+  (0, 48),
+  (30, 96),
+  (-30, 48),
+  (55, 96),
+  (-55, 64),
+)
 
 
 def group_photo(folder: str) -> np.ndarray:
@@ -32,14 +45,23 @@ def group_photo(folder: str) -> np.ndarray:
   names = sorted(n for n in os.listdir(folder) if n.lower().endswith(('.jpg', '.png')))
   photo = np.full((768, 1024, 3), 128, np.uint8)
   for k, ((angle, width), name) in enumerate(zip(GROUP, names)):
-    face = cv2.resize(np.asarray(Image.open(os.path.join(folder, name)).convert('RGB')),
-                      (width, width), interpolation=cv2.INTER_AREA)
+    face = cv2.resize(
+      np.asarray(Image.open(os.path.join(folder, name)).convert('RGB')),
+      (width, width),
+      interpolation=cv2.INTER_AREA,
+    )
     c = (width - 1) / 2
-    affine = cv2.getRotationMatrix2D((c, c), angle, 1.)
-    cx, cy = 127.5 + 256 * (k % 4), 127.5 + 256 * (k // 4)     # a 4x3 grid of 256 px cells
+    affine = cv2.getRotationMatrix2D((c, c), angle, 1.0)
+    cx, cy = 127.5 + 256 * (k % 4), 127.5 + 256 * (k // 4)  # a 4x3 grid of 256 px cells
     affine[:, 2] += (cx - c, cy - c)
-    cv2.warpAffine(face, affine, (1024, 768), dst=photo, flags=cv2.INTER_LINEAR,
-                   borderMode=cv2.BORDER_TRANSPARENT)   # paints only the face's square
+    cv2.warpAffine(
+      face,
+      affine,
+      (1024, 768),
+      dst=photo,
+      flags=cv2.INTER_LINEAR,
+      borderMode=cv2.BORDER_TRANSPARENT,
+    )  # paints only the face's square
   return photo
 
 
@@ -74,11 +96,13 @@ def main(argv=None):
     for name in faces.DETECTORS:
       for upsample in args.upsample:
         detector = faces.get_detector(name, upsample=upsample)
-        detector.detect(image)                      # warm up (first-call allocations)
+        detector.detect(image)  # warm up (first-call allocations)
         t_boxes, _ = median_time(lambda d=detector, im=image: d.boxes(im), args.repeats)
         t_detect, found = median_time(lambda d=detector, im=image: d.detect(im), args.repeats)
-        print(f'| {title} | {name} | {upsample} | {t_boxes:.2f} s | {t_detect:.2f} s | '
-              f'{len(found)} |', flush=True)
+        print(
+          f'| {title} | {name} | {upsample} | {t_boxes:.2f} s | {t_detect:.2f} s | {len(found)} |',
+          flush=True,
+        )
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ Independent of XLA's cost model, so it cross-checks `compiled.cost_analysis()`. 
 of convolutions and dot_generals (elementwise ops are ignored: they are memory-bound and a
 few percent of a UNet's FLOPs).
 """
+
 import math
 
 import jax

@@ -7,6 +7,7 @@ tuples, bitcasts, the loop instructions themselves). Instructions inside fused c
 one kernel with their fusion, so they are not counted. It is an estimate: XLA may still batch
 launches into CUDA graphs, and a library call can launch more than one kernel.
 """
+
 import collections
 import re
 
@@ -14,10 +15,26 @@ _HEADER = re.compile(r'^(ENTRY )?%([^\s(]+)\s.*\{$')
 _OPCODE = re.compile(r'=\s.*?\s([a-z][\w-]*)\(')
 _RUNS = re.compile(r'\b(?:body|condition|true_computation|false_computation)=%([\w.-]+)')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
-_BOOKKEEPING = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'while',
-                'conditional', 'call', 'after-all', 'partition-id', 'replica-id', 'opt-barrier',
-                'copy-done', 'all-reduce-done', 'all-gather-done', 'collective-permute-done',
-                'async-done', 'iota'}
+_BOOKKEEPING = {
+  'parameter',
+  'constant',
+  'get-tuple-element',
+  'tuple',
+  'bitcast',
+  'while',
+  'conditional',
+  'call',
+  'after-all',
+  'partition-id',
+  'replica-id',
+  'opt-barrier',
+  'copy-done',
+  'all-reduce-done',
+  'all-gather-done',
+  'collective-permute-done',
+  'async-done',
+  'iota',
+}
 
 
 def launch_count(hlo_text: str) -> dict:

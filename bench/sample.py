@@ -5,6 +5,7 @@ python -m bench.sample --config=configs/ffhq.py --steps 25 --batch 16 [--repeats
 Random weights (the speed does not depend on them); the batch is sharded over local devices.
 Reports the median of `--repeats` timed restorations after one warm-up (which compiles).
 """
+
 import argparse
 import os
 import statistics
@@ -14,8 +15,8 @@ import jax
 import numpy as np
 
 from bench.train_step import emit
-from idm_jax.runtime import configlib
 from idm_jax.inference import engine
+from idm_jax.runtime import configlib
 
 
 def main():
@@ -39,14 +40,22 @@ def main():
   times = []
   for i in range(a.repeats):
     t = time.perf_counter()
-    restorer.restore(lq, seed=i, **kw)   # returns host uint8: the timing includes the transfer
+    restorer.restore(lq, seed=i, **kw)  # returns host uint8: the timing includes the transfer
     times.append(time.perf_counter() - t)
   med = statistics.median(times)
-  result = dict(config=os.path.basename(a.config), device=jax.devices()[0].device_kind,
-                num_devices=len(jax.local_devices()), batch=a.batch, steps=a.steps,
-                sampler=a.sampler, seconds_per_batch=round(med, 3),
-                images_per_sec=round(a.batch / med, 2), first_call_s=round(compile_s, 1),
-                jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
+  result = dict(
+    config=os.path.basename(a.config),
+    device=jax.devices()[0].device_kind,
+    num_devices=len(jax.local_devices()),
+    batch=a.batch,
+    steps=a.steps,
+    sampler=a.sampler,
+    seconds_per_batch=round(med, 3),
+    images_per_sec=round(a.batch / med, 2),
+    first_call_s=round(compile_s, 1),
+    jax=jax.__version__,
+    date=time.strftime('%Y-%m-%d'),
+  )
   emit(result, a.json)
 
 

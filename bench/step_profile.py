@@ -11,6 +11,7 @@ step's wall time (kernels that run side by side make the sum exceed it; gaps mak
 short). On the CPU each kernel is one thunk of XLA's CPU runtime; a matrix product spread over
 the thread pool counts once, at its wall time.
 """
+
 import argparse
 import collections
 import gzip
@@ -26,9 +27,16 @@ from bench import train_step
 from idm_jax.runtime import configlib
 
 # (substring of the op_name path, layer kind), first match wins.
-LAYER_KINDS = (('_attn', 'attention'), ('norm', 'groupnorm'), ('conv', 'convolution'),
-               ('skip', 'convolution'), ('lq_proj', 'convolution'), ('emb', 'embedding'),
-               ('time_embed', 'embedding'), ('apply_gradients', 'optimizer'))
+LAYER_KINDS = (
+  ('_attn', 'attention'),
+  ('norm', 'groupnorm'),
+  ('conv', 'convolution'),
+  ('skip', 'convolution'),
+  ('lq_proj', 'convolution'),
+  ('emb', 'embedding'),
+  ('time_embed', 'embedding'),
+  ('apply_gradients', 'optimizer'),
+)
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(')
 
 
@@ -40,8 +48,12 @@ def parse_hlo(text: str) -> dict:
     if m:
       called = re.search(r'calls=%([\w.\-]+)', line)
       op_name = re.search(r'op_name="([^"]*)"', line)
-      out[m.group(1)] = (m.group(2).split('{')[0], m.group(3), called and called.group(1),
-                         op_name.group(1) if op_name else '')
+      out[m.group(1)] = (
+        m.group(2).split('{')[0],
+        m.group(3),
+        called and called.group(1),
+        op_name.group(1) if op_name else '',
+      )
   return out
 
 
@@ -70,8 +82,15 @@ def layer_kind(op_name: str) -> str:
 
 
 def kernel_events(trace_dir: str, instructions: dict) -> list:
-  path = max((os.path.join(r, f) for r, _, fs in os.walk(trace_dir) for f in fs
-              if f.endswith('.trace.json.gz')), key=os.path.getmtime)
+  path = max(
+    (
+      os.path.join(r, f)
+      for r, _, fs in os.walk(trace_dir)
+      for f in fs
+      if f.endswith('.trace.json.gz')
+    ),
+    key=os.path.getmtime,
+  )
   with gzip.open(path) as f:
     events = json.load(f)['traceEvents']
   return [e for e in events if e.get('ph') == 'X' and e.get('name') in instructions]
@@ -113,8 +132,10 @@ def main():
   jax.profiler.stop_trace()
   tables = breakdown(kernel_events(trace_dir, instructions), text, instructions)
 
-  print(f'{os.path.basename(a.config)} part={a.part} batch={bs}: step {wall * 1e3:.0f} ms, '
-        f'traced step {traced_wall * 1e3:.0f} ms, sum of kernel times {tables["kernel_ms"]:.0f} ms')
+  print(
+    f'{os.path.basename(a.config)} part={a.part} batch={bs}: step {wall * 1e3:.0f} ms, '
+    f'traced step {traced_wall * 1e3:.0f} ms, sum of kernel times {tables["kernel_ms"]:.0f} ms'
+  )
   total = tables['kernel_ms']
   print('\nby layer and pass')
   for (kind, pas), ms in tables['by_layer'].most_common(a.top):
@@ -123,13 +144,19 @@ def main():
   for (kind, shape), ms in tables['by_kernel'].most_common(a.top):
     print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind} {shape}')
   if a.json:
-    train_step.emit(dict(
-        config=os.path.basename(a.config), part=a.part, batch=bs, step_ms=round(wall * 1e3, 1),
+    train_step.emit(
+      dict(
+        config=os.path.basename(a.config),
+        part=a.part,
+        batch=bs,
+        step_ms=round(wall * 1e3, 1),
         kernel_ms=round(total, 1),
         by_layer={f'{k} {p_}': round(v, 1) for (k, p_), v in tables['by_layer'].most_common()},
-        by_kernel={f'{k} {s}': round(v, 1)
-                   for (k, s), v in tables['by_kernel'].most_common(a.top)},
-        date=time.strftime('%Y-%m-%d')), a.json)
+        by_kernel={f'{k} {s}': round(v, 1) for (k, s), v in tables['by_kernel'].most_common(a.top)},
+        date=time.strftime('%Y-%m-%d'),
+      ),
+      a.json,
+    )
 
 
 if __name__ == '__main__':

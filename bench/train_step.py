@@ -14,6 +14,7 @@ counted from its optimized HLO (bench/kernels.py).
 (loss, gradients and their norm, state passed through untouched), `update` is the rest of the
 real step (AdamW, EMA, the finite guard) applied to fixed gradients. grads + update ~ step.
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,8 @@ import optax
 from bench import flops as flops_lib
 from bench import kernels
 from idm_jax.runtime import configlib
-from idm_jax.training import optim
 from idm_jax.runtime import parallel
+from idm_jax.training import optim
 from idm_jax.training import train
 
 PARTS = ('step', 'grads', 'update')
@@ -54,7 +55,7 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
   for _ in range(reps):
     out = f(a)
   out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+  return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
 def time_steps(step, state, arg, warmup: int, steps: int):
@@ -75,13 +76,17 @@ def time_steps(step, state, arg, warmup: int, steps: int):
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', required=True)
-  p.add_argument('--batch', type=int, default=0, help='global batch (default: the config\'s)')
+  p.add_argument('--batch', type=int, default=0, help="global batch (default: the config's)")
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--attention', default='', help='override model.attention_impl')
   p.add_argument('--json', default='', help='append the result as a JSON line to this file')
-  p.add_argument('--part', default='step', choices=PARTS,
-                 help='time the whole step, or only its gradient or update half')
+  p.add_argument(
+    '--part',
+    default='step',
+    choices=PARTS,
+    help='time the whole step, or only its gradient or update half',
+  )
   a = p.parse_args()
 
   config = configlib.load(a.config)
@@ -109,15 +114,26 @@ def main():
   xla_per_image = trainer.step_flops / bs
   achieved = arch / med / 1e12
   result = dict(
-      config=os.path.basename(a.config), part=a.part, device=jax.devices()[0].device_kind,
-      num_devices=jax.device_count(), batch=bs, attention=config.model.attention_impl,
-      step_ms=round(med * 1e3, 2), images_per_sec=round(bs / med, 1),
-      gflop_per_image_arch=round(arch / bs / 1e9, 1),
-      gflop_per_image_xla=round(xla_per_image / 1e9, 1),
-      tflops=round(achieved, 1), matmul_peak_tflops=round(peak, 1),
-      mfu=round(achieved / peak, 3), compile_s=round(compile_s, 1), loss=round(loss, 4),
-      kernels=launches['kernels'], kernel_ops=dict(list(launches['by_op'].items())[:6]),
-      jax=jax.__version__, date=time.strftime('%Y-%m-%d'))
+    config=os.path.basename(a.config),
+    part=a.part,
+    device=jax.devices()[0].device_kind,
+    num_devices=jax.device_count(),
+    batch=bs,
+    attention=config.model.attention_impl,
+    step_ms=round(med * 1e3, 2),
+    images_per_sec=round(bs / med, 1),
+    gflop_per_image_arch=round(arch / bs / 1e9, 1),
+    gflop_per_image_xla=round(xla_per_image / 1e9, 1),
+    tflops=round(achieved, 1),
+    matmul_peak_tflops=round(peak, 1),
+    mfu=round(achieved / peak, 3),
+    compile_s=round(compile_s, 1),
+    loss=round(loss, 4),
+    kernels=launches['kernels'],
+    kernel_ops=dict(list(launches['by_op'].items())[:6]),
+    jax=jax.__version__,
+    date=time.strftime('%Y-%m-%d'),
+  )
   emit(result, a.json)
 
 
@@ -128,16 +144,21 @@ def setup(config):
   trainer = train.Trainer(config, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
-  batch = {k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8)
-           for k in trainer.batch_spec(bs)}
+  batch = {
+    k: rng.integers(0, 256, (bs, res, res, 3), dtype=np.uint8) for k in trainer.batch_spec(bs)
+  }
   return trainer, state, parallel.local_batch_to_global(batch, mesh)
 
 
 def compile_part(fn, trainer, arg_spec):
   """`fn(state, arg) -> (state, metrics)` compiled with the trainer's shardings, state donated."""
-  jitted = jax.jit(fn, in_shardings=(trainer.shardings, _shardings(arg_spec)),
-                   out_shardings=(trainer.shardings, parallel.replicated(trainer.mesh)),
-                   donate_argnums=0, compiler_options=trainer.compiler_options)
+  jitted = jax.jit(
+    fn,
+    in_shardings=(trainer.shardings, _shardings(arg_spec)),
+    out_shardings=(trainer.shardings, parallel.replicated(trainer.mesh)),
+    donate_argnums=0,
+    compiler_options=trainer.compiler_options,
+  )
   with parallel.mesh_rules(trainer.mesh):
     return jitted.lower(trainer.abstract_state, arg_spec).compile()
 
@@ -149,15 +170,17 @@ def part_program(part, trainer, batch, batch_spec):
     fn = lambda s, b: train.train_step(s, b, model=model, config=config, logsnr_fn=logsnr_fn)
     return fn, batch, batch_spec
   if part == 'grads':
+
     def grads_only(state, b):
-      loss, grads = train.loss_and_grads(state, b, model=model, config=config,
-                                         logsnr_fn=logsnr_fn)
+      loss, grads = train.loss_and_grads(state, b, model=model, config=config, logsnr_fn=logsnr_fn)
       return state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
+
     return grads_only, batch, batch_spec
   # update: the real step's second half on fixed, finite gradients with the params' shardings
   params = trainer.abstract_state.params
-  grads = jax.tree.map(lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding),
-                       params)
+  grads = jax.tree.map(
+    lambda p: jax.device_put(jnp.full(p.shape, 1e-3, p.dtype), p.sharding), params
+  )
   fn = lambda s, g: optim.apply_gradients(s, jnp.float32(1.0), g, train_cfg=config.train)
   return fn, grads, params
 

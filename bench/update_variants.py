@@ -15,6 +15,7 @@ on the config's real parameter shapes with random gradients, so a GPU session ca
 kernels cost and whether a flat train state is worth adopting. All four compute the same update
 (tests/test_bench.py).
 """
+
 import argparse
 import functools
 import os
@@ -22,16 +23,16 @@ import time
 
 import flax
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
 from bench import kernels
 from bench import train_step as bench_train
+from idm_jax.models import unet
 from idm_jax.runtime import configlib
 from idm_jax.training import optim
 from idm_jax.training import train_state
-from idm_jax.models import unet
 
 VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')
 
@@ -39,8 +40,9 @@ VARIANTS = ('optax', 'optax_noguard', 'fused', 'flat')
 def random_tree(shapes, key, scale):
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, l.shape, l.dtype)
-                                      for k, l in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+  )
 
 
 def optax_update(state, grads, *, tx, config, guard=True, loss=jnp.float32(1.0)):
@@ -55,8 +57,9 @@ def optax_update(state, grads, *, tx, config, guard=True, loss=jnp.float32(1.0))
   if guard:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree.map(lambda o, u: jnp.where(finite, u, o), state, new)
-    new = new.replace(bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step,
-                                         state.bad_step))
+    new = new.replace(
+      bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+    )
   return new, {}
 
 
@@ -81,9 +84,14 @@ def make_inputs(config, seed=0):
   params = random_tree(shapes, k1, 0.05)
   grads = random_tree(shapes, k2, 1e-3)
   tx = optim.make_optimizer(config.train)
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
-                           bad_step=jnp.full((), -1, jnp.int32))
+  state = train_state.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(0),
+    bad_step=jnp.full((), -1, jnp.int32),
+  )
   return state, grads, tx
 
 
@@ -117,12 +125,22 @@ def main():
     compile_s = time.perf_counter() - t0
     launches = kernels.launch_count(compiled.as_text())
     _, _, median_s = bench_train.time_steps(compiled, state, grads, 3, a.steps)
-    bench_train.emit(dict(
-        config=os.path.basename(a.config), update=variant, device=jax.devices()[0].device_kind,
-        leaves=n_leaves, params_m=round(sum(x.size for x in jax.tree.leaves(base.params)) / 1e6, 1),
-        update_ms=round(median_s * 1e3, 3), kernels=launches['kernels'],
-        kernel_ops=dict(list(launches['by_op'].items())[:5]), compile_s=round(compile_s, 1),
-        jax=jax.__version__, date=time.strftime('%Y-%m-%d')), a.json)
+    bench_train.emit(
+      dict(
+        config=os.path.basename(a.config),
+        update=variant,
+        device=jax.devices()[0].device_kind,
+        leaves=n_leaves,
+        params_m=round(sum(x.size for x in jax.tree.leaves(base.params)) / 1e6, 1),
+        update_ms=round(median_s * 1e3, 3),
+        kernels=launches['kernels'],
+        kernel_ops=dict(list(launches['by_op'].items())[:5]),
+        compile_s=round(compile_s, 1),
+        jax=jax.__version__,
+        date=time.strftime('%Y-%m-%d'),
+      ),
+      a.json,
+    )
 
 
 if __name__ == '__main__':

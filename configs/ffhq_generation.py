@@ -2,6 +2,7 @@
 
 Defaults to the celeba_128 scale; point data.* at a cleaned dataset version to compare.
 """
+
 from idm_jax.runtime import configlib
 
 

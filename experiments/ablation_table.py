@@ -4,6 +4,7 @@ python experiments/ablation_table.py ROOT ARM[=label] ...
 One row per arm and sampler setting: PSNR, SSIM and identity, each as the per-image difference
 against the LQ input with its paired-bootstrap 95% interval (bold where it excludes 0).
 """
+
 import glob
 import json
 import sys
@@ -18,8 +19,10 @@ def rows(root, arm):
   out = []
   # A workdir's eval/<step>/metrics.json, or the copies kept in docs/results (metrics_<step>.json).
   paths = [(p, p.split('/')[-2]) for p in glob.glob(f'{root}/{arm}/eval/*/metrics.json')]
-  paths += [(p, p.split('/')[-1][len('metrics_'):-len('.json')])
-            for p in glob.glob(f'{root}/{arm}/metrics_*.json')]
+  paths += [
+    (p, p.split('/')[-1][len('metrics_') : -len('.json')])
+    for p in glob.glob(f'{root}/{arm}/metrics_*.json')
+  ]
   for path, step_dir in sorted(paths, key=lambda x: x[1]):
     with open(path) as f:
       table = json.load(f)
@@ -29,8 +32,11 @@ def rows(root, arm):
 
 def main(root, arms):
   lq = None
-  print('| arm | sampling | ' + ' | '.join(f'{reports.metric_label(m, {})} - LQ'
-                                          for m in METRICS) + ' |')
+  print(
+    '| arm | sampling | '
+    + ' | '.join(f'{reports.metric_label(m, {})} - LQ' for m in METRICS)
+    + ' |'
+  )
   print('| --- | --- |' + ' --- |' * len(METRICS))
   for spec in arms:
     arm, _, label = spec.partition('=')
@@ -41,10 +47,14 @@ def main(root, arms):
           continue
         d = result['delta']['metrics']
         cells = [reports.format_delta(d[m]) if m in d else 'n/a' for m in METRICS]
-        print(f'| {label or arm} ({step_dir.replace("_", " ")}) | {name} | ' + ' | '.join(cells) + ' |')
+        print(
+          f'| {label or arm} ({step_dir.replace("_", " ")}) | {name} | ' + ' | '.join(cells) + ' |'
+        )
   if lq:
-    print('\nLQ input: ' + ', '.join(f'{reports.metric_label(m, {})} {lq["metrics"][m]["mean"]:.4f}'
-                                     for m in METRICS))
+    print(
+      '\nLQ input: '
+      + ', '.join(f'{reports.metric_label(m, {})} {lq["metrics"][m]["mean"]:.4f}' for m in METRICS)
+    )
 
 
 if __name__ == '__main__':

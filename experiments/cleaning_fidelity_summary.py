@@ -6,6 +6,7 @@ python experiments/cleaning_fidelity_summary.py OUT ARM [ARM...]
 The cleaning section adds, where the reports have them (cleaning_eval since the sharpness
 measures), the cleaned faces' sharpness and NIQE against the pristine and contaminated ones.
 """
+
 import json
 import os
 import sys
@@ -53,8 +54,7 @@ def main(out, workdirs):
 def _every(out, arms, path):
   """{arm: that file of the arm}, or {} unless every arm has it (a measure not taken)."""
   paths = {a: os.path.join(out, a, path) for a in arms}
-  return {a: _load(p) for a, p in paths.items()} if all(map(os.path.exists,
-                                                            paths.values())) else {}
+  return {a: _load(p) for a, p in paths.items()} if all(map(os.path.exists, paths.values())) else {}
 
 
 def _self_section(arms, self_):
@@ -63,42 +63,66 @@ def _self_section(arms, self_):
   print('| arm | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
   print('| --- |' + ' --- |' * len(METRICS))
   for a in arms:
-    print(f'| {a} | ' + ' | '.join(_cell(_interval(_per_image(self_[a], m)))
-                                   for m in METRICS) + ' |')
+    print(
+      f'| {a} | ' + ' | '.join(_cell(_interval(_per_image(self_[a], m))) for m in METRICS) + ' |'
+    )
   for a in arms[1:]:
-    print(f'| {a} − {ref} | ' + ' | '.join(reports.format_delta(bootstrap.paired_interval(
-        _per_image(self_[a], m), _per_image(self_[ref], m))) for m in METRICS) + ' |')
-
+    print(
+      f'| {a} − {ref} | '
+      + ' | '.join(
+        reports.format_delta(
+          bootstrap.paired_interval(_per_image(self_[a], m), _per_image(self_[ref], m))
+        )
+        for m in METRICS
+      )
+      + ' |'
+    )
 
 
 def _clean_section(arms, clean):
   ref = arms[0]
   print('\n## 2. Cleaning the contaminated training set, against the pristine originals\n')
   sel = clean[ref]['selection']
-  print(f"Selection ({clean[ref]['selection_score']} score): precision {sel['precision']:.3f}, "
-        f"{sel['true_positives']} of {sel['selected']} selected faces were contaminated "
-        f"(chance {sel['chance_precision']:.3f}).\n")
-  print('| arm | ' + ' | '.join(f'{reports.metric_label(m, {})}: cleaned − contaminated'
-                                for m in METRICS) + ' | faces improved (PSNR) | pristine faces '
-        'cleaned anyway, PSNR against themselves |')
+  print(
+    f'Selection ({clean[ref]["selection_score"]} score): precision {sel["precision"]:.3f}, '
+    f'{sel["true_positives"]} of {sel["selected"]} selected faces were contaminated '
+    f'(chance {sel["chance_precision"]:.3f}).\n'
+  )
+  print(
+    '| arm | '
+    + ' | '.join(f'{reports.metric_label(m, {})}: cleaned − contaminated' for m in METRICS)
+    + ' | faces improved (PSNR) | pristine faces '
+    'cleaned anyway, PSNR against themselves |'
+  )
   print('| --- |' + ' --- |' * (len(METRICS) + 2))
   for a in arms:
     c = clean[a]['contaminated_and_cleaned']['per_image']
-    cells = [reports.format_delta(bootstrap.paired_interval(c['after'][m], c['before'][m]))
-             for m in METRICS]
+    cells = [
+      reports.format_delta(bootstrap.paired_interval(c['after'][m], c['before'][m]))
+      for m in METRICS
+    ]
     d = bootstrap.paired_interval(c['after']['psnr'], c['before']['psnr'])
-    anyway = clean[a].get('clean_but_cleaned', {}).get('per_image', {}).get('after', {}).get(
-        'psnr', [])
+    anyway = (
+      clean[a].get('clean_but_cleaned', {}).get('per_image', {}).get('after', {}).get('psnr', [])
+    )
     anyway_cell = _cell(_interval(anyway), 2) + f' (n={len(anyway)})' if anyway else 'none'
-    print(f'| {a} | ' + ' | '.join(cells) + f" | {round(d['improved'] * d['n'])} of {d['n']} | "
-          f'{anyway_cell} |')
+    print(
+      f'| {a} | ' + ' | '.join(cells) + f' | {round(d["improved"] * d["n"])} of {d["n"]} | '
+      f'{anyway_cell} |'
+    )
   for a in arms[1:]:
     ca, cr = clean[a]['contaminated_and_cleaned'], clean[ref]['contaminated_and_cleaned']
     if ca['names'] == cr['names']:
-      print(f'| {a} − {ref} (cleaned faces) | ' + ' | '.join(reports.format_delta(
-          bootstrap.paired_interval(ca['per_image']['after'][m], cr['per_image']['after'][m]))
-          for m in METRICS)
-            + ' | | |')
+      print(
+        f'| {a} − {ref} (cleaned faces) | '
+        + ' | '.join(
+          reports.format_delta(
+            bootstrap.paired_interval(ca['per_image']['after'][m], cr['per_image']['after'][m])
+          )
+          for m in METRICS
+        )
+        + ' | | |'
+      )
   _quality_table(arms, clean)
   kinds = clean[ref]['contaminated_and_cleaned'].get('kinds')
   if kinds:
@@ -108,9 +132,16 @@ def _clean_section(arms, clean):
     for a in arms:
       c = clean[a]['contaminated_and_cleaned']
       d = np.subtract(c['per_image']['after']['psnr'], c['per_image']['before']['psnr'])
-      print(f'| {a} | ' + ' | '.join(reports.format_delta(bootstrap.paired_interval(
-          d[np.equal(c['kinds'], k)], np.zeros(kinds.count(k)))) for k in sorted(set(kinds)))
-            + ' |')
+      print(
+        f'| {a} | '
+        + ' | '.join(
+          reports.format_delta(
+            bootstrap.paired_interval(d[np.equal(c['kinds'], k)], np.zeros(kinds.count(k)))
+          )
+          for k in sorted(set(kinds))
+        )
+        + ' |'
+      )
 
 
 def _quality_table(arms, clean):
@@ -125,16 +156,25 @@ def _quality_table(arms, clean):
         if k not in q['means']['cleaned']:
           continue
         ratio = q['cleaned_over_pristine'].get(k)
-        vs = [reports.format_delta(q[f'cleaned_minus_{o}'][k]) if f'cleaned_minus_{o}' in q
-              else '' for o in ('pristine', 'contaminated')]
-        rows.append(f"| {a} | {what} | {k} | {q['means']['pristine'][k]:.3f} | "
-                    f"{q['means']['cleaned'][k]:.3f} | {vs[0]} | {vs[1]} | "
-                    + (f'{ratio:.3f}' if ratio is not None else '') + ' |')
+        vs = [
+          reports.format_delta(q[f'cleaned_minus_{o}'][k]) if f'cleaned_minus_{o}' in q else ''
+          for o in ('pristine', 'contaminated')
+        ]
+        rows.append(
+          f'| {a} | {what} | {k} | {q["means"]["pristine"][k]:.3f} | '
+          f'{q["means"]["cleaned"][k]:.3f} | {vs[0]} | {vs[1]} | '
+          + (f'{ratio:.3f}' if ratio is not None else '')
+          + ' |'
+        )
   if rows:
-    print('\nWhat cleaning does to sharpness (Laplacian variance, gradient magnitude: higher is '
-          'sharper) and NIQE (lower is better):\n')
-    print('| arm | faces | measure | pristine | cleaned | cleaned − pristine | '
-          'cleaned − contaminated | cleaned / pristine |')
+    print(
+      '\nWhat cleaning does to sharpness (Laplacian variance, gradient magnitude: higher is '
+      'sharper) and NIQE (lower is better):\n'
+    )
+    print(
+      '| arm | faces | measure | pristine | cleaned | cleaned − pristine | '
+      'cleaned − contaminated | cleaned / pristine |'
+    )
     print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     print('\n'.join(rows))
 
@@ -146,16 +186,27 @@ def _heavy_section(arms, heavy):
   print('| arm | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
   print('| --- | --- |' + ' --- |' * len(METRICS))
   lq = heavy[ref]['LQ input']['metrics']
-  print('| LQ input | | ' + ' | '.join(f"{lq[m]['mean']:.4f}" for m in METRICS) + ' |')
+  print('| LQ input | | ' + ' | '.join(f'{lq[m]["mean"]:.4f}' for m in METRICS) + ' |')
   for s in samplings:
     for a in arms:
-      print(f'| {a} | {s} | ' + ' | '.join(f"{heavy[a][s]['metrics'][m]['mean']:.4f}"
-                                           for m in METRICS) + ' |')
+      print(
+        f'| {a} | {s} | '
+        + ' | '.join(f'{heavy[a][s]["metrics"][m]["mean"]:.4f}' for m in METRICS)
+        + ' |'
+      )
     for a in arms[1:]:
-      print(f'| {a} − {ref} | {s} | ' + ' | '.join(reports.format_delta(
-          bootstrap.paired_interval(_per_image(heavy[a][s]['metrics'], m),
-                                    _per_image(heavy[ref][s]['metrics'], m)))
-          for m in METRICS) + ' |')
+      print(
+        f'| {a} − {ref} | {s} | '
+        + ' | '.join(
+          reports.format_delta(
+            bootstrap.paired_interval(
+              _per_image(heavy[a][s]['metrics'], m), _per_image(heavy[ref][s]['metrics'], m)
+            )
+          )
+          for m in METRICS
+        )
+        + ' |'
+      )
 
 
 if __name__ == '__main__':

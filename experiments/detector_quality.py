@@ -19,6 +19,7 @@ Four tables (markdown), the evidence behind faces.DEFAULT_MIN_SCORE and faces.RO
      the predictor fitted once on the upright box (as before ROLL_STARTS) and as shipped.
 The true landmarks of a turned face are HOG's on the upright face at 2x, carried by the turn.
 """
+
 import argparse
 import io
 import os
@@ -27,14 +28,24 @@ import cv2
 import numpy as np
 from PIL import Image
 from skimage import data
-
-from idm_jax.inference import faces
 from split_view import refuse_test_faces
 
-FACE_FREE = ('chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry',
-             'retina', 'cat', 'colorwheel', 'logo', 'stereo_motorcycle')
+from idm_jax.inference import faces
+
+FACE_FREE = (
+  'chelsea',
+  'coffee',
+  'rocket',
+  'hubble_deep_field',
+  'immunohistochemistry',
+  'retina',
+  'cat',
+  'colorwheel',
+  'logo',
+  'stereo_motorcycle',
+)
 ANGLES = (-55, -40, 0, 40, 55)
-OFF = 0.15                  # eye distances: a landmark error that misaligns the face
+OFF = 0.15  # eye distances: a landmark error that misaligns the face
 
 
 def rgb(image):
@@ -51,27 +62,41 @@ def degrade(image, factor):
   """Blur, downsample by `factor`, JPEG q=40, upsample back (as tests/test_app.py's degraded)."""
   if factor == 1:
     return image
-  small = cv2.resize(cv2.GaussianBlur(image, (0, 0), 0.4 * factor), None, fx=1 / factor,
-                     fy=1 / factor, interpolation=cv2.INTER_AREA)
+  small = cv2.resize(
+    cv2.GaussianBlur(image, (0, 0), 0.4 * factor),
+    None,
+    fx=1 / factor,
+    fy=1 / factor,
+    interpolation=cv2.INTER_AREA,
+  )
   buf = io.BytesIO()
   Image.fromarray(cv2.resize(small, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)).save(
-      buf, format='JPEG', quality=40)
+    buf, format='JPEG', quality=40
+  )
   return np.ascontiguousarray(np.asarray(Image.open(buf).convert('RGB')))
 
 
 def mosaic(crops):
   """4x4 grid of the crops, each with a 32 px grey margin."""
-  cells = [cv2.copyMakeBorder(c, 32, 32, 32, 32, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-           for c in crops[:16]]
-  return np.concatenate([np.concatenate(cells[i:i + 4], 1) for i in range(0, 16, 4)], 0)
+  cells = [
+    cv2.copyMakeBorder(c, 32, 32, 32, 32, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    for c in crops[:16]
+  ]
+  return np.concatenate([np.concatenate(cells[i : i + 4], 1) for i in range(0, 16, 4)], 0)
 
 
 def turned(face, angle):
   """(144x144 photo, affine): the 128 px face scaled to 96 px and turned about its centre."""
   affine = cv2.getRotationMatrix2D((63.5, 63.5), angle, 0.75)
   affine[:, 2] += 71.5 - 63.5
-  photo = cv2.warpAffine(face, affine, (144, 144), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=(128, 128, 128))
+  photo = cv2.warpAffine(
+    face,
+    affine,
+    (144, 144),
+    flags=cv2.INTER_LINEAR,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=(128, 128, 128),
+  )
   return np.ascontiguousarray(photo), affine
 
 
@@ -80,7 +105,7 @@ def five_points(detector, photo, rect, shipped):
   faces.ROLL_STARTS)."""
   saved = faces.ROLL_STARTS, faces.ROLL_ITERATIONS
   if not shipped:
-    faces.ROLL_STARTS, faces.ROLL_ITERATIONS = (0.,), 0
+    faces.ROLL_STARTS, faces.ROLL_ITERATIONS = (0.0,), 0
   try:
     return faces.five_from_68(detector.landmarks68(photo, rect))
   finally:
@@ -100,8 +125,7 @@ def landmark_table(crops, detectors):
       truth = faces.apply_affine(affine, ref5)
       eyes = np.linalg.norm(truth[1] - truth[0])
       for name, detector in detectors.items():
-        boxes = [(s, r) for r, s in detector.boxes(photo)
-                 if s >= faces.DEFAULT_MIN_SCORE[name]]
+        boxes = [(s, r) for r, s in detector.boxes(photo) if s >= faces.DEFAULT_MIN_SCORE[name]]
         for shipped in (False, True):
           cell = rows.setdefault((name, angle, shipped), [0, 0])
           if boxes:
@@ -117,8 +141,9 @@ def upright_table(folder, names, detectors):
   found = {name: set() for name in detectors}
   for n in names:
     face = np.asarray(Image.open(os.path.join(folder, n)).convert('RGB'))
-    photo = np.ascontiguousarray(cv2.copyMakeBorder(face, 64, 64, 64, 64, cv2.BORDER_CONSTANT,
-                                                    value=(128, 128, 128)))
+    photo = np.ascontiguousarray(
+      cv2.copyMakeBorder(face, 64, 64, 64, 64, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    )
     for name, detector in detectors.items():
       if any(s >= faces.DEFAULT_MIN_SCORE[name] for _, s in detector.boxes(photo)):
         found[name].add(n)
@@ -133,15 +158,18 @@ def main(argv=None):
   args = p.parse_args(argv)
   names = sorted(n for n in os.listdir(args.faces) if n.lower().endswith(('.jpg', '.png')))
   refuse_test_faces(names, args.splits)
-  crops = [np.asarray(Image.open(os.path.join(args.faces, n)).convert('RGB'))
-           for n in names[:max(args.n, 16)]]
-  detectors = {name: faces.get_detector(name, min_score=0.) for name in faces.DETECTORS}
+  crops = [
+    np.asarray(Image.open(os.path.join(args.faces, n)).convert('RGB'))
+    for n in names[: max(args.n, 16)]
+  ]
+  detectors = {name: faces.get_detector(name, min_score=0.0) for name in faces.DETECTORS}
   thresholds = faces.DEFAULT_MIN_SCORE
 
-  found = upright_table(args.faces, names, {
-      name: faces.get_detector(name, upsample=0) for name in faces.DETECTORS})
+  found = upright_table(
+    args.faces, names, {name: faces.get_detector(name, upsample=0) for name in faces.DETECTORS}
+  )
   hog, cnn = found['hog'], found['cnn']
-  print(f'| {len(names)} upright faces | found | found among the other\'s misses |')
+  print(f"| {len(names)} upright faces | found | found among the other's misses |")
   print('| --- | --- | --- |')
   print(f'| hog | {len(hog)} | {len(hog - cnn)} of {len(names) - len(cnn)} |')
   print(f'| cnn | {len(cnn)} | {len(cnn - hog)} of {len(names) - len(hog)} |\n', flush=True)
@@ -164,18 +192,24 @@ def main(argv=None):
     for name, detector in detectors.items():
       scores = sorted(s for _, s in detector.boxes(image))
       kept = sum(s >= thresholds[name] for s in scores)
-      print(f'| x{factor} | {name} | {len(scores)} | {kept} (>= {thresholds[name]}) | '
-            + ', '.join(f'{s:.2f}' for s in scores) + ' |', flush=True)
+      print(
+        f'| x{factor} | {name} | {len(scores)} | {kept} (>= {thresholds[name]}) | '
+        + ', '.join(f'{s:.2f}' for s in scores)
+        + ' |',
+        flush=True,
+      )
 
-  rows = landmark_table(crops[:args.n], detectors)
+  rows = landmark_table(crops[: args.n], detectors)
   print('\n| detector | landmark fit | ' + ' | '.join(f'{a} deg' for a in ANGLES) + ' |')
   print('| --- | --- |' + ' --- |' * len(ANGLES))
   for name in detectors:
     for shipped in (False, True):
-      cells = [f'{rows[(name, a, shipped)][0]} found, {rows[(name, a, shipped)][1]} off'
-               for a in ANGLES]
+      cells = [
+        f'{rows[(name, a, shipped)][0]} found, {rows[(name, a, shipped)][1]} off' for a in ANGLES
+      ]
       fit = 'as shipped' if shipped else 'upright box only'
       print(f'| {name} | {fit} | ' + ' | '.join(cells) + ' |', flush=True)
+
 
 if __name__ == '__main__':
   main()

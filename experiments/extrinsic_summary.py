@@ -13,6 +13,7 @@ interval over the seed means, bootstrap.fieller_ratio_interval).
 Then each seed's cleaning against the truth and the generators'
 offline distribution scores.
 """
+
 import glob
 import json
 import os
@@ -25,9 +26,12 @@ from idm_jax.metrics import bootstrap
 from idm_jax.metrics import reports
 
 METRICS = ('psnr', 'ssim', 'identity')
-ARMS = {'round_0': 'round 0 (contaminated data)', 'round_1': 'round 1 (cleaned data)',
-        'oracle': 'oracle (pristine data)',
-        'control': 'control (pristine data through the cleaner)'}
+ARMS = {
+  'round_0': 'round 0 (contaminated data)',
+  'round_1': 'round 1 (cleaned data)',
+  'oracle': 'oracle (pristine data)',
+  'control': 'control (pristine data through the cleaner)',
+}
 
 
 def _load(path):
@@ -42,7 +46,8 @@ def load_arms(out):
     arm, seed = re.fullmatch(r'(.+)_seed_(\d+)_metrics\.json', os.path.basename(path)).groups()
     table = _load(path)
     arms.setdefault(arm, {})[int(seed)] = {
-        k.split(', ')[-1]: v for k, v in table.items() if k.startswith('restored')}
+      k.split(', ')[-1]: v for k, v in table.items() if k.startswith('restored')
+    }
     lq[int(seed)] = table['LQ input']
   return {a: arms[a] for a in ARMS if a in arms}, lq
 
@@ -53,7 +58,7 @@ def scores(arm_rows, seeds, sampling, metric):
 
 
 def _t_cell(r, digits=4):
-  text = f"{r['mean']:+.{digits}f} [{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]"
+  text = f'{r["mean"]:+.{digits}f} [{r["low"]:+.{digits}f}, {r["high"]:+.{digits}f}]'
   return f'**{text}**' if r['excludes_zero'] else text
 
 
@@ -61,28 +66,40 @@ def contrasts(arms, lq, seeds, sampling, m):
   """PROTOCOL.md's contrasts as (label, per-seed values), for the arms that ran."""
   mean = lambda a: scores(arms[a], seeds, sampling, m).mean(axis=1)  # noqa: E731
   lq_mean = np.array([np.mean(lq[s]['metrics'][m]['per_image']) for s in seeds])
-  out = [('oracle − LQ', mean('oracle') - lq_mean), ('G = oracle − round 0', mean('oracle') - mean('round_0'))]
+  out = [
+    ('oracle − LQ', mean('oracle') - lq_mean),
+    ('G = oracle − round 0', mean('oracle') - mean('round_0')),
+  ]
   if 'round_1' in arms:
-    out += [('R = round 1 − round 0', mean('round_1') - mean('round_0')),
-            ('round 1 − oracle', mean('round_1') - mean('oracle'))]
+    out += [
+      ('R = round 1 − round 0', mean('round_1') - mean('round_0')),
+      ('round 1 − oracle', mean('round_1') - mean('oracle')),
+    ]
   if 'control' in arms and 'round_1' in arms:
     k = mean('control') - mean('oracle')
-    out += [('K = control − oracle', k),
-            ('N = R − K (the harm removed, net of the cleaner\'s output)',
-             mean('round_1') - mean('round_0') - k)]
+    out += [
+      ('K = control − oracle', k),
+      (
+        "N = R − K (the harm removed, net of the cleaner's output)",
+        mean('round_1') - mean('round_0') - k,
+      ),
+    ]
   return out
 
 
 def seed_level(arms, lq, seeds, samplings):
   """The protocol's contrasts with t-intervals over the seed means, and Fieller shares."""
-  print(f'\nThe contrasts of docs/PROTOCOL.md, each seed\'s mean over the faces, with the 95% '
-        f't-interval over the {len(seeds)} seed means (the primary interval; bold where it '
-        'excludes 0):\n')
+  print(
+    f"\nThe contrasts of docs/PROTOCOL.md, each seed's mean over the faces, with the 95% "
+    f't-interval over the {len(seeds)} seed means (the primary interval; bold where it '
+    'excludes 0):\n'
+  )
   if len(seeds) < 2:
     print('One training seed: no seed-level interval.')
     return
-  print('| contrast | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS)
-        + ' |')
+  print(
+    '| contrast | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |'
+  )
   print('| --- | --- |' + ' --- |' * len(METRICS))
   for sampling in samplings:
     table = {m: contrasts(arms, lq, seeds, sampling, m) for m in METRICS}
@@ -92,12 +109,16 @@ def seed_level(arms, lq, seeds, samplings):
   if 'round_1' not in arms:
     return
   control = 'control' in arms
-  print('\nShare of the oracle\'s lead that round 1 wins back, R / G, and net of the cleaner\'s '
-        'output, N / G = 1 − (control − round 1) / G: a ratio only where G\'s seed-level interval '
-        'excludes 0, with Fieller\'s 95% interval over the seed means ("unbounded" where that '
-        'interval is not bounded); otherwise read round 1 − oracle and N above:\n')
-  print('| sampling | metric | G = oracle − round 0 | share won back |'
-        + (' share net of the cleaner\'s output |' if control else ''))
+  print(
+    "\nShare of the oracle's lead that round 1 wins back, R / G, and net of the cleaner's "
+    "output, N / G = 1 − (control − round 1) / G: a ratio only where G's seed-level interval "
+    'excludes 0, with Fieller\'s 95% interval over the seed means ("unbounded" where that '
+    'interval is not bounded); otherwise read round 1 − oracle and N above:\n'
+  )
+  print(
+    '| sampling | metric | G = oracle − round 0 | share won back |'
+    + (" share net of the cleaner's output |" if control else '')
+  )
   print('| --- | --- | --- | --- |' + (' --- |' if control else ''))
   for sampling in samplings:
     for m in METRICS:
@@ -106,17 +127,21 @@ def seed_level(arms, lq, seeds, samplings):
       g = bootstrap.seed_t_interval(gap)
       nums = [c['R = round 1 − round 0']]
       if control:
-        nums.append(c['N = R − K (the harm removed, net of the cleaner\'s output)'])
+        nums.append(c["N = R − K (the harm removed, net of the cleaner's output)"])
       cells = []
       for num in nums:
         if not g['excludes_zero']:
-          cells.append('not given: the lead\'s interval includes 0')
+          cells.append("not given: the lead's interval includes 0")
           continue
         f = bootstrap.fieller_ratio_interval(num, gap)
-        cells.append(f"{f['mean']:+.2f} [{f['low']:+.2f}, {f['high']:+.2f}]" if f['bounded']
-                     else f"{f['mean']:+.2f}, unbounded")
-      print(f'| {sampling} | {reports.metric_label(m, {})} | {_t_cell(g)} | '
-            + ' | '.join(cells) + ' |')
+        cells.append(
+          f'{f["mean"]:+.2f} [{f["low"]:+.2f}, {f["high"]:+.2f}]'
+          if f['bounded']
+          else f'{f["mean"]:+.2f}, unbounded'
+        )
+      print(
+        f'| {sampling} | {reports.metric_label(m, {})} | {_t_cell(g)} | ' + ' | '.join(cells) + ' |'
+      )
 
 
 def cleaning_seed_level(out):
@@ -129,30 +154,39 @@ def cleaning_seed_level(out):
     c = report.get('contaminated_and_cleaned')
     if not c:
       continue
-    row = {f'{m}: cleaned − contaminated': c['delta'][m]['mean'] for m in METRICS
-           if m in c['delta']}
+    row = {
+      f'{m}: cleaned − contaminated': c['delta'][m]['mean'] for m in METRICS if m in c['delta']
+    }
     for key, what in (('contaminated_and_cleaned', 'damaged'), ('clean_but_cleaned', 'undamaged')):
       q = (report.get(key) or {}).get('quality')
       if q:
         for k, v in q['cleaned_over_pristine'].items():
           row[f'{k}, {what} faces: cleaned / pristine'] = v
         if 'niqe' in q['means']['cleaned']:
-          row[f'niqe, {what} faces: cleaned − pristine'] = (q['means']['cleaned']['niqe']
-                                                            - q['means']['pristine']['niqe'])
+          row[f'niqe, {what} faces: cleaned − pristine'] = (
+            q['means']['cleaned']['niqe'] - q['means']['pristine']['niqe']
+          )
     rows[seed] = row
   if len(rows) < 2:
     return
   seeds = sorted(rows)
   keys = [k for k in rows[seeds[0]] if all(k in rows[s] for s in seeds)]
-  print(f'\n## The cleanings over the {len(seeds)} seeds\n\nEach seed\'s round-0 model cleaning '
-        'its own training faces: the mean over the faces per seed, then the 95% t-interval over '
-        'the seeds (bold where it excludes 0; for a ratio, read it against 1):\n')
+  print(
+    f"\n## The cleanings over the {len(seeds)} seeds\n\nEach seed's round-0 model cleaning "
+    'its own training faces: the mean over the faces per seed, then the 95% t-interval over '
+    'the seeds (bold where it excludes 0; for a ratio, read it against 1):\n'
+  )
   print('| measure | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | over the seeds |')
   print('| --- |' + ' --- |' * (len(seeds) + 1))
   for k in keys:
     values = [rows[s][k] for s in seeds]
-    print(f'| {k} | ' + ' | '.join(f'{v:+.4f}' for v in values) + ' | '
-          + _t_cell(bootstrap.seed_t_interval(values)) + ' |')
+    print(
+      f'| {k} | '
+      + ' | '.join(f'{v:+.4f}' for v in values)
+      + ' | '
+      + _t_cell(bootstrap.seed_t_interval(values))
+      + ' |'
+    )
 
 
 def main(out):
@@ -165,52 +199,77 @@ def main(out):
     for s in seeds:
       if rows[s][samplings[0]]['names'] != arms['round_0'][s][samplings[0]]['names']:
         raise SystemExit(f'{out}: {a} seed {s} was scored on other faces than round 0')
-  print(f'## Restoration on the pristine validation faces ({len(seeds)} training seeds: '
-        f'{", ".join(map(str, seeds))})\n')
-  print('| arm | sampling | seed | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS)
-        + ' |')
+  print(
+    f'## Restoration on the pristine validation faces ({len(seeds)} training seeds: '
+    f'{", ".join(map(str, seeds))})\n'
+  )
+  print(
+    '| arm | sampling | seed | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |'
+  )
   print('| --- | --- | --- |' + ' --- |' * len(METRICS))
   for s in seeds:
-    print(f'| LQ input | | {s} | ' + ' | '.join(f"{lq[s]['metrics'][m]['mean']:.4f}"
-                                              for m in METRICS) + ' |')
+    print(
+      f'| LQ input | | {s} | '
+      + ' | '.join(f'{lq[s]["metrics"][m]["mean"]:.4f}' for m in METRICS)
+      + ' |'
+    )
   for sampling in samplings:
     for a, rows in arms.items():
       for s in seeds:
-        print(f'| {ARMS[a]} | {sampling} | {s} | ' + ' | '.join(
-            f"{rows[s][sampling]['metrics'][m]['mean']:.4f}" for m in METRICS) + ' |')
-  print('\nDifference from round 0 (mean; 95% interval resampling training seeds and faces, '
-        'paired; bold where it excludes 0):\n')
+        print(
+          f'| {ARMS[a]} | {sampling} | {s} | '
+          + ' | '.join(f'{rows[s][sampling]["metrics"][m]["mean"]:.4f}' for m in METRICS)
+          + ' |'
+        )
+  print(
+    '\nDifference from round 0 (mean; 95% interval resampling training seeds and faces, '
+    'paired; bold where it excludes 0):\n'
+  )
   print('| | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
   print('| --- | --- |' + ' --- |' * len(METRICS))
   for sampling in samplings:
     base = {m: scores(arms['round_0'], seeds, sampling, m) for m in METRICS}
     for a in [a for a in arms if a != 'round_0']:
-      cells = [reports.format_delta(bootstrap.seeds_and_faces_interval(
-          scores(arms[a], seeds, sampling, m), base[m])) for m in METRICS]
+      cells = [
+        reports.format_delta(
+          bootstrap.seeds_and_faces_interval(scores(arms[a], seeds, sampling, m), base[m])
+        )
+        for m in METRICS
+      ]
       print(f'| {ARMS[a]} − round 0 | {sampling} | ' + ' | '.join(cells) + ' |')
   if 'control' in arms and 'round_1' in arms:
-    print('\nThe control against round 1 and the oracle (same resampling): round 1 − control is '
-          'what the contamination still costs after cleaning, both arms having trained on the '
-          'cleaner\'s output; control − oracle is what training on that output does to pristine '
-          'faces:\n')
+    print(
+      '\nThe control against round 1 and the oracle (same resampling): round 1 − control is '
+      'what the contamination still costs after cleaning, both arms having trained on the '
+      "cleaner's output; control − oracle is what training on that output does to pristine "
+      'faces:\n'
+    )
     print('| | sampling | ' + ' | '.join(reports.metric_label(m, {}) for m in METRICS) + ' |')
     print('| --- | --- |' + ' --- |' * len(METRICS))
     for sampling in samplings:
       for a, b in (('round_1', 'control'), ('control', 'oracle')):
-        cells = [reports.format_delta(bootstrap.seeds_and_faces_interval(
-            scores(arms[a], seeds, sampling, m), scores(arms[b], seeds, sampling, m)))
-            for m in METRICS]
+        cells = [
+          reports.format_delta(
+            bootstrap.seeds_and_faces_interval(
+              scores(arms[a], seeds, sampling, m), scores(arms[b], seeds, sampling, m)
+            )
+          )
+          for m in METRICS
+        ]
         print(f'| {ARMS[a]} − {ARMS[b]} | {sampling} | ' + ' | '.join(cells) + ' |')
   seed_level(arms, lq, seeds, samplings)
   for path in sorted(glob.glob(os.path.join(out, 'cleaning_seed_*', 'cleaning.md'))):
     seed = os.path.basename(os.path.dirname(path)).split('_')[-1]
     with open(path) as f:
-      print('\n' + f.read().replace('# Cleaning', f'## Cleaning by the round-0 model of seed '
-                                                 f'{seed}', 1))
+      print(
+        '\n' + f.read().replace('# Cleaning', f'## Cleaning by the round-0 model of seed {seed}', 1)
+      )
   cleaning_seed_level(out)
   keys = ('fd_dlib', 'face_rate', 'niqe')
-  gens = {v: os.path.join(out, f'generator_{v}_metrics.json')
-          for v in ('contaminated', 'cleaned', 'pristine')}
+  gens = {
+    v: os.path.join(out, f'generator_{v}_metrics.json')
+    for v in ('contaminated', 'cleaned', 'pristine')
+  }
   gens = {v: p for v, p in gens.items() if os.path.exists(p)}
   if gens:
     print('## Generators trained on each version of the training faces\n')
@@ -218,8 +277,11 @@ def main(out):
     print('| --- |' + ' --- |' * len(keys))
     for v, path in gens.items():
       m = _load(path)['metrics']
-      print(f'| {v} | ' + ' | '.join('n/a' if m[k]['mean'] is None else f"{m[k]['mean']:.4f}"
-                                     for k in keys) + ' |')
+      print(
+        f'| {v} | '
+        + ' | '.join('n/a' if m[k]['mean'] is None else f'{m[k]["mean"]:.4f}' for k in keys)
+        + ' |'
+      )
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@
 Every folder must hold the first folder's first N names (file stems; extensions may differ), so
 a column is one face: e.g. LQ | round 0 | round 1 | oracle | HQ from the evaluations' folders.
 """
+
 import argparse
 import os
 import sys
@@ -25,14 +26,16 @@ def main(argv=None):
   p.add_argument('folders', nargs='+')
   p.add_argument('--n', type=int, default=8)
   a = p.parse_args(argv)
-  stems = sorted(_by_stem(a.folders[0]))[:a.n]
+  stems = sorted(_by_stem(a.folders[0]))[: a.n]
   rows = []
   for folder in a.folders:
     found = _by_stem(folder)
     missing = [s for s in stems if s not in found]
     if missing:
-      print(f'{folder}: no image named {missing[0]} (of the first folder\'s first {a.n})',
-            file=sys.stderr)
+      print(
+        f"{folder}: no image named {missing[0]} (of the first folder's first {a.n})",
+        file=sys.stderr,
+      )
       return 1
     rows.append(np.stack([images.read(found[s]) for s in stems]))
   images.save(a.out, run_log.image_grid(rows))

@@ -13,6 +13,7 @@ Deterministic: the same folder gives the same file, byte for byte.
          faces an earlier *score* picked for cleaning are not left out, since that would;
   train  the other 700.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import sys
 
 import numpy as np
 
-from idm_jax.storage import images
 from idm_jax.data import contaminate
+from idm_jax.storage import images
 
 SEED = 20261206
 NUM_DEV = 100
@@ -50,12 +51,21 @@ def make_splits(names: list[str]) -> dict:
   test = [pool[i] for i in sorted(test_idx)]
   train = [pool[i] for i in range(len(pool)) if i not in test_idx]
   digest = hashlib.sha256('\n'.join(names).encode()).hexdigest()
-  return dict(format='idm_jax/splits/1', seed=SEED, num_faces=len(names),
-              names_sha256=digest, never_contaminated_before=len(eligible),
-              rule=('dev: the last 100 names (every earlier choice was scored on them); test: 100 '
-                    'drawn by numpy default_rng(seed).choice among the first 800 that no earlier '
-                    'contamination (15% seeds 0 and 1, 40% seed 0) touched; train: the rest'),
-              train=train, dev=dev, test=test)
+  return dict(
+    format='idm_jax/splits/1',
+    seed=SEED,
+    num_faces=len(names),
+    names_sha256=digest,
+    never_contaminated_before=len(eligible),
+    rule=(
+      'dev: the last 100 names (every earlier choice was scored on them); test: 100 '
+      'drawn by numpy default_rng(seed).choice among the first 800 that no earlier '
+      'contamination (15% seeds 0 and 1, 40% seed 0) touched; train: the rest'
+    ),
+    train=train,
+    dev=dev,
+    test=test,
+  )
 
 
 def main(argv=None) -> int:
@@ -68,9 +78,11 @@ def main(argv=None) -> int:
   with open(a.out, 'w') as f:
     json.dump(splits, f, indent=1)
     f.write('\n')
-  print(f'{a.out}: train {len(splits["train"])}, dev {len(splits["dev"])}, '
-        f'test {len(splits["test"])} (from {splits["never_contaminated_before"]} never '
-        'contaminated)')
+  print(
+    f'{a.out}: train {len(splits["train"])}, dev {len(splits["dev"])}, '
+    f'test {len(splits["test"])} (from {splits["never_contaminated_before"]} never '
+    'contaminated)'
+  )
   return 0
 
 

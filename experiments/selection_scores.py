@@ -7,18 +7,20 @@ Ranks the training split of a contaminate.py dataset by every score of config.cl
 selects the same share that is contaminated, and prints precision (= recall, since the
 selection is the size of the truth) overall and by defect kind.
 """
+
 import argparse
 import json
 import os
 
-from idm_jax.extrinsic import cleaning_eval
-from idm_jax.runtime import configlib
-from idm_jax.extrinsic import cleaning
-from idm_jax.storage import images as images_lib
+from split_view import refuse_test_faces
+
 from idm_jax.data import contaminate
 from idm_jax.data import sources
+from idm_jax.extrinsic import cleaning
+from idm_jax.extrinsic import cleaning_eval
 from idm_jax.metrics import niqe
-from split_view import refuse_test_faces
+from idm_jax.runtime import configlib
+from idm_jax.storage import images as images_lib
 
 
 def main():
@@ -40,23 +42,35 @@ def main():
   kinds = {r['file']: r['defect']['kind'] for r in manifest['records'] if 'defect' in r}
   results = {}
   for kind in configlib.CLEAN_SCORES:
-    scores = (cleaning.niqe_scores(source, niqe.load_default(), res) if kind == 'niqe'
-              else cleaning.artifact_scores(source))
+    scores = (
+      cleaning.niqe_scores(source, niqe.load_default(), res)
+      if kind == 'niqe'
+      else cleaning.artifact_scores(source)
+    )
     chosen = cleaning.select_worst(scores, len(truth) / len(universe))
     s = cleaning_eval.selection_scores(chosen, truth, universe)
-    s['found_by_kind'] = {k: sum(kinds[n] == k for n in chosen & truth)
-                          for k in sorted(set(kinds.values()))}
+    s['found_by_kind'] = {
+      k: sum(kinds[n] == k for n in chosen & truth) for k in sorted(set(kinds.values()))
+    }
     results[kind] = s
   by_kind = sorted(set(kinds.values()))
   counts = {k: sum(kinds[n] == k for n in truth) for k in by_kind}
-  print(f'{len(truth)} of {len(universe)} training images contaminated; selecting the worst '
-        f'{len(truth)} by each score\n')
-  print('| score | precision = recall | ' + ' | '.join(f'{k} found (of {counts[k]})'
-                                                      for k in by_kind) + ' |')
+  print(
+    f'{len(truth)} of {len(universe)} training images contaminated; selecting the worst '
+    f'{len(truth)} by each score\n'
+  )
+  print(
+    '| score | precision = recall | '
+    + ' | '.join(f'{k} found (of {counts[k]})' for k in by_kind)
+    + ' |'
+  )
   print('| --- | --- |' + ' --- |' * len(by_kind))
   for kind, s in results.items():
-    print(f'| {kind} | {s["precision"]:.3f} | '
-          + ' | '.join(str(s['found_by_kind'][k]) for k in by_kind) + ' |')
+    print(
+      f'| {kind} | {s["precision"]:.3f} | '
+      + ' | '.join(str(s['found_by_kind'][k]) for k in by_kind)
+      + ' |'
+    )
   print(f'\nchance: {len(truth) / len(universe):.3f}')
   if a.out:
     with open(a.out, 'w') as f:

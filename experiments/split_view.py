@@ -9,6 +9,7 @@ validation split. The other evaluation split is not in the folder, so a run give
 cannot read a test face. Prints the number of evaluation faces (the VAL to pass on). Rerunning
 with the same arguments is a no-op; a folder made for another split is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import os
 import sys
 
 EVAL_SPLITS = ('dev', 'test')
-DEFAULT_SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'docs', 'results',
-                              'splits.json')
+DEFAULT_SPLITS = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), '..', 'docs', 'results', 'splits.json'
+)
 
 
 def _stem(name: str) -> str:
@@ -34,9 +36,11 @@ def refuse_test_faces(names, splits_path: str = DEFAULT_SPLITS) -> None:
     held_out = {_stem(n) for n in json.load(f)['test']}
   found = sorted(n for n in names if _stem(n) in held_out)
   if found:
-    sys.exit(f'error: {len(found)} of these faces are in the test split of {splits_path} '
-             f'({found[0]}, ...); choices are made on the dev view only '
-             '(experiments/split_view.py --eval dev)')
+    sys.exit(
+      f'error: {len(found)} of these faces are in the test split of {splits_path} '
+      f'({found[0]}, ...); choices are made on the dev view only '
+      '(experiments/split_view.py --eval dev)'
+    )
 
 
 def make_view(splits: dict, src: str, dst: str, eval_split: str) -> int:
@@ -47,13 +51,17 @@ def make_view(splits: dict, src: str, dst: str, eval_split: str) -> int:
   os.makedirs(dst, exist_ok=True)
   have = set(os.listdir(dst))
   if have - set(want):
-    raise ValueError(f'{dst} holds {len(have - set(want))} files that are not the {eval_split} '
-                     'view (made for another split?); use another --dst')
+    raise ValueError(
+      f'{dst} holds {len(have - set(want))} files that are not the {eval_split} '
+      'view (made for another split?); use another --dst'
+    )
   src = os.path.abspath(src)
   for link, name in want.items():
     target = os.path.join(src, name)
     if not os.path.isfile(target):
-      raise FileNotFoundError(f'{target} is missing: --src is not the folder the split was made from')
+      raise FileNotFoundError(
+        f'{target} is missing: --src is not the folder the split was made from'
+      )
     path = os.path.join(dst, link)
     if link in have:
       if os.path.realpath(path) != os.path.realpath(target):

@@ -4,9 +4,10 @@
 The log shows our lines and every library's warnings; libraries' INFO lines (orbax writes
 dozens per checkpoint) come back with an explicit --verbosity (0: INFO, 1: DEBUG).
 """
+
 from __future__ import annotations
 
-import logging as std_logging   # only for the filter's types: we log through absl
+import logging as std_logging  # only for the filter's types: we log through absl
 import os
 
 from absl import app
@@ -26,9 +27,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run(config, workdir: str):
   """Dispatches on config.mode; importable so tests and notebooks skip absl flag parsing."""
-  import jax  # noqa: PLC0415 (keeps --help fast)
-  from idm_jax.runtime import configlib  # noqa: PLC0415 (keeps --help fast: imports jax)
-  from idm_jax.runtime import parallel  # noqa: PLC0415 (keeps --help fast: imports jax)
+  # Inside: each of these loads jax, and `--help` should answer at once.
+  import jax  # noqa: PLC0415
+
+  from idm_jax.runtime import configlib  # noqa: PLC0415
+  from idm_jax.runtime import parallel  # noqa: PLC0415
+
   parallel.maybe_initialize_distributed()
   configlib.validate(config)
   _enable_compilation_cache()
@@ -37,23 +41,34 @@ def run(config, workdir: str):
   if jax.process_index() == 0:
     files.write_text(files.join(workdir, f'config_{config.mode}.json'), configlib.to_json(config))
   # Counts, not the device list: on a pod that list is one line of hundreds of chips.
-  logging.info('mode=%s workdir=%s: %d %s devices over %d processes, %d on this one',
-               config.mode, workdir, jax.device_count(), jax.devices()[0].platform,
-               jax.process_count(), jax.local_device_count())
+  logging.info(
+    'mode=%s workdir=%s: %d %s devices over %d processes, %d on this one',
+    config.mode,
+    workdir,
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_count(),
+    jax.local_device_count(),
+  )
   if config.mode == 'train':
     from idm_jax.training import train  # noqa: PLC0415 (keeps --help fast: the mode's module)
+
     return train.train_and_evaluate(config, workdir)
   if config.mode in ('evaluate', 'sample'):
     from idm_jax.inference import validation  # noqa: PLC0415 (keeps --help fast: the mode's module)
+
     return validation.run(config, workdir, write_metrics=config.mode == 'evaluate')
   if config.mode == 'generate':
     from idm_jax.inference import generate  # noqa: PLC0415 (keeps --help fast: the mode's module)
+
     return generate.run(config, workdir)
   if config.mode == 'clean':
     from idm_jax.extrinsic import cleaning  # noqa: PLC0415 (keeps --help fast: the mode's module)
+
     return cleaning.clean_from_config(config, workdir)
   if config.mode == 'extrinsic':
     from idm_jax.extrinsic import rounds  # noqa: PLC0415 (keeps --help fast: the mode's module)
+
     return rounds.run_rounds(config, workdir)
   raise ValueError(f'config.mode: {config.mode!r}')
 
@@ -62,6 +77,7 @@ def _enable_compilation_cache():
   """Reuses compiled programs across runs (resumes, evaluation, the demo): unless the user set
   JAX_COMPILATION_CACHE_DIR, cache under ~/.cache/idm_jax/xla."""
   import jax  # noqa: PLC0415 (keeps --help fast)
+
   if jax.config.jax_compilation_cache_dir:
     return
   path = os.path.join(os.path.expanduser('~'), '.cache', 'idm_jax', 'xla')
@@ -89,6 +105,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
   from idm_jax.runtime import configlib  # noqa: PLC0415 (keeps --help fast: imports jax)
+
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (configlib.ConfigError, files.StorageError, workdir_lock.WorkdirInUse) as e:

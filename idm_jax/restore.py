@@ -30,18 +30,18 @@ Bad files (unreadable, empty, not an image, over the pixel limit) are reported b
 skipped; grayscale, alpha and 16-bit images are converted (with a note). The exit status is 1 if
 any file failed, 2 if nothing could be started (bad arguments, model or detector missing).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import sys
-import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
+import zlib
 
 import cv2
 import numpy as np
-
 from tqdm import tqdm
 
 import idm_jax
@@ -56,6 +56,7 @@ OUTPUT_DIRS = ('cropped_faces', 'restored_faces', 'cmp', 'restored_imgs')
 
 # ----------------------------------------------------------------------------- reading images
 
+
 def list_inputs(input_path: str) -> List[Tuple[str, str]]:
   """(path, path relative to INPUT) of every non-hidden file, sorted; a file gives itself.
 
@@ -69,7 +70,7 @@ def list_inputs(input_path: str) -> List[Tuple[str, str]]:
   try:
     paths = images.list_files(input_path, extensions=None)
   except FileNotFoundError:
-    return []   # main says "no files found"
+    return []  # main says "no files found"
   return [(p, files.relpath(p, input_path)) for p in paths]
 
 
@@ -86,6 +87,7 @@ def shown(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- writing images
+
 
 def output_ext(path: str, ext: str) -> str:
   """'png' or 'jpg' for restored_imgs: the input's own for ext='auto' (png if neither)."""
@@ -109,28 +111,46 @@ def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- restoring
 
-def restore_aligned(images: Sequence[np.ndarray], restorer, indices: Sequence[int],
-                    batch_size: int, sample_kwargs: Dict) -> Tuple[np.ndarray, np.ndarray]:
+
+def restore_aligned(
+  images: Sequence[np.ndarray],
+  restorer,
+  indices: Sequence[int],
+  batch_size: int,
+  sample_kwargs: Dict,
+) -> Tuple[np.ndarray, np.ndarray]:
   """Aligned face crops of any size -> (LQ resized to the model resolution, restored); crop k
   uses noise index indices[k]."""
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
+
   r = restorer.resolution
-  lq = np.stack([resize(im, r, r) for im in images]) if len(images) else np.zeros((0, r, r, 3),
-                                                                                  np.uint8)
+  lq = (
+    np.stack([resize(im, r, r) for im in images])
+    if len(images)
+    else np.zeros((0, r, r, 3), np.uint8)
+  )
   return lq, engine.restore_in_batches(restorer, lq, indices, batch_size, **sample_kwargs)
 
 
 @dataclasses.dataclass
 class PhotoResult:
-  crops: np.ndarray         # (F, R, R, 3) aligned LQ faces
-  restored: np.ndarray      # (F, R, R, 3)
+  crops: np.ndarray  # (F, R, R, 3) aligned LQ faces
+  restored: np.ndarray  # (F, R, R, 3)
   affines: List[np.ndarray]
-  image: np.ndarray         # the upscaled photo with the faces pasted back
+  image: np.ndarray  # the upscaled photo with the faces pasted back
 
 
-def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upscale: float = 2.,
-                  batch_size: int = 8, sample_kwargs: Optional[Dict] = None,
-                  only_center_face: bool = False) -> PhotoResult:
+def restore_photo(
+  image: np.ndarray,
+  restorer,
+  detector,
+  *,
+  index: int = 0,
+  upscale: float = 2.0,
+  batch_size: int = 8,
+  sample_kwargs: Optional[Dict] = None,
+  only_center_face: bool = False,
+) -> PhotoResult:
   """Detects, aligns, restores and pastes back every face in an RGB uint8 photo (only the one
   closest to the centre with `only_center_face`).
 
@@ -138,6 +158,7 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
   face k uses noise index `index + k`.
   """
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
+
   r = restorer.resolution
   found = detector.detect(image)
   if only_center_face:
@@ -148,22 +169,26 @@ def restore_photo(image: np.ndarray, restorer, detector, *, index: int = 0, upsc
     crops.append(crop)
     affines.append(affine)
   crops = np.stack(crops) if crops else np.zeros((0, r, r, 3), np.uint8)
-  indices = (index + np.arange(len(crops))) % (2 ** 32)
-  restored = engine.restore_in_batches(restorer, crops, indices, batch_size,
-                                          **(sample_kwargs or {}))
+  indices = (index + np.arange(len(crops))) % (2**32)
+  restored = engine.restore_in_batches(
+    restorer, crops, indices, batch_size, **(sample_kwargs or {})
+  )
   pasted = faces.paste_faces(image, list(zip(restored, affines)), upscale)
   return PhotoResult(crops=crops, restored=restored, affines=affines, image=pasted)
 
 
-def sample_settings(restorer, seed: int, *, steps=None, sampler=None, t_start=None,
-                    guidance=None, eta=None) -> Dict:
+def sample_settings(
+  restorer, seed: int, *, steps=None, sampler=None, t_start=None, guidance=None, eta=None
+) -> Dict:
   """The restorer's sampling keyword arguments (None: the model config's default), checked;
   raises ValueError naming the bad setting."""
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
+
   restorer.resolve_settings(steps, sampler, t_start, guidance, eta)
   engine.check_seed(seed)
-  return dict(seed=seed, steps=steps, sampler=sampler, t_start=t_start, guidance_scale=guidance,
-              eta=eta)
+  return dict(
+    seed=seed, steps=steps, sampler=sampler, t_start=t_start, guidance_scale=guidance, eta=eta
+  )
 
 
 class _Report:
@@ -181,8 +206,9 @@ class _Report:
     self.bar.write(shown(f'error: {path}: {msg}'))
 
   def summary(self) -> str:
-    lines = [f'restored {len(self.restored)}, no face found {len(self.no_face)}, '
-             f'failed {len(self.failed)}']
+    lines = [
+      f'restored {len(self.restored)}, no face found {len(self.no_face)}, failed {len(self.failed)}'
+    ]
     if self.no_face:
       lines.append('no face found in: ' + ', '.join(self.no_face))
     for path, msg in self.failed:
@@ -199,7 +225,7 @@ def _read(path, report, max_pixels):
   try:
     image, notes = images.read_with_notes(path, max_pixels=max_pixels)
   except images.BadImage as e:
-    report.fail(path, e.reason)   # the report names the file
+    report.fail(path, e.reason)  # the report names the file
     return None
   for n in notes:
     report.note(path, n)
@@ -210,15 +236,19 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
   suffix = f'_{args.suffix}' if args.suffix else ''
   for start in range(0, len(inputs), args.batch_size):
     batch = []
-    for path, rel in inputs[start:start + args.batch_size]:
+    for path, rel in inputs[start : start + args.batch_size]:
       image = _read(path, report, args.max_pixels)
       if image is not None:
         batch.append((path, rel, image))
     if batch:
       try:
-        lq, restored = restore_aligned([im for _, _, im in batch], restorer,
-                                       [file_index(rel) for _, rel, _ in batch],
-                                       args.batch_size, sample_kwargs)
+        lq, restored = restore_aligned(
+          [im for _, _, im in batch],
+          restorer,
+          [file_index(rel) for _, rel, _ in batch],
+          args.batch_size,
+          sample_kwargs,
+        )
       except Exception as e:  # pylint: disable=broad-except
         for path, _, _ in batch:
           report.fail(path, f'restoration failed: {type(e).__name__}: {e}')
@@ -228,13 +258,15 @@ def run_aligned(inputs, out_dir, restorer, args, sample_kwargs, report) -> None:
           try:
             h, w = image.shape[:2]
             images.save(_out_path(out_dir, 'restored_faces', rel, suffix + '.png'), y)
-            images.save(_out_path(out_dir, 'restored_imgs', rel,
-                                  f'{suffix}.{output_ext(path, args.ext)}'), resize(y, w, h))
+            images.save(
+              _out_path(out_dir, 'restored_imgs', rel, f'{suffix}.{output_ext(path, args.ext)}'),
+              resize(y, w, h),
+            )
             images.save(_out_path(out_dir, 'cmp', rel, '.png'), side_by_side(x, y))
             report.restored.append(path)
           except Exception as e:  # pylint: disable=broad-except  (a bucket's HTTP errors too)
             report.fail(path, f'cannot write output: {e}')
-    report.bar.update(len(inputs[start:start + args.batch_size]))
+    report.bar.update(len(inputs[start : start + args.batch_size]))
 
 
 # Restored photos may hold this many times --max_pixels (4: a 40 MP photo at 2x).
@@ -249,31 +281,42 @@ def upscaled_too_large(shape, upscale: float, max_pixels: int) -> str | None:
   limit = OUTPUT_PIXELS_PER_INPUT_LIMIT * max_pixels
   if out_h * out_w <= limit:
     return None
-  return (f'--upscale {upscale:g} would make a {out_w}x{out_h} image '
-          f'({out_h * out_w / 1e6:.0f} MP, over the {limit / 1e6:g} MP output limit); lower '
-          f'--upscale to at most {(limit / (h * w)) ** 0.5:.2f} for this photo')
-
+  return (
+    f'--upscale {upscale:g} would make a {out_w}x{out_h} image '
+    f'({out_h * out_w / 1e6:.0f} MP, over the {limit / 1e6:g} MP output limit); lower '
+    f'--upscale to at most {(limit / (h * w)) ** 0.5:.2f} for this photo'
+  )
 
 
 def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report) -> None:
   suffix = f'_{args.suffix}' if args.suffix else ''
   for path, rel in inputs:
     image = _read(path, report, args.max_pixels)
-    too_large = None if image is None else upscaled_too_large(image.shape, args.upscale,
-                                                               args.max_pixels)
+    too_large = (
+      None if image is None else upscaled_too_large(image.shape, args.upscale, args.max_pixels)
+    )
     if too_large:
       report.fail(path, too_large)
     elif image is not None:
       try:
-        res = restore_photo(image, restorer, detector, index=file_index(rel),
-                            upscale=args.upscale, batch_size=args.batch_size,
-                            sample_kwargs=sample_kwargs, only_center_face=args.only_center_face)
+        res = restore_photo(
+          image,
+          restorer,
+          detector,
+          index=file_index(rel),
+          upscale=args.upscale,
+          batch_size=args.batch_size,
+          sample_kwargs=sample_kwargs,
+          only_center_face=args.only_center_face,
+        )
         for k, (crop, face) in enumerate(zip(res.crops, res.restored)):
           images.save(_out_path(out_dir, 'cropped_faces', rel, f'_{k:02d}.png'), crop)
           images.save(_out_path(out_dir, 'restored_faces', rel, f'_{k:02d}{suffix}.png'), face)
           images.save(_out_path(out_dir, 'cmp', rel, f'_{k:02d}.png'), side_by_side(crop, face))
-        images.save(_out_path(out_dir, 'restored_imgs', rel,
-                              f'{suffix}.{output_ext(path, args.ext)}'), res.image)
+        images.save(
+          _out_path(out_dir, 'restored_imgs', rel, f'{suffix}.{output_ext(path, args.ext)}'),
+          res.image,
+        )
         (report.restored if len(res.crops) else report.no_face).append(path)
       except Exception as e:  # pylint: disable=broad-except
         report.fail(path, f'{type(e).__name__}: {e}')
@@ -281,8 +324,12 @@ def run_photos(inputs, out_dir, restorer, detector, args, sample_kwargs, report)
 
 
 # In the order the summary lists them: restored_imgs first, it is what most people came for.
-OUTPUT_DESCRIPTIONS = {'restored_imgs': 'whole images', 'restored_faces': 'restored faces',
-                       'cropped_faces': 'aligned input faces', 'cmp': 'input | restored'}
+OUTPUT_DESCRIPTIONS = {
+  'restored_imgs': 'whole images',
+  'restored_faces': 'restored faces',
+  'cropped_faces': 'aligned input faces',
+  'cmp': 'input | restored',
+}
 
 
 def outputs_line(out_dir: str) -> str:
@@ -291,43 +338,66 @@ def outputs_line(out_dir: str) -> str:
   if not made:
     return f'nothing written to {out_dir}'
   root = files.absolute(out_dir)
-  return f'results in {root}: ' + ', '.join(
-      f'{d}/ ({OUTPUT_DESCRIPTIONS[d]})' for d in made)
+  return f'results in {root}: ' + ', '.join(f'{d}/ ({OUTPUT_DESCRIPTIONS[d]})' for d in made)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = cli.ArgumentParser(prog='python -m idm_jax.restore',
-                              description='Restore faces with an IDM model.')
+  p = cli.ArgumentParser(
+    prog='python -m idm_jax.restore', description='Restore faces with an IDM model.'
+  )
   p.add_argument('--version', action='version', version=f'idm_jax {idm_jax.__version__}')
-  p.add_argument('-i', '--input', required=True,
-                 help='an image or a folder of images (local or gs://)')
-  p.add_argument('-o', '--output', required=True,
-                 help='output folder, local or gs:// (not inside INPUT)')
+  p.add_argument(
+    '-i', '--input', required=True, help='an image or a folder of images (local or gs://)'
+  )
+  p.add_argument(
+    '-o', '--output', required=True, help='output folder, local or gs:// (not inside INPUT)'
+  )
   p.add_argument('--checkpoint', required=True, help='training workdir or exported .msgpack')
   p.add_argument('--aligned', action='store_true', help='inputs are aligned face crops')
   p.add_argument('--steps', type=int, default=None, help='sampling steps (default: config)')
   p.add_argument('--sampler', choices=samplers.SAMPLERS, default=None)
   p.add_argument('--eta', type=float, default=None, help='DDIM stochasticity in [0, 1]')
-  p.add_argument('--t_start', type=float, default=None,
-                 help='in (0, 1]; < 1 starts from the noised input (keeps more of it)')
+  p.add_argument(
+    '--t_start',
+    type=float,
+    default=None,
+    help='in (0, 1]; < 1 starts from the noised input (keeps more of it)',
+  )
   p.add_argument('--guidance', type=float, default=None, help='classifier-free guidance scale')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--batch_size', type=int, default=8)
-  p.add_argument('--upscale', type=float, default=2., help='whole photos: background upscale')
-  p.add_argument('--only_center_face', action='store_true',
-                 help='whole photos: restore only the face closest to the centre')
-  p.add_argument('--ext', choices=('auto', 'png', 'jpg'), default='auto',
-                 help='format of restored_imgs (auto: as the input)')
+  p.add_argument('--upscale', type=float, default=2.0, help='whole photos: background upscale')
+  p.add_argument(
+    '--only_center_face',
+    action='store_true',
+    help='whole photos: restore only the face closest to the centre',
+  )
+  p.add_argument(
+    '--ext',
+    choices=('auto', 'png', 'jpg'),
+    default='auto',
+    help='format of restored_imgs (auto: as the input)',
+  )
   p.add_argument('--suffix', default='', help='appended to restored file names: NAME_S.ext')
-  p.add_argument('--detector', choices=faces.DETECTORS, default=None,
-                 help="whole photos: dlib's face detector (default: hog); cnn also finds "
-                      'small, tilted and profile faces, at about 80 times the CPU time')
-  p.add_argument('--min_face_score', type=float, default=None,
-                 help='whole photos: detector score threshold; the detectors score on '
-                      'different scales (default: ' + ', '.join(
-                          f'{v} for {k}' for k, v in faces.DEFAULT_MIN_SCORE.items()) + ')')
-  p.add_argument('--max_pixels', type=int, default=images.MAX_PIXELS,
-                 help='inputs with more pixels are rejected')
+  p.add_argument(
+    '--detector',
+    choices=faces.DETECTORS,
+    default=None,
+    help="whole photos: dlib's face detector (default: hog); cnn also finds "
+    'small, tilted and profile faces, at about 80 times the CPU time',
+  )
+  p.add_argument(
+    '--min_face_score',
+    type=float,
+    default=None,
+    help='whole photos: detector score threshold; the detectors score on '
+    'different scales (default: '
+    + ', '.join(f'{v} for {k}' for k, v in faces.DEFAULT_MIN_SCORE.items())
+    + ')',
+  )
+  p.add_argument(
+    '--max_pixels', type=int, default=images.MAX_PIXELS, help='inputs with more pixels are rejected'
+  )
   return p
 
 
@@ -343,11 +413,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.upscale <= 0 or args.upscale > 8:
     return fatal('--upscale must be in (0, 8]')
   if args.aligned and args.only_center_face:
-    return fatal('--only_center_face chooses among the faces of whole photos; with --aligned '
-                 'each input is already one face')
+    return fatal(
+      '--only_center_face chooses among the faces of whole photos; with --aligned '
+      'each input is already one face'
+    )
   if args.aligned and args.detector:
-    return fatal('--detector finds the faces of whole photos; with --aligned each input is '
-                 'already one face')
+    return fatal(
+      '--detector finds the faces of whole photos; with --aligned each input is already one face'
+    )
   try:
     inputs = list_inputs(args.input)
   except FileNotFoundError as e:
@@ -355,8 +428,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not inputs:
     return fatal(f'{args.input}: no files found')
   if files.isdir(args.input) and files.is_within(args.output, args.input):
-    return fatal(f'output folder {args.output} is inside the input folder {args.input}; '
-                 'choose another one (outputs are never written into the input folder)')
+    return fatal(
+      f'output folder {args.output} is inside the input folder {args.input}; '
+      'choose another one (outputs are never written into the input folder)'
+    )
   if files.exists(args.output) and not files.isdir(args.output):
     return fatal(f'{args.output} exists and is not a folder')
   try:  # A missing bucket or no permission: said now, not after the model has loaded.
@@ -372,13 +447,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return fatal(str(e))
 
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
+
   try:
     restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:
     return fatal(f'cannot load the model: {e}')
   try:  # Check the settings once, before any file is touched.
-    sample_kwargs = sample_settings(restorer, args.seed, steps=args.steps, sampler=args.sampler,
-                                    t_start=args.t_start, guidance=args.guidance, eta=args.eta)
+    sample_kwargs = sample_settings(
+      restorer,
+      args.seed,
+      steps=args.steps,
+      sampler=args.sampler,
+      t_start=args.t_start,
+      guidance=args.guidance,
+      eta=args.eta,
+    )
   except ValueError as e:
     return fatal(str(e))
 

@@ -9,6 +9,7 @@ Checkpointer.train_seconds(2) of progress/ and hidden/, engine.load of unseen/, 
 export of ema/ to taken.msgpack. Writes DIR/<process>.json: what each call returned ([step, the first
 EMA value] or seconds) or raised ({"error": ...}). Used by tests/test_checkpoints.py.
 """
+
 import argparse
 import json
 import os
@@ -20,14 +21,17 @@ def main():
   p.add_argument('--root', required=True)
   p.add_argument('--out', required=True)
   sys.path.insert(0, os.path.dirname(__file__))
-  from conftest import add_process_args, start_cpu_processes
+  from conftest import add_process_args
+  from conftest import start_cpu_processes
+
   add_process_args(p)
   a = p.parse_args()
   jax = start_cpu_processes(a)
   import numpy as np
-  from idm_jax.training import checkpoints
-  from idm_jax.inference import export
+
   from idm_jax.inference import engine
+  from idm_jax.inference import export
+  from idm_jax.training import checkpoints
 
   def loaded(workdir, step=None):
     _, ema, step = checkpoints.load_for_inference(f'{a.root}/{workdir}', step)
@@ -41,12 +45,15 @@ def main():
       ckpt.close()
 
   results = {}
-  for name, call in (('config', lambda: loaded('config')), ('ema', lambda: loaded('ema')),
-                     ('ema at 4', lambda: loaded('ema', 4)),
-                     ('progress', lambda: seconds('progress')),
-                     ('hidden', lambda: seconds('hidden')),
-                     ('unseen', lambda: engine.load(f'{a.root}/unseen')[1]),
-                     ('export', lambda: export.export(f'{a.root}/ema', f'{a.root}/taken.msgpack'))):
+  for name, call in (
+    ('config', lambda: loaded('config')),
+    ('ema', lambda: loaded('ema')),
+    ('ema at 4', lambda: loaded('ema', 4)),
+    ('progress', lambda: seconds('progress')),
+    ('hidden', lambda: seconds('hidden')),
+    ('unseen', lambda: engine.load(f'{a.root}/unseen')[1]),
+    ('export', lambda: export.export(f'{a.root}/ema', f'{a.root}/taken.msgpack')),
+  ):
     try:
       results[name] = call()
     except Exception as e:  # pylint: disable=broad-except  (what it raised is the result)

@@ -19,6 +19,7 @@ worker reads from its metadata server), so a detached job really runs and outliv
                fails with FAKE_GCLOUD_FAIL_PREFLIGHT=1); anything else runs on each worker.
   scp          NAME:PATH DEST copies from worker 0's home.
 """
+
 import json
 import os
 import pathlib
@@ -38,7 +39,7 @@ def option(argv, name, default=None):
     if a == name:
       return argv[i + 1]
     if a.startswith(name + '='):
-      return a[len(name) + 1:]
+      return a[len(name) + 1 :]
   return default
 
 
@@ -105,8 +106,12 @@ def job_running(s):
     state = home / 'idm_jax_run' / 'state'
     log = home / 'idm_jax_train.log'
     # The log may start with an earlier slice's (restored from the bucket): this run's part.
-    if state.exists() and state.read_text().startswith('running') and log.exists() \
-        and re.search(r'^step \d', log.read_text().rsplit('training output', 1)[-1], re.M):
+    if (
+      state.exists()
+      and state.read_text().startswith('running')
+      and log.exists()
+      and re.search(r'^step \d', log.read_text().rsplit('training output', 1)[-1], re.M)
+    ):
       return True
   return False
 
@@ -115,8 +120,9 @@ def create(argv):
   if load() is not None:
     print(f'ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS: {argv[4]}', file=sys.stderr)
     return 1
-  generation = int((STATE_DIR / 'generations').read_text()) + 1 \
-      if (STATE_DIR / 'generations').exists() else 1
+  generation = (
+    int((STATE_DIR / 'generations').read_text()) + 1 if (STATE_DIR / 'generations').exists() else 1
+  )
   (STATE_DIR / 'generations').write_text(str(generation))
   homes = []
   for i in range(int(os.environ.get('FAKE_GCLOUD_WORKERS', '1'))):
@@ -127,8 +133,15 @@ def create(argv):
     if os.environ.get('FAKE_GCLOUD_VENV'):
       (home / 'idm_venv').symlink_to(os.environ['FAKE_GCLOUD_VENV'])
     homes.append(str(home))
-  save({'name': argv[4], 'state': 'READY', 'generation': generation, 'workers': homes,
-        'noticed': False})
+  save(
+    {
+      'name': argv[4],
+      'state': 'READY',
+      'generation': generation,
+      'workers': homes,
+      'noticed': False,
+    }
+  )
   return 0
 
 
@@ -154,11 +167,11 @@ def delete(argv):
   s = existing('delete', argv)
   if s is None:
     return 1
-  for home in workers(s):   # the VMs go away: so does everything running on them
+  for home in workers(s):  # the VMs go away: so does everything running on them
     runner = read_pid(home / 'idm_jax_run' / 'runner_pid')
     if runner and alive(runner):
       try:
-        os.killpg(runner, signal.SIGKILL)   # setsid: the runner leads its own process group
+        os.killpg(runner, signal.SIGKILL)  # setsid: the runner leads its own process group
       except ProcessLookupError:
         pass
   SLICE.unlink()
@@ -181,8 +194,14 @@ def ssh(argv):
   for home in homes:
     i = int(home.name.split('-')[1])
     env = dict(os.environ, HOME=str(home), IDM_JAX_WORKER=str(i))
-    r = subprocess.run(['bash', '-c', command], env=env, cwd=home, stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=120)
+    r = subprocess.run(
+      ['bash', '-c', command],
+      env=env,
+      cwd=home,
+      stdin=subprocess.DEVNULL,
+      capture_output=True,
+      timeout=120,
+    )
     sys.stdout.buffer.write(r.stdout)
     sys.stderr.buffer.write(r.stderr)
     rc = max(rc, r.returncode)

@@ -1,16 +1,17 @@
 """The `python` of the fake slice's virtualenv (tests/fake_gcloud.py): a trainer in miniature.
 
-  python -m idm_jax.main --config=... --workdir=gs://B/P [...]
-      Appends its argv to FAKE_BUCKET/argv.jsonl, resumes from the step saved in
-      FAKE_BUCKET/B/P/step, takes a step every FAKE_TRAIN_STEP_SECONDS (default 0.2) up to
-      FAKE_TRAIN_STEPS (default 3), saves the last one and exits 0; on SIGTERM or SIGHUP saves the
-      current step, logs the driver's stop line and exits 0, as idm_jax.training.train does. Only worker 0
-      (IDM_JAX_WORKER) writes the step.
-      FAKE_TRAIN_RC=N: fails at once with exit status N.
-  python -c CODE up|down LOG WORKDIR WORKER
-      The runner's log copy: LOG to FAKE_BUCKET/B/P/logs/worker-WORKER.log (up), or back (down)
-      if it is there.
+python -m idm_jax.main --config=... --workdir=gs://B/P [...]
+    Appends its argv to FAKE_BUCKET/argv.jsonl, resumes from the step saved in
+    FAKE_BUCKET/B/P/step, takes a step every FAKE_TRAIN_STEP_SECONDS (default 0.2) up to
+    FAKE_TRAIN_STEPS (default 3), saves the last one and exits 0; on SIGTERM or SIGHUP saves the
+    current step, logs the driver's stop line and exits 0, as idm_jax.training.train does. Only worker 0
+    (IDM_JAX_WORKER) writes the step.
+    FAKE_TRAIN_RC=N: fails at once with exit status N.
+python -c CODE up|down LOG WORKDIR WORKER
+    The runner's log copy: LOG to FAKE_BUCKET/B/P/logs/worker-WORKER.log (up), or back (down)
+    if it is there.
 """
+
 import json
 import os
 import pathlib
@@ -24,7 +25,7 @@ BUCKET = pathlib.Path(os.environ['FAKE_BUCKET'])
 
 def in_bucket(url: str) -> pathlib.Path:
   assert url.startswith('gs://'), url
-  return BUCKET / url[len('gs://'):]
+  return BUCKET / url[len('gs://') :]
 
 
 def main():
@@ -40,8 +41,10 @@ def main():
     return 0
   assert argv[:2] == ['-m', 'idm_jax.main'], argv
   with open(BUCKET / 'argv.jsonl', 'a') as f:
-    f.write(json.dumps({'argv': argv, 'cwd': os.getcwd(),
-                        'worker': os.environ.get('IDM_JAX_WORKER')}) + '\n')
+    f.write(
+      json.dumps({'argv': argv, 'cwd': os.getcwd(), 'worker': os.environ.get('IDM_JAX_WORKER')})
+      + '\n'
+    )
   print('training output', flush=True)
   if os.environ.get('FAKE_TRAIN_RC'):
     return int(os.environ['FAKE_TRAIN_RC'])

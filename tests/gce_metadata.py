@@ -6,6 +6,7 @@ with the header `Metadata-Flavor: Google`: `agent-worker-number` (this worker), 
 127.0.0.1 as the real one does: a plain-text value, 403 without the header, 404 for an attribute
 the VM does not have. It records every key asked for, so a test can also show that nothing was.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -14,19 +15,30 @@ import threading
 PREFIX = '/computeMetadata/v1/instance/attributes/'
 
 
-def tpu_vm_attributes(worker: int, endpoints: list[str], accelerator: str = 'v4-16',
-                      tpu_env: dict[str, str] | None = None) -> dict[str, str]:
+def tpu_vm_attributes(
+  worker: int,
+  endpoints: list[str],
+  accelerator: str = 'v4-16',
+  tpu_env: dict[str, str] | None = None,
+) -> dict[str, str]:
   """The attributes of worker `worker` of a TPU VM slice whose workers are at `endpoints`
   (in worker order). Endpoints are written in the long form `unknown:unknown:<ip>` that slices
   made by `gcloud compute tpus tpu-vm create` report; jax also accepts bare host names."""
-  env = {'ACCELERATOR_TYPE': accelerator, 'WORKER_ID': str(worker), 'ZONE': 'us-central2-b',
-         **(tpu_env or {})}
-  return {'agent-worker-number': str(worker),
-          'accelerator-type': accelerator,
-          'worker-network-endpoints': ','.join(
-              e if e.count(':') == 2 else f'unknown:unknown:{e}' for e in endpoints),
-          # The real value is YAML-like lines, KEY: 'value'.
-          'tpu-env': ''.join(f"{k}: '{v}'\n" for k, v in env.items())}
+  env = {
+    'ACCELERATOR_TYPE': accelerator,
+    'WORKER_ID': str(worker),
+    'ZONE': 'us-central2-b',
+    **(tpu_env or {}),
+  }
+  return {
+    'agent-worker-number': str(worker),
+    'accelerator-type': accelerator,
+    'worker-network-endpoints': ','.join(
+      e if e.count(':') == 2 else f'unknown:unknown:{e}' for e in endpoints
+    ),
+    # The real value is YAML-like lines, KEY: 'value'.
+    'tpu-env': ''.join(f"{k}: '{v}'\n" for k, v in env.items()),
+  }
 
 
 class MetadataServer:
@@ -39,7 +51,7 @@ class MetadataServer:
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):  # noqa: N802 (the http.server API)
-        key = self.path.split('?')[0][len(PREFIX):] if self.path.startswith(PREFIX) else None
+        key = self.path.split('?')[0][len(PREFIX) :] if self.path.startswith(PREFIX) else None
         server.asked.append(key or self.path)
         if self.headers.get('Metadata-Flavor') != 'Google':
           self._reply(403, 'Missing required header: Metadata-Flavor')
@@ -57,7 +69,7 @@ class MetadataServer:
         self.end_headers()
         self.wfile.write(body)
 
-      def log_message(self, *args):   # quiet
+      def log_message(self, *args):  # quiet
         pass
 
     self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)

@@ -26,6 +26,7 @@ the same address) are passed through untouched to the server, which answers them
       ...
       assert proxy.hits(r'/checkpoints/3/') == 2
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,22 @@ KINDS = ('status', 'drop_reply', 'reset', 'latency')
 _JSON_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 # Headers that belong to one connection, not to the request: never forwarded as they came.
-_HOP_BY_HOP = frozenset(('connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization',
-                         'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'expect',
-                         'content-length', 'proxy-connection'))
+_HOP_BY_HOP = frozenset(
+  (
+    'connection',
+    'keep-alive',
+    'proxy-authenticate',
+    'proxy-authorization',
+    'te',
+    'trailer',
+    'trailers',
+    'transfer-encoding',
+    'upgrade',
+    'expect',
+    'content-length',
+    'proxy-connection',
+  )
+)
 
 
 @dataclasses.dataclass
@@ -76,7 +90,7 @@ class FaultProxy:
     self._server = None
     self._thread = None
     self._sockets: set[socket.socket] = set()
-    self._upload_names: dict[str, str] = {}   # resumable upload_id -> object name
+    self._upload_names: dict[str, str] = {}  # resumable upload_id -> object name
 
   # --- lifecycle
 
@@ -86,10 +100,10 @@ class FaultProxy:
     class Server(http.server.ThreadingHTTPServer):
       daemon_threads = True
       block_on_close = False
-      request_queue_size = 128   # tensorstore opens many connections at once
+      request_queue_size = 128  # tensorstore opens many connections at once
 
       def handle_error(self, request, client_address):
-        pass   # a client that hung up (or a connection the test reset) is no test failure
+        pass  # a client that hung up (or a connection the test reset) is no test failure
 
       def finish_request(self, request, client_address):
         with proxy._lock:
@@ -104,8 +118,9 @@ class FaultProxy:
             proxy._sockets.discard(request)
 
     self._server = Server(('127.0.0.1', 0), _make_handler(self))
-    self._thread = threading.Thread(target=self._server.serve_forever, name='gcs-fault-proxy',
-                                    daemon=True)
+    self._thread = threading.Thread(
+      target=self._server.serve_forever, name='gcs-fault-proxy', daemon=True
+    )
     self._thread.start()
     return self
 
@@ -122,7 +137,7 @@ class FaultProxy:
       return
     self._server.shutdown()
     self._server.server_close()
-    with self._lock:   # kept-alive client connections: closed, so no handler thread lingers
+    with self._lock:  # kept-alive client connections: closed, so no handler thread lingers
       open_sockets, self._sockets = list(self._sockets), set()
     for s in open_sockets:
       try:
@@ -140,16 +155,30 @@ class FaultProxy:
 
   # --- rules and what happened
 
-  def add(self, pattern: str, kind: str, *, count: int | None = None, status: int = 503,
-          latency_s: float = 0.0, methods: tuple[str, ...] = ()) -> None:
+  def add(
+    self,
+    pattern: str,
+    kind: str,
+    *,
+    count: int | None = None,
+    status: int = 503,
+    latency_s: float = 0.0,
+    methods: tuple[str, ...] = (),
+  ) -> None:
     """Faults requests whose decoded path+query `pattern` finds (re.search), of `methods`
     (default any): the next `count` of them, or all (None) until clear()."""
     if kind not in KINDS:
       raise ValueError(f'kind must be one of {KINDS}, not {kind!r}')
     if count is not None and count < 1:
       raise ValueError(f'count must be at least 1 (or None for every request), not {count}')
-    rule = _Rule(re.compile(pattern), kind, count, int(status), float(latency_s),
-                 tuple(m.upper() for m in methods))
+    rule = _Rule(
+      re.compile(pattern),
+      kind,
+      count,
+      int(status),
+      float(latency_s),
+      tuple(m.upper() for m in methods),
+    )
     with self._lock:
       self._rules.append(rule)
 
@@ -173,8 +202,11 @@ class FaultProxy:
   def hits(self, pattern: str = '', kind: str | None = None) -> int:
     """How many requests matching `pattern` got a fault (of `kind`, if given)."""
     regex = re.compile(pattern)
-    return sum(1 for _, target, fault in self.log
-               if fault is not None and (kind is None or fault == kind) and regex.search(target))
+    return sum(
+      1
+      for _, target, fault in self.log
+      if fault is not None and (kind is None or fault == kind) and regex.search(target)
+    )
 
   def _upload_name(self, method: str, target: str, body: bytes) -> str | None:
     """The object an upload writes when its path and query do not name it; else None."""
@@ -222,6 +254,7 @@ class _ShorterWaits:
 
   def __init__(self, divisor: float):
     import asyncio  # pylint: disable=import-outside-toplevel
+
     self._asyncio = asyncio
     self._divisor = float(divisor)
 
@@ -239,6 +272,7 @@ def shorten_gcsfs_waits(divisor: float) -> None:
   second or two. Tests only: the tests that leave the waits alone (test_storage_faults' proxy
   and report tests, test_files) are the ones that show gcsfs's shipped schedule."""
   from gcsfs import retry  # pylint: disable=import-outside-toplevel
+
   if not isinstance(retry.asyncio, _ShorterWaits):
     retry.asyncio = _ShorterWaits(divisor)
 
@@ -246,10 +280,10 @@ def shorten_gcsfs_waits(divisor: float) -> None:
 def _make_handler(proxy: FaultProxy):
 
   class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'   # keep-alive, as the clients expect of GCS
+    protocol_version = 'HTTP/1.1'  # keep-alive, as the clients expect of GCS
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-      pass   # quiet: the log above says what happened
+      pass  # quiet: the log above says what happened
 
     def _body(self) -> bytes:
       if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
@@ -257,7 +291,7 @@ def _make_handler(proxy: FaultProxy):
         while True:
           size = int(self.rfile.readline().split(b';', 1)[0].strip() or b'0', 16)
           if size == 0:
-            while self.rfile.readline() not in (b'\r\n', b'\n', b''):   # trailers
+            while self.rfile.readline() not in (b'\r\n', b'\n', b''):  # trailers
               pass
             return b''.join(chunks)
           chunks.append(self.rfile.read(size))
@@ -279,13 +313,16 @@ def _make_handler(proxy: FaultProxy):
         self._reset()
         return
       if fault is not None and fault.kind == 'status':
-        self._answer(fault.status, [('Content-Type', 'application/json')],
-                     b'{"error": {"code": %d, "message": "injected by the test\'s fault proxy"}}'
-                     % fault.status)
+        self._answer(
+          fault.status,
+          [('Content-Type', 'application/json')],
+          b'{"error": {"code": %d, "message": "injected by the test\'s fault proxy"}}'
+          % fault.status,
+        )
         return
       try:
         status, reason, headers, data = self._forward(method, body)
-      except OSError:   # the server itself failed: what a client of GCS would see as a 502
+      except OSError:  # the server itself failed: what a client of GCS would see as a 502
         self._answer(502, [('Content-Type', 'text/plain')], b'upstream failed')
         return
       location = dict((k.lower(), v) for k, v in headers).get('location', '')

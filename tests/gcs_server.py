@@ -15,21 +15,22 @@ existing bucket is an ordinary regional one without hierarchical namespace, as m
 
 python tests/gcs_server.py --port P [--data-dir D] [--tls-dir D]   (prints "ready" once it serves)
 """
+
 import argparse
 import functools
+from http import HTTPStatus
+from http import server as http_server
 import os
 import re
 import sys
 import threading
 import time
-from http import HTTPStatus
-from http import server as http_server
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
-_LOCK = threading.Lock()   # the check and the write it guards are one step, as on GCS
+_LOCK = threading.Lock()  # the check and the write it guards are one step, as on GCS
 
 
 def _current_generation(storage, bucket: str, name: str) -> int:
@@ -59,11 +60,13 @@ def _with_precondition(handler):
     with _LOCK:
       name = _object_name(request)
       if name is not None and _current_generation(
-          storage, request.params['bucket_name'], name) != int(want[0]):
+        storage, request.params['bucket_name'], name
+      ) != int(want[0]):
         response.status = HTTPStatus.PRECONDITION_FAILED
         response.json({'error': {'code': 412, 'message': 'Precondition Failed'}})
         return None
       return handler(request, response, storage, *args, **kwargs)
+
   return wrapped
 
 
@@ -79,6 +82,7 @@ def _with_generation_header(download):
       response['x-goog-generation'] = str(obj.get('generation', 0))
       response['x-goog-metageneration'] = str(obj.get('metageneration', 1))
     return result
+
   return wrapped
 
 
@@ -90,12 +94,14 @@ def _links_for_this_request(close):
   *uploaded* through: a client that reached the server another way (directly, or through the
   test's fault proxy) would download through that other address. GCS answers with its own
   host; here each answer names the host this request came to (its Host header)."""
+
   @functools.wraps(close)
   def wrapped(self):
     host = self._handler.headers.get('Host')
     if host and isinstance(self._content, str) and '"mediaLink"' in self._content:
       self._content = _MEDIA_LINK.sub(lambda m: f'{m.group(1)}http://{host}', self._content)
     return close(self)
+
   return wrapped
 
 
@@ -105,14 +111,16 @@ def install_preconditions() -> None:
   holds it directly)."""
   download = objects.download
   objects.download = _with_generation_header(download)
-  wrapped = {objects.insert: _with_precondition(objects.insert),
-             objects.delete: _with_precondition(objects.delete),
-             download: objects.download}   # the /download/ route holds it directly
+  wrapped = {
+    objects.insert: _with_precondition(objects.insert),
+    objects.delete: _with_precondition(objects.delete),
+    download: objects.download,
+  }  # the /download/ route holds it directly
   for _, methods in server.HANDLERS:
     for method, handler in list(methods.items()):
       if handler in wrapped:
         methods[method] = wrapped[handler]
-  objects.insert = wrapped[objects.insert]   # the router's fallback for uploads without /upload
+  objects.insert = wrapped[objects.insert]  # the router's fallback for uploads without /upload
   server.Response.close = _links_for_this_request(server.Response.close)
 
 
@@ -121,24 +129,36 @@ def write_self_signed_cert(folder: str) -> tuple[bytes, bytes]:
   folder/ca.pem for the clients to trust."""
   import datetime
   import ipaddress
+
   from cryptography import x509
-  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives import hashes
+  from cryptography.hazmat.primitives import serialization
   from cryptography.hazmat.primitives.asymmetric import ec
   from cryptography.x509.oid import NameOID
+
   key = ec.generate_private_key(ec.SECP256R1())
   name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'idm_jax test GCS server')])
   now = datetime.datetime.now(datetime.timezone.utc)
-  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.SubjectAlternativeName(
-              [x509.IPAddress(ipaddress.ip_address('127.0.0.1')), x509.DNSName('localhost')]),
-                         critical=False)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(key, hashes.SHA256()))
-  key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+  cert = (
+    x509.CertificateBuilder()
+    .subject_name(name)
+    .issuer_name(name)
+    .public_key(key.public_key())
+    .serial_number(x509.random_serial_number())
+    .not_valid_before(now - datetime.timedelta(days=1))
+    .not_valid_after(now + datetime.timedelta(days=30))
+    .add_extension(
+      x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address('127.0.0.1')), x509.DNSName('localhost')]
+      ),
+      critical=False,
+    )
+    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    .sign(key, hashes.SHA256())
+  )
+  key_pem = key.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+  )
   cert_pem = cert.public_bytes(serialization.Encoding.PEM)
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, 'ca.pem'), 'wb') as f:
@@ -149,8 +169,9 @@ def write_self_signed_cert(folder: str) -> tuple[bytes, bytes]:
 def start_storage_control(storage, key_pem: bytes, cert_pem: bytes):
   """A gRPC server (TLS, on a free port of 127.0.0.1) answering GetStorageLayout; (server, port)."""
   from concurrent import futures
-  import grpc
+
   from google.cloud.storage_control_v2.types import storage_control
+  import grpc
 
   def get_storage_layout(request, context):
     # name: projects/_/buckets/BUCKET/storageLayout
@@ -158,18 +179,27 @@ def start_storage_control(storage, key_pem: bytes, cert_pem: bytes):
     if storage.get_bucket(bucket) is None:
       context.abort(grpc.StatusCode.NOT_FOUND, f'bucket {bucket} not found')
     return storage_control.StorageLayout(
-        name=request.name, location='US-CENTRAL1', location_type='region',
-        hierarchical_namespace=storage_control.StorageLayout.HierarchicalNamespace(enabled=False))
+      name=request.name,
+      location='US-CENTRAL1',
+      location_type='region',
+      hierarchical_namespace=storage_control.StorageLayout.HierarchicalNamespace(enabled=False),
+    )
 
-  handler = grpc.method_handlers_generic_handler('google.storage.control.v2.StorageControl', {
+  handler = grpc.method_handlers_generic_handler(
+    'google.storage.control.v2.StorageControl',
+    {
       'GetStorageLayout': grpc.unary_unary_rpc_method_handler(
-          get_storage_layout,
-          request_deserializer=storage_control.GetStorageLayoutRequest.deserialize,
-          response_serializer=storage_control.StorageLayout.serialize)})
+        get_storage_layout,
+        request_deserializer=storage_control.GetStorageLayoutRequest.deserialize,
+        response_serializer=storage_control.StorageLayout.serialize,
+      )
+    },
+  )
   grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
   grpc_server.add_generic_rpc_handlers((handler,))
-  port = grpc_server.add_secure_port('127.0.0.1:0',
-                                     grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+  port = grpc_server.add_secure_port(
+    '127.0.0.1:0', grpc.ssl_server_credentials([(key_pem, cert_pem)])
+  )
   grpc_server.start()
   return grpc_server, port
 
@@ -178,10 +208,11 @@ def serve_tls_elsewhere(grpc_port: int) -> None:
   """Makes the emulator's HTTP server pass connections that open with a TLS handshake to
   127.0.0.1:grpc_port (spliced in a thread of their own), and serve the rest itself."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from gcs_faults import _splice, _starts_with_tls  # pylint: disable=import-outside-toplevel
+  from gcs_faults import _splice  # pylint: disable=import-outside-toplevel
+  from gcs_faults import _starts_with_tls  # pylint: disable=import-outside-toplevel
 
   class Front(http_server.HTTPServer):
-    request_queue_size = 128   # many clients connect at once; the default 5 drops SYNs
+    request_queue_size = 128  # many clients connect at once; the default 5 drops SYNs
 
     def process_request(self, request, client_address):
       if _starts_with_tls(request):
@@ -196,9 +227,10 @@ def serve_tls_elsewhere(grpc_port: int) -> None:
       finally:
         request.close()
 
-  def run(self):   # server.APIThread.run, with the front instead of a plain HTTPServer
-    self._httpd = Front((self._host, self._port),
-                        functools.partial(server.RequestHandler, self._storage))
+  def run(self):  # server.APIThread.run, with the front instead of a plain HTTPServer
+    self._httpd = Front(
+      (self._host, self._port), functools.partial(server.RequestHandler, self._storage)
+    )
     self.is_running.set()
     self._httpd.serve_forever()
 
@@ -209,18 +241,19 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--port', type=int, required=True)
   p.add_argument('--data-dir', default=None)
-  p.add_argument('--tls-dir', default=None,
-                 help="answer gcsfs's gRPC bucket-type probe; its certificate goes to DIR/ca.pem")
+  p.add_argument(
+    '--tls-dir',
+    default=None,
+    help="answer gcsfs's gRPC bucket-type probe; its certificate goes to DIR/ca.pem",
+  )
   a = p.parse_args()
   install_preconditions()
-  srv = server.create_server('127.0.0.1', a.port, in_memory=a.data_dir is None,
-                             data_dir=a.data_dir)
+  srv = server.create_server('127.0.0.1', a.port, in_memory=a.data_dir is None, data_dir=a.data_dir)
   grpc_server = None
   if a.tls_dir:
     key_pem, cert_pem = write_self_signed_cert(a.tls_dir)
-    grpc_server, grpc_port = start_storage_control(
-        srv._storage, key_pem, cert_pem)  # pylint: disable=protected-access
-    serve_tls_elsewhere(grpc_port)   # before srv.start(), which runs the APIThread
+    grpc_server, grpc_port = start_storage_control(srv._storage, key_pem, cert_pem)  # pylint: disable=protected-access
+    serve_tls_elsewhere(grpc_port)  # before srv.start(), which runs the APIThread
   srv.start()
   print('ready', flush=True)
   try:

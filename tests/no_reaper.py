@@ -4,6 +4,7 @@ that ended and stays a zombie must still count as ended.
 
   python tests/no_reaper.py COMMAND [ARG...]   exits with COMMAND's status
 """
+
 import ctypes
 import os
 import subprocess
@@ -16,7 +17,7 @@ def main():
   if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
     sys.exit(f'no_reaper.py: prctl(PR_SET_CHILD_SUBREAPER) failed: errno {ctypes.get_errno()}')
   child = subprocess.Popen(sys.argv[1:])
-  _, status = os.waitpid(child.pid, 0)   # this child only: the adopted orphans stay zombies
+  _, status = os.waitpid(child.pid, 0)  # this child only: the adopted orphans stay zombies
   sys.exit(os.waitstatus_to_exitcode(status))
 
 

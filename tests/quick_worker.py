@@ -10,6 +10,7 @@ that start several processes many times (test_storage_faults, test_launch):
 
 python tests/quick_worker.py WORKER.py [WORKER's arguments]
 """
+
 import os
 import runpy
 import sys
@@ -21,17 +22,21 @@ def _cache_from_every_process(start):
 
   def starting(args):
     jax = start(args)
-    from jax._src import compilation_cache, compiler, distributed  # pylint: disable=import-outside-toplevel
+    from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+    from jax._src import compiler  # pylint: disable=import-outside-toplevel
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
     write = compiler._cache_write  # pylint: disable=protected-access
 
-    def write_on_any_process(cache_key, compile_time_secs, module_name, backend, executable,
-                             host_callbacks):
+    def write_on_any_process(
+      cache_key, compile_time_secs, module_name, backend, executable, host_callbacks
+    ):
       if distributed.global_state.process_id in (None, 0) or host_callbacks:
-        return write(cache_key, compile_time_secs, module_name, backend, executable,
-                     host_callbacks)
+        return write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
       try:
-        compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
-                                                  int(compile_time_secs))
+        compilation_cache.put_executable_and_time(
+          cache_key, module_name, executable, backend, int(compile_time_secs)
+        )
       except Exception:  # pylint: disable=broad-except  (a cache that fails is only slower)
         pass
       return None
@@ -47,10 +52,12 @@ def main():
   sys.argv = sys.argv[1:]
   sys.path.insert(0, os.path.dirname(__file__))
   import conftest  # pylint: disable=import-outside-toplevel  (the workers' helpers)
+
   conftest.start_cpu_processes = _cache_from_every_process(conftest.start_cpu_processes)
   divisor = float(os.environ.get('IDM_JAX_TEST_GCSFS_WAIT_DIVISOR') or 0)
   if divisor:
     import gcs_faults  # pylint: disable=import-outside-toplevel
+
     gcs_faults.shorten_gcsfs_waits(divisor)
   runpy.run_path(script, run_name='__main__')
 

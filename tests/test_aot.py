@@ -1,24 +1,27 @@
 """idm_jax.aot's check: its report, verdict and the programs each config.mode compiles (always),
 and, with libtpu installed, real TPU compiles of configs/test.py's train step and samplers for
 v5e:2x2 and larger slices on the CPU (CI runs this file again after installing libtpu)."""
+
 import importlib.util
 import os
 import subprocess
 import sys
 
+from conftest import REPO
+from conftest import load_config
 import pytest
 
-from conftest import REPO, load_config
-
-from idm_jax.runtime import configlib
 from idm_jax.aot import check
 from idm_jax.aot import chips
 from idm_jax.aot import programs
+from idm_jax.runtime import configlib
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(
-    not HAS_LIBTPU, reason='AOT TPU compiles need libtpu: pip install -e ".[tpu]" (see README, '
-    '"Checking a TPU pod before launching")')
+  not HAS_LIBTPU,
+  reason='AOT TPU compiles need libtpu: pip install -e ".[tpu]" (see README, '
+  '"Checking a TPU pod before launching")',
+)
 
 TOPOLOGY = 'v5e:2x2'
 
@@ -36,17 +39,37 @@ def test_report_names_the_fastest_fitting_batch_when_the_limit_recomputes_more()
   class Mesh:
     size = 16
     shape = {'data': 16, 'fsdp': 1}
+
   G = chips.GiB
   chip = chips.Chip('v4', 32 * G, 275e12)
 
   def step(per_chip, total_gib, tflop_per_image, error=''):
-    memory = {} if error else {'arguments': 0.5 * G, 'temporaries': (total_gib - 0.5) * G,
-                               'outputs': 0, 'total': total_gib * G}
-    return programs.Program('train step', per_chip * 16, 1.0, memory,
-                       0.0 if error else tflop_per_image * per_chip * 1e12, {}, error=error)
+    memory = (
+      {}
+      if error
+      else {
+        'arguments': 0.5 * G,
+        'temporaries': (total_gib - 0.5) * G,
+        'outputs': 0,
+        'total': total_gib * G,
+      }
+    )
+    return programs.Program(
+      'train step',
+      per_chip * 16,
+      1.0,
+      memory,
+      0.0 if error else tflop_per_image * per_chip * 1e12,
+      {},
+      error=error,
+    )
+
   known = step(128, 19.94, 0.179)
-  tried = [step(384, 0, 0, error='Ran out of memory in memory space hbm. Used 39.46G of 30.75G'),
-           step(256, 29.81, 0.186), step(264, 33.0, 0.19)]  # 264: compiled, over HBM
+  tried = [
+    step(384, 0, 0, error='Ran out of memory in memory space hbm. Used 39.46G of 30.75G'),
+    step(256, 29.81, 0.186),
+    step(264, 33.0, 0.19),
+  ]  # 264: compiled, over HBM
   text = check.report('v4:2x2x4', 1, Mesh(), chip, [known], (256, 1.0, tried))
   assert ': 256 (global 4096)' in text and '264: 33.00 GiB, over HBM' in text
   assert 'fastest per-chip batch compiled, by the projection: 128 (9832 img/s at 40% MFU' in text
@@ -63,16 +86,20 @@ def test_verdict_tells_memory_from_cannot_run():
   assert check.verdict([fits, oom, blocked], chip) == ('does not run: restorer: spans', 2)
 
 
-@pytest.mark.parametrize('mode, expected', [
+@pytest.mark.parametrize(
+  'mode, expected',
+  [
     ('train', ['train step', 'sampler (training grid)']),
     ('extrinsic', ['train step', 'sampler (training grid)', 'restorer (clean.batch_size']),
     ('clean', ['restorer (clean.batch_size']),
     ('evaluate', ['restorer (eval.batch_size']),
     ('generate', ['restorer (generate.batch_size']),
     ('sample', ['restorer (sample.batch_size']),
-])
+  ],
+)
 def test_run_compiles_the_programs_of_the_configs_mode(monkeypatch, mode, expected):
   import jax
+
   compiled = []
 
   def fake(name_of):
@@ -81,7 +108,9 @@ def test_run_compiles_the_programs_of_the_configs_mode(monkeypatch, mode, expect
       compiled.append((name, args))
       memory = dict(arguments=1, temporaries=1, outputs=0, code=0, total=2)
       return programs.Program(name, 4, 1.0, memory, 1.0, {})
+
     return compile_fn
+
   monkeypatch.setattr(chips, 'topology_devices', lambda topology, num_slices=1: jax.devices()[:1])
   monkeypatch.setattr(chips, 'chip_of', lambda devices: chips.Chip('x', 100, 1e12))
   monkeypatch.setattr(programs, 'compile_train_step', fake(lambda args: 'train step'))
@@ -100,7 +129,7 @@ def test_run_compiles_the_programs_of_the_configs_mode(monkeypatch, mode, expect
   compiled.clear()
   check.run(config, 'v5e:1x1', sample=False)
   assert len(compiled) == (1 if mode in programs.TRAINS else len(expected))
-  if mode not in programs.TRAINS:   # --max_batch has no train step to search: said, not ignored
+  if mode not in programs.TRAINS:  # --max_batch has no train step to search: said, not ignored
     with pytest.raises(ValueError, match=r'--max_batch .* config\.mode=' + mode):
       check.run(config, 'v5e:1x1', max_batch=True)
 
@@ -122,6 +151,7 @@ def mesh_devices():
 @pytest.fixture(scope='module')
 def data_parallel_step(mesh_devices):
   from idm_jax.runtime import parallel
+
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, mesh_devices)
   return programs.compile_train_step(config, mesh), mesh
@@ -130,6 +160,7 @@ def data_parallel_step(mesh_devices):
 @needs_libtpu
 def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_parallel_step):
   from idm_jax.runtime import parallel
+
   step, mesh = data_parallel_step
   chip = chips.chip_of(mesh_devices)
   assert chip.name == 'v5e' and mesh.devices.flat[0].platform == 'tpu'
@@ -138,20 +169,23 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
   # AdamW state (m, v), params and EMA are arguments: more than 4 x the params' f32 bytes.
   config = _config(data=-1, fsdp=1)
   from idm_jax.models import unet
+
   n = unet.count_params(configlib.build_model(config.model, config.data.resolution))
   assert step.memory['arguments'] >= 4 * 4 * n
   assert step.flops > 0
   # Pure data parallelism: the gradients are all-reduced and no parameter is gathered.
   assert step.collectives.get('all-reduce', (0, 0))[0] >= 1
   assert 'all-gather' not in step.collectives
-  sampler = programs.compile_sampler(config, mesh, configlib.sample_settings(config.sample),
-                                config.sample.batch_size, 'sampler')
+  sampler = programs.compile_sampler(
+    config, mesh, configlib.sample_settings(config.sample), config.sample.batch_size, 'sampler'
+  )
   assert not sampler.error and sampler.flops > 0
   # The sampler has no optimiser state: far fewer argument bytes than the step.
   assert sampler.memory['arguments'] < step.memory['arguments'] / 3
   # The Restorer's program (sample, clean, evaluate): 3 examples padded to the host's 4 chips.
-  restorer = programs.compile_restorer(config, list(mesh.devices.flat),
-                                  configlib.sample_settings(config.sample), 3, 'restorer')
+  restorer = programs.compile_restorer(
+    config, list(mesh.devices.flat), configlib.sample_settings(config.sample), 3, 'restorer'
+  )
   assert not restorer.error and restorer.batch == 4 and restorer.flops > 0
   assert restorer.memory['arguments'] < step.memory['arguments'] / 3
   text = check.report(TOPOLOGY, 1, mesh, chip, [step, sampler, restorer])
@@ -162,6 +196,7 @@ def test_train_step_and_sampler_compile_for_a_tpu_topology(mesh_devices, data_pa
 @needs_libtpu
 def test_fsdp_shrinks_the_per_device_argument_bytes(mesh_devices, data_parallel_step):
   from idm_jax.runtime import parallel
+
   dp, _ = data_parallel_step
   config = _config(data=1, fsdp=4)
   fsdp = programs.compile_train_step(config, parallel.make_mesh(config.mesh, mesh_devices))
@@ -179,16 +214,21 @@ def test_sharded_init_draws_only_each_devices_shard(mesh_devices):
   """Partitionable threefry in the Trainer's init: each device generates its shard's bits, so
   the per-device program does far fewer FLOPs than one that draws whole tensors."""
   import functools
+
   import jax
+
   from idm_jax.runtime import parallel
   from idm_jax.training import train
+
   config = _config(data=1, fsdp=4)
   trainer = train.Trainer(config, parallel.make_mesh(config.mesh, mesh_devices))
   key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
   with jax.threefry_partitionable(True):
     sharded = trainer.init_jit.lower(key).compile()
-  whole = jax.jit(functools.partial(train.init_state, model=trainer.model, tx=trainer.tx),
-                  out_shardings=trainer.shardings)
+  whole = jax.jit(
+    functools.partial(train.init_state, model=trainer.model, tx=trainer.tx),
+    out_shardings=trainer.shardings,
+  )
   with jax.threefry_partitionable(False):
     replicated = whole.lower(key).compile()
   assert train.xla_flops(sharded) < 0.6 * train.xla_flops(replicated)
@@ -213,6 +253,7 @@ def test_gpu_only_attention_fails_naming_the_field():
 @needs_libtpu
 def test_multi_slice_mesh_puts_the_data_axis_across_slices():
   from idm_jax.runtime import parallel
+
   devices = chips.topology_devices(TOPOLOGY, num_slices=2)
   assert parallel.num_slices(devices) == 2
   mesh = parallel.make_mesh(_config(data=2, fsdp=4).mesh, devices)
@@ -226,17 +267,31 @@ def test_multi_slice_mesh_puts_the_data_axis_across_slices():
 @needs_libtpu
 def test_cli_fails_with_the_field_and_exit_status():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-m', 'idm_jax.aot', '--config=configs/test.py',
-                      f'--topology={TOPOLOGY}', '--nosample', '--config.train.batch_size=6'],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'idm_jax.aot',
+      '--config=configs/test.py',
+      f'--topology={TOPOLOGY}',
+      '--nosample',
+      '--config.train.batch_size=6',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   assert 'config.train.batch_size: 6 is not divisible' in r.stderr
   assert 'Traceback' not in r.stderr
 
 
 @needs_libtpu
-@pytest.mark.parametrize('name, count', [('v5e:1x1', 1), ('v6e:1x1', 1), ('v4-32', 16),
-                                         ('v5litepod-16', 16)])
+@pytest.mark.parametrize(
+  'name, count', [('v5e:1x1', 1), ('v6e:1x1', 1), ('v4-32', 16), ('v5litepod-16', 16)]
+)
 def test_topology_devices_one_device_per_chip(name, count):
   """Colab's single-chip runtimes, and v4 as Cloud TPU VMs run it (megacore: one device a
   chip, where libtpu's default is one a TensorCore)."""
@@ -255,10 +310,12 @@ def test_restorer_spans_every_host_of_a_pod_without_communicating():
   hosts' blocks make one batch of 16 over the slice. Examples are independent and the params
   replicated, so the program has no collective: the hosts only have to launch it together."""
   from idm_jax.runtime import parallel
+
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, chips.topology_devices('v5e:4x4'))
-  restorer = programs.compile_restorer(config, list(mesh.devices.flat),
-                                  configlib.sample_settings(config.sample), 3, 'restorer')
+  restorer = programs.compile_restorer(
+    config, list(mesh.devices.flat), configlib.sample_settings(config.sample), 3, 'restorer'
+  )
   assert not restorer.error and restorer.batch == 16
   assert restorer.collectives == {}
 
@@ -269,6 +326,7 @@ def test_restorer_runs_on_a_large_v5e_slice_which_one_host_cannot():
   whole slice, not one host's 4 chips. The Restorer's program spans the slice, so it compiles;
   a one-host program is reported as unable to run (exit status 2), not as a traceback."""
   from idm_jax.runtime import parallel
+
   config = _config(data=-1, fsdp=1)
   mesh = parallel.make_mesh(config.mesh, chips.topology_devices('v5e:8x8'))
   settings = configlib.sample_settings(config.sample)

@@ -1,4 +1,5 @@
 """aot/hlo.py: counting the collectives in optimized HLO text, with their result bytes."""
+
 from idm_jax.aot import hlo
 
 # A hand-written module in the optimized-HLO form XLA's TPU compiler prints.
@@ -44,4 +45,6 @@ def test_collectives_counts_each_op_once_with_its_result_bytes():
 
 
 def test_collectives_of_a_module_without_any_is_empty():
-  assert hlo.collectives('ENTRY %m (p: f32[2]) -> f32[2] {\n  ROOT %a = f32[2]{0} add(%p, %p)\n}') == {}
+  assert (
+    hlo.collectives('ENTRY %m (p: f32[2]) -> f32[2] {\n  ROOT %a = f32[2]{0} add(%p, %p)\n}') == {}
+  )

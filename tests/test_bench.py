@@ -1,17 +1,18 @@
 """The benchmark tools: kernel counting from HLO, and bench.train_step's step decomposition."""
+
 import json
 import os
 import subprocess
 import sys
 
+from conftest import REPO
 import jax
 import jax.numpy as jnp
 import pytest
 
 from bench import kernels
-from conftest import REPO
-from idm_jax.runtime import configlib
 from idm_jax.models import platform_ops
+from idm_jax.runtime import configlib
 
 ROOT = str(REPO)
 
@@ -47,9 +48,23 @@ def test_no_entry_is_an_error():
 
 def _bench(part):
   out = subprocess.run(
-      [sys.executable, '-m', 'bench.train_step',
-       '--config=' + os.path.join(ROOT, 'configs', 'test.py'), '--steps', '2', '--warmup', '1',
-       '--part', part], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    [
+      sys.executable,
+      '-m',
+      'bench.train_step',
+      '--config=' + os.path.join(ROOT, 'configs', 'test.py'),
+      '--steps',
+      '2',
+      '--warmup',
+      '1',
+      '--part',
+      part,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads([line for line in out.stdout.splitlines() if line.startswith('{')][-1])
 
@@ -69,13 +84,16 @@ def test_step_splits_into_grads_and_update():
 
 def _update_inputs():
   from bench import update_variants as uv
+
   config = configlib.load(os.path.join(ROOT, 'configs', 'test.py'))
   return (uv,) + tuple(uv.make_inputs(config)) + (config,)
 
 
 def test_update_variants_compute_the_same_update():
   from jax.flatten_util import ravel_pytree
+
   from idm_jax.training import optim
+
   uv, base, grads, tx, config = _update_inputs()
   results = {}
   for variant in uv.VARIANTS:
@@ -84,8 +102,11 @@ def test_update_variants_compute_the_same_update():
     for _ in range(2):
       state, _ = uv.program(variant, tx, config)(state, grads)
     adam = optim.adam_state(state.opt_state)  # pylint: disable=protected-access
-    counts = [int(x.count) for x in jax.tree.leaves(state.opt_state, is_leaf=optim.has_count)
-              if optim.has_count(x)]  # pylint: disable=protected-access
+    counts = [
+      int(x.count)
+      for x in jax.tree.leaves(state.opt_state, is_leaf=optim.has_count)
+      if optim.has_count(x)
+    ]  # pylint: disable=protected-access
     results[variant] = [ravel_pytree(x)[0] for x in (state.params, state.ema, adam.mu, adam.nu)]
     assert int(state.step) == 2 and counts and set(counts) == {2}, (variant, counts)
   before = ravel_pytree(base.params)[0]
@@ -100,17 +121,31 @@ def test_update_variants_compute_the_same_update():
 
 def _parity(tmp_path, *args):
   out = subprocess.run(
-      [sys.executable, '-m', 'bench.cpu_parity', '--config=' + os.path.join('configs', 'test.py'),
-       '--steps', '1', '--json', str(tmp_path / 'parity.jsonl'), *args],
-      capture_output=True, text=True, timeout=600, cwd=ROOT)
+    [
+      sys.executable,
+      '-m',
+      'bench.cpu_parity',
+      '--config=' + os.path.join('configs', 'test.py'),
+      '--steps',
+      '1',
+      '--json',
+      str(tmp_path / 'parity.jsonl'),
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout, json.loads((tmp_path / 'parity.jsonl').read_text().splitlines()[-1])
 
 
 def test_cpu_parity_without_the_anchor_says_so_and_times_ours(tmp_path):
   # Only the package is missing: the check must not depend on this machine's PyTorch venv.
-  stdout, summary = _parity(tmp_path, '--torch_python', sys.executable,
-                            '--anchor_path', str(tmp_path / 'nowhere'))
+  stdout, summary = _parity(
+    tmp_path, '--torch_python', sys.executable, '--anchor_path', str(tmp_path / 'nowhere')
+  )
   assert 'anchor not found (no guided_diffusion package at' in stdout
   assert summary['jax_step_s'] > 0 and 'ratio' not in summary
   assert summary['anchor'].startswith('not found')
@@ -120,24 +155,45 @@ def test_cpu_parity_runs_the_anchor_with_the_configs_layout_and_reports_the_rati
   # A stand-in anchor that echoes the layout it was asked for, with a step time of 2.5 s.
   (tmp_path / 'anchor' / 'guided_diffusion').mkdir(parents=True)
   script = tmp_path / 'fake_anchor.py'
-  script.write_text('import json, sys\n'
-                    'print(json.dumps(dict(torch="fake", res=int(sys.argv[1]), '
-                    'batch=int(sys.argv[2]), step_s=2.5)))\n')
-  stdout, summary = _parity(tmp_path, '--torch_python', sys.executable,
-                            '--anchor_path', str(tmp_path / 'anchor'), '--anchor_script', str(script))
+  script.write_text(
+    'import json, sys\n'
+    'print(json.dumps(dict(torch="fake", res=int(sys.argv[1]), '
+    'batch=int(sys.argv[2]), step_s=2.5)))\n'
+  )
+  stdout, summary = _parity(
+    tmp_path,
+    '--torch_python',
+    sys.executable,
+    '--anchor_path',
+    str(tmp_path / 'anchor'),
+    '--anchor_script',
+    str(script),
+  )
   config = configlib.load(os.path.join(ROOT, 'configs', 'test.py'))
   torch_line = json.loads([l for l in stdout.splitlines() if '"fake"' in l][0])
-  assert (torch_line['res'], torch_line['batch']) == (config.data.resolution,
-                                                      config.train.batch_size)
+  assert (torch_line['res'], torch_line['batch']) == (
+    config.data.resolution,
+    config.train.batch_size,
+  )
   assert summary['torch_step_s'] == 2.5
   assert summary['ratio'] == pytest.approx(2.5 / summary['jax_step_s'], rel=1e-2)
 
 
 def test_step_profile_attributes_kernel_time_to_layers(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'bench.step_profile', '--config=' + os.path.join('configs', 'test.py'),
-       '--json', str(tmp_path / 'profile.jsonl')],
-      capture_output=True, text=True, timeout=600, cwd=ROOT)
+    [
+      sys.executable,
+      '-m',
+      'bench.step_profile',
+      '--config=' + os.path.join('configs', 'test.py'),
+      '--json',
+      str(tmp_path / 'profile.jsonl'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads((tmp_path / 'profile.jsonl').read_text())
   layers = result['by_layer']
@@ -149,12 +205,25 @@ def test_step_profile_attributes_kernel_time_to_layers(tmp_path):
 
 def test_conv_forms_times_every_pass_of_every_form(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'bench.conv_forms', '--shapes', '2,4,8,8', '--reps', '1',
-       '--json', str(tmp_path / 'forms.jsonl')], capture_output=True, text=True, timeout=600,
-      cwd=ROOT)
+    [
+      sys.executable,
+      '-m',
+      'bench.conv_forms',
+      '--shapes',
+      '2,4,8,8',
+      '--reps',
+      '1',
+      '--json',
+      str(tmp_path / 'forms.jsonl'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   row = json.loads((tmp_path / 'forms.jsonl').read_text())
-  assert row['cpu_conv'] == 'patches'   # a 4x4 map
+  assert row['cpu_conv'] == 'patches'  # a 4x4 map
   for form in ('xla', 'patches'):
     assert set(row[form]) == {'forward', 'input_grad', 'kernel_grad'}
     assert all(v > 0 for v in row[form].values())

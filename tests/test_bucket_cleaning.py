@@ -3,6 +3,7 @@ copy_many, map_many), retried when a failure is transient; and cleaning built on
 write what the one-file-after-another cleaning wrote, resume after a kill, ride out a transient
 503, journal a file that stays unreadable, and take time by round trips in flight rather than
 by requests made (the latency tests, through tests/gcs_faults.py's proxy)."""
+
 import errno
 import hashlib
 import json
@@ -13,12 +14,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from idm_jax.data import sources
 from idm_jax.extrinsic import cleaned_dataset
 from idm_jax.extrinsic import cleaning
+from idm_jax.runtime import host_shares
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax.runtime import host_shares
-from idm_jax.data import sources
 
 
 @pytest.fixture
@@ -39,6 +40,7 @@ def flaky(monkeypatch, fails: dict[str, int], error=None):
         if n < 0 or calls[name] <= n:
           raise error or OSError(errno.EIO, 'Input/output error', str(p))
     return real(p)
+
   monkeypatch.setattr(files, 'read_bytes', read)
   return calls
 
@@ -53,8 +55,8 @@ def test_many_files_written_read_and_copied_in_order(local_or_bucket):
   items = [(files.join(root, 'a', f'{k:03d}.bin'), b'%d;' % k * (k + 1)) for k in range(40)]
   assert files.write_many(items, concurrency=8) == [None] * 40
   got = files.read_many([p for p, _ in items] + [files.join(root, 'missing.bin')], concurrency=8)
-  assert got[:40] == [d for _, d in items]   # in the order asked, whatever order they finished
-  assert isinstance(got[40], FileNotFoundError)   # in its place, the others unharmed
+  assert got[:40] == [d for _, d in items]  # in the order asked, whatever order they finished
+  assert isinstance(got[40], FileNotFoundError)  # in its place, the others unharmed
   pairs = [(p, files.join(root, 'b', f'{k:03d}.bin')) for k, (p, _) in enumerate(items)]
   missing = (files.join(root, 'missing.bin'), files.join(root, 'b', 'never.bin'))
   out = files.copy_many(pairs + [missing], concurrency=8)
@@ -89,6 +91,7 @@ def test_map_many_keeps_at_most_concurrency_calls_running():
     if k == 7:
       raise ValueError('seven')
     return k * k
+
   results = dict(files.map_many(work, range(30), concurrency=5))
   assert peak[0] == 5
   assert isinstance(results.pop(7), ValueError)
@@ -105,20 +108,21 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not(tmp_path, monke
   assert calls == {'0.bin': 3, '1.bin': files.IO_ATTEMPTS}
   calls = flaky(monkeypatch, {'2.bin': -1}, PermissionError(errno.EACCES, 'denied'))
   assert isinstance(files.read_many([str(tmp_path / '2.bin')])[0], PermissionError)
-  assert calls == {'2.bin': 1}   # a refusal is the file's, not the network's: asked once
+  assert calls == {'2.bin': 1}  # a refusal is the file's, not the network's: asked once
 
 
 def test_which_errors_are_transient():
-  import requests
   from gcsfs.retry import HttpError
+  import requests
+
   assert files.is_transient(HttpError({'code': 503, 'message': 'busy'}))
   assert files.is_transient(HttpError({'code': 429, 'message': 'slow down'}))
-  assert files.is_transient(requests.exceptions.ProxyError())   # gcsfs's 502
+  assert files.is_transient(requests.exceptions.ProxyError())  # gcsfs's 502
   assert files.is_transient(ConnectionResetError()) and files.is_transient(TimeoutError())
   assert files.is_transient(OSError(errno.EIO, 'Input/output error'))
   assert not files.is_transient(HttpError({'code': 400, 'message': 'bad'}))
   assert not files.is_transient(FileNotFoundError('gs://b/x'))
-  assert not files.is_transient(OSError('Forbidden: gs://b/x'))   # gcsfs's 403
+  assert not files.is_transient(OSError('Forbidden: gs://b/x'))  # gcsfs's 403
   assert not files.is_transient(ValueError('not storage'))
 
 
@@ -147,9 +151,18 @@ class ShiftRestorer:
 
 
 def config(fraction=0.5, batch_size=3, score='niqe'):
-  return ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, samples=1,
-                                        fraction=fraction, score=score, batch_size=batch_size,
-                                        out_dir=''))
+  return ml_collections.ConfigDict(
+    dict(
+      sampler='ddim',
+      steps=2,
+      t_start=0.5,
+      samples=1,
+      fraction=fraction,
+      score=score,
+      batch_size=batch_size,
+      out_dir='',
+    )
+  )
 
 
 def make_faces(folder, count=14, size=32, corrupt=(5,)):
@@ -180,8 +193,9 @@ def sequential_clean(source, restorer, cfg, resolution, params):
     if name not in selected:
       data = files.read_bytes(source.paths[i])
       out[name] = data
-      records[name] = dict(name=name, file=name, action='copied',
-                           sha256=hashlib.sha256(data).hexdigest())
+      records[name] = dict(
+        name=name, file=name, action='copied', sha256=hashlib.sha256(data).hexdigest()
+      )
   to_clean = np.array([i for i in range(len(names)) if names[i] in selected], np.int64)
   for (idx,) in host_shares.lockstep_chunks(cfg.batch_size, False, to_clean):
     recs = [source[i] for i in idx]
@@ -195,9 +209,10 @@ def sequential_clean(source, restorer, cfg, resolution, params):
       rel = cleaned_dataset.out_name(names[i], cleaned=True)
       data = images.encode(img)
       out[rel] = data
-      records[names[i]] = dict(name=names[i], file=rel, action='cleaned',
-                               sha256=hashlib.sha256(data).hexdigest())
-      if cfg.fraction < 1:   # NIQE chose it: did cleaning lower its score?
+      records[names[i]] = dict(
+        name=names[i], file=rel, action='cleaned', sha256=hashlib.sha256(data).hexdigest()
+      )
+      if cfg.fraction < 1:  # NIQE chose it: did cleaning lower its score?
         records[names[i]]['score_after'] = cleaning.niqe_of(img, params, resolution)
   for name, r in records.items():
     r['score'] = scores.get(name)
@@ -220,6 +235,7 @@ def assert_same_as_sequential(out_dir, manifest, reference):
 @pytest.fixture(scope='module')
 def niqe_params():
   from idm_jax.metrics import niqe
+
   return niqe.load_niqe_params(niqe.default_params_path())
 
 
@@ -230,8 +246,16 @@ def test_cleaning_writes_what_the_sequential_cleaning_wrote(local_or_bucket, niq
   cfg = config()
   reference = sequential_clean(source, ShiftRestorer(), cfg, 32, niqe_params)
   out = files.join(local_or_bucket, 'clean')
-  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
-                                     niqe_params=None, resolution=32, provenance={})
+  manifest = cleaning.clean_dataset(
+    source,
+    ShiftRestorer(),
+    out,
+    clean_cfg=cfg,
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
   # 13 faces scored (the corrupt file is not, so it is copied as it is): the worst 6 cleaned.
   assert manifest['counts'] == {'cleaned': 6, 'copied': 8, 'failed': 0}
   assert_same_as_sequential(out, manifest, reference)
@@ -244,11 +268,18 @@ def test_a_non_folder_source_is_scored_and_copied_as_lossless_pngs(tmp_path):
   images written as PNG, read one record at a time however many copies are in flight."""
   source = sources.BuiltinSource('validation', 32)
   out = str(tmp_path / 'clean')
-  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out,
-                                     clean_cfg=config(fraction=0.5, score='artifacts'), seed=0,
-                                     niqe_params=None, resolution=32, provenance={})
+  manifest = cleaning.clean_dataset(
+    source,
+    ShiftRestorer(),
+    out,
+    clean_cfg=config(fraction=0.5, score='artifacts'),
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
   assert manifest['counts'] == {'cleaned': 4, 'copied': 4, 'failed': 0}
-  assert not files.exists(files.join(out, cleaned_dataset.SOURCE_SHA256))   # no source files
+  assert not files.exists(files.join(out, cleaned_dataset.SOURCE_SHA256))  # no source files
   on_disk = written(out)
   for i in range(len(source)):
     rec = source[i]
@@ -259,8 +290,7 @@ def test_a_non_folder_source_is_scored_and_copied_as_lossless_pngs(tmp_path):
     assert on_disk[entry['file']] == images.encode(img), rec['name']
 
 
-def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_params,
-                                                        monkeypatch):
+def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_params, monkeypatch):
   """Killed among the copies, then among the restorations: each resume redoes nothing that was
   journalled, and the end is the same dataset as an uninterrupted cleaning's."""
   source = make_faces(files.join(local_or_bucket, 'faces'))
@@ -277,12 +307,13 @@ def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_pa
       raise KeyboardInterrupt('killed')
     copies.append(args[2])
     return real_copy(*args)
+
   monkeypatch.setattr(cleaned_dataset, '_copy_record', copy_then_die)
   with pytest.raises(KeyboardInterrupt):
     cleaning.clean_dataset(source, ShiftRestorer(), out, **kw, concurrency=1)
   monkeypatch.setattr(cleaned_dataset, '_copy_record', real_copy)
   journalled = cleaned_dataset.read_journals(out)
-  assert sorted(journalled) == sorted(copies)   # what was copied, and only that
+  assert sorted(journalled) == sorted(copies)  # what was copied, and only that
   restorer = ShiftRestorer(fail_after=1)
   with pytest.raises(KeyboardInterrupt):
     cleaning.clean_dataset(source, restorer, out, **kw)
@@ -294,7 +325,7 @@ def test_a_killed_cleaning_resumes_without_redoing_work(local_or_bucket, niqe_pa
   assert counts == {'copied': 8, 'cleaned': 3}
   restorer = ShiftRestorer()
   manifest = cleaning.clean_dataset(source, restorer, out, **kw)
-  assert restorer.calls == 1   # 6 to clean, in batches of 3, one batch done before the kill
+  assert restorer.calls == 1  # 6 to clean, in batches of 3, one batch done before the kill
   assert_same_as_sequential(out, manifest, reference)
   assert manifest == cleaning.clean_dataset(source, ShiftRestorer(fail_after=0), out, **kw)
 
@@ -303,10 +334,17 @@ def test_a_file_that_stays_unreadable_is_journalled_by_name(tmp_path, monkeypatc
   """An EIO on every read of one file: tried IO_ATTEMPTS times, then that record is 'failed'
   with its path and the error; an EIO on the first two reads of another is ridden out."""
   source = make_faces(str(tmp_path / 'faces'), corrupt=())
-  calls = flaky(monkeypatch, {'faces/04.png': -1, 'faces/07.png': 2})   # not clean/images/
-  manifest = cleaning.clean_dataset(source, ShiftRestorer(), str(tmp_path / 'clean'),
-                                     clean_cfg=config(fraction=1.0), seed=0, niqe_params=None,
-                                     resolution=32, provenance={})
+  calls = flaky(monkeypatch, {'faces/04.png': -1, 'faces/07.png': 2})  # not clean/images/
+  manifest = cleaning.clean_dataset(
+    source,
+    ShiftRestorer(),
+    str(tmp_path / 'clean'),
+    clean_cfg=config(fraction=1.0),
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
   assert manifest['counts'] == {'cleaned': 13, 'copied': 0, 'failed': 1}
   failed = [r for r in manifest['records'] if r['action'] == 'failed']
   assert failed[0]['name'] == '04.png'
@@ -315,8 +353,9 @@ def test_a_file_that_stays_unreadable_is_journalled_by_name(tmp_path, monkeypatc
   assert calls == {'faces/04.png': files.IO_ATTEMPTS, 'faces/07.png': 3}
 
 
-def test_cleaning_in_a_bucket_rides_out_503s_and_names_a_forbidden_file(gcs_faults, gcs_bucket,
-                                                                        niqe_params):
+def test_cleaning_in_a_bucket_rides_out_503s_and_names_a_forbidden_file(
+  gcs_faults, gcs_bucket, niqe_params
+):
   """Two 503s on one face's reads are retried and the cleaning completes as it would have; a
   face whose every read is refused (403, not transient) is journalled 'failed', named."""
   source = make_faces(f'{gcs_bucket}/faces', corrupt=())
@@ -326,31 +365,42 @@ def test_cleaning_in_a_bucket_rides_out_503s_and_names_a_forbidden_file(gcs_faul
   proxy.add(r'/o/faces/03\.png', 'status', count=2, status=503, methods=('GET',))
   proxy.add(r'/o/faces/08\.png', 'status', status=403, methods=('GET',))
   out = f'{gcs_bucket}/clean'
-  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out, clean_cfg=cfg, seed=0,
-                                     niqe_params=None, resolution=32, provenance={})
+  manifest = cleaning.clean_dataset(
+    source,
+    ShiftRestorer(),
+    out,
+    clean_cfg=cfg,
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
   assert proxy.hits(r'/o/faces/03\.png', 'status') == 2
   records = {r['name']: r for r in manifest['records']}
   assert records['08.png']['action'] == 'failed'
   assert records['08.png']['reason'].startswith(f'{gcs_bucket}/faces/08.png: cannot read')
   assert 'Forbidden' in records['08.png']['reason']
-  expected, out_bytes = reference   # everything else as without faults, 03.png included
+  expected, out_bytes = reference  # everything else as without faults, 03.png included
   del expected['08.png'], out_bytes['08.png']
   del records['08.png']
   assert records == expected and written(out) == out_bytes
   assert cleaned_dataset.verify_manifest(out) == {'cleaned': 13, 'copied': 0, 'failed': 1}
 
 
-def test_a_503_storm_longer_than_gcsfs_retries_is_outlasted(gcs_faults, gcs_bucket, monkeypatch,
-                                                           no_backoff):
+def test_a_503_storm_longer_than_gcsfs_retries_is_outlasted(
+  gcs_faults, gcs_bucket, monkeypatch, no_backoff
+):
   """gcsfs tries each request 6 times, then raises; files.call_with_retries tries the file again,
   so seven 503s in a row on one face still end in its bytes. (gcsfs's waits, 1 to 32 s, are
   made instant here; the count of tries is what is tested.)"""
   import asyncio
   import types
+
   from gcsfs import retry
 
   async def no_wait(_):
     await asyncio.sleep(0)
+
   monkeypatch.setattr(retry, 'asyncio', types.SimpleNamespace(sleep=no_wait))
   files.write_atomic(f'{gcs_bucket}/faces/00.png', b'face')
   gcs_faults.proxy.add(r'/o/faces/00\.png', 'status', count=7, status=503, methods=('GET',))
@@ -363,9 +413,13 @@ def test_a_503_storm_longer_than_gcsfs_retries_is_outlasted(gcs_faults, gcs_buck
 
 def latency_dataset(folder, count, size=16):
   rng = np.random.default_rng(1)
-  items = [(files.join(folder, f'{k:05d}.png'),
-            images.encode(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
-           for k in range(count)]
+  items = [
+    (
+      files.join(folder, f'{k:05d}.png'),
+      images.encode(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+    )
+    for k in range(count)
+  ]
   assert files.write_many(items, concurrency=32) == [None] * count
   return sources.FolderSource(tuple(p for p, _ in items), size, root=folder)
 
@@ -373,10 +427,17 @@ def latency_dataset(folder, count, size=16):
 def timed_clean(source, out, concurrency, proxy, batch_size=16):
   before = len(proxy.log)
   start = time.perf_counter()
-  manifest = cleaning.clean_dataset(source, ShiftRestorer(), out,
-                                     clean_cfg=config(fraction=1.0, batch_size=batch_size),
-                                     seed=0, niqe_params=None, resolution=source.resolution,
-                                     provenance={}, concurrency=concurrency)
+  manifest = cleaning.clean_dataset(
+    source,
+    ShiftRestorer(),
+    out,
+    clean_cfg=config(fraction=1.0, batch_size=batch_size),
+    seed=0,
+    niqe_params=None,
+    resolution=source.resolution,
+    provenance={},
+    concurrency=concurrency,
+  )
   seconds = time.perf_counter() - start
   assert manifest['counts']['cleaned'] == len(source)
   return seconds, len(proxy.log) - before
@@ -393,10 +454,12 @@ def test_cleaning_time_scales_with_concurrency_not_requests(gcs_faults, gcs_buck
   gcs_faults.proxy.add(r'', 'latency', latency_s=0.05)
   one, requests = timed_clean(source, f'{gcs_bucket}/one', 1, gcs_faults.proxy)
   sixteen, _ = timed_clean(source, f'{gcs_bucket}/sixteen', 16, gcs_faults.proxy)
-  print(f'\n192 faces, 50 ms per request ({requests} requests): {one:.2f} s one at a time, '
-        f'{sixteen:.2f} s 16 at a time')
-  assert requests >= 2 * 192   # a read and a write per face
-  assert one >= 0.05 * requests / 2 * 0.9   # at most two requests in flight
+  print(
+    f'\n192 faces, 50 ms per request ({requests} requests): {one:.2f} s one at a time, '
+    f'{sixteen:.2f} s 16 at a time'
+  )
+  assert requests >= 2 * 192  # a read and a write per face
+  assert one >= 0.05 * requests / 2 * 0.9  # at most two requests in flight
   assert one / sixteen > 2.5
 
 
@@ -417,6 +480,7 @@ class Latency:
         self.requests += 1
       time.sleep(seconds)
       return fn(*args)
+
     return call
 
 
@@ -430,21 +494,30 @@ def test_cleaning_2000_faces_through_50ms_of_latency(tmp_path, monkeypatch):
     before = latency.requests
     start = time.perf_counter()
     manifest = cleaning.clean_dataset(
-        source, ShiftRestorer(), str(tmp_path / f'clean{concurrency}'),
-        clean_cfg=config(fraction=1.0, batch_size=concurrency), seed=0, niqe_params=None,
-        resolution=16, provenance={}, concurrency=concurrency)
+      source,
+      ShiftRestorer(),
+      str(tmp_path / f'clean{concurrency}'),
+      clean_cfg=config(fraction=1.0, batch_size=concurrency),
+      seed=0,
+      niqe_params=None,
+      resolution=16,
+      provenance={},
+      concurrency=concurrency,
+    )
     seconds = time.perf_counter() - start
     requests = latency.requests - before
     assert manifest['counts']['cleaned'] == 2000
-    print(f'\n2000 faces, 50 ms per read or write, {concurrency} in flight: {seconds:.1f} s, '
-          f'{requests} requests ({0.05 * requests:.0f} s one after another)')
+    print(
+      f'\n2000 faces, 50 ms per read or write, {concurrency} in flight: {seconds:.1f} s, '
+      f'{requests} requests ({0.05 * requests:.0f} s one after another)'
+    )
     assert requests >= 4000
     assert seconds < 0.05 * requests / 8
 
 
 # --- Two hosts: each scores and cleans its share; the selection is agreed through the gather.
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, types
 tests, faces, out, pi, port = sys.argv[1:6]
 sys.path.insert(0, tests)
@@ -463,7 +536,7 @@ manifest = cleaning.clean_dataset(source, restorer, out, clean_cfg=config(), see
                                    niqe_params=None, resolution=32, provenance={})
 print(json.dumps(dict(share=host_shares.host_share(len(source)).tolist(), calls=restorer.calls,
                       counts=manifest.get('counts'))))
-'''
+"""
 
 
 def test_two_hosts_score_and_clean_their_shares_into_the_same_dataset(tmp_path, niqe_params):
@@ -471,6 +544,7 @@ def test_two_hosts_score_and_clean_their_shares_into_the_same_dataset(tmp_path, 
   import socket
   import subprocess
   import sys
+
   source = make_faces(str(tmp_path / 'faces'))
   reference = sequential_clean(source, ShiftRestorer(), config(), 32, niqe_params)
   out = str(tmp_path / 'clean')
@@ -479,9 +553,16 @@ def test_two_hosts_score_and_clean_their_shares_into_the_same_dataset(tmp_path, 
     port = s.getsockname()[1]
   tests = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, PYTHONPATH=os.path.dirname(tests))
-  procs = [subprocess.Popen([sys.executable, '-c', WORKER, tests, str(tmp_path / 'faces'), out,
-                             str(p), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env) for p in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', WORKER, tests, str(tmp_path / 'faces'), out, str(p), str(port)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for p in range(2)
+  ]
   results = []
   for p in procs:
     stdout, stderr = p.communicate(timeout=600)
@@ -492,13 +573,14 @@ def test_two_hosts_score_and_clean_their_shares_into_the_same_dataset(tmp_path, 
   for p, r in enumerate(results):
     lines = files.read_text(os.path.join(out, f'journal-{p}.jsonl')).splitlines()
     assert sorted(json.loads(line)['name'] for line in lines) == [
-        f'{k:02d}.png' for k in r['share']]
+      f'{k:02d}.png' for k in r['share']
+    ]
   manifest = json.loads(files.read_text(os.path.join(out, cleaned_dataset.MANIFEST)))
   assert results[0]['counts'] == manifest['counts'] == {'cleaned': 6, 'copied': 8, 'failed': 0}
   assert_same_as_sequential(out, manifest, reference)
 
 
-KILLED_WORKER = r'''
+KILLED_WORKER = r"""
 import sys
 tests, faces, out = sys.argv[1:4]
 sys.path.insert(0, tests)
@@ -510,7 +592,7 @@ source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=faces)
 cleaning.clean_dataset(source, ShiftRestorer(sleep_s=0.5), out,
                         clean_cfg=config(fraction=1.0, batch_size=2), seed=0, niqe_params=None,
                         resolution=32, provenance={})
-'''
+"""
 
 
 def test_a_cleaning_killed_outright_resumes_to_the_same_dataset(tmp_path, niqe_params):
@@ -520,14 +602,19 @@ def test_a_cleaning_killed_outright_resumes_to_the_same_dataset(tmp_path, niqe_p
   import signal
   import subprocess
   import sys
+
   source = make_faces(str(tmp_path / 'faces'))
   cfg = config(fraction=1.0, batch_size=2)
   reference = sequential_clean(source, ShiftRestorer(), cfg, 32, niqe_params)
   out = str(tmp_path / 'clean')
   tests = os.path.dirname(os.path.abspath(__file__))
-  proc = subprocess.Popen([sys.executable, '-c', KILLED_WORKER, tests, str(tmp_path / 'faces'),
-                           out], env=dict(os.environ, PYTHONPATH=os.path.dirname(tests)),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, '-c', KILLED_WORKER, tests, str(tmp_path / 'faces'), out],
+    env=dict(os.environ, PYTHONPATH=os.path.dirname(tests)),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   journal = os.path.join(out, 'journal-0.jsonl')
   deadline = time.time() + 300
   try:
@@ -546,10 +633,11 @@ def test_a_cleaning_killed_outright_resumes_to_the_same_dataset(tmp_path, niqe_p
   with open(os.path.join(out, 'images', '.12.png.x1y2z3.tmp'), 'wb') as f:
     f.write(b'\x89PNG half')
   restorer = ShiftRestorer()
-  manifest = cleaning.clean_dataset(source, restorer, out, clean_cfg=cfg, seed=0,
-                                     niqe_params=None, resolution=32, provenance={})
+  manifest = cleaning.clean_dataset(
+    source, restorer, out, clean_cfg=cfg, seed=0, niqe_params=None, resolution=32, provenance={}
+  )
   # 13 good faces (and a corrupt one) in batches of 2: only the batches the journal lacks.
   assert restorer.calls == -(-(14 - len(done)) // 2)
   assert_same_as_sequential(out, manifest, reference)
   assert not [f for f in os.listdir(os.path.join(out, 'images')) if f.endswith('.tmp')]
-  assert cleaned_dataset.verify_manifest(out) == manifest['counts']   # no stray file on disk
+  assert cleaned_dataset.verify_manifest(out) == manifest['counts']  # no stray file on disk

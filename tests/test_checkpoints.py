@@ -1,4 +1,5 @@
 """Checkpoints that survive faults: corrupt latest checkpoints, unreadable progress records."""
+
 import glob
 import logging
 import os
@@ -7,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from idm_jax.training import checkpoints
-from idm_jax.storage import files
 from idm_jax.runtime import parallel
+from idm_jax.storage import files
+from idm_jax.training import checkpoints
 from idm_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def trainer():
   from conftest import load_config
+
   config = load_config('test')
   return train.Trainer(config, parallel.make_mesh(config.mesh))
 
@@ -31,15 +33,19 @@ def _save_steps(workdir, trainer, state, steps, train_seconds=0.0):
   """Checkpoints at `steps`, each with its step number in every EMA leaf (to tell them apart)."""
   ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
   for s in steps:
-    marked = state.replace(step=state.step + s,
-                           ema=jax.tree.map(lambda x, s=s: x * 0 + s, state.ema))
+    marked = state.replace(
+      step=state.step + s, ema=jax.tree.map(lambda x, s=s: x * 0 + s, state.ema)
+    )
     ckpt.save(s, marked, None, trainer.config, force=True, train_seconds=train_seconds)
   ckpt.close()
 
 
 def _truncate_largest_array_file(step_dir):
-  files = [p for p in glob.glob(os.path.join(step_dir, 'train', '**', 'd', '*'), recursive=True)
-           if os.path.isfile(p)]
+  files = [
+    p
+    for p in glob.glob(os.path.join(step_dir, 'train', '**', 'd', '*'), recursive=True)
+    if os.path.isfile(p)
+  ]
   with open(max(files, key=os.path.getsize), 'r+b') as f:
     f.truncate(100)
 
@@ -76,8 +82,11 @@ def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(tmp_path, train
   for s in ('2', '4'):
     _remove_array_metadata(str(tmp_path / 'checkpoints' / s))
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
-  with pytest.raises(RuntimeError, match=r'no checkpoint in .*checkpoints restores: step 4: .*; '
-                                         r'step 2: '):
+  with pytest.raises(
+    RuntimeError,
+    match=r'no checkpoint in .*checkpoints restores: step 4: .*; '
+    r'step 2: ',
+  ):
     ckpt.restore_latest(trainer.abstract_state)
   ckpt.close()
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
@@ -91,12 +100,14 @@ def _truncate_ema_arrays(step_dir):
         f.truncate(10)
 
 
-def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(tmp_path, trainer,
-                                                                         state, caplog):
+def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(
+  tmp_path, trainer, state, caplog
+):
   """restore, evaluate and export load through load_for_inference: a newest checkpoint that
   does not restore is skipped as a training resume skips it, and nothing is moved (the run that
   wrote it may still be training)."""
   from idm_jax.inference import engine
+
   _save_steps(tmp_path, trainer, state, (2, 4))
   _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '4'))
   with caplog.at_level(logging.WARNING):
@@ -108,28 +119,31 @@ def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(tmp_pa
   _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '2'))
   with pytest.raises(RuntimeError, match=r'no checkpoint in .* restores: step 4: .*; step 2: '):
     checkpoints.load_for_inference(str(tmp_path))
-  with pytest.raises(Exception):   # an explicit step is not silently replaced by another
+  with pytest.raises(Exception):  # an explicit step is not silently replaced by another
     checkpoints.load_for_inference(str(tmp_path), step=4)
 
 
-def test_an_unreadable_progress_record_restarts_the_budget_instead_of_failing(tmp_path, trainer,
-                                                                             state, caplog):
+def test_an_unreadable_progress_record_restarts_the_budget_instead_of_failing(
+  tmp_path, trainer, state, caplog
+):
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(2, state, None, trainer.config, force=True, train_seconds=12.5)
   assert ckpt.train_seconds(2) == 12.5
   for path in glob.glob(str(tmp_path / 'checkpoints' / '2' / 'progress' / '*')):
     if os.path.isfile(path):
       with open(path, 'w') as f:
-        f.write('{"train_seconds": 1')   # cut short
+        f.write('{"train_seconds": 1')  # cut short
   with caplog.at_level(logging.WARNING):
     assert ckpt.train_seconds(2) == 0.0
   assert 'does not read' in caplog.text and 'counting the time budget from 0' in caplog.text
   ckpt.close()
 
 
-def test_an_unreadable_checkpoint_in_a_bucket_is_moved_aside_in_the_bucket(gcs_bucket, trainer,
-                                                                          state):
+def test_an_unreadable_checkpoint_in_a_bucket_is_moved_aside_in_the_bucket(
+  gcs_bucket, trainer, state
+):
   from idm_jax.storage import files
+
   workdir = f'{gcs_bucket}/run'
   _save_steps(workdir, trainer, state, (2, 4))
   files.remove(f'{workdir}/checkpoints/4/train/_METADATA')
@@ -147,6 +161,7 @@ def test_a_storage_error_is_retried_not_taken_for_an_unreadable_checkpoint(monke
   not the storage failing for now (a 503 from gcsfs, tensorstore's UNAVAILABLE), which is tried
   again; one that persists stops with StorageUnavailable instead of skipping anything."""
   from gcsfs.retry import HttpError
+
   monkeypatch.setattr(checkpoints, 'RESTORE_BACKOFF_S', 0.01)
   calls = []
 
@@ -172,8 +187,11 @@ def test_a_storage_error_is_retried_not_taken_for_an_unreadable_checkpoint(monke
   # The storage keeps failing: nothing is judged, nothing skipped.
   calls.clear()
   failures = {6: [unavailable() for _ in range(checkpoints.RESTORE_ATTEMPTS)]}
-  with pytest.raises(checkpoints.StorageUnavailable, match=r'gs://b/c/6 could not be read: a '
-                     r'storage error on this process persisted.*nothing was skipped or moved'):
+  with pytest.raises(
+    checkpoints.StorageUnavailable,
+    match=r'gs://b/c/6 could not be read: a '
+    r'storage error on this process persisted.*nothing was skipped or moved',
+  ):
     checkpoints._newest_that_restores('gs://b/c', [4, 6], lambda s: restore(s, failures))
   assert calls == [6] * checkpoints.RESTORE_ATTEMPTS
 
@@ -203,11 +221,13 @@ def test_the_step_tried_and_its_verdict_are_agreed(monkeypatch, caplog):
   calls = []
   with caplog.at_level(logging.WARNING):
     found = checkpoints._newest_that_restores(
-        'gs://b/c', [2, 4, 6], lambda s: calls.append(s) or f'state {s}')
+      'gs://b/c', [2, 4, 6], lambda s: calls.append(s) or f'state {s}'
+    )
   assert found == (2, 'state 2', [4]) and calls == [4, 2]
   assert passed == [-6, 0, -2, 0]
-  assert 'gs://b/c/4 does not restore (another process could not read its part of it)' in \
-      caplog.text
+  assert (
+    'gs://b/c/4 does not restore (another process could not read its part of it)' in caplog.text
+  )
 
 
 def test_a_failure_between_the_two_reads_of_a_try_is_agreed(monkeypatch):
@@ -215,7 +235,7 @@ def test_a_failure_between_the_two_reads_of_a_try_is_agreed(monkeypatch):
   failed, this one raises there too (and does not go on into the params' restore, whose barrier
   the other would never reach); the try's verdict is then the other's."""
   _another_process(monkeypatch, [0])
-  checkpoints._raise_agreed(None)   # nobody failed: goes on
+  checkpoints._raise_agreed(None)  # nobody failed: goes on
   _another_process(monkeypatch, [1])
   with pytest.raises(checkpoints._FailedElsewhere):
     checkpoints._raise_agreed(None)
@@ -226,13 +246,15 @@ def test_a_failure_between_the_two_reads_of_a_try_is_agreed(monkeypatch):
   def fails_elsewhere(step):
     raise checkpoints._FailedElsewhere('another process could not read its part of it')
 
-  passed = _another_process(monkeypatch, [2])   # the other's failure was transient
+  passed = _another_process(monkeypatch, [2])  # the other's failure was transient
   with pytest.raises(checkpoints.StorageUnavailable, match='a storage error on another process'):
     checkpoints._agreed_try(fails_elsewhere, 4, 'gs://b/c/4')
   assert passed == [0]
-  _another_process(monkeypatch, [1])            # a content error
+  _another_process(monkeypatch, [1])  # a content error
   assert checkpoints._agreed_try(fails_elsewhere, 4, 'gs://b/c/4') == (
-      None, 'another process could not read its part of it')
+    None,
+    'another process could not read its part of it',
+  )
 
 
 def test_the_recorded_training_time_is_agreed(tmp_path, trainer, state, monkeypatch, caplog):
@@ -242,19 +264,20 @@ def test_the_recorded_training_time_is_agreed(tmp_path, trainer, state, monkeypa
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
   restores = []
   manager_restore = ckpt._manager_restore
-  monkeypatch.setattr(ckpt, '_manager_restore',
-                      lambda *args: restores.append(args[0]) or manager_restore(*args))
+  monkeypatch.setattr(
+    ckpt, '_manager_restore', lambda *args: restores.append(args[0]) or manager_restore(*args)
+  )
   try:
     _another_process(monkeypatch, [0, 0])
     assert ckpt.train_seconds(2) == 12.5 and restores == [2]
-    passed = _another_process(monkeypatch, [1])    # the other does not see progress/
+    passed = _another_process(monkeypatch, [1])  # the other does not see progress/
     assert ckpt.train_seconds(2) == 0.0 and restores == [2]
     assert passed == [0]
-    _another_process(monkeypatch, [0, 1])          # the other could not read it
+    _another_process(monkeypatch, [0, 1])  # the other could not read it
     with caplog.at_level(logging.WARNING):
       assert ckpt.train_seconds(2) == 0.0
     assert 'does not read (on another process)' in caplog.text
-    _another_process(monkeypatch, [2])             # the other could not tell
+    _another_process(monkeypatch, [2])  # the other could not tell
     with caplog.at_level(logging.WARNING):
       assert ckpt.train_seconds(2) == 0.0
     assert 'another process could not tell whether' in caplog.text
@@ -265,8 +288,9 @@ def test_the_recorded_training_time_is_agreed(tmp_path, trainer, state, monkeypa
 AGREEMENT_WORKER = os.path.join(REPO, 'tests', 'checkpoint_agreement_worker.py')
 
 
-def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, gcs_bucket,
-                                                        trainer, state, tmp_path):
+def test_two_processes_agree_when_one_alone_cannot_read(
+  gcs_faults, gcs_server, gcs_bucket, trainer, state, tmp_path
+):
   """Two real processes read checkpoints in a bucket, process 1 through the fault proxy, which
   answers 404 to some of its reads only: step 4's config, step 4's EMA arrays, step 2's progress
   record, step 2's progress folder. Each time both processes come to the same result (step 2,
@@ -276,7 +300,9 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
   import socket
   import subprocess
   import sys
+
   from conftest import gcs_env
+
   proxy = gcs_faults.proxy
   root = gcs_bucket
   for workdir in ('config', 'ema'):
@@ -285,8 +311,9 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
     _save_steps(f'{root}/{workdir}', trainer, state, (2,), train_seconds=12.5)
   proxy.add(r'/o/config/checkpoints/4/config/.*alt=media', 'status', status=404, methods=('GET',))
   proxy.add(r'/o/ema/checkpoints/4/ema/.*alt=media', 'status', status=404, methods=('GET',))
-  proxy.add(r'/o/progress/checkpoints/2/progress/.*alt=media', 'status', status=404,
-            methods=('GET',))
+  proxy.add(
+    r'/o/progress/checkpoints/2/progress/.*alt=media', 'status', status=404, methods=('GET',)
+  )
   proxy.add(r'hidden/checkpoints/2/progress', 'status', status=404, methods=('GET',))
   # Process 1 alone cannot see a workdir, or an export's output that is there.
   _save_steps(f'{root}/unseen', trainer, state, (2,))
@@ -300,11 +327,27 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
   procs = []
   try:
     for i, env in enumerate((direct, gcs_faults.env)):
-      procs.append(subprocess.Popen(
-          [sys.executable, AGREEMENT_WORKER, '--root', root, '--out', str(tmp_path),
-           '--process-id', str(i), '--num-processes', '2', '--port', str(port)],
-          env=dict(os.environ, **env, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
-          stderr=open(tmp_path / f'err{i}', 'w')))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            AGREEMENT_WORKER,
+            '--root',
+            root,
+            '--out',
+            str(tmp_path),
+            '--process-id',
+            str(i),
+            '--num-processes',
+            '2',
+            '--port',
+            str(port),
+          ],
+          env=dict(os.environ, **env, PYTHONPATH=REPO),
+          stdout=subprocess.DEVNULL,
+          stderr=open(tmp_path / f'err{i}', 'w'),
+        )
+      )
     for p in procs:
       p.wait(timeout=300)
   finally:
@@ -325,7 +368,12 @@ def test_two_processes_agree_when_one_alone_cannot_read(gcs_faults, gcs_server, 
     assert r['unseen']['error'].startswith('FileNotFoundError: '), results
     assert r['export']['error'].startswith('FileExistsError: '), results
   # Process 1 met each fault; process 0 (not behind the proxy) met none and still followed.
-  for pattern in ('config/checkpoints/4/config/', 'ema/checkpoints/4/ema/',
-                  'progress/checkpoints/2/progress/', 'hidden/checkpoints/2/progress', 'unseen',
-                  r'taken\.msgpack'):
+  for pattern in (
+    'config/checkpoints/4/config/',
+    'ema/checkpoints/4/ema/',
+    'progress/checkpoints/2/progress/',
+    'hidden/checkpoints/2/progress',
+    'unseen',
+    r'taken\.msgpack',
+  ):
     assert proxy.hits(pattern) > 0, pattern

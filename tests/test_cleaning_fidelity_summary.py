@@ -1,5 +1,6 @@
 """experiments/cleaning_fidelity_summary.py's cleaning section: sharpness and NIQE of the cleaned
 faces against the pristine and contaminated ones, from cleaning_eval's reports."""
+
 import json
 import sys
 
@@ -14,8 +15,9 @@ import cleaning_fidelity_summary  # noqa: E402  pylint: disable=g-import-not-at-
 
 def test_cleaning_section_shows_sharpness_against_pristine(tmp_path, capsys, niqe_params_path):
   c, p, _ = _oracle_datasets(tmp_path)
-  report = cleaning_eval.score(str(tmp_path / 'cleaned'), str(c), str(p), identity=False,
-                               niqe_params=str(niqe_params_path))
+  report = cleaning_eval.score(
+    str(tmp_path / 'cleaned'), str(c), str(p), identity=False, niqe_params=str(niqe_params_path)
+  )
   out = tmp_path / 'out'
   for arm in ('one', 'two'):
     (out / arm / 'cleaning').mkdir(parents=True)
@@ -32,7 +34,8 @@ def test_cleaning_section_shows_sharpness_against_pristine(tmp_path, capsys, niq
   assert 'What cleaning does to sharpness' in text
   # The oracle cleaner returns the pristine faces: sharpness ratio 1 on damaged and undamaged.
   for faces in ('damaged', 'undamaged'):
-    rows = [line for line in text.splitlines()
-            if line.startswith(f'| one | {faces} | sharpness_lapvar |')]
+    rows = [
+      line for line in text.splitlines() if line.startswith(f'| one | {faces} | sharpness_lapvar |')
+    ]
     assert len(rows) == 1 and rows[0].endswith('| 1.000 |')
   assert '| one | damaged | niqe |' in text

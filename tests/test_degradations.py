@@ -1,15 +1,16 @@
 """Tests for idm_jax.data.degradations: kernel maths, each stage against plain OpenCV calls,
 determinism, and the visible effect of each degradation."""
+
 import json
 import math
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from idm_jax.runtime import configlib
 from idm_jax.data import degradations as D
+from idm_jax.runtime import configlib
 
 
 @pytest.fixture(scope='module')
@@ -21,9 +22,21 @@ def face(celeba_dir):
 
 def _params(**over):
   """A mild, fully specified parameter set; tests override what they probe."""
-  p = dict(kernel_type='aniso', sigma_x=2.0, sigma_y=0.7, theta=0.4, kernel_size=41, scale=2.5,
-           noise_sigma=5.0, noise_seed=123, jpeg_quality=75, color_shift=None, gray=False,
-           jitter=None, flip=False)
+  p = dict(
+    kernel_type='aniso',
+    sigma_x=2.0,
+    sigma_y=0.7,
+    theta=0.4,
+    kernel_size=41,
+    scale=2.5,
+    noise_sigma=5.0,
+    noise_seed=123,
+    jpeg_quality=75,
+    color_shift=None,
+    gray=False,
+    jitter=None,
+    flip=False,
+  )
   p.update(over)
   return p
 
@@ -38,8 +51,9 @@ def _reference(hq, p, blur_fn):
   noise = np.random.default_rng(p['noise_seed']).standard_normal(img.shape, dtype=np.float32)
   img = np.clip(img + noise * np.float32(p['noise_sigma'] / 255), 0, 1)
   u8 = np.rint(img * 255).astype(np.uint8)
-  _, enc = cv2.imencode('.jpg', u8[:, :, ::-1].copy(),
-                        [cv2.IMWRITE_JPEG_QUALITY, p['jpeg_quality']])
+  _, enc = cv2.imencode(
+    '.jpg', u8[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, p['jpeg_quality']]
+  )
   img = cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32) / np.float32(255)
   img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
   if p['color_shift'] is not None:
@@ -63,17 +77,18 @@ def _grad_energy(img):
 
 # ----------------------------------------------------------------------------- kernel ----
 
+
 def _moments(k):
   r = k.shape[0] // 2
   ax = np.arange(-r, r + 1.0)
   u, v = np.meshgrid(ax, ax)  # u varies along columns, v along rows
-  cov = np.array([[np.sum(k * u * u), np.sum(k * u * v)],
-                  [np.sum(k * u * v), np.sum(k * v * v)]])
+  cov = np.array([[np.sum(k * u * u), np.sum(k * u * v)], [np.sum(k * u * v), np.sum(k * v * v)]])
   return cov, (np.sum(k * u), np.sum(k * v))
 
 
-@pytest.mark.parametrize('kt,sx,sy,th', [('iso', 1.5, 1.5, 0.0), ('aniso', 3.0, 0.5, 1.1),
-                                         ('aniso', 0.1, 10.0, -2.5)])
+@pytest.mark.parametrize(
+  'kt,sx,sy,th', [('iso', 1.5, 1.5, 0.0), ('aniso', 3.0, 0.5, 1.1), ('aniso', 0.1, 10.0, -2.5)]
+)
 def test_kernel_normalised_and_point_symmetric(kt, sx, sy, th):
   k = D.make_kernel(kt, sx, sy, th, 41)
   assert k.shape == (41, 41)
@@ -123,6 +138,7 @@ def test_kernel_rejects_bad_args():
 
 # ------------------------------------------------------------------------ sampling ----
 
+
 @pytest.mark.parametrize('preset', configlib.PRESETS)
 def test_sample_params_ranges_and_json(preset):
   cfg = configlib.degradation_config(preset)
@@ -160,12 +176,17 @@ def test_sample_params_reproducible_and_scale_capped():
 
 # --------------------------------------------------------------------------- apply ----
 
+
 def test_blur_matches_filter2d(face):
   img = face.astype(np.float32) / 255
   rect = img[:50, :90]  # non-square, kernel wider than half the image: reflect-101 borders
   for x in (img, rect):
-    for kt, sx, sy, th in [('iso', 3.0, 3.0, 0.0), ('aniso', 8.0, 1.0, 0.7),
-                           ('iso', 0.2, 0.2, 0.0), ('iso', 9.5, 9.5, 0.0)]:
+    for kt, sx, sy, th in [
+      ('iso', 3.0, 3.0, 0.0),
+      ('aniso', 8.0, 1.0, 0.7),
+      ('iso', 0.2, 0.2, 0.0),
+      ('iso', 9.5, 9.5, 0.0),
+    ]:
       p = _params(kernel_type=kt, sigma_x=sx, sigma_y=sy, theta=th)
       out = D.blur(x, p)
       assert out.dtype == np.float32 and out.shape == x.shape
@@ -177,16 +198,20 @@ def test_blur_matches_filter2d(face):
 
 def test_separable_iso_equals_2d_kernel():
   g = D.gaussian_1d(2.7, 41)
-  np.testing.assert_allclose(np.outer(g, g), D.make_kernel('iso', 2.7, 2.7, 0.0, 41),
-                             rtol=1e-12, atol=1e-18)
+  np.testing.assert_allclose(
+    np.outer(g, g), D.make_kernel('iso', 2.7, 2.7, 0.0, 41), rtol=1e-12, atol=1e-18
+  )
 
 
-@pytest.mark.parametrize('over', [
+@pytest.mark.parametrize(
+  'over',
+  [
     {},
     dict(kernel_type='iso', sigma_x=4.0, sigma_y=4.0, theta=0.0, scale=0.8, jpeg_quality=95),
     dict(scale=7.3, noise_sigma=18.0, jpeg_quality=61, color_shift=[0.05, -0.07, 0.01]),
     dict(scale=3.0, gray=True, color_shift=[-0.02, 0.03, 0.0]),
-])
+  ],
+)
 def test_apply_matches_plain_cv2_reference(face, over):
   p = _params(**over)
   out = D.apply(face, p)
@@ -201,8 +226,15 @@ def test_apply_matches_plain_cv2_reference(face, over):
 
 
 def test_apply_deterministic_and_input_untouched(face):
-  p = _params(jitter={'order': ['hue', 'contrast', 'brightness', 'saturation'], 'brightness': 1.2,
-                      'contrast': 0.7, 'saturation': 0.5, 'hue': 0.05})
+  p = _params(
+    jitter={
+      'order': ['hue', 'contrast', 'brightness', 'saturation'],
+      'brightness': 1.2,
+      'contrast': 0.7,
+      'saturation': 0.5,
+      'hue': 0.05,
+    }
+  )
   before = face.copy()
   a, b = D.apply(face, p), D.apply(face, p)
   np.testing.assert_array_equal(a, b)
@@ -213,8 +245,13 @@ def test_apply_deterministic_and_input_untouched(face):
 
 @pytest.mark.parametrize('kt', ['iso', 'aniso'])
 def test_apply_independent_of_opencv_threads(face, kt):
-  p = _params(kernel_type=kt, sigma_x=3.0, sigma_y=3.0 if kt == 'iso' else 1.0,
-              theta=0.0 if kt == 'iso' else 0.5, scale=1.3)
+  p = _params(
+    kernel_type=kt,
+    sigma_x=3.0,
+    sigma_y=3.0 if kt == 'iso' else 1.0,
+    theta=0.0 if kt == 'iso' else 0.5,
+    scale=1.3,
+  )
   n = cv2.getNumThreads()
   try:
     cv2.setNumThreads(1)
@@ -252,10 +289,30 @@ def test_iso_blur_drops_only_negligible_taps(face):
 
 
 def test_lq_differs_and_large_scale_removes_high_frequencies(face):
-  mild = D.apply(face, _params(kernel_type='iso', sigma_x=0.2, sigma_y=0.2, theta=0.0, scale=1.0,
-                               noise_sigma=0.0, jpeg_quality=100))
-  heavy = D.apply(face, _params(kernel_type='iso', sigma_x=0.2, sigma_y=0.2, theta=0.0, scale=8.0,
-                                noise_sigma=0.0, jpeg_quality=100))
+  mild = D.apply(
+    face,
+    _params(
+      kernel_type='iso',
+      sigma_x=0.2,
+      sigma_y=0.2,
+      theta=0.0,
+      scale=1.0,
+      noise_sigma=0.0,
+      jpeg_quality=100,
+    ),
+  )
+  heavy = D.apply(
+    face,
+    _params(
+      kernel_type='iso',
+      sigma_x=0.2,
+      sigma_y=0.2,
+      theta=0.0,
+      scale=8.0,
+      noise_sigma=0.0,
+      jpeg_quality=100,
+    ),
+  )
   assert np.any(mild != face)
   # A near-identity degradation stays close; scale 8 loses most gradient energy.
   assert np.abs(mild.astype(int) - face).mean() < 2.0
@@ -301,20 +358,24 @@ def test_jitter_torchvision_semantics():
   gray = img @ np.array([0.2989, 0.587, 0.114], np.float32)
   ops = list(D.JITTER_OPS)
   np.testing.assert_allclose(D._jitter(img, _jit(ops, brightness=0.5)), img * 0.5, atol=1e-6)
-  np.testing.assert_allclose(D._jitter(img, _jit(ops, contrast=0.0)),
-                             np.full_like(img, gray.mean()), atol=1e-5)
-  np.testing.assert_allclose(D._jitter(img, _jit(ops, saturation=0.0)),
-                             np.repeat(gray[..., None], 3, -1), atol=1e-5)
+  np.testing.assert_allclose(
+    D._jitter(img, _jit(ops, contrast=0.0)), np.full_like(img, gray.mean()), atol=1e-5
+  )
+  np.testing.assert_allclose(
+    D._jitter(img, _jit(ops, saturation=0.0)), np.repeat(gray[..., None], 3, -1), atol=1e-5
+  )
   # Hue: a shift of 1/3 turn maps pure red to pure green, and identity factors change nothing.
   red = np.zeros((2, 2, 3), np.float32)
   red[..., 0] = 1
   np.testing.assert_allclose(D._jitter(red, _jit(ops, hue=1 / 3))[0, 0], [0, 1, 0], atol=1e-5)
   np.testing.assert_allclose(D._jitter(img, _jit(ops)), img, atol=1e-5)
   # Order matters: brightness then contrast != contrast then brightness (both clamp to [0, 1]).
-  a = D._jitter(img, _jit(['brightness', 'contrast', 'saturation', 'hue'], brightness=1.5,
-                          contrast=1.5))
-  b = D._jitter(img, _jit(['contrast', 'brightness', 'saturation', 'hue'], brightness=1.5,
-                          contrast=1.5))
+  a = D._jitter(
+    img, _jit(['brightness', 'contrast', 'saturation', 'hue'], brightness=1.5, contrast=1.5)
+  )
+  b = D._jitter(
+    img, _jit(['contrast', 'brightness', 'saturation', 'hue'], brightness=1.5, contrast=1.5)
+  )
   assert np.abs(a - b).max() > 0.01
 
 
@@ -327,8 +388,11 @@ def _tv_hue(img, factor):
   s = cr / np.where(eqc, 1.0, maxc)
   div = np.where(eqc, 1.0, cr)
   rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-  h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-       + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+  h = (
+    (maxc == r) * (bc - gc)
+    + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+  )
   h = np.fmod(h / 6.0 + 1.0, 1.0)
   h = np.mod(h + factor, 1.0)
   v = maxc
@@ -339,8 +403,9 @@ def _tv_hue(img, factor):
   q = np.clip(v * (1 - s * f), 0, 1)
   t = np.clip(v * (1 - s * (1 - f)), 0, 1)
   choose = lambda *opts: np.choose(i, opts)
-  return np.stack([choose(v, q, p, p, t, v), choose(t, v, v, q, p, p),
-                   choose(p, p, t, v, v, q)], -1)
+  return np.stack(
+    [choose(v, q, p, p, t, v), choose(t, v, v, q, p, p), choose(p, p, t, v, v, q)], -1
+  )
 
 
 @pytest.mark.parametrize('factor', [-0.1, -0.03, 0.07, 0.5])
@@ -375,9 +440,10 @@ def test_degrade_pair_flips_both_and_replays(face):
 
 # ------------------------------------------------------------------------ the mild share ----
 
+
 def _psnr(a, b):
   mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return 10 * np.log10(255.0 ** 2 / mse) if mse else math.inf
+  return 10 * np.log10(255.0**2 / mse) if mse else math.inf
 
 
 def test_mild_ranges_are_the_gentlest_fifth_of_the_preset():
@@ -426,10 +492,15 @@ def test_mild_pairs_draw_from_the_mild_ranges_without_colour_changes(face):
     assert cfg.mild.noise_sigma[0] <= p['noise_sigma'] <= cfg.mild.noise_sigma[1]
     assert cfg.mild.jpeg_quality[0] <= p['jpeg_quality'] <= cfg.mild.jpeg_quality[1]
     assert p['color_shift'] is None and p['jitter'] is None and not p['gray']
-    np.testing.assert_array_equal(D.apply(hq, p), lq)   # the record replays
+    np.testing.assert_array_equal(D.apply(hq, p), lq)  # the record replays
     mild.append(_psnr(hq, lq))
-    heavy.append(_psnr(*D.degrade_pair(face, np.random.default_rng(seed),
-                                       configlib.degradation_config('gfpgan'))[:2]))
+    heavy.append(
+      _psnr(
+        *D.degrade_pair(face, np.random.default_rng(seed), configlib.degradation_config('gfpgan'))[
+          :2
+        ]
+      )
+    )
   # Same seeds, gentler ranges: every pair is at least as close to its HQ, most far closer.
   assert np.median(mild) > np.median(heavy) + 5
 

@@ -1,5 +1,6 @@
 """docs/DESIGN.md stays true to the tree: its layout names every package and module of idm_jax,
 and every module or path it names exists."""
+
 import pathlib
 import re
 
@@ -28,12 +29,13 @@ def test_the_layout_names_every_package_and_module():
 def test_every_module_the_layout_names_exists():
   stems = {m.stem for m in modules()}
   block = layout_block()
-  inside = block.split('\nconfigs/')[0]    # below that line: configs/, launch/, ...
+  inside = block.split('\nconfigs/')[0]  # below that line: configs/, launch/, ...
   assert not sorted(set(re.findall(r'\b(\w+)\.py\b', inside)) - stems)
 
 
 def test_every_path_the_page_names_exists():
   text = DOC.read_text()
-  paths = set(re.findall(r'\b((?:idm_jax|tests|docs|launch|configs|bench|experiments)/[\w/.]+\.\w+)',
-                         text))
+  paths = set(
+    re.findall(r'\b((?:idm_jax|tests|docs|launch|configs|bench|experiments)/[\w/.]+\.\w+)', text)
+  )
   assert paths and not sorted(p for p in paths if not (ROOT / p).exists())

@@ -1,13 +1,14 @@
 """The one locator of the face_recognition_models files, and how its two users report a miss."""
+
 import importlib.util
 import os
 import sys
 
 import pytest
 
-from idm_jax.storage import dlib_models
 from idm_jax.inference import faces
 from idm_jax.metrics import identity
+from idm_jax.storage import dlib_models
 
 
 def test_every_file_is_found_in_the_installed_package():
@@ -21,15 +22,19 @@ def test_every_file_is_found_in_the_installed_package():
 
 def test_both_users_name_what_to_install_when_the_package_is_missing(monkeypatch):
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, 'find_spec',
-                      lambda name, *a: None if name == 'face_recognition_models' else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util,
+    'find_spec',
+    lambda name, *a: None if name == 'face_recognition_models' else real(name, *a),
+  )
   with pytest.raises(dlib_models.ModelFileMissing, match='pip install face_recognition_models'):
     dlib_models.model_path('landmarks68')
   with pytest.raises(identity.IdentityUnavailable, match='pip install face_recognition_models'):
     identity.model_path('recognition')
   pytest.importorskip('dlib')
-  with pytest.raises(faces.DetectorUnavailable,
-                     match='pip install face_recognition_models.*--aligned'):
+  with pytest.raises(
+    faces.DetectorUnavailable, match='pip install face_recognition_models.*--aligned'
+  ):
     faces.get_detector('dlib')
 
 

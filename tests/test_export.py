@@ -1,22 +1,22 @@
 """Export: one msgpack file with config + params; round trip, atomic write, clear errors."""
+
 import os
 
+from conftest import load_config
+from flax import serialization
 import jax
 import numpy as np
 import pytest
-from flax import serialization
 
-from idm_jax.runtime import configlib
-from idm_jax.inference import export
 from idm_jax.inference import engine
-
-from conftest import load_config
+from idm_jax.inference import export
+from idm_jax.runtime import configlib
 
 
 @pytest.fixture(scope='module')
 def config_and_params():
   config = load_config('test')
-  config.sample.steps = 3           # a non-default value must survive the trip
+  config.sample.steps = 3  # a non-default value must survive the trip
   params = engine.random_params(configlib.build_model(config.model, config.data.resolution), 3)
   return config, params
 
@@ -34,7 +34,7 @@ def test_round_trip(tmp_path, config_and_params):
   config, params = config_and_params
   path = str(tmp_path / 'model.msgpack')
   export.save_exported(path, config, params)
-  assert os.listdir(tmp_path) == ['model.msgpack']    # no temp file left behind
+  assert os.listdir(tmp_path) == ['model.msgpack']  # no temp file left behind
   config2, params2 = export.load_exported(path)
   assert configlib.to_json(config2) == configlib.to_json(config)
   assert config2.sample.steps == 3
@@ -64,14 +64,18 @@ def test_bad_files_give_clear_errors(tmp_path, config_and_params):
   export.save_exported(str(good), config, params)
   data = good.read_bytes()
   cases = {
-      'truncated.msgpack': (data[:len(data) // 2], 'corrupt, truncated'),
-      'garbage.msgpack': (b'\x00\x01not msgpack at all' * 10, 'not an idm_jax model export'),
-      'empty.msgpack': (b'', 'empty'),
-      'other.msgpack': (serialization.msgpack_serialize({'a': np.zeros(3)}), 'no format tag'),
-      'future.msgpack': (serialization.msgpack_serialize(
-          {'format': 'idm_jax/99', 'config': '{}', 'params': {}}), 'idm_jax/99'),
-      'noparams.msgpack': (serialization.msgpack_serialize(
-          {'format': export.FORMAT, 'config': '{}'}), 'lacks'),
+    'truncated.msgpack': (data[: len(data) // 2], 'corrupt, truncated'),
+    'garbage.msgpack': (b'\x00\x01not msgpack at all' * 10, 'not an idm_jax model export'),
+    'empty.msgpack': (b'', 'empty'),
+    'other.msgpack': (serialization.msgpack_serialize({'a': np.zeros(3)}), 'no format tag'),
+    'future.msgpack': (
+      serialization.msgpack_serialize({'format': 'idm_jax/99', 'config': '{}', 'params': {}}),
+      'idm_jax/99',
+    ),
+    'noparams.msgpack': (
+      serialization.msgpack_serialize({'format': export.FORMAT, 'config': '{}'}),
+      'lacks',
+    ),
   }
   for name, (content, msg) in cases.items():
     path = tmp_path / name
@@ -86,6 +90,7 @@ def test_bad_files_give_clear_errors(tmp_path, config_and_params):
 def test_main_exports_a_workdir_and_never_overwrites(tmp_path, monkeypatch, config_and_params):
   config, params = config_and_params
   from idm_jax.training import checkpoints
+
   seen = []
 
   def fake_load(workdir):
@@ -98,7 +103,7 @@ def test_main_exports_a_workdir_and_never_overwrites(tmp_path, monkeypatch, conf
   assert seen == ['W']
   _assert_same_params(params, export.load_exported(str(out))[1])
   before = out.read_bytes()
-  assert export.main(['--workdir', 'W', '--out', str(out)]) == 1     # exists: refused
+  assert export.main(['--workdir', 'W', '--out', str(out)]) == 1  # exists: refused
   assert out.read_bytes() == before
   assert export.main(['--workdir', 'W', '--out', str(out), '--force']) == 0
   assert sorted(os.listdir(out.parent)) == ['model.msgpack']

@@ -1,19 +1,20 @@
 """Extrinsic enhancement: cleaning (resumable, one-to-one, source untouched), rounds, generation."""
+
 import hashlib
 import json
 import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
+from idm_jax.data import sources
 from idm_jax.extrinsic import cleaned_dataset
 from idm_jax.extrinsic import cleaning
 from idm_jax.extrinsic import rounds as rounds_lib
-from idm_jax.storage import images
-from idm_jax.data import sources
 from idm_jax.metrics import niqe as niqe_lib
+from idm_jax.storage import images
 
 
 def tree_digest(root):
@@ -40,7 +41,7 @@ def faces(tmp_path, celeba_dir):
 class FakeRestorer:
   """Inverts images; raises after `fail_after` batches to simulate a killed run."""
 
-  lockstep = False   # one process
+  lockstep = False  # one process
   resolution = 32
 
   def __init__(self, fail_after=None):
@@ -56,9 +57,19 @@ class FakeRestorer:
 
 def clean_cfg(fraction=1.0, batch_size=2):
   import ml_collections
-  return ml_collections.ConfigDict(dict(sampler='ddim', steps=2, t_start=0.5, samples=1,
-                                        fraction=fraction, score='niqe', batch_size=batch_size,
-                                        out_dir=''))
+
+  return ml_collections.ConfigDict(
+    dict(
+      sampler='ddim',
+      steps=2,
+      t_start=0.5,
+      samples=1,
+      fraction=fraction,
+      score='niqe',
+      batch_size=batch_size,
+      out_dir='',
+    )
+  )
 
 
 class IndexRestorer:
@@ -76,15 +87,16 @@ def test_cleaning_with_several_samples_averages_independent_draws():
   lq = np.full((3, 4, 4, 3), 100, np.uint8)
   idx = np.array([5, 0, 9])
   one = IndexRestorer()
-  np.testing.assert_array_equal(   # one sample is the plain restoration, same noise indices
-      cleaning.restore_mean(one, idx, lq, samples=1, seed=3, steps=1), lq + (idx % 7)[:, None,
-                                                                                         None, None])
+  np.testing.assert_array_equal(  # one sample is the plain restoration, same noise indices
+    cleaning.restore_mean(one, idx, lq, samples=1, seed=3, steps=1),
+    lq + (idx % 7)[:, None, None, None],
+  )
   assert one.drawn == [(3, 5), (3, 0), (3, 9)]
   four = IndexRestorer()
   out = cleaning.restore_mean(four, idx, lq, samples=4, seed=3, steps=1)
   draws = [(idx * 4 + k) % 7 for k in range(4)]
   np.testing.assert_array_equal(out[:, 0, 0, 0], 100 + np.rint(np.mean(draws, axis=0)))
-  assert len(four.drawn) == 12 and len(set(four.drawn)) == 12   # no two draws share noise
+  assert len(four.drawn) == 12 and len(set(four.drawn)) == 12  # no two draws share noise
 
 
 def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
@@ -100,11 +112,12 @@ def test_killed_cleaning_resumes_to_exactly_one_record_each(faces, tmp_path):
     f.write('{"name": "half')
   restorer = FakeRestorer()
   manifest = cleaning.clean_dataset(source, restorer, str(out), **kw)
-  assert restorer.calls == 3   # 12 images in batches of 2: 6 batches, 3 done before the kill
+  assert restorer.calls == 3  # 12 images in batches of 2: 6 batches, 3 done before the kill
   assert manifest['source_records'] == 12 and manifest['counts']['cleaned'] == 12
   assert cleaned_dataset.verify_manifest(str(out))['cleaned'] == 12
   assert sorted(os.listdir(out / 'images')) == sorted(
-      os.path.splitext(n)[0] + '.png' for n in os.listdir(faces))
+    os.path.splitext(n)[0] + '.png' for n in os.listdir(faces)
+  )
   assert tree_digest(faces) == before
   # A tampered file is caught by the manifest check.
   victim = out / 'images' / sorted(os.listdir(out / 'images'))[0]
@@ -117,22 +130,38 @@ def test_lockstep_cleaning_agrees_once_per_job(faces, tmp_path, monkeypatch):
   """Over several processes the hosts agree once on how many batches to run, not once per
   batch (each agreement is a round trip through the coordination service)."""
   from idm_jax.runtime import parallel
+
   calls = []
   monkeypatch.setattr(parallel, 'max_over_processes', lambda n, **kw: calls.append(n) or n)
   restorer = FakeRestorer()
   restorer.lockstep = True
   source = sources.FolderSource(tuple(images.list_images(faces)), 32, root=str(faces))
-  cleaning.clean_dataset(source, restorer, str(tmp_path / 'clean'), clean_cfg=clean_cfg(),
-                          seed=0, niqe_params=None, resolution=32, provenance={})
-  assert restorer.calls == 6 and calls == [6]   # 12 images in batches of 2
+  cleaning.clean_dataset(
+    source,
+    restorer,
+    str(tmp_path / 'clean'),
+    clean_cfg=clean_cfg(),
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
+  assert restorer.calls == 6 and calls == [6]  # 12 images in batches of 2
 
 
 def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_params_path):
   source = sources.FolderSource(tuple(images.list_images(faces)), 128, root=str(faces))
   out = tmp_path / 'clean'
   manifest = cleaning.clean_dataset(
-      source, FakeRestorer(), str(out), clean_cfg=clean_cfg(fraction=0.25), seed=0,
-      niqe_params=str(niqe_params_path), resolution=128, provenance={'model': 'fake'})
+    source,
+    FakeRestorer(),
+    str(out),
+    clean_cfg=clean_cfg(fraction=0.25),
+    seed=0,
+    niqe_params=str(niqe_params_path),
+    resolution=128,
+    provenance={'model': 'fake'},
+  )
   with open(out / 'scores.json') as f:
     scores = json.load(f)
   niqe = niqe_lib.load_niqe_params(str(niqe_params_path))
@@ -151,7 +180,8 @@ def test_selection_cleans_the_worst_and_copies_the_rest(faces, tmp_path, niqe_pa
   assert manifest['counts'] == {'cleaned': 3, 'copied': 9, 'failed': 0}
   after = [r['score_after'] for r in manifest['records'] if r['action'] == 'cleaned']
   assert manifest['cleaned_niqe'] == pytest.approx(
-      {'before': np.mean([scores[n] for n in worst]), 'after': np.mean(after)})
+    {'before': np.mean([scores[n] for n in worst]), 'after': np.mean(after)}
+  )
 
 
 def test_select_worst_ties_and_failures():
@@ -173,11 +203,14 @@ def tiny(test_config, faces):
 
 def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   from idm_jax.data import pipeline
+
   seen = []
   real = pipeline.train_iterator
+
   def spy(config, **kw):
     seen.append(config.data.dir)
     return real(config, **kw)
+
   monkeypatch.setattr(pipeline, 'train_iterator', spy)
   config = tiny(test_config, faces)
   before = tree_digest(faces)
@@ -197,9 +230,10 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
 def test_unconditional_training_and_generation(local_or_bucket, test_config):
   """The "beyond" generator, its workdir on local disk or in a bucket; a rerun with more samples
   only draws the missing ones."""
-  from idm_jax.storage import files
   from idm_jax.inference import generate
+  from idm_jax.storage import files
   from idm_jax.training import train
+
   workdir = files.join(local_or_bucket, 'gen')
   c = test_config
   c.model.update(conditional=False, lq_concat=False, lq_encoder=False)
@@ -223,26 +257,37 @@ def test_cleaning_a_non_folder_source_writes_every_record(tmp_path):
   """Sources that are not folders (builtin here, TFDS alike) are re-encoded losslessly as PNG."""
   source = sources.BuiltinSource('validation', 32)
   manifest = cleaning.clean_dataset(
-      source, FakeRestorer(), str(tmp_path / 'c'), clean_cfg=clean_cfg(fraction=1.0), seed=0,
-      niqe_params=None, resolution=32, provenance={})
+    source,
+    FakeRestorer(),
+    str(tmp_path / 'c'),
+    clean_cfg=clean_cfg(fraction=1.0),
+    seed=0,
+    niqe_params=None,
+    resolution=32,
+    provenance={},
+  )
   written = [f for _, _, fs in os.walk(tmp_path / 'c' / 'images') for f in fs]
   assert manifest['counts']['cleaned'] == len(source) == len(written)
   rec = source[0]
-  img = np.asarray(Image.open(tmp_path / 'c' / 'images' / (os.path.splitext(rec['name'])[0] + '.png')))
+  img = np.asarray(
+    Image.open(tmp_path / 'c' / 'images' / (os.path.splitext(rec['name'])[0] + '.png'))
+  )
   np.testing.assert_array_equal(img, 255 - rec['image'])
 
 
-def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(tmp_path,
-                                                                               test_config):
+def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(
+  tmp_path, test_config
+):
   """The README's `--config.mode=extrinsic --config.data.dir=MY_FACES` on a user's folder: the
   default clean.fraction (< 1) ranks images by NIQE, with the parameters the package ships."""
   from idm_jax import main
-  faces = tmp_path / 'my_faces'    # nothing beside it: no niqe_pris_params.npz
+
+  faces = tmp_path / 'my_faces'  # nothing beside it: no niqe_pris_params.npz
   faces.mkdir()
   for i in range(16):
     Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(faces / f'{i:02d}.png')
   config = tiny(test_config, faces)
-  config.clean.fraction = 0.25     # 12 training images: the worst 3 are cleaned
+  config.clean.fraction = 0.25  # 12 training images: the worst 3 are cleaned
   config.mode = 'extrinsic'
   work = tmp_path / 'work'
   main.run(config, str(work))
@@ -258,6 +303,7 @@ def test_extrinsic_mode_on_a_folder_without_niqe_file_ranks_with_shipped_params(
 def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path):
   """clean.score='artifacts' on real faces, two of them blurred: those two are the ones cleaned."""
   from idm_jax.data import contaminate
+
   names = sorted(os.listdir(faces))
   for name in names[3], names[8]:
     img = sources.load_image(str(faces / name), 64)
@@ -266,26 +312,42 @@ def test_selection_by_artifacts_score_finds_the_defective_faces(faces, tmp_path)
   cfg = clean_cfg(fraction=2 / 12)
   cfg.score = 'artifacts'
   # The artifacts score needs no NIQE parameters: a missing file is never opened.
-  manifest = cleaning.clean_dataset(source, FakeRestorer(), str(tmp_path / 'clean'),
-                                     clean_cfg=cfg, seed=0, niqe_params=str(tmp_path / 'none.npz'),
-                                     resolution=64, provenance={})
+  manifest = cleaning.clean_dataset(
+    source,
+    FakeRestorer(),
+    str(tmp_path / 'clean'),
+    clean_cfg=cfg,
+    seed=0,
+    niqe_params=str(tmp_path / 'none.npz'),
+    resolution=64,
+    provenance={},
+  )
   cleaned = sorted(r['name'] for r in manifest['records'] if r['action'] == 'cleaned')
   assert cleaned == [names[3], names[8]]
-  assert 'cleaned_niqe' not in manifest   # score_after is NIQE's; not mixed with another score
+  assert 'cleaned_niqe' not in manifest  # score_after is NIQE's; not mixed with another score
   # The scores are kept beside the dataset, as NIQE's are, so the selection can be inspected.
   scores = json.loads((tmp_path / 'clean' / cleaned_dataset.SCORES).read_text())
   assert set(sorted(scores, key=lambda n: -scores[n])[:2]) == {names[3], names[8]}
   assert {r['name']: r['score'] for r in manifest['records']} == scores
   cfg.score = 'brisque'
   with pytest.raises(ValueError, match='clean.score'):
-    cleaning.clean_dataset(source, FakeRestorer(), str(tmp_path / 'other'), clean_cfg=cfg,
-                            seed=0, niqe_params=None, resolution=64, provenance={})
+    cleaning.clean_dataset(
+      source,
+      FakeRestorer(),
+      str(tmp_path / 'other'),
+      clean_cfg=cfg,
+      seed=0,
+      niqe_params=None,
+      resolution=64,
+      provenance={},
+    )
 
 
 def test_two_rounds_with_the_workdir_in_a_bucket(tmp_path, test_config, gcs_bucket):
   """The rounds with every dataset version in gs://: round 1 trains on images it reads back
   from the bucket, and a rerun resumes without redoing anything."""
   from idm_jax.storage import files
+
   faces = tmp_path / 'faces'
   faces.mkdir()
   for i in range(12):
@@ -307,11 +369,14 @@ def test_cleaning_refuses_an_output_inside_its_source_folder(tmp_path, test_conf
   c = test_config
   (tmp_path / 'src').mkdir()
   (tmp_path / 'link').symlink_to(tmp_path / 'src')
-  for src, out in ((tmp_path / 'src', tmp_path / 'link' / 'cleaned'),
-                   ('gs://b/faces', 'gs://b/faces/cleaned'), ('gs://b/faces', 'gs://b/faces')):
+  for src, out in (
+    (tmp_path / 'src', tmp_path / 'link' / 'cleaned'),
+    ('gs://b/faces', 'gs://b/faces/cleaned'),
+    ('gs://b/faces', 'gs://b/faces'),
+  ):
     c.data.update(source='folder', dir=str(src))
     c.clean.out_dir = str(out)
     with pytest.raises(ValueError, match='is inside the source folder'):
       cleaning.clean_from_config(c, str(tmp_path / 'work'))
-  c.clean.out_dir = 'gs://b/faces_cleaned'   # a sibling whose name starts alike is not inside
+  c.clean.out_dir = 'gs://b/faces_cleaned'  # a sibling whose name starts alike is not inside
   cleaning._refuse_inside_source(c, c.clean.out_dir)

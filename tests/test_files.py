@@ -1,10 +1,11 @@
 """Atomic writes: whole files or nothing, ordinary permissions, nothing left behind."""
+
 import os
 import stat
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from idm_jax.storage import files
 from idm_jax.storage import images
@@ -66,7 +67,7 @@ def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
   files.move(files.join(root, 'a'), files.join(root, 'moved'))
   assert files.walk_files(root) == ['c/x.bin', 'log.jsonl', 'moved/b/y.png', 'moved/x.bin']
   files.remove(files.join(root, 'c', 'x.bin'))
-  files.remove(files.join(root, 'c', 'x.bin'))   # already gone: not an error
+  files.remove(files.join(root, 'c', 'x.bin'))  # already gone: not an error
   assert not files.exists(files.join(root, 'c', 'x.bin'))
   files.check_writable(files.join(root, 'new'))
   assert files.walk_files(root) == ['log.jsonl', 'moved/b/y.png', 'moved/x.bin']  # probe gone
@@ -74,6 +75,7 @@ def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
 
 def test_a_missing_bucket_fails_at_once_naming_it(gcs_server):
   import time
+
   t0 = time.monotonic()
   with pytest.raises(files.StorageError, match=r'gs://no-such-bucket-7f3a does not exist'):
     files.check_writable('gs://no-such-bucket-7f3a/runs/x')
@@ -82,7 +84,7 @@ def test_a_missing_bucket_fails_at_once_naming_it(gcs_server):
 
 def test_remote_and_local_names():
   assert files.is_remote('gs://b/x') and not files.is_remote('/tmp/x')
-  assert not files.is_remote('runs/gs:/b')   # what os.path made of gs:// before: local
+  assert not files.is_remote('runs/gs:/b')  # what os.path made of gs:// before: local
   assert files.absolute('gs://b/run/') == 'gs://b/run'
   assert files.join('gs://b/run', 'checkpoints') == 'gs://b/run/checkpoints'
   assert files.dirname('gs://b/run/checkpoints') == 'gs://b/run'
@@ -91,5 +93,5 @@ def test_remote_and_local_names():
 
 def test_a_workdir_that_cannot_be_created_is_one_clear_error(tmp_path):
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(files.StorageError, match=r"file/run: cannot write there"):
+  with pytest.raises(files.StorageError, match=r'file/run: cannot write there'):
     files.check_writable(tmp_path / 'file' / 'run')

@@ -1,4 +1,5 @@
 """experiments/generation.sh end to end at toy scale: clean, two generators, samples, scores."""
+
 import hashlib
 import json
 import os
@@ -6,13 +7,14 @@ import shutil
 import subprocess
 import sys
 
+from conftest import REPO
 import pytest
 
-from conftest import REPO
-
-GENERATOR = ('--config.model.conditional=False --config.model.lq_concat=False '
-             '--config.model.lq_encoder=False --config.train.num_steps=2 '
-             '--config.train.ckpt_every=2 --config.generate.num_samples=6')
+GENERATOR = (
+  '--config.model.conditional=False --config.model.lq_concat=False '
+  '--config.model.lq_encoder=False --config.train.num_steps=2 '
+  '--config.train.ckpt_every=2 --config.generate.num_samples=6'
+)
 
 
 def _digest(folder):
@@ -31,17 +33,34 @@ def test_generation_script(tmp_path, celeba_dir, niqe_params_path):
   before = _digest(data)
   restorer = tmp_path / 'restorer'
   run = dict(cwd=REPO, capture_output=True, text=True, timeout=900)
-  out = subprocess.run([sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py',
-                        f'--workdir={restorer}', '--config.data.source=folder',
-                        f'--config.data.dir={data}', '--config.data.num_val=4'], **run)
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'idm_jax.main',
+      '--config=configs/test.py',
+      f'--workdir={restorer}',
+      '--config.data.source=folder',
+      f'--config.data.dir={data}',
+      '--config.data.num_val=4',
+    ],
+    **run,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  env = dict(os.environ, RESTORER=str(restorer), DATA=str(data), NIQE=str(niqe_params_path),
-             VAL='4', CONFIG='configs/test.py', EXTRA=GENERATOR,
-             CLEAN_EXTRA='--config.clean.fraction=0.25 --config.clean.steps=2')
+  env = dict(
+    os.environ,
+    RESTORER=str(restorer),
+    DATA=str(data),
+    NIQE=str(niqe_params_path),
+    VAL='4',
+    CONFIG='configs/test.py',
+    EXTRA=GENERATOR,
+    CLEAN_EXTRA='--config.clean.fraction=0.25 --config.clean.steps=2',
+  )
   work = tmp_path / 'gen'
   out = subprocess.run(['bash', 'experiments/generation.sh', str(work)], env=env, **run)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert _digest(data) == before   # the source is never written to
+  assert _digest(data) == before  # the source is never written to
   manifest = json.loads((work / 'cleaned' / 'manifest.json').read_text())
   assert manifest['counts'] == {'cleaned': 3, 'copied': 9, 'failed': 0}
   assert set(manifest['cleaned_niqe']) == {'before', 'after'}

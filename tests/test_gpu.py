@@ -1,15 +1,16 @@
 """Checks that only mean something on an accelerator (skipped on the CPU): bf16 numerics, fused
 attention, and the sharded paths on real devices. Run by bench/gpu_check.sh."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from idm_jax.inference import engine
+from idm_jax.models import unet
+from idm_jax.runtime import configlib
 from idm_jax.runtime import parallel
 from idm_jax.training import train
-from idm_jax.runtime import configlib
-from idm_jax.models import unet
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == 'cpu', reason='needs a GPU or TPU')
 
@@ -22,8 +23,12 @@ def _loss_after_steps(config, steps=3):
   r = config.data.resolution
   rng = np.random.default_rng(0)
   batch = parallel.local_batch_to_global(
-      {k: rng.integers(0, 256, (config.train.batch_size, r, r, 3), dtype=np.uint8)
-       for k in ('hq', 'lq')}, mesh)
+    {
+      k: rng.integers(0, 256, (config.train.batch_size, r, r, 3), dtype=np.uint8)
+      for k in ('hq', 'lq')
+    },
+    mesh,
+  )
   losses = []
   for _ in range(steps):
     state, m = step(state, batch)
@@ -65,6 +70,9 @@ def test_restorer_on_all_local_devices_is_deterministic(test_config):
   a = restorer.restore(lq, steps=3, seed=1)
   b = restorer.restore(lq, steps=3, seed=1)
   np.testing.assert_array_equal(a, b)
-  single = engine.Restorer(test_config, engine.random_params(model, seed=0),
-                              mesh=parallel.sampling_mesh(jax.local_devices()[:1])).restore(lq, steps=3, seed=1)
-  assert np.abs(a.astype(int) - single.astype(int)).max() <= 2   # cross-device float order
+  single = engine.Restorer(
+    test_config,
+    engine.random_params(model, seed=0),
+    mesh=parallel.sampling_mesh(jax.local_devices()[:1]),
+  ).restore(lq, steps=3, seed=1)
+  assert np.abs(a.astype(int) - single.astype(int)).max() <= 2  # cross-device float order

@@ -3,6 +3,7 @@
 Function-level imports count too: they hide a cycle from Python's start-up but not from a
 reader, and each one was added to dodge a cycle that a better layout removes.
 """
+
 import ast
 import pathlib
 
@@ -38,7 +39,7 @@ def import_graph(package: pathlib.Path = PACKAGE) -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ''
         if node.level:  # relative: resolve against this module's package
-          pkg = mod.split('.')[:len(mod.split('.')) - node.level + (path.name == '__init__.py')]
+          pkg = mod.split('.')[: len(mod.split('.')) - node.level + (path.name == '__init__.py')]
           base = '.'.join(pkg + ([base] if base else []))
         targets = [f'{base}.{a.name}' for a in node.names] + [base]
       for t in targets:
@@ -97,16 +98,24 @@ def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
 
 def test_no_import_cycles_in_the_package():
   cycles = find_cycles(import_graph())
-  assert not cycles, 'import cycles (each a group of modules that import each other): ' + \
-      '; '.join(' <-> '.join(c) for c in cycles)
+  assert not cycles, 'import cycles (each a group of modules that import each other): ' + '; '.join(
+    ' <-> '.join(c) for c in cycles
+  )
 
 
-@pytest.mark.parametrize('floor', ['idm_jax.diffusion', 'idm_jax.models', 'idm_jax.runtime.parallel',
-                                   'idm_jax.storage.files'])
+@pytest.mark.parametrize(
+  'floor',
+  ['idm_jax.diffusion', 'idm_jax.models', 'idm_jax.runtime.parallel', 'idm_jax.storage.files'],
+)
 def test_the_ground_floor_imports_nothing_above_it(floor):
   """The pure libraries (DESIGN.md's ground floor) depend only on each other."""
-  ground = ('idm_jax.diffusion', 'idm_jax.models', 'idm_jax.runtime.parallel', 'idm_jax.storage.files',
-            'idm_jax.runtime.tree_shapes')
+  ground = (
+    'idm_jax.diffusion',
+    'idm_jax.models',
+    'idm_jax.runtime.parallel',
+    'idm_jax.storage.files',
+    'idm_jax.runtime.tree_shapes',
+  )
   graph = import_graph()
   for mod, deps in graph.items():
     if mod == floor or mod.startswith(floor + '.'):
@@ -117,13 +126,13 @@ def test_the_ground_floor_imports_nothing_above_it(floor):
 # The folders' floors, bottom up (docs/DESIGN.md, "Layout"): a package imports only from its own
 # floor's packages and from those below. The top-level modules are the commands.
 FLOORS = (
-    ('storage', 'models', 'diffusion'),
-    ('runtime',),
-    ('data', 'metrics'),
-    ('training',),
-    ('inference',),
-    ('extrinsic', 'aot'),
-    ('score', 'restore', 'app', 'main'),
+  ('storage', 'models', 'diffusion'),
+  ('runtime',),
+  ('data', 'metrics'),
+  ('training',),
+  ('inference',),
+  ('extrinsic', 'aot'),
+  ('score', 'restore', 'app', 'main'),
 )
 
 
@@ -138,12 +147,20 @@ def test_every_package_has_a_floor():
 
 def test_packages_import_only_their_floor_and_below():
   floor_of = {p: i for i, floor in enumerate(FLOORS) for p in floor}
-  upward = sorted(f'{m} -> {d}' for m, deps in import_graph().items() for d in deps
-                  if floor_of[package_of(d)] > floor_of[package_of(m)])
+  upward = sorted(
+    f'{m} -> {d}'
+    for m, deps in import_graph().items()
+    for d in deps
+    if floor_of[package_of(d)] > floor_of[package_of(m)]
+  )
   assert not upward, 'imports from a higher floor: ' + '; '.join(upward)
 
 
 def test_packages_of_one_floor_do_not_import_each_other_both_ways():
-  pairs = {(package_of(m), package_of(d)) for m, deps in import_graph().items() for d in deps
-           if package_of(m) != package_of(d)}
+  pairs = {
+    (package_of(m), package_of(d))
+    for m, deps in import_graph().items()
+    for d in deps
+    if package_of(m) != package_of(d)
+  }
   assert not [(a, b) for a, b in pairs if (b, a) in pairs and a < b]

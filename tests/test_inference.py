@@ -1,17 +1,18 @@
 """Restorer: shapes, determinism, per-example seeds, the fidelity and guidance knobs, sharding."""
+
 import json
 import os
 import subprocess
 import sys
 
+from conftest import REPO
+from conftest import load_config
 import numpy as np
 import pytest
 
 from idm_jax.inference import engine
 from idm_jax.models import unet
 from idm_jax.runtime import configlib
-
-from conftest import REPO, load_config
 
 
 def _restorer(config, seed=0):
@@ -40,7 +41,7 @@ def _diff(a, b):
 
 def test_restore_shape_dtype_and_determinism(restorer, lq, restored):
   assert restored.shape == lq.shape and restored.dtype == np.uint8
-  assert restored.std() > 10          # random params: a non-trivial output, not a constant
+  assert restored.std() > 10  # random params: a non-trivial output, not a constant
   again = restorer.restore(lq, seed=1)
   np.testing.assert_array_equal(again, restored)
   other_seed = restorer.restore(lq, seed=2)
@@ -80,7 +81,7 @@ def test_bad_inputs_raise(restorer, lq):
   with pytest.raises(ValueError, match=r'\(B, 32, 32, 3\)'):
     restorer.restore(np.zeros((2, 16, 16, 3), np.uint8))
   with pytest.raises(ValueError, match='t_start'):
-    restorer.restore(lq, t_start=0.)
+    restorer.restore(lq, t_start=0.0)
   with pytest.raises(ValueError, match='sampler'):
     restorer.restore(lq, sampler='euler')
   with pytest.raises(ValueError, match='seed'):
@@ -107,12 +108,12 @@ def test_generate_unconditional_is_batching_independent():
   assert three.std() > 10
   last = r.generate(1, seed=4, batch_size=2, index_offset=2)
   assert _diff(last[0], three[2]).max() <= 1
-  assert _diff(three[0], three[1]).mean() > 5   # different samples, not one repeated
+  assert _diff(three[0], three[1]).mean() > 5  # different samples, not one repeated
   with pytest.raises(ValueError, match='conditional'):
     r.restore(np.zeros((1, 32, 32, 3), np.uint8))
 
 
-_SHARDED_SCRIPT = r'''
+_SHARDED_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -126,14 +127,19 @@ r = engine.Restorer(config, engine.random_params(
 lq = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 out = r.restore(lq, seed=1)   # 3 examples padded to 4 devices
 print(json.dumps(dict(n=r.mesh.size, out=out.tolist())))
-'''
+"""
 
 
 def test_sharded_over_four_devices_matches_one_device(restored):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, str(REPO / 'tests')],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+    [sys.executable, '-c', _SHARDED_SCRIPT, str(REPO / 'tests')],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['n'] == 4
@@ -146,8 +152,10 @@ def test_residual_model_at_init_returns_its_input_and_learns_hq_minus_lq():
   """Zero-initialised output layers: a residual x0 model restores to the LQ exactly, and its
   training loss is the mean square of hq - lq (a plain model's would be that of hq)."""
   import jax
+
   from idm_jax.runtime import configlib
   from idm_jax.training import train
+
   config = load_config('test')
   config.diffusion.update(residual=True, parameterization='x0')
   model = configlib.build_model(config.model, config.data.resolution)

@@ -7,6 +7,7 @@ really run; tests/fake_trainer.py stands in for the training interpreter where t
 own behaviour is not the point, and the real trainer (configs/test.py, a bucket on the local GCS
 server) runs the exact remote command where it is.
 """
+
 import json
 import os
 import pathlib
@@ -35,9 +36,20 @@ NO_REAPER = pathlib.Path(__file__).with_name('no_reaper.py')
 CLI_MODULES = {'main', 'aot', 'data.prepare', 'data.make_testset', 'restore'}
 
 TRICKY = "--config.data.dir=/tmp/my faces/it's $(touch PWNED)"
-BASE_ARGS = ['--name', 'idm-test-pod', '--zone', 'us-central2-b', '--accelerator-type', 'v4-32',
-             '--repo', 'https://example.com/idm_jax.git', '--workdir', 'gs://bucket/runs/ffhq',
-             '--project', 'my-proj']
+BASE_ARGS = [
+  '--name',
+  'idm-test-pod',
+  '--zone',
+  'us-central2-b',
+  '--accelerator-type',
+  'v4-32',
+  '--repo',
+  'https://example.com/idm_jax.git',
+  '--workdir',
+  'gs://bucket/runs/ffhq',
+  '--project',
+  'my-proj',
+]
 OVERRIDES = ['--config.train.batch_size=64', TRICKY]
 FAST = ['--poll-seconds', '1', '--log-copy-seconds', '1']
 
@@ -53,34 +65,57 @@ class Pod:
 
   def __init__(self, tmp_path):
     self.root = tmp_path
-    self.state = tmp_path / 'gcloud_state'     # calls.jsonl, slice.json, slice-N/worker-I
-    self.bucket = tmp_path / 'bucket'          # gs://B/P is bucket/B/P (fake_trainer.py)
+    self.state = tmp_path / 'gcloud_state'  # calls.jsonl, slice.json, slice-N/worker-I
+    self.bucket = tmp_path / 'bucket'  # gs://B/P is bucket/B/P (fake_trainer.py)
     self.logs = tmp_path / 'logs'
     bindir = tmp_path / 'bin'
     venv = tmp_path / 'venv'
     repo = tmp_path / 'repo'
     for d in (self.state, self.bucket, bindir, venv / 'bin', repo):
       d.mkdir(parents=True)
-    _write_exe(bindir / 'gcloud',
-               f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
-               f'{shlex.quote(str(FAKE_GCLOUD))} "$@"\n')
-    _write_exe(venv / 'bin' / 'python',
-               f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
-               f'{shlex.quote(str(FAKE_TRAINER))} "$@"\n')
-    self.env = dict(os.environ, PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}',
-                    FAKE_GCLOUD_DIR=str(self.state), FAKE_GCLOUD_REPO=str(repo),
-                    FAKE_GCLOUD_VENV=str(venv), FAKE_BUCKET=str(self.bucket))
+    _write_exe(
+      bindir / 'gcloud',
+      f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
+      f'{shlex.quote(str(FAKE_GCLOUD))} "$@"\n',
+    )
+    _write_exe(
+      venv / 'bin' / 'python',
+      f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} '
+      f'{shlex.quote(str(FAKE_TRAINER))} "$@"\n',
+    )
+    self.env = dict(
+      os.environ,
+      PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}',
+      FAKE_GCLOUD_DIR=str(self.state),
+      FAKE_GCLOUD_REPO=str(repo),
+      FAKE_GCLOUD_VENV=str(venv),
+      FAKE_BUCKET=str(self.bucket),
+    )
     for k in list(self.env):
-      if k.startswith(('FAKE_GCLOUD_PREEMPT', 'FAKE_GCLOUD_MAINTENANCE', 'FAKE_GCLOUD_FAIL',
-                       'FAKE_TRAIN_', 'FAKE_GCLOUD_WORKERS', 'IDM_JAX_WORKER')):
+      if k.startswith(
+        (
+          'FAKE_GCLOUD_PREEMPT',
+          'FAKE_GCLOUD_MAINTENANCE',
+          'FAKE_GCLOUD_FAIL',
+          'FAKE_TRAIN_',
+          'FAKE_GCLOUD_WORKERS',
+          'IDM_JAX_WORKER',
+        )
+      ):
         del self.env[k]
 
   def run(self, args, timeout=120, reaper=True, **env):
     """The script to its end. reaper=False: under a parent that adopts the runners when their
     ssh ends and never reaps them (tests/no_reaper.py), as PID 1 of some containers."""
     prefix = [] if reaper else [sys.executable, str(NO_REAPER)]
-    return subprocess.run([*prefix, 'bash', str(TPU_POD), *args], env=dict(self.env, **env),
-                          cwd=self.root, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+      [*prefix, 'bash', str(TPU_POD), *args],
+      env=dict(self.env, **env),
+      cwd=self.root,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
 
   def start(self, args, **env):
     """The script in the background, its output in files (a laptop's terminal). It starts with
@@ -88,9 +123,15 @@ class Pod:
     `nohup` (bash cannot trap a signal ignored when it started: the lost-laptop tests' hang-up
     would go unseen)."""
     out = open(self.root / 'script.out', 'w')
-    return subprocess.Popen(['bash', str(TPU_POD), *args], env=dict(self.env, **env),
-                            cwd=self.root, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_as_from_a_terminal)
+    return subprocess.Popen(
+      ['bash', str(TPU_POD), *args],
+      env=dict(self.env, **env),
+      cwd=self.root,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      text=True,
+      preexec_fn=_as_from_a_terminal,
+    )
 
   def calls(self):
     log = self.state / 'calls.jsonl'
@@ -132,7 +173,7 @@ def _kill_group(pid_file):
 def pod(tmp_path):
   p = Pod(tmp_path)
   yield p
-  p.kill_leftovers()   # a failed test must not leave a detached job behind
+  p.kill_leftovers()  # a failed test must not leave a detached job behind
 
 
 def _kind(argv):
@@ -164,7 +205,7 @@ def _option(argv, name):
     if a == name:
       return argv[i + 1]
     if a.startswith(name + '='):
-      return a[len(name) + 1:]
+      return a[len(name) + 1 :]
   raise AssertionError(f'{name} not in {argv}')
 
 
@@ -183,8 +224,13 @@ def _printed(stdout):
 
 
 def _dry_run_command(kind, args, env=None):
-  r = subprocess.run(['bash', str(TPU_POD), '--dry-run', *args], env=env or dict(os.environ),
-                     capture_output=True, text=True, timeout=30)
+  r = subprocess.run(
+    ['bash', str(TPU_POD), '--dry-run', *args],
+    env=env or dict(os.environ),
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert r.returncode == 0, r.stderr
   return next(_option(a, '--command') for a in _printed(r.stdout) if _kind(a) == kind)
 
@@ -213,6 +259,7 @@ def _alive(pid):
 # ------------------------------------------------------------------------------------------------
 # Syntax.
 
+
 @pytest.mark.parametrize('script', [TPU_POD, SBATCH], ids=lambda p: p.name)
 def test_bash_syntax(script):
   r = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True, timeout=30)
@@ -220,32 +267,52 @@ def test_bash_syntax(script):
   assert script.read_text().startswith('#!/usr/bin/env bash\n')
 
 
-SHELL_SCRIPTS = sorted([*LAUNCH.parent.glob('launch/*.sh'), *LAUNCH.parent.glob('bench/*.sh'),
-                        *LAUNCH.parent.glob('experiments/*.sh'),
-                        SBATCH, LAUNCH.parent / '.ci' / 'run'])
+SHELL_SCRIPTS = sorted(
+  [
+    *LAUNCH.parent.glob('launch/*.sh'),
+    *LAUNCH.parent.glob('bench/*.sh'),
+    *LAUNCH.parent.glob('experiments/*.sh'),
+    SBATCH,
+    LAUNCH.parent / '.ci' / 'run',
+  ]
+)
 
 
-@pytest.mark.parametrize('script', SHELL_SCRIPTS,
-                         ids=lambda p: str(p.relative_to(LAUNCH.parent)))
+@pytest.mark.parametrize('script', SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH.parent)))
 def test_shellcheck(script):
   if shutil.which('shellcheck') is None:
     pytest.skip('shellcheck not installed')
-  r = subprocess.run(['shellcheck', '--shell=bash', '--severity=warning', str(script)],
-                     capture_output=True, text=True, timeout=60)
+  r = subprocess.run(
+    ['shellcheck', '--shell=bash', '--severity=warning', str(script)],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
 # tpu_pod.sh: commands, arguments, defaults (--dry-run and the fake slice)
 
+
 def test_tpu_pod_dry_run_prints_steps_in_order_without_calling_gcloud(pod):
-  r = pod.run([*BASE_ARGS, '--spot', '--data-dir', 'gs://bucket/tfds', '--dry-run', '--',
-               *OVERRIDES])
+  r = pod.run(
+    [*BASE_ARGS, '--spot', '--data-dir', 'gs://bucket/tfds', '--dry-run', '--', *OVERRIDES]
+  )
   assert r.returncode == 0, r.stderr
   assert pod.calls() == []
   printed = _printed(r.stdout)
-  assert [_kind(a) for a in printed] == ['create', 'install', 'preflight', 'start', 'describe',
-                                         'follow', 'status', 'scp', 'delete']
+  assert [_kind(a) for a in printed] == [
+    'create',
+    'install',
+    'preflight',
+    'start',
+    'describe',
+    'follow',
+    'status',
+    'scp',
+    'delete',
+  ]
   for argv in printed:
     _check_common(argv)
   create, install, preflight, start, *_, scp, delete = printed
@@ -269,32 +336,43 @@ def test_tpu_pod_dry_run_prints_steps_in_order_without_calling_gcloud(pod):
   assert start_words[start_words.index('setsid') + 1] == 'nohup'
   i = start_words.index('idm_jax.main')
   assert start_words[i - 1] == '-m'
-  args = start_words[i + 1:start_words.index('<', i)]
-  assert args == ['--config=configs/ffhq.py', '--workdir=gs://bucket/runs/ffhq',
-                  '--config.data.source=tfds', '--config.data.tfds_data_dir=gs://bucket/tfds',
-                  *OVERRIDES]
+  args = start_words[i + 1 : start_words.index('<', i)]
+  assert args == [
+    '--config=configs/ffhq.py',
+    '--workdir=gs://bucket/runs/ffhq',
+    '--config.data.source=tfds',
+    '--config.data.tfds_data_dir=gs://bucket/tfds',
+    *OVERRIDES,
+  ]
 
   # The preflight: worker 0 compiles for the accelerator type with the config's overrides.
   assert _option(preflight, '--worker') == '0'
   words = shlex.split(_option(preflight, '--command'))
   i = words.index('idm_jax.aot')
-  assert words[i + 1:words.index('2>&1')] == [
-      '--config=configs/ffhq.py', '--topology=v4-32', '--config.data.source=tfds',
-      '--config.data.tfds_data_dir=gs://bucket/tfds', *OVERRIDES]
+  assert words[i + 1 : words.index('2>&1')] == [
+    '--config=configs/ffhq.py',
+    '--topology=v4-32',
+    '--config.data.source=tfds',
+    '--config.data.tfds_data_dir=gs://bucket/tfds',
+    *OVERRIDES,
+  ]
 
   assert _option(scp, '--worker') == '0'
   assert scp[4] == 'idm-test-pod:idm_jax_train.log'
   assert '--quiet' in delete
 
 
-@pytest.mark.parametrize('accelerator, version, autocheckpoint', [
+@pytest.mark.parametrize(
+  'accelerator, version, autocheckpoint',
+  [
     ('v4-8', 'tpu-ubuntu2204-base', True),
     ('v4-32', 'tpu-ubuntu2204-base', True),
     ('v3-8', 'tpu-ubuntu2204-base', True),
     ('v5litepod-16', 'v2-alpha-tpuv5-lite', True),
     ('v5p-8', 'v2-alpha-tpuv5', False),
     ('v6e-8', 'v2-alpha-tpuv6e', False),
-])
+  ],
+)
 def test_tpu_pod_version_defaults_per_accelerator_type(pod, accelerator, version, autocheckpoint):
   """The runtime Google documents for the generation (cloud.google.com/tpu/docs/runtimes); the
   maintenance SIGTERM (Autocheckpoint) where it exists (v2-v4, v5e)."""
@@ -304,9 +382,11 @@ def test_tpu_pod_version_defaults_per_accelerator_type(pod, accelerator, version
   assert ('--autocheckpoint-enabled' in create) == autocheckpoint
   assert (create[0] == 'alpha') == autocheckpoint
   # An explicit --version wins; --no-autocheckpoint leaves the GA command.
-  create = next(a for a in _printed(pod.run([*args, '--version', 'my-runtime',
-                                             '--no-autocheckpoint']).stdout)
-                if _kind(a) == 'create')
+  create = next(
+    a
+    for a in _printed(pod.run([*args, '--version', 'my-runtime', '--no-autocheckpoint']).stdout)
+    if _kind(a) == 'create'
+  )
   assert _option(create, '--version') == 'my-runtime'
   assert create[:3] == ['compute', 'tpus', 'tpu-vm'] and '--autocheckpoint-enabled' not in create
 
@@ -315,15 +395,18 @@ def test_tpu_pod_unknown_accelerator_type_needs_a_version(pod):
   r = pod.run([*BASE_ARGS, '--accelerator-type', 'x9-8', '--dry-run'])
   assert r.returncode == 2
   assert "no default --version for accelerator type 'x9-8'" in r.stderr
-  assert pod.run([*BASE_ARGS, '--accelerator-type', 'x9-8', '--version', 'v', '--dry-run']
-                 ).returncode == 0
+  assert (
+    pod.run([*BASE_ARGS, '--accelerator-type', 'x9-8', '--version', 'v', '--dry-run']).returncode
+    == 0
+  )
 
 
-@pytest.mark.parametrize('missing', ['--name', '--zone', '--accelerator-type', '--repo',
-                                     '--workdir'])
+@pytest.mark.parametrize(
+  'missing', ['--name', '--zone', '--accelerator-type', '--repo', '--workdir']
+)
 def test_tpu_pod_requires_arguments(pod, missing):
   i = BASE_ARGS.index(missing)
-  args = BASE_ARGS[:i] + BASE_ARGS[i + 2:]
+  args = BASE_ARGS[:i] + BASE_ARGS[i + 2 :]
   r = pod.run([*args, '--dry-run'])
   assert r.returncode != 0
   assert 'usage:' in r.stderr and f'{missing} is required' in r.stderr
@@ -331,12 +414,15 @@ def test_tpu_pod_requires_arguments(pod, missing):
   assert pod.calls() == []
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--workdir', '/local/dir'], 'gs://'),
     (['--bogus'], 'unknown option'),
     (['--zone'], '--zone needs a value'),
     (['--max-restarts', 'many'], '--max-restarts must be a whole number'),
-])
+  ],
+)
 def test_tpu_pod_rejects_bad_arguments(pod, args, message):
   r = pod.run([*BASE_ARGS, '--dry-run', *args])
   assert r.returncode != 0
@@ -347,16 +433,41 @@ def test_tpu_pod_rejects_bad_arguments(pod, args, message):
 def test_tpu_pod_help():
   r = subprocess.run(['bash', str(TPU_POD), '--help'], capture_output=True, text=True, timeout=30)
   assert r.returncode == 0
-  for option in ('--name', '--zone', '--accelerator-type', '--version', '--project', '--repo',
-                 '--config', '--workdir', '--data-dir', '--spot', '--keep', '--dry-run',
-                 '--skip-preflight', '--attach', '--stop', '--max-restarts',
-                 '--no-autocheckpoint'):
+  for option in (
+    '--name',
+    '--zone',
+    '--accelerator-type',
+    '--version',
+    '--project',
+    '--repo',
+    '--config',
+    '--workdir',
+    '--data-dir',
+    '--spot',
+    '--keep',
+    '--dry-run',
+    '--skip-preflight',
+    '--attach',
+    '--stop',
+    '--max-restarts',
+    '--no-autocheckpoint',
+  ):
     assert option in r.stdout
 
 
 def test_tpu_pod_stop_needs_only_the_slice(pod):
-  r = pod.run(['--stop', '--name', 'idm-test-pod', '--zone', 'us-central2-b', '--project',
-               'my-proj', '--dry-run'])
+  r = pod.run(
+    [
+      '--stop',
+      '--name',
+      'idm-test-pod',
+      '--zone',
+      'us-central2-b',
+      '--project',
+      'my-proj',
+      '--dry-run',
+    ]
+  )
   assert r.returncode == 0, r.stderr
   printed = _printed(r.stdout)
   assert [_kind(a) for a in printed] == ['stop', 'status', 'scp', 'delete']
@@ -368,40 +479,54 @@ def test_tpu_pod_stop_needs_only_the_slice(pod):
 # ------------------------------------------------------------------------------------------------
 # tpu_pod.sh: the detached job on the fake slice
 
+
 def test_tpu_pod_start_command_detaches_with_exact_args(pod):
   """The printed start command, run in bash in a worker's home: it returns at once while the
   trainer runs on in its own session with exactly the intended argv (no word splitting, no
   command substitution); a SIGTERM to the trainer ends in a saved step, recorded as such, and
   the log lands in the bucket."""
-  command = _dry_run_command('start', [*BASE_ARGS, '--log-copy-seconds', '1', '--', *OVERRIDES],
-                             pod.env)
+  command = _dry_run_command(
+    'start', [*BASE_ARGS, '--log-copy-seconds', '1', '--', *OVERRIDES], pod.env
+  )
   home = pod.root / 'home'
   home.mkdir()
   (home / 'idm_jax').symlink_to(pod.root / 'repo')
   (home / 'idm_venv').symlink_to(pod.root / 'venv')
-  env = dict(pod.env, HOME=str(home), IDM_JAX_WORKER='0', FAKE_TRAIN_STEPS='100000',
-             FAKE_TRAIN_STEP_SECONDS='0.05')
+  env = dict(
+    pod.env,
+    HOME=str(home),
+    IDM_JAX_WORKER='0',
+    FAKE_TRAIN_STEPS='100000',
+    FAKE_TRAIN_STEP_SECONDS='0.05',
+  )
   try:
     t0 = time.time()
-    r = subprocess.run(['bash', '-c', command], env=env, cwd=pod.root, capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+      ['bash', '-c', command], env=env, cwd=pod.root, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0, r.stderr
     assert 'idm_jax: started on worker 0' in r.stdout
-    assert time.time() - t0 < 10   # it only starts the job
+    assert time.time() - t0 < 10  # it only starts the job
     run_dir = home / 'idm_jax_run'
     _wait_for(lambda: (run_dir / 'pid').exists() and pod.trainer_runs(), 30, 'the trainer')
     trainer = int((run_dir / 'pid').read_text())
     runner = int((run_dir / 'runner_pid').read_text())
-    assert _alive(trainer) and os.getsid(runner) == runner != os.getsid(0)   # its own session
+    assert _alive(trainer) and os.getsid(runner) == runner != os.getsid(0)  # its own session
     got = pod.trainer_runs()[0]
-    assert got['argv'] == ['-m', 'idm_jax.main', '--config=configs/ffhq.py',
-                           '--workdir=gs://bucket/runs/ffhq', *OVERRIDES]
+    assert got['argv'] == [
+      '-m',
+      'idm_jax.main',
+      '--config=configs/ffhq.py',
+      '--workdir=gs://bucket/runs/ffhq',
+      *OVERRIDES,
+    ]
     assert pathlib.Path(got['cwd']).resolve() == (pod.root / 'repo').resolve()
     assert not list(pod.root.rglob('PWNED'))
     assert (run_dir / 'state').read_text().split() == ['running', '-', '-']
     # A second start while it runs starts nothing.
-    r = subprocess.run(['bash', '-c', command], env=env, cwd=pod.root, capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+      ['bash', '-c', command], env=env, cwd=pod.root, capture_output=True, text=True, timeout=30
+    )
     assert 'already running' in r.stdout and len(pod.trainer_runs()) == 1
 
     _wait_for(lambda: 'step 3' in (home / 'idm_jax_train.log').read_text(), 30, 'step 3')
@@ -418,8 +543,9 @@ def test_tpu_pod_start_command_detaches_with_exact_args(pod):
 
 
 def test_tpu_pod_runs_to_the_end_on_every_worker(pod):
-  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs), '--', *OVERRIDES],
-              FAKE_GCLOUD_WORKERS='2')
+  r = pod.run(
+    [*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs), '--', *OVERRIDES], FAKE_GCLOUD_WORKERS='2'
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   kinds = pod.kinds()
   assert kinds[:4] == ['create', 'install', 'preflight', 'start']
@@ -429,17 +555,16 @@ def test_tpu_pod_runs_to_the_end_on_every_worker(pod):
     _check_common(argv)
   assert sorted(r['worker'] for r in pod.trainer_runs()) == ['0', '1']
   assert pod.saved_step() == 3
-  for worker in (0, 1):   # every worker's log, in the bucket
+  for worker in (0, 1):  # every worker's log, in the bucket
     log = (pod.bucket / f'bucket/runs/ffhq/logs/worker-{worker}.log').read_text()
     assert log.startswith('training output\n') and 'step 3' in log
-  assert 'step 3' in r.stdout   # followed on the laptop
+  assert 'step 3' in r.stdout  # followed on the laptop
   assert 'training finished' in r.stderr
   assert (pod.logs / 'idm_jax_train.log').read_text().endswith('step 3\n')
 
 
 def test_tpu_pod_failed_training_still_copies_logs_and_deletes(pod):
-  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs), '--', *OVERRIDES],
-              FAKE_TRAIN_RC='7')
+  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs), '--', *OVERRIDES], FAKE_TRAIN_RC='7')
   assert r.returncode == 7, (r.stdout, r.stderr)
   kinds = pod.kinds()
   assert kinds[:4] == ['create', 'install', 'preflight', 'start'] and kinds.count('start') == 1
@@ -466,8 +591,10 @@ def test_tpu_pod_failed_preflight_stops_before_training_and_deletes(pod):
 
 
 def test_tpu_pod_skip_preflight(pod):
-  r = pod.run([*BASE_ARGS, *FAST, '--skip-preflight', '--logs-dir', str(pod.logs)],
-              FAKE_GCLOUD_FAIL_PREFLIGHT='1')
+  r = pod.run(
+    [*BASE_ARGS, *FAST, '--skip-preflight', '--logs-dir', str(pod.logs)],
+    FAKE_GCLOUD_FAIL_PREFLIGHT='1',
+  )
   assert r.returncode == 0, r.stderr
   assert pod.kinds()[:3] == ['create', 'install', 'start']
   assert 'preflight' not in pod.kinds()
@@ -477,11 +604,18 @@ def test_tpu_pod_failed_create_does_not_delete(tmp_path):
   bindir = tmp_path / 'bin'
   bindir.mkdir()
   log = tmp_path / 'calls.txt'
-  _write_exe(bindir / 'gcloud', f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n'
-                                'exit 3\n')
+  _write_exe(
+    bindir / 'gcloud', f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\nexit 3\n'
+  )
   env = dict(os.environ, PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}')
-  r = subprocess.run(['bash', str(TPU_POD), *BASE_ARGS], env=env, cwd=tmp_path,
-                     capture_output=True, text=True, timeout=30)
+  r = subprocess.run(
+    ['bash', str(TPU_POD), *BASE_ARGS],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert r.returncode == 3
   lines = log.read_text().splitlines()
   assert len(lines) == 1 and lines[0].startswith('alpha compute tpus tpu-vm create idm-test-pod')
@@ -490,17 +624,22 @@ def test_tpu_pod_failed_create_does_not_delete(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # tpu_pod.sh: preemption, maintenance, a lost laptop, --attach, --stop
 
+
 def test_tpu_pod_preempted_spot_slice_is_recreated_and_resumed(pod):
   """The fake slice is preempted once while training (its trainers get SIGTERM, save, and the
   slice turns PREEMPTED): the script deletes it, creates a new one, installs, starts the job
   again, which resumes from the bucket's checkpoint and finishes."""
-  r = pod.run([*BASE_ARGS, *FAST, '--spot', '--logs-dir', str(pod.logs)],
-              FAKE_GCLOUD_PREEMPT='once', FAKE_GCLOUD_WORKERS='2', FAKE_TRAIN_STEPS='8')
+  r = pod.run(
+    [*BASE_ARGS, *FAST, '--spot', '--logs-dir', str(pod.logs)],
+    FAKE_GCLOUD_PREEMPT='once',
+    FAKE_GCLOUD_WORKERS='2',
+    FAKE_TRAIN_STEPS='8',
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   kinds = pod.kinds()
   first = kinds.index('delete')
   assert kinds[:4] == ['create', 'install', 'preflight', 'start']
-  assert kinds[first:first + 4] == ['delete', 'create', 'install', 'start']  # no second preflight
+  assert kinds[first : first + 4] == ['delete', 'create', 'install', 'start']  # no second preflight
   assert kinds.count('create') == 2 and kinds[-1] == 'delete'
   assert 'the slice is PREEMPTED: deleting it' in r.stderr
   assert 'creating the slice again (restart 1 of 5)' in r.stderr
@@ -523,29 +662,38 @@ REAPERS = pytest.mark.parametrize('reaper', [True, False], ids=['reaped', 'zombi
 
 @REAPERS
 def test_tpu_pod_restarts_are_bounded(pod, reaper):
-  r = pod.run([*BASE_ARGS, *FAST, '--spot', '--max-restarts', '2', '--logs-dir', str(pod.logs)],
-              reaper=reaper, FAKE_GCLOUD_PREEMPT='always', FAKE_TRAIN_STEPS='100000',
-              FAKE_TRAIN_STEP_SECONDS='0.05')
+  r = pod.run(
+    [*BASE_ARGS, *FAST, '--spot', '--max-restarts', '2', '--logs-dir', str(pod.logs)],
+    reaper=reaper,
+    FAKE_GCLOUD_PREEMPT='always',
+    FAKE_TRAIN_STEPS='100000',
+    FAKE_TRAIN_STEP_SECONDS='0.05',
+  )
   assert r.returncode == 1, r.stdout + r.stderr
   kinds = pod.kinds()
   assert kinds.count('create') == 3 and kinds.count('start') == 3
   assert kinds.count('delete') == 3 and not (pod.state / 'slice.json').exists()
   assert '--max-restarts=2 restarts are used up' in r.stderr
-  assert not any(_alive(int(p.read_text()))
-                 for p in pod.state.glob('slice-*/worker-*/idm_jax_run/runner_pid'))
+  assert not any(
+    _alive(int(p.read_text())) for p in pod.state.glob('slice-*/worker-*/idm_jax_run/runner_pid')
+  )
 
 
 @REAPERS
 def test_tpu_pod_stop_nobody_asked_for_restarts_on_the_same_slice(pod, reaper):
   """A SIGTERM on the workers while the slice stays READY (a maintenance notice): the job saved
   and stopped unfinished, so it is started again on the same slice and resumes."""
-  r = pod.run([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs)], reaper=reaper,
-              FAKE_GCLOUD_MAINTENANCE='once', FAKE_TRAIN_STEPS='8')
+  r = pod.run(
+    [*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs)],
+    reaper=reaper,
+    FAKE_GCLOUD_MAINTENANCE='once',
+    FAKE_TRAIN_STEPS='8',
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   kinds = pod.kinds()
   assert kinds.count('create') == 1 and kinds.count('start') == 2
   assert 'the job stopped unfinished; starting it again (restart 1 of 5)' in r.stderr
-  assert re.search(r'^idm_jax_status 0 stopped 0 \d+ -$', r.stderr, re.M)   # saved, not asked
+  assert re.search(r'^idm_jax_status 0 stopped 0 \d+ -$', r.stderr, re.M)  # saved, not asked
   assert pod.saved_step() == 8 and len(pod.trainer_runs()) == 2
 
 
@@ -583,11 +731,25 @@ def test_tpu_pod_lost_laptop_leaves_the_job_and_attach_follows_it_to_the_end(pod
 
 
 def test_tpu_pod_stop_saves_a_step_and_deletes_the_slice(pod):
-  trainer = _launch_and_lose_the_laptop(pod, FAKE_GCLOUD_WORKERS='2', FAKE_TRAIN_STEPS='100000',
-                                        FAKE_TRAIN_STEP_SECONDS='0.05')
+  trainer = _launch_and_lose_the_laptop(
+    pod, FAKE_GCLOUD_WORKERS='2', FAKE_TRAIN_STEPS='100000', FAKE_TRAIN_STEP_SECONDS='0.05'
+  )
   n = len(pod.calls())
-  r = pod.run(['--stop', '--name', 'idm-test-pod', '--zone', 'us-central2-b', '--project',
-               'my-proj', '--logs-dir', str(pod.logs), '--poll-seconds', '1'])
+  r = pod.run(
+    [
+      '--stop',
+      '--name',
+      'idm-test-pod',
+      '--zone',
+      'us-central2-b',
+      '--project',
+      'my-proj',
+      '--logs-dir',
+      str(pod.logs),
+      '--poll-seconds',
+      '1',
+    ]
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   kinds = pod.kinds()[n:]
   assert kinds[0] == 'stop' and kinds[-2:] == ['scp', 'delete']
@@ -595,7 +757,7 @@ def test_tpu_pod_stop_saves_a_step_and_deletes_the_slice(pod):
   assert step and f'step {step} saved' in r.stderr
   assert not _alive(trainer)
   states = [(h / 'idm_jax_run' / 'state').read_text().split() for h in pod.homes()]
-  assert states[0] == ['stopped', '0', str(step)]   # worker 0's step is the one saved
+  assert states[0] == ['stopped', '0', str(step)]  # worker 0's step is the one saved
   assert [s[:2] for s in states] == [['stopped', '0']] * 2
   assert f'stopped at step {step} after SIGTERM' in (pod.logs / 'idm_jax_train.log').read_text()
 
@@ -608,25 +770,47 @@ def test_tpu_pod_attach_to_a_missing_slice_fails(pod):
 # ------------------------------------------------------------------------------------------------
 # The real trainer under the pod's remote command, and behind a lost terminal.
 
-STOPPABLE = ['--config.train.num_steps=100000', '--config.train.ckpt_every=100000',
-             '--config.train.sample_every=100000']
+STOPPABLE = [
+  '--config.train.num_steps=100000',
+  '--config.train.ckpt_every=100000',
+  '--config.train.sample_every=100000',
+]
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_pod_remote_command_runs_the_trainer_detached_and_a_signal_saves_a_step(
-    tmp_path, gcs_bucket, sig):
+  tmp_path, gcs_bucket, sig
+):
   """The exact start command the script sends to every worker, run under bash in a worker's
   home, with the real trainer (configs/test.py) and its workdir in a bucket on the local GCS
   server: the command returns while the trainer runs on; SIGTERM (a preemption or maintenance
   notice, --stop) or SIGHUP (a lost session) ends it with a saved step and exit 0, and the
   runner records that step and copies the log to WORKDIR/logs/worker-0.log."""
-  from idm_jax.training import checkpoints
   from idm_jax.storage import files
+  from idm_jax.training import checkpoints
+
   workdir = f'{gcs_bucket}/run'
-  command = _dry_run_command('start', [
-      '--name', 'p', '--zone', 'z', '--accelerator-type', 'v4-8', '--repo', 'r',
-      '--workdir', workdir, '--config', 'configs/test.py', '--log-copy-seconds', '5', '--',
-      *STOPPABLE])
+  command = _dry_run_command(
+    'start',
+    [
+      '--name',
+      'p',
+      '--zone',
+      'z',
+      '--accelerator-type',
+      'v4-8',
+      '--repo',
+      'r',
+      '--workdir',
+      workdir,
+      '--config',
+      'configs/test.py',
+      '--log-copy-seconds',
+      '5',
+      '--',
+      *STOPPABLE,
+    ],
+  )
   home = tmp_path / 'home'
   home.mkdir()
   (home / 'idm_jax').symlink_to(REPO)
@@ -636,11 +820,13 @@ def test_pod_remote_command_runs_the_trainer_detached_and_a_signal_saves_a_step(
   log = home / 'idm_jax_train.log'
   env = dict(os.environ, HOME=str(home), IDM_JAX_WORKER='0')
   try:
-    r = subprocess.run(['bash', '-c', command], env=env, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+      ['bash', '-c', command], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
-    _wait_for(lambda: log.exists() and re.search(r'step 2: ', log.read_text()), 600,
-              'two training steps')
+    _wait_for(
+      lambda: log.exists() and re.search(r'step 2: ', log.read_text()), 600, 'two training steps'
+    )
     trainer = int((run_dir / 'pid').read_text())
     runner = int((run_dir / 'runner_pid').read_text())
     os.kill(trainer, sig)
@@ -661,22 +847,33 @@ def test_lost_terminal_does_not_kill_the_trainer_before_its_save(tmp_path):
   progress bar and log lines meet a broken pipe, then SIGHUP comes. It saves a step and exits
   0 instead of dying of the broken pipe (tqdm raises EPIPE) or of the hang-up."""
   from idm_jax.training import checkpoints
+
   workdir = tmp_path / 'w'
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
-       *STOPPABLE], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      env=dict(os.environ, PYTHONPATH=str(REPO)))
+    [
+      sys.executable,
+      '-m',
+      'idm_jax.main',
+      '--config=configs/test.py',
+      f'--workdir={workdir}',
+      *STOPPABLE,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+  )
   try:
     seen, deadline = b'', time.time() + 600
     while not re.search(rb'step 2: ', seen) and time.time() < deadline:
       ready, _, _ = select.select([proc.stdout], [], [], 5)
       if ready:
         chunk = os.read(proc.stdout.fileno(), 65536)
-        assert chunk, seen[-3000:]   # the trainer ended early
+        assert chunk, seen[-3000:]  # the trainer ended early
         seen += chunk
     assert re.search(rb'step 2: ', seen), seen[-3000:]
-    proc.stdout.close()       # the terminal is gone: every later write meets EPIPE
-    time.sleep(3)             # a few steps' bar updates and log lines into the broken pipe
+    proc.stdout.close()  # the terminal is gone: every later write meets EPIPE
+    time.sleep(3)  # a few steps' bar updates and log lines into the broken pipe
     assert proc.poll() is None, 'the broken pipe ended the trainer'
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=600) == 0
@@ -694,7 +891,9 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
   only. It is passed on as SIGTERM to JAX's preemption service, so both stop after the same
   step, save it once and exit 0, as with a preemption notice."""
   import socket
+
   from idm_jax.training import checkpoints
+
   workdir = tmp_path / 'w'
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -706,15 +905,41 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
       out = open(tmp_path / f'out{i}', 'w+')
       err = open(tmp_path / f'err{i}', 'w+')
       outs.append((out, err))
-      procs.append(subprocess.Popen(
-          [sys.executable, str(REPO / 'tests' / 'quick_worker.py'),
-           str(REPO / 'tests' / 'train_worker.py'), '--workdir', str(workdir),
-           '--steps', '100000', '--devices', '1', '--overrides', json.dumps(ov),
-           '--process-id', str(i), '--num-processes', '2', '--port', str(port)],
-          stdout=out, stderr=err, env=dict(os.environ, PYTHONPATH=str(REPO))))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            str(REPO / 'tests' / 'quick_worker.py'),
+            str(REPO / 'tests' / 'train_worker.py'),
+            '--workdir',
+            str(workdir),
+            '--steps',
+            '100000',
+            '--devices',
+            '1',
+            '--overrides',
+            json.dumps(ov),
+            '--process-id',
+            str(i),
+            '--num-processes',
+            '2',
+            '--port',
+            str(port),
+          ],
+          stdout=out,
+          stderr=err,
+          env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+      )
     metrics = workdir / 'metrics.jsonl'
-    _wait_for(lambda: (metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
-              or any(p.poll() is not None for p in procs), 900, 'two logged steps')
+    _wait_for(
+      lambda: (
+        (metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+        or any(p.poll() is not None for p in procs)
+      ),
+      900,
+      'two logged steps',
+    )
     assert all(p.poll() is None for p in procs), (tmp_path / 'err0').read_text()[-3000:]
     procs[1].send_signal(signal.SIGHUP)
     for p in procs:
@@ -724,7 +949,7 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
     stopped = json.loads((tmp_path / 'out0').read_text().strip().splitlines()[-1])['step']
     assert 2 <= stopped < 100000
     assert 'SIGHUP received: passed on as SIGTERM' in errs[1]
-    for err in errs:   # both name the step they agreed on
+    for err in errs:  # both name the step they agreed on
       assert f'all hosts stop at step {stopped}' in err
     assert checkpoints.Checkpointer(str(workdir)).latest_step() == stopped
   finally:
@@ -739,34 +964,44 @@ def test_two_hosts_sighup_on_one_stops_both_at_one_saved_step(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # gpu_slurm.sbatch
 
+
 def test_sbatch_directives_come_before_the_first_command():
   lines = SBATCH.read_text().splitlines()
-  first_command = next(i for i, l in enumerate(lines)
-                       if i > 0 and l.strip() and not l.startswith('#'))
-  directives = {l.split()[1].split('=')[0]: i for i, l in enumerate(lines)
-                if l.startswith('#SBATCH ')}
+  first_command = next(
+    i for i, l in enumerate(lines) if i > 0 and l.strip() and not l.startswith('#')
+  )
+  directives = {
+    l.split()[1].split('=')[0]: i for i, l in enumerate(lines) if l.startswith('#SBATCH ')
+  }
   for d in ('--nodes', '--gpus-per-node', '--ntasks-per-node', '--time', '--job-name'):
     assert d in directives, d
     assert directives[d] < first_command, f'{d} after the first command: sbatch ignores it'
-  assert re.search(r'^srun .*\bidm_jax\.main\b', SBATCH.read_text().replace('\\\n', ' '),
-                   re.M), 'no srun line running idm_jax.main'
+  assert re.search(r'^srun .*\bidm_jax\.main\b', SBATCH.read_text().replace('\\\n', ' '), re.M), (
+    'no srun line running idm_jax.main'
+  )
 
 
-def _run_sbatch(tmp_path, *, ntasks_per_node, nodes=2, visible='0,1,2,3', gpus_on_node='4',
-                extra_env=None):
+def _run_sbatch(
+  tmp_path, *, ntasks_per_node, nodes=2, visible='0,1,2,3', gpus_on_node='4', extra_env=None
+):
   """Runs the sbatch script as SLURM would, with fake scontrol/srun and a fake interpreter that
   records, per process, its argv and the JAX variables it sees."""
   bindir = tmp_path / 'bin'
   bindir.mkdir(exist_ok=True)
   out = tmp_path / 'procs'
   out.mkdir(exist_ok=True)
-  _write_exe(bindir / 'scontrol', textwrap.dedent("""\
+  _write_exe(
+    bindir / 'scontrol',
+    textwrap.dedent("""\
       #!/usr/bin/env bash
       [[ $1 == show && $2 == hostnames && $3 == 'gpu[01-02]' ]] || exit 9
       printf 'gpu01\\ngpu02\\n'
-      """))
+      """),
+  )
   # srun: drop its options, start SLURM_NTASKS copies of the command with per-task variables.
-  _write_exe(bindir / 'srun', textwrap.dedent(f"""\
+  _write_exe(
+    bindir / 'srun',
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import os, subprocess, sys
       args = sys.argv[1:]
@@ -780,8 +1015,11 @@ def _run_sbatch(tmp_path, *, ntasks_per_node, nodes=2, visible='0,1,2,3', gpus_o
         if {visible!r}:
           env['CUDA_VISIBLE_DEVICES'] = {visible!r}
         subprocess.run(args, env=env, check=True)
-      """))
-  python = _write_exe(tmp_path / 'fake_python', textwrap.dedent(f"""\
+      """),
+  )
+  python = _write_exe(
+    tmp_path / 'fake_python',
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import json, os, sys
       keys = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
@@ -789,19 +1027,35 @@ def _run_sbatch(tmp_path, *, ntasks_per_node, nodes=2, visible='0,1,2,3', gpus_o
       rec = {{'argv': sys.argv[1:], 'cwd': os.getcwd(), **{{k: os.environ.get(k) for k in keys}}}}
       with open(os.path.join({str(out)!r}, os.environ['SLURM_PROCID'] + '.json'), 'w') as f:
         json.dump(rec, f)
-      """))
+      """),
+  )
   repo = tmp_path / 'repo'
   repo.mkdir(exist_ok=True)
-  env = dict(os.environ, PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}',
-             SLURM_JOB_ID='1234', SLURM_JOB_NODELIST='gpu[01-02]', SLURM_JOB_NUM_NODES=str(nodes),
-             SLURM_NTASKS=str(nodes * ntasks_per_node), SLURM_NTASKS_PER_NODE=str(ntasks_per_node),
-             SLURM_GPUS_ON_NODE=gpus_on_node, SLURM_SUBMIT_DIR=str(repo), VENV='',
-             PYTHON=str(python), WORKDIR='/shared/runs/x')
+  env = dict(
+    os.environ,
+    PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}',
+    SLURM_JOB_ID='1234',
+    SLURM_JOB_NODELIST='gpu[01-02]',
+    SLURM_JOB_NUM_NODES=str(nodes),
+    SLURM_NTASKS=str(nodes * ntasks_per_node),
+    SLURM_NTASKS_PER_NODE=str(ntasks_per_node),
+    SLURM_GPUS_ON_NODE=gpus_on_node,
+    SLURM_SUBMIT_DIR=str(repo),
+    VENV='',
+    PYTHON=str(python),
+    WORKDIR='/shared/runs/x',
+  )
   for k in ('CONFIG', 'COORD_PORT', 'DATA_DIR', 'REPO_DIR', 'CUDA_VISIBLE_DEVICES'):
     env.pop(k, None)
   env.update(extra_env or {})
-  r = subprocess.run(['bash', str(SBATCH), '--config.train.batch_size=32', 'two words'],
-                     env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  r = subprocess.run(
+    ['bash', str(SBATCH), '--config.train.batch_size=32', 'two words'],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   recs = [json.loads((out / f'{i}.json').read_text()) for i in range(nodes * ntasks_per_node)]
   return recs, repo
@@ -811,8 +1065,14 @@ def test_sbatch_one_process_per_gpu(tmp_path):
   recs, repo = _run_sbatch(tmp_path, ntasks_per_node=4)
   assert len(recs) == 8
   for rank, rec in enumerate(recs):
-    assert rec['argv'] == ['-m', 'idm_jax.main', '--config=configs/ffhq.py',
-                           '--workdir=/shared/runs/x', '--config.train.batch_size=32', 'two words']
+    assert rec['argv'] == [
+      '-m',
+      'idm_jax.main',
+      '--config=configs/ffhq.py',
+      '--workdir=/shared/runs/x',
+      '--config.train.batch_size=32',
+      'two words',
+    ]
     assert rec['JAX_COORDINATOR_ADDRESS'] == f'gpu01:{20000 + 1234 % 20000}'
     assert rec['JAX_NUM_PROCESSES'] == '8'
     assert rec['JAX_PROCESS_ID'] == str(rank)
@@ -821,8 +1081,12 @@ def test_sbatch_one_process_per_gpu(tmp_path):
 
 
 def test_sbatch_one_process_per_node_drives_all_gpus(tmp_path):
-  recs, _ = _run_sbatch(tmp_path, ntasks_per_node=1, gpus_on_node='4',
-                        extra_env=dict(COORD_PORT='5555', DATA_DIR='/shared/tfds'))
+  recs, _ = _run_sbatch(
+    tmp_path,
+    ntasks_per_node=1,
+    gpus_on_node='4',
+    extra_env=dict(COORD_PORT='5555', DATA_DIR='/shared/tfds'),
+  )
   assert [r['JAX_PROCESS_ID'] for r in recs] == ['0', '1']
   for rec in recs:
     assert rec['JAX_LOCAL_DEVICE_IDS'] == '0,1,2,3'
@@ -839,13 +1103,15 @@ def test_sbatch_gpu_bound_per_task_uses_device_zero(tmp_path):
 
 def test_sbatch_refuses_to_run_outside_slurm(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
-  r = subprocess.run(['bash', str(SBATCH)], env=env, cwd=tmp_path, capture_output=True,
-                     text=True, timeout=30)
+  r = subprocess.run(
+    ['bash', str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+  )
   assert r.returncode != 0 and 'sbatch' in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
 # colab_tpu.ipynb
+
 
 @pytest.fixture(scope='module')
 def notebook():
@@ -910,7 +1176,7 @@ def test_notebook_steps(notebook):
   assert f'--config={flags[0]}' in aot_line and aot_line.rstrip().endswith(flags[1].rstrip())
   assert '--topology={TOPOLOGY}' in aot_line
   assert 'num_steps' in code[check] and '{TRAIN_FLAGS}' in train
-  assert re.search(r"samples_\*\.png", text)  # shows the grids the trainer writes
+  assert re.search(r'samples_\*\.png', text)  # shows the grids the trainer writes
   restore = next(c for c in code if '-m idm_jax.restore' in c)
   assert '--aligned' in restore and '--checkpoint {WORKDIR}' in restore
   testset = next(c for c in code if '-m idm_jax.data.make_testset' in c)
@@ -931,6 +1197,6 @@ def test_notebook_code_cells_are_valid_python(notebook):
     for line in _source(cell).splitlines():
       stripped = line.lstrip()
       if stripped.startswith(('!', '%')):
-        line = line[:len(line) - len(stripped)] + 'pass'
+        line = line[: len(line) - len(stripped)] + 'pass'
       lines.append(line)
     compile('\n'.join(lines), f'cell {i}', 'exec')

@@ -1,4 +1,5 @@
 """The driver's log filter: our lines and every warning, not libraries' INFO chatter."""
+
 import logging
 import os
 
@@ -22,28 +23,34 @@ def test_the_default_log_keeps_our_lines_and_all_warnings():
 
 def _write_builtin_faces(folder, n):
   from PIL import Image
+
   from idm_jax.data import sources
+
   folder.mkdir()
   for i in range(n):
     Image.fromarray(sources.BuiltinSource('train', 64)[i]['image']).save(folder / f'{i:02d}.png')
 
 
 def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
-    gcs_bucket, tmp_path, monkeypatch, test_config):
+  gcs_bucket, tmp_path, monkeypatch, test_config
+):
   """A pod run's storage: the TFDS data and the workdir both in gs://, train then evaluate,
   sample, clean and export; checkpoints, metrics, TensorBoard events, grids, configs, reports
   and the cleaned dataset all land in the bucket, and nothing under the current directory."""
   import json
+
+  from idm_jax.data import prepare
   from idm_jax.extrinsic import cleaned_dataset
+  from idm_jax.inference import engine
   from idm_jax.inference import export
   from idm_jax.storage import files
-  from idm_jax.inference import engine
-  from idm_jax.data import prepare
+
   _write_builtin_faces(tmp_path / 'faces', 32)
-  summary = prepare.prepare(str(tmp_path / 'faces'), 'tiny', 32, f'{gcs_bucket}/tfds',
-                            val_fraction=0.3, workers=0)
+  summary = prepare.prepare(
+    str(tmp_path / 'faces'), 'tiny', 32, f'{gcs_bucket}/tfds', val_fraction=0.3, workers=0
+  )
   assert summary['path'] == f'{gcs_bucket}/tfds/idm_faces/tiny'
-  assert summary['examples']['validation'] >= 4     # the grids and the evaluation need 4
+  assert summary['examples']['validation'] >= 4  # the grids and the evaluation need 4
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   monkeypatch.chdir(cwd)
@@ -53,19 +60,32 @@ def test_every_mode_reads_and_writes_a_bucket_and_nothing_lands_in_the_cwd(
   c.eval.update(identity=False)
   main.run(c, workdir)
   listing = files.walk_files(workdir)
-  for name in ('config_train.json', 'metrics.jsonl', 'samples_0000002.png',
-               'samples_0000004.png', 'checkpoints/4/train/_METADATA'):
+  for name in (
+    'config_train.json',
+    'metrics.jsonl',
+    'samples_0000002.png',
+    'samples_0000004.png',
+    'checkpoints/4/train/_METADATA',
+  ):
     assert name in listing, name
   assert any(n.startswith('tensorboard/events.out.tfevents.') for n in listing)
-  steps = [json.loads(line)['step'] for line in files.iter_lines(f'{workdir}/metrics.jsonl')
-           if 'loss' in line]
+  steps = [
+    json.loads(line)['step']
+    for line in files.iter_lines(f'{workdir}/metrics.jsonl')
+    if 'loss' in line
+  ]
   assert steps == [1, 2, 3, 4]
   for mode in ('evaluate', 'sample', 'clean'):
     c.mode = mode
     main.run(c, workdir)
   listing = files.walk_files(workdir)
-  for name in ('config_evaluate.json', 'eval/step_4/metrics.json', 'eval/step_4/grid.png',
-               'samples/step_4/grid.png', 'cleaned/manifest.json'):
+  for name in (
+    'config_evaluate.json',
+    'eval/step_4/metrics.json',
+    'eval/step_4/grid.png',
+    'samples/step_4/grid.png',
+    'cleaned/manifest.json',
+  ):
     assert name in listing, name
   counts = cleaned_dataset.verify_manifest(f'{workdir}/cleaned')
   assert counts['cleaned'] > 0 and counts['failed'] == 0
@@ -81,16 +101,29 @@ def test_a_missing_bucket_stops_the_driver_at_once_in_one_line(gcs_server, tmp_p
   import subprocess
   import sys
   import time
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   t0 = time.monotonic()
-  out = subprocess.run([sys.executable, '-m', 'idm_jax.main', f'--config={repo}/configs/test.py',
-                        '--workdir=gs://no-such-bucket-4c1e/run'], capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=repo))
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'idm_jax.main',
+      f'--config={repo}/configs/test.py',
+      '--workdir=gs://no-such-bucket-4c1e/run',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=tmp_path,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
   seconds = time.monotonic() - t0
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1] == (
-      'error: gs://no-such-bucket-4c1e/run: the bucket gs://no-such-bucket-4c1e does not exist '
-      '(or is not visible with these credentials)')
+    'error: gs://no-such-bucket-4c1e/run: the bucket gs://no-such-bucket-4c1e does not exist '
+    '(or is not visible with these credentials)'
+  )
   assert 'Traceback' not in out.stderr
   assert seconds < 10, seconds
   assert os.listdir(tmp_path) == []

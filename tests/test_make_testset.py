@@ -1,14 +1,15 @@
 """Tests for the make_testset CLI: layout, reproducibility, replay, bad files, refusals."""
+
 import json
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from idm_jax.storage import images
 from idm_jax.data import degradations
 from idm_jax.data import make_testset
+from idm_jax.storage import images
 
 
 @pytest.fixture
@@ -34,8 +35,9 @@ def _pixels(path):
 
 
 def _run(src, dst, *extra):
-  return make_testset.main(['--src', str(src), '--dst', str(dst), '--seed', '3',
-                            '--resolution', '64', *extra])
+  return make_testset.main(
+    ['--src', str(src), '--dst', str(dst), '--seed', '3', '--resolution', '64', *extra]
+  )
 
 
 def test_layout_params_and_bad_files(src, tmp_path, capsys, caplog):
@@ -54,8 +56,8 @@ def test_layout_params_and_bad_files(src, tmp_path, capsys, caplog):
   recs = [json.loads(line) for line in (dst / 'params.jsonl').read_text().splitlines()]
   assert sorted(r['name'] for r in recs) == names
   for r in recs:
-    hq = _pixels(dst / 'hq' / f"{r['name']}.png")
-    lq = _pixels(dst / 'lq' / f"{r['name']}.png")
+    hq = _pixels(dst / 'hq' / f'{r["name"]}.png')
+    lq = _pixels(dst / 'lq' / f'{r["name"]}.png')
     assert hq.shape == lq.shape == (64, 64, 3) and hq.dtype == np.uint8
     assert r['params']['flip'] is False
     # The stored LQ is exactly the degradation of the stored HQ with the stored params.
@@ -64,8 +66,9 @@ def test_layout_params_and_bad_files(src, tmp_path, capsys, caplog):
   # Params come from default_rng([seed, index in the sorted file list]).
   files = make_testset.list_images(src)
   idx = [make_testset.source_name(src, f) for f in files].index(recs[0]['source'])
-  expect = degradations.sample_params(np.random.default_rng([3, idx]),
-                                      make_testset.configlib.degradation_config('gfpgan'), 64)
+  expect = degradations.sample_params(
+    np.random.default_rng([3, idx]), make_testset.configlib.degradation_config('gfpgan'), 64
+  )
   expect['flip'] = False
   assert recs[0]['params'] == expect
 
@@ -81,9 +84,25 @@ def test_reproducible_and_replay_byte_identical(src, tmp_path, capsys):
   a, b, c = tmp_path / 'a', tmp_path / 'b', tmp_path / 'c'
   assert _run(src, a) == 0 and _run(src, b) == 0
   # Replay with a different seed and preset: the recorded params win.
-  assert make_testset.main(['--src', str(src), '--dst', str(c), '--seed', '99', '--preset',
-                            'codeformer_heavy', '--resolution', '64',
-                            '--replay', str(a / 'params.jsonl')]) == 0
+  assert (
+    make_testset.main(
+      [
+        '--src',
+        str(src),
+        '--dst',
+        str(c),
+        '--seed',
+        '99',
+        '--preset',
+        'codeformer_heavy',
+        '--resolution',
+        '64',
+        '--replay',
+        str(a / 'params.jsonl'),
+      ]
+    )
+    == 0
+  )
   for other in (b, c):
     assert (other / 'params.jsonl').read_text() == (a / 'params.jsonl').read_text()
     for sub in ('hq', 'lq'):
@@ -91,16 +110,20 @@ def test_reproducible_and_replay_byte_identical(src, tmp_path, capsys):
         np.testing.assert_array_equal(_pixels(p), _pixels(other / sub / p.name))
   # A different seed gives different LQ images.
   d = tmp_path / 'd'
-  assert make_testset.main(['--src', str(src), '--dst', str(d), '--seed', '4',
-                            '--resolution', '64']) == 0
+  assert (
+    make_testset.main(['--src', str(src), '--dst', str(d), '--seed', '4', '--resolution', '64'])
+    == 0
+  )
   assert any(np.any(_pixels(p) != _pixels(d / 'lq' / p.name)) for p in (a / 'lq').glob('*.png'))
 
 
-def test_a_bucket_source_and_destination_give_the_local_set(src, tmp_path, gcs_bucket, capsys,
-                                                           caplog):
+def test_a_bucket_source_and_destination_give_the_local_set(
+  src, tmp_path, gcs_bucket, capsys, caplog
+):
   """--src, --dst and --replay in a bucket: the same files, byte for byte, as a local run; the
   refusals (inside --src, not empty) hold there too."""
   from idm_jax.storage import files
+
   for rel in files.walk_files(src):
     files.copy_file(src / rel, f'{gcs_bucket}/faces/{rel}')
   local, dst = tmp_path / 'local', f'{gcs_bucket}/sets/test'
@@ -108,13 +131,28 @@ def test_a_bucket_source_and_destination_give_the_local_set(src, tmp_path, gcs_b
   assert _run(f'{gcs_bucket}/faces', dst) == 0
   assert 'written 5, skipped 3' in capsys.readouterr().out
   want = files.walk_files(local)
-  assert files.walk_files(dst) == want and len(want) == 11   # 5 hq, 5 lq, params.jsonl
+  assert files.walk_files(dst) == want and len(want) == 11  # 5 hq, 5 lq, params.jsonl
   assert 'hq/sub_nested.png' in want and 'lq/wide.png' in want
   for rel in want:
     assert files.read_bytes(files.join(dst, rel)) == (local / rel).read_bytes(), rel
   again = f'{gcs_bucket}/sets/again'
-  assert make_testset.main(['--src', f'{gcs_bucket}/faces', '--dst', again, '--seed', '99',
-                            '--resolution', '64', '--replay', f'{dst}/params.jsonl']) == 0
+  assert (
+    make_testset.main(
+      [
+        '--src',
+        f'{gcs_bucket}/faces',
+        '--dst',
+        again,
+        '--seed',
+        '99',
+        '--resolution',
+        '64',
+        '--replay',
+        f'{dst}/params.jsonl',
+      ]
+    )
+    == 0
+  )
   for rel in want:
     assert files.read_bytes(files.join(again, rel)) == (local / rel).read_bytes(), rel
   caplog.clear()
@@ -122,7 +160,7 @@ def test_a_bucket_source_and_destination_give_the_local_set(src, tmp_path, gcs_b
   assert 'not empty; pass --overwrite' in caplog.text
   assert _run(f'{gcs_bucket}/faces', f'{gcs_bucket}/faces/out') == 2
   assert 'inside --src' in caplog.text
-  assert files.walk_files(f'{gcs_bucket}/faces') == files.walk_files(src)   # never written
+  assert files.walk_files(f'{gcs_bucket}/faces') == files.walk_files(src)  # never written
 
 
 def test_refusals(src, tmp_path, capsys):

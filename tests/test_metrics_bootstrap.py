@@ -1,4 +1,5 @@
 """Paired bootstrap: the same numbers as a plain loop, coverage of a known mean, edge cases."""
+
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ def test_matches_a_plain_loop():
 def test_seeded_and_covers_a_known_shift():
   rng = np.random.default_rng(0)
   b = rng.normal(0, 1, 200)
-  a = b + 0.5 + rng.normal(0, 0.1, 200)   # pairs differ by 0.5 +- 0.1
+  a = b + 0.5 + rng.normal(0, 0.1, 200)  # pairs differ by 0.5 +- 0.1
   first = bootstrap.paired_interval(a, b, seed=1)
   assert first == bootstrap.paired_interval(a, b, seed=1)
   assert first['low'] < 0.5 < first['high'] and first['excludes_zero']
@@ -52,17 +53,19 @@ def test_no_effect_straddles_zero():
 
 
 def test_non_finite_pairs_are_dropped_and_counted():
-  got = bootstrap.paired_interval([1., np.inf, 3., 2.], [0., 1., 1., np.nan], num_resamples=100)
+  got = bootstrap.paired_interval(
+    [1.0, np.inf, 3.0, 2.0], [0.0, 1.0, 1.0, np.nan], num_resamples=100
+  )
   assert got['n'] == 2 and got['dropped'] == 2 and got['mean'] == pytest.approx(1.5)
 
 
 def test_bad_input():
   with pytest.raises(ValueError, match='equal length'):
-    bootstrap.paired_interval([1., 2.], [1.])
+    bootstrap.paired_interval([1.0, 2.0], [1.0])
   with pytest.raises(ValueError, match='no pair'):
-    bootstrap.paired_interval([np.nan], [1.])
+    bootstrap.paired_interval([np.nan], [1.0])
   with pytest.raises(ValueError, match='confidence'):
-    bootstrap.paired_interval([1.], [1.], confidence=1.)
+    bootstrap.paired_interval([1.0], [1.0], confidence=1.0)
 
 
 def test_seeds_and_faces_with_one_seed_is_the_faces_interval():
@@ -107,8 +110,8 @@ def test_gap_share_recovers_the_share_round_1_wins_back():
   faces = rng.normal(0, 1, (2, 80))
   noise = lambda: rng.normal(0, 0.05, (2, 80))
   round0 = faces + noise()
-  oracle = faces + 1.0 + noise()          # the pristine data's lead: 1.0 per face
-  round1 = faces + 0.4 + noise()          # cleaning wins back 40% of it
+  oracle = faces + 1.0 + noise()  # the pristine data's lead: 1.0 per face
+  round1 = faces + 0.4 + noise()  # cleaning wins back 40% of it
   share = bootstrap.gap_share_interval(round0, round1, oracle, num_resamples=2000)
   assert share['mean'] == pytest.approx(0.4, abs=0.03)
   assert share['low'] < 0.4 < share['high'] and share['low'] > 0.2 and share['high'] < 0.6
@@ -122,10 +125,10 @@ def test_gap_share_recovers_the_share_round_1_wins_back():
 def test_gap_share_without_a_gap_says_so():
   rng = np.random.default_rng(6)
   round0 = rng.normal(0, 1, (2, 50))
-  oracle = round0 + rng.normal(0, 0.2, (2, 50))     # no lead: the gap's interval holds zero
+  oracle = round0 + rng.normal(0, 0.2, (2, 50))  # no lead: the gap's interval holds zero
   share = bootstrap.gap_share_interval(round0, round0 + 0.1, oracle, num_resamples=2000)
   assert not share['gap']['excludes_zero']
-  assert share['high'] - share['low'] > 1           # a ratio over a near-zero gap: unbounded
+  assert share['high'] - share['low'] > 1  # a ratio over a near-zero gap: unbounded
   with pytest.raises(ValueError, match='one shape'):
     bootstrap.gap_share_interval(round0, round0, oracle[:1])
 
@@ -133,15 +136,19 @@ def test_gap_share_without_a_gap_says_so():
 # Seed-level intervals (docs/PROTOCOL.md): a t-interval over per-seed means, and Fieller's
 # interval of a ratio of two such means.
 
+
 def test_seed_t_interval_known_values():
-  r = bootstrap.seed_t_interval([1., 2., 3., 4., 5.])
+  r = bootstrap.seed_t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
   # sd 1.5811, se 0.7071, t(0.975, 4) = 2.7764
   assert r['mean'] == 3.0 and r['seeds'] == 5
   assert r['t'] == pytest.approx(2.776445, abs=1e-6)
-  assert (r['low'], r['high']) == (pytest.approx(1.036757, abs=1e-5), pytest.approx(4.963243, abs=1e-5))
+  assert (r['low'], r['high']) == (
+    pytest.approx(1.036757, abs=1e-5),
+    pytest.approx(4.963243, abs=1e-5),
+  )
   assert r['excludes_zero']
-  assert not bootstrap.seed_t_interval([-1., 0.5, 1.])['excludes_zero']
-  for bad in ([1.], [1., float('nan')], [[1., 2.]]):
+  assert not bootstrap.seed_t_interval([-1.0, 0.5, 1.0])['excludes_zero']
+  for bad in ([1.0], [1.0, float('nan')], [[1.0, 2.0]]):
     with pytest.raises(ValueError, match='per-seed'):
       bootstrap.seed_t_interval(bad)
 
@@ -153,8 +160,14 @@ def test_seed_level_interval_averages_faces_within_each_seed():
   r = bootstrap.seed_level_interval(a, b)
   assert r['per_seed'] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
   assert r['mean'] == pytest.approx(0.3)
-  assert r == {**bootstrap.seed_t_interval([0.1, 0.2, 0.3, 0.4, 0.5]), 'per_seed': r['per_seed'],
-               'mean': r['mean'], 'low': r['low'], 'high': r['high'], 'se': r['se']}
+  assert r == {
+    **bootstrap.seed_t_interval([0.1, 0.2, 0.3, 0.4, 0.5]),
+    'per_seed': r['per_seed'],
+    'mean': r['mean'],
+    'low': r['low'],
+    'high': r['high'],
+    'se': r['se'],
+  }
 
 
 def test_seed_t_interval_covers_the_true_mean_95_percent_with_five_seeds():
@@ -177,7 +190,7 @@ def test_fieller_endpoints_solve_its_quadratic():
   a, b = num.mean(), den.mean()
   for rho in (r['low'], r['high']):
     lhs = (a - rho * b) ** 2
-    rhs = r['t'] ** 2 * (cov[0, 0] - 2 * rho * cov[0, 1] + rho ** 2 * cov[1, 1])
+    rhs = r['t'] ** 2 * (cov[0, 0] - 2 * rho * cov[0, 1] + rho**2 * cov[1, 1])
     assert lhs == pytest.approx(rhs, rel=1e-9)
   assert r['low'] < r['mean'] < r['high']
   # A denominator known exactly: the interval is the numerator's t-interval over b.
@@ -189,13 +202,13 @@ def test_fieller_endpoints_solve_its_quadratic():
 
 def test_fieller_is_unbounded_when_the_gap_may_be_zero():
   num = np.array([0.02, 0.05, -0.01, 0.03, 0.00])
-  den = np.array([0.05, -0.04, 0.06, -0.02, 0.01])      # its t-interval covers zero
+  den = np.array([0.05, -0.04, 0.06, -0.02, 0.01])  # its t-interval covers zero
   assert not bootstrap.seed_t_interval(den)['excludes_zero']
   r = bootstrap.fieller_ratio_interval(num, den)
   assert not r['bounded'] and r['low'] is None and r['high'] is None
   assert 'unbounded' in r['reason']
   with pytest.raises(ValueError, match='paired'):
-    bootstrap.fieller_ratio_interval([1., 2.], [1., 2., 3.])
+    bootstrap.fieller_ratio_interval([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
 def test_fieller_covers_the_true_ratio():

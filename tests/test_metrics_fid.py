@@ -1,4 +1,5 @@
 """FID: Frechet distance vs a scipy.linalg.sqrtm reference; Inception weight plumbing."""
+
 import numpy as np
 import pytest
 from scipy import linalg
@@ -24,7 +25,8 @@ def test_frechet_distance_matches_sqrtm_reference(seed):
   mu1, s1 = _random_gaussian(rng, 16)
   mu2, s2 = _random_gaussian(rng, 16)
   assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-      _reference_fd(mu1, s1, mu2, s2), rel=1e-6)
+    _reference_fd(mu1, s1, mu2, s2), rel=1e-6
+  )
 
 
 def _rounding_tolerance(s1, s2):
@@ -53,7 +55,7 @@ def test_frechet_distance_special_cases():
 @pytest.mark.parametrize('seed', range(5))
 def test_frechet_distance_of_a_set_with_itself_is_zero_to_rounding(seed):
   rng = np.random.default_rng(seed)
-  n, d = rng.integers(3, 60), rng.integers(8, 64)   # rank-deficient and full-rank covariances
+  n, d = rng.integers(3, 60), rng.integers(8, 64)  # rank-deficient and full-rank covariances
   f = rng.standard_normal((n, d)) * rng.uniform(0.1, 10)
   s = fid.statistics(f)[1]
   assert 0 <= fid.fid_from_features(f, f) <= _rounding_tolerance(s, s)
@@ -61,15 +63,15 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_to_rounding(seed):
 
 # Facts about pytorch-fid's pt_inception-2015-12-05-6726825d.pth (PyTorch OIHW shapes).
 REAL_KEYS = {
-    'Conv2d_1a_3x3.conv.weight': (32, 3, 3, 3),
-    'Conv2d_4a_3x3.conv.weight': (192, 80, 3, 3),
-    'Mixed_5b.branch_pool.conv.weight': (32, 192, 1, 1),
-    'Mixed_6b.branch7x7_2.conv.weight': (128, 128, 1, 7),
-    'Mixed_6e.branch7x7dbl_5.conv.weight': (192, 192, 1, 7),
-    'Mixed_7a.branch3x3_2.conv.weight': (320, 192, 3, 3),
-    'Mixed_7b.branch3x3dbl_3a.conv.weight': (384, 384, 1, 3),
-    'Mixed_7c.branch_pool.conv.weight': (192, 2048, 1, 1),
-    'Mixed_7c.branch_pool.bn.running_var': (192,),
+  'Conv2d_1a_3x3.conv.weight': (32, 3, 3, 3),
+  'Conv2d_4a_3x3.conv.weight': (192, 80, 3, 3),
+  'Mixed_5b.branch_pool.conv.weight': (32, 192, 1, 1),
+  'Mixed_6b.branch7x7_2.conv.weight': (128, 128, 1, 7),
+  'Mixed_6e.branch7x7dbl_5.conv.weight': (192, 192, 1, 7),
+  'Mixed_7a.branch3x3_2.conv.weight': (320, 192, 3, 3),
+  'Mixed_7b.branch3x3dbl_3a.conv.weight': (384, 384, 1, 3),
+  'Mixed_7c.branch_pool.conv.weight': (192, 2048, 1, 1),
+  'Mixed_7c.branch_pool.bn.running_var': (192,),
 }
 
 
@@ -83,8 +85,12 @@ def _fake_inception_state_dict(rng):
       h, w, i, o = shape.shape
       sd[f'{prefix}.conv.weight'] = rng.normal(0, np.sqrt(1 / (h * w * i)), (o, i, h, w))
     else:
-      torch_leaf = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                    'var': 'running_var'}[leaf]
+      torch_leaf = {
+        'scale': 'weight',
+        'bias': 'bias',
+        'mean': 'running_mean',
+        'var': 'running_var',
+      }[leaf]
       lo, hi = (0.5, 1.5) if leaf in ('scale', 'var') else (-0.1, 0.1)
       sd[f'{prefix}.bn.{torch_leaf}'] = rng.uniform(lo, hi, shape.shape)
       sd[f'{prefix}.bn.num_batches_tracked'] = np.array(0)
@@ -117,10 +123,14 @@ def test_inception_npz_round_trip(inception_npz):
   variables = fid.load(str(path))
   conv = variables['params']['Mixed_6b']['branch7x7_2']['conv']['kernel']
   assert conv.shape == (1, 7, 128, 128)
-  np.testing.assert_allclose(conv, sd['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0),
-                             rtol=1e-6)
-  np.testing.assert_allclose(variables['batch_stats']['Mixed_7c']['branch_pool']['bn']['var'],
-                             sd['Mixed_7c.branch_pool.bn.running_var'], rtol=1e-6)
+  np.testing.assert_allclose(
+    conv, sd['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    variables['batch_stats']['Mixed_7c']['branch_pool']['bn']['var'],
+    sd['Mixed_7c.branch_pool.bn.running_var'],
+    rtol=1e-6,
+  )
   with pytest.raises(KeyError, match='unexpected key'):
     convert_weights.inception_from_torch({'Mixed_5b.branch1x1.weird': np.zeros(1)})
 
@@ -140,7 +150,6 @@ def test_inception_features_shape_and_batch_independence(inception_npz):
 def test_converter_cli_without_torch_says_so(monkeypatch, tmp_path):
   monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # import torch -> ImportError
   with pytest.raises(SystemExit, match='needs PyTorch'):
-    convert_weights.main(['--inception', str(tmp_path / 'x.pth'), '--out',
-                          str(tmp_path / 'y.npz')])
+    convert_weights.main(['--inception', str(tmp_path / 'x.pth'), '--out', str(tmp_path / 'y.npz')])
   with pytest.raises(SystemExit):  # argparse: neither weights kind given
     convert_weights.main(['--out', str(tmp_path / 'y.npz')])

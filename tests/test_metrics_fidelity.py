@@ -1,8 +1,10 @@
 """PSNR/SSIM agree with scikit-image; consistency measures agreement with the LQ input."""
+
 import cv2
 import numpy as np
 import pytest
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import peak_signal_noise_ratio
+from skimage.metrics import structural_similarity
 
 from idm_jax.metrics import fidelity
 from idm_jax.metrics import matlab
@@ -11,23 +13,31 @@ from idm_jax.metrics import matlab
 def _pair(seed, shape=(48, 56, 3), noise=25):
   rng = np.random.default_rng(seed)
   # A smooth image plus noise, so SSIM is neither ~0 nor ~1.
-  base = cv2.resize(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), shape[1::-1],
-                    interpolation=cv2.INTER_CUBIC)
+  base = cv2.resize(
+    rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), shape[1::-1], interpolation=cv2.INTER_CUBIC
+  )
   noisy = np.clip(base.astype(int) + rng.integers(-noise, noise + 1, shape), 0, 255)
   return base, noisy.astype(np.uint8)
 
 
 def _sk_ssim(a, b, channel_axis=-1):
-  return structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
-                               use_sample_covariance=False, data_range=255,
-                               channel_axis=channel_axis)
+  return structural_similarity(
+    a,
+    b,
+    gaussian_weights=True,
+    sigma=1.5,
+    use_sample_covariance=False,
+    data_range=255,
+    channel_axis=channel_axis,
+  )
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_rgb_metrics_match_skimage(seed):
   a, b = _pair(seed)
-  assert fidelity.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255),
-                                              abs=1e-4)
+  assert fidelity.psnr(a, b) == pytest.approx(
+    peak_signal_noise_ratio(a, b, data_range=255), abs=1e-4
+  )
   assert fidelity.ssim(a, b) == pytest.approx(_sk_ssim(a, b), abs=1e-4)
 
 
@@ -35,9 +45,11 @@ def test_y_metrics_match_skimage_on_matlab_y():
   a, b = _pair(3)
   ya, yb = matlab.rgb_to_y(a), matlab.rgb_to_y(b)
   assert fidelity.psnr(a, b, y_channel=True) == pytest.approx(
-      peak_signal_noise_ratio(ya, yb, data_range=255), abs=1e-4)
+    peak_signal_noise_ratio(ya, yb, data_range=255), abs=1e-4
+  )
   assert fidelity.ssim(a, b, y_channel=True) == pytest.approx(
-      _sk_ssim(ya, yb, channel_axis=None), abs=1e-4)
+    _sk_ssim(ya, yb, channel_axis=None), abs=1e-4
+  )
   # Y differs from RGB: the test would not notice if y_channel were ignored otherwise.
   assert abs(fidelity.psnr(a, b, y_channel=True) - fidelity.psnr(a, b)) > 0.1
 
@@ -58,6 +70,7 @@ def test_shape_mismatch_is_an_error():
 
 def test_consistency_smaller_lq(celeba_dir):
   from PIL import Image
+
   hq = np.asarray(Image.open(sorted(celeba_dir.glob('*.jpg'))[0]).convert('RGB'))
   lq = cv2.resize(hq, (32, 32), interpolation=cv2.INTER_AREA)
   # The HQ explains its own LQ exactly; a different face does not.

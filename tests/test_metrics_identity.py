@@ -1,8 +1,9 @@
 """dlib identity similarity on real faces (skipped where dlib is not installed)."""
+
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from idm_jax.metrics import identity
 

@@ -1,4 +1,5 @@
 """NIQE must reproduce BasicSR's (MATLAB-equivalent) values; MATLAB imresize properties."""
+
 import configparser
 import pathlib
 
@@ -31,11 +32,14 @@ def _blurred_jpeg_astronaut_rgb():
   return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
 
 
-@pytest.mark.parametrize('make_image, expected', [
+@pytest.mark.parametrize(
+  'make_image, expected',
+  [
     (data.astronaut, 3.0646),
     (_grace_hopper_rgb, 3.5786),
     (_blurred_jpeg_astronaut_rgb, 9.1355),
-])
+  ],
+)
 def test_niqe_matches_basicsr_reference_values(params, make_image, expected):
   score = niqe.niqe_score(make_image(), params)
   assert score == pytest.approx(expected, rel=0.01)
@@ -122,8 +126,9 @@ def test_imresize_symmetric_padding_and_antialiasing():
   long = np.concatenate([x[::-1], x, x[::-1]])
   for scale, aa in ((0.5, True), (0.5, False), (2.0, True)):
     n = int(8 * scale)
-    np.testing.assert_allclose(matlab.imresize(long, scale, aa)[n:2 * n],
-                               matlab.imresize(x, scale, aa), atol=1e-12)
+    np.testing.assert_allclose(
+      matlab.imresize(long, scale, aa)[n : 2 * n], matlab.imresize(x, scale, aa), atol=1e-12
+    )
   assert np.allclose(matlab.resize_matrix(8, 4, 0.5).sum(axis=1), 1.0)
   # Antialiasing attenuates a stripe pattern at the output's Nyquist frequency; plain bicubic
   # sampling keeps it (and overshoots).

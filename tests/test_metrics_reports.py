@@ -1,10 +1,11 @@
 """metrics.reports: metrics.json (strict JSON, per image) and metrics.md (the tables)."""
+
 import json
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from idm_jax.metrics import reports
 from idm_jax.metrics import scoring
@@ -21,7 +22,11 @@ def faces(celeba_dir):
 
 def test_table_lines():
   assert reports.table(['', 'PSNR'], [['LQ input', '16.6'], ['restored', '17.2']]) == [
-      '| | PSNR |', '| --- | --- |', '| LQ input | 16.6 |', '| restored | 17.2 |']
+    '| | PSNR |',
+    '| --- | --- |',
+    '| LQ input | 16.6 |',
+    '| restored | 17.2 |',
+  ]
 
 
 def test_library_api_unavailable_metrics_and_inf(faces, tmp_path):
@@ -40,10 +45,12 @@ def test_library_api_unavailable_metrics_and_inf(faces, tmp_path):
 def test_write_report_compares_several_results(faces, tmp_path):
   gt, pred, lq = faces
   rows = {
-      'restored, 5 steps': scoring.evaluate_images(pred, gt, lq, niqe_params=None,
-                                                    identity=False, progress=False),
-      'LQ input': scoring.evaluate_images(gt[:1], gt[:1], niqe_params=None, identity=False,
-                                           progress=False),
+    'restored, 5 steps': scoring.evaluate_images(
+      pred, gt, lq, niqe_params=None, identity=False, progress=False
+    ),
+    'LQ input': scoring.evaluate_images(
+      gt[:1], gt[:1], niqe_params=None, identity=False, progress=False
+    ),
   }
   reports.write_report(rows, tmp_path, 'validation')
   md = (tmp_path / 'metrics.md').read_text().splitlines()

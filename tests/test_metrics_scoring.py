@@ -1,8 +1,9 @@
 """metrics.scoring: every metric of a set of images, differences with intervals, sample sets."""
+
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from idm_jax.metrics import reports
 from idm_jax.metrics import scoring
@@ -24,8 +25,9 @@ def test_library_api_no_reference_and_small_images(faces, niqe_params_path):
   assert m['psnr']['mean'] is None and m['psnr']['reason'] == 'no ground truth given'
   assert m['niqe']['mean'] is None and '192' in m['niqe']['reason']
   with pytest.raises(ValueError, match='pred is 64x64 but gt is 128x128'):
-    scoring.evaluate_images([np.zeros((64, 64, 3), np.uint8)], [pred[0]], niqe_params=None,
-                             progress=False)
+    scoring.evaluate_images(
+      [np.zeros((64, 64, 3), np.uint8)], [pred[0]], niqe_params=None, progress=False
+    )
 
 
 def test_deltas_of_a_table_against_its_reference_row():
@@ -33,13 +35,17 @@ def test_deltas_of_a_table_against_its_reference_row():
   gt = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
   noisy = lambda s: [np.clip(g + rng.normal(0, s, g.shape), 0, 255).astype(np.uint8) for g in gt]
   kw = dict(niqe_params=None, identity=False, progress=False)
-  rows = {'LQ input': scoring.evaluate_images(noisy(40), gt, **kw),
-          'restored': scoring.evaluate_images(noisy(5), gt, **kw)}
+  rows = {
+    'LQ input': scoring.evaluate_images(noisy(40), gt, **kw),
+    'restored': scoring.evaluate_images(noisy(5), gt, **kw),
+  }
   scoring.add_deltas(rows, 'LQ input', seed=3)
   assert 'delta' not in rows['LQ input']
   d = rows['restored']['delta']['metrics']['psnr']
-  want = np.subtract(rows['restored']['metrics']['psnr']['per_image'],
-                     rows['LQ input']['metrics']['psnr']['per_image'])
+  want = np.subtract(
+    rows['restored']['metrics']['psnr']['per_image'],
+    rows['LQ input']['metrics']['psnr']['per_image'],
+  )
   assert d['mean'] == pytest.approx(want.mean()) and d['seed'] == 3
   assert d['low'] > 0 and d['excludes_zero'] and d['improved'] == 1.0
   assert reports.format_delta(d).startswith('**+')
@@ -52,12 +58,14 @@ def test_compare_sets_scores_faces_against_noise_and_collapse(celeba_dir):
   paths = sorted(celeba_dir.glob('*.jpg'))[:60]
   faces = [np.asarray(Image.open(p).convert('RGB')) for p in paths]
   small = [cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in faces[:30]]
-  noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-           for i in range(30)]
+  noise = [
+    np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(30)
+  ]
   collapsed = [small[0]] * 29 + [small[1]]
   # 32 px "samples" against 128 px references: the references are brought to 32 px first.
-  good, bad, same = (scoring.compare_sets(x, faces[30:], progress=False)
-                     for x in (small, noise, collapsed))
+  good, bad, same = (
+    scoring.compare_sets(x, faces[30:], progress=False) for x in (small, noise, collapsed)
+  )
   assert good['ref_resized_to'] == bad['ref_resized_to'] == '32x32'
   g, b, c = good['metrics'], bad['metrics'], same['metrics']
   assert g['face_rate']['mean'] >= 0.8 and b['face_rate']['mean'] == 0.0

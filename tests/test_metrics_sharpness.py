@@ -1,4 +1,5 @@
 """Sharpness measures: known values, and blur lowers them while noise raises them."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -23,7 +24,7 @@ def test_known_values_of_a_vertical_step():
   y = np.zeros((16, 16))
   y[:, 8:] = 100
   img = _gray(y)
-  assert sharpness.laplacian_variance(img) == pytest.approx(2 / 16 * 100 ** 2)
+  assert sharpness.laplacian_variance(img) == pytest.approx(2 / 16 * 100**2)
   assert sharpness.gradient_magnitude(img) == pytest.approx(2 / 16 * 400)
 
 
@@ -40,7 +41,7 @@ def test_blur_lowers_and_noise_raises_both():
 
 def test_colour_uses_luma():
   y = np.zeros((8, 8, 3), np.uint8)
-  y[:, 4:, 1] = 100                     # a green step: luma 58.7
+  y[:, 4:, 1] = 100  # a green step: luma 58.7
   assert sharpness.gradient_magnitude(y) == pytest.approx(2 / 8 * 4 * 58.7)
 
 

@@ -18,6 +18,7 @@ About 3 minutes on two shared cores: process 1 of a jax job gets no hits from th
 compilation cache (jax writes it from process 0, and process 1 looks for other keys; measured),
 so it compiles every program afresh, the training step of each round included.
 """
+
 import json
 import os
 import pathlib
@@ -26,28 +27,38 @@ import socket
 import subprocess
 import sys
 
+from gce_metadata import MetadataServer
+from gce_metadata import tpu_vm_attributes
+from multihost_modes_worker import SETTINGS
+from multihost_modes_worker import UNCONDITIONAL
 import numpy as np
 import pytest
 
-from gce_metadata import MetadataServer, tpu_vm_attributes
-from multihost_modes_worker import SETTINGS, UNCONDITIONAL
-
 WORKER = pathlib.Path(__file__).with_name('multihost_modes_worker.py')
 REPO = WORKER.parents[1]
-TIMEOUT = 1200   # seconds per run; a busy 2-core machine runs these several times slower
+TIMEOUT = 1200  # seconds per run; a busy 2-core machine runs these several times slower
 ONE_PROCESS_DEVICES = 1
 
 
 def _popen(cmd):
-  return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    cmd,
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _finish(procs):
   """Waits for every process; fails naming each that did not exit 0, with its log's end."""
   outs = [p.communicate(timeout=TIMEOUT) for p in procs]
-  failed = [f'process {i} (exit {p.returncode}):\n{err[-3000:]}'
-            for i, (p, (_, err)) in enumerate(zip(procs, outs)) if p.returncode != 0]
+  failed = [
+    f'process {i} (exit {p.returncode}):\n{err[-3000:]}'
+    for i, (p, (_, err)) in enumerate(zip(procs, outs))
+    if p.returncode != 0
+  ]
   assert not failed, '\n\n'.join(failed)
 
 
@@ -59,8 +70,18 @@ def trained(tmp_path_factory):
   runs = []
   for name, overrides in (('train', {}), ('gen', UNCONDITIONAL)):
     flags = [f'--config.{k}={v}' for k, v in {**SETTINGS, **overrides}.items()]
-    runs.append(_popen([sys.executable, '-m', 'idm_jax.main', '--config=configs/test.py',
-                        f'--workdir={root / name}', *flags]))
+    runs.append(
+      _popen(
+        [
+          sys.executable,
+          '-m',
+          'idm_jax.main',
+          '--config=configs/test.py',
+          f'--workdir={root / name}',
+          *flags,
+        ]
+      )
+    )
   _finish(runs)
   return root
 
@@ -85,13 +106,31 @@ def runs(trained, tmp_path_factory):
   base = tmp_path_factory.mktemp('modes')
   one, two = _copy(trained, base / 'one'), _copy(trained, base / 'two')
   port = _free_port()
-  endpoints = ['127.0.0.1', '127.0.0.1']   # worker 0 (the coordinator) first, as GCE lists them
+  endpoints = ['127.0.0.1', '127.0.0.1']  # worker 0 (the coordinator) first, as GCE lists them
   servers = [MetadataServer(tpu_vm_attributes(i, endpoints)) for i in range(2)]
   try:
-    procs = [_popen([sys.executable, str(WORKER), '--root', str(one),
-                     '--devices', str(ONE_PROCESS_DEVICES)])]
-    procs += [_popen([sys.executable, str(WORKER), '--root', str(two), '--devices', '1',
-                      '--metadata', servers[i].address, '--port', str(port)]) for i in range(2)]
+    procs = [
+      _popen(
+        [sys.executable, str(WORKER), '--root', str(one), '--devices', str(ONE_PROCESS_DEVICES)]
+      )
+    ]
+    procs += [
+      _popen(
+        [
+          sys.executable,
+          str(WORKER),
+          '--root',
+          str(two),
+          '--devices',
+          '1',
+          '--metadata',
+          servers[i].address,
+          '--port',
+          str(port),
+        ]
+      )
+      for i in range(2)
+    ]
     _finish(procs)
   finally:
     for s in servers:
@@ -110,7 +149,9 @@ def assert_same_files(one, two, expected_count):
   a, b = _files(one), _files(two)
   assert sorted(a) == sorted(b)
   assert len(a) == expected_count, sorted(a)
-  assert len(set(a.values())) == len(a), 'some outputs are identical: the test would not see a mix-up'
+  assert len(set(a.values())) == len(a), (
+    'some outputs are identical: the test would not see a mix-up'
+  )
   differ = [name for name in a if a[name] != b[name]]
   assert not differ, f'differ between one and two processes: {differ}'
 
@@ -118,6 +159,7 @@ def assert_same_files(one, two, expected_count):
 def assert_close_images(one, two, expected_count):
   """The same PNGs under both, all different from each other, within one level of each other."""
   from PIL import Image
+
   names = sorted(str(p.relative_to(one)) for p in one.rglob('*.png'))
   assert names == sorted(str(p.relative_to(two)) for p in two.rglob('*.png'))
   assert len(names) == expected_count, names
@@ -131,10 +173,12 @@ def assert_close_images(one, two, expected_count):
 def check_join(one, two):
   """The two processes joined as the workers of a Cloud TPU VM slice; the one found none."""
   infos = [json.loads((two / f'info-{i}.json').read_text()) for i in range(2)]
-  assert infos == [dict(cluster='gcetpu', num_processes=2, process_index=i, devices=2)
-                   for i in range(2)]
+  assert infos == [
+    dict(cluster='gcetpu', num_processes=2, process_index=i, devices=2) for i in range(2)
+  ]
   assert json.loads((one / 'info-0.json').read_text()) == dict(
-      cluster='none', num_processes=1, process_index=0, devices=ONE_PROCESS_DEVICES)
+    cluster='none', num_processes=1, process_index=0, devices=ONE_PROCESS_DEVICES
+  )
 
 
 def check_evaluate(one, two):
@@ -153,7 +197,7 @@ def check_clean_with_two_draws(one, two):
   manifests = [json.loads((r / 'train/cleaned/manifest.json').read_text()) for r in (one, two)]
   assert manifests[0]['counts'] == dict(cleaned=5, copied=0, failed=0)
   assert manifests[0]['settings']['samples'] == 2
-  for m in manifests:   # the model's path is each run's own
+  for m in manifests:  # the model's path is each run's own
     m.pop('model')
   assert manifests[0] == manifests[1]
   # Each host cleaned its own share (records 0, 2, 4 and 1, 3), not all of them.
@@ -167,8 +211,9 @@ def check_export(one, two):
 
 def check_generate(one, two):
   assert_same_files(one / 'gen/generated', two / 'gen/generated', 5)
-  assert (one / 'gen/generated_grid.png').read_bytes() == \
-      (two / 'gen/generated_grid.png').read_bytes()
+  assert (one / 'gen/generated_grid.png').read_bytes() == (
+    two / 'gen/generated_grid.png'
+  ).read_bytes()
 
 
 def check_two_extrinsic_rounds_and_the_warm_start(one, two):
@@ -180,7 +225,9 @@ def check_two_extrinsic_rounds_and_the_warm_start(one, two):
   boundary, no further; they were equal bit for bit when measured); the round table's metrics,
   which come from those images, to 1e-2."""
   import jax
+
   from idm_jax.training import checkpoints
+
   results = [json.loads((r / 'ext/rounds.json').read_text()) for r in (one, two)]
   assert set(results[0]) == set(results[1]) == {'0', '1'}
   for r in ('0', '1'):
@@ -204,10 +251,17 @@ def test_every_mode_on_two_hosts_gives_what_it_gives_on_one(runs):
   """One test over one pair of runs (a test each would run them once per xdist worker)."""
   one, two = runs
   failed = []
-  for check in (check_join, check_evaluate, check_sample, check_clean_with_two_draws,
-                check_export, check_generate, check_two_extrinsic_rounds_and_the_warm_start):
+  for check in (
+    check_join,
+    check_evaluate,
+    check_sample,
+    check_clean_with_two_draws,
+    check_export,
+    check_generate,
+    check_two_extrinsic_rounds_and_the_warm_start,
+  ):
     try:
       check(one, two)
-    except AssertionError as e:   # every mode's verdict, not only the first failure's
+    except AssertionError as e:  # every mode's verdict, not only the first failure's
       failed.append(f'{check.__name__}: {e}')
   assert not failed, '\n\n'.join(failed)

@@ -1,4 +1,5 @@
 """Tests for idm_jax.diffusion.objectives."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,17 +13,18 @@ SHAPE = (4, 6, 5, 3)
 
 
 def _diff_cfg(**kw):
-  return objectives.LossSpec(**dict(dict(parameterization='v', loss='mse',
-                                         loss_weighting='none', min_snr_gamma=5.0), **kw))
+  return objectives.LossSpec(
+    **dict(dict(parameterization='v', loss='mse', loss_weighting='none', min_snr_gamma=5.0), **kw)
+  )
 
 
 def _logsnr_fn():
   return schedules.get_logsnr_fn('cosine', SHAPE[1], logsnr_min=-20.0, logsnr_max=20.0)
 
 
-def _data(seed=0, logsnr=(-6., -1., 0.5, 7.)):
+def _data(seed=0, logsnr=(-6.0, -1.0, 0.5, 7.0)):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  x0 = jax.random.uniform(k1, SHAPE, minval=-1., maxval=1.)
+  x0 = jax.random.uniform(k1, SHAPE, minval=-1.0, maxval=1.0)
   eps = jax.random.normal(k2, SHAPE)
   return x0, eps, jnp.array(logsnr, jnp.float32)
 
@@ -32,8 +34,9 @@ def test_q_sample_broadcasts_per_example():
   x_t = np.asarray(objectives.q_sample(x0, eps, logsnr))
   for b, l in enumerate(np.asarray(logsnr, np.float64)):
     alpha, sigma = np.sqrt(1 / (1 + np.exp(-l))), np.sqrt(1 / (1 + np.exp(l)))
-    np.testing.assert_allclose(x_t[b], alpha * np.asarray(x0[b]) + sigma * np.asarray(eps[b]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      x_t[b], alpha * np.asarray(x0[b]) + sigma * np.asarray(eps[b]), atol=1e-6
+    )
   with pytest.raises(ValueError, match='logsnr'):
     objectives.q_sample(x0, eps, logsnr[:2])
 
@@ -42,8 +45,9 @@ def test_v_target_definition():
   x0, eps, logsnr = _data()
   alpha, sigma = schedules.alpha_sigma(logsnr)
   v = objectives.target_for(x0, eps, logsnr, 'v')
-  np.testing.assert_allclose(v, alpha[:, None, None, None] * eps
-                             - sigma[:, None, None, None] * x0, atol=1e-6)
+  np.testing.assert_allclose(
+    v, alpha[:, None, None, None] * eps - sigma[:, None, None, None] * x0, atol=1e-6
+  )
   np.testing.assert_array_equal(objectives.target_for(x0, eps, logsnr, 'eps'), eps)
   np.testing.assert_array_equal(objectives.target_for(x0, eps, logsnr, 'x0'), x0)
 
@@ -65,13 +69,14 @@ def test_round_trip_pred_x0_pred(param):
   k1, k2 = jax.random.split(jax.random.key(3))
   pred = jax.random.normal(k1, SHAPE)
   x_t = jax.random.normal(k2, SHAPE)
-  logsnr = jnp.array([-5., -0.3, 2., 6.])
+  logsnr = jnp.array([-5.0, -0.3, 2.0, 6.0])
   x0_hat, eps_hat = objectives.pred_to_x0_eps(pred, x_t, logsnr, param)
   # Whatever the prediction, the pair is consistent with x_t ...
   np.testing.assert_allclose(objectives.q_sample(x0_hat, eps_hat, logsnr), x_t, atol=1e-4)
   # ... and converting back gives the prediction.
-  np.testing.assert_allclose(objectives.x0_to_pred(x0_hat, x_t, logsnr, param), pred,
-                             atol=1e-3, rtol=1e-4)
+  np.testing.assert_allclose(
+    objectives.x0_to_pred(x0_hat, x_t, logsnr, param), pred, atol=1e-3, rtol=1e-4
+  )
 
 
 def test_unknown_parameterization_raises():
@@ -82,32 +87,32 @@ def test_unknown_parameterization_raises():
 
 def test_min_snr_weights_at_known_logsnr():
   # SNR = 1, gamma, 4 gamma, gamma / 4 with gamma = 5.
-  logsnr = jnp.log(jnp.array([1., 5., 20., 1.25]))
+  logsnr = jnp.log(jnp.array([1.0, 5.0, 20.0, 1.25]))
   expected = {
-      'x0': [1., 5., 5., 1.25],                         # min(SNR, gamma)
-      'eps': [1., 1., 0.25, 1.],                        # min(SNR, gamma) / SNR
-      'v': [0.5, 5. / 6., 5. / 21., 1.25 / 2.25],       # min(SNR, gamma) / (SNR + 1)
+    'x0': [1.0, 5.0, 5.0, 1.25],  # min(SNR, gamma)
+    'eps': [1.0, 1.0, 0.25, 1.0],  # min(SNR, gamma) / SNR
+    'v': [0.5, 5.0 / 6.0, 5.0 / 21.0, 1.25 / 2.25],  # min(SNR, gamma) / (SNR + 1)
   }
   for param, want in expected.items():
     cfg = _diff_cfg(parameterization=param, loss_weighting='min_snr')
-    np.testing.assert_allclose(objectives.loss_weight(logsnr, cfg), want, rtol=1e-5,
-                               err_msg=param)
-  np.testing.assert_array_equal(objectives.loss_weight(logsnr, _diff_cfg()), 1.)
+    np.testing.assert_allclose(objectives.loss_weight(logsnr, cfg), want, rtol=1e-5, err_msg=param)
+  np.testing.assert_array_equal(objectives.loss_weight(logsnr, _diff_cfg()), 1.0)
   # Extreme log-SNRs stay finite.
   for param in PARAMS:
-    w = objectives.loss_weight(jnp.array([-20., 20.]),
-                               _diff_cfg(parameterization=param, loss_weighting='min_snr'))
+    w = objectives.loss_weight(
+      jnp.array([-20.0, 20.0]), _diff_cfg(parameterization=param, loss_weighting='min_snr')
+    )
     assert np.all(np.isfinite(w)), param
 
 
 def test_min_snr_is_the_same_x0_space_loss_for_every_parameterization():
   """The point of expressing the weighting per parameterization: for the same x0 estimate,
   the weighted losses agree and equal min(SNR, gamma) * ||x0 - x0_hat||^2."""
-  x0, eps, logsnr = _data(logsnr=(-3., 0., 1.5, 4.))
+  x0, eps, logsnr = _data(logsnr=(-3.0, 0.0, 1.5, 4.0))
   x_t = objectives.q_sample(x0, eps, logsnr)
   x0_hat = x0 + 0.1 * jax.random.normal(jax.random.key(9), SHAPE)
   x0_mse = jnp.mean((x0_hat - x0) ** 2, axis=(1, 2, 3))
-  expected = jnp.minimum(jnp.exp(logsnr), 5.) * x0_mse
+  expected = jnp.minimum(jnp.exp(logsnr), 5.0) * x0_mse
   for param in PARAMS:
     cfg = _diff_cfg(parameterization=param, loss_weighting='min_snr')
     pred = objectives.x0_to_pred(x0_hat, x_t, logsnr, param)
@@ -117,10 +122,11 @@ def test_min_snr_is_the_same_x0_space_loss_for_every_parameterization():
 
 def test_loss_mse_and_l1_values():
   x0, eps, logsnr = _data()
-  pred = eps + 0.5        # eps-prediction off by a constant 0.5 everywhere
+  pred = eps + 0.5  # eps-prediction off by a constant 0.5 everywhere
   mse = objectives.loss_per_example(pred, x0, eps, logsnr, _diff_cfg(parameterization='eps'))
-  l1 = objectives.loss_per_example(pred, x0, eps, logsnr,
-                                   _diff_cfg(parameterization='eps', loss='l1'))
+  l1 = objectives.loss_per_example(
+    pred, x0, eps, logsnr, _diff_cfg(parameterization='eps', loss='l1')
+  )
   assert mse.shape == (4,) and mse.dtype == jnp.float32
   np.testing.assert_allclose(mse, 0.25, rtol=1e-5)
   np.testing.assert_allclose(l1, 0.5, rtol=1e-5)
@@ -135,8 +141,9 @@ def test_sample_t_is_stratified_in_unit_interval():
     assert np.all((t >= 0) & (t < 1))
     # Exactly one t in each of the 16 equal bins.
     np.testing.assert_array_equal(np.sort(np.floor(t * 16)), np.arange(16))
-  assert not np.allclose(objectives.sample_t(jax.random.key(0), 8),
-                         objectives.sample_t(jax.random.key(1), 8))
+  assert not np.allclose(
+    objectives.sample_t(jax.random.key(0), 8), objectives.sample_t(jax.random.key(1), 8)
+  )
 
 
 @pytest.mark.parametrize('param', PARAMS)
@@ -163,11 +170,11 @@ def test_training_loss_gradients_flow_through_linear_model():
 
   def loss_fn(p, rng):
     def model_fn(x_t, logsnr):
-      return x_t @ p['w'] + p['b'] + p['c'] * logsnr[:, None, None, None] / 20.
+      return x_t @ p['w'] + p['b'] + p['c'] * logsnr[:, None, None, None] / 20.0
+
     return objectives.training_loss(model_fn, x0, rng, logsnr_fn, cfg)
 
-  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, jax.random.key(1))
+  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, jax.random.key(1))
   assert loss.shape == () and loss.dtype == jnp.float32 and np.isfinite(float(loss))
   np.testing.assert_allclose(loss, jnp.mean(aux['loss_per_example']), rtol=1e-6)
   for name, g in grads.items():
@@ -186,5 +193,6 @@ def test_training_loss_gradients_flow_through_linear_model():
 def test_training_loss_rejects_uint8():
   cfg = _diff_cfg()
   with pytest.raises(ValueError, match='float'):
-    objectives.training_loss(lambda x, l: x, jnp.zeros(SHAPE, jnp.uint8), jax.random.key(0),
-                             schedules.cosine_logsnr, cfg)
+    objectives.training_loss(
+      lambda x, l: x, jnp.zeros(SHAPE, jnp.uint8), jax.random.key(0), schedules.cosine_logsnr, cfg
+    )

@@ -4,19 +4,20 @@ The multi-device behaviour (a sharded train step equals the single-device one, r
 mesh shapes) is tested in test_train.py on simulated devices; these are the rules themselves, on
 abstract meshes (no devices needed).
 """
-import flax.linen as nn
-import jax
-import ml_collections
-import pytest
-from jax.sharding import AbstractMesh
-from jax.sharding import PartitionSpec as P
 
 from conftest import load_config
-from idm_jax.runtime import parallel
-from idm_jax.runtime import configlib
-from idm_jax.models import unet
+import flax.linen as nn
+import jax
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import pytest
 
-MESH = AbstractMesh((2, 4), parallel.MESH_AXES)        # data 2, fsdp 4
+from idm_jax.models import unet
+from idm_jax.runtime import configlib
+from idm_jax.runtime import parallel
+
+MESH = AbstractMesh((2, 4), parallel.MESH_AXES)  # data 2, fsdp 4
 CONV = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
 
 
@@ -46,7 +47,7 @@ def test_what_cannot_shard_evenly_or_is_small_is_replicated():
   assert parallel._spec_for(CONV, (3, 3, 64, 126), MESH, 0) == P(None, None, None, None)
   # Below min_size the whole tensor is replicated (the gather would cost more than it saves).
   assert parallel._spec_for(CONV, (3, 3, 4, 8), MESH, 1024) == P()
-  assert parallel._spec_for(None, (3, 3, 64, 128), MESH, 0) == P()     # unannotated
+  assert parallel._spec_for(None, (3, 3, 64, 128), MESH, 0) == P()  # unannotated
   # Biases and norms ('channels') replicate whatever their size.
   assert parallel._spec_for(('channels',), (4096,), MESH, 0) == P(None)
 
@@ -68,10 +69,12 @@ def test_every_logical_name_the_model_uses_has_a_rule():
   boxed = unet.param_shapes(configlib.build_model(cfg.model, cfg.data.resolution))
   names = set()
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-    assert isinstance(leaf, nn.Partitioned), leaf      # every parameter is annotated
+    assert isinstance(leaf, nn.Partitioned), leaf  # every parameter is annotated
     names.update(n for n in leaf.names if n is not None)
   assert names and names <= set(dict(parallel.LOGICAL_RULES)), names
   # And on a real mesh the big kernels do shard: some parameter gets 'fsdp'.
-  specs = jax.tree.leaves(parallel.param_shardings(boxed, MESH, min_size=0),
-                          is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  specs = jax.tree.leaves(
+    parallel.param_shardings(boxed, MESH, min_size=0),
+    is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+  )
   assert any('fsdp' in s.spec for s in specs)

@@ -1,4 +1,5 @@
 """grain training pipeline and fixed eval pairs: determinism, host splits, state, bad files."""
+
 import collections
 import json
 import shutil
@@ -13,12 +14,11 @@ R = 32
 NUM_FILES = 10
 
 
-
-
 @pytest.fixture
 def degradation_ops():
   """The real degradation model (no stand-in: if it stopped importing, these tests must fail)."""
-  from idm_jax.data import degradations   # pylint: disable=g-import-not-at-top
+  from idm_jax.data import degradations  # pylint: disable=g-import-not-at-top
+
   return degradations
 
 
@@ -55,7 +55,7 @@ def _pairs(batch):
 
 def test_batches_are_degraded_real_images(config, face_dir):
   batches = _take(config, 3)
-  train_files = sorted(face_dir.iterdir())[:NUM_FILES - 2]
+  train_files = sorted(face_dir.iterdir())[: NUM_FILES - 2]
   originals = [sources.load_image(p, R) for p in train_files]
   for b in batches:
     assert set(b) == {'hq', 'lq'}
@@ -66,8 +66,9 @@ def test_batches_are_degraded_real_images(config, face_dir):
       # HQ is a training image, possibly flipped; never a validation image.
       assert any(np.array_equal(hq, o) or np.array_equal(hq, o[:, ::-1]) for o in originals)
   # Flips happen (p = 0.5 over 12 draws: all-or-nothing has probability 2 / 4096).
-  flipped = [any(np.array_equal(hq, o[:, ::-1]) for o in originals)
-             for b in batches for hq in b['hq']]
+  flipped = [
+    any(np.array_equal(hq, o[:, ::-1]) for o in originals) for b in batches for hq in b['hq']
+  ]
   assert 0 < sum(flipped) < len(flipped)
 
 
@@ -100,9 +101,9 @@ def test_epochs_cover_everything_and_reshuffle():
 def test_host_split_disjoint_and_covering(hosts):
   n = 11
   single = pipeline.train_index_dataset(n, seed=0)
-  b = 2   # per-host batch
+  b = 2  # per-host batch
   per_host = [pipeline.train_index_dataset(n, 0, p, hosts, b) for p in range(hosts)]
-  steps = 2 * n   # two epochs' worth of global positions, not a multiple of n or hosts
+  steps = 2 * n  # two epochs' worth of global positions, not a multiple of n or hosts
   for k in range(steps // hosts):
     for p in range(hosts):
       assert per_host[p][k] == single[(k // b) * hosts * b + p * b + k % b]
@@ -120,8 +121,7 @@ def test_host_batches_union_equals_global_batch(config, hosts):
     for p in range(hosts):
       assert per_host[p][k]['hq'].shape[0] == 6 // hosts
     # In process order, the hosts' batches ARE the single-host batch (same order, same pixels).
-    concat = {key: np.concatenate([per_host[p][k][key] for p in range(hosts)])
-              for key in single[k]}
+    concat = {key: np.concatenate([per_host[p][k][key] for p in range(hosts)]) for key in single[k]}
     assert _equal(concat, single[k])
 
 
@@ -135,8 +135,8 @@ def test_state_round_trip_in_process(config):
   with pipeline.train_iterator(config) as it:
     for _ in range(3):
       next(it)
-    state = json.loads(json.dumps(it.get_state()))   # what a checkpoint stores
-    expected = [next(it) for _ in range(4)]           # crosses the epoch boundary (8 files)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    expected = [next(it) for _ in range(4)]  # crosses the epoch boundary (8 files)
   with pipeline.train_iterator(config) as resumed:
     resumed.set_state(state)
     for want in expected:
@@ -162,11 +162,11 @@ def test_workers_identical_and_resumable(config):
 def test_bad_files_are_skipped_and_reported(config, face_dir, celeba_dir):
   jpeg = (celeba_dir / '201600.jpg').read_bytes()
   (face_dir / 'aa_empty.jpg').write_bytes(b'')
-  (face_dir / 'ab_truncated.jpg').write_bytes(jpeg[:len(jpeg) // 3])
+  (face_dir / 'ab_truncated.jpg').write_bytes(jpeg[: len(jpeg) // 3])
   (face_dir / 'ac_text.png').write_text('hello')
   config.data.num_val = 0
   with pipeline.train_iterator(config) as it:
-    batches = [next(it) for _ in range(8)]   # 13 files, 10 good: 3+ epochs
+    batches = [next(it) for _ in range(8)]  # 13 files, 10 good: 3+ epochs
     skipped = it.skipped
   for b in batches:
     assert b['hq'].shape == (4, R, R, 3)
@@ -220,7 +220,9 @@ def test_grain_workers_read_a_tfds_dataset_in_a_bucket(gcs_bucket, tmp_path, tes
   """The pod configs read TFDS from gs:// in grain worker processes (ffhq.py: 16): each worker's
   array_record reader opens the bucket itself. Two workers give the same batches as none."""
   from PIL import Image
+
   from idm_jax.data import prepare
+
   faces = tmp_path / 'faces'
   faces.mkdir()
   for i in range(16):

@@ -1,13 +1,14 @@
 """idm_jax/models/platform_ops.py: the CPU's forms of convolution and attention compute what XLA's
 convolution and jax.nn.dot_product_attention compute (values and gradients), and other platforms
 lower the native ops."""
+
 import re
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from idm_jax.models import platform_ops
 
@@ -23,16 +24,19 @@ def _loss(conv, strides, padding):
   return lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC_HWIO)))
 
 
-@pytest.mark.parametrize('shape, k, strides, cout', [
-    ((2, 2, 2, 16), 3, (1, 1), 8),      # a tiny map: patches @ kernel whole
+@pytest.mark.parametrize(
+  'shape, k, strides, cout',
+  [
+    ((2, 2, 2, 16), 3, (1, 1), 8),  # a tiny map: patches @ kernel whole
     ((2, 4, 4, 16), 3, (1, 1), 8),
-    ((2, 8, 8, 16), 3, (1, 1), 8),      # XLA's convolution
+    ((2, 8, 8, 16), 3, (1, 1), 8),  # XLA's convolution
     ((3, 7, 5, 16), 3, (1, 1), 8),
-    ((2, 8, 8, 16), 1, (1, 1), 8),      # 1x1: a plain matrix product
-    ((2, 8, 8, 16), 3, (2, 2), 8),      # strided
-    ((1, 33, 31, 24), 3, (1, 1), 16),   # non-square and odd
+    ((2, 8, 8, 16), 1, (1, 1), 8),  # 1x1: a plain matrix product
+    ((2, 8, 8, 16), 3, (2, 2), 8),  # strided
+    ((1, 33, 31, 24), 3, (1, 1), 16),  # non-square and odd
     ((1, 16, 16, 8), 5, (1, 1), 8),
-])
+  ],
+)
 def test_convolution_and_its_gradients_equal_xlas(shape, k, strides, cout):
   pad = ((k // 2, k // 2),) * 2
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
@@ -47,10 +51,12 @@ def test_convolution_and_its_gradients_equal_xlas(shape, k, strides, cout):
   assert _rel_err(dw1, dw2) < 1e-5
 
 
-@pytest.mark.parametrize('tokens, heads', [(64, 2), (5, 3), (1024, 2)])   # 1024: query blocks
+@pytest.mark.parametrize('tokens, heads', [(64, 2), (5, 3), (1024, 2)])  # 1024: query blocks
 def test_attention_and_its_gradients_equal_jax_nn(tokens, heads):
-  q, k, v = (jax.random.normal(key, (2, tokens, heads, 16))
-             for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  q, k, v = (
+    jax.random.normal(key, (2, tokens, heads, 16))
+    for key in jax.random.split(jax.random.PRNGKey(2), 3)
+  )
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
   ours = jax.jit(jax.value_and_grad(loss(platform_ops.dot_product_attention), (0, 1, 2)))(q, k, v)
   ref = jax.value_and_grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
@@ -63,15 +69,21 @@ def test_attention_and_its_gradients_equal_jax_nn(tokens, heads):
 def test_each_platform_lowers_its_own_form(platform, native):
   """The TPU and GPU programs keep XLA's convolution and attention (an AOT compile for a TPU on a
   CPU host lowers the TPU form); the CPU's has no convolution."""
+
   def grads(x, w, q):
     def loss(x, w, q):
-      y = platform_ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=NHWC_HWIO)
+      y = platform_ops.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO
+      )
       return jnp.sum(y) + jnp.sum(platform_ops.dot_product_attention(q, q, q))
+
     return jax.grad(loss, (0, 1, 2))(x, w, q)
-  args = (jax.ShapeDtypeStruct((2, 2, 2, 8), jnp.float32),
-          jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32),
-          jax.ShapeDtypeStruct((2, 16, 2, 8), jnp.float32))
+
+  args = (
+    jax.ShapeDtypeStruct((2, 2, 2, 8), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32),
+    jax.ShapeDtypeStruct((2, 16, 2, 8), jnp.float32),
+  )
   text = jax.export.export(jax.jit(grads), platforms=[platform])(*args).mlir_module()
   assert ('stablehlo.convolution' in text) == native
 
@@ -83,13 +95,16 @@ def test_explicit_attention_implementation_is_passed_through():
     jax.jit(lambda a: platform_ops.dot_product_attention(a, a, a, implementation='cudnn'))(q)
 
 
-@pytest.mark.parametrize('x_shape, kernel_shape, form', [
-    ((4, 2, 2, 512), (3, 3, 512, 512), 'patches'),      # the deepest levels
+@pytest.mark.parametrize(
+  'x_shape, kernel_shape, form',
+  [
+    ((4, 2, 2, 512), (3, 3, 512, 512), 'patches'),  # the deepest levels
     ((4, 4, 4, 512), (3, 3, 512, 512), 'patches'),
-    ((4, 64, 64, 384), (1, 1, 384, 128), 'patches'),     # 1x1 skip
+    ((4, 64, 64, 384), (1, 1, 384, 128), 'patches'),  # 1x1 skip
     ((4, 8, 8, 512), (3, 3, 512, 256), 'xla'),
     ((4, 64, 64, 128), (3, 3, 128, 128), 'xla'),
-])
+  ],
+)
 def test_cpu_conv_form(x_shape, kernel_shape, form):
   assert platform_ops.cpu_conv_form(x_shape, kernel_shape) == form
 
@@ -97,27 +112,41 @@ def test_cpu_conv_form(x_shape, kernel_shape, form):
 def _ynn_fusions(hlo_text: str) -> list:
   """The bodies of the fused computations XLA's CPU backend hands to YNNPACK."""
   names = set(re.findall(r'calls=%([\w.\-]+), [^\n]*"kind":"__ynn_fusion"', hlo_text))
-  return [body for name, body in re.findall(r'\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.S)
-          if name in names]
+  return [
+    body
+    for name, body in re.findall(r'\n%([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.S)
+    if name in names
+  ]
 
 
 def test_cpu_programs_give_ynnpack_reductions_but_not_convolutions():
   """With `compiler_options('cpu')` a train step's convolutions stay XLA's own, the kernel
   gradient above all, while reductions still go to YNNPACK; XLA's defaults hand YNNPACK the
   convolutions, several times slower here."""
+
   def step(x, w):
     # As in the train step: the kernel gradient feeds the update and the gradient norm.
-    g = jax.grad(lambda w_: jnp.sum(jnp.sin(platform_ops.conv_general_dilated(
-        x, w_, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO))))(w)
+    g = jax.grad(
+      lambda w_: jnp.sum(
+        jnp.sin(
+          platform_ops.conv_general_dilated(
+            x, w_, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO
+          )
+        )
+      )
+    )(w)
     return w - 0.1 * g, jnp.sum(g * g), jnp.sum(x * x, axis=(0, 1, 2))
-  args = (jax.ShapeDtypeStruct((4, 16, 16, 32), jnp.float32),
-          jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32))
+
+  args = (
+    jax.ShapeDtypeStruct((4, 16, 16, 32), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32),
+  )
   options = platform_ops.compiler_options('cpu')
-  if options is None:   # a later XLA may rename it: re-measure there (docs/PERFORMANCE.md)
+  if options is None:  # a later XLA may rename it: re-measure there (docs/PERFORMANCE.md)
     pytest.skip("this jaxlib's XLA does not take the CPU option")
   ours = _ynn_fusions(jax.jit(step, compiler_options=options).lower(*args).compile().as_text())
   defaults = _ynn_fusions(jax.jit(step).lower(*args).compile().as_text())
-  assert any('convolution(' in body for body in defaults)   # what the option is there to stop
+  assert any('convolution(' in body for body in defaults)  # what the option is there to stop
   assert ours and not any('convolution(' in body for body in ours)
   assert any(' reduce(' in body for body in ours)
   assert platform_ops.compiler_options('tpu') is None

@@ -1,4 +1,5 @@
 """What a run shows: metrics.jsonl and TensorBoard events, on local disk and in a gs:// bucket."""
+
 import json
 import os
 import re
@@ -22,13 +23,13 @@ def _steps(workdir):
 
 def test_metrics_and_events_reach_the_workdir_local_at_once_bucket_in_batches(workdir):
   writer = run_log.Writer(workdir)
-  writer.REMOTE_FLUSH_SECONDS = 3600.0   # in a bucket only close (or a grid) writes here
+  writer.REMOTE_FLUSH_SECONDS = 3600.0  # in a bucket only close (or a grid) writes here
   writer.scalars(1, {'loss': 1.0})
   writer.scalars(2, {'loss': 0.5})
-  assert _steps(workdir) == ([] if writer.remote else [1, 2])   # local: a reader can tail -f
+  assert _steps(workdir) == ([] if writer.remote else [1, 2])  # local: a reader can tail -f
   batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
-  writer.sample_grid(2, batch, batch['hq'], conditional=True)   # flushes; a bucket rotates
-  assert _steps(workdir) == [1, 2, 2]                            # the grid's PSNR/SSIM line
+  writer.sample_grid(2, batch, batch['hq'], conditional=True)  # flushes; a bucket rotates
+  assert _steps(workdir) == [1, 2, 2]  # the grid's PSNR/SSIM line
   writer.scalars(3, {'loss': 0.25})
   writer.close()
   assert _steps(workdir) == [1, 2, 2, 3]
@@ -36,21 +37,29 @@ def test_metrics_and_events_reach_the_workdir_local_at_once_bucket_in_batches(wo
   events = files.listdir(files.join(workdir, 'tensorboard'))
   assert len(events) == (2 if writer.remote else 1)
   # What TensorBoard reads back: every scalar and the grid, whichever file holds them.
-  values = [v for name in events
-            for v in _summary_values(files.read_bytes(files.join(workdir, 'tensorboard', name)))]
-  assert {step: v.simple_value for step, v in values if v.tag == 'loss'} == {1: 1.0, 2: 0.5,
-                                                                             3: 0.25}
+  values = [
+    v
+    for name in events
+    for v in _summary_values(files.read_bytes(files.join(workdir, 'tensorboard', name)))
+  ]
+  assert {step: v.simple_value for step, v in values if v.tag == 'loss'} == {
+    1: 1.0,
+    2: 0.5,
+    3: 0.25,
+  }
   assert [step for step, v in values if v.tag == 'samples' and v.HasField('image')] == [2]
 
 
 def _summary_values(data: bytes):
   """(step, Summary.Value) of an event file: TFRecord framing (length, CRC, payload, CRC)."""
   import struct
+
   from tensorboardX.proto import event_pb2
+
   out, pos = [], 0
   while pos < len(data):
-    (length,) = struct.unpack('<Q', data[pos:pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    (length,) = struct.unpack('<Q', data[pos : pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
     pos += 12 + length + 4
     out += [(event.step, v) for v in event.summary.value]
   return out
@@ -58,14 +67,15 @@ def _summary_values(data: bytes):
 
 def test_progress_total_follows_the_time_budget():
   from tqdm import tqdm
+
   bar = tqdm(total=1000, initial=0, disable=False, file=open(os.devnull, 'w'))
   bar.update(10)
   run_log.shorten_to_budget(bar, 10, 1000, seconds_left=0.0)
-  assert bar.total == 10                      # no time left: this is the last step
+  assert bar.total == 10  # no time left: this is the last step
   run_log.shorten_to_budget(bar, 10, 1000, seconds_left=1e9)
-  assert bar.total == 1000                    # num_steps ends first
+  assert bar.total == 1000  # num_steps ends first
   run_log.shorten_to_budget(bar, 10, 1000, seconds_left=None)
-  assert bar.total == 1000                    # no budget: unchanged
+  assert bar.total == 1000  # no budget: unchanged
   bar.close()
 
 

@@ -9,11 +9,11 @@ may hold more digits; the sign must agree; − and - are the same). A claim with
 a file. A claim whose data is gone says so ("no file: prose only, data lost") and gives no figure
 of its own.
 """
+
 import re
 
-import pytest
-
 from conftest import REPO
+import pytest
 
 DOCS = REPO / 'docs'
 RESULTS = DOCS / 'RESULTS.md'
@@ -24,7 +24,7 @@ _NUMBER = r'[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?'
 def first_screen(text: str) -> str:
   start = text.index(SECTION)
   end = text.find('\n## ', start + len(SECTION))
-  return text[start + len(SECTION):end if end >= 0 else len(text)]
+  return text[start + len(SECTION) : end if end >= 0 else len(text)]
 
 
 def claims(section: str) -> list[str]:
@@ -47,8 +47,8 @@ def cited_files(claim: str) -> list[str]:
 
 
 def figures(claim: str) -> list[str]:
-  prose = re.sub(r'\]\([^)]*\)', ']', claim)        # link targets
-  prose = re.sub(r'`[^`]*`', '', prose)               # code, commands, paths
+  prose = re.sub(r'\]\([^)]*\)', ']', claim)  # link targets
+  prose = re.sub(r'`[^`]*`', '', prose)  # code, commands, paths
   prose = prose.replace('−', '-')
   return re.findall(r'(?<![\w.])[-+]?\d+\.\d+(?![\w.]*\d)', prose)
 
@@ -56,7 +56,7 @@ def figures(claim: str) -> list[str]:
 def found_in(figure: str, text: str) -> bool:
   value = float(figure)
   decimals = len(figure.split('.')[1])
-  half = 0.5 * 10 ** -decimals + 1e-9
+  half = 0.5 * 10**-decimals + 1e-9
   for number in re.findall(_NUMBER, text.replace('−', '-')):
     try:
       x = float(number)
@@ -104,22 +104,32 @@ def test_the_first_screen_has_claims_with_figures_and_files():
 def test_the_check_fails_on_a_wrong_figure_a_missing_file_or_no_file(tmp_path):
   (tmp_path / 'results').mkdir()
   (tmp_path / 'results' / 's.md').write_text('| x | **+0.1336 [-0.1599, +0.4271]** | 38.567 |\n')
-  good = ('# R\n\n## Where things stand\n\n- A gap of +0.134 dB [−0.160, +0.43] and 38.6 dB\n'
-          '  ([summary](results/s.md)), `--config.x=0.25` in code is not a figure.\n\n## Next\n'
-          '- +9.99 outside the section is not checked\n')
+  good = (
+    '# R\n\n## Where things stand\n\n- A gap of +0.134 dB [−0.160, +0.43] and 38.6 dB\n'
+    '  ([summary](results/s.md)), `--config.x=0.25` in code is not a figure.\n\n## Next\n'
+    '- +9.99 outside the section is not checked\n'
+  )
   assert untraced(good, tmp_path) == []
-  assert untraced(good.replace('+0.134', '+0.135'), tmp_path)            # a wrong figure
-  assert untraced(good.replace('−0.160', '+0.160'), tmp_path)            # the wrong sign
-  assert untraced(good.replace('38.6 dB', '38.57 dB'), tmp_path) == []   # more digits, in the file
-  assert untraced(good.replace('results/s.md', 'results/t.md'), tmp_path)   # a missing file
+  assert untraced(good.replace('+0.134', '+0.135'), tmp_path)  # a wrong figure
+  assert untraced(good.replace('−0.160', '+0.160'), tmp_path)  # the wrong sign
+  assert untraced(good.replace('38.6 dB', '38.57 dB'), tmp_path) == []  # more digits, in the file
+  assert untraced(good.replace('results/s.md', 'results/t.md'), tmp_path)  # a missing file
   assert untraced(good.replace('([summary](results/s.md))', ''), tmp_path)  # no file cited
   lost = '## Where things stand\n\n- 128 px (no file: prose only, data lost): 19.21 dB.\n'
   assert untraced(lost, tmp_path)
 
 
-@pytest.mark.parametrize('figure,text,ok', [
-    ('0.99', '0.9948', True), ('0.99', '0.9851', True), ('0.99', '0.9849', False),
-    ('-0.0007', '-0.0007', True), ('-0.0007', '0.0007', False), ('4.0', '4', True),
-    ('0.6133', '0.6132875952034058', True)])
+@pytest.mark.parametrize(
+  'figure,text,ok',
+  [
+    ('0.99', '0.9948', True),
+    ('0.99', '0.9851', True),
+    ('0.99', '0.9849', False),
+    ('-0.0007', '-0.0007', True),
+    ('-0.0007', '0.0007', False),
+    ('4.0', '4', True),
+    ('0.6133', '0.6132875952034058', True),
+  ],
+)
 def test_rounding_rule(figure, text, ok):
   assert found_in(figure, text) is ok

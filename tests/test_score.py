@@ -1,10 +1,11 @@
 """The evaluate CLI on a few real faces (its library: test_metrics_scoring, test_metrics_reports)."""
+
 import json
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from idm_jax import score
 from idm_jax.metrics import fidelity
@@ -33,15 +34,31 @@ def _read(folder):
 def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   before = sorted(p.name for p in (folders / 'gt').iterdir())
   out = tmp_path / 'report'
-  rc = score.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
-                      '--lq', str(folders / 'lq'), '--niqe_params', str(niqe_params_path),
-                      '--niqe_upscale', '2', '--out', str(out), '--title', 'blur test'])
+  rc = score.main(
+    [
+      '--pred',
+      str(folders / 'pred'),
+      '--gt',
+      str(folders / 'gt'),
+      '--lq',
+      str(folders / 'lq'),
+      '--niqe_params',
+      str(niqe_params_path),
+      '--niqe_upscale',
+      '2',
+      '--out',
+      str(out),
+      '--title',
+      'blur test',
+    ]
+  )
   assert rc == 0
   report = json.loads((out / 'metrics.json').read_text())
   m = report['metrics']
   assert report['num_images'] == 3 and len(report['names']) == 3
-  want_psnr = np.mean([fidelity.psnr(p, g) for p, g in zip(_read(folders / 'pred'),
-                                                           _read(folders / 'gt'))])
+  want_psnr = np.mean(
+    [fidelity.psnr(p, g) for p, g in zip(_read(folders / 'pred'), _read(folders / 'gt'))]
+  )
   assert m['psnr']['mean'] == pytest.approx(want_psnr)
   assert len(m['ssim_y']['per_image']) == 3 and 0.5 < m['ssim_y']['mean'] < 1
   assert m['consistency']['mean'] > 25  # a blur of the HQ agrees with its area-downsampled LQ
@@ -55,8 +72,9 @@ def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   assert '# blur test' in md and 'NIQE (2x Lanczos upscale)' in md and '| PSNR (RGB, dB)' in md
   assert sorted(p.name for p in (folders / 'gt').iterdir()) == before
   # --lq: each metric's per-image difference against the LQ (bicubic-upsampled to 128 px).
-  lq_big = [np.asarray(Image.fromarray(l).resize((128, 128), Image.BICUBIC))
-            for l in _read(folders / 'lq')]
+  lq_big = [
+    np.asarray(Image.fromarray(l).resize((128, 128), Image.BICUBIC)) for l in _read(folders / 'lq')
+  ]
   lq_psnr = [fidelity.psnr(l, g) for l, g in zip(lq_big, _read(folders / 'gt'))]
   d = report['delta']
   assert d['reference'] == 'LQ input'
@@ -66,12 +84,15 @@ def test_cli_writes_report(folders, niqe_params_path, tmp_path):
   assert 'Per-image difference against LQ input' in md and 'paired-bootstrap 95%' in md
 
 
-@pytest.mark.parametrize('problem, message', [
+@pytest.mark.parametrize(
+  'problem, message',
+  [
     ('missing', 'have no --gt file'),
     ('size', 'size mismatch'),
     ('unreadable', 'cannot read image'),
     ('out_in_gt', 'inside --gt'),
-])
+  ],
+)
 def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message):
   gt = tmp_path / 'gt'
   gt.mkdir()
@@ -87,8 +108,9 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
     victim.write_bytes(b'not an image')
   else:
     out = gt / 'report'
-  rc = score.main(['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out),
-                      '--no_identity'])
+  rc = score.main(
+    ['--pred', str(folders / 'pred'), '--gt', str(gt), '--out', str(out), '--no_identity']
+  )
   err = capsys.readouterr().err
   assert rc == 2 and message in err
   if problem != 'out_in_gt':
@@ -96,20 +118,40 @@ def test_cli_errors_name_the_problem(folders, tmp_path, capsys, problem, message
   assert not (out / 'metrics.json').exists()
 
 
-def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_path, gcs_bucket,
-                                                                capsys):
+def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(
+  folders, tmp_path, gcs_bucket, capsys
+):
   """--pred/--gt/--lq and --out in a bucket: the same report as from the local folders."""
   from idm_jax.storage import files
+
   for rel in files.walk_files(folders):
     files.copy_file(folders / rel, files.join(gcs_bucket, 'data', rel))
   common = ['--no_identity', '--title', 'bucket test']
   local = tmp_path / 'report'
-  assert score.main(['--pred', str(folders / 'pred'), '--gt', str(folders / 'gt'),
-                        '--lq', str(folders / 'lq'), '--out', str(local), *common]) == 0
+  assert (
+    score.main(
+      [
+        '--pred',
+        str(folders / 'pred'),
+        '--gt',
+        str(folders / 'gt'),
+        '--lq',
+        str(folders / 'lq'),
+        '--out',
+        str(local),
+        *common,
+      ]
+    )
+    == 0
+  )
   printed_local = capsys.readouterr().out
   data, out = f'{gcs_bucket}/data', f'{gcs_bucket}/eval/run1'
-  assert score.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--lq', f'{data}/lq',
-                        '--out', out, *common]) == 0
+  assert (
+    score.main(
+      ['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--lq', f'{data}/lq', '--out', out, *common]
+    )
+    == 0
+  )
   assert capsys.readouterr().out == printed_local
   assert files.walk_files(out) == ['metrics.json', 'metrics.md']
   for name in ('metrics.json', 'metrics.md'):
@@ -119,10 +161,13 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_pa
   assert report['delta']['reference'] == 'LQ input'
   # --out inside an input folder of the bucket, and a missing bucket, are refused at once.
   missing = 'gs://no-such-bucket-5d1e'
-  for bad_out, why in ((f'{data}/gt/report', 'inside --gt'),
-                       (f'{missing}/eval', f'{missing} does not exist')):
-    assert score.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--out', bad_out,
-                          *common]) == 2
+  for bad_out, why in (
+    (f'{data}/gt/report', 'inside --gt'),
+    (f'{missing}/eval', f'{missing} does not exist'),
+  ):
+    assert (
+      score.main(['--pred', f'{data}/pred', '--gt', f'{data}/gt', '--out', bad_out, *common]) == 2
+    )
     err = capsys.readouterr().err
     assert why in err and len(err.strip().splitlines()) == 1, err
   assert files.walk_files(f'{data}/gt') == sorted(p.name for p in (folders / 'gt').iterdir())
@@ -130,6 +175,7 @@ def test_cli_reads_and_writes_a_bucket_as_it_does_a_local_folder(folders, tmp_pa
 
 def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, capsys):
   from idm_jax.data import sources
+
   faces = tmp_path / 'faces'
   faces.mkdir()
   for i in range(2):
@@ -148,9 +194,21 @@ def test_cli_scores_niqe_with_the_shipped_params_unless_overridden(tmp_path, cap
 
 def test_fid_mode_without_weights_reports_niqe(folders, niqe_params_path, tmp_path):
   out = tmp_path / 'fid'
-  rc = score.main(['--fid', '--pred', str(folders / 'pred'), '--ref', str(folders / 'gt'),
-                      '--niqe_params', str(niqe_params_path), '--niqe_upscale', '2',
-                      '--out', str(out)])
+  rc = score.main(
+    [
+      '--fid',
+      '--pred',
+      str(folders / 'pred'),
+      '--ref',
+      str(folders / 'gt'),
+      '--niqe_params',
+      str(niqe_params_path),
+      '--niqe_upscale',
+      '2',
+      '--out',
+      str(out),
+    ]
+  )
   assert rc == 0
   m = json.loads((out / 'metrics.json').read_text())['metrics']
   assert m['fid']['mean'] is None and 'inception_weights' in m['fid']['reason']

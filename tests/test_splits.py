@@ -1,22 +1,26 @@
 """The train/dev/test split of docs/PROTOCOL.md: the committed file, the views the runs read, and
 that no selection script can read the test split."""
+
 import json
 import os
 import re
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
+import pytest
 
 EXPERIMENTS = REPO / 'experiments'
 SPLITS = REPO / 'docs' / 'results' / 'splits.json'
 # Scripts that choose something (recipe, dose, t_start, draws, step count, selector, detector
 # settings): dev only. Scripts that score a claim may take EVAL=test. Every script that touches
 # the split must be in one of the two lists, so a new one has to be classified.
-SELECTION_SCRIPTS = ('ablation_64.sh', 'cleaning_fidelity.sh', 'selection_scores.py',
-                     'detector_quality.py')
+SELECTION_SCRIPTS = (
+  'ablation_64.sh',
+  'cleaning_fidelity.sh',
+  'selection_scores.py',
+  'detector_quality.py',
+)
 CLAIM_SCRIPTS = ('extrinsic_experiment.sh',)
 SPLIT_TOOLS = ('make_splits.py', 'split_view.py')
 
@@ -52,8 +56,6 @@ def _violations(name: str, text: str) -> list[str]:
   return problems
 
 
-
-
 @pytest.mark.parametrize('name', SELECTION_SCRIPTS)
 def test_no_selection_script_reads_the_test_split(name):
   assert _violations(name, (EXPERIMENTS / name).read_text()) == []
@@ -87,16 +89,20 @@ def test_committed_split_is_what_make_splits_draws():
   assert (len(train), len(dev), len(held_out)) == (700, 100, 100)
   names = sorted(train + dev + held_out)
   assert len(set(names)) == 900
-  assert make_splits.make_splits(names) == splits          # deterministic, byte for byte
-  assert dev == names[-100:]                               # the faces every earlier choice used
+  assert make_splits.make_splits(names) == splits  # deterministic, byte for byte
+  assert dev == names[-100:]  # the faces every earlier choice used
   # No test face was contaminated in any earlier contamination (they were scored then).
   from idm_jax.data import contaminate
+
   pool = names[:-100]
   for fraction, seed in make_splits.EARLIER_CONTAMINATIONS:
     touched = {pool[i] for i in contaminate.choose(len(pool), fraction, seed)}
     assert not touched & set(held_out)
-  manifest = json.loads((REPO / 'docs' / 'results' / 'extrinsic64_doses' / 'dose40' /
-                         'contamination_manifest.json').read_text())
+  manifest = json.loads(
+    (
+      REPO / 'docs' / 'results' / 'extrinsic64_doses' / 'dose40' / 'contamination_manifest.json'
+    ).read_text()
+  )
   hit = {os.path.splitext(n)[0] for n in contaminate.contaminated_names(manifest)}
   assert len(hit) == 320 and not hit & {os.path.splitext(n)[0] for n in held_out}
 
@@ -120,14 +126,29 @@ def test_a_view_holds_train_and_one_split_that_split_last(tmp_path):
   got = sorted(os.listdir(dst))
   assert got == [f'a_{n}' for n in splits['train']] + [f'b_{n}' for n in splits['dev']]
   assert os.path.realpath(dst / 'b_008.jpg') == str(src / '008.jpg')
-  assert split_view.make_view(splits, str(src), str(dst), 'dev') == 2   # a rerun is a no-op
+  assert split_view.make_view(splits, str(src), str(dst), 'dev') == 2  # a rerun is a no-op
   with pytest.raises(ValueError, match='not the test view'):
     split_view.make_view(splits, str(src), str(dst), 'test')
   with pytest.raises(ValueError, match='choose one of'):
     split_view.make_view(splits, str(src), str(tmp_path / 'v2'), 'train')
-  r = subprocess.run([sys.executable, 'experiments/split_view.py', '--eval', 'test', '--dst',
-                      str(tmp_path / 'v3'), '--splits', str(path), '--src', str(src)],
-                     cwd=REPO, capture_output=True, text=True, timeout=60)
+  r = subprocess.run(
+    [
+      sys.executable,
+      'experiments/split_view.py',
+      '--eval',
+      'test',
+      '--dst',
+      str(tmp_path / 'v3'),
+      '--splits',
+      str(path),
+      '--src',
+      str(src),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert r.returncode == 0 and r.stdout.strip() == '2'
   assert sorted(os.listdir(tmp_path / 'v3'))[-2:] == ['b_006.jpg', 'b_007.jpg']
 
@@ -142,7 +163,18 @@ def test_selection_scripts_refuse_test_faces_at_run_time(tmp_path):
   faces = tmp_path / 'faces'
   faces.mkdir()
   (faces / '007.jpg').write_bytes(b'x')
-  r = subprocess.run([sys.executable, 'experiments/detector_quality.py', '--faces', str(faces),
-                      '--splits', str(path)], cwd=REPO, capture_output=True, text=True,
-                     timeout=120)
+  r = subprocess.run(
+    [
+      sys.executable,
+      'experiments/detector_quality.py',
+      '--faces',
+      str(faces),
+      '--splits',
+      str(path),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode != 0 and 'test split' in r.stderr

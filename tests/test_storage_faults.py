@@ -1,6 +1,7 @@
 """Storage faults are expected, not fatal: every client behind a fault-injecting proxy
 (tests/gcs_faults.py) in front of the local GCS server, answering 503/429, dropping a reply after
 the write landed, resetting connections, adding latency."""
+
 import io
 import json
 import logging
@@ -15,9 +16,8 @@ import numpy as np
 from PIL import Image
 
 from idm_jax.storage import files
-from idm_jax.training import run_log
 from idm_jax.storage import workdir_lock
-
+from idm_jax.training import run_log
 
 # --- The proxy itself: each kind of fault, seen by a real client (gcsfs through files.py).
 
@@ -27,7 +27,7 @@ def test_the_proxy_injects_each_kind_of_fault(gcs_faults, gcs_bucket):
   path = f'{gcs_bucket}/dir/a.bin'
   files.write_atomic(path, b'one')
   proxy.add(r'dir/a\.bin', 'status', count=2, status=503, methods=('GET',))
-  assert files.read_bytes(path) == b'one'                 # gcsfs retried past two 503s
+  assert files.read_bytes(path) == b'one'  # gcsfs retried past two 503s
   assert proxy.hits(r'dir/a\.bin', kind='status') == 2
   proxy.add(r'dir/a\.bin', 'status', count=1, status=429)
   assert files.read_bytes(path) == b'one'
@@ -84,9 +84,9 @@ def test_a_heartbeat_whose_reply_is_lost_keeps_the_lock(gcs_faults, gcs_bucket):
       time.sleep(0.1)
     assert proxy.hits(kind='drop_reply') == 1
     generation = lock._impl.generation
-    time.sleep(1.0)                                 # several more heartbeats
+    time.sleep(1.0)  # several more heartbeats
     assert not lock.lost
-    assert lock._impl.generation != generation      # and they still land
+    assert lock._impl.generation != generation  # and they still land
     mine = json.loads(files.read_text(f'{workdir}/train.lock'))
     assert mine['pid'] == os.getpid()
   finally:
@@ -94,9 +94,9 @@ def test_a_heartbeat_whose_reply_is_lost_keeps_the_lock(gcs_faults, gcs_bucket):
   assert not files.exists(f'{workdir}/train.lock')
 
 
-def test_a_partitioned_holder_stops_before_another_run_can_take_over(gcs_faults, gcs_bucket,
-                                                                     gcs_server, monkeypatch,
-                                                                     caplog):
+def test_a_partitioned_holder_stops_before_another_run_can_take_over(
+  gcs_faults, gcs_bucket, gcs_server, monkeypatch, caplog
+):
   """The holder's requests all fail (503) from some moment: it says the lock is lost after
   half the stale time by its own clock, while a taker that reaches the server must watch the
   lock unchanged for the whole stale time first, so the two never both hold it."""
@@ -104,10 +104,10 @@ def test_a_partitioned_holder_stops_before_another_run_can_take_over(gcs_faults,
   workdir = f'{gcs_bucket}/run'
   stale = 4.0
   holder = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=stale).acquire()
-  monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)   # the taker is not partitioned
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)  # the taker is not partitioned
   taker = workdir_lock.WorkdirLock(workdir, heartbeat_seconds=0.2, stale_seconds=stale)
   taker.me = dict(taker.me, pid=os.getpid() + 1, host='another-host')
-  proxy.add(r'train\.lock', 'status', status=503)           # the partition
+  proxy.add(r'train\.lock', 'status', status=503)  # the partition
   partitioned = time.monotonic()
   lost_at = None
   with caplog.at_level(logging.WARNING):
@@ -116,19 +116,19 @@ def test_a_partitioned_holder_stops_before_another_run_can_take_over(gcs_faults,
         taker.acquire()
         taken_at = time.monotonic()
         break
-      except workdir_lock.WorkdirInUse:   # refused while the heartbeat is recent
+      except workdir_lock.WorkdirInUse:  # refused while the heartbeat is recent
         pass
       if lost_at is None and holder.lost:
         lost_at = time.monotonic()
       assert time.monotonic() - partitioned < 60
       time.sleep(0.2)
   assert holder.lost and lost_at is not None and lost_at < taken_at
-  assert lost_at - partitioned >= stale / 2 - 0.5   # not before its renewals ran out
-  assert taken_at - partitioned >= stale             # the taker watched for the stale time
+  assert lost_at - partitioned >= stale / 2 - 0.5  # not before its renewals ran out
+  assert taken_at - partitioned >= stale  # the taker watched for the stale time
   assert 'no heartbeat landed for 2 s' in caplog.text
   assert 'watching it for 4 s before taking it over' in caplog.text
   proxy.clear()
-  holder.release()                                   # lost: leaves the taker's lock alone
+  holder.release()  # lost: leaves the taker's lock alone
   assert json.loads(files.read_text(f'{workdir}/train.lock'))['host'] == 'another-host'
   taker.release()
   assert not files.exists(f'{workdir}/train.lock')
@@ -141,8 +141,7 @@ def _steps(workdir):
   return [json.loads(line)['step'] for line in files.iter_lines(f'{workdir}/metrics.jsonl')]
 
 
-def test_a_metrics_write_that_fails_after_landing_is_rewritten_once(gcs_faults, gcs_bucket,
-                                                                    caplog):
+def test_a_metrics_write_that_fails_after_landing_is_rewritten_once(gcs_faults, gcs_bucket, caplog):
   """The rewrite of metrics.jsonl lands but the client sees a failure (reply lost, then a
   refusal): the Writer warns, keeps the lines and rewrites the whole file at the next flush,
   so no line is missing or doubled."""
@@ -154,17 +153,18 @@ def test_a_metrics_write_that_fails_after_landing_is_rewritten_once(gcs_faults, 
   proxy.add(r'metrics\.jsonl', 'drop_reply', count=1, methods=('POST',))
   proxy.add(r'metrics\.jsonl', 'status', count=1, status=403, methods=('POST',))
   with caplog.at_level(logging.WARNING):
-    writer.scalars(1, {'loss': 1.0})   # raises nothing
+    writer.scalars(1, {'loss': 1.0})  # raises nothing
   assert proxy.hits(r'metrics\.jsonl') == 2
   assert 'could not write' in caplog.text and 'metrics.jsonl' in caplog.text
-  assert _steps(workdir) == [0, 1]     # it had landed
+  assert _steps(workdir) == [0, 1]  # it had landed
   writer.scalars(2, {'loss': 0.5})
   writer.close()
   assert _steps(workdir) == [0, 1, 2]
 
 
 def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_dropped(
-    gcs_faults, gcs_bucket, caplog):
+  gcs_faults, gcs_bucket, caplog
+):
   proxy = gcs_faults.proxy
   workdir = f'{gcs_bucket}/run'
   writer = run_log.Writer(workdir)
@@ -174,7 +174,7 @@ def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_droppe
     writer.sample_grid(2, batch, batch['hq'], conditional=True)
   assert 'samples_0000002.png' not in files.listdir(workdir)
   assert 'could not write' in caplog.text and 'samples_0000002.png' in caplog.text
-  writer.scalars(3, {'loss': 0.5})    # the next log step writes it
+  writer.scalars(3, {'loss': 0.5})  # the next log step writes it
   assert 'samples_0000002.png' in files.listdir(workdir)
   proxy.add(r'samples_0000004', 'status', status=403)
   with caplog.at_level(logging.WARNING):
@@ -188,7 +188,8 @@ def test_a_grid_that_cannot_be_written_is_tried_at_the_next_log_step_then_droppe
 
 
 def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_whole(
-    gcs_faults, gcs_bucket, monkeypatch, caplog):
+  gcs_faults, gcs_bucket, monkeypatch, caplog
+):
   """503 bursts on metrics.jsonl and on a grid that outlast gcsfs's own 6 tries of the upload:
   the Writer makes the write again (files.call_with_retries, files.is_transient) and both
   objects are written whole at once, with no warning. Then an outage: the first failure of the
@@ -196,13 +197,14 @@ def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_wh
   (gcsfs's waits between its tries are shortened here, its number of tries is not.)"""
   from gcs_faults import _ShorterWaits
   from gcsfs import retry
+
   monkeypatch.setattr(retry, 'asyncio', _ShorterWaits(20))
   proxy = gcs_faults.proxy
   workdir = f'{gcs_bucket}/run'
   writer = run_log.Writer(workdir)
   writer.REMOTE_FLUSH_SECONDS = 0.0
   writer.WRITE_BACKOFF_S = 0.2
-  tries = 6   # gcsfs's tries of one request
+  tries = 6  # gcsfs's tries of one request
   proxy.add(r'metrics\.jsonl', 'status', count=tries + 1, status=503, methods=('POST',))
   proxy.add(r'samples_0000002', 'status', count=tries + 1, status=503, methods=('POST',))
   batch = {'lq': np.zeros((2, 16, 16, 3), np.uint8), 'hq': np.full((2, 16, 16, 3), 255, np.uint8)}
@@ -218,7 +220,7 @@ def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_wh
   assert grid.shape == (3 * (16 * zoom + 2) + 2, 2 * (16 * zoom + 2) + 2, 3)
   assert _steps(workdir) == [1, 2]
 
-  proxy.add(r'metrics\.jsonl', 'status', status=503, methods=('POST',))   # an outage
+  proxy.add(r'metrics\.jsonl', 'status', status=503, methods=('POST',))  # an outage
   before = proxy.hits(r'metrics\.jsonl')
   with caplog.at_level(logging.WARNING):
     writer.scalars(3, {'loss': 0.5})
@@ -226,7 +228,7 @@ def test_a_503_burst_longer_than_gcsfs_retries_is_retried_and_the_objects_are_wh
   assert 'could not write' in caplog.text and 'metrics.jsonl' in caplog.text
   before = proxy.hits(r'metrics\.jsonl')
   writer.scalars(4, {'loss': 0.25})
-  assert proxy.hits(r'metrics\.jsonl') - before == tries   # one try while the streak lasts
+  assert proxy.hits(r'metrics\.jsonl') - before == tries  # one try while the streak lasts
   proxy.clear()
   writer.close()
   assert _steps(workdir) == [1, 2, 3, 4]
@@ -253,22 +255,44 @@ def _start(workdir, steps, env, params_out=''):
   process 0 ends could fill up with process 1's log and block it, and process 0 with it, in
   their next collective."""
   import tempfile  # pylint: disable=import-outside-toplevel
+
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
   procs, logs = [], []
   for i in range(2):
-    cmd = [sys.executable, str(QUICK), str(WORKER), '--workdir', workdir, '--steps', str(steps),
-           '--overrides', json.dumps({'train.num_steps': 100}), '--process-id', str(i),
-           '--num-processes', '2', '--port', str(port)]
+    cmd = [
+      sys.executable,
+      str(QUICK),
+      str(WORKER),
+      '--workdir',
+      workdir,
+      '--steps',
+      str(steps),
+      '--overrides',
+      json.dumps({'train.num_steps': 100}),
+      '--process-id',
+      str(i),
+      '--num-processes',
+      '2',
+      '--port',
+      str(port),
+    ]
     if params_out and i == 0:
       cmd += ['--params-out', str(params_out)]
     out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
     logs.append((out, err))
-    procs.append(subprocess.Popen(
-        cmd, stdout=out, stderr=err, text=True,
-        env=dict(env, PYTHONPATH=str(REPO),
-                 IDM_JAX_TEST_GCSFS_WAIT_DIVISOR=str(GCSFS_WAIT_DIVISOR))))
+    procs.append(
+      subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=err,
+        text=True,
+        env=dict(
+          env, PYTHONPATH=str(REPO), IDM_JAX_TEST_GCSFS_WAIT_DIVISOR=str(GCSFS_WAIT_DIVISOR)
+        ),
+      )
+    )
   return procs, logs
 
 
@@ -284,7 +308,7 @@ def _finish(started):
       texts.append((out.read(), err.read()))
   finally:
     for p, (out, err) in zip(procs, logs):
-      if p.poll() is None:   # a test that failed leaves no worker behind
+      if p.poll() is None:  # a test that failed leaves no worker behind
         p.kill()
         p.wait()
       out.close()
@@ -307,8 +331,9 @@ def _assert_same_run(a, b):
   np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-5)
 
 
-def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_faults, gcs_server,
-                                                                         gcs_bucket, tmp_path):
+def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(
+  gcs_faults, gcs_server, gcs_bucket, tmp_path
+):
   """Two processes, 4 steps of configs/test.py (checkpoints and grids at 2 and 4, a metrics
   line each step), three runs. 503 bursts on checkpoint, metrics and grid writes: the run
   equals a fault-free one. Then checkpoint 4 truly cut short, and a resume during which
@@ -317,6 +342,7 @@ def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_fau
   both processes try it again together and resume it (a process falling back alone would
   compute other losses), then train on to the fault-free run's losses and params."""
   from conftest import gcs_env  # pylint: disable=import-outside-toplevel
+
   proxy = gcs_faults.proxy
   direct = dict(os.environ, **gcs_env(int(gcs_server.rsplit(':', 1)[1])))
   workdir = f'{gcs_bucket}/faulty'
@@ -341,13 +367,19 @@ def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_fau
   # once (by process 0). gcsfs makes 6 tries of a request: all 6 fail for process 1's
   # data-iterator state in checkpoint 2.
   train_dir = f'{workdir}/checkpoints/4/train'
-  arrays = [f'{train_dir}/{f}' for f in files.walk_files(train_dir)
-            if f.split('/')[-2:-1] == ['d']]   # ocdbt's data files
+  arrays = [
+    f'{train_dir}/{f}' for f in files.walk_files(train_dir) if f.split('/')[-2:-1] == ['d']
+  ]  # ocdbt's data files
   largest = max(arrays, key=lambda f: len(files.read_bytes(f)))
   files.write_atomic(largest, files.read_bytes(largest)[:100])
   proxy.reset()
-  proxy.add(r'/o/faulty/checkpoints/2/data/process_1-of-2\.json(\?|$)', 'status', count=6,
-            status=503, methods=('GET',))
+  proxy.add(
+    r'/o/faulty/checkpoints/2/data/process_1-of-2\.json(\?|$)',
+    'status',
+    count=6,
+    status=503,
+    methods=('GET',),
+  )
   second, _ = _two_processes(workdir, 2, os.environ, tmp_path / 'faulty.npz')
   assert proxy.hits(r'process_1-of-2') == 6
   # All six were tries of one request (gcsfs then gave up), made again afterwards: the restore
@@ -358,6 +390,6 @@ def test_two_hosts_train_through_storage_faults_and_resume_the_same_step(gcs_fau
   assert second['step'] == 4
   _assert_same_run(second['losses'][-2:], clean['losses'][-2:])
   for a, b in zip(_params(tmp_path / 'clean.npz'), _params(tmp_path / 'faulty.npz')):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)   # as test_train's
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # as test_train's
   assert files.listdir(f'{workdir}/checkpoints_unreadable') == ['4']
   assert files.listdir(f'{workdir}/checkpoints') == ['2', '4']

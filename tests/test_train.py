@@ -1,4 +1,5 @@
 """The training driver: sharding invariance, multi-host, exact resume, preemption, NaN safety."""
+
 import json
 import os
 import pathlib
@@ -22,17 +23,27 @@ WORKER = pathlib.Path(__file__).with_name('train_worker.py')
 REPO = WORKER.parents[1]
 
 
-def run_worker(workdir, steps, *, devices=1, overrides=None, params_out='', extra=(),
-               timeout=600, wait=True):
-  cmd = [sys.executable, str(WORKER), '--workdir', str(workdir), '--steps', str(steps),
-         '--devices', str(devices), '--overrides', json.dumps(overrides or {})]
+def run_worker(
+  workdir, steps, *, devices=1, overrides=None, params_out='', extra=(), timeout=600, wait=True
+):
+  cmd = [
+    sys.executable,
+    str(WORKER),
+    '--workdir',
+    str(workdir),
+    '--steps',
+    str(steps),
+    '--devices',
+    str(devices),
+    '--overrides',
+    json.dumps(overrides or {}),
+  ]
   if params_out:
     cmd += ['--params-out', str(params_out)]
   cmd += list(extra)
   env = dict(os.environ, PYTHONPATH=str(REPO))
   if not wait:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -68,9 +79,13 @@ def test_sharded_8_devices_matches_1_device(tmp_path):
   (Adam divides by sqrt(nu), which amplifies rounding on near-zero gradients).
   """
   one = run_worker(tmp_path / 'one', 3, devices=1, overrides=BASE, params_out=tmp_path / 'p1.npz')
-  eight = run_worker(tmp_path / 'eight', 3, devices=8,
-                     overrides={**BASE, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 64},
-                     params_out=tmp_path / 'p8.npz')
+  eight = run_worker(
+    tmp_path / 'eight',
+    3,
+    devices=8,
+    overrides={**BASE, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 64},
+    params_out=tmp_path / 'p8.npz',
+  )
   assert len(one['losses']) == 3
   assert_losses_close(one['losses'], eight['losses'], rtol=1e-5)
   for a, b in zip(load_params(tmp_path / 'p1.npz'), load_params(tmp_path / 'p8.npz')):
@@ -84,17 +99,34 @@ def test_two_processes_match_one_process(tmp_path):
   the first collective after 30 s, so this passes only because the trainer waits at a barrier
   between compiling and running the step."""
   port = free_port()
-  procs = [run_worker(tmp_path / 'multi', 3, devices=4, overrides=BASE, wait=False,
-                      params_out=tmp_path / 'multi.npz' if i == 0 else '',
-                      extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port),
-                             '--compile-delay', str(35 * i)])
-           for i in range(2)]
+  procs = [
+    run_worker(
+      tmp_path / 'multi',
+      3,
+      devices=4,
+      overrides=BASE,
+      wait=False,
+      params_out=tmp_path / 'multi.npz' if i == 0 else '',
+      extra=[
+        '--process-id',
+        str(i),
+        '--num-processes',
+        '2',
+        '--port',
+        str(port),
+        '--compile-delay',
+        str(35 * i),
+      ],
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   multi = json.loads(outs[0][0].strip().splitlines()[-1])
-  single = run_worker(tmp_path / 'single', 3, devices=8, overrides=BASE,
-                      params_out=tmp_path / 'single.npz')
+  single = run_worker(
+    tmp_path / 'single', 3, devices=8, overrides=BASE, params_out=tmp_path / 'single.npz'
+  )
   assert_losses_close(single['losses'], multi['losses'], rtol=1e-5)
   # The parameters both hosts trained (gathered from both processes' shards), not only the loss.
   for a, b in zip(load_params(tmp_path / 'single.npz'), load_params(tmp_path / 'multi.npz')):
@@ -124,8 +156,12 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
   restored parameters and optimiser state are the ones saved, whatever the mesh (tolerances as
   in the sharding test: reduction order only)."""
   ov = {**BASE, 'train.ckpt_every': 2}
-  run_worker(tmp_path / 'w', 2, devices=8,
-             overrides={**ov, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 64})
+  run_worker(
+    tmp_path / 'w',
+    2,
+    devices=8,
+    overrides={**ov, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 64},
+  )
   out = run_worker(tmp_path / 'w', 1, devices=1, overrides=ov, params_out=tmp_path / 'r.npz')
   assert out['step'] == 3
   run_worker(tmp_path / 'one', 3, devices=1, overrides=ov, params_out=tmp_path / 'one.npz')
@@ -135,9 +171,12 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'w'
-  proc = run_worker(workdir, 10_000, overrides={'train.ckpt_every': 10_000,
-                                                'train.sample_every': 10_000,
-                                                'train.num_steps': 10_000}, wait=False)
+  proc = run_worker(
+    workdir,
+    10_000,
+    overrides={'train.ckpt_every': 10_000, 'train.sample_every': 10_000, 'train.num_steps': 10_000},
+    wait=False,
+  )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -156,6 +195,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_nonfinite_step_is_skipped_and_named(test_config):
   """A NaN loss leaves the state untouched and check_finite names the step."""
   from idm_jax.runtime import parallel
+
   mesh = parallel.make_mesh(test_config.mesh)
   trainer = train.Trainer(test_config, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
@@ -176,9 +216,9 @@ def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
   test_config.train.update(ckpt_every=2, sample_every=100, num_steps=6)
   train.train_and_evaluate(test_config, str(tmp_path), max_steps=2)
   from idm_jax.diffusion import objectives
+
   real = objectives.training_loss
-  monkeypatch.setattr(objectives, 'training_loss',
-                      lambda *a, **k: (real(*a, **k)[0] * jnp.nan, {}))
+  monkeypatch.setattr(objectives, 'training_loss', lambda *a, **k: (real(*a, **k)[0] * jnp.nan, {}))
   with pytest.raises(FloatingPointError, match='step 2'):
     train.train_and_evaluate(test_config, str(tmp_path))
   ckpt = checkpoints.Checkpointer(str(tmp_path))
@@ -190,7 +230,9 @@ def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
 def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   """accum=2 applies the mean gradient of micro-batches [0::2] and [1::2] (key fold_in(rng, i))."""
   import functools
+
   from idm_jax.runtime import configlib
+
   c = test_config
   c.train.update(batch_size=4, grad_accum_steps=2, grad_clip=0.0)
   r = c.data.resolution
@@ -199,22 +241,31 @@ def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   logsnr_fn = configlib.logsnr_fn(c.diffusion, r)
   state = train.init_state(jax.random.PRNGKey(0), model, tx)
   rng = np.random.default_rng(0)
-  batch = {k: jnp.asarray(rng.integers(0, 256, (4, r, r, 3), dtype=np.uint8))
-           for k in ('hq', 'lq')}
-  after, metrics = jax.jit(functools.partial(train.train_step, model=model, config=c,
-                                             logsnr_fn=logsnr_fn))(state, batch)
+  batch = {k: jnp.asarray(rng.integers(0, 256, (4, r, r, 3), dtype=np.uint8)) for k in ('hq', 'lq')}
+  after, metrics = jax.jit(
+    functools.partial(train.train_step, model=model, config=c, logsnr_fn=logsnr_fn)
+  )(state, batch)
   step_rng = jax.random.fold_in(state.rng, state.step)
-  losses, grads = zip(*[
-      jax.value_and_grad(train.loss_fn)(state.params, model,
-                                        {k: v[i::2] for k, v in batch.items()},
-                                        jax.random.fold_in(step_rng, i), c, logsnr_fn)
-      for i in range(2)])
+  losses, grads = zip(
+    *[
+      jax.value_and_grad(train.loss_fn)(
+        state.params,
+        model,
+        {k: v[i::2] for k, v in batch.items()},
+        jax.random.fold_in(step_rng, i),
+        c,
+        logsnr_fn,
+      )
+      for i in range(2)
+    ]
+  )
   mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
   updates, _ = tx.update(mean_grads, state.opt_state, state.params)
   want = optax.apply_updates(state.params, updates)
   np.testing.assert_allclose(float(metrics['loss']), np.mean(losses), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics['grad_norm']), float(optax.tree.norm(mean_grads)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    float(metrics['grad_norm']), float(optax.tree.norm(mean_grads)), rtol=1e-4
+  )
   for got, exp in zip(jax.tree.leaves(after.params), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-6)
 
@@ -223,10 +274,14 @@ def test_time_budget_stops_saves_and_counts_across_resumes(tmp_path):
   """max_seconds: the run stops at the budget with a checkpoint and a grid, exits normally; a
   rerun finds the budget spent and trains nothing; lifting the budget resumes from there."""
   workdir = tmp_path / 'w'
-  ov = {'train.max_seconds': 1e-3, 'train.num_steps': 1000, 'train.ckpt_every': 1000,
-        'train.sample_every': 1000}
+  ov = {
+    'train.max_seconds': 1e-3,
+    'train.num_steps': 1000,
+    'train.ckpt_every': 1000,
+    'train.sample_every': 1000,
+  }
   first = run_worker(workdir, 1000, overrides=ov)
-  assert first['step'] == 1   # the budget is spent by compilation: one step, then stop
+  assert first['step'] == 1  # the budget is spent by compilation: one step, then stop
   ckpt = checkpoints.Checkpointer(str(workdir))
   assert ckpt.latest_step() == 1 and ckpt.train_seconds(1) > 0
   assert (workdir / 'samples_0000001.png').exists()
@@ -245,6 +300,7 @@ def test_preempted_in_a_bucket_and_rerun_equals_an_uninterrupted_run(tmp_path, g
   """SIGTERM after step 2 of 4: the run saves step 2 to the bucket and exits 0; the rerun
   resumes from the bucket and ends bit-identical to 4 uninterrupted steps on local disk."""
   from idm_jax.storage import files
+
   ov = {'train.ckpt_every': 100, 'train.sample_every': 100}
   whole = run_worker(tmp_path / 'whole', 4, overrides=ov, params_out=tmp_path / 'whole.npz')
   workdir = f'{gcs_bucket}/run'
@@ -255,7 +311,7 @@ def test_preempted_in_a_bucket_and_rerun_equals_an_uninterrupted_run(tmp_path, g
   assert second['step'] == 4
   for a, b in zip(load_params(tmp_path / 'whole.npz'), load_params(tmp_path / 'split.npz')):
     np.testing.assert_array_equal(a, b)
-  assert whole['losses'] == second['losses']   # one metrics stream across the two runs
+  assert whole['losses'] == second['losses']  # one metrics stream across the two runs
   assert not (tmp_path / 'gs:').exists() and not (REPO / 'gs:').exists()
 
 
@@ -264,15 +320,24 @@ def test_two_hosts_preempted_at_different_steps_save_one_step_to_the_bucket(gcs_
   step 2 and process 1 during step 3 (if it is still running by then): JAX's preemption service
   makes both stop after the same step, save it once and exit 0; both then resume from it."""
   from idm_jax.storage import files
+
   workdir = f'{gcs_bucket}/run'
   ov = {**BASE, 'train.num_steps': 1000}
 
   def two(steps, signals=(0, 0)):
     port = free_port()
-    procs = [run_worker(workdir, steps, devices=4, overrides=ov, wait=False,
-                        extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port)]
-                        + (['--sigterm-at-step', str(signals[i])] if signals[i] else []))
-             for i in range(2)]
+    procs = [
+      run_worker(
+        workdir,
+        steps,
+        devices=4,
+        overrides=ov,
+        wait=False,
+        extra=['--process-id', str(i), '--num-processes', '2', '--port', str(port)]
+        + (['--sigterm-at-step', str(signals[i])] if signals[i] else []),
+      )
+      for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
       assert p.returncode == 0, err[-4000:]
@@ -281,9 +346,9 @@ def test_two_hosts_preempted_at_different_steps_save_one_step_to_the_bucket(gcs_
   (out, errs) = two(20, signals=(2, 3))
   stopped = out['step']
   assert 2 <= stopped < 20
-  for err in errs:   # each process names the step they agreed on
+  for err in errs:  # each process names the step they agreed on
     assert f'all hosts stop at step {stopped}' in err
   assert files.listdir(f'{workdir}/checkpoints') == [str(stopped)]
   logged = [json.loads(line)['step'] for line in files.iter_lines(f'{workdir}/metrics.jsonl')]
-  assert logged == list(range(1, stopped + 1))   # process 0 alone writes the metrics
+  assert logged == list(range(1, stopped + 1))  # process 0 alone writes the metrics
   assert two(2)[0]['step'] == stopped + 2

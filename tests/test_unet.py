@@ -3,17 +3,19 @@
 Compilation dominates the cost, so the models are built once per module and the tests that need
 nonzero zero-inits use random parameters drawn with numpy from `param_shapes` (no compile).
 """
+
 import functools
 
+from conftest import REPO
+from conftest import load_config
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
-from idm_jax.runtime import configlib
 from idm_jax.models import unet
+from idm_jax.runtime import configlib
 
 B = 2
 RES = 32
@@ -34,12 +36,12 @@ def _random_params(model, seed):
 
   def draw(path, s):
     name = jax.tree_util.keystr(path)
-    if len(s.shape) > 1:   # kernels: unit-variance activations
+    if len(s.shape) > 1:  # kernels: unit-variance activations
       fan_in = int(np.prod(s.shape[:-1]))
       x = rng.normal(0.0, 1.0 / np.sqrt(fan_in), s.shape)
     elif 'scale' in name:  # norm scales around 1
       x = 1.0 + 0.1 * rng.normal(size=s.shape)
-    else:                  # biases and norm offsets
+    else:  # biases and norm offsets
       x = 0.1 * rng.normal(size=s.shape)
     return jnp.asarray(x, s.dtype)
 
@@ -77,11 +79,13 @@ def _max_diff(a, b):
 def test_all_configs_build_and_count_without_allocating():
   # param_shapes is abstract (nothing allocated) and count_params sums exactly its leaves.
   cfg = load_config('test')
-  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(
-      unet.param_shapes(configlib.build_model(cfg.model, cfg.data.resolution))))
+  leaves = jax.tree_util.tree_leaves(
+    nn.meta.unbox(unet.param_shapes(configlib.build_model(cfg.model, cfg.data.resolution)))
+  )
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert unet.count_params(configlib.build_model(cfg.model, cfg.data.resolution)) == sum(
-      int(np.prod(x.shape)) for x in leaves)
+    int(np.prod(x.shape)) for x in leaves
+  )
   for path in sorted((REPO / 'configs').glob('*.py')):
     cfg = load_config(path.stem)
     n = unet.count_params(configlib.build_model(cfg.model, cfg.data.resolution))
@@ -129,7 +133,7 @@ def test_output_depends_on_every_input(base, base_params):
   out = apply(v, x_t, logsnr, lq)
   assert out.shape == (B, RES, RES, 3) and out.dtype == jnp.float32
   assert np.all(np.isfinite(out)) and float(jnp.std(out)) > 1e-3
-  np.testing.assert_array_equal(out, apply(v, x_t, logsnr, lq))   # deterministic
+  np.testing.assert_array_equal(out, apply(v, x_t, logsnr, lq))  # deterministic
   x2, logsnr2, lq2 = _inputs(1)
   assert _max_diff(out, apply(v, x2, logsnr, lq)) > 1e-3
   assert _max_diff(out, apply(v, x_t, logsnr + 1.0, lq)) > 1e-3
@@ -143,8 +147,11 @@ def test_quarter_size_lq_equals_bilinear_upsampled_lq(base, base_params):
   _, apply = base
   x_t, logsnr, lq = _inputs(0)
   lq_full = jax.image.resize(lq, (B, RES, RES, 3), 'bilinear')
-  np.testing.assert_allclose(apply({'params': base_params}, x_t, logsnr, lq),
-                             apply({'params': base_params}, x_t, logsnr, lq_full), atol=1e-5)
+  np.testing.assert_allclose(
+    apply({'params': base_params}, x_t, logsnr, lq),
+    apply({'params': base_params}, x_t, logsnr, lq_full),
+    atol=1e-5,
+  )
 
 
 def test_lq_reaches_output_through_concat_and_through_encoder(base, base_params):
@@ -152,10 +159,16 @@ def test_lq_reaches_output_through_concat_and_through_encoder(base, base_params)
   x_t, logsnr, lq = _inputs(0)
   _, _, lq2 = _inputs(1)
   # Concat path alone: projections zero as at init ⇒ the encoder contributes nothing...
-  no_proj = {k: (jax.tree_util.tree_map(jnp.zeros_like, v) if k.startswith('lq_proj_') else v)
-             for k, v in base_params.items()}
-  assert _max_diff(apply({'params': no_proj}, x_t, logsnr, lq),
-                   apply({'params': no_proj}, x_t, logsnr, lq2)) > 1e-3
+  no_proj = {
+    k: (jax.tree_util.tree_map(jnp.zeros_like, v) if k.startswith('lq_proj_') else v)
+    for k, v in base_params.items()
+  }
+  assert (
+    _max_diff(
+      apply({'params': no_proj}, x_t, logsnr, lq), apply({'params': no_proj}, x_t, logsnr, lq2)
+    )
+    > 1e-3
+  )
   # ...and the encoder path alone, in a model without the concat.
   model = _model(lq_concat=False, lq_encoder=True)
   params = _random_params(model, seed=2)
@@ -169,10 +182,13 @@ def test_lq_reaches_output_through_concat_and_through_encoder(base, base_params)
     p[f'lq_proj_{level}'] = jax.tree_util.tree_map(jnp.zeros_like, params[f'lq_proj_{level}'])
     assert _max_diff(out, enc_apply({'params': p}, x_t, logsnr, lq)) > 1e-4, level
   # With every projection zero the encoder-only model ignores lq.
-  p = {k: (jax.tree_util.tree_map(jnp.zeros_like, v) if k.startswith('lq_proj_') else v)
-       for k, v in params.items()}
-  np.testing.assert_array_equal(enc_apply({'params': p}, x_t, logsnr, lq),
-                                enc_apply({'params': p}, x_t, logsnr, lq2))
+  p = {
+    k: (jax.tree_util.tree_map(jnp.zeros_like, v) if k.startswith('lq_proj_') else v)
+    for k, v in params.items()
+  }
+  np.testing.assert_array_equal(
+    enc_apply({'params': p}, x_t, logsnr, lq), enc_apply({'params': p}, x_t, logsnr, lq2)
+  )
 
 
 def test_drop_cond_equals_zero_lq(base, base_params):
@@ -182,10 +198,8 @@ def test_drop_cond_equals_zero_lq(base, base_params):
   zeros = apply(v, x_t, logsnr, jnp.zeros_like(lq))
   cond = apply(v, x_t, logsnr, lq)
   assert _max_diff(zeros, cond) > 1e-3
-  np.testing.assert_array_equal(
-      apply(v, x_t, logsnr, lq, drop_cond=jnp.ones((B,), bool)), zeros)
-  np.testing.assert_array_equal(
-      apply(v, x_t, logsnr, lq, drop_cond=jnp.zeros((B,), bool)), cond)
+  np.testing.assert_array_equal(apply(v, x_t, logsnr, lq, drop_cond=jnp.ones((B,), bool)), zeros)
+  np.testing.assert_array_equal(apply(v, x_t, logsnr, lq, drop_cond=jnp.zeros((B,), bool)), cond)
   mixed = apply(v, x_t, logsnr, lq, drop_cond=jnp.array([True, False]))
   np.testing.assert_allclose(mixed[0], zeros[0], atol=1e-5)
   np.testing.assert_allclose(mixed[1], cond[1], atol=1e-5)
@@ -203,8 +217,7 @@ def test_conditioning_argument_errors():
   with pytest.raises(ValueError, match='unconditional'):
     jax.eval_shape(uncond.init, key, x_t, logsnr, lq)
   with pytest.raises(ValueError, match='drop_cond'):
-    jax.eval_shape(functools.partial(uncond.init, drop_cond=jnp.ones((B,), bool)), key, x_t,
-                   logsnr)
+    jax.eval_shape(functools.partial(uncond.init, drop_cond=jnp.ones((B,), bool)), key, x_t, logsnr)
   # The unconditional model has no LQ parameters and maps x_t alone to an output.
   shapes = nn.meta.unbox(unet.param_shapes(uncond))
   assert not any(k.startswith('lq_') for k in shapes)
@@ -261,7 +274,8 @@ def test_every_param_is_boxed_with_logical_names_of_its_rank(base):
   model, _ = base
   boxed = unet.param_shapes(model)
   leaves = jax.tree_util.tree_leaves(
-      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
   assert len(leaves) == len(jax.tree_util.tree_leaves(nn.meta.unbox(boxed)))
   allowed = {4: unet.CONV_KERNEL_AXES, 2: unet.DENSE_KERNEL_AXES, 1: unet.CHANNEL_AXES}
   for leaf in leaves:
@@ -276,8 +290,13 @@ def test_activation_constraints_trace_under_a_mesh_with_rules(base):
   """The activation annotations name axes of the right rank (checked when rules are active)."""
   model, _ = base
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  rules = [('batch', 'data'), ('height', None), ('width', None), ('channels', None),
-           ('tokens', None)]
+  rules = [
+    ('batch', 'data'),
+    ('height', None),
+    ('width', None),
+    ('channels', None),
+    ('tokens', None),
+  ]
   x_t, logsnr, lq = _inputs(0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x_t, logsnr, lq)[0])
@@ -288,12 +307,14 @@ def test_logsnr_embedding_is_finite_and_resolves_the_whole_range():
   logsnr = jnp.linspace(-20.0, 20.0, 81)
   emb = unet.logsnr_embedding(logsnr, 64)
   assert emb.shape == (81, 64) and emb.dtype == jnp.float32 and np.all(np.isfinite(emb))
-  d = np.linalg.norm(np.diff(np.asarray(emb), axis=0), axis=1)   # steps of 0.5 in log-SNR
-  assert d.min() > 0.5   # neighbouring noise levels are clearly distinguishable
+  d = np.linalg.norm(np.diff(np.asarray(emb), axis=0), axis=1)  # steps of 0.5 in log-SNR
+  assert d.min() > 0.5  # neighbouring noise levels are clearly distinguishable
   assert np.all(np.isfinite(unet.logsnr_embedding(jnp.array([-40.0, 40.0]), 7)))
 
 
-@pytest.mark.parametrize('shape, groups', [((2, 8, 8, 32), 8), ((3, 5, 7, 12), 3), ((1, 4, 4, 8), 8)])
+@pytest.mark.parametrize(
+  'shape, groups', [((2, 8, 8, 32), 8), ((3, 5, 7, 12), 3), ((1, 4, 4, 8), 8)]
+)
 def test_group_norm_equals_flax_group_norm_with_the_scale_and_shift(shape, groups):
   """unet.group_norm (sums over pixels, then over a group's channels) computes flax's GroupNorm
   followed by `* (1 + scale) + shift`, values and gradients, at an offset mean so that the
@@ -316,8 +337,9 @@ def test_group_norm_equals_flax_group_norm_with_the_scale_and_shift(shape, group
 
   args = (x, gamma, beta, scale, shift)
   np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(unet.group_norm(x, gamma, beta, groups, 1e-5),
-                             flax_norm.apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    unet.group_norm(x, gamma, beta, groups, 1e-5), flax_norm.apply(params, x), rtol=1e-5, atol=1e-5
+  )
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(3.0 * f(*a)))
   for got, want in zip(jax.grad(loss(ours), range(5))(*args), jax.grad(loss(ref), range(5))(*args)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))

@@ -1,4 +1,5 @@
 """Sampling jobs (validation.restore_all, cleaning, generation) on one host and over several."""
+
 import json
 import os
 import pathlib
@@ -26,11 +27,19 @@ def _faces(root):
 
 def _run(out, faces, *extra, wait=True):
   out.mkdir(exist_ok=True)
-  cmd = [sys.executable, str(WORKER), '--out', str(out), '--faces', str(faces), '--devices', '2',
-         *extra]
+  cmd = [
+    sys.executable,
+    str(WORKER),
+    '--out',
+    str(out),
+    '--faces',
+    str(faces),
+    '--devices',
+    '2',
+    *extra,
+  ]
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   return proc.communicate(timeout=600) + (proc,) if wait else proc
 
 
@@ -47,22 +56,50 @@ def test_two_processes_sample_in_lockstep_what_one_does(tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  procs = [_run(tmp_path / 'two', faces, '--process-id', str(i), '--num-processes', '2',
-                '--port', str(port), wait=False) for i in range(2)]
+  procs = [
+    _run(
+      tmp_path / 'two',
+      faces,
+      '--process-id',
+      str(i),
+      '--num-processes',
+      '2',
+      '--port',
+      str(port),
+      wait=False,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-4000:]
-  one, two, two_1 = (json.loads((tmp_path / f).read_text())
-                     for f in ('one/info-0.json', 'two/info-0.json', 'two/info-1.json'))
-  assert (one['mesh_size'], one['lockstep'], two['mesh_size'], two['lockstep']) == (2, False,
-                                                                                    4, True)
+  one, two, two_1 = (
+    json.loads((tmp_path / f).read_text())
+    for f in ('one/info-0.json', 'two/info-0.json', 'two/info-1.json')
+  )
+  assert (one['mesh_size'], one['lockstep'], two['mesh_size'], two['lockstep']) == (
+    2,
+    False,
+    4,
+    True,
+  )
   assert one['counts'] == two['counts'] == dict(cleaned=5, copied=0, failed=1)
   # Lockstep: both processes launch the same programs in the same order, as many as the busier
   # one needs (CPU runs a collective-free program without the other process; a TPU pod need not).
-  assert two['launches'] == two_1['launches'] == [
-      ['restore_all', 3], ['restore_all', 3],
-      ['clean', 2], ['clean', 2], ['clean', 2], ['clean', 2],   # 2 chunks x 2 draws
-      ['generate', 2], ['generate', 2]]
+  assert (
+    two['launches']
+    == two_1['launches']
+    == [
+      ['restore_all', 3],
+      ['restore_all', 3],
+      ['clean', 2],
+      ['clean', 2],
+      ['clean', 2],
+      ['clean', 2],  # 2 chunks x 2 draws
+      ['generate', 2],
+      ['generate', 2],
+    ]
+  )
   restored = [np.load(tmp_path / d / 'restored.npy') for d in ('one', 'two')]
   assert restored[0].shape == (7, 32, 32, 3)
   assert len({a.tobytes() for a in restored[0]}) == 7  # distinct outputs: a mix-up would show
@@ -78,6 +115,7 @@ def test_two_processes_sample_in_lockstep_what_one_does(tmp_path):
 def test_niqe_params_default_to_the_shipped_file_and_can_be_overridden(test_config, tmp_path):
   from idm_jax.inference import validation
   from idm_jax.metrics import niqe
+
   test_config.data.update(source='folder', dir=str(tmp_path / 'faces'))  # no file beside it
   assert validation.niqe_params_path(test_config) == niqe.default_params_path()
   test_config.eval.niqe_params = str(tmp_path / 'mine.npz')

@@ -16,6 +16,7 @@ it would there, with the field to change. Measured numbers live in docs/TPU.md.
   hlo.py       the collectives in an optimized HLO module's text
   __main__.py  the command line
 """
+
 import os
 
 # Before jax loads (MaxText and AXLearn do the same): compile on the CPU host without touching

@@ -5,6 +5,7 @@ evaluate, clean, extrinsic, generate). Each compile gives its per-chip memory, F
 collectives; a program that does not fit in HBM, or that XLA cannot place on the slice, comes
 back as a Program with its error, not as an exception.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,13 +17,14 @@ from flax.linen import meta
 import jax
 import jax.numpy as jnp
 
-from idm_jax.runtime import configlib
+from idm_jax.aot import hlo
+from idm_jax.aot.chips import Chip
+from idm_jax.aot.chips import GiB
 from idm_jax.inference import engine
+from idm_jax.models import unet
+from idm_jax.runtime import configlib
 from idm_jax.runtime import parallel
 from idm_jax.training import train
-from idm_jax.aot import hlo
-from idm_jax.aot.chips import Chip, GiB
-from idm_jax.models import unet
 
 # The programs each config.mode runs: the Trainer's step and grid sampler, the Restorer's.
 TRAINS = ('train', 'extrinsic')
@@ -32,15 +34,16 @@ RESTORES = ('sample', 'evaluate', 'clean', 'extrinsic', 'generate')
 @dataclasses.dataclass
 class Program:
   """One compiled program's numbers (per device unless named otherwise)."""
+
   name: str
-  batch: int                 # global batch
+  batch: int  # global batch
   compile_s: float
   memory: dict
-  flops: float               # XLA's estimate for one device's program
+  flops: float  # XLA's estimate for one device's program
   collectives: dict
-  error: str = ''            # why it failed to compile (then the numbers are empty)
-  cannot_run: bool = False   # the error is not memory: no batch or fsdp setting makes it fit
-  state_bytes: int = 0       # the train state's shards (params, EMA, Adam), from the shardings
+  error: str = ''  # why it failed to compile (then the numbers are empty)
+  cannot_run: bool = False  # the error is not memory: no batch or fsdp setting makes it fit
+  state_bytes: int = 0  # the train state's shards (params, EMA, Adam), from the shardings
 
 
 def fits(program: Program, chip: Chip) -> bool:
@@ -66,8 +69,10 @@ def compile_train_step(config, mesh) -> Program:
 
   def lower():
     with parallel.mesh_rules(mesh):
-      return trainer.step.lower(trainer.abstract_state,
-                                trainer.batch_spec(trainer.local_batch_size()))
+      return trainer.step.lower(
+        trainer.abstract_state, trainer.batch_spec(trainer.local_batch_size())
+      )
+
   program = _compile('train step', config.train.batch_size, lower)
   program.state_bytes = shard_bytes(trainer.abstract_state)
   return program
@@ -79,13 +84,17 @@ def compile_sampler(config, mesh, settings, batch_size: int, name: str) -> Progr
   jitted = trainer.sampler_jit(settings, batch_size)
   res = config.data.resolution
   rep = parallel.replicated(mesh)
-  lq = (jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.uint8, sharding=rep)
-        if config.model.conditional else None)
+  lq = (
+    jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.uint8, sharding=rep)
+    if config.model.conditional
+    else None
+  )
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
 
   def lower():
     with parallel.mesh_rules(mesh):
       return jitted.lower(trainer.abstract_state.ema, lq, rng)
+
   return _compile(name, batch_size, lower)
 
 
@@ -98,13 +107,19 @@ def compile_restorer(config, devices, settings, batch_size: int, name: str) -> P
   mesh = parallel.sampling_mesh(devices)
   hosts = parallel.process_count_of(mesh)
   batch = engine.padded_batch(batch_size, mesh.size // hosts) * hosts
-  jitted = engine.sampling_jit(model, config, configlib.logsnr_fn(config.diffusion, res), mesh,
-                                  batch, settings)
+  jitted = engine.sampling_jit(
+    model, config, configlib.logsnr_fn(config.diffusion, res), mesh, batch, settings
+  )
   rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                        meta.unbox(unet.param_shapes(model)))
-  lq = (jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=split)
-        if config.model.conditional else None)
+  params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+    meta.unbox(unet.param_shapes(model)),
+  )
+  lq = (
+    jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32, sharding=split)
+    if config.model.conditional
+    else None
+  )
   seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=rep)
   indices = jax.ShapeDtypeStruct((batch,), jnp.uint32, sharding=split)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
@@ -118,8 +133,9 @@ def restorer_job(config):
   mode = config.get('mode', 'train')
   if mode in ('clean', 'extrinsic'):
     c = config.clean
-    return 'clean', configlib.sample_settings(config.sample, steps=int(c.steps),
-                                              sampler=c.sampler, t_start=float(c.t_start))
+    return 'clean', configlib.sample_settings(
+      config.sample, steps=int(c.steps), sampler=c.sampler, t_start=float(c.t_start)
+    )
   if mode == 'evaluate':
     return 'eval', configlib.sample_settings(config.sample, steps=int(config.eval.steps[0]))
   return ('generate' if mode == 'generate' else 'sample'), configlib.sample_settings(config.sample)
@@ -133,8 +149,7 @@ def _compile(name, batch, lower_fn) -> Program:
   except Exception as e:  # pylint: disable=broad-except
     why = _cannot_run(e)
     if why:
-      return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=why,
-                     cannot_run=True)
+      return Program(name, batch, time.perf_counter() - t0, {}, 0.0, {}, error=why, cannot_run=True)
     if not _out_of_memory(e):
       raise
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -143,17 +158,21 @@ def _compile(name, batch, lower_fn) -> Program:
   used = memory(compiled)
   # Logged as each compile ends, so an interrupted --max_batch search still leaves its numbers.
   logging.info('compiled %s in %.0f s: %s per device', name, seconds, gib(used['total']))
-  return Program(name, batch, seconds, used, train.xla_flops(compiled),
-                 hlo.collectives(compiled.as_text()))
+  return Program(
+    name, batch, seconds, used, train.xla_flops(compiled), hlo.collectives(compiled.as_text())
+  )
 
 
 def memory(compiled) -> dict:
   """Per-device bytes of a compiled program: arguments, temporaries, outputs that do not
   reuse a donated argument's buffer, generated code, and their total (the HBM it needs)."""
   m = compiled.memory_analysis()
-  out = dict(arguments=m.argument_size_in_bytes, temporaries=m.temp_size_in_bytes,
-             outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
-             code=m.generated_code_size_in_bytes)
+  out = dict(
+    arguments=m.argument_size_in_bytes,
+    temporaries=m.temp_size_in_bytes,
+    outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
+    code=m.generated_code_size_in_bytes,
+  )
   out['total'] = sum(out.values())
   return out
 
@@ -182,6 +201,8 @@ _SUBSET_OF_SLICE = 'limited ICI routing'
 
 def _cannot_run(e: Exception) -> str:
   if _SUBSET_OF_SLICE in str(e):
-    return ('a program over a subset of this slice\'s chips does not compile: on this slice a '
-            'program spans one chip or every chip (docs/TPU.md, "Sampling on a pod")')
+    return (
+      "a program over a subset of this slice's chips does not compile: on this slice a "
+      'program spans one chip or every chip (docs/TPU.md, "Sampling on a pod")'
+    )
   return ''

@@ -5,6 +5,7 @@ in the batch), and a compile that fits is slow while most that do not fit are re
 saying what they needed. So the search compiles, aims each probe with the memory the earlier
 ones reported, and tries only the batches TPU layouts favour.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,7 @@ def max_batch_per_chip(config, mesh, chip: Chip, known: Program = None, limit: i
 
   def measure(per_chip):
     if per_chip not in cache:
-      cache[per_chip] = programs.compile_train_step(with_batch(config, per_chip * mesh.size),
-                                                    mesh)
+      cache[per_chip] = programs.compile_train_step(with_batch(config, per_chip * mesh.size), mesh)
     program = cache[per_chip]
     if not program.error:
       return programs.fits(program, chip), program.memory['total']
@@ -79,8 +79,9 @@ def largest_fitting(measure, capacity: int, limit: int = 1024, start: int = 1):
     if limit < grid:
       continue
     first = best // grid if best else start // grid if start % grid == 0 else 1
-    k = _edge(lambda k, grid=grid: record(k * grid), capacity, limit // grid,
-              min(first, limit // grid))
+    k = _edge(
+      lambda k, grid=grid: record(k * grid), capacity, limit // grid, min(first, limit // grid)
+    )
     best = max(best, k * grid)
   if best:
     return best, tried
@@ -111,8 +112,13 @@ def _edge(measure, capacity: int, limit: int, start: int) -> int:
   while lo < limit and (hi is None or hi - lo > 1):
     if hi is None:
       fit = sorted(n for n in seen if ok[n] and seen[n])
-      aim = (_crossing(seen, fit[-2], fit[-1], capacity) if len(fit) > 1 else
-             fit[-1] * capacity / seen[fit[-1]] if fit else lo)
+      aim = (
+        _crossing(seen, fit[-2], fit[-1], capacity)
+        if len(fit) > 1
+        else fit[-1] * capacity / seen[fit[-1]]
+        if fit
+        else lo
+      )
       n = min(int(max(2 * lo, 2 * aim)), limit)
     elif lo and seen[lo] is not None and seen[hi] is not None:
       n = min(max(_crossing(seen, lo, hi, capacity), lo + 1), hi - 1)
@@ -130,12 +136,14 @@ def _crossing(seen, a: int, b: int, capacity: int) -> int:
   return a + int((capacity - seen[a]) // per_image)
 
 
-def needed_bytes(program: Program, other_bytes: float = 0.) -> float | None:
+def needed_bytes(program: Program, other_bytes: float = 0.0) -> float | None:
   """The HBM an out-of-memory compile said it needed in all; None if it did not say. Where XLA
   names only the temporaries, `other_bytes` (arguments, outputs, code: about the same at every
   batch) completes the total."""
+
   def size(m):
     return float(m.group(1)) * 1024 ** ('KMGT'.index(m.group(2)) + 1)
+
   if m := _NEEDED_TOTAL.search(program.error):
     return size(m)
   if m := _NEEDED_TEMPORARIES.search(program.error):
@@ -167,18 +175,23 @@ def report_lines(found, mesh, chip: Chip, compiled) -> list[str]:
       return f'{programs.gib(p.memory["total"])}, over HBM'
     needed = needed_bytes(p, beside)
     return 'out of memory' + (f' (needs {programs.gib(needed)})' if needed is not None else '')
+
   probes = ', '.join(f'{p.batch // mesh.size}: {outcome(p)}' for p in tried)
-  lines = [f'largest per-chip batch that fits (of multiples of {TILE_LANES}, then of '
-           f'{TILE_ROWS}, then 1 to {TILE_ROWS - 1} when none fits): {best} (global '
-           f'{best * mesh.size}); the '
-           f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
-           f'{probes or "none"})']
+  lines = [
+    f'largest per-chip batch that fits (of multiples of {TILE_LANES}, then of '
+    f'{TILE_ROWS}, then 1 to {TILE_ROWS - 1} when none fits): {best} (global '
+    f'{best * mesh.size}); the '
+    f'search compiled {len(tried)} more train steps in {seconds:.0f} s (per chip: '
+    f'{probes or "none"})'
+  ]
   # Near the limit XLA rematerialises, so each image can cost more FLOPs than at a smaller
   # batch that fits: the fastest batch by the projection need not be the largest.
   fitting = [p for p in steps if programs.fits(p, chip)]
   if fitting:
     fastest = max(fitting, key=lambda p: programs.images_per_second(p, chip, 0.4))
-    lines.append(f'fastest per-chip batch compiled, by the projection: '
-                 f'{fastest.batch // mesh.size} ({projected(fastest)} on these '
-                 f'{mesh.size} chips)')
+    lines.append(
+      f'fastest per-chip batch compiled, by the projection: '
+      f'{fastest.batch // mesh.size} ({projected(fastest)} on these '
+      f'{mesh.size} chips)'
+    )
   return lines

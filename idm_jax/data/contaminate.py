@@ -20,6 +20,7 @@ DST/manifest.json (written last) names each file, whether and how it was contami
 checksum; `--replay` re-creates the dataset byte for byte from it. The source is never written.
 --src, --dst and --replay may be local or in a bucket (gs://...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from idm_jax.data import degradations
+from idm_jax.data import sources
 from idm_jax.runtime import cli
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax.data import degradations
-from idm_jax.data import sources
 
 FORMAT = 'idm_jax/contaminated-dataset/1'
 MANIFEST = 'manifest.json'
@@ -69,7 +70,7 @@ def sample_defect(seed: int, index: int, kinds: Sequence[str], ranges: dict) -> 
   key = dict(blur='sigma', resize='factor', noise='sigma')[kind]
   defect = {'kind': kind, key: value}
   if kind == 'noise':
-    defect['noise_seed'] = int(rng.integers(2 ** 31))
+    defect['noise_seed'] = int(rng.integers(2**31))
   return defect
 
 
@@ -84,33 +85,44 @@ def apply_defect(img: np.ndarray, defect: dict) -> np.ndarray:
     x = cv2.sepFilter2D(x, -1, g, g, borderType=cv2.BORDER_REFLECT_101)
   elif kind == 'resize':
     small = (max(1, int(round(w / defect['factor']))), max(1, int(round(h / defect['factor']))))
-    x = cv2.resize(cv2.resize(x, small, interpolation=cv2.INTER_AREA), (w, h),
-                   interpolation=cv2.INTER_LINEAR)
+    x = cv2.resize(
+      cv2.resize(x, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR
+    )
   elif kind == 'jpeg':
     x = degradations._jpeg(x, defect['quality'])  # pylint: disable=protected-access
   elif kind == 'noise':
     rng = np.random.default_rng(defect['noise_seed'])
-    x = x + rng.normal(0., defect['sigma'] / 255., x.shape).astype(np.float32)
+    x = x + rng.normal(0.0, defect['sigma'] / 255.0, x.shape).astype(np.float32)
   else:
     raise ContaminateError(f'unknown defect kind {kind!r}; choose from {KINDS}')
-  return np.clip(np.rint(x * 255.), 0, 255).astype(np.uint8)
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: int,
-         kinds: Sequence[str], ranges: dict) -> dict:
+def plan(
+  src: str,
+  *,
+  fraction: float,
+  seed: int,
+  resolution: int,
+  skip_last: int,
+  kinds: Sequence[str],
+  ranges: dict,
+) -> dict:
   """The manifest without checksums: which file gets which defect. Checks the arguments."""
-  if not 0. <= fraction <= 1.:
+  if not 0.0 <= fraction <= 1.0:
     raise ContaminateError(f'--fraction {fraction} must be in [0, 1]')
   bad = [k for k in kinds if k not in KINDS]
   if bad or not kinds:
     raise ContaminateError(f'--kinds {",".join(kinds)}: choose one or more of {",".join(KINDS)}')
   for k, (lo, hi) in ranges.items():
     if not 0 < lo <= hi:
-      raise ContaminateError(f'--{k.replace("_", "-")} range ({lo}, {hi}) must have 0 < low <= high')
+      raise ContaminateError(
+        f'--{k.replace("_", "-")} range ({lo}, {hi}) must have 0 < low <= high'
+      )
   if resolution < 8:
     raise ContaminateError(f'--resolution {resolution} must be at least 8')
   paths = images.list_images(src)
@@ -125,10 +137,18 @@ def plan(src: str, *, fraction: float, seed: int, resolution: int, skip_last: in
     if i in chosen:
       rec['defect'] = sample_defect(seed, i, kinds, ranges)
     records.append(rec)
-  return dict(format=FORMAT, src=files.absolute(src), fraction=fraction, seed=seed,
-              resolution=resolution, skip_last=skip_last, kinds=list(kinds),
-              ranges={k: list(v) for k, v in ranges.items()},
-              num_contaminated=len(chosen), records=records)
+  return dict(
+    format=FORMAT,
+    src=files.absolute(src),
+    fraction=fraction,
+    seed=seed,
+    resolution=resolution,
+    skip_last=skip_last,
+    kinds=list(kinds),
+    ranges={k: list(v) for k, v in ranges.items()},
+    num_contaminated=len(chosen),
+    records=records,
+  )
 
 
 def _check_dst(src: str, dst: str) -> None:
@@ -147,11 +167,15 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
   done_path = files.join(dst, MANIFEST)
   if files.exists(done_path):
     old = json.loads(files.read_text(done_path))
-    if {k: v for k, v in old.items() if k != 'records'} != \
-       {k: v for k, v in manifest.items() if k != 'records'} or \
-       [{k: v for k, v in r.items() if k != 'sha256'} for r in old['records']] != manifest['records']:
-      raise ContaminateError(f'{done_path} describes a different contamination; choose an empty '
-                             '--dst (nothing is overwritten)')
+    if {k: v for k, v in old.items() if k != 'records'} != {
+      k: v for k, v in manifest.items() if k != 'records'
+    } or [{k: v for k, v in r.items() if k != 'sha256'} for r in old['records']] != manifest[
+      'records'
+    ]:
+      raise ContaminateError(
+        f'{done_path} describes a different contamination; choose an empty '
+        '--dst (nothing is overwritten)'
+      )
     verify(dst)
     return old
   records = []
@@ -165,7 +189,7 @@ def build(manifest: dict, dst: str, progress: bool = True) -> dict:
       img = apply_defect(img, rec['defect'])
     png = sources.encode_png(img)
     files.write_atomic(files.join(dst, IMAGES, rec['file']), png)
-    records.append(dict(rec, sha256=_sha256(png)))   # the bytes written: no download to hash
+    records.append(dict(rec, sha256=_sha256(png)))  # the bytes written: no download to hash
   full = dict(manifest, records=records)
   files.write_atomic(done_path, json.dumps(full, indent=1).encode())
   return full
@@ -178,7 +202,7 @@ def verify(dst: str) -> dict:
     path = files.join(dst, IMAGES, rec['file'])
     try:
       data = files.read_bytes(path)
-    except OSError:   # missing, or a folder where the file should be
+    except OSError:  # missing, or a folder where the file should be
       data = None
     if data is None or _sha256(data) != rec['sha256']:
       raise ContaminateError(f'{path}: missing or its checksum differs from {MANIFEST}')
@@ -191,26 +215,44 @@ def contaminated_names(manifest: dict) -> set[str]:
 
 
 def parse_args(argv):
-  p = cli.ArgumentParser(prog='python -m idm_jax.data.contaminate',
-                              description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog='python -m idm_jax.data.contaminate',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--src', help='folder of HQ images (read only; local or gs://)')
-  p.add_argument('--dst', required=True,
-                 help='new folder, local or gs://: images/ and manifest.json')
+  p.add_argument(
+    '--dst', required=True, help='new folder, local or gs://: images/ and manifest.json'
+  )
   p.add_argument('--replay', help='a manifest.json to re-create exactly (ignores the rest)')
   p.add_argument('--fraction', type=float, default=0.15, help='share of eligible images')
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--resolution', type=int, default=64,
-                 help='every image is loaded (centre-cropped, resized) at this size first')
-  p.add_argument('--skip_last', type=int, default=0,
-                 help='the last N files (sorted) are never contaminated: a validation split '
-                      '(config.data.num_val) stays pristine')
+  p.add_argument(
+    '--resolution',
+    type=int,
+    default=64,
+    help='every image is loaded (centre-cropped, resized) at this size first',
+  )
+  p.add_argument(
+    '--skip_last',
+    type=int,
+    default=0,
+    help='the last N files (sorted) are never contaminated: a validation split '
+    '(config.data.num_val) stays pristine',
+  )
   p.add_argument('--kinds', default=','.join(KINDS), help='defect kinds, comma-separated')
   for kind, (lo, hi) in DEFAULT_RANGES.items():
-    unit = dict(blur='sigma, px', resize='downsample factor', jpeg='quality',
-                noise='sigma, 0..255')[kind]
-    p.add_argument(f'--{kind}_range', type=float, nargs=2, default=(lo, hi),
-                   metavar=('LOW', 'HIGH'), help=f'{kind} strength ({unit}); default {lo} {hi}')
+    unit = dict(
+      blur='sigma, px', resize='downsample factor', jpeg='quality', noise='sigma, 0..255'
+    )[kind]
+    p.add_argument(
+      f'--{kind}_range',
+      type=float,
+      nargs=2,
+      default=(lo, hi),
+      metavar=('LOW', 'HIGH'),
+      help=f'{kind} strength ({unit}); default {lo} {hi}',
+    )
   args = p.parse_args(argv)
   if not args.replay and not args.src:
     p.error('--src DIR is required (or --replay manifest.json)')
@@ -224,27 +266,38 @@ def main(argv: Sequence[str] | None = None) -> int:
       old = json.loads(files.read_text(args.replay))
       if old.get('format') != FORMAT:
         raise ContaminateError(f'{args.replay}: not a contamination manifest ({FORMAT})')
-      manifest = dict(old, records=[{k: v for k, v in r.items() if k != 'sha256'}
-                                    for r in old['records']])
+      manifest = dict(
+        old, records=[{k: v for k, v in r.items() if k != 'sha256'} for r in old['records']]
+      )
     else:
       ranges = {k: tuple(getattr(args, f'{k}_range')) for k in KINDS}
-      manifest = plan(args.src, fraction=args.fraction, seed=args.seed,
-                      resolution=args.resolution, skip_last=args.skip_last,
-                      kinds=[k for k in args.kinds.split(',') if k], ranges=ranges)
-    files.check_writable(args.dst)   # a missing bucket or no permission: said before any image
+      manifest = plan(
+        args.src,
+        fraction=args.fraction,
+        seed=args.seed,
+        resolution=args.resolution,
+        skip_last=args.skip_last,
+        kinds=[k for k in args.kinds.split(',') if k],
+        ranges=ranges,
+      )
+    files.check_writable(args.dst)  # a missing bucket or no permission: said before any image
     full = build(manifest, args.dst)
     if args.replay:
       want = {r['file']: r['sha256'] for r in old['records']}
       got = {r['file']: r['sha256'] for r in full['records']}
       if want != got:
         diff = sorted(f for f in want if want[f] != got.get(f))
-        raise ContaminateError(f'replay differs from {args.replay} in {len(diff)} files, e.g. '
-                               f'{diff[:3]} (a different OpenCV/libjpeg/Pillow build?)')
+        raise ContaminateError(
+          f'replay differs from {args.replay} in {len(diff)} files, e.g. '
+          f'{diff[:3]} (a different OpenCV/libjpeg/Pillow build?)'
+        )
   except (ContaminateError, FileNotFoundError, files.StorageError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'{args.dst}: {full["num_contaminated"]} of {len(full["records"])} images contaminated '
-        f'({", ".join(full["kinds"])}); manifest {files.join(args.dst, MANIFEST)}')
+  print(
+    f'{args.dst}: {full["num_contaminated"]} of {len(full["records"])} images contaminated '
+    f'({", ".join(full["kinds"])}); manifest {files.join(args.dst, MANIFEST)}'
+  )
   return 0
 
 

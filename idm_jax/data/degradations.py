@@ -12,6 +12,7 @@ borders: cv2.filter2D for anisotropic kernels, cv2.sepFilter2D for isotropic one
 Every stage is numpy or OpenCV code whose per-pixel arithmetic does not depend on the number of
 threads, so the output bytes do not either.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,25 +93,29 @@ def sample_params(rng: np.random.Generator, cfg, size: int) -> dict:
   if iso:
     sigma_y, theta = sigma_x, 0.0
   return {
-      'kernel_type': 'iso' if iso else 'aniso',
-      'sigma_x': float(sigma_x),
-      'sigma_y': float(sigma_y),
-      'theta': float(theta),
-      'kernel_size': kernel_size,
-      'scale': float(min(scale, size)),
-      'noise_sigma': float(noise_sigma),
-      'noise_seed': int(noise_seed),
-      'jpeg_quality': int(jpeg_quality),
-      'color_shift': [float(s) for s in shift] if shift_on else None,
-      'gray': bool(gray),
-      'jitter': ({'order': [JITTER_OPS[i] for i in order],
-                  **{op: float(f) for op, f in factors.items()}} if jitter_on else None),
-      'flip': bool(flip),
+    'kernel_type': 'iso' if iso else 'aniso',
+    'sigma_x': float(sigma_x),
+    'sigma_y': float(sigma_y),
+    'theta': float(theta),
+    'kernel_size': kernel_size,
+    'scale': float(min(scale, size)),
+    'noise_sigma': float(noise_sigma),
+    'noise_seed': int(noise_seed),
+    'jpeg_quality': int(jpeg_quality),
+    'color_shift': [float(s) for s in shift] if shift_on else None,
+    'gray': bool(gray),
+    'jitter': (
+      {'order': [JITTER_OPS[i] for i in order], **{op: float(f) for op, f in factors.items()}}
+      if jitter_on
+      else None
+    ),
+    'flip': bool(flip),
   }
 
 
-def make_kernel(kernel_type: str, sigma_x: float, sigma_y: float, theta: float,
-                kernel_size: int) -> np.ndarray:
+def make_kernel(
+  kernel_type: str, sigma_x: float, sigma_y: float, theta: float, kernel_size: int
+) -> np.ndarray:
   """BasicSR's bivariate Gaussian blur kernel, (k, k) float64, sums to 1.
 
   Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T with R = [[cos, -sin], [sin, cos]];
@@ -158,16 +163,22 @@ def blur(img: np.ndarray, params: dict) -> np.ndarray:
     # ~6x slower on x86; they change no sum above 1e-23, so drop them.
     g = np.where(g < _TINY_TAP, 0.0, g).astype(np.float32)
     return cv2.sepFilter2D(img, -1, g, g, borderType=cv2.BORDER_REFLECT_101)
-  kernel = make_kernel(params['kernel_type'], params['sigma_x'], params['sigma_y'],
-                       params['theta'], int(params['kernel_size']))
+  kernel = make_kernel(
+    params['kernel_type'],
+    params['sigma_x'],
+    params['sigma_y'],
+    params['theta'],
+    int(params['kernel_size']),
+  )
   return cv2.filter2D(img, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
   """float32 RGB [0, 1] -> libjpeg at integer `quality` -> float32 RGB [0, 1]."""
   u8 = np.rint(img * np.float32(255)).astype(np.uint8)
-  ok, buf = cv2.imencode('.jpg', cv2.cvtColor(u8, cv2.COLOR_RGB2BGR),
-                         [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+  ok, buf = cv2.imencode(
+    '.jpg', cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)]
+  )
   if not ok:
     raise RuntimeError(f'OpenCV failed to JPEG-encode a {u8.shape} image at quality {quality}')
   dec = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -225,8 +236,20 @@ def _jitter(img: np.ndarray, jitter: dict, inplace: bool = False) -> np.ndarray:
 
 
 # The keys apply() needs ('flip' is optional there: degrade_pair and make_testset act on it).
-PARAM_KEYS = ('kernel_type', 'sigma_x', 'sigma_y', 'theta', 'kernel_size', 'scale',
-              'noise_sigma', 'noise_seed', 'jpeg_quality', 'color_shift', 'gray', 'jitter')
+PARAM_KEYS = (
+  'kernel_type',
+  'sigma_x',
+  'sigma_y',
+  'theta',
+  'kernel_size',
+  'scale',
+  'noise_sigma',
+  'noise_seed',
+  'jpeg_quality',
+  'color_shift',
+  'gray',
+  'jitter',
+)
 
 
 def _check_inputs(hq: np.ndarray, params: dict):
@@ -260,7 +283,8 @@ def apply(hq: np.ndarray, params: dict) -> np.ndarray:
   img = cv2.resize(img, small, interpolation=cv2.INTER_LINEAR)
 
   noise = np.random.default_rng(int(params['noise_seed'])).standard_normal(
-      img.shape, dtype=np.float32)
+    img.shape, dtype=np.float32
+  )
   noise *= np.float32(float(params['noise_sigma']) / 255.0)
   noise += img
   img = np.clip(noise, 0, 1, out=noise)
@@ -286,14 +310,14 @@ def mild_config(cfg) -> dict:
   """`cfg` with its damage ranges replaced by `cfg.mild`'s and its colour changes off."""
   mild = _get(cfg, 'mild')
   merged = {k: cfg[k] for k in cfg.keys() if k not in ('mild',)}
-  merged.update({k: _get(mild, k) for k in ('blur_sigma', 'scale', 'noise_sigma',
-                                             'jpeg_quality')})
+  merged.update({k: _get(mild, k) for k in ('blur_sigma', 'scale', 'noise_sigma', 'jpeg_quality')})
   merged.update(color_shift_prob=0.0, gray_prob=0.0, jitter_prob=0.0)
   return merged
 
 
-def degrade_pair(hq: np.ndarray, rng: np.random.Generator,
-                 cfg) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def degrade_pair(
+  hq: np.ndarray, rng: np.random.Generator, cfg
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Samples params and returns (hq, lq, params), both flipped when params['flip'].
 
   With probability cfg.mild_share the draw uses the mild ranges (`mild_config`), and a mild

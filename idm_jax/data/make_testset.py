@@ -10,6 +10,7 @@ others. --replay applies recorded params instead of sampling: replaying a set's 
 the same sources gives byte-identical pixels. Test sets are never flipped. HQ_DIR, OUT and
 params.jsonl may be local or in a bucket (gs://...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,20 @@ from absl import logging
 import numpy as np
 from tqdm import tqdm
 
+from idm_jax.data import degradations
+from idm_jax.data import sources
 from idm_jax.runtime import cli
 from idm_jax.runtime import configlib
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax.data import degradations
-from idm_jax.data import sources
 
 # How the summary counts skipped files, by images.BadImage.kind.
-_SKIP_WORDS = {images.EMPTY: 'zero bytes', images.TOO_SMALL: 'too small',
-               images.TOO_LARGE: 'too large', images.UNREADABLE: 'cannot read'}
+_SKIP_WORDS = {
+  images.EMPTY: 'zero bytes',
+  images.TOO_SMALL: 'too small',
+  images.TOO_LARGE: 'too large',
+  images.UNREADABLE: 'cannot read',
+}
 
 
 def list_images(src: str | os.PathLike) -> list[str]:
@@ -40,7 +45,7 @@ def list_images(src: str | os.PathLike) -> list[str]:
   try:
     return images.list_images(src)
   except FileNotFoundError:
-    return []   # main reports "written 0"
+    return []  # main reports "written 0"
 
 
 def source_name(src: str | os.PathLike, path: str) -> str:
@@ -53,8 +58,7 @@ def output_name(src: str | os.PathLike, path: str) -> str:
   return posixpath.splitext(source_name(src, path))[0].replace('/', '_')
 
 
-def load_square(path: str | os.PathLike, resolution: int, name: str | None = None
-                ) -> np.ndarray:
+def load_square(path: str | os.PathLike, resolution: int, name: str | None = None) -> np.ndarray:
   """`path` as the training data reads it: uint8 RGB (resolution, resolution, 3), centre-cropped.
 
   The test set's HQ must be the pixels training would see, so this is `sources.load_image`
@@ -94,15 +98,21 @@ def read_replay(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def _parse(argv):
-  p = cli.ArgumentParser(prog='python -m idm_jax.data.make_testset', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog='python -m idm_jax.data.make_testset',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--src', required=True, help='folder of HQ images (local or gs://)')
   p.add_argument('--dst', required=True, help='output folder (local or gs://)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--preset', default='gfpgan', choices=configlib.PRESETS)
   p.add_argument('--resolution', type=int, default=512)
-  p.add_argument('--replay', default=None,
-                 help='params.jsonl of an earlier set: apply its params instead of sampling')
+  p.add_argument(
+    '--replay',
+    default=None,
+    help='params.jsonl of an earlier set: apply its params instead of sampling',
+  )
   p.add_argument('--overwrite', action='store_true', help='allow writing into a non-empty --dst')
   return p.parse_args(argv)
 
@@ -189,8 +199,11 @@ def main(argv=None) -> int:
   for _, key in skipped:
     reasons[key] = reasons.get(key, 0) + 1
   detail = ', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))
-  print(f'make_testset: written {written}, skipped {len(skipped)}'
-        f'{f" ({detail})" if detail else ""} -> {dst}', flush=True)
+  print(
+    f'make_testset: written {written}, skipped {len(skipped)}'
+    f'{f" ({detail})" if detail else ""} -> {dst}',
+    flush=True,
+  )
   return 0 if written else 1
 
 

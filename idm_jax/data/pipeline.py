@@ -23,6 +23,7 @@ Why this order:
 The iterator state (grain's `get_state()`, a JSON-serialisable dict) restores the stream
 exactly; it records per-worker positions, so resume with the same `num_workers`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,14 +31,13 @@ import importlib
 import math
 from typing import Any
 
-from absl import logging
 from absl import flags
+from absl import logging
 import cv2
 import grain
 import numpy as np
 
 from idm_jax.data import sources
-
 
 # Stream tags mixed into the per-example seeds, so train and eval draws never coincide.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -63,31 +63,34 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
 
 
 def _check_seed(seed: int) -> int:
-  if not 0 <= int(seed) < 2 ** 32:
-    raise ValueError(f'config.seed={seed} must be in [0, 2**32) (it seeds grain\'s shuffle)')
+  if not 0 <= int(seed) < 2**32:
+    raise ValueError(f"config.seed={seed} must be in [0, 2**32) (it seeds grain's shuffle)")
   return int(seed)
 
 
 def per_host_batch_size(config, process_count: int) -> int:
   b, p = int(config.train.batch_size), int(process_count)
   if b % p:
-    raise ValueError(f'config.train.batch_size={b} (global) is not divisible by the '
-                     f'{p} processes: each host must load the same number of examples')
+    raise ValueError(
+      f'config.train.batch_size={b} (global) is not divisible by the '
+      f'{p} processes: each host must load the same number of examples'
+    )
   return b // p
 
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
   """Host-local stream position k, source index -> {'hq', 'lq'} or a bad-record marker."""
+
   source: Any
   num_examples: int
   seed: int
   process_index: int
   process_count: int
   host_batch: int
-  degradation: Any          # config.degradation
+  degradation: Any  # config.degradation
   conditional: bool
-  ops: Any                  # the degradations module (or a test stand-in)
+  ops: Any  # the degradations module (or a test stand-in)
 
   def __call__(self, k: int, src_index: int) -> dict[str, Any]:
     position = host_position(k, self.host_batch, self.process_index, self.process_count)
@@ -119,11 +122,16 @@ class _DropBad:
     name = element['bad_name']
     if name not in self.skipped:
       self.skipped[name] = element['error']
-      logging.warning('skipping bad training image %s: %s (%d skipped so far)', name,
-                  element['error'], len(self.skipped))
-      if len(self.skipped) >= self.num_examples:   # otherwise we would loop forever
-        raise ValueError(f'all {self.num_examples} training images are unusable, e.g. '
-                         f'{name}: {element["error"]}')
+      logging.warning(
+        'skipping bad training image %s: %s (%d skipped so far)',
+        name,
+        element['error'],
+        len(self.skipped),
+      )
+      if len(self.skipped) >= self.num_examples:  # otherwise we would loop forever
+        raise ValueError(
+          f'all {self.num_examples} training images are unusable, e.g. {name}: {element["error"]}'
+        )
     return False
 
 
@@ -135,18 +143,19 @@ def host_position(k: int, host_batch: int, process_index: int, process_count: in
 @dataclasses.dataclass(frozen=True)
 class _HostBlock:
   """Host-local element k -> the global stream's element at host_position(k)."""
+
   stream: Any
   host_batch: int
   process_index: int
   process_count: int
 
   def __call__(self, k: int) -> int:
-    return self.stream[host_position(k, self.host_batch, self.process_index,
-                                     self.process_count)]
+    return self.stream[host_position(k, self.host_batch, self.process_index, self.process_count)]
 
 
-def train_index_dataset(num_examples: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, host_batch: int = 1) -> grain.MapDataset:
+def train_index_dataset(
+  num_examples: int, seed: int, process_index: int = 0, process_count: int = 1, host_batch: int = 1
+) -> grain.MapDataset:
   """This host's endless stream of source indices (each epoch a fresh permutation).
 
   Element k is the source index at global position host_position(k, host_batch, ...).
@@ -159,7 +168,8 @@ def train_index_dataset(num_examples: int, seed: int, process_index: int = 0,
   if process_count == 1:
     return ds
   return grain.MapDataset.range(len(ds) // process_count).map(
-      _HostBlock(ds, host_batch, process_index, process_count))
+    _HostBlock(ds, host_batch, process_index, process_count)
+  )
 
 
 def _build_train(config, process_index: int, process_count: int):
@@ -169,26 +179,36 @@ def _build_train(config, process_index: int, process_count: int):
   n = len(source)
   if n < 1:
     raise ValueError(f'the training split of {config.data.source!r} data is empty')
-  make = _TrainExample(source=source, num_examples=n, seed=_check_seed(config.seed),
-                       process_index=process_index, process_count=process_count,
-                       host_batch=b, degradation=config.degradation,
-                       conditional=bool(config.model.conditional),
-                       ops=_degradation_ops() if config.model.conditional else None)
+  make = _TrainExample(
+    source=source,
+    num_examples=n,
+    seed=_check_seed(config.seed),
+    process_index=process_index,
+    process_count=process_count,
+    host_batch=b,
+    degradation=config.degradation,
+    conditional=bool(config.model.conditional),
+    ops=_degradation_ops() if config.model.conditional else None,
+  )
   ds = train_index_dataset(n, config.seed, process_index, process_count, b).map_with_index(make)
 
   workers = int(config.data.num_workers)
   prefetch = max(1, int(config.data.prefetch))
   # In-process: a few threads overlap decoding with the train step (cv2/PIL drop the GIL).
   # With worker processes the processes are the parallelism; one thread each.
-  read = grain.ReadOptions(num_threads=1 if workers else 4,
-                           prefetch_buffer_size=prefetch * b if not workers else
-                           max(1, math.ceil(prefetch * b / workers)))
+  read = grain.ReadOptions(
+    num_threads=1 if workers else 4,
+    prefetch_buffer_size=prefetch * b if not workers else max(1, math.ceil(prefetch * b / workers)),
+  )
   ds = ds.to_iter_dataset(read)
   if workers > 0:
     _ensure_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, math.ceil(prefetch * b / workers))),
-                        worker_init_fn=_worker_init)
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, math.ceil(prefetch * b / workers))
+      ),
+      worker_init_fn=_worker_init,
+    )
   drop_bad = _DropBad(n)
   ds = ds.filter(drop_bad).batch(b, drop_remainder=True)
   ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -263,8 +283,9 @@ def eval_pair(image: np.ndarray, index: int, config, ops=None) -> tuple[np.ndarr
   return ops.apply(image, params), params
 
 
-def eval_batches(config, num_images: int, batch_size: int, split: str | None = None
-                 ) -> list[dict[str, Any]]:
+def eval_batches(
+  config, num_images: int, batch_size: int, split: str | None = None
+) -> list[dict[str, Any]]:
   """The first `num_images` good images of the eval split with fixed degradations.
 
   Returns batches {'hq': uint8 (b, R, R, 3), 'lq': same, 'name': list[str]}; the last batch may
@@ -291,8 +312,14 @@ def eval_batches(config, num_images: int, batch_size: int, split: str | None = N
   if not hq:
     raise ValueError(f'the {split!r} split of {config.data.source!r} data has no usable images')
   if len(hq) < num_images:
-    logging.warning('asked for %d eval images, the %r split has only %d usable ones', num_images,
-                split, len(hq))
-  return [{'hq': np.stack(hq[s:s + batch_size]), 'lq': np.stack(lq[s:s + batch_size]),
-           'name': names[s:s + batch_size]} for s in range(0, len(hq), batch_size)]
-
+    logging.warning(
+      'asked for %d eval images, the %r split has only %d usable ones', num_images, split, len(hq)
+    )
+  return [
+    {
+      'hq': np.stack(hq[s : s + batch_size]),
+      'lq': np.stack(lq[s : s + batch_size]),
+      'name': names[s : s + batch_size],
+    }
+    for s in range(0, len(hq), batch_size)
+  ]

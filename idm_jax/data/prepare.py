@@ -18,6 +18,7 @@ Bad files are skipped, each logged with its name and reason, and counted in the 
 dataset is built in a temporary folder next to the destination and moved into place only when
 complete; an existing complete dataset is left alone unless --overwrite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,10 @@ from typing import Iterator, Sequence
 from absl import logging
 import tqdm
 
+from idm_jax.data import sources
 from idm_jax.runtime import cli
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax.data import sources
 
 VERSION = '1.0.0'
 
@@ -71,6 +72,7 @@ def _make_builder_class():
   # (whose configs exist only at prepare time).
   class IdmFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Face images at one resolution, PNG-encoded; one BuilderConfig per prepared dataset."""
+
     name = sources.TFDS_BUILDER_NAME
     VERSION = tfds.core.Version(VERSION)
 
@@ -81,8 +83,9 @@ def _make_builder_class():
     def code_path(cls):
       return None
 
-    def __init__(self, *, files: dict[str, list[tuple[str, str]]], resolution: int,
-                 workers: int, **kwargs):
+    def __init__(
+      self, *, files: dict[str, list[tuple[str, str]]], resolution: int, workers: int, **kwargs
+    ):
       self._files, self._resolution, self._workers = files, resolution, workers
       self.bad: list[tuple[str, str]] = []
       self.progress = None
@@ -90,18 +93,24 @@ def _make_builder_class():
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self,
-          description=(f'Face images centre-cropped and resized to {self._resolution}x'
-                       f'{self._resolution} (antialiased), PNG-encoded; made by '
-                       'idm_jax.data.prepare.'),
-          features=tfds.features.FeaturesDict({
-              # Given PNG bytes, the Image feature stores them as they are (encoding would
-              # need TF); readers get uint8 arrays back, decoded by OpenCV.
-              'image': tfds.features.Image(shape=(self._resolution, self._resolution, 3),
-                                           encoding_format='png'),
-              'name': tfds.features.Text(),
-          }),
-          metadata=tfds.core.MetadataDict(resolution=self._resolution))
+        builder=self,
+        description=(
+          f'Face images centre-cropped and resized to {self._resolution}x'
+          f'{self._resolution} (antialiased), PNG-encoded; made by '
+          'idm_jax.data.prepare.'
+        ),
+        features=tfds.features.FeaturesDict(
+          {
+            # Given PNG bytes, the Image feature stores them as they are (encoding would
+            # need TF); readers get uint8 arrays back, decoded by OpenCV.
+            'image': tfds.features.Image(
+              shape=(self._resolution, self._resolution, 3), encoding_format='png'
+            ),
+            'name': tfds.features.Text(),
+          }
+        ),
+        metadata=tfds.core.MetadataDict(resolution=self._resolution),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -120,8 +129,9 @@ def _make_builder_class():
   return IdmFaces
 
 
-def _encode_all(files: Sequence[tuple[str, str]], resolution: int, workers: int
-                ) -> Iterator[tuple[str, bytes | None, str]]:
+def _encode_all(
+  files: Sequence[tuple[str, str]], resolution: int, workers: int
+) -> Iterator[tuple[str, bytes | None, str]]:
   if workers <= 1:
     yield from (_encode_one(path, rel, resolution) for path, rel in files)
     return
@@ -135,10 +145,18 @@ def _star_encode(args: tuple[str, str, int]) -> tuple[str, bytes | None, str]:
   return _encode_one(*args)
 
 
-def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float = 0.05,
-            overwrite: bool = False, workers: int = 0) -> dict:
+def prepare(
+  src: str,
+  name: str,
+  resolution: int,
+  out: str,
+  val_fraction: float = 0.05,
+  overwrite: bool = False,
+  workers: int = 0,
+) -> dict:
   """Builds OUT/idm_faces/NAME; returns a summary dict (counts, bad files, seconds, path)."""
   import tensorflow_datasets as tfds  # noqa: PLC0415 (keeps --help fast: tfds is heavy)
+
   if not name or '/' in name or not name.replace('_', '').replace('-', '').isalnum():
     raise ValueError(f'--name {name!r}: use letters, digits, _ and - only (e.g. ffhq512)')
   if not 0.0 <= val_fraction < 1.0:
@@ -148,8 +166,10 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     logging.info('%s is already complete; leaving it alone (pass --overwrite to rebuild)', final)
     return {'path': str(final), 'skipped_existing': True}
   if files.is_remote(src):
-    raise ValueError(f'--src {src}: a local folder (copy the images down first, e.g. gcloud '
-                     'storage rsync -r SRC DIR); --out may be gs://')
+    raise ValueError(
+      f'--src {src}: a local folder (copy the images down first, e.g. gcloud '
+      'storage rsync -r SRC DIR); --out may be gs://'
+    )
   if files.is_remote(out):
     return _prepare_and_upload(src, name, resolution, out, val_fraction, workers)
 
@@ -160,8 +180,9 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
     rel = pathlib.Path(p).relative_to(root).as_posix()
     splits[assign_split(rel, val_fraction)].append((p, rel))
   if not splits['validation']:
-    logging.warning('no file fell into the validation split (val_fraction=%s); train only',
-                val_fraction)
+    logging.warning(
+      'no file fell into the validation split (val_fraction=%s); train only', val_fraction
+    )
     del splits['validation']
 
   t0 = time.time()
@@ -169,15 +190,21 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
   tmp_dir = pathlib.Path(out) / f'.prepare-{name}-{os.getpid()}'
   shutil.rmtree(tmp_dir, ignore_errors=True)
   builder = _make_builder_class()(
-      files=splits, resolution=resolution, workers=workers, data_dir=str(tmp_dir),
-      config=tfds.core.BuilderConfig(name=name, version=VERSION,
-                                     description=f'{root} at {resolution} px'))
+    files=splits,
+    resolution=resolution,
+    workers=workers,
+    data_dir=str(tmp_dir),
+    config=tfds.core.BuilderConfig(
+      name=name, version=VERSION, description=f'{root} at {resolution} px'
+    ),
+  )
   builder.progress = tqdm.tqdm(total=len(paths), desc=f'prepare {name}', unit='img')
   try:
     builder.download_and_prepare(
-        download_dir=str(tmp_dir / 'downloads'),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        file_format='array_record')
+      download_dir=str(tmp_dir / 'downloads'),
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      file_format='array_record',
+    )
     builder.progress.close()
     # Swap into place: old -> backup, new -> final, drop backup. A crash in between leaves
     # either the old or the new dataset complete, never a half-written one under the final name.
@@ -199,17 +226,18 @@ def prepare(src: str, name: str, resolution: int, out: str, val_fraction: float 
 
   bad_names = {rel for rel, _ in builder.bad}
   return {
-      'path': str(final),
-      'tfds_name': f'{sources.TFDS_BUILDER_NAME}/{name}',
-      'examples': {s: sum(rel not in bad_names for _, rel in f) for s, f in splits.items()},
-      'bad': builder.bad,
-      'seconds': time.time() - t0,
-      'skipped_existing': False,
+    'path': str(final),
+    'tfds_name': f'{sources.TFDS_BUILDER_NAME}/{name}',
+    'examples': {s: sum(rel not in bad_names for _, rel in f) for s, f in splits.items()},
+    'bad': builder.bad,
+    'seconds': time.time() - t0,
+    'skipped_existing': False,
   }
 
 
-def _prepare_and_upload(src: str, name: str, resolution: int, out: str, val_fraction: float,
-                        workers: int) -> dict:
+def _prepare_and_upload(
+  src: str, name: str, resolution: int, out: str, val_fraction: float, workers: int
+) -> dict:
   """A bucket --out: builds in a local temporary folder, then uploads. The old version's objects
   go first and dataset_info.json comes last, so a reader (and is_complete) never takes a
   half-uploaded dataset for a finished one."""
@@ -227,16 +255,23 @@ def _prepare_and_upload(src: str, name: str, resolution: int, out: str, val_frac
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = cli.ArgumentParser(prog='python -m idm_jax.data.prepare', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog='python -m idm_jax.data.prepare',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--src', required=True, help='folder of face images (searched recursively)')
   p.add_argument('--name', required=True, help='dataset name, e.g. ffhq512 -> idm_faces/ffhq512')
   p.add_argument('--resolution', type=int, required=True)
   p.add_argument('--out', required=True, help='TFDS data_dir to write into')
   p.add_argument('--val_fraction', type=float, default=0.05)
   p.add_argument('--overwrite', action='store_true', help='rebuild an existing dataset')
-  p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                 help='decode/resize/encode processes (0 or 1: in this process)')
+  p.add_argument(
+    '--workers',
+    type=int,
+    default=min(8, os.cpu_count() or 1),
+    help='decode/resize/encode processes (0 or 1: in this process)',
+  )
   return p.parse_args(argv)
 
 
@@ -245,8 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.set_verbosity(logging.INFO)
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
-    summary = prepare(args.src, args.name, args.resolution, args.out, args.val_fraction,
-                      args.overwrite, args.workers)
+    summary = prepare(
+      args.src,
+      args.name,
+      args.resolution,
+      args.out,
+      args.val_fraction,
+      args.overwrite,
+      args.workers,
+    )
   except (FileNotFoundError, ValueError) as e:
     logging.error('%s', e)
     return 1
@@ -260,8 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'  skipped {rel}: {reason}')
   if len(bad) > 20:
     print(f'  ... and {len(bad) - 20} more (see the warnings above)')
-  print(f'Train with: --config.data.source=tfds --config.data.tfds_name={summary["tfds_name"]} '
-        f'--config.data.tfds_data_dir={args.out} --config.data.resolution={args.resolution}')
+  print(
+    f'Train with: --config.data.source=tfds --config.data.tfds_name={summary["tfds_name"]} '
+    f'--config.data.tfds_data_dir={args.out} --config.data.resolution={args.resolution}'
+  )
   return 0 if ex.get('train', 0) > 0 else 2
 
 

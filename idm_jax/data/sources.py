@@ -15,6 +15,7 @@ every entry point shares), then applies the training policy:
     anything between is upscaled, larger is downscaled with antialiasing (Pillow's bicubic
     filter widens with the scale factor, so there is no aliasing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ def is_bad(record: Record) -> bool:
 # Decoding.
 
 
-def load_image(data: bytes | str | os.PathLike, resolution: int, name: str | None = None
-               ) -> np.ndarray:
+def load_image(
+  data: bytes | str | os.PathLike, resolution: int, name: str | None = None
+) -> np.ndarray:
   """Decodes an image file (bytes or a path) into uint8 (resolution, resolution, 3).
 
   Raises images.BadImage naming `name` (default: the path) for files that cannot be used; see the
@@ -65,10 +67,14 @@ def load_image(data: bytes | str | os.PathLike, resolution: int, name: str | Non
   w, h = im.size
   min_side = int(np.ceil(resolution * MIN_SIZE_FRACTION))
   if min(w, h) < min_side:
-    raise images.BadImage(name, f'too small: {w}x{h}, the short side must be at least '
-                                f'{min_side} px (resolution {resolution} / 4)', images.TOO_SMALL)
+    raise images.BadImage(
+      name,
+      f'too small: {w}x{h}, the short side must be at least '
+      f'{min_side} px (resolution {resolution} / 4)',
+      images.TOO_SMALL,
+    )
   out = images.square(im, resolution)
-  if out.shape != (resolution, resolution, 3):   # a defect in the code above, not in the file
+  if out.shape != (resolution, resolution, 3):  # a defect in the code above, not in the file
     raise AssertionError(f'{name}: decoded to {out.shape}')
   return out
 
@@ -88,6 +94,7 @@ class FolderSource:
 
   Names are paths relative to `root` when given (stable across machines), else the paths.
   """
+
   paths: Sequence[str]
   resolution: int
   root: str | None = None
@@ -121,9 +128,9 @@ class FolderSource:
 # domain) is the file matplotlib ships as sample data, byte for byte: copied here, so that the
 # demo needs no plotting library and its crops stay the pixels it was tuned on.
 _BUILTIN_FACES = (
-    ('skimage.data', 'astronaut.png', (145, 25, 170)),        # Eileen Collins, NASA
-    ('idm_jax.data', 'grace_hopper.jpg', (140, 70, 250)),     # Grace Hopper
-    ('skimage.data', 'camera.png', (160, 60, 130)),           # the cameraman, grayscale profile
+  ('skimage.data', 'astronaut.png', (145, 25, 170)),  # Eileen Collins, NASA
+  ('idm_jax.data', 'grace_hopper.jpg', (140, 70, 250)),  # Grace Hopper
+  ('skimage.data', 'camera.png', (160, 60, 130)),  # the cameraman, grayscale profile
 )
 BUILTIN_TRAIN_SIZE = 64
 BUILTIN_VAL_SIZE = 8
@@ -136,8 +143,9 @@ def _builtin_photo(package: str, filename: str) -> Image.Image:
     return images.decode(f.read(), filename)[0]
 
 
-def _augmented_crop(photo: Image.Image, box: tuple[int, int, int], rng: np.random.Generator,
-                    resolution: int) -> np.ndarray:
+def _augmented_crop(
+  photo: Image.Image, box: tuple[int, int, int], rng: np.random.Generator, resolution: int
+) -> np.ndarray:
   """The face box shifted by up to 8% and scaled by 0.9-1.1, maybe flipped, at resolution."""
   left, top, side = box
   scale = rng.uniform(0.9, 1.1)
@@ -149,8 +157,9 @@ def _augmented_crop(photo: Image.Image, box: tuple[int, int, int], rng: np.rando
   x0 = float(np.clip(cx - new_side / 2, 0, w - new_side))
   y0 = float(np.clip(cy - new_side / 2, 0, h - new_side))
   # resize(box=...) crops with sub-pixel precision and filters in one step.
-  im = photo.resize((resolution, resolution), Image.Resampling.BICUBIC,
-                    box=(x0, y0, x0 + new_side, y0 + new_side))
+  im = photo.resize(
+    (resolution, resolution), Image.Resampling.BICUBIC, box=(x0, y0, x0 + new_side, y0 + new_side)
+  )
   if rng.random() < 0.5:
     im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(im, dtype=np.uint8)
@@ -177,6 +186,7 @@ def builtin_faces(split: str, resolution: int) -> tuple[tuple[str, np.ndarray], 
 @dataclasses.dataclass(frozen=True)
 class BuiltinSource:
   """The built-in faces as a random-access source (computed once per process, in memory)."""
+
   split: str
   resolution: int
 
@@ -209,20 +219,21 @@ class TfdsSource:
   prepared with file_format='array_record' (preparing celeb_a_hq itself needs TensorFlow).
   """
 
-  def __init__(self, name: str, data_dir: str, split: str, resolution: int,
-               max_examples: int = 0):
+  def __init__(self, name: str, data_dir: str, split: str, resolution: int, max_examples: int = 0):
     import tensorflow_datasets as tfds  # noqa: PLC0415 (a slow import, for TFDS sources only)
+
     self.name = resolve_tfds_name(name, data_dir)
     self.split = split
     self.resolution = resolution
     try:
       builder = tfds.builder(self.name, data_dir=data_dir or None)
       self._source = builder.as_data_source(split=split)
-    except Exception as e:   # tfds raises many types; all mean "not there / not readable"
+    except Exception as e:  # tfds raises many types; all mean "not there / not readable"
       raise FileNotFoundError(
-          f'cannot open TFDS dataset {self.name!r} split {split!r} in data_dir '
-          f'{data_dir!r}: {str(e).rstrip(".")}. Prepare one with `python -m '
-          'idm_jax.data.prepare`; note that reading needs file_format=array_record.') from e
+        f'cannot open TFDS dataset {self.name!r} split {split!r} in data_dir '
+        f'{data_dir!r}: {str(e).rstrip(".")}. Prepare one with `python -m '
+        'idm_jax.data.prepare`; note that reading needs file_format=array_record.'
+      ) from e
     n = len(self._source)
     self._len = min(n, max_examples) if max_examples else n
 
@@ -234,7 +245,7 @@ class TfdsSource:
       raise IndexError(index)
     try:
       ex = self._source[index]
-    except Exception as e:   # a corrupt shard chunk must not end the run either
+    except Exception as e:  # a corrupt shard chunk must not end the run either
       return bad_record(f'{self.name}/{self.split}[{index}]', f'cannot read record ({e})')
     name = ex.get('name', f'{self.split}[{index}]')
     if isinstance(name, bytes):
@@ -247,8 +258,11 @@ class TfdsSource:
       elif isinstance(image, np.ndarray) and image.dtype == np.uint8:
         if image.shape != (self.resolution, self.resolution, 3):
           # Same rules as load_image, via a lossless re-encode (rare: catalog datasets only).
-          image = load_image(encode_png(image.squeeze(-1) if image.ndim == 3 and
-                                        image.shape[-1] == 1 else image), self.resolution, name)
+          image = load_image(
+            encode_png(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image),
+            self.resolution,
+            name,
+          )
       else:
         raise images.BadImage(name, f'record has no usable "image" feature (got {type(image)})')
     except images.BadImage as e:
@@ -262,20 +276,27 @@ class TfdsSource:
 def folder_split(paths: Sequence[str], num_val: int, split: str) -> list[str]:
   """The last `num_val` sorted files are validation, the rest train."""
   if num_val >= len(paths):
-    raise ValueError(f'config.data.num_val={num_val} leaves no training images '
-                     f'({len(paths)} files)')
+    raise ValueError(
+      f'config.data.num_val={num_val} leaves no training images ({len(paths)} files)'
+    )
   cut = len(paths) - num_val
   return list(paths[:cut] if split == 'train' else paths[cut:])
 
 
 def stable_fraction(name: str) -> float:
   """A number in [0, 1) from a file name, the same on every machine and Python version."""
-  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
+  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:8], 'big') / 2**64
 
 
 def _canonical_split(split: str) -> str:
-  s = {'train': 'train', 'validation': 'validation', 'val': 'validation', 'valid': 'validation',
-       'eval': 'validation', 'test': 'validation'}.get(split)
+  s = {
+    'train': 'train',
+    'validation': 'validation',
+    'val': 'validation',
+    'valid': 'validation',
+    'eval': 'validation',
+    'test': 'validation',
+  }.get(split)
   if s is None:
     raise ValueError(f'split {split!r}: source=folder/builtin know only "train" and "validation"')
   return s
@@ -311,6 +332,7 @@ def make_source(data_cfg, split: str):
 @dataclasses.dataclass(frozen=True)
 class _Truncated:
   """The first n records of a source."""
+
   source: Any
   n: int
 

@@ -10,6 +10,7 @@ update reduces to the model's x0 estimate; so the output is x0_hat from the eval
 t_{steps-1} (clipped to [-1, 1] if clip_x0). Conditioning is continuous in logsnr, so any
 number of steps works with any trained model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,11 +31,12 @@ class Settings:
   """How to sample: one frozen, hashable value that the trainer's sample grids and the
   Restorer share (and key their compiled samplers on). configlib.sample_settings binds it to
   config.sample."""
-  sampler: str = 'ddim'          # SAMPLERS
+
+  sampler: str = 'ddim'  # SAMPLERS
   steps: int = 50
-  eta: float = 0.0               # DDIM stochasticity in [0, 1]
-  t_start: float = 1.0           # in (0, 1]; below 1 starts from the noised LQ
-  guidance_scale: float = 1.0    # classifier-free guidance; 1 = off
+  eta: float = 0.0  # DDIM stochasticity in [0, 1]
+  t_start: float = 1.0  # in (0, 1]; below 1 starts from the noised LQ
+  guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
 
   def __post_init__(self):
     # Worded by argument, not config field: the restore CLI and the web demo show these.
@@ -42,9 +44,9 @@ class Settings:
       raise ValueError(f'sampler {self.sampler!r} is not one of {SAMPLERS}')
     if int(self.steps) != self.steps or self.steps < 1:
       raise ValueError(f'steps={self.steps} must be an integer >= 1')
-    if not 0. < self.t_start <= 1.:
+    if not 0.0 < self.t_start <= 1.0:
       raise ValueError(f't_start={self.t_start} must be in (0, 1]')
-    if not 0. <= self.eta <= 1.:
+    if not 0.0 <= self.eta <= 1.0:
       raise ValueError(f'eta={self.eta} must be in [0, 1]')
 
 
@@ -54,7 +56,7 @@ def guided(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale) -> ModelFn:
   Linear in the prediction, so it is the same rule in eps, v and x0 space (each is an affine
   function of eps given x_t). scale = 1 returns model_fn_cond itself (no second network call).
   """
-  if isinstance(scale, (int, float)) and float(scale) == 1.:
+  if isinstance(scale, (int, float)) and float(scale) == 1.0:
     return model_fn_cond
 
   def model_fn(x_t, logsnr):
@@ -72,11 +74,11 @@ def _ddim_update(x0_hat, eps_hat, logsnr_t, logsnr_s, eta, noise_rng):
   (ancestral sampling), eta = 0 the deterministic probability-flow (DDIM) update.
   """
   alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s)
-  if isinstance(eta, (int, float)) and float(eta) == 0.:
+  if isinstance(eta, (int, float)) and float(eta) == 0.0:
     return alpha_s * x0_hat + sigma_s * eps_hat
   # -expm1(l_t - l_s) = 1 - SNR_t / SNR_s, accurate when the step is small.
   c2 = jnp.square(eta) * jnp.square(sigma_s) * -jnp.expm1(logsnr_t - logsnr_s)
-  c2 = jnp.clip(c2, 0., jnp.square(sigma_s))
+  c2 = jnp.clip(c2, 0.0, jnp.square(sigma_s))
   z = jax.random.normal(noise_rng, x0_hat.shape, jnp.float32)
   return alpha_s * x0_hat + jnp.sqrt(jnp.square(sigma_s) - c2) * eps_hat + jnp.sqrt(c2) * z
 
@@ -94,17 +96,27 @@ def _dpmpp_2m_update(x, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, first)
   h = 0.5 * (logsnr_s - logsnr_t)
   h_prev = 0.5 * (logsnr_t - logsnr_prev)
   # On the first step h_prev = 0; substitute r = 1 so the unused branch stays finite.
-  r = jnp.where(first, 1., h_prev / h)
-  d2 = (1. + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
+  r = jnp.where(first, 1.0, h_prev / h)
+  d2 = (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
   d = jnp.where(first, x0_hat, d2)
   return (sigma_s / sigma_t) * x - alpha_s * jnp.expm1(-h) * d
 
 
-def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
-           logsnr_fn: Callable[[jnp.ndarray], jnp.ndarray], parameterization: str,
-           sampler: str = 'ddim', steps: int = 50, eta: float = 0.0, t_start: float = 1.0,
-           x_start: Optional[jnp.ndarray] = None, clip_x0: bool = True,
-           x0_bounds: Optional[tuple] = None) -> jnp.ndarray:
+def sample(
+  model_fn: ModelFn,
+  rng: jax.Array,
+  shape: Sequence[int],
+  *,
+  logsnr_fn: Callable[[jnp.ndarray], jnp.ndarray],
+  parameterization: str,
+  sampler: str = 'ddim',
+  steps: int = 50,
+  eta: float = 0.0,
+  t_start: float = 1.0,
+  x_start: Optional[jnp.ndarray] = None,
+  clip_x0: bool = True,
+  x0_bounds: Optional[tuple] = None,
+) -> jnp.ndarray:
   """Runs the reverse process from t_start to 0 in `steps` steps; returns x0 (float32).
 
   Args:
@@ -134,16 +146,16 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
   if int(steps) != steps or steps < 1:
     raise ValueError(f'sample.steps: {steps} must be an integer >= 1')
   t_start = float(t_start)
-  if not 0. < t_start <= 1.:
+  if not 0.0 < t_start <= 1.0:
     raise ValueError(f'sample.t_start: {t_start} must be in (0, 1]')
   shape = tuple(int(s) for s in shape)
-  if x_start is None and t_start < 1.:
+  if x_start is None and t_start < 1.0:
     raise ValueError(f'sample: t_start={t_start} < 1 needs x_start (the image to start from)')
   if x_start is not None and tuple(x_start.shape) != shape:
     raise ValueError(f'sample: x_start has shape {tuple(x_start.shape)}, expected {shape}')
   steps = int(steps)
   if sampler == 'ddpm':
-    eta = 1.
+    eta = 1.0
   batch = shape[0]
 
   init_rng, step_rng = jax.random.split(rng)
@@ -151,11 +163,12 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
   if x_start is None:
     x = noise
   else:
-    x = objectives.q_sample(x_start.astype(jnp.float32), noise,
-                            jnp.full((batch,), logsnr_fn(jnp.float32(t_start))))
+    x = objectives.q_sample(
+      x_start.astype(jnp.float32), noise, jnp.full((batch,), logsnr_fn(jnp.float32(t_start)))
+    )
 
   def logsnr_at(i):
-    t = t_start * (1. - jnp.asarray(i, jnp.float32) / steps)
+    t = t_start * (1.0 - jnp.asarray(i, jnp.float32) / steps)
     return jnp.asarray(logsnr_fn(t), jnp.float32)
 
   def body(i, carry):
@@ -172,20 +185,34 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape: Sequence[int], *,
     if sampler == 'dpmpp_2m':
       x_next = _dpmpp_2m_update(x, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, i == 0)
     else:
-      x_next = _ddim_update(x0_hat, eps_hat, logsnr_t, logsnr_s, eta,
-                            jax.random.fold_in(step_rng, i))
+      x_next = _ddim_update(
+        x0_hat, eps_hat, logsnr_t, logsnr_s, eta, jax.random.fold_in(step_rng, i)
+      )
     return x_next, x0_hat, logsnr_t, x0_hat
 
   zeros = jnp.zeros(shape, jnp.float32)
-  lo, hi = (-1., 1.) if x0_bounds is None else x0_bounds
+  lo, hi = (-1.0, 1.0) if x0_bounds is None else x0_bounds
   init = (x, zeros, logsnr_at(jnp.int32(0)), zeros)
   _, _, _, x0 = jax.lax.fori_loop(0, steps, body, init)
   return x0
 
 
-def sample_batch(model, params, lq, rng, *, shape, logsnr_fn, parameterization: str,
-                 sampler: str, steps: int, eta, t_start: float, guidance_scale=None,
-                 residual: bool = False):
+def sample_batch(
+  model,
+  params,
+  lq,
+  rng,
+  *,
+  shape,
+  logsnr_fn,
+  parameterization: str,
+  sampler: str,
+  steps: int,
+  eta,
+  t_start: float,
+  guidance_scale=None,
+  residual: bool = False,
+):
   """The whole sampler loop for one batch of a denoiser: float32 x0 in [-1, 1] of `shape`.
 
   model: a flax module called as model.apply({'params': params}, x_t, logsnr, lq, train=False,
@@ -199,26 +226,47 @@ def sample_batch(model, params, lq, rng, *, shape, logsnr_fn, parameterization: 
   and the LQ is added back at the end.
   Pure and jit-able; shared by the Restorer and the trainer's sample grids.
   """
+
   def cond_fn(x_t, logsnr):
     return model.apply({'params': params}, x_t, logsnr, lq, train=False)
 
   model_fn = cond_fn
   if guidance_scale is not None:
+
     def uncond_fn(x_t, logsnr):
       drop = jnp.ones((x_t.shape[0],), bool)
       return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
+
     model_fn = guided(cond_fn, uncond_fn, guidance_scale)
   if residual:
     if lq is None:
       raise ValueError('config.diffusion.residual: a residual model needs an LQ input')
     lq = jnp.asarray(lq, jnp.float32)
-    res = sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
-                          parameterization=parameterization, sampler=sampler, steps=steps,
-                          eta=eta, t_start=t_start,
-                          x_start=jnp.zeros(shape, jnp.float32) if t_start < 1. else None,
-                          clip_x0=True, x0_bounds=(-1. - lq, 1. - lq))
-    return jnp.clip(lq + res, -1., 1.)
-  return sample(model_fn, rng, shape, logsnr_fn=logsnr_fn,
-                         parameterization=parameterization, sampler=sampler, steps=steps,
-                         eta=eta, t_start=t_start, x_start=lq if t_start < 1. else None,
-                         clip_x0=True)
+    res = sample(
+      model_fn,
+      rng,
+      shape,
+      logsnr_fn=logsnr_fn,
+      parameterization=parameterization,
+      sampler=sampler,
+      steps=steps,
+      eta=eta,
+      t_start=t_start,
+      x_start=jnp.zeros(shape, jnp.float32) if t_start < 1.0 else None,
+      clip_x0=True,
+      x0_bounds=(-1.0 - lq, 1.0 - lq),
+    )
+    return jnp.clip(lq + res, -1.0, 1.0)
+  return sample(
+    model_fn,
+    rng,
+    shape,
+    logsnr_fn=logsnr_fn,
+    parameterization=parameterization,
+    sampler=sampler,
+    steps=steps,
+    eta=eta,
+    t_start=t_start,
+    x_start=lq if t_start < 1.0 else None,
+    clip_x0=True,
+  )

@@ -10,6 +10,7 @@ The network is conditioned on logsnr rather than on t, so a model trained with a
 be sampled with any number of steps. All functions are pure and jit-able; schedule constants
 (limits, resolutions) are Python floats/ints fixed at trace time.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def alpha_sigma(logsnr: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
-def cosine_logsnr(t: jnp.ndarray, logsnr_min: float = -20., logsnr_max: float = 20.
-                  ) -> jnp.ndarray:
+def cosine_logsnr(
+  t: jnp.ndarray, logsnr_min: float = -20.0, logsnr_max: float = 20.0
+) -> jnp.ndarray:
   """The cosine schedule (Nichol & Dhariwal) as a log-SNR: -2 log tan(pi t / 2).
 
   t is first mapped affinely into [t_min, t_max] (the "t-range trick" of VDM / simple
@@ -48,19 +50,24 @@ def cosine_logsnr(t: jnp.ndarray, logsnr_min: float = -20., logsnr_max: float = 
   if not logsnr_min < logsnr_max:
     raise ValueError(f'cosine_logsnr: logsnr_min={logsnr_min} must be < logsnr_max={logsnr_max}')
   t = jnp.asarray(t, jnp.float32)
-  t_min = 2. / math.pi * math.atan(math.exp(-0.5 * logsnr_max))
-  t_max = 2. / math.pi * math.atan(math.exp(-0.5 * logsnr_min))
+  t_min = 2.0 / math.pi * math.atan(math.exp(-0.5 * logsnr_max))
+  t_max = 2.0 / math.pi * math.atan(math.exp(-0.5 * logsnr_min))
   span = t_max - t_min
-  lo = t_min + t * span                   # t'
-  hi = (1. - t) * span + (1. - t_max)     # 1 - t', accurate near t = 1
+  lo = t_min + t * span  # t'
+  hi = (1.0 - t) * span + (1.0 - t_max)  # 1 - t', accurate near t = 1
   half_pi = 0.5 * math.pi
-  return jnp.where(t < 0.5,
-                   -2. * jnp.log(jnp.tan(half_pi * lo)),
-                   2. * jnp.log(jnp.tan(half_pi * hi)))
+  return jnp.where(
+    t < 0.5, -2.0 * jnp.log(jnp.tan(half_pi * lo)), 2.0 * jnp.log(jnp.tan(half_pi * hi))
+  )
 
 
-def shifted_cosine_logsnr(t: jnp.ndarray, resolution: int, base_resolution: int,
-                          logsnr_min: float = -20., logsnr_max: float = 20.) -> jnp.ndarray:
+def shifted_cosine_logsnr(
+  t: jnp.ndarray,
+  resolution: int,
+  base_resolution: int,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jnp.ndarray:
   """Cosine log-SNR shifted for resolution (simple diffusion, Hoogeboom et al. 2023).
 
   A larger image has more pixels averaging out the same per-pixel noise, so it needs more noise
@@ -68,15 +75,22 @@ def shifted_cosine_logsnr(t: jnp.ndarray, resolution: int, base_resolution: int,
   the end points too (to logsnr_min/max + shift), as in the paper.
   """
   if resolution <= 0 or base_resolution <= 0:
-    raise ValueError(f'shifted_cosine_logsnr: resolution={resolution} and '
-                     f'base_resolution={base_resolution} must be positive')
-  shift = 2. * math.log(base_resolution / resolution)
+    raise ValueError(
+      f'shifted_cosine_logsnr: resolution={resolution} and '
+      f'base_resolution={base_resolution} must be positive'
+    )
+  shift = 2.0 * math.log(base_resolution / resolution)
   return cosine_logsnr(t, logsnr_min, logsnr_max) + shift
 
 
-def linear_beta_logsnr(t: jnp.ndarray, beta_start: float = 1e-4, beta_end: float = 0.02,
-                       num_steps: int = 1000, logsnr_min: float = -20., logsnr_max: float = 20.
-                       ) -> jnp.ndarray:
+def linear_beta_logsnr(
+  t: jnp.ndarray,
+  beta_start: float = 1e-4,
+  beta_end: float = 0.02,
+  num_steps: int = 1000,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jnp.ndarray:
   """DDPM's linear beta schedule as a continuous-time log-SNR.
 
   Discrete DDPM has beta_j = linspace(beta_start, beta_end, N)[j - 1] for j = 1..N and
@@ -92,24 +106,25 @@ def linear_beta_logsnr(t: jnp.ndarray, beta_start: float = 1e-4, beta_end: float
   """
   if num_steps < 2:
     raise ValueError(f'linear_beta_logsnr: num_steps={num_steps} must be >= 2')
-  if not 0. < beta_start <= beta_end < 1.:
-    raise ValueError(f'linear_beta_logsnr: need 0 < beta_start={beta_start} <= '
-                     f'beta_end={beta_end} < 1')
+  if not 0.0 < beta_start <= beta_end < 1.0:
+    raise ValueError(
+      f'linear_beta_logsnr: need 0 < beta_start={beta_start} <= beta_end={beta_end} < 1'
+    )
   t = jnp.asarray(t, jnp.float32)
   n = float(num_steps)
-  slope = (beta_end - beta_start) / (n - 1.)     # d beta / d u
+  slope = (beta_end - beta_start) / (n - 1.0)  # d beta / d u
 
-  def beta(u):                                   # beta(j) = beta_j
-    return beta_start + slope * (u - 1.)
+  def beta(u):  # beta(j) = beta_j
+    return beta_start + slope * (u - 1.0)
 
   u0, u1 = jnp.float32(0.5), t * n + 0.5
-  if slope > 0.:
+  if slope > 0.0:
     # d/dx G(x) = -log(1 - x), so the integral of log(1 - beta(u)) du is -(G(b1) - G(b0)) / slope.
     log_alpha_bar = -(_big_g(beta(u1)) - _big_g(beta(u0))) / slope
-  else:                                          # constant beta
+  else:  # constant beta
     log_alpha_bar = (u1 - u0) * math.log1p(-beta_start)
   # Rounding can push the integral a hair above 0 near t = 0 (alpha_bar > 1, NaN below).
-  log_alpha_bar = jnp.minimum(log_alpha_bar, 0.)
+  log_alpha_bar = jnp.minimum(log_alpha_bar, 0.0)
   # logsnr = log(alpha_bar / (1 - alpha_bar)); expm1 keeps 1 - alpha_bar accurate near t = 0.
   logsnr = log_alpha_bar - jnp.log(-jnp.expm1(log_alpha_bar))
   return jnp.clip(logsnr, logsnr_min, logsnr_max)
@@ -122,15 +137,21 @@ def _big_g(x: jnp.ndarray) -> jnp.ndarray:
   below 0.1 we sum the series (8 terms reach float32 precision there).
   """
   series = jnp.zeros_like(x)
-  for k in range(9, 1, -1):                      # Horner: x^2 (1/2 + x (1/6 + x (1/12 + ...)))
-    series = series * x + 1. / (k * (k - 1))
+  for k in range(9, 1, -1):  # Horner: x^2 (1/2 + x (1/6 + x (1/12 + ...)))
+    series = series * x + 1.0 / (k * (k - 1))
   series = series * x * x
-  closed = (1. - x) * jnp.log1p(-x) + x
+  closed = (1.0 - x) * jnp.log1p(-x) + x
   return jnp.where(x < 0.1, series, closed)
 
 
-def get_logsnr_fn(name: str, resolution: int, *, logsnr_min: float, logsnr_max: float,
-                  shift_base_resolution: int = 64) -> LogSnrFn:
+def get_logsnr_fn(
+  name: str,
+  resolution: int,
+  *,
+  logsnr_min: float,
+  logsnr_max: float,
+  shift_base_resolution: int = 64,
+) -> LogSnrFn:
   """The t -> logsnr function of schedule `name` (SCHEDULES) at image size `resolution`;
   `shift_base_resolution` is the size a 'shifted_cosine' schedule equals 'cosine' at."""
   lmin, lmax = float(logsnr_min), float(logsnr_max)
@@ -143,8 +164,9 @@ def get_logsnr_fn(name: str, resolution: int, *, logsnr_min: float, logsnr_max: 
     return lambda t: shifted_cosine_logsnr(t, resolution, base, lmin, lmax)
   if name == 'linear':
     return lambda t: linear_beta_logsnr(t, logsnr_min=lmin, logsnr_max=lmax)
-  raise ValueError(f'config.diffusion.schedule: unknown schedule {name!r}; '
-                   f'choose one of {SCHEDULES}')
+  raise ValueError(
+    f'config.diffusion.schedule: unknown schedule {name!r}; choose one of {SCHEDULES}'
+  )
 
 
 def logsnr_to_t(logsnr_fn: LogSnrFn, logsnr: jnp.ndarray, num_iters: int = 40) -> jnp.ndarray:

@@ -14,6 +14,7 @@ OUT may be a local folder or a gs:// prefix (files.py). The cleaning itself (whi
 which model) is extrinsic.py's; this module knows only the files. Files move many at a time
 (files.map_many): in a bucket each request costs a round trip whatever its size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +23,9 @@ import os
 import threading
 import time
 
+from idm_jax.data import sources
 from idm_jax.storage import files
 from idm_jax.storage import images
-from idm_jax.data import sources
 
 FORMAT = 'idm_jax/cleaned-dataset/1'
 MANIFEST = 'manifest.json'
@@ -44,19 +45,22 @@ def out_name(name: str, cleaned: bool) -> str:
 def read_journals(out_dir: str, concurrency: int = files.IO_CONCURRENCY) -> dict[str, dict]:
   """Every journalled record by name (the later entry wins). In a bucket a journal is many
   objects, read concurrently."""
-  paths = [files.join(out_dir, n) for n in files.listdir(out_dir)
-           if n.startswith('journal-') and n.endswith('.jsonl')]
+  paths = [
+    files.join(out_dir, n)
+    for n in files.listdir(out_dir)
+    if n.startswith('journal-') and n.endswith('.jsonl')
+  ]
   done = {}
   for path, data in zip(paths, files.read_many(paths, concurrency=concurrency)):
     if isinstance(data, Exception):
       raise data
-    for line in data.decode('utf-8', errors='replace').splitlines():   # a cut character too
+    for line in data.decode('utf-8', errors='replace').splitlines():  # a cut character too
       line = line.strip()
       if not line:
         continue
       try:
         entry = json.loads(line)
-      except json.JSONDecodeError:   # a line cut by a kill: that record is redone
+      except json.JSONDecodeError:  # a line cut by a kill: that record is redone
         continue
       done[entry['name']] = entry
   return done
@@ -81,14 +85,20 @@ class Journal:
     self.lock = threading.RLock()
     if self.remote:
       prefix = f'journal-{process_index}-'
-      self.seq = 1 + max([int(n[len(prefix):-len('.jsonl')]) for n in files.listdir(out_dir)
-                          if n.startswith(prefix) and n.endswith('.jsonl')], default=-1)
+      self.seq = 1 + max(
+        [
+          int(n[len(prefix) : -len('.jsonl')])
+          for n in files.listdir(out_dir)
+          if n.startswith(prefix) and n.endswith('.jsonl')
+        ],
+        default=-1,
+      )
     else:
       self.path = files.join(out_dir, f'journal-{process_index}.jsonl')
       if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
         with open(self.path, 'rb') as f:
           f.seek(-1, os.SEEK_END)
-          if f.read(1) != b'\n':   # a line cut by a kill: end it so the next entry stands alone
+          if f.read(1) != b'\n':  # a line cut by a kill: end it so the next entry stands alone
             self.pending.append('')
 
   def add(self, entry: dict) -> None:
@@ -98,8 +108,11 @@ class Journal:
     """Several entries in one local append (one fsync: a batch's, not each file's)."""
     with self.lock:
       self.pending += [json.dumps(e) for e in entries]
-      if not self.remote or len(self.pending) >= self.REMOTE_BATCH or \
-          time.monotonic() - self.last >= self.REMOTE_SECONDS:
+      if (
+        not self.remote
+        or len(self.pending) >= self.REMOTE_BATCH
+        or time.monotonic() - self.last >= self.REMOTE_SECONDS
+      ):
         self.flush()
 
   def flush(self) -> None:
@@ -109,8 +122,10 @@ class Journal:
       text = '\n'.join(self.pending) + '\n'
       if self.remote:
         files.call_with_retries(
-            files.write_atomic,
-            files.join(self.out_dir, f'journal-{self.pi}-{self.seq:06d}.jsonl'), text.encode())
+          files.write_atomic,
+          files.join(self.out_dir, f'journal-{self.pi}-{self.seq:06d}.jsonl'),
+          text.encode(),
+        )
         self.seq += 1
       else:
         files.append_text(self.path, text)
@@ -118,31 +133,43 @@ class Journal:
       self.last = time.monotonic()
 
 
-def copy_records(source, indices, names, out_dir: str, *, checksums: dict[str, str],
-                 concurrency: int = files.IO_CONCURRENCY):
+def copy_records(
+  source,
+  indices,
+  names,
+  out_dir: str,
+  *,
+  checksums: dict[str, str],
+  concurrency: int = files.IO_CONCURRENCY,
+):
   """Copies the records `indices` unchanged, `concurrency` at a time; yields each one's journal
   entry as it is written. A folder's files keep their bytes: within one bucket the bucket copies
   them (the checksum from `checksums`, by name, as the scoring read them), otherwise they are
   read and written. A file that cannot be read (after retries) is a 'failed' entry naming it; a
   write that fails stops the copying (after the entries of those written), to be resumed."""
-  load = threading.Lock()   # a non-folder source (TFDS, built-in) is read one record at a time
+  load = threading.Lock()  # a non-folder source (TFDS, built-in) is read one record at a time
   indices = list(indices)
   errors = []
   for k, result in files.map_many(
-      lambda i: _copy_record(source, i, names[i], out_dir, checksums.get(names[i]), load),
-      indices, concurrency=concurrency):
+    lambda i: _copy_record(source, i, names[i], out_dir, checksums.get(names[i]), load),
+    indices,
+    concurrency=concurrency,
+  ):
     if isinstance(result, Exception):
       errors.append((names[indices[k]], result))
     else:
       yield result
   if errors:
     name, e = errors[0]
-    raise RuntimeError(f'{out_dir}: {len(errors)} copies could not be written, the first {name!r}:'
-                       f' {type(e).__name__}: {e}') from e
+    raise RuntimeError(
+      f'{out_dir}: {len(errors)} copies could not be written, the first {name!r}:'
+      f' {type(e).__name__}: {e}'
+    ) from e
 
 
-def _copy_record(source, i: int, name: str, out_dir: str, checksum: str | None,
-                 load: threading.Lock) -> dict:
+def _copy_record(
+  source, i: int, name: str, out_dir: str, checksum: str | None, load: threading.Lock
+) -> dict:
   """One record's copy (copy_records)."""
   if isinstance(source, sources.FolderSource):
     src, dst = source.paths[i], files.join(out_dir, IMAGES, name)
@@ -210,15 +237,17 @@ def verify_manifest(out_dir: str) -> dict:
   """Checks a finished dataset: one record per source record, every checksum; returns counts."""
   manifest = json.loads(files.read_text(files.join(out_dir, MANIFEST)))
   records = manifest['records']
-  if len(records) != manifest['source_records'] or \
-     len({r['name'] for r in records}) != len(records):
+  if len(records) != manifest['source_records'] or len({r['name'] for r in records}) != len(
+    records
+  ):
     raise RuntimeError(f'{out_dir}: the manifest does not hold exactly one entry per record')
   on_disk = files_written(out_dir)
   verify_records(out_dir, records, on_disk)
   listed = {r['file'] for r in records if r['action'] != 'failed'}
   if on_disk != listed:
-    raise RuntimeError(f'{out_dir}: files on disk differ from the manifest: '
-                       f'{sorted(on_disk ^ listed)[:5]}')
+    raise RuntimeError(
+      f'{out_dir}: files on disk differ from the manifest: {sorted(on_disk ^ listed)[:5]}'
+    )
   return manifest['counts']
 
 

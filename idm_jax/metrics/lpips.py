@@ -6,6 +6,7 @@ channel by the learned linear layers, averaged over space and summed over the fi
 Lower is more similar. Weights come from an .npz made by convert_weights.py from torchvision's
 vgg16 and LPIPS's vgg.pth (v0.1); there is no fallback to random weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,11 +23,11 @@ from idm_jax.models import platform_ops
 
 # (name, out channels) of VGG16's conv layers, grouped into the five LPIPS slices.
 VGG_SLICES = (
-    (('conv1_1', 64), ('conv1_2', 64)),
-    (('conv2_1', 128), ('conv2_2', 128)),
-    (('conv3_1', 256), ('conv3_2', 256), ('conv3_3', 256)),
-    (('conv4_1', 512), ('conv4_2', 512), ('conv4_3', 512)),
-    (('conv5_1', 512), ('conv5_2', 512), ('conv5_3', 512)),
+  (('conv1_1', 64), ('conv1_2', 64)),
+  (('conv2_1', 128), ('conv2_2', 128)),
+  (('conv3_1', 256), ('conv3_2', 256), ('conv3_3', 256)),
+  (('conv4_1', 512), ('conv4_2', 512), ('conv4_3', 512)),
+  (('conv5_1', 512), ('conv5_2', 512), ('conv5_3', 512)),
 )
 CHANNELS = tuple(s[-1][1] for s in VGG_SLICES)
 # LPIPS's ScalingLayer: ImageNet mean/std expressed for inputs in [-1, 1].
@@ -55,8 +56,9 @@ def normalize(f: jnp.ndarray) -> jnp.ndarray:
   return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + _EPS)
 
 
-def distance_from_features(feats0: Sequence[jnp.ndarray], feats1: Sequence[jnp.ndarray],
-                           lins: Sequence[jnp.ndarray]) -> jnp.ndarray:
+def distance_from_features(
+  feats0: Sequence[jnp.ndarray], feats1: Sequence[jnp.ndarray], lins: Sequence[jnp.ndarray]
+) -> jnp.ndarray:
   """LPIPS from per-layer features (N, H, W, C) and per-layer channel weights (C,) -> (N,)."""
   total = 0.0
   for f0, f1, w in zip(feats0, feats1, lins):
@@ -93,27 +95,34 @@ def load(path: str) -> dict:
 @functools.cache
 def _lpips_jit():
   # Compiled as the trainer's programs are on this backend (platform_ops.compiler_options).
-  return jax.jit(lambda variables, x0, x1: LPIPS().apply(variables, x0, x1),
-                 compiler_options=platform_ops.compiler_options(jax.default_backend()))
+  return jax.jit(
+    lambda variables, x0, x1: LPIPS().apply(variables, x0, x1),
+    compiler_options=platform_ops.compiler_options(jax.default_backend()),
+  )
 
 
 def _lpips_batch(variables, x0, x1):
   return _lpips_jit()(variables, x0, x1)
 
 
-def lpips_distances(pred: Sequence[np.ndarray], gt: Sequence[np.ndarray],
-                    weights: str | os.PathLike | dict, batch_size: int = 8) -> list[float]:
+def lpips_distances(
+  pred: Sequence[np.ndarray],
+  gt: Sequence[np.ndarray],
+  weights: str | os.PathLike | dict,
+  batch_size: int = 8,
+) -> list[float]:
   """LPIPS of each (pred, gt) pair of uint8 RGB images of equal size (lower is better)."""
   variables = load(os.fspath(weights)) if not isinstance(weights, dict) else weights
   if len(pred) != len(gt):
     raise ValueError(f'lpips: {len(pred)} pred images but {len(gt)} gt images')
   out = []
   for i in range(0, len(pred), batch_size):
-    p_batch, g_batch = pred[i:i + batch_size], gt[i:i + batch_size]
+    p_batch, g_batch = pred[i : i + batch_size], gt[i : i + batch_size]
     shapes = {im.shape for im in p_batch} | {im.shape for im in g_batch}
     # Mixed sizes cannot be stacked: fall back to one pair at a time.
-    groups = [(p_batch, g_batch)] if len(shapes) == 1 else [
-        ([p], [g]) for p, g in zip(p_batch, g_batch)]
+    groups = (
+      [(p_batch, g_batch)] if len(shapes) == 1 else [([p], [g]) for p, g in zip(p_batch, g_batch)]
+    )
     for ps, gs in groups:
       p = np.stack(ps).astype(np.float32) / 127.5 - 1
       g = np.stack(gs).astype(np.float32) / 127.5 - 1

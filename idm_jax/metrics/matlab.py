@@ -5,6 +5,7 @@ numbers needs MATLAB's `rgb2ycbcr` (ITU-R BT.601, studio range) and `imresize` (
 a=-0.5, kernel widened by 1/scale when downsampling with antialiasing, symmetric padding).
 OpenCV's resize and YCrCb conversion differ from both, enough to move NIQE by several percent.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,13 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
 def _cubic(x: np.ndarray) -> np.ndarray:
   """Keys' cubic convolution kernel with a = -0.5 (MATLAB's 'bicubic')."""
   ax = np.abs(x)
-  ax2, ax3 = ax ** 2, ax ** 3
-  return ((1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1)
-          + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
+  ax2, ax3 = ax**2, ax**3
+  return (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * (
+    (ax > 1) & (ax <= 2)
+  )
 
 
-def resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool = True
-                  ) -> np.ndarray:
+def resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool = True) -> np.ndarray:
   """The (out_len, in_len) matrix M with resized = M @ signal along one axis.
 
   Follows MATLAB's contributions(): output pixel k (1-based) maps to input coordinate
@@ -50,7 +51,7 @@ def resize_matrix(in_len: int, out_len: int, scale: float, antialiasing: bool = 
   u = x / scale + 0.5 * (1 - 1 / scale)
   left = np.floor(u - kernel_width / 2)
   taps = math.ceil(kernel_width) + 2
-  idx = left[:, None] + np.arange(taps)[None, :]           # 1-based input indices
+  idx = left[:, None] + np.arange(taps)[None, :]  # 1-based input indices
   dist = u[:, None] - idx
   w = scale * _cubic(dist * scale) if aa else _cubic(dist)
   w = w / w.sum(axis=1, keepdims=True)

@@ -14,6 +14,7 @@ we reproduce BasicSR's values to 4 digits.
 All blocks are processed at once (stacked into one array), so a 512x512 image takes well under
 a second, which matters when NIQE ranks a whole dataset for cleaning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import gamma
 
-from idm_jax.storage import files
 from idm_jax.metrics import matlab
 from idm_jax.metrics import resize
+from idm_jax.storage import files
 
 BLOCK = 96
 MIN_SIZE = 2 * BLOCK  # NIQE's covariance needs several blocks; MATLAB's niqe demands this too
@@ -36,9 +37,10 @@ MIN_SIZE = 2 * BLOCK  # NIQE's covariance needs several blocks; MATLAB's niqe de
 @dataclasses.dataclass(frozen=True)
 class NiqeParams:
   """The pristine multivariate Gaussian (36-d) and the 7x7 normalisation window."""
-  mu: np.ndarray          # (36,)
-  cov: np.ndarray         # (36, 36)
-  window: np.ndarray      # (7, 7)
+
+  mu: np.ndarray  # (36,)
+  cov: np.ndarray  # (36, 36)
+  window: np.ndarray  # (7, 7)
 
 
 # The pristine model of the NIQE authors' MATLAB release (modelparameters.mat, Mittal et al.
@@ -74,9 +76,11 @@ def load_niqe_params(path: str | os.PathLike) -> NiqeParams:
   mu = arrays['mu_pris_param'].reshape(-1)
   cov, window = arrays['cov_pris_param'], arrays['gaussian_window']
   if mu.shape != (36,) or cov.shape != (36, 36) or window.ndim != 2:
-    raise ValueError(f'NIQE parameters file {path!r} has wrong shapes: mu_pris_param '
-                     f'{arrays["mu_pris_param"].shape} (want 36 values), cov_pris_param '
-                     f'{cov.shape} (want (36, 36)), gaussian_window {window.shape} (want 2-D)')
+    raise ValueError(
+      f'NIQE parameters file {path!r} has wrong shapes: mu_pris_param '
+      f'{arrays["mu_pris_param"].shape} (want 36 values), cov_pris_param '
+      f'{cov.shape} (want (36, 36)), gaussian_window {window.shape} (want 2-D)'
+    )
   return NiqeParams(mu=mu, cov=cov, window=window)
 
 
@@ -100,8 +104,8 @@ def aggd_params(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     left_std = np.sqrt((np.where(neg, x, 0) ** 2).sum(1) / neg.sum(1))
     right_std = np.sqrt((np.where(pos, x, 0) ** 2).sum(1) / pos.sum(1))
     gammahat = left_std / right_std
-    rhat = np.mean(np.abs(x), 1) ** 2 / np.mean(x ** 2, 1)
-    rhatnorm = rhat * (gammahat ** 3 + 1) * (gammahat + 1) / (gammahat ** 2 + 1) ** 2
+    rhat = np.mean(np.abs(x), 1) ** 2 / np.mean(x**2, 1)
+    rhatnorm = rhat * (gammahat**3 + 1) * (gammahat + 1) / (gammahat**2 + 1) ** 2
   # argmin over the grid per row; (N, 9801) is small (a few hundred rows at most per image).
   # A NaN row gives index 0 (alpha 0.2) with NaN betas, exactly like the reference.
   pos_idx = np.argmin((r_gam[None, :] - rhatnorm[:, None]) ** 2, axis=1)
@@ -135,7 +139,7 @@ def _mscn(img: np.ndarray, window: np.ndarray) -> np.ndarray:
 def _to_blocks(img: np.ndarray, bh: int, bw: int) -> np.ndarray:
   """(nh*bh, nw*bw) -> (nh*nw, bh, bw), non-overlapping tiles."""
   nh, nw = img.shape[0] // bh, img.shape[1] // bw
-  return img[:nh * bh, :nw * bw].reshape(nh, bh, nw, bw).transpose(0, 2, 1, 3).reshape(-1, bh, bw)
+  return img[: nh * bh, : nw * bw].reshape(nh, bh, nw, bw).transpose(0, 2, 1, 3).reshape(-1, bh, bw)
 
 
 def niqe_y(y: np.ndarray, params: NiqeParams) -> float:
@@ -146,14 +150,17 @@ def niqe_y(y: np.ndarray, params: NiqeParams) -> float:
   y = y.astype(np.float32)  # see the module docstring: float32 is part of the definition
   h, w = y.shape
   if h < MIN_SIZE or w < MIN_SIZE:
-    raise ValueError(f'NIQE needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w} '
-                     '(upscale small faces first, e.g. niqe_upscale=2)')
+    raise ValueError(
+      f'NIQE needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w} '
+      '(upscale small faces first, e.g. niqe_upscale=2)'
+    )
   nh, nw = h // BLOCK, w // BLOCK
-  img = y[:nh * BLOCK, :nw * BLOCK]
+  img = y[: nh * BLOCK, : nw * BLOCK]
   feats = []
   for scale in (1, 2):
-    feats.append(block_features(_to_blocks(_mscn(img, params.window),
-                                           BLOCK // scale, BLOCK // scale)))
+    feats.append(
+      block_features(_to_blocks(_mscn(img, params.window), BLOCK // scale, BLOCK // scale))
+    )
     if scale == 1:
       img = matlab.imresize(img / 255.0, 0.5, antialiasing=True).astype(np.float32) * 255.0
   feats = np.concatenate(feats, axis=1).astype(np.float64)  # (blocks, 36)

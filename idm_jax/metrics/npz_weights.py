@@ -5,6 +5,7 @@ loaded with numpy alone: no pickle, no torch. Loading checks every key and shape
 model's own variable tree, so a wrong or truncated file fails with the offending key named
 instead of producing a plausible-looking wrong number.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from idm_jax.storage import files
 from idm_jax.runtime import tree_shapes
+from idm_jax.storage import files
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -58,9 +59,11 @@ def load_variables(path: str | os.PathLike, expected: Mapping[str, Any], what: s
   want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
   problems = tree_shapes.mismatches(want, {k: v.shape for k, v in flat.items()})
   if problems:
-    raise ValueError(f'{what} weights file {path!r} does not fit the model: '
-                     + '; '.join(problems)
-                     + '. Convert it with python -m idm_jax.metrics.convert_weights.')
+    raise ValueError(
+      f'{what} weights file {path!r} does not fit the model: '
+      + '; '.join(problems)
+      + '. Convert it with python -m idm_jax.metrics.convert_weights.'
+    )
   return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
 

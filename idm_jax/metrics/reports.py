@@ -1,5 +1,6 @@
 """Metric reports: metrics.json (everything, per image too) and metrics.md (tables of means and
 of paired differences with their intervals), from `metrics.scoring.evaluate_images` results."""
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,19 @@ from idm_jax.storage import files
 
 # name -> (label, higher is better)
 METRIC_INFO = {
-    'psnr': ('PSNR (RGB, dB)', True),
-    'ssim': ('SSIM (RGB)', True),
-    'psnr_y': ('PSNR (Y, dB)', True),
-    'ssim_y': ('SSIM (Y)', True),
-    'lpips': ('LPIPS (VGG)', False),
-    'identity': ('Identity (dlib cosine)', True),
-    'consistency': ('Consistency PSNR vs LQ (dB)', True),
-    'niqe': ('NIQE', False),
-    'niqe_ref': ('NIQE of reference set', False),
-    'fid': ('FID', False),
-    'fd_dlib': ('Frechet distance of dlib face descriptors', False),
-    'face_rate': ('Share with a detected face', True),
-    'face_rate_ref': ('Share with a detected face, reference set', True),
+  'psnr': ('PSNR (RGB, dB)', True),
+  'ssim': ('SSIM (RGB)', True),
+  'psnr_y': ('PSNR (Y, dB)', True),
+  'ssim_y': ('SSIM (Y)', True),
+  'lpips': ('LPIPS (VGG)', False),
+  'identity': ('Identity (dlib cosine)', True),
+  'consistency': ('Consistency PSNR vs LQ (dB)', True),
+  'niqe': ('NIQE', False),
+  'niqe_ref': ('NIQE of reference set', False),
+  'fid': ('FID', False),
+  'fd_dlib': ('Frechet distance of dlib face descriptors', False),
+  'face_rate': ('Share with a detected face', True),
+  'face_rate_ref': ('Share with a detected face, reference set', True),
 }
 
 
@@ -85,16 +86,27 @@ def _delta_table(rows: dict[str, dict]) -> list[str]:
   ref = first['delta']['reference']
   conf = next(iter(first['delta']['metrics'].values()))['confidence']
   header = [''] + [metric_label(n, first['metrics'].get(n, {})) for n in names]
-  cells = [[row] + [format_delta(result['delta']['metrics'][n])
-                    if n in result['delta']['metrics'] else 'n/a' for n in names]
-           for row, result in rows.items()]
-  return ['', f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
-          'interval; bold: the interval excludes 0):', ''] + table(header, cells)
+  cells = [
+    [row]
+    + [
+      format_delta(result['delta']['metrics'][n]) if n in result['delta']['metrics'] else 'n/a'
+      for n in names
+    ]
+    for row, result in rows.items()
+  ]
+  return [
+    '',
+    f'Per-image difference against {ref} (mean, paired-bootstrap {conf:.0%} '
+    'interval; bold: the interval excludes 0):',
+    '',
+  ] + table(header, cells)
 
 
 def _single_table(result: dict) -> list[str]:
-  return table(['metric', 'value'], [[metric_label(name, entry), format_entry(entry)]
-                                      for name, entry in result['metrics'].items()])
+  return table(
+    ['metric', 'value'],
+    [[metric_label(name, entry), format_entry(entry)] for name, entry in result['metrics'].items()],
+  )
 
 
 def _multi_table(rows: dict[str, dict]) -> list[str]:
@@ -135,8 +147,9 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
   lines = [f'# {title}', '']
   if 'metrics' in metrics:
     if 'num_images' in metrics:
-      ref = (f' ({metrics["num_ref_images"]} reference images)'
-             if 'num_ref_images' in metrics else '')
+      ref = (
+        f' ({metrics["num_ref_images"]} reference images)' if 'num_ref_images' in metrics else ''
+      )
       if 'ref_resized_to' in metrics:
         ref += f', resized to {metrics["ref_resized_to"]} like the samples'
       lines += [f'{metrics["num_images"]} images{ref}.', '']
@@ -145,11 +158,15 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, title: str) -> None:
   else:
     bad = [k for k, v in metrics.items() if not isinstance(v, dict) or 'metrics' not in v]
     if bad:
-      raise ValueError(f'write_report: expected an evaluate_images result or a dict of them; '
-                       f'entries {bad[:3]} are neither')
+      raise ValueError(
+        f'write_report: expected an evaluate_images result or a dict of them; '
+        f'entries {bad[:3]} are neither'
+      )
     lines += _multi_table(metrics)
     lines += _delta_table(metrics)
   # Both tables are built before anything is written: a bad `metrics` leaves no half report.
-  files.write_text(files.join(out_dir, 'metrics.json'),
-                   json.dumps(json_safe({'title': title, **metrics}), indent=1))
+  files.write_text(
+    files.join(out_dir, 'metrics.json'),
+    json.dumps(json_safe({'title': title, **metrics}), indent=1),
+  )
   files.write_text(files.join(out_dir, 'metrics.md'), '\n'.join(lines) + '\n')

@@ -1,5 +1,6 @@
 """Integer Lanczos upscaling for metrics that need a minimum image size (NIQE's blocks, dlib's
 face detector and descriptor on small faces)."""
+
 import numpy as np
 from PIL import Image
 

@@ -10,12 +10,13 @@ images of one size and kind: a cleaned set against its pristine and contaminated
 against other faces. Averaging restorations (the mean of 16 cleaning draws) smooths what the
 draws disagree on, which is what these measure and PSNR does not.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-_LAPLACIAN = np.array([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]])
+_LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
 def _luma(img: np.ndarray) -> np.ndarray:

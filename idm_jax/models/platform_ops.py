@@ -23,19 +23,21 @@ Attention. `jax.nn.dot_product_attention`'s XLA form differentiates its softmax 
 division, so its backward pass streams several token x token tensors; `jax.nn.softmax` has the
 closed-form gradient, and the whole block runs about twice as fast on the CPU at 1,024 tokens.
 """
+
 from __future__ import annotations
 
 import functools
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 # flax.linen.Conv's layout for NHWC inputs and HWIO kernels, as ConvDimensionNumbers.
-_NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                      out_spec=(0, 3, 1, 2))
+_NHWC_HWIO = lax.ConvDimensionNumbers(
+  lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
 
 
 def patches(x, kernel_hw, strides, padding):
@@ -45,8 +47,11 @@ def patches(x, kernel_hw, strides, padding):
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   out_h = (x.shape[1] - kh) // sh + 1
   out_w = (x.shape[2] - kw) // sw + 1
-  cols = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
+  cols = [
+    x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
@@ -57,12 +62,18 @@ def conv_as_matmul(x, kernel, strides, padding, precision=None):
   return jnp.dot(cols, kernel.reshape(kh * kw * cin, cout), precision=precision)
 
 
-def _supported(padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-               batch_group_count=1) -> bool:
+def _supported(
+  padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count=1
+) -> bool:
   ones = lambda d: d is None or all(int(v) == 1 for v in d)
-  return (not isinstance(padding, str) and ones(lhs_dilation) and ones(rhs_dilation)
-          and feature_group_count == 1 and batch_group_count == 1
-          and dimension_numbers == _NHWC_HWIO)
+  return (
+    not isinstance(padding, str)
+    and ones(lhs_dilation)
+    and ones(rhs_dilation)
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and dimension_numbers == _NHWC_HWIO
+  )
 
 
 # YNNPACK for reductions only (the module docstring says why).
@@ -76,8 +87,12 @@ def _cpu_options_accepted() -> bool:
   try:
     jax.jit(lambda v: v + 1, compiler_options=_CPU_OPTIONS).lower(x).compile()
   except jax.errors.JaxRuntimeError as e:
-    logging.warning('XLA does not take the CPU option %s (%s): CPU programs compile with '
-                    "XLA's defaults, and train slower", _CPU_OPTIONS, str(e).splitlines()[0])
+    logging.warning(
+      'XLA does not take the CPU option %s (%s): CPU programs compile with '
+      "XLA's defaults, and train slower",
+      _CPU_OPTIONS,
+      str(e).splitlines()[0],
+    )
     return False
   return True
 
@@ -91,8 +106,9 @@ def compiler_options(platform: str) -> dict | None:
 
 
 def _native_conv(x, kernel, strides, padding, precision=None):
-  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC_HWIO,
-                                  precision=precision)
+  return lax.conv_general_dilated(
+    x, kernel, strides, padding, dimension_numbers=_NHWC_HWIO, precision=precision
+  )
 
 
 # Feature maps this small or smaller go through patches @ kernel, as XLA's CPU convolution takes a
@@ -116,22 +132,50 @@ def cpu_conv(x, kernel, strides, padding, precision=None):
   return _native_conv(x, kernel, strides, padding, precision)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **kwargs,
+):
   """A drop-in for `lax.conv_general_dilated` (flax.linen.Conv's `conv_general_dilated`):
   `cpu_conv` on the CPU for plain NHWC/HWIO convolutions, XLA's convolution otherwise."""
+
   def native(x, k):
-    return lax.conv_general_dilated(x, k, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision,
-                                    **kwargs)
+    return lax.conv_general_dilated(
+      x,
+      k,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      precision=precision,
+      **kwargs,
+    )
+
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if not _supported(padding, lhs_dilation, rhs_dilation, dims, feature_group_count,
-                    kwargs.get('batch_group_count', 1)):
+  if not _supported(
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dims,
+    feature_group_count,
+    kwargs.get('batch_group_count', 1),
+  ):
     return native(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   pads = tuple(tuple(int(v) for v in p) for p in padding)
   return lax.platform_dependent(
-      lhs, rhs, cpu=lambda x, k: cpu_conv(x, k, strides, pads, precision), default=native)
+    lhs, rhs, cpu=lambda x, k: cpu_conv(x, k, strides, pads, precision), default=native
+  )
 
 
 # Queries per block of `softmax_attention`: at 1,024 tokens, four blocks' logits (8 MB each at
@@ -158,8 +202,10 @@ def softmax_attention(q, k, v):
 def dot_product_attention(q, k, v, implementation=None):
   """`jax.nn.dot_product_attention(q, k, v, implementation=...)`; with no implementation named,
   `softmax_attention` on the CPU."""
+
   def native(q_, k_, v_):
     return jax.nn.dot_product_attention(q_, k_, v_, implementation=implementation)
+
   if implementation is not None:
     return native(q, k, v)
   return lax.platform_dependent(q, k, v, cpu=softmax_attention, default=native)

@@ -18,6 +18,7 @@ Additions for IDM:
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and activations are
 annotated with `nn.with_logical_constraint`, so parallel.py can shard the model by rules alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,7 @@ EMBED_MAX_PERIOD = 10000.0
 
 DTYPE_OF = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 DTYPES = tuple(DTYPE_OF)
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')   # auto: jax.nn.dot_product_attention chooses
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # auto: jax.nn.dot_product_attention chooses
 
 # PyTorch's default conv/linear init (kaiming_uniform with a=√5 ⇒ Var = 1 / (3 fan_in)), which
 # ADM was trained with; keeps our initial activations statistically like the reference.
@@ -87,6 +88,7 @@ def logsnr_embedding(logsnr: jax.Array, dim: int) -> jax.Array:
 
 class Conv(nn.Module):
   """A 2-D convolution with logical axis names and PyTorch-style symmetric padding."""
+
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -98,16 +100,23 @@ class Conv(nn.Module):
   def __call__(self, x):
     pad = self.kernel_size // 2
     # Explicit (p, p) padding: flax 'SAME' with stride 2 pads (0, 1), torch pads (1, 1).
-    return nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                   strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                   dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_kernel_init(self.zero_init, CONV_KERNEL_AXES),
-                   bias_init=_bias_init(), conv_general_dilated=platform_ops.conv_general_dilated,
-                   name='conv')(x.astype(self.dtype))
+    return nn.Conv(
+      self.features,
+      (self.kernel_size, self.kernel_size),
+      strides=(self.stride, self.stride),
+      padding=((pad, pad), (pad, pad)),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_kernel_init(self.zero_init, CONV_KERNEL_AXES),
+      bias_init=_bias_init(),
+      conv_general_dilated=platform_ops.conv_general_dilated,
+      name='conv',
+    )(x.astype(self.dtype))
 
 
 class Dense(nn.Module):
   """A dense layer with logical axis names."""
+
   features: int
   zero_init: bool = False
   dtype: Any = jnp.float32
@@ -115,9 +124,14 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_kernel_init(self.zero_init, DENSE_KERNEL_AXES),
-                    bias_init=_bias_init(), name='dense')(x.astype(self.dtype))
+    return nn.Dense(
+      self.features,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_kernel_init(self.zero_init, DENSE_KERNEL_AXES),
+      bias_init=_bias_init(),
+      name='dense',
+    )(x.astype(self.dtype))
 
 
 def group_norm(x, gamma, beta, num_groups: int, epsilon: float, scale=None, shift=None):
@@ -135,17 +149,18 @@ def group_norm(x, gamma, beta, num_groups: int, epsilon: float, scale=None, shif
   count = h * w * per_group
   mean = jnp.sum(pixels, axis=1).reshape(b, num_groups, per_group).sum(-1) / count
   mean_sq = jnp.sum(pixels * pixels, axis=1).reshape(b, num_groups, per_group).sum(-1) / count
-  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.) + epsilon)
-  mul = gamma * jnp.repeat(inv, per_group, axis=1)                     # (B, C)
+  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+  mul = gamma * jnp.repeat(inv, per_group, axis=1)  # (B, C)
   add = beta - jnp.repeat(mean, per_group, axis=1) * mul
   if scale is not None:
     scale = scale.reshape(b, c)
-    mul, add = mul * (1. + scale), add * (1. + scale) + shift.reshape(b, c)
+    mul, add = mul * (1.0 + scale), add * (1.0 + scale) + shift.reshape(b, c)
   return x * mul[:, None, None, :] + add[:, None, None, :]
 
 
 class _NormParams(nn.Module):
   """GroupNorm's per-channel scale and bias, at flax.linen.GroupNorm's parameter paths."""
+
   channels: int
   param_dtype: Any = jnp.float32
 
@@ -160,6 +175,7 @@ class _NormParams(nn.Module):
 class GroupNorm(nn.Module):
   """GroupNorm with float32 statistics and float32 output (callers cast after the activation),
   optionally followed by the embedding's scale and shift (`group_norm`)."""
+
   num_groups: int
   param_dtype: Any = jnp.float32
 
@@ -186,11 +202,12 @@ class ResBlock(nn.Module):
   GN → SiLU → [resample] → conv3x3 → GN modulated by the embedding (scale-shift or additive) →
   SiLU → dropout → zero-initialised conv3x3, plus a skip (1x1 conv when the width changes).
   """
+
   out_channels: int
   num_groups: int
   dropout: float = 0.0
   scale_shift_norm: bool = True
-  resample: str = 'none'    # none | up | down
+  resample: str = 'none'  # none | up | down
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -207,14 +224,14 @@ class ResBlock(nn.Module):
     h = _constrain_image(h)
 
     emb_out = Dense((2 if self.scale_shift_norm else 1) * self.out_channels, name='emb', **kw)(
-        nn.silu(emb))
+      nn.silu(emb)
+    )
     emb_out = emb_out.astype(jnp.float32)[:, None, None, :]
     if self.scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h, scale, shift)
     else:
-      h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(
-          h + emb_out.astype(h.dtype))
+      h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h + emb_out.astype(h.dtype))
     h = nn.silu(h).astype(self.dtype)
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -227,6 +244,7 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all pixels, with a zero-initialised output projection."""
+
   head_channels: int
   num_groups: int
   attention_impl: str = 'auto'
@@ -255,6 +273,7 @@ class LQEncoder(nn.Module):
   Level l has width `channels * channel_mult[l]` (following the UNet's own channel profile, so
   the deep, low-resolution levels get more capacity where it is cheap) at resolution H / 2^l.
   """
+
   channels: int
   channel_mult: Tuple[int, ...]
   num_groups: int
@@ -287,6 +306,7 @@ class UNet(nn.Module):
   `conditional=False` makes an unconditional generator: no LQ parameters exist at all and
   `lq_concat` / `lq_encoder` are ignored.
   """
+
   resolution: int
   channels: int = 128
   channel_mult: Tuple[int, ...] = (1, 1, 2, 2, 4, 4)
@@ -313,8 +333,10 @@ class UNet(nn.Module):
     b, hgt, wid, _ = x_t.shape
     factor = 2 ** (len(self.channel_mult) - 1)
     if hgt % factor or wid % factor:
-      raise ValueError(f'UNet: x_t is {hgt}x{wid}, not divisible by 2^{len(self.channel_mult) - 1}'
-                       f' = {factor} (one halving per level of channel_mult)')
+      raise ValueError(
+        f'UNet: x_t is {hgt}x{wid}, not divisible by 2^{len(self.channel_mult) - 1}'
+        f' = {factor} (one halving per level of channel_mult)'
+      )
     if jnp.shape(logsnr) != (b,):
       raise ValueError(f'UNet: logsnr must have shape ({b},), got {jnp.shape(logsnr)}')
     if self.conditional:
@@ -371,22 +393,33 @@ class UNet(nn.Module):
       if use_concat:
         h = jnp.concatenate([h, lq], axis=-1)
       if use_encoder:
-        lq_feats = LQEncoder(self.lq_encoder_channels, tuple(self.channel_mult), self.num_groups,
-                             name='lq_encoder', **kw)(lq)
+        lq_feats = LQEncoder(
+          self.lq_encoder_channels,
+          tuple(self.channel_mult),
+          self.num_groups,
+          name='lq_encoder',
+          **kw,
+        )(lq)
     h = _constrain_image(h)
 
     res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    block_kw = dict(num_groups=self.num_groups, dropout=self.dropout,
-                    scale_shift_norm=self.scale_shift_norm, **kw)
-    attn_kw = dict(head_channels=self.head_channels, num_groups=self.num_groups,
-                   attention_impl=self.attention_impl, **kw)
+    block_kw = dict(
+      num_groups=self.num_groups, dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, **kw
+    )
+    attn_kw = dict(
+      head_channels=self.head_channels,
+      num_groups=self.num_groups,
+      attention_impl=self.attention_impl,
+      **kw,
+    )
 
     def add_lq_features(h, level):
       # Zero-init projection: training starts from the concat-only model.
       if lq_feats is None:
         return h
       return h + Conv(h.shape[-1], 1, zero_init=True, name=f'lq_proj_{level}', **kw)(
-          lq_feats[level])
+        lq_feats[level]
+      )
 
     # Encoder.
     # LQ features join at each level's entry (after the input conv, after each downsample), so
@@ -404,8 +437,9 @@ class UNet(nn.Module):
         skips.append(h)
       if level != levels - 1:
         if self.resblock_updown:
-          h = res_block(h.shape[-1], resample='down', name=f'down_{level}_downsample',
-                        **block_kw)(h, emb, train)
+          h = res_block(h.shape[-1], resample='down', name=f'down_{level}_downsample', **block_kw)(
+            h, emb, train
+          )
         else:
           h = Conv(h.shape[-1], 3, stride=2, name=f'down_{level}_downsample', **kw)(h)
         h = add_lq_features(_constrain_image(h), level + 1)
@@ -427,8 +461,9 @@ class UNet(nn.Module):
           h = AttentionBlock(name=f'up_{level}_attn_{i}', **attn_kw)(h)
       if level > 0:
         if self.resblock_updown:
-          h = res_block(h.shape[-1], resample='up', name=f'up_{level}_upsample',
-                        **block_kw)(h, emb, train)
+          h = res_block(h.shape[-1], resample='up', name=f'up_{level}_upsample', **block_kw)(
+            h, emb, train
+          )
         else:
           h = Conv(h.shape[-1], 3, name=f'up_{level}_upsample', **kw)(_upsample_nearest(h))
         h = _constrain_image(h)
@@ -483,8 +518,9 @@ def param_shapes(model: UNet):
   model (modules are frozen and hashable): loading a checkpoint and checking its params against
   the model would otherwise trace the whole UNet twice.
   """
-  return jax.eval_shape(functools.partial(_init_boxed, model), jax.random.key(0),
-                        *dummy_inputs(model, 1))
+  return jax.eval_shape(
+    functools.partial(_init_boxed, model), jax.random.key(0), *dummy_inputs(model, 1)
+  )
 
 
 def count_params(model: UNet) -> int:

@@ -6,6 +6,7 @@ project's users know, GFPGAN's and CodeFormer's, spell theirs the same way (--on
 --bg_upsampler). The hyphenated spelling of a long flag is read as the underscored one
 (--t-start is --t_start), so commands written either way keep working.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ class ArgumentParser(argparse.ArgumentParser):
   def add_argument(self, *names, **kwargs):
     for name in names:
       if isinstance(name, str) and name.startswith('--') and '-' in name[2:]:
-        raise ValueError(f'{name}: idm_jax flags are spelled with underscores '
-                         f'({spelled(name)}); idm_jax/runtime/cli.py says why')
+        raise ValueError(
+          f'{name}: idm_jax flags are spelled with underscores '
+          f'({spelled(name)}); idm_jax/runtime/cli.py says why'
+        )
     return super().add_argument(*names, **kwargs)
 
   def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):

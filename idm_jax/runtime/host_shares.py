@@ -4,6 +4,7 @@ chunk padded to one compiled shape (`call_padded`), and, where every process nee
 exchanges them (`gather_shares`). Every command that splits items over hosts (cleaning, scoring,
 generating, evaluating) takes its share here.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -32,7 +33,7 @@ def lockstep_chunks(batch_size: int, lockstep: bool, *arrays):
   """This process's `arrays` in row chunks of at most `batch_size`; in lockstep, as many chunks
   as the busiest process has, trailing ones empty (every process must iterate to the end)."""
   for start in batch_starts(len(arrays[0]), batch_size, lockstep):
-    yield tuple(x[start:start + batch_size] for x in arrays)
+    yield tuple(x[start : start + batch_size] for x in arrays)
 
 
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
@@ -64,24 +65,31 @@ def gather_shares(local: np.ndarray, n: int) -> np.ndarray:
   raw = local.view(np.uint8).reshape(len(local), -1)
   per_process = -(-n // pc)
   padded = np.zeros((per_process, raw.shape[1]), np.uint8)
-  padded[:len(raw)] = raw
+  padded[: len(raw)] = raw
   gathered = np.asarray(parallel.to_host(padded)).reshape(pc, per_process, raw.shape[1])
   result = np.empty((n, raw.shape[1]), np.uint8)
   for p in range(pc):
     idx = np.arange(p, n, pc)
-    result[idx] = gathered[p, :len(idx)]
+    result[idx] = gathered[p, : len(idx)]
   return result.view(local.dtype).reshape((n,) + row)
 
 
-def map_in_batches(fn: Callable[..., np.ndarray], batch_size: int, indices: np.ndarray,
-                   *arrays: np.ndarray, lockstep: bool = False,
-                   empty: np.ndarray | None = None) -> np.ndarray:
+def map_in_batches(
+  fn: Callable[..., np.ndarray],
+  batch_size: int,
+  indices: np.ndarray,
+  *arrays: np.ndarray,
+  lockstep: bool = False,
+  empty: np.ndarray | None = None,
+) -> np.ndarray:
   """fn(indices chunk, *array chunks) over `call_padded` chunks of `batch_size` rows.
 
   lockstep: `fn` is collective over processes (a Restorer over several), so every process runs
   as many chunks as the process with the most (`lockstep_chunks`). Every process must make the
   call. `empty`: the result when this process has no rows.
   """
-  out = [call_padded(fn, batch_size, *chunk)
-         for chunk in lockstep_chunks(batch_size, lockstep, indices, *arrays)]
+  out = [
+    call_padded(fn, batch_size, *chunk)
+    for chunk in lockstep_chunks(batch_size, lockstep, indices, *arrays)
+  ]
   return np.concatenate(out) if len(indices) else empty

@@ -5,6 +5,7 @@ One engine scales the same program from one CPU to a TPU pod: jit over a `Mesh` 
 names onto the mesh axes `data` and `fsdp`. Small tensors stay replicated: sharding a 128-float
 GroupNorm scale buys nothing and costs a collective.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,31 +15,33 @@ import math
 import os
 
 from absl import logging
-import jax
-import numpy as np
 from flax import linen as nn
+import jax
 from jax._src import clusters  # the detectors have no public handle
 from jax._src import distributed  # the coordination client has no public handle
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ('data', 'fsdp')
-BATCH_AXES = ('data', 'fsdp')   # the batch is split over every device
+BATCH_AXES = ('data', 'fsdp')  # the batch is split over every device
 
 # logical axis name -> mesh axis (None = replicated along that dimension)
 LOGICAL_RULES = (
-    ('batch', BATCH_AXES),
-    ('height', None),
-    ('width', None),
-    ('tokens', None),
-    ('channels', None),
-    ('conv_h', None),
-    ('conv_w', None),
-    ('conv_in', None),
-    ('conv_out', 'fsdp'),
-    ('embed_in', None),
-    ('embed_out', 'fsdp'),
+  ('batch', BATCH_AXES),
+  ('height', None),
+  ('width', None),
+  ('tokens', None),
+  ('channels', None),
+  ('conv_h', None),
+  ('conv_w', None),
+  ('conv_in', None),
+  ('conv_out', 'fsdp'),
+  ('embed_in', None),
+  ('embed_out', 'fsdp'),
 )
 
 
@@ -52,6 +55,7 @@ class Cluster:
   'slurm', 'ompi', 'k8s'. num_processes / process_id: None where only jax can tell while
   joining (an explicit address without JAX_NUM_PROCESSES).
   """
+
   kind: str
   num_processes: int | None = 1
   process_id: int | None = 0
@@ -66,8 +70,9 @@ class Cluster:
       return 'no cluster found: one process'
     n = '?' if self.num_processes is None else self.num_processes
     i = '?' if self.process_id is None else self.process_id
-    verb = 'already joined' if self.kind == 'joined' else 'joining' if self.joins else \
-        'nothing to join'
+    verb = (
+      'already joined' if self.kind == 'joined' else 'joining' if self.joins else 'nothing to join'
+    )
     return f'cluster {self.kind}: process {i} of {n}, {verb}'
 
 
@@ -87,26 +92,34 @@ def detect_cluster() -> Cluster:
   if 'JAX_COORDINATOR_ADDRESS' in env:
     return _explicit_cluster(env)
   for cls in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if cls.opt_in_only_method:   # mpi4py: jax itself uses it only when asked by name
+    if cls.opt_in_only_method:  # mpi4py: jax itself uses it only when asked by name
       continue
     try:
       present = cls.is_env_present()
     except Exception as e:  # pylint: disable=broad-except  (an unreachable metadata server, ...)
-      logging.warning('cluster %s: could not tell whether this process is in one (%s: %s); '
-                      'not joining through it', cls.name, type(e).__name__, e)
+      logging.warning(
+        'cluster %s: could not tell whether this process is in one (%s: %s); '
+        'not joining through it',
+        cls.name,
+        type(e).__name__,
+        e,
+      )
       continue
     if present:
       try:
         return Cluster(cls.name, int(cls.get_process_count()), int(cls.get_process_id()))
       except Exception as e:  # pylint: disable=broad-except
-        raise RuntimeError(f'cluster {cls.name} detected, but it did not say how many processes '
-                           f'the job has or which one this is: {type(e).__name__}: {e}') from e
+        raise RuntimeError(
+          f'cluster {cls.name} detected, but it did not say how many processes '
+          f'the job has or which one this is: {type(e).__name__}: {e}'
+        ) from e
   return Cluster('none')
 
 
 def _explicit_cluster(env) -> Cluster:
   """JAX_COORDINATOR_ADDRESS, and if given JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself
   reads only the address from the environment)."""
+
   def number(name):
     if name not in env:
       return None
@@ -114,11 +127,14 @@ def _explicit_cluster(env) -> Cluster:
       return int(env[name])
     except ValueError:
       raise ValueError(f'{name}={env[name]!r} is not a whole number') from None
+
   num, pid = number('JAX_NUM_PROCESSES'), number('JAX_PROCESS_ID')
   if (num is None) != (pid is None):
     missing = 'JAX_PROCESS_ID' if pid is None else 'JAX_NUM_PROCESSES'
-    raise ValueError(f'JAX_COORDINATOR_ADDRESS is set with only one of JAX_NUM_PROCESSES and '
-                     f'JAX_PROCESS_ID; set {missing} too (or neither, for jax to detect both)')
+    raise ValueError(
+      f'JAX_COORDINATOR_ADDRESS is set with only one of JAX_NUM_PROCESSES and '
+      f'JAX_PROCESS_ID; set {missing} too (or neither, for jax to detect both)'
+    )
   if num is not None and not 0 <= pid < num:
     raise ValueError(f'JAX_PROCESS_ID={pid} is not in [0, JAX_NUM_PROCESSES={num})')
   return Cluster('explicit', num, pid)
@@ -135,12 +151,16 @@ def maybe_initialize_distributed() -> Cluster:
     kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'])
     if cluster.num_processes is not None:
       kwargs.update(num_processes=cluster.num_processes, process_id=cluster.process_id)
-  else:   # the same detector fills in the coordinator, count and index
+  else:  # the same detector fills in the coordinator, count and index
     kwargs = dict(cluster_detection_method=cluster.kind)
   jax.distributed.initialize(**kwargs)
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return cluster
 
 
@@ -176,11 +196,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   data, fsdp = shape
   if data % slices:
-    raise ValueError(f'config.mesh.data: {data} is not a multiple of the {slices} slices; the '
-                     'data axis spans the slices and fsdp stays within one (fsdp must divide '
-                     f'the {len(devices) // slices} devices of a slice)')
-  grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
-                                              allow_split_physical_axes=True)
+    raise ValueError(
+      f'config.mesh.data: {data} is not a multiple of the {slices} slices; the '
+      'data axis spans the slices and fsdp stays within one (fsdp must divide '
+      f'the {len(devices) // slices} devices of a slice)'
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(
+    (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True
+  )
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
@@ -193,8 +216,9 @@ def sampling_mesh(devices=None) -> Mesh:
   lockstep (`inference.map_in_batches`): TPU v5e slices beyond 16 chips compile a program over
   one chip or the whole slice, never over one host's chips (docs/TPU.md, "Sampling on a pod").
   """
-  devices = sorted(jax.devices() if devices is None else devices,
-                   key=lambda d: (d.process_index, d.id))
+  devices = sorted(
+    jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id)
+  )
   return Mesh(np.array(devices).reshape(len(devices), 1), MESH_AXES)
 
 
@@ -220,11 +244,15 @@ def max_over_processes(n: int, timeout_s: float = 3600.0) -> int:
   key = f'idm_jax/max/{next(_agreements)}'
   client.key_value_set(f'{key}/{jax.process_index()}', str(int(n)))
   try:
-    return max(int(client.blocking_key_value_get(f'{key}/{p}', int(timeout_s * 1000)))
-               for p in range(jax.process_count()))
+    return max(
+      int(client.blocking_key_value_get(f'{key}/{p}', int(timeout_s * 1000)))
+      for p in range(jax.process_count())
+    )
   except Exception as e:  # the client raises a bare XlaRuntimeError on a timeout
-    raise RuntimeError(f'{key}: not every process reached this agreement within {timeout_s:g} s '
-                       '(processes must make the same sampling calls in lockstep)') from e
+    raise RuntimeError(
+      f'{key}: not every process reached this agreement within {timeout_s:g} s '
+      '(processes must make the same sampling calls in lockstep)'
+    ) from e
 
 
 def _spec_for(names, shape, mesh: Mesh, min_size: int) -> P:
@@ -249,12 +277,14 @@ def _spec_for(names, shape, mesh: Mesh, min_size: int) -> P:
 
 def param_shardings(boxed_params, mesh: Mesh, min_size: int):
   """NamedShardings for a (possibly abstract) pytree whose leaves are `nn.Partitioned` boxes."""
+
   def one(leaf):
     if isinstance(leaf, nn.Partitioned):
       spec = _spec_for(leaf.names, leaf.value.shape, mesh, min_size)
     else:
       spec = P()
     return NamedSharding(mesh, spec)
+
   return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
@@ -275,8 +305,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def local_batch_to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batches -> one global jax.Array per key, split over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
 def barrier(name: str, timeout_s: float = 3600.0) -> None:

@@ -3,6 +3,7 @@
 Shared by everything that loads weights a user supplies (checkpoints, exported models, converted
 LPIPS/Inception files), so a mismatch reads the same wherever it is found.
 """
+
 from typing import Mapping, Sequence
 
 
@@ -11,8 +12,11 @@ def mismatches(want: Mapping[str, Sequence[int]], got: Mapping[str, Sequence[int
   whose shape differs. Empty when `got` fits `want` exactly."""
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  wrong = [f'{k}: got {tuple(got[k])}, expected {tuple(want[k])}'
-           for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+  wrong = [
+    f'{k}: got {tuple(got[k])}, expected {tuple(want[k])}'
+    for k in sorted(set(want) & set(got))
+    if tuple(got[k]) != tuple(want[k])
+  ]
   problems = []
   if missing:
     problems.append(f'{len(missing)} missing (e.g. {missing[:3]})')

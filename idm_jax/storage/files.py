@@ -11,6 +11,7 @@ and no appends, so each operation here is written for both:
   * move: a rename locally; in a bucket a copy of every object, then a delete.
 Remote listings are never cached: other hosts (and orbax's tensorstore) write the same bucket.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -111,18 +112,21 @@ def walk_files(p: PathLike) -> list[str]:
   s = os.fspath(p)
   if not is_remote(s):
     root = os.path.expanduser(s)
-    return sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, '/')
-                  for d, _, fs in os.walk(root) for f in fs)
+    return sorted(
+      os.path.relpath(os.path.join(d, f), root).replace(os.sep, '/')
+      for d, _, fs in os.walk(root)
+      for f in fs
+    )
   fs, key = _fs(s)
   key = key.rstrip('/')
-  return sorted(k[len(key) + 1:] for k in fs.find(key) if k.startswith(key + '/'))
+  return sorted(k[len(key) + 1 :] for k in fs.find(key) if k.startswith(key + '/'))
 
 
 def write_atomic(p: PathLike, data: bytes) -> None:
   """Writes `data` so that readers (and a crash mid-write) see the old file or the whole new one."""
   if is_remote(p):
     fs, key = _fs(p)
-    fs.pipe_file(key, bytes(data))   # one upload: the object appears whole when it completes
+    fs.pipe_file(key, bytes(data))  # one upload: the object appears whole when it completes
     return
   p = os.path.expanduser(os.fspath(p))
   directory = os.path.dirname(os.path.abspath(p))
@@ -183,7 +187,7 @@ def move(src: PathLike, dst: PathLike) -> None:
     # again after a failure, it completes what the first try left: the copies are
     # whole-object rewrites, and a delete finding nothing is a delete that landed.
     if not fs.exists(src_key) and fs.exists(dst_key):
-      return   # an earlier try moved it all and lost only the reply
+      return  # an earlier try moved it all and lost only the reply
     try:
       if fs.isdir(src_key):
         fs.copy(src_key.rstrip('/') + '/', dst_key.rstrip('/') + '/', recursive=True)
@@ -236,21 +240,26 @@ def check_writable(p: PathLike) -> None:
     fs.pipe_file(probe, b'')
     try:
       fs.rm_file(probe)
-    except FileNotFoundError:   # a retried delete whose first try landed (the reply was lost)
+    except FileNotFoundError:  # a retried delete whose first try landed (the reply was lost)
       pass
   except FileNotFoundError as e:
-    raise StorageError(f'{os.fspath(p)}: the bucket gs://{bucket} does not exist (or is not '
-                       f'visible with these credentials)') from e
+    raise StorageError(
+      f'{os.fspath(p)}: the bucket gs://{bucket} does not exist (or is not '
+      f'visible with these credentials)'
+    ) from e
   except Exception as e:  # pylint: disable=broad-except  (auth, HTTP and network errors vary)
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise StorageError(f'{os.fspath(p)}: cannot write there ({type(e).__name__}: {reason}); '
-                       'check the bucket name, the credentials (gcloud auth '
-                       'application-default login) and the permissions') from e
+    raise StorageError(
+      f'{os.fspath(p)}: cannot write there ({type(e).__name__}: {reason}); '
+      'check the bucket name, the credentials (gcloud auth '
+      'application-default login) and the permissions'
+    ) from e
 
 
 def _fs(p: PathLike):
   """(fsspec filesystem, path within it) of a remote path."""
   import fsspec  # noqa: PLC0415 (remote paths only)
+
   return fsspec.core.url_to_fs(os.fspath(p))
 
 
@@ -261,7 +270,7 @@ def _configure_remote() -> None:
   filesystem it makes for the life of the process, and orbax may make it before we touch gs://."""
   try:
     import fsspec  # noqa: PLC0415 (remote paths only)
-  except ImportError:   # no remote paths without it anyway
+  except ImportError:  # no remote paths without it anyway
     return
   for protocol in ('gs', 'gcs'):
     fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
@@ -312,25 +321,29 @@ def is_within(p: PathLike, folder: PathLike) -> bool:
 
 IO_CONCURRENCY = 16
 IO_ATTEMPTS = 3
-IO_BACKOFF_S = 0.5   # the first retry's wait; doubled for each one after it
+IO_BACKOFF_S = 0.5  # the first retry's wait; doubled for each one after it
 
 # Local errors a retry can outlive: a network file system (a gcsfuse mount, NFS) reports a
 # dropped request as one of these. errno.ENOENT, EACCES, EISDIR, ... are the file's own.
 _TRANSIENT_ERRNOS = frozenset(
-    getattr(errno, n) for n in ('EIO', 'EAGAIN', 'EBUSY', 'ETIMEDOUT', 'ECONNRESET',
-                                'ECONNABORTED', 'ESTALE', 'EINTR') if hasattr(errno, n))
+  getattr(errno, n)
+  for n in ('EIO', 'EAGAIN', 'EBUSY', 'ETIMEDOUT', 'ECONNRESET', 'ECONNABORTED', 'ESTALE', 'EINTR')
+  if hasattr(errno, n)
+)
 
 
 def is_transient(e: BaseException) -> bool:
   """Whether a failed storage call may succeed if made again: throttling, a server error, a
   dropped connection, a timeout; not a missing file, a refused permission or a bad request."""
-  if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                    FileExistsError)):
+  if isinstance(
+    e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+  ):
     return False
   if isinstance(e, (TimeoutError, ConnectionError)):
     return True
   if type(e).__module__.split('.')[0] in ('gcsfs', 'aiohttp', 'requests', 'google'):
     from gcsfs import retry  # noqa: PLC0415 (optional: the [gcs] extra; only gcsfs raises these)
+
     return retry.is_retriable(e)
   return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
 
@@ -348,7 +361,7 @@ def call_with_retries(fn, *args, attempts: int | None = None, backoff_s: float |
     except Exception as e:  # pylint: disable=broad-except  (is_transient sorts them)
       if attempt == attempts - 1 or not is_transient(e):
         raise
-    time.sleep(backoff_s * 2 ** attempt * (1 + 0.25 * random.random()))  # jitter: no stampede
+    time.sleep(backoff_s * 2**attempt * (1 + 0.25 * random.random()))  # jitter: no stampede
 
 
 def map_many(fn, items, *, concurrency: int = IO_CONCURRENCY) -> Iterator[tuple[int, object]]:
@@ -358,8 +371,9 @@ def map_many(fn, items, *, concurrency: int = IO_CONCURRENCY) -> Iterator[tuple[
   items = list(items)
   if not items:
     return
-  pool = concurrent.futures.ThreadPoolExecutor(max(1, min(int(concurrency), len(items))),
-                                               thread_name_prefix='files')
+  pool = concurrent.futures.ThreadPoolExecutor(
+    max(1, min(int(concurrency), len(items))), thread_name_prefix='files'
+  )
   try:
     futures = {pool.submit(fn, x): k for k, x in enumerate(items)}
     for future in concurrent.futures.as_completed(futures):
@@ -389,36 +403,45 @@ def read_whole(p: PathLike) -> bytes:
   return read_bytes(p)
 
 
-def read_many(paths, *, concurrency: int = IO_CONCURRENCY,
-              attempts: int | None = None) -> list[bytes | Exception]:
+def read_many(
+  paths, *, concurrency: int = IO_CONCURRENCY, attempts: int | None = None
+) -> list[bytes | Exception]:
   """Every file's bytes (local or remote), in order; a file that cannot be read, after the
   retries, is the exception in its place."""
-  return _in_order(lambda p: call_with_retries(read_whole, p, attempts=attempts), paths,
-                   concurrency)
+  return _in_order(
+    lambda p: call_with_retries(read_whole, p, attempts=attempts), paths, concurrency
+  )
 
 
-def write_many(items, *, concurrency: int = IO_CONCURRENCY,
-               attempts: int | None = None) -> list[Exception | None]:
+def write_many(
+  items, *, concurrency: int = IO_CONCURRENCY, attempts: int | None = None
+) -> list[Exception | None]:
   """Writes each (path, bytes) with write_atomic; None in the order given where it worked, the
   exception where it failed after the retries (a retried upload replaces the whole object)."""
-  return _in_order(lambda pd: call_with_retries(write_atomic, pd[0], pd[1], attempts=attempts),
-                   items, concurrency)
+  return _in_order(
+    lambda pd: call_with_retries(write_atomic, pd[0], pd[1], attempts=attempts), items, concurrency
+  )
 
 
-def copy_many(pairs, *, concurrency: int = IO_CONCURRENCY,
-              attempts: int | None = None) -> list[Exception | None]:
+def copy_many(
+  pairs, *, concurrency: int = IO_CONCURRENCY, attempts: int | None = None
+) -> list[Exception | None]:
   """Copies each (src, dst); None in the order given where it worked, else the exception. Within
   one object store the copy happens on the server (no bytes pass through this host); otherwise
   the bytes are read and written atomically."""
-  return _in_order(lambda sd: call_with_retries(copy_one, sd[0], sd[1], attempts=attempts),
-                   pairs, concurrency)
+  return _in_order(
+    lambda sd: call_with_retries(copy_one, sd[0], sd[1], attempts=attempts), pairs, concurrency
+  )
 
 
 def same_store(src: PathLike, dst: PathLike) -> bool:
   """Whether both paths lie in one object store (gs:// and gs://), where a copy is the
   server's work."""
-  return is_remote(src) and is_remote(dst) and \
-      os.fspath(src).split('://', 1)[0] == os.fspath(dst).split('://', 1)[0]
+  return (
+    is_remote(src)
+    and is_remote(dst)
+    and os.fspath(src).split('://', 1)[0] == os.fspath(dst).split('://', 1)[0]
+  )
 
 
 def copy_one(src: PathLike, dst: PathLike) -> None:
@@ -426,6 +449,6 @@ def copy_one(src: PathLike, dst: PathLike) -> None:
   if same_store(src, dst):
     fs, src_key = _fs(src)
     _, dst_key = _fs(dst)
-    fs.cp_file(src_key, dst_key)   # GCS: objects.rewrite; the new object appears whole
+    fs.cp_file(src_key, dst_key)  # GCS: objects.rewrite; the new object appears whole
     return
   write_atomic(dst, read_whole(src))

@@ -16,6 +16,7 @@ so a file becomes the same pixels wherever it goes. The rules:
 Each caller decides what a bad file means to it: a bad record that training skips and counts, or
 an error naming the file in a CLI. This module knows nothing of configs or of the model.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,7 +39,13 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 # BadImage.kind: a short, fixed word per failure, for callers that tally reasons.
 UNREADABLE, EMPTY, NOT_AN_IMAGE, TOO_LARGE, CORRUPT, TOO_SMALL = (
-    'unreadable', 'empty', 'not an image', 'too large', 'corrupt', 'too small')
+  'unreadable',
+  'empty',
+  'not an image',
+  'too large',
+  'corrupt',
+  'too small',
+)
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -72,7 +79,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(_scale16(np.clip(a, 0, 65535)), 'L').convert('RGB')
   if mode == 'F':
     a = np.asarray(im, dtype=np.float64)
-    scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0   # [0, 1] floats or 0..255 floats
+    scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0  # [0, 1] floats or 0..255 floats
     a = np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255)
     return Image.fromarray(a.astype(np.uint8), 'L').convert('RGB')
   if mode == 'P':
@@ -85,7 +92,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
   if im.mode == 'RGBA':
     background = Image.new('RGBA', im.size, ALPHA_BACKGROUND + (255,))
     return Image.alpha_composite(background, im).convert('RGB')
-  return im.convert('RGB')   # L, 1, CMYK, YCbCr, LAB, HSV
+  return im.convert('RGB')  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
 def _scale16(a: np.ndarray) -> np.ndarray:
@@ -103,19 +110,25 @@ def _png_16bit_colour(data: bytes) -> int:
 
 
 def _png_16bit_gray(data: bytes) -> bool:
-  return (data[:8] == _PNG_SIGNATURE and data[12:16] == b'IHDR' and len(data) >= 26
-          and data[24] == 16 and data[25] in (0, 4))
+  return (
+    data[:8] == _PNG_SIGNATURE
+    and data[12:16] == b'IHDR'
+    and len(data) >= 26
+    and data[24] == 16
+    and data[25] in (0, 4)
+  )
 
 
 def _decode_16bit_colour(data: bytes, colour: int, im: Image.Image) -> Image.Image:
   """The full-precision pixels of a 16-bit colour PNG, rounded to 8 bit (Pillow keeps only the
   high byte, which darkens by up to one level). `im` is Pillow's decode, whose EXIF is kept."""
   import cv2  # noqa: PLC0415 (a slow import; only these rare files need it)
+
   a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   want = 3 if colour == 2 else 4
   if a is None or a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] != want:
-    return im   # cv2 disagrees about the file; Pillow's decode is still a valid image
-  rgb = _scale16(a)[..., [2, 1, 0, 3][:want]]   # cv2 gives BGR(A)
+    return im  # cv2 disagrees about the file; Pillow's decode is still a valid image
+  rgb = _scale16(a)[..., [2, 1, 0, 3][:want]]  # cv2 gives BGR(A)
   out = Image.fromarray(np.ascontiguousarray(rgb), 'RGB' if want == 3 else 'RGBA')
   if 'exif' in im.info:
     out.info['exif'] = im.info['exif']
@@ -126,13 +139,17 @@ def conversion_notes(im: Image.Image, data: bytes = b'') -> list[str]:
   """What `to_rgb` will change in `im`, in words (for CLIs that tell the user)."""
   notes = []
   frames = getattr(im, 'n_frames', 1)
-  if frames > 1:   # animated GIF/PNG/WebP, multi-page TIFF: decoding keeps frame 0 only
+  if frames > 1:  # animated GIF/PNG/WebP, multi-page TIFF: decoding keeps frame 0 only
     notes.append(f'{frames} frames (animated or multi-page): only the first is used')
   mode = im.mode
   if mode == 'F':
     notes.append('floating-point image scaled to 8 bits')
-  elif (mode.startswith('I;16') or (mode == 'I' and np.asarray(im).max(initial=0) > 255)
-        or _png_16bit_colour(data) or _png_16bit_gray(data)):
+  elif (
+    mode.startswith('I;16')
+    or (mode == 'I' and np.asarray(im).max(initial=0) > 255)
+    or _png_16bit_colour(data)
+    or _png_16bit_gray(data)
+  ):
     notes.append('16-bit image scaled to 8 bits')
   if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
     notes.append('transparency composited onto white')
@@ -157,8 +174,13 @@ def _read_bytes(data: bytes | str | os.PathLike, name: str | None) -> tuple[byte
     raise BadImage(name, f'cannot read file ({e.strerror or e})', UNREADABLE) from e
 
 
-def decode(data: bytes | str | os.PathLike, name: str | None = None, *,
-           max_pixels: int = MAX_PIXELS, draft_side: int = 0) -> tuple[Image.Image, list[str]]:
+def decode(
+  data: bytes | str | os.PathLike,
+  name: str | None = None,
+  *,
+  max_pixels: int = MAX_PIXELS,
+  draft_side: int = 0,
+) -> tuple[Image.Image, list[str]]:
   """(upright RGB Pillow image, notes on what was converted) of a file's bytes or path.
 
   Raises BadImage naming `name` (default: the path). `draft_side` > 0 says the caller will shrink
@@ -172,15 +194,19 @@ def decode(data: bytes | str | os.PathLike, name: str | None = None, *,
     im = Image.open(io.BytesIO(data))
   except Image.UnidentifiedImageError as e:
     raise BadImage(name, 'not an image (format not recognised)', NOT_AN_IMAGE) from e
-  except Image.DecompressionBombError as e:   # Pillow's own, far higher, limit
-    raise BadImage(name, f'too large: over the {max_pixels / 1e6:g} MP limit ({e})',
-                   TOO_LARGE) from e
+  except Image.DecompressionBombError as e:  # Pillow's own, far higher, limit
+    raise BadImage(
+      name, f'too large: over the {max_pixels / 1e6:g} MP limit ({e})', TOO_LARGE
+    ) from e
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     raise BadImage(name, f'corrupt or truncated image: cannot read the header ({e})') from e
   w, h = im.size
   if w * h > max_pixels:
-    raise BadImage(name, f'too large: {w}x{h} = {w * h / 1e6:.1f} MP, over the '
-                         f'{max_pixels / 1e6:g} MP limit', TOO_LARGE)
+    raise BadImage(
+      name,
+      f'too large: {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:g} MP limit',
+      TOO_LARGE,
+    )
   if w < 1 or h < 1:
     raise BadImage(name, f'has no pixels ({w}x{h})')
   try:
@@ -189,7 +215,7 @@ def decode(data: bytes | str | os.PathLike, name: str | None = None, *,
       # libjpeg decodes at 1/2 .. 1/8 scale: ~4-10x faster on big JPEGs.
       factor = draft_side / side
       im.draft(im.mode, (int(np.ceil(w * factor)), int(np.ceil(h * factor))))
-    im.load()   # decode now: truncated files fail here, not later
+    im.load()  # decode now: truncated files fail here, not later
     colour16 = _png_16bit_colour(data)
     notes = conversion_notes(im, data)
     if colour16:
@@ -200,14 +226,16 @@ def decode(data: bytes | str | os.PathLike, name: str | None = None, *,
   return im, notes
 
 
-def read(data: bytes | str | os.PathLike, name: str | None = None, *,
-         max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read(
+  data: bytes | str | os.PathLike, name: str | None = None, *, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
   """uint8 RGB (H, W, 3) of a file's bytes or path, by the module's rules; raises BadImage."""
   return np.array(decode(data, name, max_pixels=max_pixels)[0], dtype=np.uint8)
 
 
-def read_with_notes(data: bytes | str | os.PathLike, name: str | None = None, *,
-                    max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+def read_with_notes(
+  data: bytes | str | os.PathLike, name: str | None = None, *, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, list[str]]:
   """(uint8 RGB (H, W, 3), notes saying what was converted); raises BadImage."""
   im, notes = decode(data, name, max_pixels=max_pixels)
   return np.array(im, dtype=np.uint8), notes
@@ -237,8 +265,12 @@ def _hidden(part: str) -> bool:
   return part.startswith('.')
 
 
-def list_files(directory: str | os.PathLike, *, extensions: Sequence[str] | None = EXTENSIONS,
-               recursive: bool = True) -> list[str]:
+def list_files(
+  directory: str | os.PathLike,
+  *,
+  extensions: Sequence[str] | None = EXTENSIONS,
+  recursive: bool = True,
+) -> list[str]:
   """Paths of the files below `directory` (any nesting, e.g. FFHQ's 00000/00000.png), sorted by
   their relative path, so the order is the same on every machine.
 
@@ -247,11 +279,12 @@ def list_files(directory: str | os.PathLike, *, extensions: Sequence[str] | None
   `directory` is not a folder or holds no such file.
   """
   exts = None if extensions is None else tuple(e.lower() for e in extensions)
-  d = files.absolute(directory)   # a local folder or a bucket prefix: one walk for both
+  d = files.absolute(directory)  # a local folder or a bucket prefix: one walk for both
   if not files.isdir(d):
     raise FileNotFoundError(f'image folder {d!r} does not exist (or is not a folder)')
-  entries = [(rel, files.join(d, rel)) for rel in files.walk_files(d)
-             if recursive or '/' not in rel]
+  entries = [
+    (rel, files.join(d, rel)) for rel in files.walk_files(d) if recursive or '/' not in rel
+  ]
   found = []
   for rel, p in entries:
     if any(_hidden(part) for part in rel.split('/')):
@@ -298,9 +331,9 @@ def save(path: files.PathLike, image: np.ndarray) -> None:
 
 def to_model_range(images_uint8) -> 'np.ndarray':
   """uint8 [0, 255] -> float32 [-1, 1]; numpy in, numpy out; jax in, jax out."""
-  return images_uint8.astype(np.float32) / 127.5 - 1.
+  return images_uint8.astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(images: Iterable) -> np.ndarray:
   """float [-1, 1] -> uint8, rounded (not truncated, which would darken by half a level)."""
-  return np.clip(np.rint((np.asarray(images, np.float32) + 1.) * 127.5), 0, 255).astype(np.uint8)
+  return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

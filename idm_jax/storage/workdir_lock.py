@@ -23,6 +23,7 @@ once. Taking over is conditional on the generation watched, so of two takers one
 whose rewrite finds another run's generation has lost the lock. Either way it logs an error,
 and the training loop, which reads `lost` at each log step, stops without saving.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -51,7 +52,7 @@ def _pid_alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:   # alive, owned by another user
+  except PermissionError:  # alive, owned by another user
     return True
   return True
 
@@ -83,23 +84,36 @@ def lock_is_stale(holder: dict, host: str, pid: int, start: str | None) -> bool:
 
 def _in_use(where: str, holder: dict, lock: str, extra: str = '') -> WorkdirInUse:
   return WorkdirInUse(
-      f'{where} is in use by process {holder.get("pid")} on host {holder.get("host")} (since '
-      f'{holder.get("since")}{extra}; lock {lock}). Stop that run or choose another workdir; if '
-      'that process is gone, delete the lock file.')
+    f'{where} is in use by process {holder.get("pid")} on host {holder.get("host")} (since '
+    f'{holder.get("since")}{extra}; lock {lock}). Stop that run or choose another workdir; if '
+    'that process is gone, delete the lock file.'
+  )
 
 
 class WorkdirLock:
   """WORKDIR/train.lock while a training run uses the workdir (a context manager)."""
 
-  def __init__(self, workdir: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
-               stale_seconds: float = STALE_SECONDS):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    stale_seconds: float = STALE_SECONDS,
+  ):
     self.workdir = files.absolute(workdir)
     self.path = files.join(self.workdir, LOCK_FILE)
-    self.me = dict(pid=os.getpid(), host=socket.gethostname(), start=process_start(os.getpid()),
-                   since=time.strftime('%Y-%m-%d %H:%M:%S'))
+    self.me = dict(
+      pid=os.getpid(),
+      host=socket.gethostname(),
+      start=process_start(os.getpid()),
+      since=time.strftime('%Y-%m-%d %H:%M:%S'),
+    )
     self.held = False
-    self._impl = (_BucketLock(self, heartbeat_seconds, stale_seconds)
-                  if files.is_remote(self.path) else _LocalLock(self))
+    self._impl = (
+      _BucketLock(self, heartbeat_seconds, stale_seconds)
+      if files.is_remote(self.path)
+      else _LocalLock(self)
+    )
 
   def acquire(self) -> WorkdirLock:
     self._impl.acquire()
@@ -135,18 +149,22 @@ class _LocalLock:
   def acquire(self) -> None:
     me = self.lock.me
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    for _ in range(3):   # a stale lock is removed, then created again; others may race us
+    for _ in range(3):  # a stale lock is removed, then created again; others may race us
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         holder = self._read_holder()
-        if holder is None:   # removed under us, or being written this instant
+        if holder is None:  # removed under us, or being written this instant
           time.sleep(0.1)
           continue
         if not lock_is_stale(holder, me['host'], me['pid'], me['start']):
           raise _in_use(self.lock.workdir, holder, self.path) from None
-        logging.warning('taking over %s: it was left by process %s on %s, which is no longer '
-                        'running', self.path, holder.get('pid'), holder.get('host'))
+        logging.warning(
+          'taking over %s: it was left by process %s on %s, which is no longer running',
+          self.path,
+          holder.get('pid'),
+          holder.get('host'),
+        )
         try:
           os.remove(self.path)
         except FileNotFoundError:
@@ -169,8 +187,9 @@ class _LocalLock:
       # Empty or garbled: a creator may be writing it right now. Say so rather than guess.
       if time.time() - os.path.getmtime(self.path) < 5:
         return None
-      raise WorkdirInUse(f'{self.path} exists but is unreadable; if no run uses '
-                         f'{self.lock.workdir}, delete it') from None
+      raise WorkdirInUse(
+        f'{self.path} exists but is unreadable; if no run uses {self.lock.workdir}, delete it'
+      ) from None
     return holder if isinstance(holder, dict) else {}
 
   def release(self) -> None:
@@ -192,7 +211,8 @@ class _BucketLock:
     if not lock.path.startswith('gs://'):
       raise ValueError(f'{lock.path}: a training workdir must be local or on gs://')
     from google.cloud import storage  # noqa: PLC0415 (optional: the [gcs] extra)
-    bucket, name = lock.path[len('gs://'):].split('/', 1)
+
+    bucket, name = lock.path[len('gs://') :].split('/', 1)
     self.lock = lock
     self.blob = storage.Client().bucket(bucket).blob(name)
     self.heartbeat_seconds = heartbeat_seconds
@@ -202,8 +222,8 @@ class _BucketLock:
     self._retry = storage.retry.DEFAULT_RETRY.with_timeout(max(1.0, stale_seconds / 8))
     self._timeout = max(1.0, min(60.0, stale_seconds / 8))
     self.generation = None
-    self.taken_over = False     # another run's write replaced ours: it holds the lock now
-    self._renewed = None        # monotonic time a write that landed was sent
+    self.taken_over = False  # another run's write replaced ours: it holds the lock now
+    self._renewed = None  # monotonic time a write that landed was sent
     self._said_expired = False
     self._stop = threading.Event()
     self._thread = None
@@ -213,13 +233,18 @@ class _BucketLock:
     """Whether this holder has gone half the stale time without a renewal that landed: it must
     stop, since a taker may be watching the lock and take it at the stale time. Read by the
     training loop, so it holds even while a heartbeat request hangs."""
-    expired = (self._renewed is not None
-               and time.monotonic() - self._renewed > self.stale_seconds / 2)
+    expired = (
+      self._renewed is not None and time.monotonic() - self._renewed > self.stale_seconds / 2
+    )
     if expired and not self._said_expired:
       self._said_expired = True
-      logging.error('%s: no heartbeat landed for %.0f s; this run stops using the workdir %s '
-                    '(another run may take it over)', self.lock.path, self.stale_seconds / 2,
-                    self.lock.workdir)
+      logging.error(
+        '%s: no heartbeat landed for %.0f s; this run stops using the workdir %s '
+        '(another run may take it over)',
+        self.lock.path,
+        self.stale_seconds / 2,
+        self.lock.workdir,
+      )
     return expired
 
   @property
@@ -227,8 +252,7 @@ class _BucketLock:
     return self.taken_over or self.expired
 
   def _payload(self, nonce: str) -> str:
-    return json.dumps(dict(self.lock.me, heartbeat=time.strftime('%Y-%m-%d %H:%M:%S'),
-                           nonce=nonce))
+    return json.dumps(dict(self.lock.me, heartbeat=time.strftime('%Y-%m-%d %H:%M:%S'), nonce=nonce))
 
   def _write(self, if_generation_match: int) -> None:
     """Writes the lock if its generation is still `if_generation_match`; raises
@@ -236,12 +260,17 @@ class _BucketLock:
     by the client and then refused (the generation moved on, to ours): the object is read back,
     and if it carries this write's nonce the write is taken as done."""
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     nonce = uuid.uuid4().hex
     sent = time.monotonic()
     try:
-      self.blob.upload_from_string(self._payload(nonce), content_type='application/json',
-                                   if_generation_match=if_generation_match,
-                                   retry=self._retry, timeout=self._timeout)
+      self.blob.upload_from_string(
+        self._payload(nonce),
+        content_type='application/json',
+        if_generation_match=if_generation_match,
+        retry=self._retry,
+        timeout=self._timeout,
+      )
     except exceptions.PreconditionFailed:
       if self._read_nonce() != nonce:
         raise
@@ -252,11 +281,15 @@ class _BucketLock:
   def _read_nonce(self) -> str | None:
     """The nonce of the lock as it is now (its generation in self.blob), None if unreadable."""
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     try:
       self.blob.reload(retry=self._retry, timeout=self._timeout)
       generation = self.blob.generation
-      holder = json.loads(self.blob.download_as_bytes(
-          if_generation_match=generation, retry=self._retry, timeout=self._timeout))
+      holder = json.loads(
+        self.blob.download_as_bytes(
+          if_generation_match=generation, retry=self._retry, timeout=self._timeout
+        )
+      )
     except (exceptions.NotFound, exceptions.PreconditionFailed, ValueError):
       return None
     return holder.get('nonce') if isinstance(holder, dict) else None
@@ -265,11 +298,13 @@ class _BucketLock:
     """(generation, holder) of the lock as it is now; None if there is none (or it changed
     between the two reads: the caller looks again)."""
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     try:
       self.blob.reload(retry=self._retry, timeout=self._timeout)
       generation = self.blob.generation
-      data = self.blob.download_as_bytes(if_generation_match=generation, retry=self._retry,
-                                         timeout=self._timeout)
+      data = self.blob.download_as_bytes(
+        if_generation_match=generation, retry=self._retry, timeout=self._timeout
+      )
     except (exceptions.NotFound, exceptions.PreconditionFailed):
       return None
     try:
@@ -280,13 +315,14 @@ class _BucketLock:
 
   def acquire(self) -> None:
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     me = self.lock.me
-    for _ in range(5):   # each pass reads the lock, then creates or takes it over conditionally
+    for _ in range(5):  # each pass reads the lock, then creates or takes it over conditionally
       found = self._read()
       if found is None:
         try:
           self._write(if_generation_match=0)
-        except exceptions.PreconditionFailed:   # another run created it first: judge that one
+        except exceptions.PreconditionFailed:  # another run created it first: judge that one
           continue
         break
       generation, holder = found
@@ -297,28 +333,44 @@ class _BucketLock:
         # stale time by this host's monotonic clock, whatever the clocks say.
         age = (datetime.datetime.now(datetime.timezone.utc) - self.blob.updated).total_seconds()
         if age < self.stale_seconds:
-          raise _in_use(self.lock.workdir, holder, self.lock.path,
-                        f', last heartbeat {max(age, 0):.0f} s ago')
-        logging.warning('%s, left by process %s on %s, has not changed for %.0f s: watching it '
-                        'for %.0f s before taking it over', self.lock.path, holder.get('pid'),
-                        holder.get('host'), age, self.stale_seconds)
+          raise _in_use(
+            self.lock.workdir, holder, self.lock.path, f', last heartbeat {max(age, 0):.0f} s ago'
+          )
+        logging.warning(
+          '%s, left by process %s on %s, has not changed for %.0f s: watching it '
+          'for %.0f s before taking it over',
+          self.lock.path,
+          holder.get('pid'),
+          holder.get('host'),
+          age,
+          self.stale_seconds,
+        )
         if not self._unchanged_for(generation, self.stale_seconds):
-          raise _in_use(self.lock.workdir, holder, self.lock.path,
-                        '; its heartbeat resumed while this run watched it')
-      logging.warning('taking over %s: it was left by process %s on %s, %s', self.lock.path,
-                      holder.get('pid'), holder.get('host'),
-                      'which is no longer running' if gone_here else
-                      f'whose last heartbeat was over {self.stale_seconds:.0f} s ago')
+          raise _in_use(
+            self.lock.workdir,
+            holder,
+            self.lock.path,
+            '; its heartbeat resumed while this run watched it',
+          )
+      logging.warning(
+        'taking over %s: it was left by process %s on %s, %s',
+        self.lock.path,
+        holder.get('pid'),
+        holder.get('host'),
+        'which is no longer running'
+        if gone_here
+        else f'whose last heartbeat was over {self.stale_seconds:.0f} s ago',
+      )
       try:
         self._write(if_generation_match=generation)
-      except exceptions.PreconditionFailed:   # refreshed or taken by another run meanwhile
+      except exceptions.PreconditionFailed:  # refreshed or taken by another run meanwhile
         continue
       break
     else:
-      raise WorkdirInUse(f'could not take {self.lock.path}: it keeps changing (another run '
-                         'starting?)')
-    self._thread = threading.Thread(target=self._beat, name='workdir-lock-heartbeat',
-                                    daemon=True)
+      raise WorkdirInUse(
+        f'could not take {self.lock.path}: it keeps changing (another run starting?)'
+      )
+    self._thread = threading.Thread(target=self._beat, name='workdir-lock-heartbeat', daemon=True)
     self._thread.start()
 
   def _unchanged_for(self, generation: int, seconds: float) -> bool:
@@ -326,6 +378,7 @@ class _BucketLock:
     clock) both found `generation`; False as soon as it changes or disappears. A read that
     fails is no observation, so an outage only makes the watch longer."""
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     first = time.monotonic()
     while True:
       time.sleep(min(self.heartbeat_seconds, seconds / 4))
@@ -343,31 +396,38 @@ class _BucketLock:
 
   def _beat(self) -> None:
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     while not self._stop.wait(self.heartbeat_seconds):
-      if self.expired:   # never write again: a taker may be about to take it over
+      if self.expired:  # never write again: a taker may be about to take it over
         return
       try:
         self._write(if_generation_match=self.generation)
       except exceptions.PreconditionFailed:
         self.taken_over = True
-        logging.error('%s was taken over by another run: this run no longer holds the workdir '
-                      '%s; stop it', self.lock.path, self.lock.workdir)
+        logging.error(
+          '%s was taken over by another run: this run no longer holds the workdir %s; stop it',
+          self.lock.path,
+          self.lock.workdir,
+        )
         return
       except Exception as e:  # pylint: disable=broad-except  (network: try again next beat)
         logging.warning('could not refresh %s (%s); retrying', self.lock.path, e)
 
   def release(self) -> None:
     from google.api_core import exceptions  # noqa: PLC0415 (optional: the [gcs] extra)
+
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    if self.lost:   # another run may hold it now: its lock is not ours to delete
+    if self.lost:  # another run may hold it now: its lock is not ours to delete
       return
     try:
-      self.blob.delete(if_generation_match=self.generation, retry=self._retry,
-                       timeout=self._timeout)
+      self.blob.delete(
+        if_generation_match=self.generation, retry=self._retry, timeout=self._timeout
+      )
     except (exceptions.NotFound, exceptions.PreconditionFailed):
-      pass   # a retried delete whose first try landed, or a lock no longer ours
+      pass  # a retried delete whose first try landed, or a lock no longer ours
     except Exception as e:  # pylint: disable=broad-except  (network: it goes stale instead)
-      logging.warning('could not remove %s (%s); the next run takes it over once it is stale',
-                      self.lock.path, e)
+      logging.warning(
+        'could not remove %s (%s); the next run takes it over once it is stale', self.lock.path, e
+      )

@@ -23,6 +23,7 @@ try, whether it restored, whether a folder is there), and an item's failure is h
 orbax's restore barrier: no process raises, falls back or goes on while another waits in a
 collective, and all of them resume (or load) the same step.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,24 +56,41 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
-    handlers = dict(train=ocp.StandardCheckpointHandler(), ema=ocp.StandardCheckpointHandler(),
-                    data=grain.checkpoint.CheckpointHandler(),
-                    config=ocp.JsonCheckpointHandler(), progress=ocp.JsonCheckpointHandler())
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+    )
+    handlers = dict(
+      train=ocp.StandardCheckpointHandler(),
+      ema=ocp.StandardCheckpointHandler(),
+      data=grain.checkpoint.CheckpointHandler(),
+      config=ocp.JsonCheckpointHandler(),
+      progress=ocp.JsonCheckpointHandler(),
+    )
     self._held = _HeldFailures(handlers)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=handlers)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config, *, force: bool = False,
-           train_seconds: float = 0.0) -> bool:
+  def save(
+    self,
+    step: int,
+    state,
+    data_iterator,
+    config,
+    *,
+    force: bool = False,
+    train_seconds: float = 0.0,
+  ) -> bool:
     train, ema = split_state(state)
-    items = dict(train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
-                 config=ocp.args.JsonSave(json.loads(configlib.to_json(config))),
-                 progress=ocp.args.JsonSave(dict(train_seconds=float(train_seconds))))
+    items = dict(
+      train=ocp.args.StandardSave(train),
+      ema=ocp.args.StandardSave(ema),
+      config=ocp.args.JsonSave(json.loads(configlib.to_json(config))),
+      progress=ocp.args.JsonSave(dict(train_seconds=float(train_seconds))),
+    )
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -102,9 +120,11 @@ class Checkpointer:
     restores (e.g. the model config changed), raises naming each and moves nothing.
     """
     found = _newest_that_restores(
-        self.directory, self.manager.all_steps(),
-        lambda step: self._restore_holding_failures(step, abstract_state, data_iterator),
-        hint=' (a changed model config cannot resume a run)')
+      self.directory,
+      self.manager.all_steps(),
+      lambda step: self._restore_holding_failures(step, abstract_state, data_iterator),
+      hint=' (a changed model config cannot resume a run)',
+    )
     if found is None:
       return None
     step, state, failed = found
@@ -144,9 +164,10 @@ class Checkpointer:
         error = e
     if parallel.max_over_processes(int(error is not None)):
       raise RuntimeError(
-          f'could not move the unreadable checkpoints {list(steps)} out of {self.directory} '
-          f'({_first_line(error) if error is not None else "see process 0"}); move them to '
-          f'{files.join(files.dirname(self.directory), UNREADABLE_DIR)} and rerun') from error
+        f'could not move the unreadable checkpoints {list(steps)} out of {self.directory} '
+        f'({_first_line(error) if error is not None else "see process 0"}); move them to '
+        f'{files.join(files.dirname(self.directory), UNREADABLE_DIR)} and rerun'
+      ) from error
     self.manager.reload()
 
   def train_seconds(self, step: int) -> float:
@@ -162,22 +183,28 @@ class Checkpointer:
     try:
       present = agreed_isdir(where)
     except Exception as e:  # pylint: disable=broad-except  (raised on every process alike)
-      logging.warning('could not tell whether checkpoint %s records its training time (%s); '
-                      'counting the time budget from 0', files.join(self.directory, str(step)),
-                      _first_line(e))
+      logging.warning(
+        'could not tell whether checkpoint %s records its training time (%s); '
+        'counting the time budget from 0',
+        files.join(self.directory, str(step)),
+        _first_line(e),
+      )
       return 0.0
     if not present:
       return 0.0
     seconds, error = 0.0, None
-    try:   # every process reaches orbax's barrier, whatever it reads
+    try:  # every process reaches orbax's barrier, whatever it reads
       restored = self._manager_restore(step, ocp.args.Composite(progress=ocp.args.JsonRestore()))
       seconds = float(restored['progress'].get('train_seconds', 0.0))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
       error = e
     if parallel.max_over_processes(int(error is not None)):
-      logging.warning('the training time recorded with checkpoint %s does not read (%s); '
-                      'counting the time budget from 0', files.join(self.directory, str(step)),
-                      _first_line(error) if error is not None else 'on another process')
+      logging.warning(
+        'the training time recorded with checkpoint %s does not read (%s); '
+        'counting the time budget from 0',
+        files.join(self.directory, str(step)),
+        _first_line(error) if error is not None else 'on another process',
+      )
       return 0.0
     return seconds
 
@@ -195,10 +222,10 @@ class StorageUnavailable(ConnectionError):
   files.call_with_retries retries it: every process raises it at the same agreed moment.)"""
 
 
-RESTORE_ATTEMPTS = 3      # tries of one step, all processes together, on a transient error
-RESTORE_BACKOFF_S = 5.0   # the wait before the second; doubled before each one after it
+RESTORE_ATTEMPTS = 3  # tries of one step, all processes together, on a transient error
+RESTORE_BACKOFF_S = 5.0  # the wait before the second; doubled before each one after it
 
-_RESTORED, _UNREADABLE, _TRANSIENT = 0, 1, 2   # verdicts of one try; the worst one wins
+_RESTORED, _UNREADABLE, _TRANSIENT = 0, 1, 2  # verdicts of one try; the worst one wins
 
 
 def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
@@ -224,16 +251,19 @@ def _newest_that_restores(directory: str, steps, restore, *, hint: str = ''):
       break
     left = [s for s in left if s < step]
     where = files.join(directory, str(step))
-    value, reason = files.call_with_retries(_agreed_try, restore, step, where,
-                                            attempts=RESTORE_ATTEMPTS,
-                                            backoff_s=RESTORE_BACKOFF_S)
+    value, reason = files.call_with_retries(
+      _agreed_try, restore, step, where, attempts=RESTORE_ATTEMPTS, backoff_s=RESTORE_BACKOFF_S
+    )
     if reason is None:
       return step, value, [s for s, _ in failed]
     failed.append((step, reason))
     logging.warning('checkpoint %s does not restore (%s); trying the one before', where, reason)
   if failed:
-    raise RuntimeError(f'no checkpoint in {directory} restores: ' + '; '.join(
-        f'step {s}: {r}' for s, r in failed) + hint)
+    raise RuntimeError(
+      f'no checkpoint in {directory} restores: '
+      + '; '.join(f'step {s}: {r}' for s, r in failed)
+      + hint
+    )
   return None
 
 
@@ -245,22 +275,27 @@ def _agreed_try(restore, step: int, where: str):
     value = restore(step)
   except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
     error, verdict = e, (_TRANSIENT if _is_transient(e) else _UNREADABLE)
-    if isinstance(e, _FailedElsewhere):   # another process's verdict, agreed again below
+    if isinstance(e, _FailedElsewhere):  # another process's verdict, agreed again below
       error, verdict = None, _RESTORED
   agreed = parallel.max_over_processes(verdict)
   if agreed == _RESTORED:
     return value, None
   if agreed == _TRANSIENT:
-    logging.warning('checkpoint %s: a storage error on %s, not a verdict on the checkpoint%s',
-                    where, 'this process' if verdict == _TRANSIENT else 'another process',
-                    f' ({_first_line(error)})' if verdict == _TRANSIENT else '')
+    logging.warning(
+      'checkpoint %s: a storage error on %s, not a verdict on the checkpoint%s',
+      where,
+      'this process' if verdict == _TRANSIENT else 'another process',
+      f' ({_first_line(error)})' if verdict == _TRANSIENT else '',
+    )
     raise StorageUnavailable(
-        f'checkpoint {where} could not be read: a storage error on '
-        f'{"this process" if verdict == _TRANSIENT else "another process"} persisted through '
-        f'the retries ({_first_line(error) if verdict == _TRANSIENT else "see its log"}); '
-        'nothing was skipped or moved aside, rerun when the storage answers') from error
-  return None, (_first_line(error) if error is not None else
-                'another process could not read its part of it')
+      f'checkpoint {where} could not be read: a storage error on '
+      f'{"this process" if verdict == _TRANSIENT else "another process"} persisted through '
+      f'the retries ({_first_line(error) if verdict == _TRANSIENT else "see its log"}); '
+      'nothing was skipped or moved aside, rerun when the storage answers'
+    ) from error
+  return None, (
+    _first_line(error) if error is not None else 'another process could not read its part of it'
+  )
 
 
 # Status codes tensorstore (under orbax) puts at the start of its errors' messages, for a read
@@ -275,7 +310,8 @@ def _is_transient(e: BaseException) -> bool:
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if files.is_transient(e) or str(e).lstrip().startswith(
-        tuple(f'{code}:' for code in _TRANSIENT_STATUS)):
+      tuple(f'{code}:' for code in _TRANSIENT_STATUS)
+    ):
       return True
     e = e.__cause__ or e.__context__
   return False
@@ -324,8 +360,9 @@ def _agreed_answer(check, path: str, *, present_if_any: bool) -> bool:
   if agreed == 2:
     if error is not None:
       raise error
-    raise StorageUnavailable(f'another process could not tell whether {path} exists (see its '
-                             'log); nothing was read')
+    raise StorageUnavailable(
+      f'another process could not tell whether {path} exists (see its log); nothing was read'
+    )
   return (agreed == 1) == present_if_any
 
 
@@ -337,7 +374,7 @@ class _HeldFailures:
   replaced, not its class, so the handler keeps the type name orbax records in a checkpoint."""
 
   def __init__(self, handlers: dict):
-    self.failures = None   # while restore() runs: item -> what its restore raised
+    self.failures = None  # while restore() runs: item -> what its restore raised
     for item, handler in handlers.items():
       self._hold(handler, item)
 
@@ -386,7 +423,7 @@ class _IteratorState:
   def set_state(self, state: bytes) -> None:
     self.iterator.set_state(json.loads(state))
 
-  def start_prefetch(self) -> None:   # grain's handler calls this after restoring
+  def start_prefetch(self) -> None:  # grain's handler calls this after restoring
     pass
 
 
@@ -406,15 +443,16 @@ def load_for_inference(workdir: str, step: int | None = None):
     raise FileNotFoundError(f'{workdir}: no {CHECKPOINT_DIR}/ folder; is this a training workdir?')
   handlers = dict(ema=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler())
   held = _HeldFailures(handlers)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=handlers)
+  manager = ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=handlers
+  )
   restore = lambda s: _restore_ema(manager, held, s)
   try:
     if step is not None:
       where = files.join(directory, str(step))
-      value, reason = files.call_with_retries(_agreed_try, restore, step, where,
-                                              attempts=RESTORE_ATTEMPTS,
-                                              backoff_s=RESTORE_BACKOFF_S)
+      value, reason = files.call_with_retries(
+        _agreed_try, restore, step, where, attempts=RESTORE_ATTEMPTS, backoff_s=RESTORE_BACKOFF_S
+      )
       if reason is not None:
         raise RuntimeError(f'checkpoint {where} does not restore ({reason})')
       config, ema = value
@@ -446,13 +484,15 @@ def _restore_ema(manager, held: _HeldFailures, step: int):
     config = configlib.from_json(json.dumps(saved['config']))
     model = configlib.build_model(config.model, config.data.resolution)
     mine = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine),
-                            unet_abstract_params(model))
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mine), unet_abstract_params(model)
+    )
   except Exception as e:  # pylint: disable=broad-except  (raised by _raise_agreed)
     error = e
   _raise_agreed(error)
-  ema = held.restore(manager, step,
-                     ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))['ema']
+  ema = held.restore(manager, step, ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))[
+    'ema'
+  ]
   return config, jax.device_get(ema)
 
 

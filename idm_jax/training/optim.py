@@ -7,6 +7,7 @@ runs with unit decays and a zero step size, which leaves every value as it was, 
 selecting between the old and the new state after the update, a select that made XLA copy every
 donated leaf first (docs/PERFORMANCE.md has the measurements).
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,7 +23,8 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   warmup = optax.linear_schedule(0.0, train_cfg.learning_rate, max(train_cfg.warmup_steps, 1))
   if train_cfg.lr_schedule == 'cosine':
     after = optax.cosine_decay_schedule(
-        train_cfg.learning_rate, max(train_cfg.num_steps - train_cfg.warmup_steps, 1))
+      train_cfg.learning_rate, max(train_cfg.num_steps - train_cfg.warmup_steps, 1)
+    )
   else:
     after = optax.constant_schedule(train_cfg.learning_rate)
   return optax.join_schedules([warmup, after], [train_cfg.warmup_steps])
@@ -33,8 +35,14 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   parts = []
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                           weight_decay=train_cfg.weight_decay))
+  parts.append(
+    optax.adamw(
+      learning_rate_schedule(train_cfg),
+      b1=train_cfg.b1,
+      b2=train_cfg.b2,
+      weight_decay=train_cfg.weight_decay,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -78,8 +86,9 @@ def apply_gradients(state: TrainState, loss, grads, *, train_cfg) -> tuple[Train
     return tuple(x.astype(d) for x, d in zip((p, m, v, e), dtypes))
 
   treedef = jax.tree.structure(state.params)
-  out = treedef.flatten_up_to(jax.tree.map(one_leaf, state.params, grads, adam.mu, adam.nu,
-                                           state.ema))
+  out = treedef.flatten_up_to(
+    jax.tree.map(one_leaf, state.params, grads, adam.mu, adam.nu, state.ema)
+  )
   params, mu, nu, ema = (treedef.unflatten([leaf[i] for leaf in out]) for i in range(4))
 
   def advance(node):  # every counter in the chain (Adam's, the schedule's) counts finite steps
@@ -104,8 +113,9 @@ def has_count(node) -> bool:
 
 def adam_state(opt_state):
   """The ScaleByAdamState (count, mu, nu) inside make_optimizer's chain."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=has_count)
-           if has_count(s) and hasattr(s, 'mu')]
+  found = [
+    s for s in jax.tree.leaves(opt_state, is_leaf=has_count) if has_count(s) and hasattr(s, 'mu')
+  ]
   if len(found) != 1:
     raise ValueError(f'expected one Adam state in the optimiser state, found {len(found)}')
   return found[0]

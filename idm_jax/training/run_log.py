@@ -11,6 +11,7 @@ never carries the images of earlier grids. (tensorboardX's own gs:// writer rewr
 ever-growing file and re-uploads it when garbage-collected, even after close.) A local workdir is
 written as each line comes (a reader can `tail -f`).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,10 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
   """rows: equal-shaped (N, H, W, 3) uint8 arrays -> one image, a row of N images per array."""
   n, h, w, _ = rows[0].shape
   grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-  for r, images in enumerate(rows):
+  for r, row in enumerate(rows):
     for c in range(n):
       y, x = pad + r * (h + pad), pad + c * (w + pad)
-      grid[y:y + h, x:x + w] = images[c]
+      grid[y : y + h, x : x + w] = row[c]
   return grid
 
 
@@ -44,8 +45,16 @@ def progress(start: int, end: int, enabled: bool = True, desc: str = 'train'):
   """The training bar. Its pace is this run's average since the bar opened (the step is
   compiled before), pauses for checkpoints and sample grids included: a smoothed recent rate
   swings between the dispatch bursts and the saves, and so does the ETA built on it."""
-  return tqdm(total=end, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
-              unit='step', smoothing=0, file=_LossTolerantStream(sys.stderr))
+  return tqdm(
+    total=end,
+    initial=start,
+    desc=desc,
+    disable=not enabled,
+    dynamic_ncols=True,
+    unit='step',
+    smoothing=0,
+    file=_LossTolerantStream(sys.stderr),
+  )
 
 
 class _LossTolerantStream:
@@ -59,13 +68,13 @@ class _LossTolerantStream:
   def __init__(self, stream):
     self._stream = stream
 
-  def __getattr__(self, name):   # fileno, isatty, encoding: tqdm sizes the bar through them
+  def __getattr__(self, name):  # fileno, isatty, encoding: tqdm sizes the bar through them
     return getattr(self._stream, name)
 
   def write(self, text: str) -> int:
     try:
       return self._stream.write(text)
-    except BlockingIOError:   # a full non-blocking pipe: this update is dropped, not the stream
+    except BlockingIOError:  # a full non-blocking pipe: this update is dropped, not the stream
       return len(text)
     except (OSError, ValueError):
       _silence_lost_streams()
@@ -94,7 +103,7 @@ def _silence_lost_streams() -> None:
     for fd in targets:
       os.dup2(devnull, fd)
     os.close(devnull)
-  except (OSError, ValueError, AttributeError):   # closed or no stderr at all: nothing to point
+  except (OSError, ValueError, AttributeError):  # closed or no stderr at all: nothing to point
     pass
 
 
@@ -130,9 +139,9 @@ class Writer:
   """
 
   REMOTE_FLUSH_SECONDS = 15.0
-  GRID_ATTEMPTS = 2   # a grid's writes before it is dropped: grids are for looking, not keeping
-  WRITE_ATTEMPTS = 2    # tries of one write through files.call_with_retries (see above)
-  WRITE_BACKOFF_S = 2.0   # the wait before the second
+  GRID_ATTEMPTS = 2  # a grid's writes before it is dropped: grids are for looking, not keeping
+  WRITE_ATTEMPTS = 2  # tries of one write through files.call_with_retries (see above)
+  WRITE_BACKOFF_S = 2.0  # the wait before the second
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
@@ -140,13 +149,13 @@ class Writer:
     self.remote = files.is_remote(workdir)
     self._tb = None
     self._tb_files = 0
-    self._staging = None          # local folder of the event files a bucket workdir gets
+    self._staging = None  # local folder of the event files a bucket workdir gets
     self._uploaded: dict[str, int] = {}
-    self._pending: list[str] = []   # metrics lines not yet in metrics.jsonl
-    self._metrics: bytes | None = None   # a bucket's metrics.jsonl as last written (None: unread)
-    self._closed_events: set[str] = set()   # staged event files to remove once uploaded
-    self._grids: dict[str, tuple[bytes, int, int]] = {}   # unwritten: path -> (PNG, fails, step)
-    self._failing: set[str] = set()   # what failed at its last try (one warning per streak)
+    self._pending: list[str] = []  # metrics lines not yet in metrics.jsonl
+    self._metrics: bytes | None = None  # a bucket's metrics.jsonl as last written (None: unread)
+    self._closed_events: set[str] = set()  # staged event files to remove once uploaded
+    self._grids: dict[str, tuple[bytes, int, int]] = {}  # unwritten: path -> (PNG, fails, step)
+    self._failing: set[str] = set()  # what failed at its last try (one warning per streak)
     self._last_flush = time.monotonic()
     if enabled:
       files.makedirs(workdir)
@@ -157,6 +166,7 @@ class Writer:
   def _open_tb(self) -> None:
     """(Re)opens the event writer; each file gets a distinct name (the count as suffix)."""
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional: tensorboardX)
+
     if self._tb is not None:
       self._tb.close()
       self._closed_events.update(os.listdir(self._staging) if self._staging else ())
@@ -174,9 +184,12 @@ class Writer:
     except Exception as e:  # pylint: disable=broad-except  (storage clients raise many types)
       if what not in self._failing:
         self._failing.add(what)
-        logging.warning('could not write %s (%s: %s); the run goes on and tries again later',
-                        files.join(self.workdir, what), type(e).__name__,
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else '')
+        logging.warning(
+          'could not write %s (%s: %s); the run goes on and tries again later',
+          files.join(self.workdir, what),
+          type(e).__name__,
+          str(e).strip().splitlines()[0][:200] if str(e).strip() else '',
+        )
       return False
     if what in self._failing:
       self._failing.discard(what)
@@ -190,13 +203,16 @@ class Writer:
       return
     for name in sorted(os.listdir(self._staging)):
       local = os.path.join(self._staging, name)
-      size = os.path.getsize(local)   # event files only grow: a new size is new content
+      size = os.path.getsize(local)  # event files only grow: a new size is new content
       if self._uploaded.get(name) != size:
         with open(local, 'rb') as f:
           data = f.read()
-        if not self._attempt(f'tensorboard/{name}', lambda name=name, data=data:
-                             files.write_atomic(files.join(self.workdir, 'tensorboard', name),
-                                                data)):
+        if not self._attempt(
+          f'tensorboard/{name}',
+          lambda name=name, data=data: files.write_atomic(
+            files.join(self.workdir, 'tensorboard', name), data
+          ),
+        ):
           continue
         self._uploaded[name] = len(data)
       if name in self._closed_events:
@@ -210,7 +226,7 @@ class Writer:
     path = files.join(self.workdir, 'metrics.jsonl')
     text = ''.join(self._pending)
     if self.remote:
-      if self._metrics is None:   # the lines of earlier runs (a resumed run keeps them)
+      if self._metrics is None:  # the lines of earlier runs (a resumed run keeps them)
         try:
           self._metrics = files.read_bytes(path)
         except FileNotFoundError:
@@ -247,7 +263,7 @@ class Writer:
     self._pending.append(json.dumps({'step': step, **metrics}) + '\n')
     for k, v in metrics.items():
       self._tb.add_scalar(k, v, step)
-    self._retry_grids(step)   # a grid that failed is tried again at the next log step
+    self._retry_grids(step)  # a grid that failed is tried again at the next log step
     self.flush(force=not self.remote)
 
   def flush(self, force: bool = True) -> None:
@@ -273,19 +289,21 @@ class Writer:
     if conditional:
       rows = [batch['lq'], samples, batch['hq']]
       metrics = dict(
-          vis_psnr=float(np.mean([fidelity.psnr(s, h) for s, h in zip(samples, batch['hq'])])),
-          vis_ssim=float(np.mean([fidelity.ssim(s, h) for s, h in zip(samples, batch['hq'])])))
+        vis_psnr=float(np.mean([fidelity.psnr(s, h) for s, h in zip(samples, batch['hq'])])),
+        vis_ssim=float(np.mean([fidelity.ssim(s, h) for s, h in zip(samples, batch['hq'])])),
+      )
     else:
       rows = [samples]
     # Small models (the demo's 32 px) are hard to see: show them at least 128 px wide.
     zoom = max(1, 128 // samples.shape[1])
     grid = image_grid([np.repeat(np.repeat(np.asarray(r), zoom, 1), zoom, 2) for r in rows])
-    self._write_grid(files.join(self.workdir, f'samples_{step:07d}.png'), images.encode(grid),
-                     0, step)
+    self._write_grid(
+      files.join(self.workdir, f'samples_{step:07d}.png'), images.encode(grid), 0, step
+    )
     self._tb.add_image('samples', grid, step, dataformats='HWC')
     if metrics:
       self.scalars(step, metrics)
-    if self.remote:   # this file is rewritten whole on each flush: let the next one start light
+    if self.remote:  # this file is rewritten whole on each flush: let the next one start light
       self.flush()
       self._open_tb()
     return metrics
@@ -300,13 +318,19 @@ class Writer:
       self._closed_events.update(os.listdir(self._staging) if self._staging else ())
       self._upload_events()
     if self._pending:
-      logging.warning('%d metrics lines (steps %s to %s, in this log above) could not be written '
-                      'to %s', len(self._pending), json.loads(self._pending[0])['step'],
-                      json.loads(self._pending[-1])['step'],
-                      files.join(self.workdir, 'metrics.jsonl'))
+      logging.warning(
+        '%d metrics lines (steps %s to %s, in this log above) could not be written to %s',
+        len(self._pending),
+        json.loads(self._pending[0])['step'],
+        json.loads(self._pending[-1])['step'],
+        files.join(self.workdir, 'metrics.jsonl'),
+      )
     if self._staging is not None:
       if self._closed_events:
-        logging.warning('%d TensorBoard event files could not be uploaded to %s',
-                        len(self._closed_events), files.join(self.workdir, 'tensorboard'))
+        logging.warning(
+          '%d TensorBoard event files could not be uploaded to %s',
+          len(self._closed_events),
+          files.join(self.workdir, 'tensorboard'),
+        )
       shutil.rmtree(self._staging, ignore_errors=True)
       self._staging = None

@@ -4,6 +4,7 @@ The step is a pure function of (state, batch): the step's randomness is folded f
 key and step number, so an interrupted and resumed run computes exactly what an uninterrupted
 run computes. The loop owns every side effect: data, logging, sample grids, checkpoints.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,46 +21,58 @@ import numpy as np
 import optax
 
 from idm_jax.data import pipeline
-from idm_jax.training import checkpoints
-from idm_jax.training import run_log
-from idm_jax.runtime import configlib
-from idm_jax.storage import files
-from idm_jax.storage import images
-from idm_jax.training import optim
-from idm_jax.runtime import parallel
-from idm_jax.storage import workdir_lock
 from idm_jax.diffusion import objectives
 from idm_jax.diffusion import samplers
 from idm_jax.models import platform_ops
 from idm_jax.models import unet
+from idm_jax.runtime import configlib
+from idm_jax.runtime import parallel
+from idm_jax.storage import files
+from idm_jax.storage import images
+from idm_jax.storage import workdir_lock
+from idm_jax.training import checkpoints
+from idm_jax.training import optim
+from idm_jax.training import run_log
 from idm_jax.training.train_state import TrainState
 
 
-def init_state(rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation, *,
-               partitionable: bool = False) -> TrainState:
+def init_state(
+  rng: jax.Array, model: unet.UNet, tx: optax.GradientTransformation, *, partitionable: bool = False
+) -> TrainState:
   """partitionable: draw the params with partitionable threefry (see unet.init_params); the
   Trainer's sharded init sets it, so no device generates whole tensors."""
   init_rng, state_rng = jax.random.split(rng)
   params = unet.init_params(model, init_rng, partitionable=partitionable)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-                    opt_state=tx.init(params), rng=state_rng,
-                    bad_step=jnp.full((), -1, jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema=params,
+    opt_state=tx.init(params),
+    rng=state_rng,
+    bad_step=jnp.full((), -1, jnp.int32),
+  )
 
 
 def state_shardings(model: unet.UNet, tx, mesh, mesh_cfg):
   """(abstract TrainState, its NamedShardings), derived without allocating anything."""
   boxed = unet.param_shapes(model)
   p_sh = parallel.param_shardings(boxed, mesh, mesh_cfg.fsdp_min_size)
-  abstract = jax.eval_shape(functools.partial(init_state, model=model, tx=tx),
-                            jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(
+    functools.partial(init_state, model=model, tx=tx), jax.random.PRNGKey(0)
+  )
   rep = parallel.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_sh,
-                                 transform_non_params=lambda _: rep,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  shardings = TrainState(step=rep, params=p_sh, ema=p_sh, opt_state=opt_sh, rng=rep,
-                         bad_step=rep)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abstract.opt_state,
+    p_sh,
+    transform_non_params=lambda _: rep,
+    is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+  )
+  shardings = TrainState(step=rep, params=p_sh, ema=p_sh, opt_state=opt_sh, rng=rep, bad_step=rep)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return abstract, shardings
 
 
@@ -71,14 +84,18 @@ def loss_fn(params, model, batch, rng, config, logsnr_fn):
   drop_cond = None
   if config.model.conditional and config.model.cond_drop_prob > 0:
     drop_cond = jax.random.bernoulli(k_cond, config.model.cond_drop_prob, (hq.shape[0],))
+
   def model_fn(x_t, logsnr):
-    return model.apply({'params': params}, x_t, logsnr, lq, train=True, drop_cond=drop_cond,
-                       rngs={'dropout': k_drop})
+    return model.apply(
+      {'params': params}, x_t, logsnr, lq, train=True, drop_cond=drop_cond, rngs={'dropout': k_drop}
+    )
+
   # A residual model denoises HQ - LQ: at init (zero output layers) it already returns the LQ,
   # and all its capacity goes to what the LQ lacks.
   x0 = hq - lq if config.diffusion.residual else hq
-  loss, _ = objectives.training_loss(model_fn, x0, k_loss, logsnr_fn,
-                                     configlib.loss_spec(config.diffusion))
+  loss, _ = objectives.training_loss(
+    model_fn, x0, k_loss, logsnr_fn, configlib.loss_spec(config.diffusion)
+  )
   return loss
 
 
@@ -98,10 +115,12 @@ def loss_and_grads(state: TrainState, batch: dict, *, model, config, logsnr_fn):
   else:
     # Micro-batch i takes examples i, i+A, ...: each device keeps its contiguous slice.
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+
     def body(carry, xs):
       i, mb = xs
       l, g = grad_fn(state.params, model, mb, jax.random.fold_in(rng, i), config, logsnr_fn)
       return jax.tree.map(jnp.add, carry, (l, g)), None
+
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
@@ -113,10 +132,19 @@ def sample_images(params, lq, rng, *, model, config, settings, shape, logsnr_fn)
   lq_f = images.to_model_range(lq) if lq is not None else None
   guided = lq_f is not None and settings.guidance_scale != 1.0
   return samplers.sample_batch(
-      model, params, lq_f, rng, shape=shape, logsnr_fn=logsnr_fn, sampler=settings.sampler,
-      steps=settings.steps, eta=settings.eta, t_start=settings.t_start,
-      guidance_scale=settings.guidance_scale if guided else None,
-      **configlib.sampling_model(config.diffusion))
+    model,
+    params,
+    lq_f,
+    rng,
+    shape=shape,
+    logsnr_fn=logsnr_fn,
+    sampler=settings.sampler,
+    steps=settings.steps,
+    eta=settings.eta,
+    t_start=settings.t_start,
+    guidance_scale=settings.guidance_scale if guided else None,
+    **configlib.sampling_model(config.diffusion),
+  )
 
 
 def xla_flops(compiled) -> float:
@@ -132,13 +160,17 @@ def check_trainable(config: ml_collections.ConfigDict, mesh) -> None:
   """The config choices a run on this mesh cannot make, named by field, before any compile."""
   platform = parallel.mesh_platform(mesh)
   if config.model.attention_impl == 'cudnn' and platform != 'gpu':
-    raise ValueError(f'config.model.attention_impl: cudnn attention exists on NVIDIA GPUs '
-                     f'only, and this mesh is on {platform}; use auto or xla')
+    raise ValueError(
+      f'config.model.attention_impl: cudnn attention exists on NVIDIA GPUs '
+      f'only, and this mesh is on {platform}; use auto or xla'
+    )
   # The batch is split over every device of the mesh (parallel.BATCH_AXES).
   if config.train.batch_size % mesh.size:
-    raise ValueError(f'config.train.batch_size: {config.train.batch_size} is not divisible by '
-                     f'the {mesh.size} devices of the mesh (data={mesh.shape["data"]} x '
-                     f'fsdp={mesh.shape["fsdp"]}); use a multiple of {mesh.size}')
+    raise ValueError(
+      f'config.train.batch_size: {config.train.batch_size} is not divisible by '
+      f'the {mesh.size} devices of the mesh (data={mesh.shape["data"]} x '
+      f'fsdp={mesh.shape["fsdp"]}); use a multiple of {mesh.size}'
+    )
 
 
 class Trainer:
@@ -160,9 +192,10 @@ class Trainer:
     self.abstract_state, self.shardings = state_shardings(self.model, self.tx, mesh, config.mesh)
     self.batch_sharding = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    init = jax.jit(functools.partial(init_state, model=self.model, tx=self.tx,
-                                     partitionable=True),
-                   out_shardings=self.shardings)
+    init = jax.jit(
+      functools.partial(init_state, model=self.model, tx=self.tx, partitionable=True),
+      out_shardings=self.shardings,
+    )
     self.init_jit = init  # for lowering (idm_jax.aot); call self.init
 
     def init_fn(rng, init=init):
@@ -170,13 +203,19 @@ class Trainer:
       # is part of jit's cache key, so this call and aot's lowering compile the same program.
       with jax.threefry_partitionable(True):
         return init(rng)
+
     self.init = init_fn
-    step_fn = functools.partial(train_step, model=self.model, config=config,
-                                logsnr_fn=self.logsnr_fn)
+    step_fn = functools.partial(
+      train_step, model=self.model, config=config, logsnr_fn=self.logsnr_fn
+    )
     self.compiler_options = platform_ops.compiler_options(parallel.mesh_platform(mesh))
-    self.step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
-                        out_shardings=(self.shardings, rep), donate_argnums=0,
-                        compiler_options=self.compiler_options)
+    self.step = jax.jit(
+      step_fn,
+      in_shardings=(self.shardings, self.batch_sharding),
+      out_shardings=(self.shardings, rep),
+      donate_argnums=0,
+      compiler_options=self.compiler_options,
+    )
     self._samplers = {}
 
   def local_batch_size(self) -> int:
@@ -194,15 +233,18 @@ class Trainer:
   def compile_step(self, local_batch_size: int):
     """AOT-compiles the train step once; logs XLA's FLOP estimate."""
     with parallel.mesh_rules(self.mesh):
-      compiled = self.step.lower(self.abstract_state,
-                                 self.batch_spec(local_batch_size)).compile()
+      compiled = self.step.lower(self.abstract_state, self.batch_spec(local_batch_size)).compile()
     flops = xla_flops(compiled)
     if flops:
       global_batch = local_batch_size * self.process_count
-      logging.info('train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate%s)', flops,
-                   flops / global_batch / 1e9,
-                   '' if parallel.mesh_platform(self.mesh) == 'cpu' else
-                   '; on accelerators it leaves out library convolutions and matmuls')
+      logging.info(
+        'train step: %.3g FLOPs (%.1f GFLOP per image, XLA estimate%s)',
+        flops,
+        flops / global_batch / 1e9,
+        ''
+        if parallel.mesh_platform(self.mesh) == 'cpu'
+        else '; on accelerators it leaves out library convolutions and matmuls',
+      )
     self.step_flops = flops
     parallel.barrier('train step compiled')
     return compiled
@@ -211,21 +253,29 @@ class Trainer:
     """The jitted (ema, lq, rng) -> images of `sampler`, for lowering; trace it in mesh_rules.
     The EMA keeps the state's shardings, the (host) LQ batch and key are replicated."""
     res = self.config.data.resolution
-    fn = functools.partial(sample_images, model=self.model, config=self.config,
-                           settings=settings, shape=(batch_size, res, res, 3),
-                           logsnr_fn=self.logsnr_fn)
+    fn = functools.partial(
+      sample_images,
+      model=self.model,
+      config=self.config,
+      settings=settings,
+      shape=(batch_size, res, res, 3),
+      logsnr_fn=self.logsnr_fn,
+    )
     rep = parallel.replicated(self.mesh)
-    return jax.jit(fn, in_shardings=(self.shardings.ema, rep, rep),
-                   compiler_options=self.compiler_options)
+    return jax.jit(
+      fn, in_shardings=(self.shardings.ema, rep, rep), compiler_options=self.compiler_options
+    )
 
   def sampler(self, settings, batch_size: int):
     """A jitted EMA sampler for (samplers.Settings, batch size); cached so each compiles once."""
     key = (batch_size, settings)
     if key not in self._samplers:
       jitted = self.sampler_jit(settings, batch_size)
+
       def call(params, lq, rng, jitted=jitted):
         with parallel.mesh_rules(self.mesh):
           return jitted(params, lq, rng)
+
       self._samplers[key] = call
     return self._samplers[key]
 
@@ -234,9 +284,10 @@ def check_finite(state: TrainState):
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
     raise FloatingPointError(
-        f'non-finite loss or gradient norm at step {bad}; that update was not applied and no '
-        'checkpoint was written after it. Lower train.learning_rate or check the data; the run '
-        'resumes from the last checkpoint.')
+      f'non-finite loss or gradient norm at step {bad}; that update was not applied and no '
+      'checkpoint was written after it. Lower train.learning_rate or check the data; the run '
+      'resumes from the last checkpoint.'
+    )
 
 
 class _Preemption:
@@ -263,8 +314,11 @@ class _Preemption:
 
   def __enter__(self):
     # The service's own SIGTERM handler must stay in place; SIGHUP is ours in both cases.
-    handlers = ({signal.SIGHUP: self._forward_as_sigterm} if self._service else
-                {signal.SIGTERM: self._handler, signal.SIGHUP: self._handler})
+    handlers = (
+      {signal.SIGHUP: self._forward_as_sigterm}
+      if self._service
+      else {signal.SIGTERM: self._handler, signal.SIGHUP: self._handler}
+    )
     for signum, handler in handlers.items():
       try:
         self._previous[signum] = signal.signal(signum, handler)
@@ -288,8 +342,7 @@ class _Preemption:
     """Whether to save and stop after `step` (the same answer on every process)."""
     if self._service:
       if multihost_utils.reached_preemption_sync_point(step):
-        logging.warning('preemption notice (SIGTERM on some host): all hosts stop at step %d',
-                        step)
+        logging.warning('preemption notice (SIGTERM on some host): all hosts stop at step %d', step)
         self.requested = True
     return self.requested
 
@@ -299,9 +352,13 @@ class _Preemption:
         signal.signal(signum, previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, max_steps: int | None = None,
-                       vis_data: ml_collections.ConfigDict | None = None) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  max_steps: int | None = None,
+  vis_data: ml_collections.ConfigDict | None = None,
+) -> TrainState:
   """Trains (or resumes) config in workdir until train.num_steps (or max_steps in this call).
 
   vis_data: the config.data whose validation split feeds the sample grids (default
@@ -338,8 +395,11 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
     state, prior_seconds = _resume_or_init(trainer, ckpt, data_iter)
     budget = TimeBudget(config.train.max_seconds, prior_seconds, t0)
     start = int(jax.device_get(state.step))
-    end = config.train.num_steps if max_steps is None else min(config.train.num_steps,
-                                                               start + max_steps)
+    end = (
+      config.train.num_steps
+      if max_steps is None
+      else min(config.train.num_steps, start + max_steps)
+    )
     # A budget spent by earlier runs ends here; a fresh one always takes at least one step.
     if start >= end or budget.spent_before():
       logging.info('already trained to step %d (%.0f s); nothing to do', start, prior_seconds)
@@ -355,8 +415,9 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
     def write_samples(step):
       sampler = trainer.sampler(vis_settings, vis['size'])
       lq = jnp.asarray(vis['lq']) if config.model.conditional else None
-      out = images.to_uint8(parallel.to_host(sampler(state.ema, lq,
-                                                     jax.random.PRNGKey(config.seed))))
+      out = images.to_uint8(
+        parallel.to_host(sampler(state.ema, lq, jax.random.PRNGKey(config.seed)))
+      )
       writer.sample_grid(step, vis, out, conditional=config.model.conditional)
 
     progress = run_log.progress(start, end, enabled=pindex == 0)
@@ -370,16 +431,18 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
         preempted = preemption.reached(step)
         # Every process must agree to stop at the same step (the save is collective); with
         # several, they agree at log steps only, so the budget costs no sync per step.
-        out_of_time = ((jax.process_count() == 1 or step % config.train.log_every == 0)
-                       and budget.exhausted_everywhere())
+        out_of_time = (
+          jax.process_count() == 1 or step % config.train.log_every == 0
+        ) and budget.exhausted_everywhere()
         last = step == end or out_of_time
         progress.update(1)
         if step % config.train.log_every == 0 and _lock_lost_everywhere(lock, workdir):
           # Two runs writing one workdir would overwrite each other's checkpoints: stop unsaved.
           raise workdir_lock.WorkdirInUse(
-              f'{workdir}: this run lost its lock ({workdir_lock.LOCK_FILE}): another run took it '
-              'over, or it could not be renewed for half the stale time (the error above says '
-              f'which); stopped at step {step} without saving')
+            f'{workdir}: this run lost its lock ({workdir_lock.LOCK_FILE}): another run took it '
+            'over, or it could not be renewed for half the stale time (the error above says '
+            f'which); stopped at step {step} without saving'
+          )
         if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -395,12 +458,16 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           check_finite(state)  # a NaN state is never saved
           ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
         if preempted:
-          logging.warning('stopped at step %d after %s; checkpoint saved', step,
-                          preemption.signal_name)
+          logging.warning(
+            'stopped at step %d after %s; checkpoint saved', step, preemption.signal_name
+          )
           break
         if out_of_time:
-          logging.info('stopped at step %d: train.max_seconds=%g reached; checkpoint saved',
-                       step, config.train.max_seconds)
+          logging.info(
+            'stopped at step %d: train.max_seconds=%g reached; checkpoint saved',
+            step,
+            config.train.max_seconds,
+          )
           break
     finally:
       progress.close()
@@ -474,9 +541,11 @@ def _vis_batch(config, vis_data=None) -> dict:
 def _warm_start(state: TrainState, workdir: str) -> TrainState:
   """Initialises params and EMA from another run's EMA (extrinsic rounds fine-tune this way)."""
   _, ema, _ = checkpoints.load_for_inference(workdir)
-  def put(new, old):   # from host values: each process places its own shards, no collective
+
+  def put(new, old):  # from host values: each process places its own shards, no collective
     host = np.asarray(new, old.dtype)
     return jax.make_array_from_callback(old.shape, old.sharding, lambda index: host[index])
+
   params = jax.tree.map(put, ema, state.params)
   # Separate buffers: the train step donates params and EMA and may not get one buffer twice.
   return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
