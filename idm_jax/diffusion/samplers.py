@@ -238,26 +238,14 @@ def sample_batch(
       return model.apply({'params': params}, x_t, logsnr, lq, train=False, drop_cond=drop)
 
     model_fn = guided(cond_fn, uncond_fn, guidance_scale)
+  # Residual: from a noised zero residual, x0 bounded so that LQ + x0 stays in [-1, 1].
+  x_start, x0_bounds = lq, None
   if residual:
     if lq is None:
       raise ValueError('config.diffusion.residual: a residual model needs an LQ input')
     lq = jnp.asarray(lq, jnp.float32)
-    res = sample(
-      model_fn,
-      rng,
-      shape,
-      logsnr_fn=logsnr_fn,
-      parameterization=parameterization,
-      sampler=sampler,
-      steps=steps,
-      eta=eta,
-      t_start=t_start,
-      x_start=jnp.zeros(shape, jnp.float32) if t_start < 1.0 else None,
-      clip_x0=True,
-      x0_bounds=(-1.0 - lq, 1.0 - lq),
-    )
-    return jnp.clip(lq + res, -1.0, 1.0)
-  return sample(
+    x_start, x0_bounds = jnp.zeros(shape, jnp.float32), (-1.0 - lq, 1.0 - lq)
+  out = sample(
     model_fn,
     rng,
     shape,
@@ -267,6 +255,8 @@ def sample_batch(
     steps=steps,
     eta=eta,
     t_start=t_start,
-    x_start=lq if t_start < 1.0 else None,
+    x_start=x_start if t_start < 1.0 else None,
     clip_x0=True,
+    x0_bounds=x0_bounds,
   )
+  return jnp.clip(lq + out, -1.0, 1.0) if residual else out
