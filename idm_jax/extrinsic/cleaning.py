@@ -27,6 +27,7 @@ from idm_jax.inference import validation
 from idm_jax.metrics import artifacts
 from idm_jax.metrics import niqe
 from idm_jax.metrics import resize
+from idm_jax.runtime import configlib
 from idm_jax.runtime import host_shares
 from idm_jax.runtime import parallel
 from idm_jax.storage import files
@@ -120,7 +121,9 @@ def clean_dataset(
   if len(set(names)) != len(names):
     raise ValueError('the source has duplicate record names; cannot make a one-to-one copy')
   fraction = float(clean_cfg.fraction)
-  kind = str(clean_cfg.score)  # config.clean, checked by configlib.validate
+  kind = str(clean_cfg.score)
+  if kind not in configlib.CLEAN_SCORES:  # a library call need not come through validate
+    raise ValueError(f'config.clean.score: {kind!r} is not one of {configlib.CLEAN_SCORES}')
   params = None  # NIQE's, only where NIQE ranks the records
   scores = None
   checksums = {}
