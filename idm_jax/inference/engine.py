@@ -8,10 +8,10 @@ devices on the data axis, params replicated). `restore_in_batches` and `Restorer
 any number of images through one compiled batch shape.
 
 Several processes (a pod's hosts) share one program over all their chips: each passes its own
-images and gets its own results back, and every call is collective. The lockstep helpers below
-(`host_share`, `lockstep_chunks`, `call_padded`, `gather_shares`; `map_in_batches` combines
-them) keep them in step: the processes agree once on how many batches to run, and one that has
-run out of work runs filler batches until the others finish.
+images and gets its own results back, and every call is collective. The lockstep helpers of
+runtime/host_shares.py (`host_share`, `lockstep_chunks`, `call_padded`, `gather_shares`;
+`map_in_batches` combines them) keep them in step: the processes agree once on how many
+batches to run, and one that has run out of work runs filler batches until the others finish.
 
 Reproducibility: example i of a call gets the key fold_in(key(seed), index_offset + i) and the
 sampler is vmapped over examples, so an image's result does not depend on the batch size, the

@@ -213,7 +213,7 @@ def sampling_mesh(devices=None) -> Mesh:
 
   Sampling splits the batch and replicates the params: it holds no optimiser state worth
   sharding. Over several processes one program spans every chip and the processes feed it in
-  lockstep (`inference.map_in_batches`): TPU v5e slices beyond 16 chips compile a program over
+  lockstep (`host_shares.map_in_batches`): TPU v5e slices beyond 16 chips compile a program over
   one chip or the whole slice, never over one host's chips (docs/TPU.md, "Sampling on a pod").
   """
   devices = sorted(
