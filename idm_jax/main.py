@@ -105,12 +105,17 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(OursAndWarnings())
   from idm_jax.runtime import configlib  # noqa: PLC0415 (keeps --help fast: imports jax)
+  from idm_jax.training import train  # noqa: PLC0415 (keeps --help fast: imports jax)
 
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (configlib.ConfigError, files.StorageError, workdir_lock.WorkdirInUse) as e:
     # Said in one line, no traceback: each names the field or path to fix.
     raise SystemExit(f'error: {e}') from None
+  except train.Stopped as e:
+    # A stop request is not a failure: exit 0 (a pod launcher restarts only what failed), and
+    # nothing after the training ran (no evaluation, cleaning or next round on a partial model).
+    logging.warning('%s', e)
 
 
 def cli():

@@ -227,6 +227,47 @@ def test_two_rounds_end_to_end(faces, tmp_path, test_config, monkeypatch):
   assert rounds_lib.run_rounds(config, str(work)) == results
 
 
+def test_a_stop_request_in_round_0_stops_the_rounds(faces, tmp_path, test_config, monkeypatch):
+  """SIGTERM during round 0's training: the step is saved and nothing after it runs (no
+  evaluation, no cleaning with the part-trained model, no round 1); the rerun finishes both
+  rounds from the saved step."""
+  import os
+  import signal
+
+  from idm_jax.runtime import parallel
+  from idm_jax.training import train
+
+  config = tiny(test_config, faces)
+  config.train.update(num_steps=4, ckpt_every=4, sample_every=4)
+  real, fetched = parallel.local_batch_to_global, []
+
+  def signalling(*args, **kwargs):
+    fetched.append(1)
+    if len(fetched) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(parallel, 'local_batch_to_global', signalling)
+  work = tmp_path / 'work'
+  with pytest.raises(train.Stopped, match='step 2 after SIGTERM') as stop:
+    rounds_lib.run_rounds(config, str(work))
+  assert stop.value.step == 2
+  assert sorted(p.name for p in (work / 'round_0').iterdir()) == [
+    'checkpoints',
+    'config.json',
+    'metrics.jsonl',
+    'tensorboard',
+  ]
+  assert (work / 'round_0' / 'checkpoints' / '2').is_dir()
+  assert not (work / 'round_1').exists() and not (work / 'rounds.json').exists()
+
+  monkeypatch.setattr(parallel, 'local_batch_to_global', real)
+  results = rounds_lib.run_rounds(config, str(work))
+  assert set(results) == {'0', '1'}
+  assert (work / 'round_0' / 'checkpoints' / '4').is_dir()  # round 0 resumed to its end
+  assert cleaned_dataset.verify_manifest(str(work / 'round_1' / 'dataset'))['cleaned'] == 8
+
+
 def test_unconditional_training_and_generation(local_or_bucket, test_config):
   """The "beyond" generator, its workdir on local disk or in a bucket; a rerun with more samples
   only draws the missing ones."""

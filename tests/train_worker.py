@@ -76,7 +76,11 @@ def main():
       return to_global(*args, **kwargs)
 
     parallel.local_batch_to_global = signalling_to_global
-  state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
+  try:
+    state = train.train_and_evaluate(config, a.workdir, max_steps=a.steps)
+    step = int(jax.device_get(state.step))
+  except train.Stopped as e:  # a stop request: the step it saved
+    state, step = None, e.step
   if a.params_out and jax.process_index() == 0:
     from idm_jax.runtime import parallel
 
@@ -90,7 +94,7 @@ def main():
       m = json.loads(line)
       if 'loss' in m:
         losses.append((m['step'], m['loss']))
-    print(json.dumps({'losses': losses, 'step': int(jax.device_get(state.step))}))
+    print(json.dumps({'losses': losses, 'step': step}))
 
 
 if __name__ == '__main__':

@@ -290,6 +290,20 @@ def check_finite(state: TrainState):
     )
 
 
+class Stopped(Exception):
+  """Training stopped early on a stop request (SIGTERM, SIGHUP) with its step saved: the same
+  command resumes it. An exception, not a return, so that no caller goes on as though training
+  had finished: an extrinsic round that evaluated and cleaned with a model stopped a tenth of the
+  way would write a cleaned dataset that its resumed run then keeps."""
+
+  def __init__(self, workdir: str, step: int, signal_name: str):
+    super().__init__(
+      f'{workdir}: stopped at step {step} after {signal_name}; checkpoint saved (the same '
+      'command resumes it)'
+    )
+    self.workdir, self.step, self.signal_name = workdir, step, signal_name
+
+
 class _Preemption:
   """SIGTERM or SIGHUP -> every process stops at the same step, saves it and exits 0.
 
@@ -363,7 +377,8 @@ def train_and_evaluate(
 
   vis_data: the config.data whose validation split feeds the sample grids (default
   config.data; extrinsic rounds pass the original data, since a cleaned set has no validation).
-  Raises workdir_lock.WorkdirInUse if another training run holds the workdir.
+  Raises workdir_lock.WorkdirInUse if another training run holds the workdir, and Stopped,
+  after saving, if a stop request (SIGTERM, SIGHUP) arrived before the last step.
   """
   # One lock per run, taken by process 0: the other hosts of a run share its workdir.
   if jax.process_index() != 0:
@@ -422,6 +437,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
 
     progress = run_log.progress(start, end, enabled=pindex == 0)
     last_t, last_step = time.perf_counter(), start
+    stopped = None
     try:
       step = start
       while step < end:
@@ -458,9 +474,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           check_finite(state)  # a NaN state is never saved
           ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
         if preempted:
-          logging.warning(
-            'stopped at step %d after %s; checkpoint saved', step, preemption.signal_name
-          )
+          stopped = Stopped(workdir, step, preemption.signal_name)
           break
         if out_of_time:
           logging.info(
@@ -475,6 +489,8 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
       ckpt.close()
       writer.close()
       data_iter.close()
+  if stopped is not None:
+    raise stopped
   return state
 
 
