@@ -110,6 +110,14 @@ seed_done() {  # seed_done SEED
   fi
 }
 
+# A training stopped by a signal saves its step and exits 0 (the pod launcher's convention): stop
+# here as well, so that no arm is evaluated, and marked done, part-trained. Rerun to resume.
+stop_if_stopped() {  # stop_if_stopped LOG
+  if tail -n 20 "$1" | grep -q 'stopped at step [0-9]* after SIG'; then
+    log "stopped by a signal (see $1): rerun the same command to resume"; exit 3
+  fi
+}
+
 for S in "${SEEDS[@]}"; do
   if seed_done "$S"; then log "seed $S: results present in $OUT, skipped"; continue; fi
   arm=(--config="$CONFIG" "${RESTORE_BUDGET[@]}" --config.seed="$S" "${EXTRA[@]}")
@@ -120,6 +128,7 @@ for S in "${SEEDS[@]}"; do
     --config.data.dir="$WORK/contaminated/images" --config.data.num_val="$VAL" \
     --config.extrinsic.rounds="$ROUNDS" --config.extrinsic.init=scratch \
     >> "$WORK/rounds_seed_$S.log" 2>&1
+  stop_if_stopped "$WORK/rounds_seed_$S.log"
   # 2. The oracle: the same budget and seed on the pristine faces, the same validation faces.
   O=$ORACLE/seed_$S
   if [ ! -f "$O/eval/done" ]; then
@@ -127,6 +136,7 @@ for S in "${SEEDS[@]}"; do
     oracle=("${arm[@]}" --workdir="$O" --config.data.dir="$PRISTINE/images"
             --config.data.num_val="$VAL")
     python3 -m idm_jax.main "${oracle[@]}" >> "$O.log" 2>&1
+    stop_if_stopped "$O.log"
     python3 -m idm_jax.main "${oracle[@]}" --config.mode=evaluate >> "$O.log" 2>&1
     touch "$O/eval/done"
   fi
@@ -153,6 +163,7 @@ for S in "${SEEDS[@]}"; do
     find "$PRISTINE/images" -maxdepth 1 -type f | sort | tail -n "$VAL" | xargs cp -t "$C/faces/"
     control=("${arm[@]}" --workdir="$C" --config.data.dir="$C/faces" --config.data.num_val="$VAL")
     python3 -m idm_jax.main "${control[@]}" >> "$C.log" 2>&1
+    stop_if_stopped "$C.log"
     python3 -m idm_jax.main "${control[@]}" --config.mode=evaluate >> "$C.log" 2>&1
     touch "$C/eval/done"
   fi
@@ -181,6 +192,7 @@ if [ "$GENERATORS" = 1 ] && [ "$ROUNDS" -ge 2 ]; then
          "${data[@]}" "${GEN_BUDGET[@]}" "${GEN_EXTRA[@]}")
     log "generator on the $version faces (${GEN_LABEL})"
     python3 -m idm_jax.main "${gen[@]}" >> "$WORK/gen_$version.log" 2>&1
+    stop_if_stopped "$WORK/gen_$version.log"
     python3 -m idm_jax.main "${gen[@]}" --config.mode=generate >> "$WORK/gen_$version.log" 2>&1
     up=$(python3 -c "import sys; from PIL import Image; from idm_jax.metrics import niqe
 print(niqe.upscale_for(min(Image.open(sys.argv[1]).size)))" \

@@ -301,3 +301,36 @@ def test_prepare_only_builds_the_split_view_and_contaminates_train_faces_only(tm
     timeout=600,
   )
   assert r.returncode == 2 and 'another split' in r.stderr
+
+
+def test_a_training_stopped_by_a_signal_stops_the_script(tmp_path, celeba_dir):
+  """A stopped training exits 0 with its stop line (the pod launcher's convention): the script
+  stops there (exit 3) instead of evaluating the part-trained arm and going on to the next. The
+  rounds' training is a stand-in `python3` that prints that line; everything else is real."""
+  src, splits = _toy_faces(tmp_path, celeba_dir)
+  shim = tmp_path / 'bin'
+  shim.mkdir()
+  (shim / 'python3').write_text(
+    '#!/bin/bash\n'
+    'if [[ "$1 $2" == "-m idm_jax.main" && "$*" == *--config.mode=extrinsic* ]]; then\n'
+    "  echo 'W0 train.py] run: stopped at step 3 after SIGTERM; checkpoint saved'; exit 0\n"
+    'fi\n'
+    f'exec {sys.executable} "$@"\n'
+  )
+  (shim / 'python3').chmod(0o755)
+  work = tmp_path / 'exp'
+  env = dict(
+    os.environ,
+    PATH=f'{shim}:{os.environ["PATH"]}',
+    SRC=str(src),
+    SPLITS=str(splits),
+    RES='32',
+    FRACTION='0.5',
+    RESTORE_STEPS='2',
+  )
+  cmd = ['bash', 'experiments/extrinsic_experiment.sh', str(work)]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
+  timeline = (work / 'results' / 'timeline.txt').read_text()
+  assert 'stopped by a signal' in timeline and 'rerun the same command to resume' in timeline
+  assert 'oracle' not in timeline and not (work / 'oracle' / 'seed_0').exists()
