@@ -140,6 +140,13 @@ def main():
   print('\nby layer and pass')
   for (kind, pas), ms in tables['by_layer'].most_common(a.top):
     print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind} {pas}')
+  print('\nby kernel kind (run once pinned to one core, once on all: what does not speed up with')
+  print('more cores is memory-bound or serial)')
+  kinds = collections.Counter()
+  for (kind, _), ms in tables['by_kernel'].items():
+    kinds[kind] += ms
+  for kind, ms in kinds.most_common():
+    print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind}')
   print('\nby kernel kind and output shape')
   for (kind, shape), ms in tables['by_kernel'].most_common(a.top):
     print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind} {shape}')
