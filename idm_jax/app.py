@@ -264,12 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
 
-  def fatal(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    return 2
-
   if args.out and files.is_remote(args.out):
-    return fatal(
+    return cli.fail(
       f"--out {args.out}: the page serves its downloads from this machine's disk; "
       'give a local folder (--checkpoint may be in a bucket)'
     )
@@ -277,15 +273,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     import gradio  # noqa: F401, PLC0415 (optional: the [app] extra)
   except ImportError:
-    return fatal('the web demo needs Gradio: pip install -e ".[app]"')
+    return cli.fail('the web demo needs Gradio: pip install -e ".[app]"')
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
 
   try:
     restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:
-    return fatal(f'cannot load the model: {e}')
+    return cli.fail(f'cannot load the model: {e}')
   if not restorer.conditional:
-    return fatal(
+    return cli.fail(
       f'{args.checkpoint} is an unconditional (generation) model; the demo restores '
       'faces with a conditional one'
     )

@@ -404,54 +404,50 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
 
-  def fatal(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    return 2
-
   if args.batch_size < 1:
-    return fatal('--batch_size must be >= 1')
+    return cli.fail('--batch_size must be >= 1')
   if args.upscale <= 0 or args.upscale > 8:
-    return fatal('--upscale must be in (0, 8]')
+    return cli.fail('--upscale must be in (0, 8]')
   if args.aligned and args.only_center_face:
-    return fatal(
+    return cli.fail(
       '--only_center_face chooses among the faces of whole photos; with --aligned '
       'each input is already one face'
     )
   if args.aligned and args.detector:
-    return fatal(
+    return cli.fail(
       '--detector finds the faces of whole photos; with --aligned each input is already one face'
     )
   try:
     inputs = list_inputs(args.input)
   except FileNotFoundError as e:
-    return fatal(str(e))
+    return cli.fail(str(e))
   if not inputs:
-    return fatal(f'{args.input}: no files found')
+    return cli.fail(f'{args.input}: no files found')
   if files.isdir(args.input) and files.is_within(args.output, args.input):
-    return fatal(
+    return cli.fail(
       f'output folder {args.output} is inside the input folder {args.input}; '
       'choose another one (outputs are never written into the input folder)'
     )
   if files.exists(args.output) and not files.isdir(args.output):
-    return fatal(f'{args.output} exists and is not a folder')
+    return cli.fail(f'{args.output} exists and is not a folder')
   try:  # A missing bucket or no permission: said now, not after the model has loaded.
     files.check_writable(args.output)
   except files.StorageError as e:
-    return fatal(str(e))
+    return cli.fail(str(e))
 
   detector = None
   if not args.aligned:
     try:
       detector = faces.get_detector(args.detector or 'hog', min_score=args.min_face_score)
     except faces.DetectorUnavailable as e:
-      return fatal(str(e))
+      return cli.fail(str(e))
 
   from idm_jax.inference import engine  # noqa: PLC0415 (loads flax and orbax: not for --help)
 
   try:
     restorer, _ = engine.load(args.checkpoint)
   except (OSError, ValueError) as e:
-    return fatal(f'cannot load the model: {e}')
+    return cli.fail(f'cannot load the model: {e}')
   try:  # Check the settings once, before any file is touched.
     sample_kwargs = sample_settings(
       restorer,
@@ -463,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       eta=args.eta,
     )
   except ValueError as e:
-    return fatal(str(e))
+    return cli.fail(str(e))
 
   files.makedirs(args.output)
   with tqdm(total=len(inputs), unit='img', desc='restoring', disable=None) as bar:

@@ -236,8 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     reports.write_report(metrics, out, title)
   except (EvalError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.fail(e)
   print(files.read_text(files.join(out, 'metrics.md')))
   return 0
 

@@ -103,7 +103,7 @@ def test_main_exports_a_workdir_and_never_overwrites(tmp_path, monkeypatch, conf
   assert seen == ['W']
   _assert_same_params(params, export.load_exported(str(out))[1])
   before = out.read_bytes()
-  assert export.main(['--workdir', 'W', '--out', str(out)]) == 1  # exists: refused
+  assert export.main(['--workdir', 'W', '--out', str(out)]) == 2  # exists: refused
   assert out.read_bytes() == before
   assert export.main(['--workdir', 'W', '--out', str(out), '--force']) == 0
   assert sorted(os.listdir(out.parent)) == ['model.msgpack']

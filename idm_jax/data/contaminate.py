@@ -292,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f'{diff[:3]} (a different OpenCV/libjpeg/Pillow build?)'
         )
   except (ContaminateError, FileNotFoundError, files.StorageError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.fail(e)
   print(
     f'{args.dst}: {full["num_contaminated"]} of {len(full["records"])} images contaminated '
     f'({", ".join(full["kinds"])}); manifest {files.join(args.dst, MANIFEST)}'

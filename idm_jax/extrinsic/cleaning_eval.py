@@ -324,8 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       niqe_params=a.niqe_params,
     )
   except (FileNotFoundError, ValueError, images.BadImage, files.StorageError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.fail(e)
   files.write_text(files.join(a.out, 'cleaning.json'), json.dumps(report, indent=1))
   md = markdown(report)
   files.write_text(files.join(a.out, 'cleaning.md'), md)

@@ -105,8 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     size = export(args.workdir, args.out, force=args.force)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    return cli.fail(e)
   print(f'wrote {args.out} ({size / 2**20:.1f} MiB)')
   return 0
 

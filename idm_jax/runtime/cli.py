@@ -47,6 +47,17 @@ class ArgumentParser(argparse.ArgumentParser):
     return super().parse_known_args([spelled(a) for a in args[:end]] + args[end:], namespace)
 
 
+# A command's exit status for a refused input: a usage error, as argparse's own.
+USAGE_ERROR = 2
+
+
+def fail(problem) -> int:
+  """Says `problem` (which names the flag, file or value to fix) in one line on stderr, without
+  a traceback, and returns the exit status every idm_jax command gives a refused input."""
+  print(f'error: {problem}', file=sys.stderr)
+  return USAGE_ERROR
+
+
 def run_absl(main, module_name: str) -> None:
   """absl's app.run(main) for a console script: its --help shows `module_name`'s usage and
   flags, as `python -m module_name --help` does (absl looks both up under sys.argv[0])."""
