@@ -58,15 +58,28 @@ def paired_interval(
   if len(diff) == 0:
     raise ValueError('paired_interval: no pair with two finite values')
   means = resample_means(diff, int(num_resamples), int(seed))
+  return _percentile_interval(
+    diff,
+    means,
+    confidence,
+    num_resamples,
+    seed,
+    n=int(len(diff)),
+    dropped=int((~keep).sum()),
+    improved=float(np.mean(diff > 0)),
+  )
+
+
+def _percentile_interval(diff, means, confidence, num_resamples, seed, **counts) -> dict:
+  """The report of a percentile bootstrap: the mean of `diff`, the interval of the resampled
+  `means` at `confidence`, the counts the caller adds, and the settings that reproduce it."""
   tail = (1 - confidence) / 2
   low, high = np.quantile(means, [tail, 1 - tail])
   return dict(
     mean=float(diff.mean()),
     low=float(low),
     high=float(high),
-    n=int(len(diff)),
-    dropped=int((~keep).sum()),
-    improved=float(np.mean(diff > 0)),
+    **counts,
     excludes_zero=bool(low > 0 or high < 0),
     confidence=float(confidence),
     num_resamples=int(num_resamples),
@@ -91,19 +104,15 @@ def seeds_and_faces_interval(
   diff = a - b
   num_seeds, num_faces = diff.shape
   means = _resampled_means([diff], int(num_resamples), int(seed))[0]
-  tail = (1 - confidence) / 2
-  low, high = np.quantile(means, [tail, 1 - tail])
-  return dict(
-    mean=float(diff.mean()),
-    low=float(low),
-    high=float(high),
+  return _percentile_interval(
+    diff,
+    means,
+    confidence,
+    num_resamples,
+    seed,
     seeds=int(num_seeds),
     n=int(num_faces),
     per_seed=[float(m) for m in diff.mean(axis=1)],
-    excludes_zero=bool(low > 0 or high < 0),
-    confidence=float(confidence),
-    num_resamples=int(num_resamples),
-    seed=int(seed),
   )
 
 
