@@ -38,6 +38,25 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ['a.bin']
 
 
+def test_a_killed_write_leaves_a_temporary_that_remove_partial_writes_deletes(
+  tmp_path, monkeypatch
+):
+  """A write killed between mkstemp and the rename leaves '.NAME.*.tmp'; remove_partial_writes
+  deletes such files below a folder and nothing else."""
+  (tmp_path / 'sub').mkdir()
+  files.write_atomic(tmp_path / 'sub' / 'kept.png', b'whole')
+  monkeypatch.setattr(os, 'replace', lambda *a: (_ for _ in ()).throw(OSError('killed')))
+  monkeypatch.setattr(os, 'unlink', lambda p: None)  # as a kill: no clean-up runs
+  with pytest.raises(OSError):
+    files.write_atomic(tmp_path / 'sub' / 'cut.png', b'half')
+  monkeypatch.undo()
+  left = files.walk_files(tmp_path)
+  assert 'sub/kept.png' in left and any(files.is_partial_write(p) for p in left)
+  files.remove_partial_writes(tmp_path)
+  assert files.walk_files(tmp_path) == ['sub/kept.png']
+  files.remove_partial_writes(tmp_path / 'absent')  # no folder: nothing to do
+
+
 def test_save_image_format_follows_extension(tmp_path):
   img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
   images.save(tmp_path / 'a.png', img)

@@ -207,25 +207,19 @@ def verify_records(out_dir: str, records: list[dict], on_disk: set[str]) -> None
   outputs = [r['file'] for r in records if r['action'] != 'failed']
   if len(set(outputs)) != len(outputs):
     raise RuntimeError(f'{out_dir}: two records map to the same output file')
-  local = not files.is_remote(out_dir)
+  read_back = files.writes_can_be_partial(out_dir)
   for r in records:
     if r['action'] == 'failed':
       continue
     path = files.join(out_dir, IMAGES, r['file'])
-    if r['file'] not in on_disk or (local and sha256_file(path) != r['sha256']):
+    if r['file'] not in on_disk or (read_back and sha256_file(path) != r['sha256']):
       raise RuntimeError(f'{path}: missing or its checksum does not match the journal')
 
 
 def remove_partial_writes(out_dir: str) -> None:
-  """Deletes what a kill left of local atomic writes: files.write_atomic's hidden
-  '.NAME.*.tmp' beside its target (never a record: sources skip hidden files). Call it only
-  when no process is writing. In a bucket there is nothing to do: an upload is whole or absent."""
-  if files.is_remote(out_dir):
-    return
-  for rel in files_written(out_dir):
-    base = rel.rsplit('/', 1)[-1]
-    if base.startswith('.') and base.endswith('.tmp'):
-      files.remove(files.join(out_dir, IMAGES, rel))
+  """Deletes what a kill left of the images' atomic writes (never a record: sources skip hidden
+  files). Call it only when no process is writing."""
+  files.remove_partial_writes(files.join(out_dir, IMAGES))
 
 
 def files_written(out_dir: str) -> set[str]:

@@ -146,6 +146,30 @@ def write_atomic(p: PathLike, data: bytes) -> None:
     raise
 
 
+def is_partial_write(name: str) -> bool:
+  """Whether a file name is one of write_atomic's temporaries ('.NAME.*.tmp' beside NAME),
+  which a process killed mid-write leaves behind on local disk."""
+  base = name.rsplit('/', 1)[-1]
+  return base.startswith('.') and base.endswith('.tmp')
+
+
+def remove_partial_writes(folder: PathLike) -> None:
+  """Deletes what killed write_atomic calls left below `folder`. Call it only when no process is
+  writing there. In a bucket there is nothing to do: an upload is whole or absent."""
+  if is_remote(folder) or not isdir(folder):
+    return
+  for rel in walk_files(folder):
+    if is_partial_write(rel):
+      remove(join(folder, rel))
+
+
+def writes_can_be_partial(p: PathLike) -> bool:
+  """Whether a file at `p` that exists may still be damaged by a crash or a disk fault, so that
+  reading it back (a checksum) is the only proof it is whole: on local disk, yes; in a bucket an
+  upload is whole or absent, so an object's presence is the proof."""
+  return not is_remote(p)
+
+
 def write_text(p: PathLike, text: str) -> None:
   write_atomic(p, text.encode('utf-8'))
 

@@ -139,6 +139,12 @@ class WorkdirLock:
     self.release()
 
 
+def can_be_lost(workdir: str) -> bool:
+  """Whether a run's lock on `workdir` can be lost while it runs: in a bucket, yes (taken over
+  after its heartbeat stalled); a local lock, held by a live process, cannot."""
+  return files.is_remote(workdir)
+
+
 class _LocalLock:
   """O_EXCL file; a dead holder on this host is seen through /proc."""
 

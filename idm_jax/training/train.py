@@ -27,7 +27,6 @@ from idm_jax.models import platform_ops
 from idm_jax.models import unet
 from idm_jax.runtime import configlib
 from idm_jax.runtime import parallel
-from idm_jax.storage import files
 from idm_jax.storage import images
 from idm_jax.storage import workdir_lock
 from idm_jax.training import checkpoints
@@ -390,7 +389,7 @@ def train_and_evaluate(
 def _lock_lost_everywhere(lock, workdir: str) -> bool:
   """Whether another run took the bucket lock over (process 0 knows; the others are told, so all
   stop at the same step). A local lock cannot be lost: no check, no collective."""
-  if not files.is_remote(workdir):
+  if not workdir_lock.can_be_lost(workdir):
     return False
   lost = lock is not None and lock.lost
   if jax.process_count() == 1:
