@@ -73,8 +73,8 @@ def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'old')
   files.write_atomic(files.join(root, 'a', 'x.bin'), b'new')
   images.save(files.join(root, 'a', 'b', 'y.png'), np.zeros((2, 2, 3), np.uint8))
-  files.append_text(files.join(root, 'log.jsonl'), 'one\n')
-  files.append_text(files.join(root, 'log.jsonl'), 'two\nthree\n')
+  files.AppendedText(files.join(root, 'log.jsonl')).append('one\n')
+  files.AppendedText(files.join(root, 'log.jsonl')).append('two\nthree\n')  # a later writer
   assert files.read_bytes(files.join(root, 'a', 'x.bin')) == b'new'
   assert list(files.iter_lines(files.join(root, 'log.jsonl'))) == ['one', 'two', 'three']
   assert files.listdir(root) == ['a', 'log.jsonl']
@@ -90,6 +90,22 @@ def test_the_path_layer_reads_and_writes_both_kinds_of_path(local_or_bucket):
   assert not files.exists(files.join(root, 'c', 'x.bin'))
   files.check_writable(files.join(root, 'new'))
   assert files.walk_files(root) == ['log.jsonl', 'moved/b/y.png', 'moved/x.bin']  # probe gone
+
+
+def test_an_append_made_again_after_it_failed_writes_its_text_once(local_or_bucket):
+  """An append that raised may have landed in part (locally) or whole with its reply lost (in a
+  bucket): made again, it starts from where the writer's last append ended. The lines an
+  earlier writer left stay."""
+  path = files.join(local_or_bucket, 'metrics.jsonl')
+  files.write_text(path, 'earlier run\n')
+  log = files.AppendedText(path)
+  log.append('one\n')
+  # What a failed append of 'two' may leave: part of it, or all of it.
+  landed = 'earlier run\none\n' + ('tw' if not files.is_remote(path) else 'two\n')
+  files.write_text(path, landed)
+  log.append('two\n')
+  log.append('three\n')
+  assert list(files.iter_lines(path)) == ['earlier run', 'one', 'two', 'three']
 
 
 def test_a_missing_bucket_fails_at_once_naming_it(gcs_server):

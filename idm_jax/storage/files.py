@@ -5,8 +5,9 @@ Local paths behave as plain files always did. On object storage there are no fol
 and no appends, so each operation here is written for both:
   * write_atomic: locally a temp file beside the target, fsync, rename; in a bucket one upload,
     which readers see whole or not at all. Either way no reader sees half a file.
-  * append_text: locally an append (a reader can `tail -f`); in a bucket the object is rewritten
-    with the new lines, so callers append in batches (reporting.Writer flushes every few seconds).
+  * AppendedText: locally an append (a reader can `tail -f`); in a bucket the object is
+    rewritten with the new lines, so callers append in batches (run_log.Writer flushes every few
+    seconds). Either way an append that failed is made again from where the last one ended.
   * makedirs: a no-op in a bucket, where a "folder" is only a name prefix.
   * move: a rename locally; in a bucket a copy of every object, then a delete.
 Remote listings are never cached: other hosts (and orbax's tensorstore) write the same bucket.
@@ -174,25 +175,44 @@ def write_text(p: PathLike, text: str) -> None:
   write_atomic(p, text.encode('utf-8'))
 
 
-def append_text(p: PathLike, text: str) -> None:
-  """Adds `text` at the end of a file, creating it. Locally an append + fsync; in a bucket a
-  rewrite of the whole object (one upload), so call it for batches of lines, not each line.
-  In a bucket, calling it again after it raised may double `text`: the upload may have landed
-  with its reply lost. A writer that must retry keeps the whole content and rewrites it
-  (reporting.Writer does)."""
-  if is_remote(p):
-    try:
-      old = read_bytes(p)
-    except FileNotFoundError:
-      old = b''
-    write_atomic(p, old + text.encode('utf-8'))
-    return
-  p = os.path.expanduser(os.fspath(p))
-  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-  with open(p, 'a', encoding='utf-8') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
+class AppendedText:
+  """A text file that grows by appends, on either kind of path; one writer per file.
+
+  Locally an append + fsync (a reader can `tail -f` it); in a bucket, which has no append, a
+  rewrite of the whole object, so append in batches. The writer remembers where its last
+  successful append ended (the file's size locally, the object's bytes in a bucket) and every
+  append starts from there: an append that raised, having landed in part (locally) or whole with
+  its reply lost (in a bucket), can simply be made again, and no text is lost or doubled. What
+  the file held before this writer's first append (an earlier run's lines) is kept.
+  """
+
+  def __init__(self, p: PathLike):
+    self.path = os.fspath(p)
+    self._remote = is_remote(self.path)
+    self._written: bytes | None = None  # bucket: the object as last written (None: unread)
+    self._end: int | None = None  # local: the size after the last append (None: not opened)
+
+  def append(self, text: str) -> None:
+    data = text.encode('utf-8')
+    if self._remote:
+      if self._written is None:
+        try:
+          self._written = read_bytes(self.path)
+        except FileNotFoundError:
+          self._written = b''
+      write_atomic(self.path, self._written + data)
+      self._written += data
+      return
+    p = os.path.expanduser(self.path)
+    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    with open(p, 'ab') as f:
+      if self._end is None:
+        self._end = f.seek(0, os.SEEK_END)
+      f.truncate(self._end)  # what a failed append of this writer left
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    self._end += len(data)
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:

@@ -131,8 +131,7 @@ class Writer:
   timeout, a dropped connection) that outlived the storage client's own retries: WRITE_ATTEMPTS
   tries, WRITE_BACKOFF_S apart and doubling. Only the first failure of a streak gets them: while
   an object keeps failing, each later occasion makes one try, so an outage costs host 0 no more
-  than the client's own retries per write. (A local metrics append is not made again: an
-  append that failed may have landed in part.) A write that still fails never stops the run:
+  than the client's own retries per write. A write that still fails never stops the run:
   only process 0 writes, and an exception out of its loop would leave the other hosts waiting in
   the next collective. It is named in one warning and made again later: metrics lines and event
   files at the next flush, a grid at the next log step (then dropped, with a warning).
@@ -152,7 +151,7 @@ class Writer:
     self._staging = None  # local folder of the event files a bucket workdir gets
     self._uploaded: dict[str, int] = {}
     self._pending: list[str] = []  # metrics lines not yet in metrics.jsonl
-    self._metrics: bytes | None = None  # a bucket's metrics.jsonl as last written (None: unread)
+    self._metrics = files.AppendedText(files.join(workdir, 'metrics.jsonl'))
     self._closed_events: set[str] = set()  # staged event files to remove once uploaded
     self._grids: dict[str, tuple[bytes, int, int]] = {}  # unwritten: path -> (PNG, fails, step)
     self._failing: set[str] = set()  # what failed at its last try (one warning per streak)
@@ -175,10 +174,10 @@ class Writer:
     self._tb = SummaryWriter(logdir, filename_suffix=f'.{self._tb_files}' if self._tb_files else '')
     self._tb_files += 1
 
-  def _attempt(self, what: str, write, retry: bool = True) -> bool:
-    """write(), made again after a transient failure (with `retry`, at the first failure of a
-    streak); False (with a warning on the first of a streak of failures) if it still raised."""
-    attempts = self.WRITE_ATTEMPTS if retry and what not in self._failing else 1
+  def _attempt(self, what: str, write) -> bool:
+    """write(), made again after a transient failure (at the first failure of a streak); False
+    (with a warning on the first of a streak of failures) if it still raised."""
+    attempts = self.WRITE_ATTEMPTS if what not in self._failing else 1
     try:
       files.call_with_retries(write, attempts=attempts, backoff_s=self.WRITE_BACKOFF_S)
     except Exception as e:  # pylint: disable=broad-except  (storage clients raise many types)
@@ -220,22 +219,9 @@ class Writer:
         self._closed_events.discard(name)
 
   def _write_metrics(self) -> None:
-    """Adds the pending lines to metrics.jsonl. In a bucket the object is rewritten whole from
-    what this Writer last wrote, so a rewrite that failed, or landed with its reply lost, is
-    made again later with newer lines too: no line is lost or written twice."""
-    path = files.join(self.workdir, 'metrics.jsonl')
-    text = ''.join(self._pending)
-    if self.remote:
-      if self._metrics is None:  # the lines of earlier runs (a resumed run keeps them)
-        try:
-          self._metrics = files.read_bytes(path)
-        except FileNotFoundError:
-          self._metrics = b''
-      data = self._metrics + text.encode('utf-8')
-      files.write_atomic(path, data)
-      self._metrics = data
-    else:
-      files.append_text(path, text)
+    """Adds the pending lines to metrics.jsonl (files.AppendedText: an append that failed is
+    made again later, with newer lines too, and no line is lost or written twice)."""
+    self._metrics.append(''.join(self._pending))
     self._pending = []
 
   def _write_grid(self, path: str, png: bytes, failed: int, step: int) -> None:
@@ -273,10 +259,8 @@ class Writer:
       return
     if not force and time.monotonic() - self._last_flush < self.REMOTE_FLUSH_SECONDS:
       return
-    if self._pending:
-      # The lines stay pending if it fails. A rewrite in a bucket can be made again (it writes
-      # the whole object from self._metrics); a local append cannot.
-      self._attempt('metrics.jsonl', self._write_metrics, retry=self.remote)
+    if self._pending:  # the lines stay pending if it fails
+      self._attempt('metrics.jsonl', self._write_metrics)
     self._tb.flush()
     self._upload_events()
     self._last_flush = time.monotonic()
