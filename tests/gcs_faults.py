@@ -91,6 +91,8 @@ class FaultProxy:
     self._thread = None
     self._sockets: set[socket.socket] = set()
     self._upload_names: dict[str, str] = {}  # resumable upload_id -> object name
+    self._in_flight = 0
+    self.peak_in_flight = 0  # the most requests handled at one time since the last reset_peak()
 
   # --- lifecycle
 
@@ -192,6 +194,19 @@ class FaultProxy:
     with self._lock:
       self._rules = []
       self._log = []
+
+  def reset_peak(self) -> None:
+    with self._lock:
+      self.peak_in_flight = self._in_flight
+
+  def _enter(self) -> None:
+    with self._lock:
+      self._in_flight += 1
+      self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+
+  def _leave(self) -> None:
+    with self._lock:
+      self._in_flight -= 1
 
   @property
   def log(self) -> list[tuple[str, str, str | None]]:
@@ -366,7 +381,14 @@ def _make_handler(proxy: FaultProxy):
       self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
       self.connection.close()
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+    def _counted(self) -> None:
+      proxy._enter()
+      try:
+        self._handle()
+      finally:
+        proxy._leave()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _counted
 
   return Handler
 
