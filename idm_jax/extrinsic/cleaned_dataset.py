@@ -95,7 +95,7 @@ class Journal:
       )
     else:
       self.path = files.join(out_dir, f'journal-{process_index}.jsonl')
-      self.text = files.AppendedText(self.path)
+      self.appender = files.AppendedText(self.path)
       if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
         with open(self.path, 'rb') as f:
           f.seek(-1, os.SEEK_END)
@@ -129,7 +129,7 @@ class Journal:
         )
         self.seq += 1
       else:
-        self.text.append(text)
+        self.appender.append(text)
       self.pending = []
       self.last = time.monotonic()
 
