@@ -75,18 +75,26 @@ def run(config, workdir: str):
 
 def _enable_compilation_cache():
   """Reuses compiled programs across runs (resumes, evaluation, the demo): unless the user set
-  JAX_COMPILATION_CACHE_DIR, cache under ~/.cache/idm_jax/xla."""
+  JAX_COMPILATION_CACHE_DIR, cache under ~/.cache/idm_jax/xla/cpus-N, N the CPUs this process
+  may run on. XLA's CPU compiler splits each elementwise loop into that many parallel tasks and
+  JAX's cache key does not hold the number, so one run under `taskset -c 0` would otherwise hand
+  one-thread programs to every later run on the whole machine."""
   import jax  # noqa: PLC0415 (keeps --help fast)
 
   if jax.config.jax_compilation_cache_dir:
     return
-  path = os.path.join(os.path.expanduser('~'), '.cache', 'idm_jax', 'xla')
+  path = os.path.join(os.path.expanduser('~'), '.cache', 'idm_jax', 'xla', f'cpus-{_usable_cpus()}')
   try:
     os.makedirs(path, exist_ok=True)
   except OSError:
     return
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def _usable_cpus() -> int:
+  affinity = getattr(os, 'sched_getaffinity', None)
+  return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 class OursAndWarnings(std_logging.Filter):

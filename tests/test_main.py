@@ -1,7 +1,13 @@
-"""The driver's log filter: our lines and every warning, not libraries' INFO chatter."""
+"""The driver: its log filter (our lines and every warning, not libraries' INFO chatter), its
+storage in a bucket and its compilation cache."""
 
 import logging
 import os
+import shutil
+import subprocess
+import sys
+
+import pytest
 
 from idm_jax import main
 
@@ -127,3 +133,37 @@ def test_a_missing_bucket_stops_the_driver_at_once_in_one_line(gcs_server, tmp_p
   assert 'Traceback' not in out.stderr
   assert seconds < 10, seconds
   assert os.listdir(tmp_path) == []
+
+
+_COMPILE_ONE_LOOP = """
+from idm_jax import main
+main._enable_compilation_cache()
+import jax
+import jax.numpy as jnp
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # cache even this tiny program
+program = jax.jit(lambda x: jnp.tanh(x * 2 + 1) * x).lower(jnp.ones((1024, 1024))).compile()
+print('split' if '"outer_dimension_partitions":["2"]' in program.as_text() else 'one task')
+"""
+
+
+@pytest.mark.skipif(
+  not shutil.which('taskset') or len(os.sched_getaffinity(0)) < 2, reason='needs taskset, 2 CPUs'
+)
+def test_a_program_compiled_on_one_cpu_is_not_reused_on_two(tmp_path):
+  """XLA's CPU compiler splits an elementwise loop over the CPUs the process may use, and JAX's
+  cache key does not hold that number: a run under `taskset -c 0` must not leave its one-thread
+  program in the cache a later run on the whole machine loads."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['HOME'] = str(tmp_path)
+  run = lambda *prefix: subprocess.run(
+    [*prefix, sys.executable, '-c', _COMPILE_ONE_LOOP],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
+  cpu0 = str(min(os.sched_getaffinity(0)))
+  assert run('taskset', '-c', cpu0) == 'one task'
+  assert run() == 'split', 'the run on two CPUs loaded the one-CPU program'
+  cached = list((tmp_path / '.cache' / 'idm_jax' / 'xla').glob('cpus-*/*'))
+  assert len({p.parent.name for p in cached}) == 2, cached
