@@ -162,3 +162,73 @@ def test_an_xla_without_the_cpu_option_compiles_with_its_defaults(monkeypatch):
     platform_ops._cpu_options_accepted.cache_clear()
   out = jax.jit(lambda v: v * 2, compiler_options=None)(jnp.ones(2))
   np.testing.assert_array_equal(out, [2, 2])
+
+
+def test_cpu_attention_keeps_the_logits_matmul_out_of_ynnpack():
+  """YNNPACK takes a softmax's row maximum into one fusion with the matmul that produces the
+  logits, and runs that several times slower than XLA's matmul: the CPU's attention forward
+  leaves YNNPACK its reductions but no matmul."""
+  options = platform_ops.compiler_options('cpu')
+  if options is None:
+    pytest.skip("this jaxlib's XLA does not take the CPU option")
+  qkv = (jax.ShapeDtypeStruct((4, 1024, 2, 64), jnp.float32),) * 3
+  forward = lambda f: jax.jit(f, compiler_options=options).lower(*qkv).compile().as_text()
+  naive = lambda q, k, v: jnp.einsum(
+    'bhqk,bkhd->bqhd', jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k), axis=-1), v
+  )
+  assert any(' dot(' in body for body in _ynn_fusions(forward(naive)))  # what ours avoids
+  ours = _ynn_fusions(forward(platform_ops.softmax_attention))
+  assert ours and not any(' dot(' in body for body in ours)
+
+
+@pytest.mark.parametrize(
+  'shape', [(2, 8, 8, 3), (1, 6, 10, 4), (2, 7, 5, 2)]
+)  # odd: the last row drops
+def test_resampling_and_its_gradients_equal_the_reference(shape):
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.PRNGKey(3), shape)
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)) * jnp.arange(f(x).size).reshape(f(x).shape))
+  ref_up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  ref_pool = lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))
+  for ours, ref in (
+    (platform_ops.upsample_nearest_2x, ref_up),
+    (platform_ops.avg_pool_2x2, ref_pool),
+  ):
+    (v1, g1), (v2, g2) = (
+      jax.jit(jax.value_and_grad(loss(ours)))(x),
+      jax.value_and_grad(loss(ref))(x),
+    )
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert abs(float(v1 - v2)) <= 1e-4 * abs(float(v2)) + 1e-4
+    assert _rel_err(g1, g2) < 1e-5
+
+
+def test_cpu_resampling_keeps_the_convolutions_out_of_ynnpack():
+  """A down block pools a convolution's output and an up block's convolution gradient flows
+  into the upsampling's gradient: YNNPACK would take each convolution into the reduction's
+  fusion (45 ms where XLA's convolution takes a few)."""
+  options = platform_ops.compiler_options('cpu')
+  if options is None:
+    pytest.skip("this jaxlib's XLA does not take the CPU option")
+
+  def conv(x, w):
+    return platform_ops.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC_HWIO
+    )
+
+  def step(up, pool):
+    loss = lambda x, w: jnp.sum(jnp.sin(pool(conv(up(x), w))))
+    return jax.jit(jax.grad(loss, (0, 1)), compiler_options=options)
+
+  args = (
+    jax.ShapeDtypeStruct((4, 16, 16, 64), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32),
+  )
+  fused = lambda f: [
+    b for b in _ynn_fusions(f.lower(*args).compile().as_text()) if 'convolution(' in b
+  ]
+  ref_up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  ref_pool = lambda x: lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4
+  assert fused(step(ref_up, ref_pool))  # what the CPU forms avoid
+  assert not fused(step(platform_ops.upsample_nearest_2x, platform_ops.avg_pool_2x2))

@@ -20,8 +20,9 @@ are a plain matrix product. The per-shape timings are in docs/PERFORMANCE.md, "T
 the CPU". The mathematics is the convolution's; only the order of the float sums differs.
 
 Attention. `jax.nn.dot_product_attention`'s XLA form differentiates its softmax through the
-division, so its backward pass streams several token x token tensors; `jax.nn.softmax` has the
-closed-form gradient, and the whole block runs about twice as fast on the CPU at 1,024 tokens.
+division, so its backward pass streams several token x token tensors; a softmax with the
+closed-form gradient (jax.nn.softmax's) runs the whole block about twice as fast on the CPU at
+1,024 tokens. Ours also keeps the logits' matmul out of YNNPACK's reduction fusions.
 """
 
 from __future__ import annotations
@@ -59,7 +60,32 @@ def conv_as_matmul(x, kernel, strides, padding, precision=None):
   """The NHWC x HWIO convolution with explicit ((lo, hi), (lo, hi)) padding, as patches @ kernel."""
   kh, kw, cin, cout = kernel.shape
   cols = patches(x, (kh, kw), strides, padding)
-  return jnp.dot(cols, kernel.reshape(kh * kw * cin, cout), precision=precision)
+  return _matmul(cols, kernel.reshape(kh * kw * cin, cout), precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(cols, kernel, precision):
+  """cols @ kernel, (..., K) x (K, O), whose kernel gradient contracts cols and the output's
+  cotangent over their leading axes as they lie. Differentiated by JAX, it is a product with a
+  transposed result, and XLA's CPU backend folds that transpose into the cotangent: a copy of the
+  whole (..., O) map, transposed, fused with whatever produced it (the 1x1 skip convolutions'
+  kernel gradients, 50 ms each at 64 px before this form)."""
+  return jnp.dot(cols, kernel, precision=precision)
+
+
+def _matmul_fwd(cols, kernel, precision):
+  return _matmul(cols, kernel, precision), (cols, kernel)
+
+
+def _matmul_bwd(precision, residuals, g):
+  cols, kernel = residuals
+  d_cols = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  rows = cols.reshape(-1, cols.shape[-1]), g.reshape(-1, g.shape[-1])
+  d_kernel = lax.dot_general(*rows, (((0,), (0,)), ((), ())), precision=precision)
+  return d_cols.astype(cols.dtype), d_kernel.astype(kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _supported(
@@ -178,15 +204,73 @@ def conv_general_dilated(
   )
 
 
+def _pool_2x2_sum(x):
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  return x[:, 0:h:2, 0:w:2] + x[:, 1:h:2, 0:w:2] + x[:, 0:h:2, 1:w:2] + x[:, 1:h:2, 1:w:2]
+
+
+@jax.custom_vjp
+def _cpu_upsample_nearest_2x(x):
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+_cpu_upsample_nearest_2x.defvjp(
+  lambda x: (_cpu_upsample_nearest_2x(x), None), lambda _, g: (_pool_2x2_sum(g),)
+)
+
+
+def avg_pool_2x2(x):
+  """2x2 average pooling of NHWC `x`, stride 2 (flax's `nn.avg_pool(x, (2, 2), (2, 2))`). On the
+  CPU as the sum of four strided slices: YNNPACK takes the pooling's reduce-window into one fusion
+  with the convolution that produces its operand and runs that several times slower."""
+  native = lambda x: lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4
+  return lax.platform_dependent(x, cpu=lambda x: _pool_2x2_sum(x) * 0.25, default=native)
+
+
+def upsample_nearest_2x(x):
+  """Nearest-neighbour 2x upsampling of NHWC `x`. Its gradient sums each 2x2 block; on the CPU as
+  four strided slices, not a reduction, for the reason `avg_pool_2x2` gives."""
+  native = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return lax.platform_dependent(x, cpu=_cpu_upsample_nearest_2x, default=native)
+
+
 # Queries per block of `softmax_attention`: at 1,024 tokens, four blocks' logits (8 MB each at
 # batch 4, 2 heads) stay in cache where the whole (32 MB) does not; the forward + backward pass
 # runs 1.7x faster (docs/PERFORMANCE.md). At 256 tokens or fewer, one block.
 _QUERY_BLOCK = 256
 
 
+def _row_max(x):
+  # max as a select: YNNPACK takes a reduce_max into one fusion with the matmul that produces
+  # its operand (and the exp after it), and runs that several times slower than XLA's matmul.
+  return lax.reduce(
+    x, jnp.array(-jnp.inf, x.dtype), lambda a, b: lax.select(a >= b, a, b), (x.ndim - 1,)
+  )
+
+
+@jax.custom_vjp
+def _softmax(logits):
+  """jax.nn.softmax over the last axis (the same arithmetic, the same closed-form gradient), its
+  row maximum kept out of YNNPACK's fusions (`_row_max`)."""
+  e = jnp.exp(logits - _row_max(logits)[..., None])
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(logits):
+  y = _softmax(logits)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _attention_block(q, k, v):
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * (q.shape[-1] ** -0.5), k)
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+  return jnp.einsum('bhqk,bkhd->bqhd', _softmax(logits), v)
 
 
 def softmax_attention(q, k, v):

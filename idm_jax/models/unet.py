@@ -188,12 +188,12 @@ class GroupNorm(nn.Module):
 
 def _downsample_pool(x):
   """2x2 average pooling (BigGAN-style down ResBlocks resample without parameters)."""
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  return platform_ops.avg_pool_2x2(x)
 
 
 def _upsample_nearest(x):
   """Nearest-neighbour 2x upsampling."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return platform_ops.upsample_nearest_2x(x)
 
 
 class ResBlock(nn.Module):
