@@ -1,8 +1,8 @@
-"""The UNet's convolutions and attention in the form each platform runs fastest.
+"""The UNet's convolutions, attention and 2x resampling in the form each platform runs fastest.
 
 On the CPU backend, CPU programs are compiled with `compiler_options('cpu')`, each convolution
-takes the form that is fastest for its shape (`cpu_conv`) and attention is two einsums around
-`jax.nn.softmax`; elsewhere (TPU, GPU) they stay XLA's convolution and
+takes the form that is fastest for its shape (`cpu_conv`) and attention is two einsums around a
+softmax; elsewhere (TPU, GPU) they stay XLA's convolution and
 `jax.nn.dot_product_attention`, whose kernels are native there. `lax.platform_dependent` picks
 the branch when the program is lowered for its platform, so an ahead-of-time TPU compile on a
 CPU host lowers the TPU branch.
@@ -18,6 +18,10 @@ Convolution. With Eigen's convolutions, XLA's is the fastest form everywhere but
 runs tens of times slower than the same arithmetic written as patches @ kernel; 1x1 convolutions
 are a plain matrix product. The per-shape timings are in docs/PERFORMANCE.md, "The train step on
 the CPU". The mathematics is the convolution's; only the order of the float sums differs.
+
+Resampling. YNNPACK also takes a reduction together with the convolution that produces its
+operand, as slow as its own convolutions: the down blocks' average pooling and the up blocks'
+upsampling gradient (a 2x2 block sum) are strided slices on the CPU, not reductions.
 
 Attention. `jax.nn.dot_product_attention`'s XLA form differentiates its softmax through the
 division, so its backward pass streams several token x token tensors; a softmax with the
