@@ -69,9 +69,24 @@ def kernel_kind(text: str, name: str, instructions: dict) -> str:
   for kind in ('convolution', 'dot', 'reduce-window', 'reduce', 'concatenate'):
     if kind in ops:
       return kind
-  if ops & {'transpose', 'copy'} or name.startswith(('transpose', 'copy')):
+  # Only data movement: a fusion that also computes (the optimiser's, which read the kernel
+  # gradients transposed) is elementwise work with a transposed read, not a transpose.
+  if ops & {'transpose', 'copy'} and ops <= _DATA_MOVEMENT:
     return 'copy/transpose'
   return 'elementwise'
+
+
+_DATA_MOVEMENT = {
+  'transpose',
+  'copy',
+  'bitcast',
+  'parameter',
+  'reshape',
+  'broadcast',
+  'constant',
+  'slice',
+  'fusion',
+}
 
 
 def layer_kind(op_name: str) -> str:

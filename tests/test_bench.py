@@ -228,3 +228,33 @@ def test_conv_forms_times_every_pass_of_every_form(tmp_path):
     assert set(row[form]) == {'forward', 'input_grad', 'kernel_grad'}
     assert all(v > 0 for v in row[form].values())
   assert row['compiler_options'] == platform_ops.compiler_options('cpu')
+
+
+def test_step_profile_calls_a_fusion_a_transpose_only_when_it_only_moves_data():
+  from bench import step_profile
+
+  text = """
+%moves (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %t = f32[8,4]{0,1} transpose(%p), dimensions={1,0}
+  ROOT %c = f32[8,4]{1,0} copy(%t)
+}
+
+%computes (p: f32[4,8], q: f32[8,4]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %q = f32[8,4]{1,0} parameter(1)
+  %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}
+  ROOT %m = f32[8,4]{1,0} multiply(%t, %q)
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,4]) -> f32[8,4] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,4]{1,0} parameter(1)
+  %transpose_copy_fusion = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%moves
+  ROOT %multiply_fusion = f32[8,4]{1,0} fusion(%a, %transpose_copy_fusion), kind=kLoop, calls=%computes
+}
+"""
+  instructions = step_profile.parse_hlo(text)
+  kind = lambda name: step_profile.kernel_kind(text, name, instructions)
+  assert kind('transpose_copy_fusion') == 'copy/transpose'
+  assert kind('multiply_fusion') == 'elementwise'
