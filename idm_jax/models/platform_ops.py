@@ -72,8 +72,8 @@ def _matmul(cols, kernel, precision):
   """cols @ kernel, (..., K) x (K, O), whose kernel gradient contracts cols and the output's
   cotangent over their leading axes as they lie. Differentiated by JAX, it is a product with a
   transposed result, and XLA's CPU backend folds that transpose into the cotangent: a copy of the
-  whole (..., O) map, transposed, fused with whatever produced it (the 1x1 skip convolutions'
-  kernel gradients, 50 ms each at 64 px before this form)."""
+  whole (..., O) map, transposed, fused with whatever produced it (docs/PERFORMANCE.md has the
+  timings)."""
   return jnp.dot(cols, kernel, precision=precision)
 
 
@@ -86,7 +86,7 @@ def _matmul_bwd(precision, residuals, g):
   rows = cols.reshape(-1, cols.shape[-1]), g.reshape(-1, g.shape[-1])
   if rows[0].shape[0] < kernel.shape[0]:
     # Few rows against a long kernel (the deepest levels' maps): kernel @ g.T streams the kernel
-    # as it lies, 2.5-4.5x faster than g @ kernel.T; the barrier stops XLA from folding the
+    # as it lies, several times faster than g @ kernel.T; the barrier stops XLA from folding the
     # small transpose back into the product.
     d_cols = lax.dot_general(kernel, rows[1], (((1,), (1,)), ((), ())), precision=precision)
     d_cols = lax.optimization_barrier(d_cols).T.reshape(cols.shape)
