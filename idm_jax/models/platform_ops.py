@@ -220,9 +220,13 @@ def _pool_2x2_sum(x):
   return x[:, 0:h:2, 0:w:2] + x[:, 1:h:2, 0:w:2] + x[:, 0:h:2, 1:w:2] + x[:, 1:h:2, 1:w:2]
 
 
+def _repeat_2x(x):
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
 @jax.custom_vjp
 def _cpu_upsample_nearest_2x(x):
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return _repeat_2x(x)
 
 
 _cpu_upsample_nearest_2x.defvjp(
@@ -241,8 +245,7 @@ def avg_pool_2x2(x):
 def upsample_nearest_2x(x):
   """Nearest-neighbour 2x upsampling of NHWC `x`. Its gradient sums each 2x2 block; on the CPU as
   four strided slices, not a reduction, for the reason `avg_pool_2x2` gives."""
-  native = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  return lax.platform_dependent(x, cpu=_cpu_upsample_nearest_2x, default=native)
+  return lax.platform_dependent(x, cpu=_cpu_upsample_nearest_2x, default=_repeat_2x)
 
 
 # Queries per block of `softmax_attention`: at 1,024 tokens, four blocks' logits (8 MB each at
