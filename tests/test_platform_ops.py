@@ -181,19 +181,24 @@ def test_cpu_attention_keeps_the_logits_matmul_out_of_ynnpack():
   assert ours and not any(' dot(' in body for body in ours)
 
 
-@pytest.mark.parametrize(
-  'shape', [(2, 8, 8, 3), (1, 6, 10, 4), (2, 7, 5, 2)]
-)  # odd: the last row drops
-def test_resampling_and_its_gradients_equal_the_reference(shape):
-  import flax.linen as nn
+def _ref_upsample(x):
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
+
+def _ref_pool(x):
+  import flax.linen as nn  # noqa: PLC0415 (flax's own pooling: the reference)
+
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+# odd sizes: the last row drops
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 6, 10, 4), (2, 7, 5, 2)])
+def test_resampling_and_its_gradients_equal_the_reference(shape):
   x = jax.random.normal(jax.random.PRNGKey(3), shape)
   loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)) * jnp.arange(f(x).size).reshape(f(x).shape))
-  ref_up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  ref_pool = lambda x: nn.avg_pool(x, (2, 2), strides=(2, 2))
   for ours, ref in (
-    (platform_ops.upsample_nearest_2x, ref_up),
-    (platform_ops.avg_pool_2x2, ref_pool),
+    (platform_ops.upsample_nearest_2x, _ref_upsample),
+    (platform_ops.avg_pool_2x2, _ref_pool),
   ):
     (v1, g1), (v2, g2) = (
       jax.jit(jax.value_and_grad(loss(ours)))(x),
@@ -228,7 +233,5 @@ def test_cpu_resampling_keeps_the_convolutions_out_of_ynnpack():
   fused = lambda f: [
     b for b in _ynn_fusions(f.lower(*args).compile().as_text()) if 'convolution(' in b
   ]
-  ref_up = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  ref_pool = lambda x: lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4
-  assert fused(step(ref_up, ref_pool))  # what the CPU forms avoid
+  assert fused(step(_ref_upsample, _ref_pool))  # what the CPU forms avoid
   assert not fused(step(platform_ops.upsample_nearest_2x, platform_ops.avg_pool_2x2))
