@@ -3,7 +3,7 @@
 python experiments/extrinsic_summary.py RESULTS_DIR
 Restoration: round 0 (contaminated data), round 1 (cleaned data, where it ran), the oracle
 (pristine data) and the control (pristine data through round 0's cleaner, where it ran) on the
-same pristine validation faces, at each evaluated step count, per training seed; the
+same pristine evaluation faces, at each evaluated step count, per training seed; the
 differences from round 0 (and round 1 − control, control − oracle) with 95% intervals over seeds
 and faces (bootstrap.seeds_and_faces_interval); then docs/PROTOCOL.md's contrasts with the
 seed-level t-interval over the seed means (bootstrap.seed_t_interval, the primary interval) and
@@ -200,7 +200,7 @@ def main(out):
       if rows[s][samplings[0]]['names'] != arms['round_0'][s][samplings[0]]['names']:
         raise SystemExit(f'{out}: {a} seed {s} was scored on other faces than round 0')
   print(
-    f'## Restoration on the pristine validation faces ({len(seeds)} training seeds: '
+    f'## Restoration on the pristine evaluation faces ({len(seeds)} training seeds: '
     f'{", ".join(map(str, seeds))})\n'
   )
   print(

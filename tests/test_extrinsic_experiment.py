@@ -67,7 +67,7 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   results = work / 'results'
-  assert '## Restoration on the pristine validation faces (2 training seeds: 0, 1)' in out.stdout
+  assert '## Restoration on the pristine evaluation faces (2 training seeds: 0, 1)' in out.stdout
   assert 'round 1 (cleaned data) − round 0' in out.stdout
   assert 'share won back' in out.stdout
   assert 'control (pristine data through the cleaner) − round 0' in out.stdout
