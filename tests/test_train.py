@@ -227,6 +227,52 @@ def test_nan_run_stops_without_saving(tmp_path, monkeypatch, test_config):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ema))
 
 
+def test_the_progress_bar_counts_finished_steps(tmp_path, monkeypatch, test_config):
+  """Each time the bar moves, every step it counts has finished (its metrics are ready), and it
+  ends at the last step: the bar shows progress, not how far dispatch has run ahead."""
+  from idm_jax.training import run_log
+
+  test_config.train.update(num_steps=12, log_every=5, ckpt_every=100, sample_every=100)
+  dispatched, unfinished_when_counted = [], []
+  compile_step = train.Trainer.compile_step
+
+  def recording_compile_step(self, *args, **kwargs):
+    step_fn = compile_step(self, *args, **kwargs)
+
+    def step(state, batch):
+      state, metrics = step_fn(state, batch)
+      dispatched.append(metrics)
+      return state, metrics
+
+    return step
+
+  class Bar:
+    def __init__(self, start, end, **_):
+      self.n, self.total, self.disable, self.format_dict = start, end, True, {}
+
+    def update(self, k):
+      self.n += k
+      counted = dispatched[: self.n]
+      unfinished_when_counted.extend(
+        i for i, m in enumerate(counted) if not all(x.is_ready() for x in jax.tree.leaves(m))
+      )
+
+    def set_postfix(self, **_):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(train.Trainer, 'compile_step', recording_compile_step)
+  monkeypatch.setattr(
+    run_log, 'progress', lambda start, end, **kw: bars.append(Bar(start, end)) or bars[-1]
+  )
+  bars = []
+  train.train_and_evaluate(test_config, str(tmp_path))
+  assert len(dispatched) == 12 and bars[0].n == 12
+  assert unfinished_when_counted == []
+
+
 def test_grad_accumulation_averages_the_strided_micro_batches(test_config):
   """accum=2 applies the mean gradient of micro-batches [0::2] and [1::2] (key fold_in(rng, i))."""
   import functools

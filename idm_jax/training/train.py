@@ -437,12 +437,20 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
     progress = run_log.progress(start, end, enabled=pindex == 0)
     last_t, last_step = time.perf_counter(), start
     stopped = None
+    # The step before the one just dispatched. Waiting for it keeps one step in flight (the next
+    # batch is read while a step runs) and has the bar count finished steps: unbounded, the
+    # dispatch ran dozens of steps ahead and the bar with it, then stalled at the next log step.
+    running = None
     try:
       step = start
       while step < end:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
+        if running is not None:
+          jax.block_until_ready(running)
+          progress.update(1)
+        running = metrics
         preempted = preemption.reached(step)
         # Every process must agree to stop at the same step (the save is collective); with
         # several, they agree at log steps only, so the budget costs no sync per step.
@@ -450,7 +458,6 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           jax.process_count() == 1 or step % config.train.log_every == 0
         ) and budget.exhausted_everywhere()
         last = step == end or out_of_time
-        progress.update(1)
         if step % config.train.log_every == 0 and _lock_lost_everywhere(lock, workdir):
           # Two runs writing one workdir would overwrite each other's checkpoints: stop unsaved.
           raise workdir_lock.WorkdirInUse(
@@ -461,6 +468,8 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
         if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          progress.update(1)  # this step has finished too
+          running = None
           now = time.perf_counter()
           m['images_per_sec'] = (step - last_step) * config.train.batch_size / (now - last_t)
           last_t, last_step = now, step
@@ -473,6 +482,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
           check_finite(state)  # a NaN state is never saved
           ckpt.save(step, state, data_iter, config, force=True, train_seconds=budget.elapsed())
         if preempted:
+          progress.update(step - progress.n)  # the save waited for this step
           stopped = Stopped(workdir, step, preemption.signal_name)
           break
         if out_of_time:
