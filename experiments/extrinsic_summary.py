@@ -57,9 +57,13 @@ def scores(arm_rows, seeds, sampling, metric):
   return np.array([arm_rows[s][sampling]['metrics'][metric]['per_image'] for s in seeds])
 
 
-def _t_cell(r, digits=4):
-  text = f'{r["mean"]:+.{digits}f} [{r["low"]:+.{digits}f}, {r["high"]:+.{digits}f}]'
-  return f'**{text}**' if r['excludes_zero'] else text
+def _t_cell(r, digits=4, ratio=False):
+  """A difference signed, bold where its interval excludes 0; a ratio unsigned, bold where its
+  interval excludes 1."""
+  sign = '' if ratio else '+'
+  text = f'{r["mean"]:{sign}.{digits}f} [{r["low"]:{sign}.{digits}f}, {r["high"]:{sign}.{digits}f}]'
+  bold = not r['low'] <= 1 <= r['high'] if ratio else r['excludes_zero']
+  return f'**{text}**' if bold else text
 
 
 def contrasts(arms, lq, seeds, sampling, m):
@@ -174,17 +178,18 @@ def cleaning_seed_level(out):
   print(
     f"\n## The cleanings over the {len(seeds)} seeds\n\nEach seed's round-0 model cleaning "
     'its own training faces: the mean over the faces per seed, then the 95% t-interval over '
-    'the seeds (bold where it excludes 0; for a ratio, read it against 1):\n'
+    'the seeds (bold where it excludes 0; for a ratio, where it excludes 1):\n'
   )
   print('| measure | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | over the seeds |')
   print('| --- |' + ' --- |' * (len(seeds) + 1))
   for k in keys:
     values = [rows[s][k] for s in seeds]
+    ratio = ' / ' in k
     print(
       f'| {k} | '
-      + ' | '.join(f'{v:+.4f}' for v in values)
+      + ' | '.join(f'{v:.4f}' if ratio else f'{v:+.4f}' for v in values)
       + ' | '
-      + _t_cell(bootstrap.seed_t_interval(values))
+      + _t_cell(bootstrap.seed_t_interval(values), ratio=ratio)
       + ' |'
     )
 
