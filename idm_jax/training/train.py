@@ -440,17 +440,17 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
     # The step before the one just dispatched. Waiting for it keeps one step in flight (the next
     # batch is read while a step runs) and has the bar count finished steps: unbounded, the
     # dispatch ran dozens of steps ahead and the bar with it, then stalled at the next log step.
-    running = None
+    previous = None
     try:
       step = start
       while step < end:
         batch = parallel.local_batch_to_global(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
-        if running is not None:
-          jax.block_until_ready(running)
-          progress.update(1)
-        running = metrics
+        if previous is not None:
+          jax.block_until_ready(previous)
+        previous = metrics
+        progress.update(step - 1 - progress.n)
         preempted = preemption.reached(step)
         # Every process must agree to stop at the same step (the save is collective); with
         # several, they agree at log steps only, so the budget costs no sync per step.
@@ -468,8 +468,7 @@ def _train_and_evaluate(config, workdir, max_steps, vis_data, lock) -> TrainStat
         if step % config.train.log_every == 0 or last:
           check_finite(state)
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          progress.update(1)  # this step has finished too
-          running = None
+          progress.update(step - progress.n)  # this step has finished too
           now = time.perf_counter()
           m['images_per_sec'] = (step - last_step) * config.train.batch_size / (now - last_t)
           last_t, last_step = now, step
