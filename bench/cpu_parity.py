@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 from bench import train_step
+from idm_jax.runtime import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,6 +117,7 @@ def main():
     batch=config.train.batch_size,
     resolution=config.data.resolution,
     dtype=config.model.dtype,
+    malloc='tcmalloc' if allocator.loaded() else 'system',
     jax_step_s=round(jax_s, 3),
     jax_rounds_s=[round(r['step_ms'] / 1e3, 3) for r in jax_runs],
   )
@@ -133,4 +135,7 @@ def main():
 
 
 if __name__ == '__main__':
+  # Both sides run under the allocator the driver uses (TCMalloc where installed, or
+  # IDM_JAX_MALLOC=system for glibc's): the anchor inherits this process's environment.
+  allocator.use_tcmalloc()
   main()

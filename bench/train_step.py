@@ -28,6 +28,7 @@ import optax
 
 from bench import flops as flops_lib
 from bench import kernels
+from idm_jax.runtime import allocator
 from idm_jax.runtime import configlib
 from idm_jax.runtime import parallel
 from idm_jax.training import optim
@@ -132,6 +133,7 @@ def main():
     kernels=launches['kernels'],
     kernel_ops=dict(list(launches['by_op'].items())[:6]),
     jax=jax.__version__,
+    malloc='tcmalloc' if allocator.loaded() else 'system',
     date=time.strftime('%Y-%m-%d'),
   )
   emit(result, a.json)
@@ -190,4 +192,5 @@ def _shardings(spec):
 
 
 if __name__ == '__main__':
+  allocator.use_tcmalloc()  # the driver's allocator (idm_jax/runtime/allocator.py)
   main()

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from idm_jax.runtime import allocator
 from idm_jax.runtime import cli as cli_lib
 from idm_jax.storage import files
 from idm_jax.storage import workdir_lock
@@ -127,7 +128,8 @@ def main(argv):
 
 
 def cli():
-  """The console script (setup.cfg)."""
+  """The console script (setup.cfg) and `python -m idm_jax.main`."""
+  allocator.use_tcmalloc()  # first: it re-executes the process
   cli_lib.run_absl(main, __name__)
 
 
