@@ -1,0 +1,13 @@
+import hashlib, sys, jax, numpy as np
+from bench import train_step
+from idm_jax.runtime import allocator, configlib
+config = configlib.load(sys.argv[1])
+trainer, state, batch = train_step.setup(config)
+fn, arg, arg_spec = train_step.part_program('step', trainer, batch, trainer.batch_spec(config.train.batch_size))
+compiled = train_step.compile_part(fn, trainer, arg_spec)
+for _ in range(int(sys.argv[2])):
+  state, m = compiled(state, arg)
+h = hashlib.sha256()
+for leaf in jax.tree.leaves(state):
+  h.update(np.asarray(leaf).tobytes())
+print('malloc', 'tcmalloc' if allocator.loaded() else 'system', 'loss', float(m['loss']), 'state sha256', h.hexdigest()[:16])
