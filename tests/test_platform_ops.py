@@ -88,6 +88,34 @@ def test_each_platform_lowers_its_own_form(platform, native):
   assert ('stablehlo.convolution' in text) == native
 
 
+def test_silu_and_its_gradient_equal_jax_nn():
+  x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 2001), jnp.array([0.0, 1e-8, -1e-8])])
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))
+  (v1, g1), (v2, g2) = (
+    jax.jit(jax.value_and_grad(loss(platform_ops.silu)))(x),
+    jax.value_and_grad(loss(jax.nn.silu))(x),
+  )
+  # Far below zero (x < -15) sigmoid(x) = (1 + tanh(x / 2)) / 2 rounds to 0 where
+  # 1 / (1 + exp(-x)) keeps its tiny value: the two SiLUs differ there by less than 2e-6.
+  np.testing.assert_allclose(platform_ops.silu(x), jax.nn.silu(x), rtol=1e-6, atol=2e-6)
+  assert abs(float(v1 - v2)) <= 1e-4
+  assert _rel_err(g1, g2) < 1e-5
+  # Second derivatives (through the closed form) too: a custom_jvp must stay differentiable.
+  h1 = jax.vmap(jax.grad(jax.grad(platform_ops.silu)))(x)
+  h2 = jax.vmap(jax.grad(jax.grad(jax.nn.silu)))(x)
+  assert _rel_err(h1, h2) < 1e-5
+
+
+@pytest.mark.parametrize('platform, native', [('cpu', False), ('tpu', True), ('cuda', True)])
+def test_silu_lowers_to_tanh_on_the_cpu_only(platform, native):
+  text = jax.export.export(
+    jax.jit(jax.grad(lambda x: jnp.sum(platform_ops.silu(x)))), platforms=[platform]
+  )(jax.ShapeDtypeStruct((4, 8), jnp.float32)).mlir_module()
+  # jax.nn.silu's logistic lowers to exp and a division; the CPU form to tanh.
+  assert ('stablehlo.exponential' in text) == native
+  assert ('stablehlo.tanh' in text) != native
+
+
 def test_explicit_attention_implementation_is_passed_through():
   q = jnp.ones((1, 4, 1, 8))
   with pytest.raises(Exception):

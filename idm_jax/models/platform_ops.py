@@ -1,4 +1,4 @@
-"""The UNet's convolutions, attention and 2x resampling in the form each platform runs fastest.
+"""The UNet's convolutions, attention, 2x resampling and SiLU in the form each platform runs fastest.
 
 On the CPU backend, CPU programs are compiled with `compiler_options('cpu')`, each convolution
 takes the form that is fastest for its shape (`cpu_conv`) and attention is two einsums around a
@@ -22,6 +22,11 @@ the CPU". The mathematics is the convolution's; only the order of the float sums
 Resampling. YNNPACK also takes a reduction together with the convolution that produces its
 operand, as slow as its own convolutions: the down blocks' average pooling and the up blocks'
 upsampling gradient (a 2x2 block sum) are strided slices on the CPU, not reductions.
+
+SiLU. XLA's CPU backend lowers the logistic in x * sigmoid(x) as 1 / (1 + exp(-x)), a division
+per element in the forward pass and in each use of the derivative; on the CPU the SiLU is written
+through tanh (sigmoid(x) = (1 + tanh(x / 2)) / 2) with its closed-form derivative, which makes
+the train step slightly faster (docs/PERFORMANCE.md). The two forms differ only by rounding.
 
 Attention. `jax.nn.dot_product_attention`'s XLA form differentiates its softmax through the
 division, so its backward pass streams several token x token tensors; a softmax with the
@@ -246,6 +251,23 @@ def upsample_nearest_2x(x):
   """Nearest-neighbour 2x upsampling of NHWC `x`. Its gradient sums each 2x2 block; on the CPU as
   four strided slices, not a reduction, for the reason `avg_pool_2x2` gives."""
   return lax.platform_dependent(x, cpu=_cpu_upsample_nearest_2x, default=_repeat_2x)
+
+
+@jax.custom_jvp
+def _cpu_silu(x):
+  return x * (0.5 * jnp.tanh(0.5 * x) + 0.5)
+
+
+@_cpu_silu.defjvp
+def _cpu_silu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  s = 0.5 * jnp.tanh(0.5 * x) + 0.5
+  return x * s, dx * (s * (1 + x * (1 - s)))
+
+
+def silu(x):
+  """x * sigmoid(x) (flax's `nn.silu`); on the CPU through tanh, without a division."""
+  return lax.platform_dependent(x, cpu=_cpu_silu, default=jax.nn.silu)
 
 
 # Queries per block of `softmax_attention`: at 1,024 tokens, four blocks' logits (8 MB each at

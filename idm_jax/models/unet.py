@@ -215,7 +215,9 @@ class ResBlock(nn.Module):
   def __call__(self, x, emb, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
-    h = nn.silu(GroupNorm(self.num_groups, self.param_dtype, name='in_norm')(x)).astype(self.dtype)
+    h = platform_ops.silu(GroupNorm(self.num_groups, self.param_dtype, name='in_norm')(x)).astype(
+      self.dtype
+    )
     if self.resample == 'down':
       h, x = _downsample_pool(h), _downsample_pool(x)
     elif self.resample == 'up':
@@ -224,7 +226,7 @@ class ResBlock(nn.Module):
     h = _constrain_image(h)
 
     emb_out = Dense((2 if self.scale_shift_norm else 1) * self.out_channels, name='emb', **kw)(
-      nn.silu(emb)
+      platform_ops.silu(emb)
     )
     emb_out = emb_out.astype(jnp.float32)[:, None, None, :]
     if self.scale_shift_norm:
@@ -232,7 +234,7 @@ class ResBlock(nn.Module):
       h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h, scale, shift)
     else:
       h = GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h + emb_out.astype(h.dtype))
-    h = nn.silu(h).astype(self.dtype)
+    h = platform_ops.silu(h).astype(self.dtype)
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv(self.out_channels, 3, zero_init=True, name='out_conv', **kw)(h)
@@ -288,12 +290,16 @@ class LQEncoder(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       width = self.channels * mult
       if level > 0:
-        h = Conv(width, 3, stride=2, name=f'down_{level}', **kw)(nn.silu(h))
+        h = Conv(width, 3, stride=2, name=f'down_{level}', **kw)(platform_ops.silu(h))
       # One pre-activation residual block per level: GN → SiLU → conv → GN → SiLU → conv.
       groups = math.gcd(self.num_groups, width)
-      r = nn.silu(GroupNorm(groups, self.param_dtype, name=f'norm_{level}_0')(h)).astype(self.dtype)
+      r = platform_ops.silu(GroupNorm(groups, self.param_dtype, name=f'norm_{level}_0')(h)).astype(
+        self.dtype
+      )
       r = Conv(width, 3, name=f'conv_{level}_0', **kw)(r)
-      r = nn.silu(GroupNorm(groups, self.param_dtype, name=f'norm_{level}_1')(r)).astype(self.dtype)
+      r = platform_ops.silu(GroupNorm(groups, self.param_dtype, name=f'norm_{level}_1')(r)).astype(
+        self.dtype
+      )
       r = Conv(width, 3, name=f'conv_{level}_1', **kw)(r)
       h = _constrain_image(h + r)
       feats.append(h)
@@ -379,7 +385,7 @@ class UNet(nn.Module):
     emb_dim = 4 * self.channels
     emb = logsnr_embedding(logsnr, self.channels)
     emb = Dense(emb_dim, name='time_embed_0', **kw)(emb)
-    emb = Dense(emb_dim, name='time_embed_1', **kw)(nn.silu(emb))
+    emb = Dense(emb_dim, name='time_embed_1', **kw)(platform_ops.silu(emb))
 
     lq_feats = None
     h = x_t.astype(self.dtype)
@@ -470,7 +476,9 @@ class UNet(nn.Module):
         res *= 2
     assert not skips, 'every encoder activation must be consumed by the decoder'
 
-    h = nn.silu(GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h)).astype(self.dtype)
+    h = platform_ops.silu(GroupNorm(self.num_groups, self.param_dtype, name='out_norm')(h)).astype(
+      self.dtype
+    )
     out = Conv(self.out_channels, 3, zero_init=True, name='out_conv', **kw)(h)
     return _constrain_image(out.astype(jnp.float32))
 
