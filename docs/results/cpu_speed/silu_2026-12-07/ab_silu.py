@@ -1,4 +1,5 @@
-"""A/B of the SiLU's form in the whole parity step (2026-12-07, third session), kept as it ran:
+"""A/B of the SiLU's form in the whole parity step (2026-12-07, third session), kept as it ran
+(its tanh form is now platform_ops.silu's CPU form):
 flax's nn.silu (x * sigmoid(x), which XLA's CPU backend lowers as 1 / (1 + exp(-x)) with a
 division, and JAX's derivative of it) against x * (0.5 * tanh(x / 2) + 0.5) with its closed-form
 derivative s * (1 + x * (1 - s)) (a custom_jvp), both compiled in one process, timed alternately.

@@ -1,3 +1,11 @@
+"""Whether the allocator changes what a train step computes (PROTOCOL.md, amendment of 2026-12-07
+13:37): runs N steps of a config's real train step and prints the loss and a hash of the whole
+train state. Run it twice from the repository root, as it ran (both printed loss
+0.6732129454612732, state sha256 3690b8755851b275):
+  PYTHONPATH=. python docs/results/protocol/p2/allocator_bitcheck.py configs/celeba_64_cpu.py 4
+  LD_PRELOAD=libtcmalloc_minimal.so.4 PYTHONPATH=. python docs/results/protocol/p2/allocator_bitcheck.py configs/celeba_64_cpu.py 4
+"""
+
 import hashlib, sys, jax, numpy as np
 from bench import train_step
 from idm_jax.runtime import allocator, configlib
