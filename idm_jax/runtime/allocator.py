@@ -49,7 +49,9 @@ def use_tcmalloc() -> None:
   returns at once where it is loaded already, the user opted out, the system has none, or the
   platform is not Linux. Call it first in a command's entry point, before anything is printed or
   any thread is started: nothing of the process before it survives the re-execution."""
-  if not sys.platform.startswith('linux') or os.environ.get(ENV) or loaded():
+  if not sys.platform.startswith('linux') or not sys.executable:
+    return
+  if os.environ.get(ENV) or loaded():
     return
   soname = find()
   if soname is None:
