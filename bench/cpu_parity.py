@@ -15,7 +15,8 @@ dependency of this project:
 Without it, this says so and times ours alone. Run it on idle cores: anything else running
 meanwhile moves both numbers. With --rounds 2 the two alternate (ours, PyTorch, ours,
 PyTorch) and each side's best round is kept, so a drift in the machine's speed shows as a
-spread rather than as a difference.
+spread rather than as a difference. Both sides run under the driver's allocator (TCMalloc where
+installed; IDM_JAX_MALLOC=system: glibc's), which the summary records as `malloc`.
 """
 
 import argparse
@@ -117,7 +118,7 @@ def main():
     batch=config.train.batch_size,
     resolution=config.data.resolution,
     dtype=config.model.dtype,
-    malloc='tcmalloc' if allocator.loaded() else 'system',
+    malloc=allocator.in_use(),
     jax_step_s=round(jax_s, 3),
     jax_rounds_s=[round(r['step_ms'] / 1e3, 3) for r in jax_runs],
   )

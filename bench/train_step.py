@@ -133,7 +133,7 @@ def main():
     kernels=launches['kernels'],
     kernel_ops=dict(list(launches['by_op'].items())[:6]),
     jax=jax.__version__,
-    malloc='tcmalloc' if allocator.loaded() else 'system',
+    malloc=allocator.in_use(),
     date=time.strftime('%Y-%m-%d'),
   )
   emit(result, a.json)

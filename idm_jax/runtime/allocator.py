@@ -44,6 +44,11 @@ def loaded() -> bool:
     return False
 
 
+def in_use() -> str:
+  """'tcmalloc' or 'system': what this process allocates with (the bench records it)."""
+  return 'tcmalloc' if loaded() else 'system'
+
+
 def use_tcmalloc() -> None:
   """Re-executes this process, with the same interpreter and arguments, with TCMalloc preloaded;
   returns at once where it is loaded already, the user opted out, the system has none, or the
