@@ -101,14 +101,20 @@ def notice_and_wait(s, timeout=60):
 
 
 def job_running(s):
-  """Whether a worker's job runs and has logged a training step (its handlers are in place)."""
+  """Whether a worker's job runs: the trainer the runner started has its handlers in place (its
+  pid in HOME/fake_trainer_ready, tests/fake_trainer.py) and has logged a step. The log alone
+  cannot tell: on a recreated slice it starts as the copy of the last slice's, steps and all,
+  until the new trainer writes its first line."""
   for home in workers(s):
     state = home / 'idm_jax_run' / 'state'
     log = home / 'idm_jax_train.log'
-    # The log may start with an earlier slice's (restored from the bucket): this run's part.
+    pid = read_pid(home / 'idm_jax_run' / 'pid')
     if (
       state.exists()
       and state.read_text().startswith('running')
+      and pid is not None
+      and alive(pid)
+      and read_pid(home / 'fake_trainer_ready') == pid
       and log.exists()
       and re.search(r'^step \d', log.read_text().rsplit('training output', 1)[-1], re.M)
     ):

@@ -60,6 +60,8 @@ def main():
   stop = []
   for sig in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+  # For the fake slice's notices (tests/fake_gcloud.py): this trainer's handlers are in place.
+  (pathlib.Path(os.environ['HOME']) / 'fake_trainer_ready').write_text(str(os.getpid()))
   end = int(os.environ.get('FAKE_TRAIN_STEPS', '3'))
   while step < end:
     time.sleep(float(os.environ.get('FAKE_TRAIN_STEP_SECONDS', '0.2')))
