@@ -19,8 +19,9 @@
 # 900), or a step budget (RESTORE_STEPS, GEN_STEPS), which keeps the arms equal when the cores
 # are shared. Every stage resumes where it stopped when rerun (training from its checkpoints,
 # cleaning from its journal, finished stages are skipped). The small results go to
-# WORKDIR/results/: copy them to docs/results/ to keep them; a seed whose results are all there
-# is skipped, so copying kept results back into a fresh WORKDIR/results resumes a phase.
+# WORKDIR/results/ as each arm finishes: copy them to docs/results/ to keep them; an arm whose
+# results are there is skipped (the rounds of a seed are one arm), so copying kept results back
+# into a fresh WORKDIR/results resumes a phase at its last finished arm.
 # The faces (docs/PROTOCOL.md): EVAL (default dev) picks the evaluation split of SPLITS (default
 # docs/results/splits.json); the runs see the train faces and that split only, through
 # experiments/split_view.py. EVAL=test is for the protocol's claim runs, scored once: choose
@@ -96,19 +97,20 @@ read -r -a GEN_BUDGET <<< "$(budget "$GEN_STEPS" "$GEN_SECONDS")"
 RESTORE_LABEL=${RESTORE_STEPS:+$RESTORE_STEPS steps}; RESTORE_LABEL=${RESTORE_LABEL:-$RESTORE_SECONDS s}
 GEN_LABEL=${GEN_STEPS:+$GEN_STEPS steps}; GEN_LABEL=${GEN_LABEL:-$GEN_SECONDS s}
 
-# A seed whose results are all in WORKDIR/results is done: results copied back from docs/results/
-# let a fresh clone finish the other seeds without the workdir that made them.
-seed_done() {  # seed_done SEED
+# An arm whose results are in WORKDIR/results is done: results copied back from docs/results/ let a
+# fresh clone go on from the last finished arm without the workdir that made it. The rounds are one
+# unit (round 1 trains on round 0's cleaning), and the control with them (it uses round 0's cleaner).
+rounds_done() {  # rounds_done SEED
   local r
   for r in $(seq 0 $((ROUNDS - 1))); do
     [ -f "$OUT/round_${r}_seed_$1_metrics.json" ] || return 1
   done
-  [ -f "$OUT/oracle_seed_$1_metrics.json" ] || return 1
   if [ "$ROUNDS" -ge 2 ]; then [ -f "$OUT/cleaning_seed_$1/cleaning.json" ] || return 1; fi
   if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ]; then
     [ -f "$OUT/control_seed_$1_metrics.json" ] || return 1
   fi
 }
+oracle_done() { [ -f "$OUT/oracle_seed_$1_metrics.json" ]; }  # oracle_done SEED
 
 # A training stopped by a signal saves its step and exits 0 (the pod launcher's convention): stop
 # here as well, so that no arm is evaluated, and marked done, part-trained. Rerun to resume.
@@ -119,8 +121,8 @@ stop_if_stopped() {  # stop_if_stopped LOG
 }
 
 for S in "${SEEDS[@]}"; do
-  if seed_done "$S"; then log "seed $S: results present in $OUT, skipped"; continue; fi
   arm=(--config="$CONFIG" "${RESTORE_BUDGET[@]}" --config.seed="$S" "${EXTRA[@]}")
+  if rounds_done "$S"; then log "seed $S: the rounds' results are in $OUT, skipped"; else
   # 1. Round 0 on the contaminated faces; with ROUNDS=2 it cleans them and round 1 trains from
   #    scratch on the cleaned faces.
   log "seed $S: rounds 0..$((ROUNDS - 1)) (${RESTORE_LABEL} each)"
@@ -129,18 +131,7 @@ for S in "${SEEDS[@]}"; do
     --config.extrinsic.rounds="$ROUNDS" --config.extrinsic.init=scratch \
     >> "$WORK/rounds_seed_$S.log" 2>&1
   stop_if_stopped "$WORK/rounds_seed_$S.log"
-  # 2. The oracle: the same budget and seed on the pristine faces, the same validation faces.
-  O=$ORACLE/seed_$S
-  if [ ! -f "$O/eval/done" ]; then
-    log "seed $S: oracle on the pristine faces (${RESTORE_LABEL})"
-    oracle=("${arm[@]}" --workdir="$O" --config.data.dir="$PRISTINE/images"
-            --config.data.num_val="$VAL")
-    python3 -m idm_jax.main "${oracle[@]}" >> "$O.log" 2>&1
-    stop_if_stopped "$O.log"
-    python3 -m idm_jax.main "${oracle[@]}" --config.mode=evaluate >> "$O.log" 2>&1
-    touch "$O/eval/done"
-  fi
-  # 3. The cleaning against the truth.
+  # 2. The cleaning against the truth.
   if [ "$ROUNDS" -ge 2 ]; then
     cleaned=$WORK/rounds/seed_$S/round_1/dataset
     log "seed $S: score the cleaning against the pristine originals"
@@ -150,7 +141,7 @@ for S in "${SEEDS[@]}"; do
       --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
       --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null
   fi
-  # 4. The control: the pristine training faces through the same cleaner, the pristine validation
+  # 3. The control: the pristine training faces through the same cleaner, the pristine validation
   #    faces as they are, an arm trained and scored like the others.
   C=$WORK/control/seed_$S
   if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ] && [ ! -f "$C/eval/done" ]; then
@@ -172,11 +163,27 @@ for S in "${SEEDS[@]}"; do
     cp "$(find "$C/eval" -name grid.png | sort -V | tail -1)" "$OUT/control_seed_${S}_grid.png"
   fi
   for r in $(seq 0 $((ROUNDS - 1))); do
-    cp "$WORK/rounds/seed_$S/round_$r/eval/metrics.json" "$OUT/round_${r}_seed_${S}_metrics.json"
     cp "$WORK/rounds/seed_$S/round_$r/eval/grid.png" "$OUT/round_${r}_seed_${S}_grid.png"
+    cp "$WORK/rounds/seed_$S/round_$r/eval/metrics.json" "$OUT/round_${r}_seed_${S}_metrics.json"
   done
-  cp "$(find "$O/eval" -name metrics.json | sort -V | tail -1)" "$OUT/oracle_seed_${S}_metrics.json"
-  cp "$(find "$O/eval" -name grid.png | sort -V | tail -1)" "$OUT/oracle_seed_${S}_grid.png"
+  log "seed $S: the rounds are done"
+  fi
+  # 4. The oracle: the same budget and seed on the pristine faces, the same validation faces.
+  O=$ORACLE/seed_$S
+  if oracle_done "$S"; then log "seed $S: the oracle's results are in $OUT, skipped"; else
+    if [ ! -f "$O/eval/done" ]; then
+      log "seed $S: oracle on the pristine faces (${RESTORE_LABEL})"
+      oracle=("${arm[@]}" --workdir="$O" --config.data.dir="$PRISTINE/images"
+              --config.data.num_val="$VAL")
+      python3 -m idm_jax.main "${oracle[@]}" >> "$O.log" 2>&1
+      stop_if_stopped "$O.log"
+      python3 -m idm_jax.main "${oracle[@]}" --config.mode=evaluate >> "$O.log" 2>&1
+      touch "$O/eval/done"
+    fi
+    cp "$(find "$O/eval" -name grid.png | sort -V | tail -1)" "$OUT/oracle_seed_${S}_grid.png"
+    cp "$(find "$O/eval" -name metrics.json | sort -V | tail -1)" "$OUT/oracle_seed_${S}_metrics.json"
+    log "seed $S: the oracle is done"
+  fi
 done
 
 # 5. Generators on the three versions of the training faces (the first seed's cleaning).

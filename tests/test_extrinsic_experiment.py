@@ -129,10 +129,13 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   assert faces == sorted(os.listdir(pristine))
   for name in faces[-4:]:  # the validation faces, untouched
     assert (control / 'faces' / name).read_bytes() == (pristine / name).read_bytes()
-  # Results kept from a run (as in docs/results/) resume a phase in a fresh workdir: their seeds
-  # are skipped and only the summary is made again.
+  # Results kept from a run (as in docs/results/) resume a phase in a fresh workdir at its last
+  # finished arm: here every arm of seed 0 and seed 1's rounds were kept, so only seed 1's oracle
+  # trains again, and the summary covers both seeds.
   fresh = tmp_path / 'fresh'
   shutil.copytree(results, fresh / 'results')
+  for name in ('oracle_seed_1_metrics.json', 'oracle_seed_1_grid.png', 'summary.md'):
+    (fresh / 'results' / name).unlink()
   resumed = subprocess.run(
     ['bash', 'experiments/extrinsic_experiment.sh', str(fresh)],
     cwd=REPO,
@@ -143,10 +146,14 @@ def test_experiment_script_end_to_end(tmp_path, celeba_dir):
   )
   assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
   for seed in (0, 1):
-    assert f'seed {seed}: results present in' in resumed.stdout
+    assert f"seed {seed}: the rounds' results are in" in resumed.stdout
+  assert "seed 0: the oracle's results are in" in resumed.stdout
+  assert 'seed 1: oracle on the pristine faces' in resumed.stdout
   assert not (fresh / 'rounds').exists() and not (fresh / 'control').exists()
   assert not (fresh / 'oracle' / 'seed_0').exists()
-  assert (fresh / 'results' / 'summary.md').read_text() == (results / 'summary.md').read_text()
+  assert sorted(os.listdir(fresh / 'oracle' / 'seed_1' / 'checkpoints'))[-1] == '2'
+  assert (fresh / 'results' / 'oracle_seed_1_grid.png').exists()
+  assert '(2 training seeds: 0, 1)' in (fresh / 'results' / 'summary.md').read_text()
   # A second dose shares the first's oracle (nothing retrains) and stops at round 0.
   dose2 = tmp_path / 'dose2'
   env2 = dict(
