@@ -37,8 +37,26 @@ from idm_jax.training import train
 PARTS = ('step', 'grads', 'update')
 
 
+def host_cpu() -> str:
+  """The host's CPU model and how many CPUs this process may use ('AMD EPYC, 2 CPUs'): the
+  machines behind this project's numbers change between sessions, and a row must say which
+  one it timed."""
+  model = 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(
+        (line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model
+      )
+  except OSError:
+    pass
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{model}, {cpus} CPUs'
+
+
 def emit(result: dict, json_path: str = '') -> None:
-  """Prints a result as one JSON line, and appends it to json_path if given."""
+  """Prints a result as one JSON line, with the host's CPU (`host_cpu`), and appends it to
+  json_path if given."""
+  result = {**result, 'host_cpu': result.get('host_cpu', host_cpu())}
   print(json.dumps(result), flush=True)
   if json_path:
     with open(json_path, 'a') as f:

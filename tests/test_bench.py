@@ -149,6 +149,8 @@ def test_cpu_parity_without_the_anchor_says_so_and_times_ours(tmp_path):
   assert 'anchor not found (no guided_diffusion package at' in stdout
   assert summary['jax_step_s'] > 0 and 'ratio' not in summary
   assert summary['anchor'].startswith('not found')
+  # The row names the machine it timed: CPU model and the CPUs the process may use.
+  assert summary['host_cpu'].endswith(f' {len(os.sched_getaffinity(0))} CPUs')
 
 
 def test_cpu_parity_runs_the_anchor_with_the_configs_layout_and_reports_the_ratio(tmp_path):
