@@ -131,7 +131,9 @@ def test_a_missing_bucket_stops_the_driver_at_once_in_one_line(gcs_server, tmp_p
     '(or is not visible with these credentials)'
   )
   assert 'Traceback' not in out.stderr
-  assert seconds < 10, seconds
+  # At once: well within the storage client's 120 s retry budget, with room for a loaded
+  # machine's interpreter start and imports.
+  assert seconds < 45, seconds
   assert os.listdir(tmp_path) == []
 
 
