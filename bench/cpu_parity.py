@@ -15,13 +15,16 @@ dependency of this project:
 Without it, this says so and times ours alone. Run it on idle cores: anything else running
 meanwhile moves both numbers. With --rounds 2 the two alternate (ours, PyTorch, ours,
 PyTorch) and each side's best round is kept, so a drift in the machine's speed shows as a
-spread rather than as a difference. Both sides run under the driver's allocator (TCMalloc where
+spread rather than as a difference; each round's own ratio is kept too (`ratio_rounds`), and
+from three rounds on their mean with a bootstrap 95% interval (`ratio_rounds_mean_95`). Both sides run under the driver's allocator (TCMalloc where
 installed; IDM_JAX_MALLOC=system: glibc's), which the summary records as `malloc`.
 """
 
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 
@@ -43,6 +46,19 @@ def _run(cmd, env=None) -> dict:
   if out.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}')
   return _last_json(out.stdout)
+
+
+def mean_interval(values: list, resamples: int = 10_000, seed: int = 0) -> list:
+  """The mean of `values` and its bootstrap 95% interval, [mean, low, high]: over rounds, each
+  round's ratio being paired (ours and PyTorch's, one after the other), so a drift of the
+  machine's speed between rounds moves both sides of a ratio alike."""
+  rng = random.Random(seed)
+  means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+  return [
+    round(statistics.fmean(values), 3),
+    round(means[int(0.025 * resamples)], 3),
+    round(means[int(0.975 * resamples) - 1], 3),
+  ]
 
 
 def ours(config: str, steps: int) -> dict:
@@ -124,12 +140,16 @@ def main():
   )
   if torch_runs:
     torch_s = min(r['step_s'] for r in torch_runs)
+    by_round = [t['step_s'] / (j['step_ms'] / 1e3) for j, t in zip(jax_runs, torch_runs)]
     summary.update(
       torch=torch_runs[0]['torch'],
       torch_step_s=torch_s,
       torch_rounds_s=[r['step_s'] for r in torch_runs],
       ratio=round(torch_s / jax_s, 3),
+      ratio_rounds=[round(r, 3) for r in by_round],
     )
+    if len(by_round) >= 3:
+      summary.update(ratio_rounds_mean_95=mean_interval(by_round))
   else:
     summary.update(anchor=f'not found: {missing}')
   train_step.emit(summary, a.json)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import cpu_parity
 from bench import kernels
 from idm_jax.models import platform_ops
 from idm_jax.runtime import configlib
@@ -179,6 +180,18 @@ def test_cpu_parity_runs_the_anchor_with_the_configs_layout_and_reports_the_rati
   )
   assert summary['torch_step_s'] == 2.5
   assert summary['ratio'] == pytest.approx(2.5 / summary['jax_step_s'], rel=1e-2)
+  assert summary['ratio_rounds'] == [pytest.approx(summary['ratio'], abs=2e-3)]
+  assert 'ratio_rounds_mean_95' not in summary  # one round: no interval
+
+
+def test_cpu_parity_interval_is_over_the_rounds_ratios():
+  mean, low, high = cpu_parity.mean_interval([0.99, 1.11, 1.04, 1.02, 1.06])
+  assert mean == pytest.approx(1.044)
+  assert 0.99 <= low < mean < high <= 1.11
+  assert cpu_parity.mean_interval([1.0, 1.0, 1.0]) == [1.0, 1.0, 1.0]
+  # A wider spread of the same mean gives a wider interval.
+  _, low2, high2 = cpu_parity.mean_interval([0.84, 1.26, 1.04, 0.92, 1.16])
+  assert high2 - low2 > high - low
 
 
 def test_step_profile_attributes_kernel_time_to_layers(tmp_path):
