@@ -123,50 +123,52 @@ stop_if_stopped() {  # stop_if_stopped LOG
 for S in "${SEEDS[@]}"; do
   arm=(--config="$CONFIG" "${RESTORE_BUDGET[@]}" --config.seed="$S" "${EXTRA[@]}")
   if rounds_done "$S"; then log "seed $S: the rounds' results are in $OUT, skipped"; else
-  # 1. Round 0 on the contaminated faces; with ROUNDS=2 it cleans them and round 1 trains from
-  #    scratch on the cleaned faces.
-  log "seed $S: rounds 0..$((ROUNDS - 1)) (${RESTORE_LABEL} each)"
-  python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds/seed_$S" --config.mode=extrinsic \
-    --config.data.dir="$WORK/contaminated/images" --config.data.num_val="$VAL" \
-    --config.extrinsic.rounds="$ROUNDS" --config.extrinsic.init=scratch \
-    >> "$WORK/rounds_seed_$S.log" 2>&1
-  stop_if_stopped "$WORK/rounds_seed_$S.log"
-  # 2. The cleaning against the truth.
-  if [ "$ROUNDS" -ge 2 ]; then
-    cleaned=$WORK/rounds/seed_$S/round_1/dataset
-    log "seed $S: score the cleaning against the pristine originals"
-    python3 -m idm_jax.extrinsic.cleaning_eval --cleaned "$cleaned" --contaminated "$WORK/contaminated" \
-      --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" "${NIQE_ARGS[@]}" > /dev/null
-    python3 experiments/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
-      --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
-      --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null
-  fi
-  # 3. The control: the pristine training faces through the same cleaner, the pristine validation
-  #    faces as they are, an arm trained and scored like the others.
-  C=$WORK/control/seed_$S
-  if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ] && [ ! -f "$C/eval/done" ]; then
-    log "seed $S: control, the pristine faces through round 0's cleaner (${RESTORE_LABEL})"
-    mkdir -p "$C/faces"
-    python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds/seed_$S/round_0" \
-      --config.mode=clean --config.data.dir="$PRISTINE/images" --config.data.num_val="$VAL" \
-      --config.clean.out_dir="$C/cleaned" >> "$C.log" 2>&1
-    cp "$C/cleaned/images/"* "$C/faces/"
-    find "$PRISTINE/images" -maxdepth 1 -type f | sort | tail -n "$VAL" | xargs cp -t "$C/faces/"
-    control=("${arm[@]}" --workdir="$C" --config.data.dir="$C/faces" --config.data.num_val="$VAL")
-    python3 -m idm_jax.main "${control[@]}" >> "$C.log" 2>&1
-    stop_if_stopped "$C.log"
-    python3 -m idm_jax.main "${control[@]}" --config.mode=evaluate >> "$C.log" 2>&1
-    touch "$C/eval/done"
-  fi
-  if [ -f "$C/eval/done" ]; then
-    cp "$(find "$C/eval" -name metrics.json | sort -V | tail -1)" "$OUT/control_seed_${S}_metrics.json"
-    cp "$(find "$C/eval" -name grid.png | sort -V | tail -1)" "$OUT/control_seed_${S}_grid.png"
-  fi
-  for r in $(seq 0 $((ROUNDS - 1))); do
-    cp "$WORK/rounds/seed_$S/round_$r/eval/grid.png" "$OUT/round_${r}_seed_${S}_grid.png"
-    cp "$WORK/rounds/seed_$S/round_$r/eval/metrics.json" "$OUT/round_${r}_seed_${S}_metrics.json"
-  done
-  log "seed $S: the rounds are done"
+    # 1. Round 0 on the contaminated faces; with ROUNDS=2 it cleans them and round 1 trains from
+    #    scratch on the cleaned faces.
+    log "seed $S: rounds 0..$((ROUNDS - 1)) (${RESTORE_LABEL} each)"
+    python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds/seed_$S" --config.mode=extrinsic \
+      --config.data.dir="$WORK/contaminated/images" --config.data.num_val="$VAL" \
+      --config.extrinsic.rounds="$ROUNDS" --config.extrinsic.init=scratch \
+      >> "$WORK/rounds_seed_$S.log" 2>&1
+    stop_if_stopped "$WORK/rounds_seed_$S.log"
+    # 2. The cleaning against the truth.
+    if [ "$ROUNDS" -ge 2 ]; then
+      cleaned=$WORK/rounds/seed_$S/round_1/dataset
+      log "seed $S: score the cleaning against the pristine originals"
+      python3 -m idm_jax.extrinsic.cleaning_eval --cleaned "$cleaned" \
+        --contaminated "$WORK/contaminated" --pristine "$PRISTINE" --out "$OUT/cleaning_seed_$S" \
+        "${NIQE_ARGS[@]}" > /dev/null
+      python3 experiments/cleaning_grid.py "$OUT/pristine_contaminated_cleaned_seed_$S.png" \
+        --report "$OUT/cleaning_seed_$S/cleaning.json" --pristine "$PRISTINE" \
+        --contaminated "$WORK/contaminated" --cleaned "$cleaned" > /dev/null
+    fi
+    # 3. The control: the pristine training faces through the same cleaner, the pristine validation
+    #    faces as they are, an arm trained and scored like the others.
+    C=$WORK/control/seed_$S
+    if [ "$ROUNDS" -ge 2 ] && [ "$CONTROL" = 1 ] && [ ! -f "$C/eval/done" ]; then
+      log "seed $S: control, the pristine faces through round 0's cleaner (${RESTORE_LABEL})"
+      mkdir -p "$C/faces"
+      python3 -m idm_jax.main "${arm[@]}" --workdir="$WORK/rounds/seed_$S/round_0" \
+        --config.mode=clean --config.data.dir="$PRISTINE/images" --config.data.num_val="$VAL" \
+        --config.clean.out_dir="$C/cleaned" >> "$C.log" 2>&1
+      cp "$C/cleaned/images/"* "$C/faces/"
+      find "$PRISTINE/images" -maxdepth 1 -type f | sort | tail -n "$VAL" | xargs cp -t "$C/faces/"
+      control=("${arm[@]}" --workdir="$C" --config.data.dir="$C/faces" --config.data.num_val="$VAL")
+      python3 -m idm_jax.main "${control[@]}" >> "$C.log" 2>&1
+      stop_if_stopped "$C.log"
+      python3 -m idm_jax.main "${control[@]}" --config.mode=evaluate >> "$C.log" 2>&1
+      touch "$C/eval/done"
+    fi
+    if [ -f "$C/eval/done" ]; then
+      cp "$(find "$C/eval" -name metrics.json | sort -V | tail -1)" \
+        "$OUT/control_seed_${S}_metrics.json"
+      cp "$(find "$C/eval" -name grid.png | sort -V | tail -1)" "$OUT/control_seed_${S}_grid.png"
+    fi
+    for r in $(seq 0 $((ROUNDS - 1))); do
+      cp "$WORK/rounds/seed_$S/round_$r/eval/grid.png" "$OUT/round_${r}_seed_${S}_grid.png"
+      cp "$WORK/rounds/seed_$S/round_$r/eval/metrics.json" "$OUT/round_${r}_seed_${S}_metrics.json"
+    done
+    log "seed $S: the rounds are done"
   fi
   # 4. The oracle: the same budget and seed on the pristine faces, the same validation faces.
   O=$ORACLE/seed_$S
