@@ -16,19 +16,19 @@ Without it, this says so and times ours alone. Run it on idle cores: anything el
 meanwhile moves both numbers. With --rounds 2 the two alternate (ours, PyTorch, ours,
 PyTorch) and each side's best round is kept, so a drift in the machine's speed shows as a
 spread rather than as a difference; each round's own ratio is kept too (`ratio_rounds`), and
-from three rounds on their mean with a bootstrap 95% interval (`ratio_rounds_mean_95`). Both sides run under the driver's allocator (TCMalloc where
-installed; IDM_JAX_MALLOC=system: glibc's), which the summary records as `malloc`.
+from three rounds on their mean with a bootstrap 95% interval (`ratio_rounds_mean_95`). Both
+sides run under the driver's allocator (TCMalloc where installed; IDM_JAX_MALLOC=system:
+glibc's), which the summary records as `malloc`.
 """
 
 import argparse
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 
 from bench import train_step
+from idm_jax.metrics import bootstrap
 from idm_jax.runtime import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,17 +48,13 @@ def _run(cmd, env=None) -> dict:
   return _last_json(out.stdout)
 
 
-def mean_interval(values: list, resamples: int = 10_000, seed: int = 0) -> list:
-  """The mean of `values` and its bootstrap 95% interval, [mean, low, high]: over rounds, each
-  round's ratio being paired (ours and PyTorch's, one after the other), so a drift of the
-  machine's speed between rounds moves both sides of a ratio alike."""
-  rng = random.Random(seed)
-  means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-  return [
-    round(statistics.fmean(values), 3),
-    round(means[int(0.025 * resamples)], 3),
-    round(means[int(0.975 * resamples) - 1], 3),
-  ]
+def mean_interval(values: list) -> list:
+  """The mean of `values` and its bootstrap 95% interval, [mean, low, high] (the project's
+  `bootstrap.paired_interval`, against zero): over rounds, each round's ratio being paired (ours
+  and PyTorch's, one after the other), so a drift of the machine's speed between rounds moves
+  both sides of a ratio alike."""
+  r = bootstrap.paired_interval(values, [0.0] * len(values))
+  return [round(r['mean'], 3), round(r['low'], 3), round(r['high'], 3)]
 
 
 def ours(config: str, steps: int) -> dict:
