@@ -121,17 +121,22 @@ class Pod:
     """The script in the background, its output in files (a laptop's terminal). It starts with
     SIGHUP's default action, as from a terminal, even when the tests themselves run under
     `nohup` (bash cannot trap a signal ignored when it started: the lost-laptop tests' hang-up
-    would go unseen)."""
+    would go unseen). A fresh interpreter sets that up and execs bash: a preexec_fn would run
+    Python between fork and exec in this multithreaded process (JAX, TensorStore's gRPC), which
+    can deadlock the child before bash starts."""
     out = open(self.root / 'script.out', 'w')
     return subprocess.Popen(
-      ['bash', str(TPU_POD), *args],
+      [sys.executable, '-c', _FROM_A_TERMINAL, 'bash', str(TPU_POD), *args],
       env=dict(self.env, **env),
       cwd=self.root,
       stdout=out,
       stderr=subprocess.STDOUT,
       text=True,
-      preexec_fn=_as_from_a_terminal,
     )
+
+  def script_out(self):
+    f = self.root / 'script.out'
+    return f.read_text() if f.exists() else '(no script.out)'
 
   def calls(self):
     log = self.state / 'calls.jsonl'
@@ -156,10 +161,13 @@ class Pod:
       _kill_group(pid_file)
 
 
-def _as_from_a_terminal():
-  """In the child, before exec: SIGHUP's default action and nothing blocked."""
-  signal.signal(signal.SIGHUP, signal.SIG_DFL)
-  signal.pthread_sigmask(signal.SIG_SETMASK, [])
+# SIGHUP's default action and nothing blocked, then exec argv[1:].
+_FROM_A_TERMINAL = (
+  'import os, signal, sys; '
+  'signal.signal(signal.SIGHUP, signal.SIG_DFL); '
+  'signal.pthread_sigmask(signal.SIG_SETMASK, []); '
+  'os.execvp(sys.argv[1], sys.argv[1:])'
+)
 
 
 def _kill_group(pid_file):
@@ -235,13 +243,14 @@ def _dry_run_command(kind, args, env=None):
   return next(_option(a, '--command') for a in _printed(r.stdout) if _kind(a) == kind)
 
 
-def _wait_for(predicate, timeout, what):
+def _wait_for(predicate, timeout, what, explain=lambda: ''):
+  """explain: what to print when the wait times out (the script's output, its calls so far)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
       return
     time.sleep(0.2)
-  raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+  raise AssertionError(f'timed out after {timeout} s waiting for {what}\n{explain()}')
 
 
 def _alive(pid):
@@ -704,7 +713,12 @@ def _launch_and_lose_the_laptop(pod, *extra, **env):
   terminal). Returns the trainer's pid."""
   proc = pod.start([*BASE_ARGS, *FAST, '--logs-dir', str(pod.logs), *extra], **env)
   try:
-    _wait_for(lambda: 'status' in pod.kinds(), 60, 'the script to follow the job')
+    _wait_for(
+      lambda: 'status' in pod.kinds(),
+      60,
+      'the script to follow the job',
+      lambda: f'calls: {pod.kinds()}\nits output:\n{pod.script_out()}',
+    )
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=30) == 129
   finally:
