@@ -1,5 +1,6 @@
 """Checkpoints that survive faults: corrupt latest checkpoints, unreadable progress records."""
 
+import gc
 import glob
 import logging
 import os
@@ -100,19 +101,28 @@ def _truncate_ema_arrays(step_dir):
         f.truncate(10)
 
 
+# A failed read closes orbax's event loop while TensorStore's other reads are in flight; each
+# one's completion then printed a "RuntimeError: Event loop is closed" traceback, hundreds per
+# skipped checkpoint, on a run that was fine.
+QUIET = pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+
+
+@QUIET
 def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(
   tmp_path, trainer, state, caplog
 ):
   """restore, evaluate and export load through load_for_inference: a newest checkpoint that
   does not restore is skipped as a training resume skips it, and nothing is moved (the run that
-  wrote it may still be training)."""
+  wrote it may still be training). Quietly: a warning per skipped step, no tracebacks."""
   from idm_jax.inference import engine
 
   _save_steps(tmp_path, trainer, state, (2, 4))
   _truncate_ema_arrays(str(tmp_path / 'checkpoints' / '4'))
   with caplog.at_level(logging.WARNING):
     config, ema, step = checkpoints.load_for_inference(str(tmp_path))
+    gc.collect()  # asyncio reports a failed read nobody collected when it is freed
   assert step == 2 and all(np.all(np.asarray(x) == 2) for x in jax.tree.leaves(ema))
+  assert not [r.getMessage()[:200] for r in caplog.records if r.name == 'asyncio']
   assert f'{tmp_path / "checkpoints" / "4"} does not restore' in caplog.text
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
   assert engine.load(str(tmp_path))[1] == 2
@@ -123,6 +133,7 @@ def test_inference_readers_fall_back_past_an_unreadable_newest_checkpoint(
     checkpoints.load_for_inference(str(tmp_path), step=4)
 
 
+@QUIET
 def test_an_unreadable_progress_record_restarts_the_budget_instead_of_failing(
   tmp_path, trainer, state, caplog
 ):

@@ -27,6 +27,9 @@ collective, and all of them resume (or load) the same step.
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import re
+import sys
 import time
 
 from absl import logging
@@ -394,6 +397,7 @@ class _HeldFailures:
 
   def restore(self, manager, step: int, args):
     """manager.restore(step, args), raising an item's failure only after orbax's barrier."""
+    _drop_callbacks_into_closed_loops()
     self.failures = {}
     try:
       restored = manager.restore(step, args=args)
@@ -403,6 +407,39 @@ class _HeldFailures:
     if failures:
       raise next(iter(failures.values()))
     return restored
+
+
+def _drop_callbacks_into_closed_loops() -> None:
+  """Silences the echoes of a failed read, once per process. Orbax restores inside asyncio.run:
+  when one TensorStore read fails, the loop closes while the item's other reads are in flight.
+  Each completion, scheduled onto the closed loop from a TensorStore thread, raises "Event loop
+  is closed" where nothing can catch it, and each read task that failed too is logged as "Task
+  exception was never retrieved" when collected. Python printed them as tracebacks, hundreds for
+  one skipped checkpoint, on a run that goes on; the failure itself is raised, agreed and logged
+  by the callers. Any other unraisable exception goes to the hook this one wraps, and any other
+  asyncio record is logged."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_callbacks_into_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.drops_callbacks_into_closed_loops = True
+  sys.unraisablehook = hook
+  std_logging.getLogger('asyncio').addFilter(_not_an_orphaned_read)
+
+
+def _not_an_orphaned_read(record: std_logging.LogRecord) -> bool:
+  """False for asyncio's report of a TensorStore read whose failure orbax never collected."""
+  message = record.getMessage()
+  return not (
+    re.match(r'(Task|Future) exception was never retrieved', message)
+    and ('tensorstore' in message or 'orbax' in message)
+  )
 
 
 def _first_line(e: BaseException) -> str:
