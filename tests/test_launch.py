@@ -725,7 +725,7 @@ def _launch_and_lose_the_laptop(pod, *extra, **env):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  out = (pod.root / 'script.out').read_text()
+  out = pod.script_out()
   assert 'the job keeps running on TPU idm-test-pod' in out and '--attach' in out
   assert 'delete' not in pod.kinds()
   trainer = int((pod.homes()[0] / 'idm_jax_run' / 'pid').read_text())
