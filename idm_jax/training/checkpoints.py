@@ -410,14 +410,14 @@ class _HeldFailures:
 
 
 def _drop_callbacks_into_closed_loops() -> None:
-  """Silences the echoes of a failed read, once per process. Orbax restores inside asyncio.run:
-  when one TensorStore read fails, the loop closes while the item's other reads are in flight.
-  Each completion, scheduled onto the closed loop from a TensorStore thread, raises "Event loop
-  is closed" where nothing can catch it, and each read task that failed too is logged as "Task
-  exception was never retrieved" when collected. Python printed them as tracebacks, hundreds for
-  one skipped checkpoint, on a run that goes on; the failure itself is raised, agreed and logged
-  by the callers. Any other unraisable exception goes to the hook this one wraps, and any other
-  asyncio record is logged."""
+  """Silences the echoes of a failed read; a no-op while the current unraisable hook is already
+  this one. Orbax restores inside asyncio.run: when one TensorStore read fails, the loop closes
+  while the item's other reads are in flight. Each completion, scheduled onto the closed loop
+  from a TensorStore thread, raises "Event loop is closed" where nothing can catch it, and each
+  read task that failed too is logged as "Task exception was never retrieved" when collected.
+  Python printed them as tracebacks, hundreds for one skipped checkpoint, on a run that goes on;
+  the failure itself is raised, agreed and logged by the callers. Any other unraisable exception
+  goes to the hook this one wraps, and any other asyncio record is logged."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_callbacks_into_closed_loops', False):
     return
